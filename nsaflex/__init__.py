@@ -1,0 +1,41 @@
+"""nsaflex: a compiler for Native Sparse Attention patterns.
+
+pattern (DSL) -> validated spec -> plan (lowering) -> backend kernels ->
+runtime callable -> adapters / CLI.
+"""
+
+from nsaflex.errors import BackendUnavailable, InputError, NsaflexError, PatternError
+from nsaflex.loader import dump_pattern, load_pattern, loads_pattern, pattern_from_dict
+from nsaflex.spec import (
+    Budget,
+    Compression,
+    Gate,
+    Hybrid,
+    LayerOverride,
+    Model,
+    Pattern,
+    Selection,
+    Window,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackendUnavailable",
+    "Budget",
+    "Compression",
+    "Gate",
+    "Hybrid",
+    "InputError",
+    "LayerOverride",
+    "Model",
+    "NsaflexError",
+    "Pattern",
+    "PatternError",
+    "Selection",
+    "Window",
+    "dump_pattern",
+    "load_pattern",
+    "loads_pattern",
+    "pattern_from_dict",
+]
