@@ -6,6 +6,8 @@ runtime callable -> adapters / CLI.
 
 from nsaflex.errors import BackendUnavailable, InputError, NsaflexError, PatternError
 from nsaflex.loader import dump_pattern, load_pattern, loads_pattern, pattern_from_dict
+from nsaflex.plan import Plan, make_plan
+from nsaflex.runtime import CompiledAttention, compile
 from nsaflex.spec import (
     Budget,
     Compression,
@@ -22,6 +24,10 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BackendUnavailable",
+    "CompiledAttention",
+    "Plan",
+    "compile",
+    "make_plan",
     "Budget",
     "Compression",
     "Gate",

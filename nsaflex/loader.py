@@ -67,38 +67,68 @@ def _join(path: str, key: object) -> str:
     return f"{path}.{key}" if path else str(key)
 
 
-def _construct(node: yaml.Node, path: str, marks: Marks, source: str) -> Any:
-    """Plain Python data from a composed YAML node, recording each node's position."""
-    marks[path] = (node.start_mark.line + 1, node.start_mark.column + 1)
-    if isinstance(node, yaml.MappingNode):
+class _Builder:
+    """Plain Python data from a composed YAML node, recording each node's position.
+
+    Refuses what ``yaml.compose`` accepts but a pattern cannot be: scalars whose
+    tag cannot be constructed (``!!int abc``, ``2020-13-45``, ``!foo 1``),
+    recursive aliases (``&a [*a]``) and alias bombs (more than
+    :data:`_MAX_NODES` nodes once aliases are expanded).
+    """
+
+    def __init__(self, marks: Marks, source: str) -> None:
+        self.marks = marks
+        self.source = source
+        self.constructor = yaml.constructor.SafeConstructor()
+        self.active: set[int] = set()
+        self.count = 0
+
+    def error(self, node: yaml.Node, path: str, expected: str, found: str) -> PatternError:
+        return PatternError(
+            path, expected, found, source=self.source,
+            line=node.start_mark.line + 1, column=node.start_mark.column + 1,
+        )
+
+    def scalar(self, node: yaml.Node, path: str) -> Any:
+        try:
+            return self.constructor.construct_object(node, deep=True)
+        except Exception as error:  # ConstructorError, or ValueError/KeyError of a bad tagged scalar
+            problem = getattr(error, "problem", None) or str(error) or type(error).__name__
+            raise self.error(node, path, f"a valid YAML scalar ({node.tag})", str(problem).strip()) from None
+
+    def build(self, node: yaml.Node, path: str) -> Any:
+        self.count += 1
+        if self.count > _MAX_NODES:
+            raise self.error(node, path, f"at most {_MAX_NODES} YAML nodes (aliases expanded)", "more")
+        self.marks[path] = (node.start_mark.line + 1, node.start_mark.column + 1)
+        if isinstance(node, (yaml.MappingNode, yaml.SequenceNode)):
+            if id(node) in self.active:
+                raise self.error(node, path, "no recursive aliases", "an alias to an enclosing node")
+            self.active.add(id(node))
+            try:
+                return self._collection(node, path)
+            finally:
+                self.active.discard(id(node))
+        return self.scalar(node, path)
+
+    def _collection(self, node: yaml.Node, path: str) -> Any:
+        if isinstance(node, yaml.SequenceNode):
+            return [self.build(item, _join(path, i)) for i, item in enumerate(node.value)]
         out: dict[str, Any] = {}
         for key_node, value_node in node.value:
-            key = _scalar(key_node) if isinstance(key_node, yaml.ScalarNode) else None
+            key = self.scalar(key_node, path) if isinstance(key_node, yaml.ScalarNode) else None
             if not isinstance(key, str):
-                raise PatternError(
-                    path, "string keys", repr(key), source=source,
-                    line=key_node.start_mark.line + 1, column=key_node.start_mark.column + 1,
-                )
+                raise self.error(key_node, path, "string keys", repr(key))
             child = _join(path, key)
             if key in out:
-                raise PatternError(
-                    child, "each key once", "a repeated key", source=source,
-                    line=key_node.start_mark.line + 1, column=key_node.start_mark.column + 1,
-                )
-            out[key] = _construct(value_node, child, marks, source)
+                raise self.error(key_node, child, "each key once", "a repeated key")
+            out[key] = self.build(value_node, child)
             # Point errors about a key at the key itself: that is where the eye goes.
-            marks[child] = (key_node.start_mark.line + 1, key_node.start_mark.column + 1)
+            self.marks[child] = (key_node.start_mark.line + 1, key_node.start_mark.column + 1)
         return out
-    if isinstance(node, yaml.SequenceNode):
-        return [_construct(item, _join(path, i), marks, source) for i, item in enumerate(node.value)]
-    return _scalar(node)
 
 
-_SCALARS = yaml.SafeLoader("")
-
-
-def _scalar(node: yaml.Node) -> Any:
-    return _SCALARS.construct_object(node, deep=True)
+_MAX_NODES = 100_000
 
 
 def _compose(text: str, source: str) -> tuple[Any, Marks]:
@@ -111,12 +141,26 @@ def _compose(text: str, source: str) -> tuple[Any, Marks]:
             "", "valid YAML", problem, source=source,
             line=mark.line + 1 if mark else None, column=mark.column + 1 if mark else None,
         ) from None
+    except yaml.reader.ReaderError as error:
+        # A character YAML does not allow; the reader gives its offset only.
+        before = text[: error.position]
+        line = before.count("\n") + 1
+        column = error.position - (before.rfind("\n") + 1) + 1
+        found = f"character {error.character!r}" if isinstance(error.character, str) else f"byte {error.character!r}"
+        raise PatternError(
+            "", f"valid YAML ({error.reason})", found, source=source, line=line, column=column,
+        ) from None
     except yaml.YAMLError as error:
         raise PatternError("", "valid YAML", str(error).strip(), source=source) from None
+    except RecursionError:
+        raise PatternError("", "valid YAML nested to a sane depth", "nesting too deep to parse", source=source) from None
     marks: Marks = {}
     if node is None:
         raise PatternError("", "a mapping of pattern sections", "an empty document", source=source, line=1, column=1)
-    data = _construct(node, "", marks, source)
+    try:
+        data = _Builder(marks, source).build(node, "")
+    except RecursionError:
+        raise PatternError("", "YAML nested to a sane depth", "nesting too deep", source=source) from None
     return data, marks
 
 
@@ -142,8 +186,11 @@ def _resolve_extends_target(target: str, source: str) -> Path:
     if target in bundled:
         candidates.append(bundled[target])
     for candidate in candidates:
-        if candidate.is_file():
-            return candidate.resolve()
+        try:
+            if candidate.is_file():
+                return candidate.resolve()
+        except (OSError, ValueError):  # a name too long, an embedded NUL byte...
+            continue
     raise PatternError(
         "extends",
         f"a pattern file (relative to {here}) or a bundled pattern name ({', '.join(bundled)})",
@@ -177,7 +224,14 @@ def _load_document(text: str, source: str, chain: tuple[str, ...]) -> tuple[dict
             "extends", "no cycle of extends", " -> ".join([*chain, str(parent_path)]),
             source=source, line=line, column=column,
         )
-    parent, _, _ = _load_document(parent_path.read_text(), str(parent_path), (*chain, str(parent_path)))
+    try:
+        parent_text = parent_path.read_text()
+    except (OSError, UnicodeDecodeError) as error:
+        raise PatternError(
+            "extends", "a readable UTF-8 pattern file", f"{parent_path}: {error}",
+            source=source, line=line, column=column,
+        ) from None
+    parent, _, _ = _load_document(parent_text, str(parent_path), (*chain, str(parent_path)))
     parent.pop("name", None)  # the child is a new pattern; an unnamed child gets its file's name
     parent.pop("description", None)
     merged = _deep_merge(parent, data)
@@ -231,7 +285,8 @@ def _override(data: Any, path: str, base: dict[str, Any]) -> LayerOverride:
             if not isinstance(value, dict):
                 raise PatternError(_join(path, key), f"a mapping (the {key} fields to change)", repr(value))
             # A partial section changes the base pattern's section field by field.
-            merged = _deep_merge(base.get(key) or {}, value)
+            base_section = base.get(key)
+            merged = _deep_merge(base_section if isinstance(base_section, Mapping) else {}, value)
             kwargs[key] = _section(_SECTIONS[key], merged, _join(path, key))
         elif key in _LIST_FIELDS and isinstance(value, list):
             kwargs[key] = tuple(value)
@@ -252,15 +307,17 @@ def pattern_from_dict(data: Any, *, default_name: str | None = None) -> Pattern:
     """
     _check_keys(data, tuple(k for k in _TOP_KEYS if k != "extends"), "", "a pattern")
     kwargs: dict[str, Any] = {}
+    # Sections first: layer overrides are merged into them, so they must be sound.
     for key, value in data.items():
         if key in _SECTIONS:
             kwargs[key] = _section(_SECTIONS[key], value, key)
-        elif key == "layers":
-            if not isinstance(value, list):
-                raise PatternError("layers", "a list of layer overrides", repr(value))
-            kwargs["layers"] = tuple(_override(item, f"layers[{i}]", data) for i, item in enumerate(value))
-        else:
+        elif key != "layers":
             kwargs[key] = value
+    if "layers" in data:
+        value = data["layers"]
+        if not isinstance(value, list):
+            raise PatternError("layers", "a list of layer overrides", repr(value))
+        kwargs["layers"] = tuple(_override(item, f"layers[{i}]", data) for i, item in enumerate(value))
     if "name" not in kwargs:
         if default_name is None:
             raise PatternError("name", "a pattern name", "nothing")
@@ -280,9 +337,17 @@ def _position(marks: Marks, key_path: str) -> tuple[int | None, int | None]:
         path = path[:cut] if cut > 0 else ""
 
 
+def _chain_key(source: str) -> str:
+    """The name ``extends`` cycles are detected by: the resolved path, as for parents."""
+    try:
+        return str(Path(source).resolve())
+    except (OSError, ValueError, RuntimeError):
+        return os.path.abspath(source)
+
+
 def loads_pattern(text: str, source: str = "<string>") -> Pattern:
     """Parse a pattern from YAML text (``source`` names it in errors)."""
-    data, marks, source = _load_document(text, source, (os.path.abspath(source),))
+    data, marks, source = _load_document(text, source, (_chain_key(source),))
     default_name = Path(source).stem if not source.startswith("<") else None
     try:
         return pattern_from_dict(data, default_name=default_name)

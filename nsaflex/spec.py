@@ -52,7 +52,13 @@ def _optional_positive_int(path: str, value: object) -> None:
 
 
 def _real(path: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise PatternError(path, "a finite number", _describe(value))
+    try:
+        finite = math.isfinite(value)
+    except OverflowError:  # an int too large for a float
+        finite = False
+    if not finite:
         raise PatternError(path, "a finite number", _describe(value))
 
 
@@ -383,6 +389,8 @@ class Pattern(_Section):
     def __post_init__(self) -> None:
         if isinstance(self.layers, list):
             object.__setattr__(self, "layers", tuple(self.layers))
+        if not isinstance(self.layers, tuple):
+            raise PatternError("layers", "a list of LayerOverride", _describe(self.layers))
         if not isinstance(self.name, str) or not self.name:
             raise PatternError("name", "a non-empty string", _describe(self.name))
         if not isinstance(self.description, str):
@@ -464,7 +472,16 @@ class Pattern(_Section):
                 self.budget.max_keys_per_query,
             )
         if self.budget.max_attended_fraction is not None:
-            from nsaflex.budget import attended_fraction
+            try:
+                from nsaflex.budget import attended_fraction
+            except ModuleNotFoundError as error:
+                if error.name != "nsaflex.budget":
+                    raise
+                raise PatternError(
+                    "budget.max_attended_fraction",
+                    "no max_attended_fraction (nsaflex.budget, which checks it, is not available)",
+                    self.budget.max_attended_fraction,
+                ) from None
 
             fraction = attended_fraction(self, self.budget.at_length)
             if fraction > self.budget.max_attended_fraction:
@@ -543,6 +560,14 @@ class Pattern(_Section):
                 override.pop("remove", None)
             if not override.get("dense"):
                 override.pop("dense", None)
+            # The YAML form of an override section is merged into the base
+            # section field by field, so a field the base sets and the
+            # override leaves unset must be written as null (which removes it).
+            for name in BRANCH_ORDER:
+                base = out.get(name)
+                if name in override and isinstance(base, dict):
+                    for key in base:
+                        override[name].setdefault(key, None)
         return out
 
 

@@ -1,0 +1,85 @@
+"""The runtime callable: ``nsaflex.compile(pattern, backend=...)``.
+
+Returns a :class:`CompiledAttention`, an ``nn.Module`` that validates its inputs
+and runs the plan's backend. It owns the learned pieces of the attention
+itself (the compression MLP of ``pooling: mlp``); gate networks live with the
+model (see :mod:`nsaflex.gates` and the adapters).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+
+from nsaflex.backends.base import get_backend
+from nsaflex.errors import InputError, PatternError
+from nsaflex.inputs import check_inputs
+from nsaflex.loader import load_pattern
+from nsaflex.plan import Plan, make_plan
+from nsaflex.pooling import MLPPooling
+from nsaflex.spec import Pattern
+
+
+class CompiledAttention(nn.Module):
+    """``attn(q, k, v, gates=None, token_types=None) -> out``.
+
+    q ``[B, Hq, L, D]``, k and v ``[B, Hkv, L, D]``, gates ``[B, Hq, L, nb]`` in
+    the order compression, selection, window (None for constant gates),
+    token_types ``[B, L]`` (0 text, 1 vision; hybrid patterns only); out
+    ``[B, Hq, L, D]`` in the dtype of q.
+    """
+
+    def __init__(self, pattern: Pattern, plan: Plan, head_dim: int | None = None) -> None:
+        super().__init__()
+        self.pattern = plan.pattern
+        self.plan = plan
+        self.pooler: MLPPooling | None = None
+        compression = self.pattern.compression
+        if compression is not None and compression.pooling == "mlp" and not self.pattern.dense:
+            dim = head_dim or self.pattern.model.head_dim
+            if dim is None:
+                raise PatternError("model.head_dim", "a head dim (or compile(..., head_dim=...)) for mlp pooling", None)
+            self.pooler = MLPPooling(compression, dim)
+        self._kernel = get_backend(plan.backend).build(self.pattern, plan)
+
+    @property
+    def backend(self) -> str:
+        return self.plan.backend
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        gates: torch.Tensor | None = None,
+        token_types: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        check_inputs(self.pattern, q, k, v, gates, token_types)
+        if self.pooler is not None and self.pooler.head_dim != q.shape[-1]:
+            raise InputError("q", f"head dim {self.pooler.head_dim} (the compression MLP's)", q.shape[-1])
+        return self._kernel(q, k, v, gates, token_types, self.pooler)
+
+    def extra_repr(self) -> str:
+        return f"pattern={self.pattern.name!r}, backend={self.plan.backend!r}, branches={self.pattern.branches}"
+
+
+def compile(
+    pattern: Pattern | str | os.PathLike[str],
+    backend: str = "auto",
+    *,
+    layer: int | None = None,
+    device: str | None = None,
+    head_dim: int | None = None,
+) -> CompiledAttention:
+    """Compile a pattern (object, file path or bundled name) into an attention module.
+
+    ``backend``: ``reference``, ``flex``, ``triton`` or ``auto`` (the plan
+    chooses for ``device``, default: CUDA when available). ``layer`` resolves
+    the pattern's per-layer overrides for that decoder layer.
+    """
+    if not isinstance(pattern, Pattern):
+        pattern = load_pattern(pattern)
+    plan = make_plan(pattern, backend, device, layer=layer)
+    return CompiledAttention(pattern, plan, head_dim)
