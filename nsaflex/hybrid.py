@@ -1,0 +1,161 @@
+"""Token classes for the fast backends: which queries run the sparse branches,
+over which keys, and the dense path of text queries.
+
+For a hybrid pattern with ``vision_keys: vision`` each batch row's vision tokens
+form a compacted *sparse sequence* of their own (lengths differ between rows);
+with ``vision_keys: all`` (or no hybrid section) the sparse sequence is the
+whole row. Backends run the sparse branches over the sparse sequences, either
+padded to ``[B, H, Lmax, D]`` (FlexAttention) or packed as ``[H, total, D]``
+with ``cu_seqlens`` (varlen kernels), and scatter the result back; text queries
+get dense causal attention over every key of their row.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.nn import functional as F
+
+from nsaflex.spec import Pattern
+
+
+@dataclass(frozen=True)
+class SparseLayout:
+    """Where the sparse sequences live inside ``[B, L]``.
+
+    Attributes:
+        positions: ``[B, Lmax]`` long: full-row position of sparse position
+            ``p`` of row ``b`` (padding entries point at 0 and are masked by
+            ``lengths``).
+        lengths: ``[B]`` long: sparse sequence length of each row.
+        cu_seqlens: ``[B + 1]`` int32: prefix sums of ``lengths`` (varlen packing).
+        max_length: ``Lmax`` (a Python int, so shapes stay static).
+        sparse_queries: ``[B, L]`` bool: queries whose output is the gated sparse mix.
+        identity: True when every row's sparse sequence is the whole row.
+    """
+
+    positions: torch.Tensor
+    lengths: torch.Tensor
+    cu_seqlens: torch.Tensor
+    max_length: int
+    sparse_queries: torch.Tensor
+    identity: bool
+
+    @property
+    def has_text(self) -> bool:
+        """Whether some query takes the dense text path."""
+        return not bool(self.sparse_queries.all())
+
+
+def sparse_layout(pattern: Pattern, token_types: torch.Tensor | None, batch: int, length: int, device) -> SparseLayout:
+    """The layout of ``pattern`` for inputs of ``[B, L]`` with ``token_types``."""
+    full = torch.arange(length, device=device).expand(batch, length)
+    if pattern.hybrid is None or token_types is None:
+        sparse = torch.ones(batch, length, dtype=torch.bool, device=device)
+        lengths = torch.full((batch,), length, dtype=torch.long, device=device)
+        return SparseLayout(full.contiguous(), lengths, _cumulative(lengths), length, sparse, True)
+    vision = token_types.to(device=device) == 1
+    if pattern.hybrid.vision_keys == "all":
+        lengths = torch.full((batch,), length, dtype=torch.long, device=device)
+        return SparseLayout(full.contiguous(), lengths, _cumulative(lengths), length, vision, True)
+    lengths = vision.sum(dim=1)
+    max_length = int(lengths.max().item()) if batch else 0
+    # Stable sort puts each row's vision positions first, in order.
+    order = torch.sort((~vision).to(torch.int8), dim=1, stable=True).indices[:, :max_length]
+    valid = torch.arange(max_length, device=device)[None, :] < lengths[:, None]
+    positions = torch.where(valid, order, torch.zeros_like(order))
+    return SparseLayout(positions, lengths, _cumulative(lengths), max_length, vision, False)
+
+
+def _cumulative(lengths: torch.Tensor) -> torch.Tensor:
+    return F.pad(torch.cumsum(lengths, 0), (1, 0)).to(torch.int32)
+
+
+def gather_padded(x: torch.Tensor, layout: SparseLayout) -> torch.Tensor:
+    """``[B, H, L, ...]`` -> ``[B, H, Lmax, ...]``: the sparse sequences, padded with zeros."""
+    if layout.identity:
+        return x
+    batch, heads = x.shape[:2]
+    index = layout.positions.view(batch, 1, -1, *([1] * (x.dim() - 3)))
+    index = index.expand(batch, heads, layout.max_length, *x.shape[3:])
+    gathered = torch.gather(x, 2, index)
+    valid = padding_mask(layout).view(batch, 1, -1, *([1] * (x.dim() - 3)))
+    return gathered * valid.to(gathered.dtype)
+
+
+def scatter_padded(y: torch.Tensor, layout: SparseLayout, length: int) -> torch.Tensor:
+    """``[B, H, Lmax, D]`` -> ``[B, H, L, D]``: sparse outputs back at their
+    positions; positions outside the sparse sequence are zero."""
+    if layout.identity:
+        return y
+    batch, heads, _, dim = y.shape
+    valid = padding_mask(layout)[:, None, :, None]
+    y = y * valid.to(y.dtype)
+    index = layout.positions[:, None, :, None].expand(batch, heads, layout.max_length, dim)
+    # Padding entries point at position 0 with zero values: scatter_add leaves it unchanged.
+    return y.new_zeros(batch, heads, length, dim).scatter_add(2, index, y)
+
+
+def padding_mask(layout: SparseLayout) -> torch.Tensor:
+    """``[B, Lmax]`` bool: real (not padding) sparse positions."""
+    return torch.arange(layout.max_length, device=layout.lengths.device)[None, :] < layout.lengths[:, None]
+
+
+def pack_varlen(x: torch.Tensor, layout: SparseLayout) -> torch.Tensor:
+    """``[B, H, L, D]`` -> ``[H, total, D]`` (rows concatenated, ``cu_seqlens`` offsets)."""
+    padded = gather_padded(x, layout)
+    keep = padding_mask(layout)
+    return padded.transpose(0, 1)[:, keep]
+
+
+def unpack_varlen(y: torch.Tensor, layout: SparseLayout, length: int) -> torch.Tensor:
+    """``[H, total, D]`` -> ``[B, H, L, D]`` (inverse of :func:`pack_varlen`, zeros elsewhere)."""
+    heads, _, dim = y.shape
+    batch = layout.lengths.shape[0]
+    keep = padding_mask(layout)
+    padded = y.new_zeros(heads, batch, layout.max_length, dim)
+    padded[:, keep] = y
+    return scatter_padded(padded.transpose(0, 1), layout, length)
+
+
+def text_dense_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text_queries: torch.Tensor
+) -> torch.Tensor:
+    """Dense causal attention for the text queries only: ``[B, Hq, L, D]`` with
+    zeros on the other rows.
+
+    Text queries are few in video inputs, so they are gathered and attend to
+    all keys through SDPA with an explicit causal mask ``[B, 1, Nt, L]``:
+    ``O(Nt * L)`` work instead of ``O(L^2)``.
+    """
+    batch, query_heads, length, dim = q.shape
+    counts = text_queries.sum(dim=1)
+    most = int(counts.max().item()) if batch else 0
+    out = q.new_zeros(q.shape)
+    if most == 0:
+        return out
+    order = torch.sort((~text_queries).to(torch.int8), dim=1, stable=True).indices[:, :most]
+    valid = torch.arange(most, device=q.device)[None, :] < counts[:, None]
+    index = order[:, None, :, None].expand(batch, query_heads, most, dim)
+    text_q = torch.gather(q, 2, index)
+    keys = torch.arange(length, device=q.device)
+    mask = (keys[None, None, :] <= order[:, :, None]) & valid[:, :, None]  # [B, Nt, L]
+    # Padding rows see key 0 only (their output is dropped below) so no row is fully masked.
+    mask = mask | (~valid[:, :, None] & (keys == 0)[None, None, :])
+    group = query_heads // k.shape[1]
+    text_out = F.scaled_dot_product_attention(
+        text_q,
+        k.repeat_interleave(group, dim=1),
+        v.repeat_interleave(group, dim=1),
+        attn_mask=mask[:, None],
+    )
+    text_out = text_out * valid[:, None, :, None].to(text_out.dtype)
+    return out.scatter_add(2, index, text_out)
+
+
+def combine(sparse: torch.Tensor, text: torch.Tensor | None, layout: SparseLayout) -> torch.Tensor:
+    """The final output: sparse mix on sparse queries, dense on text queries."""
+    if text is None:
+        return sparse
+    return torch.where(layout.sparse_queries[:, None, :, None], sparse, text)
