@@ -141,7 +141,8 @@ def choose_blocks(scores: torch.Tensor, query: int, selection: Selection) -> tor
         j for j in range(scores.shape[0]) if (j + 1) * selection.block - 1 <= query and j not in forced
     ]
     # Highest score first; Python's sort is stable, so equal scores keep index order.
-    ranked = sorted(candidates, key=lambda j: -float(scores[j]))
+    values = scores.detach().tolist()  # the choice is discrete: no gradient flows through it
+    ranked = sorted(candidates, key=lambda j: -values[j])
     for block in ranked[: selection.count - len(forced)]:
         chosen[block] = True
     return chosen
