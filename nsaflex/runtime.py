@@ -8,6 +8,7 @@ model (see :mod:`nsaflex.gates` and the adapters).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import torch
@@ -59,6 +60,21 @@ class CompiledAttention(nn.Module):
         check_inputs(self.pattern, q, k, v, gates, token_types)
         if self.pooler is not None and self.pooler.head_dim != q.shape[-1]:
             raise InputError("q", f"head dim {self.pooler.head_dim} (the compression MLP's)", q.shape[-1])
+        return self._kernel(q, k, v, gates, token_types, self.pooler)
+
+    def run_heads(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        gates: torch.Tensor | None = None,
+        token_types: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Like ``forward`` on a subset of whole GQA groups: the pattern's
+        ``model.query_heads``/``kv_heads`` are not enforced (sequence-parallel
+        ranks each run some of the heads); everything else is checked."""
+        model = dataclasses.replace(self.pattern.model, query_heads=None, kv_heads=None)
+        check_inputs(dataclasses.replace(self.pattern, model=model), q, k, v, gates, token_types)
         return self._kernel(q, k, v, gates, token_types, self.pooler)
 
     def extra_repr(self) -> str:
