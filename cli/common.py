@@ -1,0 +1,149 @@
+"""Helpers shared by the ``nsaflex`` subcommands: length options, pattern
+arguments, consoles, number formatting and error reporting."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.markup import escape
+
+from nsaflex.errors import NsaflexError
+from nsaflex.loader import bundled_patterns, load_pattern
+from nsaflex.spec import Pattern
+
+__all__ = [
+    "LENGTHS",
+    "LengthsType",
+    "err_console",
+    "format_count",
+    "format_fraction",
+    "format_quantity",
+    "format_length",
+    "load_pattern_arg",
+    "out_console",
+    "parse_length",
+    "parse_lengths",
+    "report_error",
+]
+
+_LENGTH = re.compile(r"^(\d+(?:\.\d+)?)([km]?)$", re.IGNORECASE)
+_SUFFIX = {"": 1, "k": 1024, "m": 1024 * 1024}
+LENGTH_FORMS = "lengths like 8k, 128k or 131072 (k = 1024, m = 1024k), separated by commas"
+
+
+def parse_length(text: str) -> int:
+    """``'8k'`` -> 8192, ``'128K'`` -> 131072, ``'131072'``, ``'1_000'``, ``'1.5k'`` -> 1536.
+
+    Raises ValueError naming what was wrong.
+    """
+    cleaned = text.strip().replace("_", "")
+    match = _LENGTH.match(cleaned)
+    if not match:
+        raise ValueError(f"expected {LENGTH_FORMS}; found {text.strip()!r}")
+    number, suffix = match.groups()
+    value = float(number) * _SUFFIX[suffix.lower()] if "." in number else int(number) * _SUFFIX[suffix.lower()]
+    if value != int(value):
+        raise ValueError(f"expected a whole number of tokens; found {text.strip()!r} = {value:g}")
+    if int(value) < 1:
+        raise ValueError(f"expected a length of at least 1 token; found {text.strip()!r}")
+    return int(value)
+
+
+def parse_lengths(text: str) -> tuple[int, ...]:
+    """A comma-separated list of lengths, sorted, without repeats."""
+    parts = [part for part in text.split(",")]
+    if not text.strip() or any(not part.strip() for part in parts):
+        raise ValueError(f"expected {LENGTH_FORMS}; found {text!r}")
+    return tuple(sorted({parse_length(part) for part in parts}))
+
+
+class LengthsType(click.ParamType):
+    """A click type for ``--at 8k,128k``: a sorted tuple of lengths."""
+
+    name = "lengths"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> tuple[int, ...]:
+        if isinstance(value, tuple):
+            return value
+        try:
+            return parse_lengths(str(value))
+        except ValueError as error:
+            self.fail(str(error), param, ctx)
+
+
+LENGTHS = LengthsType()
+
+
+def out_console() -> Console:
+    """Rich console on the current stdout (looked up at call time: click's test
+    runner swaps the streams)."""
+    return Console(highlight=False)
+
+
+def err_console() -> Console:
+    return Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def report_error(error: NsaflexError) -> None:
+    """Print an nsaflex error in red, without a traceback. For a
+    :class:`~nsaflex.errors.PatternError` the message carries
+    ``file:line:column: key.path: expected ..., found ...``."""
+    err_console().print(f"[bold red]error:[/] [red]{escape(str(error))}[/]")
+
+
+def load_pattern_arg(value: str) -> tuple[Pattern, Path]:
+    """A PATTERN argument: a file path or a bundled pattern name. Returns the
+    pattern and the file it came from (raises PatternError)."""
+    pattern = load_pattern(value)
+    path = Path(value)
+    if not path.is_file():
+        path = bundled_patterns()[value]
+    return pattern, path
+
+
+# --- formatting -----------------------------------------------------------------------------------
+
+_SI = ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k"))
+
+
+def format_length(length: int) -> str:
+    """131072 -> '128k' (k = 1024), 1000 -> '1000'."""
+    for size, suffix in ((1024 * 1024, "m"), (1024, "k")):
+        if length >= size and length % size == 0:
+            return f"{length // size}{suffix}"
+    return str(length)
+
+
+def format_count(value: Any) -> str:
+    if isinstance(value, int):
+        return f"{value:,}"
+    return format_quantity(value)
+
+
+def format_fraction(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{100 * value:.3g}%"
+
+
+def format_quantity(value: Any, unit: str = "") -> str:
+    """A number with an SI prefix (``6.16 TFLOP``); a symbolic value as its
+    expression with 4 significant digits (``2.933e+9*D*H FLOP``)."""
+    if value is None:
+        return "-"
+    if isinstance(value, (int, float)):
+        magnitude = abs(value)
+        for size, prefix in _SI:
+            if magnitude >= size:
+                return f"{value / size:.3g} {prefix}{unit}".rstrip()
+        text = f"{value:,}" if isinstance(value, int) else f"{value:.3g}"
+        return f"{text} {unit}".rstrip()
+    try:
+        text = str(value.evalf(4)).replace("*", "·")
+    except AttributeError:
+        text = str(value)
+    return f"{text} {unit}".rstrip()

@@ -1,0 +1,327 @@
+"""The ``nsaflex`` command line, through click's CliRunner (and a subprocess
+where the real process matters: exit status, stderr, colours)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import click
+import pytest
+from click.testing import CliRunner
+
+import nsaflex
+from nsaflex.budget import attended_fraction
+from nsaflex.cli.common import parse_length, parse_lengths
+from nsaflex.cli.main import main, register_commands
+from nsaflex.codegen import module_name
+from nsaflex.errors import BackendUnavailable
+from nsaflex.loader import bundled_patterns
+
+BUNDLED = sorted(bundled_patterns())
+
+
+def run(*args: str) -> click.testing.Result:
+    return CliRunner().invoke(main, list(args), catch_exceptions=True)
+
+
+def assert_clean_failure(result: click.testing.Result, *fragments: str) -> None:
+    """Exit 2, every fragment in the output, no traceback."""
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    for fragment in fragments:
+        assert fragment in result.output, (fragment, result.output)
+
+
+# --- good input ------------------------------------------------------------------------------------
+
+
+def test_bundled_patterns_are_known() -> None:
+    assert {"videonsa", "nsa", "window", "qblock-small", "videonsa-qblock", "videonsa-w512"} <= set(BUNDLED)
+
+
+@pytest.mark.parametrize("name", BUNDLED)
+def test_every_bundled_pattern_compiles(name: str) -> None:
+    result = run("compile", name, "--at", "8k,131072")
+    assert result.exit_code == 0, result.output
+    out = result.output
+    assert name in out
+    assert "plan: backend" in out and "attended fraction" in out
+    assert "L = 8k" in out and "L = 128k" in out
+    fraction = attended_fraction(nsaflex.load_pattern(name), 131072)
+    assert f"{100 * fraction:.3g}%" in out
+
+
+def test_compile_by_path_and_default_lengths() -> None:
+    path = bundled_patterns()["videonsa"]
+    result = run("compile", str(path))
+    assert result.exit_code == 0, result.output
+    for column in ("L = 8k", "L = 32k", "L = 128k"):
+        assert column in result.output
+    assert "2,304" in result.output and "all-vision input" in result.output
+
+
+@pytest.mark.parametrize("name", BUNDLED)
+def test_json_output(name: str) -> None:
+    result = run("compile", name, "--json", "--at", "65536,128k", "--backend", "reference")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    pattern = nsaflex.load_pattern(name)
+    assert data["pattern"] == name and data["lengths"] == [65536, 131072]
+    assert data["plan"]["pattern"] == name and data["plan"]["backend"] == "reference"
+    assert {b["branch"] for b in data["plan"]["branches"]} >= set(pattern.branches)
+    at = data["budget"]["at"]["131072"]
+    assert at["attended_fraction"] == pytest.approx(attended_fraction(pattern, 131072), rel=1e-12)
+    assert at["keys_per_query"] == pattern.keys_per_query
+    closed = data["budget"]["closed_forms"]
+    assert closed["pattern_name"] == name and set(closed["pairs"]) == set(pattern.branches)
+    assert data["emitted"] is None
+
+
+def test_json_includes_budget_at_length(tmp_path: Path) -> None:
+    path = tmp_path / "bounded.yaml"
+    path.write_text("extends: videonsa\nname: bounded\nbudget:\n  max_attended_fraction: 0.5\n  at_length: 12345\n")
+    data = json.loads(run("compile", str(path), "--json").stdout)
+    assert data["lengths"] == [8192, 12345, 32768, 131072]
+
+
+def test_length_forms() -> None:
+    assert parse_length("8k") == 8192
+    assert parse_length("128K") == 131072
+    assert parse_length("131072") == 131072
+    assert parse_length("1m") == 1 << 20
+    assert parse_length("1.5k") == 1536
+    assert parse_lengths("128k, 8k,8192") == (8192, 131072)
+    for bad in ("", "8q", "k", "-5", "0", "1.3k", "8k,", "1e5"):
+        with pytest.raises(ValueError):
+            parse_lengths(bad)
+
+
+def test_layer_option(tmp_path: Path) -> None:
+    path = tmp_path / "layered.yaml"
+    path.write_text(
+        textwrap.dedent(
+            """\
+            extends: videonsa
+            name: layered
+            layers:
+              - at: [0, 1]
+                dense: true
+              - at: [5]
+                window: {size: 512}
+            """
+        )
+    )
+    dense = json.loads(run("compile", str(path), "--json", "--layer", "0", "--at", "4k").stdout)
+    assert dense["layer"] == 0 and dense["plan"]["layer"] == 0
+    assert dense["budget"]["at"]["4096"]["attended_fraction"] == 1.0
+    wide = json.loads(run("compile", str(path), "--json", "--layer", "5", "--at", "4k").stdout)
+    assert wide["budget"]["at"]["4096"]["keys_per_query"] == 64 * 32 + 512
+    base = run("compile", str(path), "--at", "4k")
+    assert base.exit_code == 0 and "per-layer overrides" in base.output
+    assert_clean_failure(run("compile", str(path), "--layer", "28"), "--layer", "model.num_layers = 28")
+
+
+def test_help_version_and_bench_hook() -> None:
+    assert run("--help").exit_code == 0 and "compile" in run("--help").output
+    assert run("compile", "--help").exit_code == 0
+    assert nsaflex.__version__ in run("--version").output
+    group = click.Group("g")
+    register_commands(group, ("compile", "surely_not_a_module"))
+    assert list(group.commands) == ["compile"]
+    fake = type(sys)("nsaflex.cli.fakebench")
+    fake.command = click.Command("fakebench", callback=lambda: click.echo("benched"))
+    sys.modules["nsaflex.cli.fakebench"] = fake
+    try:
+        register_commands(group, ("fakebench",))
+        assert CliRunner().invoke(group, ["fakebench"]).output == "benched\n"
+    finally:
+        del sys.modules["nsaflex.cli.fakebench"]
+
+
+# --- --emit ---------------------------------------------------------------------------------------------
+
+
+def _inputs_code() -> str:
+    return textwrap.dedent(
+        """
+        import torch
+        from nsaflex.reference import reference_attention
+
+        def run_module(mod):
+            p = mod.PATTERN
+            m = p.model
+            hq, hkv, d = m.query_heads or 4, m.kv_heads or 2, m.head_dim or 8
+            g = torch.Generator().manual_seed(0)
+            L = 11
+            q = torch.randn(2, hq, L, d, generator=g, dtype=torch.float64)
+            k = torch.randn(2, hkv, L, d, generator=g, dtype=torch.float64)
+            v = torch.randn(2, hkv, L, d, generator=g, dtype=torch.float64)
+            gates = None if p.gate.kind == "constant" else torch.rand(2, hq, L, len(p.branches), generator=g, dtype=torch.float64)
+            types = None if p.hybrid is None else (torch.rand(2, L, generator=g) < 0.7).long()
+            assert mod.compiled.cache_info().currsize == 0  # nothing built at import
+            out = mod.attention(q, k, v, gates=gates, token_types=types)
+            pooler = mod.compiled("cpu", d).pooler
+            expected = reference_attention(q, k, v, p, gates, types, pooler)
+            assert out.shape == q.shape and bool(torch.isfinite(out).all())
+            torch.testing.assert_close(out, expected)
+            return out
+        """
+    )
+
+
+def test_emit_modules_import_and_run(tmp_path: Path) -> None:
+    """Every bundled pattern emits a module that imports on its own (in a fresh
+    process, away from the repository) and whose attention runs."""
+    out_dir = tmp_path / "generated"
+    modules = {}
+    for name in BUNDLED:
+        result = run("compile", name, "--emit", str(out_dir), "--backend", "reference", "--at", "64k")
+        assert result.exit_code == 0, result.output
+        assert "wrote" in result.output
+        modules[name] = module_name(nsaflex.load_pattern(name))
+        assert (out_dir / f"{modules[name]}.py").is_file()
+    script = _inputs_code() + textwrap.dedent(
+        f"""
+        import importlib, sys
+        import nsaflex
+        from nsaflex.budget import attended_fraction
+        sys.path.insert(0, {str(out_dir)!r})
+        for name, module in {modules!r}.items():
+            mod = importlib.import_module(module)
+            assert mod.PATTERN == nsaflex.load_pattern(name), name
+            assert mod.PLAN["backend"] == "reference" and mod.BACKEND == "reference"
+            assert mod.ATTENDED_FRACTION[65536] == attended_fraction(mod.PATTERN, 65536)
+            assert mod.KEYS_PER_QUERY == mod.PATTERN.keys_per_query
+            assert mod.BUDGET[65536]["length"] == 65536
+            run_module(mod)
+            print("ran", name)
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.count("ran ") == len(BUNDLED)
+
+
+def test_emit_with_json_reports_path(tmp_path: Path) -> None:
+    result = run("compile", "window", "--json", "--emit", str(tmp_path / "a" / "b"))
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert Path(data["emitted"]) == tmp_path / "a" / "b" / "window.py"
+    assert Path(data["emitted"]).is_file()
+
+
+def test_emit_into_a_file_is_refused(tmp_path: Path) -> None:
+    target = tmp_path / "file"
+    target.write_text("")
+    assert_clean_failure(run("compile", "window", "--emit", str(target)), "--emit")
+
+
+# --- bad input: exit 2, located message, no traceback ---------------------------------------------------
+
+
+def _write(tmp_path: Path, text: str, name: str = "bad.yaml") -> str:
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text))
+    return str(path)
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    missing = str(tmp_path / "nope.yaml")
+    assert_clean_failure(run("compile", missing), missing, "expected an existing pattern file or a bundled pattern name")
+
+
+def test_misspelt_bundled_name() -> None:
+    assert_clean_failure(run("compile", "videonsaa"), "videonsaa", "did you mean 'videonsa'?")
+
+
+def test_bad_yaml_syntax(tmp_path: Path) -> None:
+    path = _write(tmp_path, "name: bad\nwindow: {size: 4\ngate: [\n")
+    assert_clean_failure(run("compile", path), f"{path}:", "expected valid YAML")
+
+
+def test_unknown_key(tmp_path: Path) -> None:
+    path = _write(tmp_path, "name: bad\nwindw:\n  size: 4\n")
+    assert_clean_failure(run("compile", path), f"{path}:2:1: windw:", "did you mean 'window'?")
+
+
+def test_unknown_nested_key(tmp_path: Path) -> None:
+    path = _write(tmp_path, "name: bad\nwindow:\n  sise: 4\n")
+    assert_clean_failure(run("compile", path), f"{path}:3:3: window.sise:", "did you mean 'size'?")
+
+
+def test_bad_value(tmp_path: Path) -> None:
+    path = _write(tmp_path, "name: bad\nwindow:\n  size: 0\n")
+    assert_clean_failure(run("compile", path), f"{path}:3:3: window.size: expected an integer >= 1, found 0")
+
+
+def test_semantic_error(tmp_path: Path) -> None:
+    path = _write(
+        tmp_path,
+        """\
+        name: bad
+        compression: {block: 64, stride: 32}
+        selection:
+          block: 48
+          count: 4
+        """,
+    )
+    assert_clean_failure(run("compile", path), f"{path}:4:3: selection.block:", "multiple of compression.stride = 32")
+
+
+def test_budget_violation(tmp_path: Path) -> None:
+    path = _write(tmp_path, "extends: videonsa\nbudget:\n  max_attended_fraction: 0.01\n  at_length: 131072\n")
+    assert_clean_failure(run("compile", path), f"{path}:3:3: budget.max_attended_fraction:")
+
+
+@pytest.mark.parametrize("value", ["8q", "0", "8k,,16k", "-4", "1.3k"])
+def test_bad_at_value(value: str) -> None:
+    assert_clean_failure(run("compile", "videonsa", "--at", value), "Invalid value for '--at'", repr(value.strip()) if "," not in value else "")
+
+
+def test_unknown_backend() -> None:
+    assert_clean_failure(run("compile", "videonsa", "--backend", "flax"), "Invalid value for '--backend'", "'flax'")
+
+
+def test_backend_unavailable_is_reported(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*args, **kwargs):
+        raise BackendUnavailable("backend 'flex' cannot serve pattern 'videonsa' on cpu: testing")
+
+    monkeypatch.setattr("nsaflex.plan.make_plan", refuse)
+    assert_clean_failure(run("compile", "videonsa"), "error:", "cannot serve pattern 'videonsa' on cpu: testing")
+
+
+def test_bugs_keep_their_traceback(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only NsaflexError is turned into a message: anything else is a bug."""
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr("nsaflex.plan.make_plan", broken)
+    result = run("compile", "videonsa")
+    assert result.exit_code == 1 and isinstance(result.exception, RuntimeError)
+
+
+def test_real_process_exit_status_and_red_message(tmp_path: Path) -> None:
+    """The console entry point: status 2, red (under FORCE_COLOR), no traceback."""
+    path = _write(tmp_path, "name: bad\nwindow:\n  size: -1\n")
+    env = {**os.environ, "FORCE_COLOR": "1", "COLUMNS": "200"}
+    env.pop("NO_COLOR", None)
+    done = subprocess.run(
+        [sys.executable, "-m", "nsaflex.cli.main", "compile", path],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env,
+    )
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr and done.stdout == ""
+    assert "\x1b[" in done.stderr and "31m" in done.stderr  # red
+    assert f"{path}:3:3: window.size: expected an integer >= 1, found -1" in done.stderr.replace("\x1b[0m", "").replace(
+        "\x1b[31m", ""
+    )
