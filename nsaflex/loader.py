@@ -132,11 +132,25 @@ _MAX_NODES = 100_000
 
 
 def _compose(text: str, source: str) -> tuple[Any, Marks]:
+    loader = None
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        loader = yaml.SafeLoader(text)  # the reader checks every character here
+        node = loader.get_single_node()
+    except (ValueError, OverflowError) as error:
+        # The scanner lets a few of these out, e.g. chr() of an escape
+        # beyond U+10FFFF in a double-quoted scalar ("\U00110000").
+        mark = loader.get_mark() if loader is not None else None
+        raise PatternError(
+            "", "valid YAML", f"{type(error).__name__}: {error}", source=source,
+            line=mark.line + 1 if mark else None, column=mark.column + 1 if mark else None,
+        ) from None
     except yaml.MarkedYAMLError as error:
         mark = error.problem_mark or error.context_mark
         problem = (error.problem or "invalid YAML").strip()
+        for prefix in ("but ", "found "):  # 'but found another document' reads 'found but found ...' otherwise
+            problem = problem[len(prefix):] if problem.startswith(prefix) else problem
+        if error.context:
+            problem += f" ({error.context.strip()})"
         raise PatternError(
             "", "valid YAML", problem, source=source,
             line=mark.line + 1 if mark else None, column=mark.column + 1 if mark else None,
@@ -146,22 +160,50 @@ def _compose(text: str, source: str) -> tuple[Any, Marks]:
         before = text[: error.position]
         line = before.count("\n") + 1
         column = error.position - (before.rfind("\n") + 1) + 1
-        found = f"character {error.character!r}" if isinstance(error.character, str) else f"byte {error.character!r}"
+        char = error.character
+        found = f"character U+{char:04X}" if isinstance(char, int) else f"character {char!r}"
         raise PatternError(
             "", f"valid YAML ({error.reason})", found, source=source, line=line, column=column,
         ) from None
     except yaml.YAMLError as error:
         raise PatternError("", "valid YAML", str(error).strip(), source=source) from None
     except RecursionError:
-        raise PatternError("", "valid YAML nested to a sane depth", "nesting too deep to parse", source=source) from None
+        raise _too_deep(text, source) from None
+    finally:
+        if loader is not None:
+            loader.dispose()
     marks: Marks = {}
     if node is None:
         raise PatternError("", "a mapping of pattern sections", "an empty document", source=source, line=1, column=1)
     try:
         data = _Builder(marks, source).build(node, "")
     except RecursionError:
-        raise PatternError("", "YAML nested to a sane depth", "nesting too deep", source=source) from None
+        raise _too_deep(text, source) from None
     return data, marks
+
+
+_MAX_DEPTH = 100
+
+
+def _too_deep(text: str, source: str) -> PatternError:
+    """The error for YAML nested deeper than the (recursive) composer can go,
+    located where the nesting passes :data:`_MAX_DEPTH` (found by the parser,
+    which is not recursive)."""
+    depth, line, column = 0, None, None
+    try:
+        for event in yaml.parse(text, Loader=yaml.SafeLoader):
+            if isinstance(event, yaml.CollectionStartEvent):
+                depth += 1
+                if depth > _MAX_DEPTH:
+                    line, column = event.start_mark.line + 1, event.start_mark.column + 1
+                    break
+            elif isinstance(event, yaml.CollectionEndEvent):
+                depth -= 1
+    except yaml.YAMLError:
+        pass
+    return PatternError(
+        "", f"YAML nested at most {_MAX_DEPTH} deep", "deeper nesting", source=source, line=line, column=column,
+    )
 
 
 # -- extends --------------------------------------------------------------------
@@ -209,6 +251,14 @@ def _load_document(text: str, source: str, chain: tuple[str, ...]) -> tuple[dict
     if not isinstance(data, dict):
         line, column = marks.get("", (None, None))
         raise PatternError("", "a mapping of pattern sections", type(data).__name__, source=source, line=line, column=column)
+    try:
+        _check_keys(data, _TOP_KEYS, "", "a pattern")  # 'extends' included, for its did-you-mean
+        # Before merging into a parent: a null under a misspelt key would vanish there.
+        for key, value in data.items():
+            if key in _SECTIONS and isinstance(value, dict):
+                _check_keys(value, _field_names(_SECTIONS[key]), key, f"'{key}'")
+    except PatternError as error:
+        raise error.located(source, *marks.get(error.key_path, (None, None))) from None
     target = data.pop("extends", None)
     if target is None:
         return data, marks, source
@@ -253,8 +303,12 @@ def _check_keys(data: Any, allowed: tuple[str, ...], path: str, what: str) -> No
             )
 
 
+def _field_names(cls: type) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(cls))
+
+
 def _section(cls: type, data: Any, path: str) -> Any:
-    names = tuple(f.name for f in dataclasses.fields(cls))
+    names = _field_names(cls)
     _check_keys(data, names, path, f"'{path}'")
     kwargs = {k: tuple(v) if k in _LIST_FIELDS and isinstance(v, list) else v for k, v in data.items()}
     required = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
@@ -284,7 +338,9 @@ def _override(data: Any, path: str, base: dict[str, Any]) -> LayerOverride:
         if key in BRANCH_ORDER:
             if not isinstance(value, dict):
                 raise PatternError(_join(path, key), f"a mapping (the {key} fields to change)", repr(value))
-            # A partial section changes the base pattern's section field by field.
+            # A partial section changes the base pattern's section field by field
+            # (its keys checked first: a null under a misspelt key would vanish).
+            _check_keys(value, _field_names(_SECTIONS[key]), _join(path, key), f"'{_join(path, key)}'")
             base_section = base.get(key)
             merged = _deep_merge(base_section if isinstance(base_section, Mapping) else {}, value)
             kwargs[key] = _section(_SECTIONS[key], merged, _join(path, key))

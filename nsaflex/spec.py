@@ -555,19 +555,21 @@ class Pattern(_Section):
                 out.pop(key, None)
         if out.get("gate") == Gate().to_dict():
             out.pop("gate")
-        for override in out.get("layers", []):
+        for override, layer in zip(out.get("layers", []), self.layers):
             if not override.get("remove"):
                 override.pop("remove", None)
             if not override.get("dense"):
                 override.pop("dense", None)
             # The YAML form of an override section is merged into the base
-            # section field by field, so a field the base sets and the
-            # override leaves unset must be written as null (which removes it).
+            # section field by field, so the fields the override leaves unset
+            # are written as null (which removes them): the section then reads
+            # back as written whatever the base section is (an ``extends``
+            # child may change it).
             for name in BRANCH_ORDER:
-                base = out.get(name)
-                if name in override and isinstance(base, dict):
-                    for key in base:
-                        override[name].setdefault(key, None)
+                section = getattr(layer, name)
+                if section is not None:
+                    for f in dataclasses.fields(section):
+                        override[name].setdefault(f.name, None)
         return out
 
 
