@@ -366,7 +366,9 @@ def pattern_from_dict(data: Any, *, default_name: str | None = None) -> Pattern:
     # Sections first: layer overrides are merged into them, so they must be sound.
     for key, value in data.items():
         if key in _SECTIONS:
-            kwargs[key] = _section(_SECTIONS[key], value, key)
+            # An optional section given as null is absent, as in an extends child.
+            optional = key not in ("gate", "model")
+            kwargs[key] = None if value is None and optional else _section(_SECTIONS[key], value, key)
         elif key != "layers":
             kwargs[key] = value
     if "layers" in data:

@@ -530,7 +530,8 @@ class Pattern(_Section):
     def _apply(self, override: LayerOverride) -> "Pattern":
         if override.dense:
             return dataclasses.replace(self, layers=(), dense=True, budget=None)
-        changes: dict[str, Any] = {"layers": (), "budget": None}
+        # A branch override on a dense base makes that layer sparse.
+        changes: dict[str, Any] = {"layers": (), "budget": None, "dense": False}
         for name in BRANCH_ORDER:
             if name in override.remove:
                 changes[name] = None
