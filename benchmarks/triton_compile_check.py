@@ -1,0 +1,142 @@
+"""Compile every Triton kernel for sm_90 without a GPU (catches front-end and
+lowering errors before device time is spent).
+
+    python benchmarks/triton_compile_check.py
+
+Records each launch's arguments by running the videonsa-class forward and
+backward on CPU under TRITON_INTERPRET=1 (tiny shapes), with the real tile
+constants of a 28/4-head, D=128 bf16 call, then compiles those signatures with
+``triton.compile`` for ``GPUTarget('cuda', 90, 32)``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+if sys.argv[1:2] != ["--compile"]:
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+
+from nsaflex.kernels import backward as bwd  # noqa: E402
+from nsaflex.kernels import forward as fwd  # noqa: E402
+
+RECORDED: list = []
+
+
+def _tname(x):
+    if isinstance(x, torch.Tensor):
+        return "*" + {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int32: "i32",
+                      torch.int64: "i64"}[x.dtype]
+    if isinstance(x, bool):
+        return "i1"
+    if isinstance(x, int):
+        return "i64" if abs(x) >= 2**31 else "i32"
+    if isinstance(x, float):
+        return "fp32"
+    raise TypeError(type(x))
+
+
+class Recorder:
+    def __init__(self, kernel):
+        self.kernel = kernel
+
+    def __getitem__(self, grid):
+        def call(*args, **kwargs):
+            RECORDED.append((self.kernel, args, kwargs))
+            return self.kernel[grid](*args, **kwargs)
+
+        return call
+
+
+def record(pattern, shape, dtype):
+    from nsaflex.backends.triton import BACKEND
+
+    for mod in (fwd, bwd):
+        for name in dir(mod):
+            obj = getattr(mod, name)
+            if name.endswith("_kernel") and not isinstance(obj, Recorder):
+                setattr(mod, name, Recorder(obj))
+    B, Hkv, G, L, D = shape
+    q = torch.randn(B, Hkv * G, L, D, dtype=dtype, requires_grad=True)
+    k = torch.randn(B, Hkv, L, D, dtype=dtype, requires_grad=True)
+    v = torch.randn(B, Hkv, L, D, dtype=dtype, requires_grad=True)
+    gates = torch.rand(B, Hkv * G, L, len(pattern.branches), dtype=dtype, requires_grad=True)
+    types = torch.ones(B, L, dtype=torch.long) if pattern.hybrid is not None else None
+    out = BACKEND.build(pattern, None)(q, k, v, gates, types, None)
+    out.sum().backward()
+
+
+def signatures():
+    """Recorded launches as (module, kernel, signature, constexprs, options), deduplicated."""
+    out, seen = [], set()
+    for kernel, args, kwargs in RECORDED:
+        fn = kernel.fn
+        import inspect
+
+        names = list(inspect.signature(fn).parameters)
+        params = dict(zip(names, args))
+        opts = {k: v for k, v in kwargs.items() if k in ("num_warps", "num_stages")}
+        params.update({k: v for k, v in kwargs.items() if k not in opts})
+        annotations = fn.__annotations__
+        sig, const = {}, {}
+        for name in names:
+            if "constexpr" in str(annotations.get(name, "")):
+                sig[name] = "constexpr"
+                const[name] = params[name]
+            else:
+                sig[name] = _tname(params[name])
+        key = json.dumps([fn.__module__, fn.__name__, sig, const, opts], sort_keys=True, default=str)
+        if key not in seen:
+            seen.add(key)
+            out.append((fn.__module__, fn.__name__, sig, const, opts))
+    return out
+
+
+def compile_all(items, arch=90):
+    import importlib
+
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    target = GPUTarget("cuda", arch, 32)
+    ok = True
+    for module, name, sig, const, opts in items:
+        fn = getattr(importlib.import_module(module), name)
+        names = fn.arg_names
+        constexprs = {(names.index(k),): v for k, v in const.items()}
+        try:
+            compiled = triton.compile(ASTSource(fn, sig, constexprs), target=target, options=opts)
+            meta = compiled.metadata
+            print(f"ok   {name:24s} shared={getattr(meta, 'shared', '?')} warps={opts.get('num_warps', 4)} "
+                  f"{ {k: v for k, v in const.items() if k in ('BT', 'G', 'D', 'NT', 'BN', 'BS')} }", flush=True)
+        except Exception as error:  # noqa: BLE001
+            ok = False
+            print(f"FAIL {name}: {str(error)[-3000:]}", flush=True)
+    return ok
+
+
+if __name__ == "__main__":
+    from nsaflex.loader import load_pattern
+    from nsaflex.spec import Compression, Gate, Pattern, Selection, Window
+    import dataclasses
+
+    videonsa = load_pattern("videonsa")
+    videonsa = dataclasses.replace(videonsa, model=dataclasses.replace(videonsa.model, query_heads=None, kv_heads=None))
+    if sys.argv[1:2] == ["--compile"]:
+        items = json.load(open(sys.argv[2]))
+        sys.exit(0 if compile_all(items) else 1)
+    record(videonsa, (1, 1, 7, 130, 128), torch.bfloat16)
+    if "--all" in sys.argv:
+        nsa = Pattern(name="nsa", compression=Compression(block=32, stride=16), gate=Gate(kind="mlp"),
+                      selection=Selection(block=64, count=16, forced=("first", "previous", "current"), scoring="head"),
+                      window=Window(size=64))
+        record(nsa, (1, 1, 4, 130, 64), torch.bfloat16)
+    path = "/tmp/triton_compile_check.json"
+    json.dump(signatures(), open(path, "w"))
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    sys.exit(subprocess.call([sys.executable, __file__, "--compile", path], env=env))

@@ -1,0 +1,184 @@
+"""The Triton backend: custom kernels for token-level NSA (``nsaflex.kernels``).
+
+Every query selects its own blocks (NSA's per-token semantics), for any GQA
+group size (heads are packed into the kernels' row tiles, never padded in
+memory). The compression branch runs as two passes (log-sum-exp, then
+output + Eq. 9 scores + running top-n, no ``[L, L/d]`` tensor written); the
+selection branch attends the union of a tile's selected blocks with per-row
+masks, fused with the window branch and the gated combination. Pooling (mean
+or the MLP) runs in torch ahead of the kernels, so the MLP's parameters get
+their gradients through autograd. Hybrid ``vision_keys: vision`` packs the
+vision tokens of each row with ``cu_seqlens`` (:mod:`nsaflex.hybrid`); text
+queries take the dense path.
+
+On CPU the kernels run only under ``TRITON_INTERPRET=1`` (tests).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+import torch
+from torch.nn import functional as F
+
+from nsaflex.backends.base import BranchPlan
+from nsaflex.errors import InputError
+from nsaflex.hybrid import combine, pack_varlen, sparse_layout, text_dense_attention, unpack_varlen
+from nsaflex.inputs import resolve_gates
+from nsaflex.pooling import MLPPooling, compress
+from nsaflex.spec import Pattern
+
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+HEAD_DIMS = (16, 32, 64, 128, 256)
+
+
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+class TritonBackend:
+    name = "triton"
+
+    def unsupported(self, pattern: Pattern, device: str) -> str | None:
+        if device == "cpu" and not _interpret():
+            return "the Triton kernels need a CUDA device (on CPU only under TRITON_INTERPRET=1)"
+        if device == "cuda" and _interpret():
+            return "TRITON_INTERPRET=1 is set: the Triton kernels would run interpreted on the CPU"
+        try:
+            import triton  # noqa: F401
+
+            from nsaflex.kernels.ops import unsupported_reason
+        except ImportError as error:  # pragma: no cover - triton is a dependency
+            return f"triton cannot be imported: {error}"
+        if pattern.dense:
+            return None
+        return unsupported_reason(pattern)
+
+    def describe(self, pattern: Pattern, device: str) -> tuple[BranchPlan, ...]:
+        from nsaflex.kernels.ops import make_config
+
+        if pattern.dense:
+            return (BranchPlan("dense", self.name, "torch SDPA (causal)", "is_causal"),)
+        cfg = make_config(pattern)
+        plans = []
+        if cfg.has_cmp:
+            plans.append(BranchPlan(
+                "compression", self.name, "cmp_lse_kernel + cmp_score_kernel (two passes, heads packed in row tiles)",
+                "analytic visibility (i*d + l - 1 vs t)",
+                {"block": cfg.cblock, "stride": cfg.cstride, "visibility": "videonsa_legacy" if cfg.legacy else "causal",
+                 "pooling": pattern.compression.pooling},
+                ("pooling in torch ahead of the kernels",),
+            ))
+        if cfg.has_slc:
+            plans.append(BranchPlan(
+                "selection", self.name, "top-n in cmp_score_kernel; slc_win_kernel over the tile's union of blocks",
+                "per-token block lists (int32 [B, H, L, n+4]) with per-row hit masks",
+                {"block": cfg.slc_block, "count": cfg.count, "scoring": "head" if cfg.head_scoring else "group",
+                 "eq9": [cfg.eq9_a, cfg.eq9_b], "top_slots": cfg.nt},
+            ))
+        if cfg.has_win:
+            plans.append(BranchPlan("window", self.name, "slc_win_kernel (fused with selection and gating)",
+                                    "analytic t - w < s <= t", {"size": cfg.window}))
+        if pattern.hybrid is not None:
+            plans.append(BranchPlan("text", self.name, "torch SDPA over gathered text queries", "causal [B, 1, Nt, L]"))
+        return tuple(plans)
+
+    def build(self, pattern: Pattern, plan: Any):
+        from nsaflex.kernels.ops import make_config
+
+        cfg = None if pattern.dense else make_config(pattern)
+
+        def kernel(q, k, v, gates, token_types, pooler: MLPPooling | None):
+            _check_tensors(q, k, v)
+            if pattern.dense:
+                return _dense(q, k, v)
+            return _sparse_forward(pattern, cfg, q, k, v, gates, token_types, pooler)
+
+        return kernel
+
+
+def _check_tensors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    if q.dtype not in DTYPES:
+        raise InputError("q", "float16, bfloat16 or float32 for the triton backend", str(q.dtype))
+    if q.shape[-1] not in HEAD_DIMS:
+        raise InputError("q", f"a head dim in {HEAD_DIMS} for the triton backend", q.shape[-1])
+    if q.device.type == "cpu" and not _interpret():
+        raise InputError("q", "a CUDA tensor for the triton backend (CPU only under TRITON_INTERPRET=1)", str(q.device))
+    if q.device.type not in ("cpu", "cuda"):
+        raise InputError("q", "a CUDA tensor for the triton backend", str(q.device))
+
+
+def _dense(q, k, v):
+    group = q.shape[1] // k.shape[1]
+    return F.scaled_dot_product_attention(
+        q, k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1), is_causal=True
+    )
+
+
+def _sparse_forward(pattern, cfg, q, k, v, gates, token_types, pooler):
+    from nsaflex.kernels.ops import SeqLayout, nsa_attention
+
+    batch, _, length, _ = q.shape
+    device = q.device
+    layout = sparse_layout(pattern, token_types, batch, length, device)
+    gates = resolve_gates(pattern, gates, q)
+    c = pattern.compression
+    # Every token vision (vision_keys: vision): the compacted rows are the rows.
+    identity = layout.identity or bool((layout.lengths == length).all())
+    if identity:
+        qs, ks, vs, gs = q.contiguous(), k.contiguous(), v.contiguous(), gates
+        starts = torch.zeros(batch, dtype=torch.int32, device=device)
+        lens = torch.full((batch,), length, dtype=torch.int32, device=device)
+        max_len = length
+        kc = vc = None
+        n_cmp = c.num_tokens(length) if c is not None else 0
+        if c is not None and n_cmp > 0:
+            kc, vc = compress(ks, vs, c, pooler)
+            kc, vc = kc.contiguous(), vc.contiguous()
+        cstarts = torch.zeros(batch, dtype=torch.int32, device=device)
+        clens = torch.full((batch,), n_cmp, dtype=torch.int32, device=device)
+        max_cmp = n_cmp
+        packed = False
+    else:
+        max_len = layout.max_length
+        if max_len == 0:
+            sparse = torch.zeros_like(q)
+            return combine(sparse, text_dense_attention(q, k, v, ~layout.sparse_queries), layout)
+        qs = pack_varlen(q, layout)[None]
+        ks = pack_varlen(k, layout)[None].contiguous()
+        vs = pack_varlen(v, layout)[None].contiguous()
+        gs = pack_varlen(gates, layout)[None]
+        lens_list = [int(x) for x in layout.lengths.tolist()]
+        starts = layout.cu_seqlens[:-1].to(torch.int32).contiguous()
+        lens = layout.lengths.to(torch.int32)
+        counts = [c.num_tokens(n) if c is not None else 0 for n in lens_list]
+        kc = vc = None
+        if c is not None and sum(counts) > 0:
+            pieces_k, pieces_v = [], []
+            offset = 0
+            for n, nc in zip(lens_list, counts):
+                if nc > 0:
+                    a, b = compress(ks[:, :, offset:offset + n], vs[:, :, offset:offset + n], c, pooler)
+                    pieces_k.append(a)
+                    pieces_v.append(b)
+                offset += n
+            kc = torch.cat(pieces_k, dim=2).contiguous()
+            vc = torch.cat(pieces_v, dim=2).contiguous()
+        cl = torch.tensor(counts, dtype=torch.int64)
+        cstarts = (torch.cumsum(cl, 0) - cl).to(torch.int32).to(device)
+        clens = cl.to(torch.int32).to(device)
+        max_cmp = max(counts)
+        packed = True
+    lay = SeqLayout(starts, lens, cstarts, clens, max_len, max_cmp, packed)
+    out = nsa_attention(qs, ks, vs, kc, vc, gs, lay, cfg)
+    if identity and not layout.has_text:
+        return out
+    if packed:
+        out = unpack_varlen(out[0], layout, length)
+    text = text_dense_attention(q, k, v, ~layout.sparse_queries) if layout.has_text else None
+    return combine(out, text, layout)
+
+
+BACKEND = TritonBackend()

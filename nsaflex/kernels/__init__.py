@@ -1,0 +1,1 @@
+"""Triton kernels for token-level Native Sparse Attention (see :mod:`nsaflex.kernels.ops`)."""

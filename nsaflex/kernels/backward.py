@@ -1,0 +1,369 @@
+"""Backward Triton kernels for token-level NSA (deterministic by default).
+
+* :func:`bwd_dq_kernel`: per row tile (as the forward's selection kernel), the
+  gate gradients, the per-branch ``delta = g_b * rowsum(dO * o_b)``, and ``dq``
+  of all three branches in one pass (compressed keys, the tile's union of
+  selected blocks, the window), probabilities recomputed from the saved
+  log-sum-exp.
+* :func:`bwd_cmp_dkv_kernel`: ``dK_cmp, dV_cmp`` per tile of compressed tokens,
+  the query range split over ``NSPLIT`` programs writing fp32 partials that are
+  summed in a fixed order.
+* :func:`bwd_win_dkv_kernel`: window ``dk, dv`` per key tile (writes the fp32
+  accumulators).
+* :func:`bwd_slc_dkv_kernel`: selection ``dk, dv`` per segment of the inverted
+  index (the queries that selected one kv block), fp32 partials reduced per
+  block by :func:`reduce_slc_kernel` in segment order (or, with ``ATOMIC``,
+  added with atomics: faster, not bit-reproducible).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from nsaflex.kernels.forward import _dot, _first_visible, _num_visible, _rows_hit, _visible
+
+
+@triton.jit
+def bwd_dq_kernel(
+    Q, K, V, KC, VC, DO, GATES, OC, OS, OW, LSEC, LSES, LSEW, SEL, U, UC, DQ, DG, DELTA,
+    STARTS, LENS, CSTARTS, CLENS,
+    sqb, sqh, sqt, skb, skh, skt, scb, sch, sct, sgb, sgh, sgt, sgc, sdgb, sdgh, sdgt, ssb, ssh, sst, slb, slh, slt, sdn,
+    scale_log2, scale, n_tiles,
+    G: tl.constexpr, GP: tl.constexpr, BT: tl.constexpr, D: tl.constexpr, IEEE: tl.constexpr,
+    HAS_CMP: tl.constexpr, HAS_SLC: tl.constexpr, HAS_WIN: tl.constexpr,
+    GI_CMP: tl.constexpr, GI_SLC: tl.constexpr, GI_WIN: tl.constexpr,
+    CBLOCK: tl.constexpr, CSTRIDE: tl.constexpr, LEGACY: tl.constexpr, BN: tl.constexpr,
+    LS: tl.constexpr, BS: tl.constexpr, W: tl.constexpr, WP: tl.constexpr, HEAD_SCORING: tl.constexpr,
+    WIN: tl.constexpr, BKW: tl.constexpr,
+):
+    pid_t = tl.program_id(0)
+    b = tl.program_id(1)
+    hk = tl.program_id(2)
+    length = tl.load(LENS + b)
+    t0 = pid_t * BT
+    if t0 < length:
+        start = tl.load(STARTS + b).to(tl.int64)
+        R: tl.constexpr = BT * GP
+        r = tl.arange(0, R)
+        t = t0 + r // GP
+        g = r % GP
+        valid = (g < G) & (t < length)
+        h = hk * G + g
+        d = tl.arange(0, D)
+        bb = b.to(tl.int64)
+        row_off = bb * sqb + h * sqh + (start + t) * sqt
+        q = tl.load(Q + row_off[:, None] + d[None, :], mask=valid[:, None], other=0.0)
+        do = tl.load(DO + row_off[:, None] + d[None, :], mask=valid[:, None], other=0.0)
+        dof = do.to(tl.float32)
+        gate_off = bb * sgb + h * sgh + (start + t) * sgt
+        dg_off = bb * sdgb + h * sdgh + (start + t) * sdgt
+        lse_off = bb * slb + h * slh + (start + t) * slt
+        t_last = tl.minimum(t0 + BT, length) - 1
+        dq = tl.zeros([R, D], tl.float32)
+        if HAS_CMP:
+            cstart = tl.load(CSTARTS + b).to(tl.int64)
+            n_cmp = tl.load(CLENS + b)
+            o_b = tl.load(OC + row_off[:, None] + d[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
+            gb = tl.load(GATES + gate_off + GI_CMP * sgc, mask=valid, other=0.0).to(tl.float32)
+            dgb = tl.sum(dof * o_b, axis=1)
+            tl.store(DG + dg_off + GI_CMP, dgb, mask=valid)
+            delta = gb * dgb
+            tl.store(DELTA + 0 * sdn + lse_off, delta, mask=valid)
+            lse = tl.load(LSEC + lse_off, mask=valid, other=0.0)
+            if LEGACY:
+                lo = _first_visible(t0, CBLOCK, CSTRIDE)
+                hi = n_cmp
+            else:
+                lo = 0
+                hi = _num_visible(t_last, n_cmp, CBLOCK, CSTRIDE)
+            kbase = KC + bb * scb + hk * sch
+            vbase = VC + bb * scb + hk * sch
+            for i0 in range(lo, hi, BN):
+                i = i0 + tl.arange(0, BN)
+                kmask = (i < hi)[:, None]
+                kc = tl.load(kbase + (cstart + i)[:, None] * sct + d[None, :], mask=kmask, other=0.0)
+                vc = tl.load(vbase + (cstart + i)[:, None] * sct + d[None, :], mask=kmask, other=0.0)
+                s = _dot(q, tl.trans(kc), IEEE) * scale_log2
+                vis = _visible(i, t, n_cmp, CBLOCK, CSTRIDE, LEGACY) & valid[:, None]
+                p = tl.where(vis, tl.exp2(s - lse[:, None]), 0.0)
+                dp = _dot(do, tl.trans(vc), IEEE) * gb[:, None]
+                ds = p * (dp - delta[:, None])
+                dq += _dot(ds.to(kc.dtype), kc, IEEE)
+        kbase = K + bb * skb + hk * skh
+        vbase = V + bb * skb + hk * skh
+        if HAS_SLC:
+            o_b = tl.load(OS + row_off[:, None] + d[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
+            gb = tl.load(GATES + gate_off + GI_SLC * sgc, mask=valid, other=0.0).to(tl.float32)
+            dgb = tl.sum(dof * o_b, axis=1)
+            tl.store(DG + dg_off + GI_SLC, dgb, mask=valid)
+            delta = gb * dgb
+            tl.store(DELTA + 1 * sdn + lse_off, delta, mask=valid)
+            lse = tl.load(LSES + lse_off, mask=valid, other=0.0)
+            if HEAD_SCORING:
+                SR: tl.constexpr = R
+                sel_base = SEL + bb * ssb + h * ssh + (start + t) * sst
+                sel_valid = valid
+            else:
+                SR: tl.constexpr = BT
+                ts = t0 + tl.arange(0, BT)
+                sel_base = SEL + bb * ssb + hk * ssh + (start + ts) * sst
+                sel_valid = ts < length
+            col = tl.arange(0, WP)
+            sel = tl.load(sel_base[:, None] + col[None, :], mask=sel_valid[:, None] & (col < W)[None, :], other=-1)
+            prog = (b * tl.num_programs(2) + hk) * n_tiles + pid_t
+            ubase = U + prog.to(tl.int64) * (SR * WP)
+            count = tl.load(UC + prog)
+            sl = tl.arange(0, BS)
+            for it in range(0, count):
+                j = tl.load(ubase + it)
+                s_pos = j * LS + sl
+                kmask = (sl < LS) & (s_pos < length)
+                kk = tl.load(kbase + (start + s_pos)[:, None] * skt + d[None, :], mask=kmask[:, None], other=0.0)
+                vv = tl.load(vbase + (start + s_pos)[:, None] * skt + d[None, :], mask=kmask[:, None], other=0.0)
+                s = _dot(q, tl.trans(kk), IEEE) * scale_log2
+                hit = _rows_hit(sel, j, SR, BT, GP, HEAD_SCORING)
+                mask = (hit & valid)[:, None] & kmask[None, :] & (s_pos[None, :] <= t[:, None])
+                p = tl.where(mask, tl.exp2(s - lse[:, None]), 0.0)
+                dp = _dot(do, tl.trans(vv), IEEE) * gb[:, None]
+                ds = p * (dp - delta[:, None])
+                dq += _dot(ds.to(kk.dtype), kk, IEEE)
+        if HAS_WIN:
+            o_b = tl.load(OW + row_off[:, None] + d[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
+            gb = tl.load(GATES + gate_off + GI_WIN * sgc, mask=valid, other=0.0).to(tl.float32)
+            dgb = tl.sum(dof * o_b, axis=1)
+            tl.store(DG + dg_off + GI_WIN, dgb, mask=valid)
+            delta = gb * dgb
+            tl.store(DELTA + 2 * sdn + lse_off, delta, mask=valid)
+            lse = tl.load(LSEW + lse_off, mask=valid, other=0.0)
+            lo = tl.maximum(t0 - WIN + 1, 0)
+            for s0 in range(lo, t_last + 1, BKW):
+                s_pos = s0 + tl.arange(0, BKW)
+                kmask = s_pos <= t_last
+                kk = tl.load(kbase + (start + s_pos)[:, None] * skt + d[None, :], mask=kmask[:, None], other=0.0)
+                vv = tl.load(vbase + (start + s_pos)[:, None] * skt + d[None, :], mask=kmask[:, None], other=0.0)
+                s = _dot(q, tl.trans(kk), IEEE) * scale_log2
+                mask = valid[:, None] & (s_pos[None, :] <= t[:, None]) & (s_pos[None, :] > t[:, None] - WIN)
+                p = tl.where(mask, tl.exp2(s - lse[:, None]), 0.0)
+                dp = _dot(do, tl.trans(vv), IEEE) * gb[:, None]
+                ds = p * (dp - delta[:, None])
+                dq += _dot(ds.to(kk.dtype), kk, IEEE)
+        tl.store(DQ + row_off[:, None] + d[None, :], (dq * scale).to(DQ.dtype.element_ty), mask=valid[:, None])
+
+
+@triton.jit
+def _kv_tile_grads(q, do, lse, delta, gb, kk, vv, mask, dk, dv, scale_log2, IEEE: tl.constexpr):
+    s = _dot(q, tl.trans(kk), IEEE) * scale_log2
+    p = tl.where(mask, tl.exp2(s - lse[:, None]), 0.0)
+    pg = p * gb[:, None]
+    dv += _dot(tl.trans(pg.to(do.dtype)), do, IEEE)
+    dp = _dot(do, tl.trans(vv), IEEE) * gb[:, None]
+    ds = p * (dp - delta[:, None])
+    dk += _dot(tl.trans(ds.to(q.dtype)), q, IEEE)
+    return dk, dv
+
+
+@triton.jit
+def bwd_cmp_dkv_kernel(
+    Q, KC, VC, DO, GATES, LSEC, DELTA, DKP, DVP, STARTS, LENS, CSTARTS, CLENS,
+    sqb, sqh, sqt, skb, skh, skt, sgb, sgh, sgt, sgc, slb, slh, slt, spn,
+    scale_log2, scale, n_kv_heads,
+    G: tl.constexpr, GP: tl.constexpr, BT: tl.constexpr, D: tl.constexpr, IEEE: tl.constexpr,
+    GI_CMP: tl.constexpr, CBLOCK: tl.constexpr, CSTRIDE: tl.constexpr, LEGACY: tl.constexpr,
+    BNC: tl.constexpr, NSPLIT: tl.constexpr,
+):
+    pid_i = tl.program_id(0)
+    split = tl.program_id(1)
+    bh = tl.program_id(2)
+    b = bh // n_kv_heads
+    hk = bh % n_kv_heads
+    n_cmp = tl.load(CLENS + b)
+    i0 = pid_i * BNC
+    if i0 < n_cmp:
+        length = tl.load(LENS + b)
+        start = tl.load(STARTS + b).to(tl.int64)
+        cstart = tl.load(CSTARTS + b).to(tl.int64)
+        bb = b.to(tl.int64)
+        d = tl.arange(0, D)
+        i = i0 + tl.arange(0, BNC)
+        imask = i < n_cmp
+        koff = bb * skb + hk * skh + (cstart + i) * skt
+        kc = tl.load(KC + koff[:, None] + d[None, :], mask=imask[:, None], other=0.0)
+        vc = tl.load(VC + koff[:, None] + d[None, :], mask=imask[:, None], other=0.0)
+        if LEGACY:
+            t_lo = 0
+            t_hi = tl.minimum(length, (tl.minimum(i0 + BNC, n_cmp) - 1) * CSTRIDE + CBLOCK)
+        else:
+            t_lo = i0 * CSTRIDE + CBLOCK - 1
+            t_hi = length
+        n_t = tl.cdiv(tl.maximum(t_hi - t_lo, 0), BT)
+        per = tl.cdiv(n_t, NSPLIT)
+        tt_lo = split * per
+        tt_hi = tl.minimum(tt_lo + per, n_t)
+        R: tl.constexpr = BT * GP
+        r = tl.arange(0, R)
+        g = r % GP
+        h = hk * G + g
+        dk = tl.zeros([BNC, D], tl.float32)
+        dv = tl.zeros([BNC, D], tl.float32)
+        for tt in range(tt_lo, tt_hi):
+            t = t_lo + tt * BT + r // GP
+            valid = (g < G) & (t < t_hi)
+            row_off = bb * sqb + h * sqh + (start + t) * sqt
+            lse_off = bb * slb + h * slh + (start + t) * slt
+            q = tl.load(Q + row_off[:, None] + d[None, :], mask=valid[:, None], other=0.0)
+            do = tl.load(DO + row_off[:, None] + d[None, :], mask=valid[:, None], other=0.0)
+            lse = tl.load(LSEC + lse_off, mask=valid, other=0.0)
+            delta = tl.load(DELTA + lse_off, mask=valid, other=0.0)
+            gb = tl.load(GATES + bb * sgb + h * sgh + (start + t) * sgt + GI_CMP * sgc, mask=valid, other=0.0).to(tl.float32)
+            mask = _visible(i, t, n_cmp, CBLOCK, CSTRIDE, LEGACY) & valid[:, None] & imask[None, :]
+            dk, dv = _kv_tile_grads(q, do, lse, delta, gb, kc, vc, mask, dk, dv, scale_log2, IEEE)
+        poff = split.to(tl.int64) * spn + koff
+        tl.store(DKP + poff[:, None] + d[None, :], dk * scale, mask=imask[:, None])
+        tl.store(DVP + poff[:, None] + d[None, :], dv, mask=imask[:, None])
+
+
+@triton.jit
+def bwd_win_dkv_kernel(
+    Q, K, V, DO, GATES, LSEW, DELTA, DK, DV, STARTS, LENS,
+    sqb, sqh, sqt, skb, skh, skt, sgb, sgh, sgt, sgc, slb, slh, slt,
+    scale_log2, scale,
+    G: tl.constexpr, GP: tl.constexpr, BT: tl.constexpr, D: tl.constexpr, IEEE: tl.constexpr,
+    GI_WIN: tl.constexpr, WIN: tl.constexpr, BK: tl.constexpr,
+):
+    """DK, DV: fp32 with k's strides; written (not accumulated)."""
+    pid_s = tl.program_id(0)
+    b = tl.program_id(1)
+    hk = tl.program_id(2)
+    length = tl.load(LENS + b)
+    s0 = pid_s * BK
+    if s0 < length:
+        start = tl.load(STARTS + b).to(tl.int64)
+        bb = b.to(tl.int64)
+        d = tl.arange(0, D)
+        s_pos = s0 + tl.arange(0, BK)
+        smask = s_pos < length
+        koff = bb * skb + hk * skh + (start + s_pos) * skt
+        kk = tl.load(K + koff[:, None] + d[None, :], mask=smask[:, None], other=0.0)
+        vv = tl.load(V + koff[:, None] + d[None, :], mask=smask[:, None], other=0.0)
+        t_hi = tl.minimum(length, s0 + BK - 1 + WIN)
+        R: tl.constexpr = BT * GP
+        r = tl.arange(0, R)
+        g = r % GP
+        h = hk * G + g
+        dk = tl.zeros([BK, D], tl.float32)
+        dv = tl.zeros([BK, D], tl.float32)
+        for t0 in range(s0, t_hi, BT):
+            t = t0 + r // GP
+            valid = (g < G) & (t < t_hi)
+            row_off = bb * sqb + h * sqh + (start + t) * sqt
+            lse_off = bb * slb + h * slh + (start + t) * slt
+            q = tl.load(Q + row_off[:, None] + d[None, :], mask=valid[:, None], other=0.0)
+            do = tl.load(DO + row_off[:, None] + d[None, :], mask=valid[:, None], other=0.0)
+            lse = tl.load(LSEW + lse_off, mask=valid, other=0.0)
+            delta = tl.load(DELTA + lse_off, mask=valid, other=0.0)
+            gb = tl.load(GATES + bb * sgb + h * sgh + (start + t) * sgt + GI_WIN * sgc, mask=valid, other=0.0).to(tl.float32)
+            mask = valid[:, None] & (s_pos[None, :] <= t[:, None]) & (s_pos[None, :] > t[:, None] - WIN) & smask[None, :]
+            dk, dv = _kv_tile_grads(q, do, lse, delta, gb, kk, vv, mask, dk, dv, scale_log2, IEEE)
+        tl.store(DK + koff[:, None] + d[None, :], dk * scale, mask=smask[:, None])
+        tl.store(DV + koff[:, None] + d[None, :], dv, mask=smask[:, None])
+
+
+@triton.jit
+def bwd_slc_dkv_kernel(
+    Q, K, V, DO, GATES, LSES, DELTA, ENT, SEG_KEY, SEG_START, SEG_END, DKP, DVP, DK, DV, STARTS, LENS,
+    sqb, sqh, sqt, skb, skh, skt, sgb, sgh, sgt, sgc, slb, slh, slt,
+    scale_log2, scale, n_kv_heads, n_blocks,
+    G: tl.constexpr, GP: tl.constexpr, BT: tl.constexpr, D: tl.constexpr, IEEE: tl.constexpr,
+    GI_SLC: tl.constexpr, LS: tl.constexpr, BS: tl.constexpr, HEAD_SCORING: tl.constexpr, ATOMIC: tl.constexpr,
+):
+    """One program per segment of the inverted index: entries ENT[start:end]
+    (tokens, or token * G + head for head scoring) that selected block j of
+    (sequence b, kv head hk), key = (b * Hkv + hk) * n_blocks + j."""
+    seg = tl.program_id(0)
+    key = tl.load(SEG_KEY + seg)
+    e_lo = tl.load(SEG_START + seg)
+    e_hi = tl.load(SEG_END + seg)
+    j = (key % n_blocks).to(tl.int32)
+    bh = key // n_blocks
+    b = (bh // n_kv_heads).to(tl.int32)
+    hk = (bh % n_kv_heads).to(tl.int32)
+    length = tl.load(LENS + b)
+    start = tl.load(STARTS + b).to(tl.int64)
+    bb = b.to(tl.int64)
+    d = tl.arange(0, D)
+    sl = tl.arange(0, BS)
+    s_pos = j * LS + sl
+    smask = (sl < LS) & (s_pos < length)
+    koff = bb * skb + hk * skh + (start + s_pos) * skt
+    kk = tl.load(K + koff[:, None] + d[None, :], mask=smask[:, None], other=0.0)
+    vv = tl.load(V + koff[:, None] + d[None, :], mask=smask[:, None], other=0.0)
+    R: tl.constexpr = BT * GP
+    r = tl.arange(0, R)
+    dk = tl.zeros([BS, D], tl.float32)
+    dv = tl.zeros([BS, D], tl.float32)
+    if HEAD_SCORING:
+        SR: tl.constexpr = R
+    else:
+        SR: tl.constexpr = BT
+    for e0 in range(e_lo, e_hi, SR):
+        e = e0 + tl.arange(0, SR)
+        ent = tl.load(ENT + e, mask=e < e_hi, other=-1)
+        if HEAD_SCORING:
+            t = tl.where(ent >= 0, ent // G, 0)
+            g = tl.where(ent >= 0, ent % G, 0)
+            valid = ent >= 0
+        else:
+            ent_r = tl.reshape(tl.broadcast_to(ent[:, None], [BT, GP]), [R])
+            g = r % GP
+            t = tl.where(ent_r >= 0, ent_r, 0)
+            valid = (ent_r >= 0) & (g < G)
+        h = hk * G + g
+        row_off = bb * sqb + h * sqh + (start + t) * sqt
+        lse_off = bb * slb + h * slh + (start + t) * slt
+        q = tl.load(Q + row_off[:, None] + d[None, :], mask=valid[:, None], other=0.0)
+        do = tl.load(DO + row_off[:, None] + d[None, :], mask=valid[:, None], other=0.0)
+        lse = tl.load(LSES + lse_off, mask=valid, other=0.0)
+        delta = tl.load(DELTA + lse_off, mask=valid, other=0.0)
+        gb = tl.load(GATES + bb * sgb + h * sgh + (start + t) * sgt + GI_SLC * sgc, mask=valid, other=0.0).to(tl.float32)
+        mask = valid[:, None] & smask[None, :] & (s_pos[None, :] <= t[:, None])
+        dk, dv = _kv_tile_grads(q, do, lse, delta, gb, kk, vv, mask, dk, dv, scale_log2, IEEE)
+    if ATOMIC:
+        tl.atomic_add(DK + koff[:, None] + d[None, :], dk * scale, mask=smask[:, None])
+        tl.atomic_add(DV + koff[:, None] + d[None, :], dv, mask=smask[:, None])
+    else:
+        poff = seg.to(tl.int64) * (BS * D) + sl[:, None] * D + d[None, :]
+        tl.store(DKP + poff, dk * scale)
+        tl.store(DVP + poff, dv)
+
+
+@triton.jit
+def reduce_slc_kernel(
+    DKP, DVP, KEYS, KEY_SEG, DK, DV, STARTS, LENS,
+    skb, skh, skt, n_kv_heads, n_blocks,
+    D: tl.constexpr, LS: tl.constexpr, BS: tl.constexpr,
+):
+    """Adds the partials of one block's segments (in order) into DK, DV."""
+    u = tl.program_id(0)
+    key = tl.load(KEYS + u)
+    s_lo = tl.load(KEY_SEG + u)
+    s_hi = tl.load(KEY_SEG + u + 1)
+    j = (key % n_blocks).to(tl.int32)
+    bh = key // n_blocks
+    b = (bh // n_kv_heads).to(tl.int32)
+    hk = (bh % n_kv_heads).to(tl.int32)
+    length = tl.load(LENS + b)
+    start = tl.load(STARTS + b).to(tl.int64)
+    d = tl.arange(0, D)
+    sl = tl.arange(0, BS)
+    s_pos = j * LS + sl
+    smask = (sl < LS) & (s_pos < length)
+    koff = b.to(tl.int64) * skb + hk * skh + (start + s_pos) * skt
+    dk = tl.load(DK + koff[:, None] + d[None, :], mask=smask[:, None], other=0.0)
+    dv = tl.load(DV + koff[:, None] + d[None, :], mask=smask[:, None], other=0.0)
+    for s in range(s_lo, s_hi):
+        poff = s * (BS * D) + sl[:, None] * D + d[None, :]
+        dk += tl.load(DKP + poff)
+        dv += tl.load(DVP + poff)
+    tl.store(DK + koff[:, None] + d[None, :], dk, mask=smask[:, None])
+    tl.store(DV + koff[:, None] + d[None, :], dv, mask=smask[:, None])

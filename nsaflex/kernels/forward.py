@@ -1,0 +1,473 @@
+"""Forward Triton kernels for token-level NSA.
+
+Row tiles: a program owns ``BT`` consecutive tokens of one sequence and the
+``G`` query heads of one kv head, laid out as ``R = BT * GP`` rows (row ``r`` is
+token ``t0 + r // GP``, head ``r % GP``; ``GP`` is ``G`` rounded up to a power
+of two, the padding rows are masked, never stored). The heads of a GQA group
+share every key they read, so one tile fills the matrix units with several
+tokens' group heads.
+
+Kernels:
+
+* :func:`cmp_lse_kernel` (pass 1): log-sum-exp (base 2) of every row over its
+  visible compressed tokens.
+* :func:`cmp_score_kernel` (pass 2): recomputes the normalised probabilities
+  from the saved log-sum-exp, accumulates the compression output, maps the
+  (group-summed) probabilities to selection-block scores (NSA Eq. 9, as a
+  small exact matmul with the Eq. 9 band matrix, carried across chunks) and
+  keeps a running top-n per selecting row (bitonic merge of packed
+  ``score bits << 32 | ~index`` keys: ties to the lower index), so no
+  ``[L, L/d]`` tensor is written.
+* :func:`slc_win_kernel`: selection attention over the union of the tile's
+  selected blocks (per-row hit masks), the sliding window, and the gated
+  combination with the compression output: only the final output is written
+  (branch outputs and their log-sum-exp only when a backward pass needs them).
+
+Sequences are addressed as ``base + b * stride_b + (start[b] + t) * stride_t``:
+``start`` is 0 for ``[B, H, L, D]`` tensors and ``cu_seqlens[b]`` for packed
+varlen tensors (``stride_b = 0``).
+"""
+
+from __future__ import annotations
+
+import os
+
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+if INTERPRET:
+    # The interpreter runs tl.sort's xor-reduction element by element in
+    # Python (minutes per test); this bitonic network uses plain sums instead.
+    @triton.jit
+    def _cas(x, flip, i: tl.constexpr, n_dims: tl.constexpr):
+        n_outer: tl.constexpr = x.numel >> n_dims
+        shape: tl.constexpr = [n_outer * (1 << i), 2, 1 << (n_dims - i - 1)]
+        y = tl.reshape(x, shape)
+        m = tl.arange(0, 2)[None, :, None]
+        left = tl.broadcast_to(tl.sum(tl.where(m == 0, y, 0), 1)[:, None, :], shape)
+        right = tl.broadcast_to(tl.sum(tl.where(m == 1, y, 0), 1)[:, None, :], shape)
+        left = tl.reshape(left, x.shape)
+        right = tl.reshape(right, x.shape)
+        swap = ((left > right).to(tl.int32) ^ flip) != 0
+        return tl.where(swap, x ^ left ^ right, x)
+
+    @triton.jit
+    def _bitonic_merge_i(x, stage: tl.constexpr, order: tl.constexpr, n_dims: tl.constexpr):
+        n_outer: tl.constexpr = x.numel >> n_dims
+        if order == 2:
+            shape: tl.constexpr = [n_outer * (1 << (n_dims - 1 - stage)), 2, 1 << stage]
+            flip = tl.reshape(tl.broadcast_to(tl.arange(0, 2)[None, :, None], shape), x.shape)
+        else:
+            flip = order
+        for i in tl.static_range(stage):
+            x = _cas(x, flip, i + (n_dims - stage), n_dims)
+        return x
+
+    @triton.jit
+    def _sort_last(x, N_LOG: tl.constexpr, DESC: tl.constexpr):
+        """Sort integer x along its last dimension (2**N_LOG long)."""
+        for i in tl.static_range(1, N_LOG + 1):
+            x = _bitonic_merge_i(x, i, 2 if i < N_LOG else DESC, N_LOG)
+        return x
+
+else:
+
+    @triton.jit
+    def _sort_last(x, N_LOG: tl.constexpr, DESC: tl.constexpr):
+        """Sort x along its last dimension (2**N_LOG long)."""
+        return tl.sort(x, descending=DESC)
+
+
+@triton.jit
+def _dot(a, b, IEEE: tl.constexpr):
+    if IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        return tl.dot(a, b)
+
+
+@triton.jit
+def _num_visible(t, n_cmp, CBLOCK: tl.constexpr, CSTRIDE: tl.constexpr):
+    """Causal visibility: compressed tokens 0 .. num_visible(t) - 1 are visible to t."""
+    nv = tl.where(t + 1 >= CBLOCK, (t + 1 - CBLOCK) // CSTRIDE + 1, 0)
+    return tl.minimum(nv, n_cmp)
+
+
+@triton.jit
+def _first_visible(t, CBLOCK: tl.constexpr, CSTRIDE: tl.constexpr):
+    """videonsa_legacy visibility: tokens i >= first_visible(t) are visible to t."""
+    x = t + 1 - CBLOCK
+    return tl.where(x <= 0, 0, (x + CSTRIDE - 1) // CSTRIDE)
+
+
+@triton.jit
+def _visible(i, t, n_cmp, CBLOCK: tl.constexpr, CSTRIDE: tl.constexpr, LEGACY: tl.constexpr):
+    """[rows, cols] visibility of compressed tokens ``i`` [cols] to queries ``t`` [rows]."""
+    if LEGACY:
+        return (i[None, :] >= _first_visible(t, CBLOCK, CSTRIDE)[:, None]) & (i[None, :] < n_cmp)
+    else:
+        return i[None, :] < _num_visible(t, n_cmp, CBLOCK, CSTRIDE)[:, None]
+
+
+@triton.jit
+def _eq9_count(s, A: tl.constexpr, BB: tl.constexpr):
+    """Number of (m, n), m < A, n < BB with m + n = s."""
+    hi = tl.minimum(s, A - 1)
+    lo = tl.maximum(s - BB + 1, 0)
+    return tl.where((s >= 0) & (s <= A + BB - 2), hi - lo + 1, 0).to(tl.float32)
+
+
+@triton.jit
+def _merge_top(top, keys, SR: tl.constexpr, NT: tl.constexpr, NT_LOG: tl.constexpr):
+    """Largest NT of two [SR, NT] int64 key sets, sorted descending."""
+    x = tl.join(top, keys)
+    x = tl.reshape(x, [SR, 2 * NT])
+    x = _sort_last(x, NT_LOG + 1, True)
+    x = tl.reshape(x, [SR, 2, NT])
+    x = tl.permute(x, [0, 2, 1])
+    first, second = tl.split(x)
+    return first
+
+
+@triton.jit
+def _forced(ts, LS: tl.constexpr, FIRST: tl.constexpr, PREV: tl.constexpr, CUR: tl.constexpr):
+    cur = ts // LS
+    f0 = tl.where(cur >= 0, 0, -1) if FIRST else tl.full(cur.shape, -1, tl.int32)
+    f1 = tl.where(cur >= 1, cur - 1, -1) if PREV else tl.full(cur.shape, -1, tl.int32)
+    f2 = cur if CUR else tl.full(cur.shape, -1, tl.int32)
+    if FIRST:
+        f1 = tl.where(f1 == 0, -1, f1)
+        f2 = tl.where(f2 == 0, -1, f2)
+    return f0, f1, f2
+
+
+@triton.jit
+def cmp_lse_kernel(
+    Q, KC, LSE, STARTS, LENS, CSTARTS, CLENS,
+    sqb, sqh, sqt, skb, skh, skt, slb, slh, slt,
+    scale_log2,
+    G: tl.constexpr, GP: tl.constexpr, BT: tl.constexpr, BN: tl.constexpr, D: tl.constexpr,
+    CBLOCK: tl.constexpr, CSTRIDE: tl.constexpr, LEGACY: tl.constexpr, IEEE: tl.constexpr,
+):
+    pid_t = tl.program_id(0)
+    b = tl.program_id(1)
+    hk = tl.program_id(2)
+    length = tl.load(LENS + b)
+    t0 = pid_t * BT
+    if t0 < length:
+        start = tl.load(STARTS + b).to(tl.int64)
+        cstart = tl.load(CSTARTS + b).to(tl.int64)
+        n_cmp = tl.load(CLENS + b)
+        R: tl.constexpr = BT * GP
+        r = tl.arange(0, R)
+        t = t0 + r // GP
+        g = r % GP
+        valid = (g < G) & (t < length)
+        h = hk * G + g
+        d = tl.arange(0, D)
+        bb = b.to(tl.int64)
+        q = tl.load(Q + bb * sqb + h[:, None] * sqh + (start + t)[:, None] * sqt + d[None, :], mask=valid[:, None], other=0.0)
+        t_last = tl.minimum(t0 + BT, length) - 1
+        if LEGACY:
+            lo = _first_visible(t0, CBLOCK, CSTRIDE)
+            hi = n_cmp
+        else:
+            lo = 0
+            hi = _num_visible(t_last, n_cmp, CBLOCK, CSTRIDE)
+        m = tl.full([R], float("-inf"), tl.float32)
+        acc_l = tl.zeros([R], tl.float32)
+        kbase = KC + bb * skb + hk * skh
+        for i0 in range(lo, hi, BN):
+            i = i0 + tl.arange(0, BN)
+            kc = tl.load(kbase + (cstart + i)[:, None] * skt + d[None, :], mask=(i < hi)[:, None], other=0.0)
+            s = _dot(q, tl.trans(kc), IEEE) * scale_log2
+            vis = _visible(i, t, n_cmp, CBLOCK, CSTRIDE, LEGACY) & valid[:, None]
+            s = tl.where(vis, s, float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, axis=1))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            acc_l = acc_l * tl.exp2(m - m_use) + tl.sum(tl.exp2(s - m_use[:, None]), axis=1)
+            m = m_new
+        lse = tl.where(acc_l > 0, m + tl.log2(acc_l), 0.0)
+        tl.store(LSE + bb * slb + h * slh + (start + t) * slt, lse, mask=valid)
+
+
+@triton.jit
+def cmp_score_kernel(
+    Q, KC, VC, LSE, OC, SEL, STARTS, LENS, CSTARTS, CLENS,
+    sqb, sqh, sqt, skb, skh, skt, slb, slh, slt, sob, soh, sot, ssb, ssh, sst,
+    scale_log2,
+    G: tl.constexpr, GP: tl.constexpr, BT: tl.constexpr, D: tl.constexpr,
+    CBLOCK: tl.constexpr, CSTRIDE: tl.constexpr, LEGACY: tl.constexpr, IEEE: tl.constexpr,
+    SCORE: tl.constexpr, BN: tl.constexpr,
+    LS: tl.constexpr, COUNT: tl.constexpr, FIRST: tl.constexpr, PREV: tl.constexpr, CUR: tl.constexpr,
+    HEAD_SCORING: tl.constexpr, NT: tl.constexpr, A: tl.constexpr, BB: tl.constexpr, NT_LOG: tl.constexpr,
+    INSERT_MAX: tl.constexpr,
+):
+    """Compression output and (when SCORE) the token-level top-n selection.
+
+    With SCORE the loop walks block chunks of NT blocks; its compressed chunk
+    is [A*jc0, A*jc0 + A*NT) (A = l'/d), so BN must equal A*NT.
+    """
+    pid_t = tl.program_id(0)
+    b = tl.program_id(1)
+    hk = tl.program_id(2)
+    length = tl.load(LENS + b)
+    t0 = pid_t * BT
+    if t0 < length:
+        start = tl.load(STARTS + b).to(tl.int64)
+        cstart = tl.load(CSTARTS + b).to(tl.int64)
+        n_cmp = tl.load(CLENS + b)
+        R: tl.constexpr = BT * GP
+        r = tl.arange(0, R)
+        t = t0 + r // GP
+        g = r % GP
+        valid = (g < G) & (t < length)
+        h = hk * G + g
+        d = tl.arange(0, D)
+        bb = b.to(tl.int64)
+        q = tl.load(Q + bb * sqb + h[:, None] * sqh + (start + t)[:, None] * sqt + d[None, :], mask=valid[:, None], other=0.0)
+        lse = tl.load(LSE + bb * slb + h * slh + (start + t) * slt, mask=valid, other=0.0)
+        t_last = tl.minimum(t0 + BT, length) - 1
+        kbase = KC + bb * skb + hk * skh
+        vbase = VC + bb * skb + hk * skh
+        acc = tl.zeros([R, D], tl.float32)
+        if SCORE:
+            # Selecting rows: one per token (group scoring) or one per row (head scoring).
+            if HEAD_SCORING:
+                SR: tl.constexpr = R
+                ts = t
+                valid_s = valid
+            else:
+                SR: tl.constexpr = BT
+                ts = t0 + tl.arange(0, BT)
+                valid_s = ts < length
+            f0, f1, f2 = _forced(ts, LS, FIRST, PREV, CUR)
+            n_cand = (ts + 1) // LS  # complete blocks ending at or before ts
+            top = tl.full([SR, NT], -1, tl.int64)
+            jl = tl.arange(0, NT)
+            il = tl.arange(0, BN)
+            m_self = _eq9_count(A * jl[None, :] - il[:, None], A, BB)
+            m_next = _eq9_count(A * (jl[None, :] + NT) - il[:, None], A, BB)
+            carry = tl.zeros([SR, NT], tl.float32)
+            jc_last = (t_last + 1) // LS
+            if LEGACY:
+                n_iter = tl.maximum(tl.cdiv(n_cmp, BN), tl.cdiv(jc_last, NT))
+            else:
+                n_iter = tl.maximum(tl.cdiv(_num_visible(t_last, n_cmp, CBLOCK, CSTRIDE), BN), tl.cdiv(jc_last, NT))
+            for c in range(0, n_iter):
+                i = c * BN + tl.arange(0, BN)
+                kmask = (i < n_cmp)[:, None]
+                kc = tl.load(kbase + (cstart + i)[:, None] * skt + d[None, :], mask=kmask, other=0.0)
+                vc = tl.load(vbase + (cstart + i)[:, None] * skt + d[None, :], mask=kmask, other=0.0)
+                s = _dot(q, tl.trans(kc), IEEE) * scale_log2
+                vis = _visible(i, t, n_cmp, CBLOCK, CSTRIDE, LEGACY) & valid[:, None]
+                p = tl.where(vis, tl.exp2(s - lse[:, None]), 0.0)
+                acc += _dot(p.to(vc.dtype), vc, IEEE)
+                if HEAD_SCORING:
+                    ps = p
+                else:
+                    ps = tl.sum(tl.reshape(p, [BT, GP, BN]), axis=1)
+                if A == 1 and BB == 1:
+                    bs = ps
+                else:
+                    bs = tl.dot(ps, m_self, input_precision="ieee") + carry
+                    carry = tl.dot(ps, m_next, input_precision="ieee")
+                j = c * NT + jl
+                cand = (j[None, :] < n_cand[:, None]) & valid_s[:, None]
+                cand = cand & (j[None, :] != f0[:, None]) & (j[None, :] != f1[:, None]) & (j[None, :] != f2[:, None])
+                bits = bs.to(tl.int32, bitcast=True)
+                bits = tl.where(bits < 0, 0, bits).to(tl.int64)
+                keys = (bits << 32) | (0x7FFFFFFF - j).to(tl.int64)[None, :]
+                keys = tl.where(cand, keys, -1)
+                # Running top-NT (unsorted): few new keys beat a row's current
+                # minimum once the first chunks are in, so insert those one by
+                # one (replace the row's minimum); sort-merge when many do.
+                thr = tl.min(top, axis=1)
+                n_beat = tl.max(tl.sum((keys > thr[:, None]).to(tl.int32), axis=1))
+                if n_beat > INSERT_MAX:
+                    top = _merge_top(top, keys, SR, NT, NT_LOG)
+                else:
+                    for _ in range(0, n_beat):
+                        x = tl.max(tl.where(keys > thr[:, None], keys, -1), axis=1)
+                        keys = tl.where(keys == x[:, None], -1, keys)
+                        slot = tl.argmin(top, axis=1)
+                        put = (x > thr)[:, None] & (jl[None, :] == slot[:, None])
+                        top = tl.where(put, x[:, None], top)
+                        thr = tl.min(top, axis=1)
+            top = _sort_last(top, NT_LOG, True)
+            nforced = (f0 >= 0).to(tl.int32) + (f1 >= 0).to(tl.int32) + (f2 >= 0).to(tl.int32)
+            nfree = COUNT - nforced
+            chosen = (jl[None, :] < nfree[:, None]) & (top >= 0)
+            jsel = tl.where(chosen, 0x7FFFFFFF - (top & 0xFFFFFFFF), -1).to(tl.int32)
+            if HEAD_SCORING:
+                hs = h
+            else:
+                hs = hk
+            sbase = SEL + bb * ssb + hs * ssh + (start + ts) * sst
+            tl.store(sbase[:, None] + jl[None, :], jsel, mask=valid_s[:, None])
+            tl.store(sbase + NT, f0, mask=valid_s)
+            tl.store(sbase + NT + 1, f1, mask=valid_s)
+            tl.store(sbase + NT + 2, f2, mask=valid_s)
+            tl.store(sbase + NT + 3, tl.full(ts.shape, -1, tl.int32), mask=valid_s)
+        else:
+            if LEGACY:
+                lo = _first_visible(t0, CBLOCK, CSTRIDE)
+                hi = n_cmp
+            else:
+                lo = 0
+                hi = _num_visible(t_last, n_cmp, CBLOCK, CSTRIDE)
+            for i0 in range(lo, hi, BN):
+                i = i0 + tl.arange(0, BN)
+                kmask = (i < hi)[:, None]
+                kc = tl.load(kbase + (cstart + i)[:, None] * skt + d[None, :], mask=kmask, other=0.0)
+                vc = tl.load(vbase + (cstart + i)[:, None] * skt + d[None, :], mask=kmask, other=0.0)
+                s = _dot(q, tl.trans(kc), IEEE) * scale_log2
+                vis = _visible(i, t, n_cmp, CBLOCK, CSTRIDE, LEGACY) & valid[:, None]
+                p = tl.where(vis, tl.exp2(s - lse[:, None]), 0.0)
+                acc += _dot(p.to(vc.dtype), vc, IEEE)
+        tl.store(OC + bb * sob + h[:, None] * soh + (start + t)[:, None] * sot + d[None, :], acc.to(OC.dtype.element_ty), mask=valid[:, None])
+
+
+@triton.jit
+def _tile_union(SEL, U, UC, sel_base, sel_rows_valid, prog, W: tl.constexpr, WP: tl.constexpr, SR: tl.constexpr, U_LOG: tl.constexpr):
+    """Sorted distinct blocks selected by the tile's SR selecting rows, written
+    to U[prog, :count]; returns (the [SR, WP] selection, count)."""
+    col = tl.arange(0, WP)
+    sel = tl.load(sel_base[:, None] + col[None, :], mask=sel_rows_valid[:, None] & (col < W)[None, :], other=-1)
+    flat = tl.reshape(sel, [SR * WP])
+    flat = tl.where(flat < 0, 0x3FFFFFFF, flat)
+    srt = _sort_last(flat, U_LOG, False)
+    pos = tl.arange(0, SR * WP)
+    ubase = U + prog.to(tl.int64) * (SR * WP)
+    tl.store(ubase + pos, srt)
+    tl.debug_barrier()
+    prev = tl.load(ubase + pos - 1, mask=pos > 0, other=-1)
+    tl.debug_barrier()
+    keep = (srt != prev) & (srt != 0x3FFFFFFF)
+    slot = tl.cumsum(keep.to(tl.int32), axis=0) - 1
+    count = tl.sum(keep.to(tl.int32), axis=0)
+    tl.store(ubase + slot, srt, mask=keep)
+    tl.store(UC + prog, count)
+    tl.debug_barrier()
+    return sel, count
+
+
+@triton.jit
+def _rows_hit(sel, j, SR: tl.constexpr, BT: tl.constexpr, GP: tl.constexpr, HEAD_SCORING: tl.constexpr):
+    hit = tl.sum((sel == j).to(tl.int32), axis=1) > 0
+    if HEAD_SCORING:
+        return hit
+    else:
+        return tl.reshape(tl.broadcast_to(hit[:, None], [BT, GP]), [BT * GP])
+
+
+@triton.jit
+def slc_win_kernel(
+    Q, K, V, OC, GATES, SEL, U, UC, OUT, OS, OW, LSES, LSEW, STARTS, LENS,
+    sqb, sqh, sqt, skb, skh, skt, sgb, sgh, sgt, sgc, ssb, ssh, sst, slb, slh, slt,
+    scale_log2, n_tiles,
+    G: tl.constexpr, GP: tl.constexpr, BT: tl.constexpr, D: tl.constexpr, IEEE: tl.constexpr,
+    HAS_CMP: tl.constexpr, HAS_SLC: tl.constexpr, HAS_WIN: tl.constexpr,
+    GI_CMP: tl.constexpr, GI_SLC: tl.constexpr, GI_WIN: tl.constexpr,
+    LS: tl.constexpr, BS: tl.constexpr, W: tl.constexpr, WP: tl.constexpr, HEAD_SCORING: tl.constexpr,
+    WIN: tl.constexpr, BKW: tl.constexpr, SAVE: tl.constexpr, U_LOG: tl.constexpr,
+):
+    """Output strides follow q's layout (OUT, OC, OS, OW share q's strides)."""
+    pid_t = tl.program_id(0)
+    b = tl.program_id(1)
+    hk = tl.program_id(2)
+    length = tl.load(LENS + b)
+    t0 = pid_t * BT
+    if t0 < length:
+        start = tl.load(STARTS + b).to(tl.int64)
+        R: tl.constexpr = BT * GP
+        r = tl.arange(0, R)
+        t = t0 + r // GP
+        g = r % GP
+        valid = (g < G) & (t < length)
+        h = hk * G + g
+        d = tl.arange(0, D)
+        bb = b.to(tl.int64)
+        row_off = bb * sqb + h * sqh + (start + t) * sqt
+        q = tl.load(Q + row_off[:, None] + d[None, :], mask=valid[:, None], other=0.0)
+        kbase = K + bb * skb + hk * skh
+        vbase = V + bb * skb + hk * skh
+        gate_off = bb * sgb + h * sgh + (start + t) * sgt
+        lse_off = bb * slb + h * slh + (start + t) * slt
+        # Branches finish one after another so at most two [R, D] accumulators
+        # are live: the running output and the branch in progress.
+        out = tl.zeros([R, D], tl.float32)
+        if HAS_SLC:
+            if HEAD_SCORING:
+                SR: tl.constexpr = R
+                sel_base = SEL + bb * ssb + h * ssh + (start + t) * sst
+                sel_valid = valid
+            else:
+                SR: tl.constexpr = BT
+                ts = t0 + tl.arange(0, BT)
+                sel_base = SEL + bb * ssb + hk * ssh + (start + ts) * sst
+                sel_valid = ts < length
+            prog = (b * tl.num_programs(2) + hk) * n_tiles + pid_t
+            sel, count = _tile_union(SEL, U, UC, sel_base, sel_valid, prog, W, WP, SR, U_LOG)
+            ubase = U + prog.to(tl.int64) * (SR * WP)
+            m = tl.full([R], float("-inf"), tl.float32)
+            acc_l = tl.zeros([R], tl.float32)
+            acc = tl.zeros([R, D], tl.float32)
+            sl = tl.arange(0, BS)
+            for it in range(0, count):
+                j = tl.load(ubase + it)
+                s_pos = j * LS + sl
+                kmask = (sl < LS) & (s_pos < length)
+                kk = tl.load(kbase + (start + s_pos)[:, None] * skt + d[None, :], mask=kmask[:, None], other=0.0)
+                vv = tl.load(vbase + (start + s_pos)[:, None] * skt + d[None, :], mask=kmask[:, None], other=0.0)
+                s = _dot(q, tl.trans(kk), IEEE) * scale_log2
+                hit = _rows_hit(sel, j, SR, BT, GP, HEAD_SCORING)
+                mask = (hit & valid)[:, None] & kmask[None, :] & (s_pos[None, :] <= t[:, None])
+                s = tl.where(mask, s, float("-inf"))
+                m_new = tl.maximum(m, tl.max(s, axis=1))
+                m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+                alpha = tl.exp2(m - m_use)
+                p = tl.exp2(s - m_use[:, None])
+                acc_l = acc_l * alpha + tl.sum(p, axis=1)
+                acc = acc * alpha[:, None] + _dot(p.to(vv.dtype), vv, IEEE)
+                m = m_new
+            o_s = acc / tl.where(acc_l > 0, acc_l, 1.0)[:, None]
+            gs = tl.load(GATES + gate_off + GI_SLC * sgc, mask=valid, other=0.0).to(tl.float32)
+            out += gs[:, None] * o_s
+            if SAVE:
+                tl.store(OS + row_off[:, None] + d[None, :], o_s.to(OS.dtype.element_ty), mask=valid[:, None])
+                tl.store(LSES + lse_off, tl.where(acc_l > 0, m + tl.log2(acc_l), 0.0), mask=valid)
+        if HAS_WIN:
+            t_last = tl.minimum(t0 + BT, length) - 1
+            lo = tl.maximum(t0 - WIN + 1, 0)
+            m = tl.full([R], float("-inf"), tl.float32)
+            acc_l = tl.zeros([R], tl.float32)
+            acc = tl.zeros([R, D], tl.float32)
+            for s0 in range(lo, t_last + 1, BKW):
+                s_pos = s0 + tl.arange(0, BKW)
+                kmask = s_pos <= t_last
+                kk = tl.load(kbase + (start + s_pos)[:, None] * skt + d[None, :], mask=kmask[:, None], other=0.0)
+                vv = tl.load(vbase + (start + s_pos)[:, None] * skt + d[None, :], mask=kmask[:, None], other=0.0)
+                s = _dot(q, tl.trans(kk), IEEE) * scale_log2
+                mask = valid[:, None] & (s_pos[None, :] <= t[:, None]) & (s_pos[None, :] > t[:, None] - WIN)
+                s = tl.where(mask, s, float("-inf"))
+                m_new = tl.maximum(m, tl.max(s, axis=1))
+                m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+                alpha = tl.exp2(m - m_use)
+                p = tl.exp2(s - m_use[:, None])
+                acc_l = acc_l * alpha + tl.sum(p, axis=1)
+                acc = acc * alpha[:, None] + _dot(p.to(vv.dtype), vv, IEEE)
+                m = m_new
+            o_w = acc / tl.where(acc_l > 0, acc_l, 1.0)[:, None]
+            gw = tl.load(GATES + gate_off + GI_WIN * sgc, mask=valid, other=0.0).to(tl.float32)
+            out += gw[:, None] * o_w
+            if SAVE:
+                tl.store(OW + row_off[:, None] + d[None, :], o_w.to(OW.dtype.element_ty), mask=valid[:, None])
+                tl.store(LSEW + lse_off, tl.where(acc_l > 0, m + tl.log2(acc_l), 0.0), mask=valid)
+        if HAS_CMP:
+            oc = tl.load(OC + row_off[:, None] + d[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
+            gc = tl.load(GATES + gate_off + GI_CMP * sgc, mask=valid, other=0.0).to(tl.float32)
+            out += gc[:, None] * oc
+        tl.store(OUT + row_off[:, None] + d[None, :], out.to(OUT.dtype.element_ty), mask=valid[:, None])

@@ -1,0 +1,382 @@
+"""Host side of the token-level NSA kernels: configuration, launches, autograd.
+
+:func:`nsa_attention` runs the sparse branches of a pattern over sparse
+sequences given either as ``[B, H, L, D]`` tensors (every row one sequence) or
+packed ``[1, H, total, D]`` with ``starts = cu_seqlens[:-1]`` (the hybrid
+vision-only mode), with compressed keys/values ``kc, vc`` computed by the
+caller in torch (mean or MLP pooling; their gradients flow back through
+autograd, so the MLP's parameters train).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import triton
+
+from nsaflex.kernels import backward as bwd
+from nsaflex.kernels import forward as fwd
+from nsaflex.spec import Pattern
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """The constants the kernels specialise on (one pattern)."""
+
+    has_cmp: bool
+    has_slc: bool
+    has_win: bool
+    gate_index: tuple[int, int, int]
+    cblock: int = 1
+    cstride: int = 1
+    legacy: bool = False
+    slc_block: int = 1
+    count: int = 1
+    first: bool = False
+    prev: bool = False
+    cur: bool = False
+    head_scoring: bool = False
+    nt: int = 16
+    eq9_a: int = 1
+    eq9_b: int = 1
+    window: int = 1
+    atomic: bool = False
+    # tile choices (benchmarks vary them)
+    select_tokens: int | None = None  # BT of the selection/window kernel (None: 64 // GP)
+    score_tokens: int = 16
+    num_warps_select: int = 4
+    num_warps_score: int = 8
+    num_stages: int = 2
+    insert_max: int = 4  # top-n: insert up to this many new keys one by one, else sort-merge (H100: 4 < 8 < 16)
+
+    @property
+    def slc_tile(self) -> int:
+        return next_pow2(self.slc_block)
+
+
+def unsupported_reason(pattern: Pattern) -> str | None:
+    """Why the kernels cannot serve ``pattern`` (None when they can)."""
+    sel = pattern.selection
+    if sel is not None and sel.granularity == "query_block":
+        return "selection granularity 'query_block' (tile-shared selection) is served by the FlexAttention backend"
+    if sel is not None:
+        if sel.block > 256:
+            return f"selection.block = {sel.block} > 256 (one kv block must fit a register tile)"
+        cfg = make_config(pattern)
+        if cfg.nt > 128:
+            return f"selection.count = {sel.count}: the running top-n keeps at most 128 free slots"
+        if cfg.eq9_a * cfg.nt > 1024:
+            return "compression.stride too small for selection.block (more than 1024 compressed tokens per score chunk)"
+    return None
+
+
+def make_config(pattern: Pattern, **overrides) -> KernelConfig:
+    branches = pattern.branches
+    index = tuple(branches.index(b) if b in branches else 0 for b in ("compression", "selection", "window"))
+    kw: dict = {"has_cmp": "compression" in branches, "has_slc": "selection" in branches, "has_win": "window" in branches, "gate_index": index}
+    if pattern.compression is not None:
+        c = pattern.compression
+        kw.update(cblock=c.block, cstride=c.stride, legacy=c.visibility == "videonsa_legacy")
+    if pattern.selection is not None:
+        s, c = pattern.selection, pattern.compression
+        a, b = s.block // c.stride, c.block // c.stride
+        min_forced = 1 if ("first" in s.forced or "current" in s.forced) else 0
+        nt = max(16, next_pow2(max(1, s.count - min_forced)))
+        while a * nt < a + b - 2:
+            nt *= 2
+        kw.update(slc_block=s.block, count=s.count, first="first" in s.forced, prev="previous" in s.forced,
+                  cur="current" in s.forced, head_scoring=s.scoring == "head", nt=nt, eq9_a=a, eq9_b=b)
+    if pattern.window is not None:
+        kw["window"] = pattern.window.size
+    kw.update(overrides)
+    return KernelConfig(**kw)
+
+
+@dataclass
+class SeqLayout:
+    """Sequences inside the tensors handed to the kernels."""
+
+    starts: torch.Tensor  # [B] int32: first row of each sequence (0 unless packed)
+    lens: torch.Tensor  # [B] int32
+    cstarts: torch.Tensor  # [B] int32: first compressed row
+    clens: torch.Tensor  # [B] int32
+    max_len: int
+    max_cmp: int
+    packed: bool
+
+    @property
+    def batch(self) -> int:
+        return self.lens.shape[0]
+
+
+def _qs(x: torch.Tensor, packed: bool) -> tuple[int, int, int]:
+    return (0 if packed else x.stride(0), x.stride(1), x.stride(2))
+
+
+def _gs(x: torch.Tensor, packed: bool) -> tuple[int, int, int, int]:
+    return (0 if packed else x.stride(0), x.stride(1), x.stride(2), x.stride(3))
+
+
+def _ieee(x: torch.Tensor) -> bool:
+    return x.dtype == torch.float32
+
+
+class _Tiles:
+    def __init__(self, cfg: KernelConfig, group: int):
+        self.G = group
+        self.GP = next_pow2(group)
+        self.bt_sel = cfg.select_tokens or max(1, 64 // self.GP)
+        self.bt_sel = max(self.bt_sel, -(-16 // self.GP))
+        self.bt_score = max(cfg.score_tokens, -(-16 // self.GP))
+        self.bt_kv = max(1, 64 // self.GP)
+        self.bt_kv = max(self.bt_kv, -(-16 // self.GP))
+        self.width = cfg.nt + 4
+        self.width_p2 = next_pow2(self.width)
+        self.sel_rows = self.bt_sel * self.GP if cfg.head_scoring else self.bt_sel
+
+
+def _forward(q, k, v, kc, vc, gates, lay: SeqLayout, cfg: KernelConfig, save: bool):
+    Bv, Hq, Tv, D = q.shape
+    Hkv = k.shape[1]
+    tiles = _Tiles(cfg, Hq // Hkv)
+    G, GP = tiles.G, tiles.GP
+    B = lay.batch
+    dev = q.device
+    scale = 1.0 / math.sqrt(D)
+    scale_log2 = scale * 1.4426950408889634
+    ieee = _ieee(q)
+    P = lay.packed
+    out = torch.empty_like(q)
+    lse_shape = (Bv, Hq, Tv)
+    res: dict = {"tiles": tiles}
+    oc = lse_c = sel = None
+    dummy_i = torch.zeros(1, dtype=torch.int32, device=dev)
+    dummy_f = torch.zeros(1, dtype=torch.float32, device=dev)
+    if cfg.has_cmp:
+        lse_c = torch.empty(lse_shape, dtype=torch.float32, device=dev)
+        oc = torch.empty_like(q)
+        n_t = triton.cdiv(lay.max_len, tiles.bt_score)
+        grid = (n_t, B, Hkv)
+        if cfg.has_slc:
+            hs = Hq if cfg.head_scoring else Hkv
+            sel = torch.empty((Bv, hs, Tv, tiles.width), dtype=torch.int32, device=dev)
+        if lay.max_cmp > 0:
+            fwd.cmp_lse_kernel[grid](
+                q, kc, lse_c, lay.starts, lay.lens, lay.cstarts, lay.clens,
+                *_qs(q, P), *_qs(kc, P), *_qs(lse_c, P), scale_log2,
+                G=G, GP=GP, BT=tiles.bt_score, BN=64, D=D, CBLOCK=cfg.cblock, CSTRIDE=cfg.cstride,
+                LEGACY=cfg.legacy, IEEE=ieee, num_warps=cfg.num_warps_score,
+            )
+        else:
+            lse_c.zero_()
+        kc_ = kc if lay.max_cmp > 0 else q  # any valid pointer; no compressed token is read
+        vc_ = vc if lay.max_cmp > 0 else q
+        sel_ = sel if sel is not None else dummy_i
+        ss = _qs(sel, P) if sel is not None else (0, 0, 0)
+        fwd.cmp_score_kernel[grid](
+            q, kc_, vc_, lse_c, oc, sel_, lay.starts, lay.lens, lay.cstarts, lay.clens,
+            *_qs(q, P), *_qs(kc_, P), *_qs(lse_c, P), *_qs(oc, P), *ss, scale_log2,
+            G=G, GP=GP, BT=tiles.bt_score, D=D, CBLOCK=cfg.cblock, CSTRIDE=cfg.cstride, LEGACY=cfg.legacy,
+            IEEE=ieee, SCORE=cfg.has_slc, BN=(cfg.eq9_a * cfg.nt if cfg.has_slc else 64),
+            LS=cfg.slc_block, COUNT=cfg.count, FIRST=cfg.first, PREV=cfg.prev, CUR=cfg.cur,
+            HEAD_SCORING=cfg.head_scoring, NT=cfg.nt, A=cfg.eq9_a, BB=cfg.eq9_b, NT_LOG=cfg.nt.bit_length() - 1, INSERT_MAX=cfg.insert_max,
+            num_warps=cfg.num_warps_score,
+        )
+    n_t3 = triton.cdiv(lay.max_len, tiles.bt_sel)
+    grid3 = (n_t3, B, Hkv)
+    if cfg.has_slc:
+        U = torch.empty((B * Hkv * n_t3, tiles.sel_rows * tiles.width_p2), dtype=torch.int32, device=dev)
+        UC = torch.zeros((B * Hkv * n_t3,), dtype=torch.int32, device=dev)
+    else:
+        U = UC = dummy_i
+    o_s = torch.empty_like(q) if (save and cfg.has_slc) else None
+    o_w = torch.empty_like(q) if (save and cfg.has_win) else None
+    lse_s = torch.empty(lse_shape, dtype=torch.float32, device=dev) if (save and cfg.has_slc) else None
+    lse_w = torch.empty(lse_shape, dtype=torch.float32, device=dev) if (save and cfg.has_win) else None
+    lse_like = lse_c if lse_c is not None else (lse_s if lse_s is not None else (lse_w if lse_w is not None else torch.empty(lse_shape, dtype=torch.float32, device=dev)))
+    sel_ = sel if sel is not None else dummy_i
+    ss = _qs(sel, P) if sel is not None else (0, 0, 0)
+    fwd.slc_win_kernel[grid3](
+        q, k, v, oc if oc is not None else q, gates, sel_, U, UC, out,
+        o_s if o_s is not None else out, o_w if o_w is not None else out,
+        lse_s if lse_s is not None else dummy_f, lse_w if lse_w is not None else dummy_f,
+        lay.starts, lay.lens,
+        *_qs(q, P), *_qs(k, P), *_gs(gates, P), *ss, *_qs(lse_like, P), scale_log2, n_t3,
+        G=G, GP=GP, BT=tiles.bt_sel, D=D, IEEE=ieee,
+        HAS_CMP=cfg.has_cmp, HAS_SLC=cfg.has_slc, HAS_WIN=cfg.has_win,
+        GI_CMP=cfg.gate_index[0], GI_SLC=cfg.gate_index[1], GI_WIN=cfg.gate_index[2],
+        LS=cfg.slc_block, BS=cfg.slc_tile, W=tiles.width, WP=tiles.width_p2, HEAD_SCORING=cfg.head_scoring,
+        WIN=cfg.window, BKW=64, SAVE=save, U_LOG=(tiles.sel_rows * tiles.width_p2).bit_length() - 1, num_warps=cfg.num_warps_select, num_stages=cfg.num_stages,
+    )
+    res.update(oc=oc, lse_c=lse_c, sel=sel, U=U, UC=UC, o_s=o_s, o_w=o_w, lse_s=lse_s, lse_w=lse_w)
+    return out, res
+
+
+def _inverted_index(sel: torch.Tensor, lay: SeqLayout, cfg: KernelConfig, group: int, n_kv: int, n_blocks: int, seg_len: int):
+    """Segments of the (block -> selecting entries) index, sorted by key."""
+    dev = sel.device
+    Bv, HS, Tv, W = sel.shape
+    nz = (sel >= 0).nonzero()
+    if nz.shape[0] == 0:
+        return None
+    bv, hs, p = nz[:, 0], nz[:, 1], nz[:, 2]
+    j = sel[bv, hs, p, nz[:, 3]].long()
+    if lay.packed:
+        seq_of = torch.repeat_interleave(torch.arange(lay.batch, device=dev), lay.lens.long(), output_size=Tv)
+        seq = seq_of[p]
+        t = p - lay.starts.long()[seq]
+    else:
+        seq, t = bv, p
+    if cfg.head_scoring:
+        hk, ent = hs // group, t * group + hs % group
+    else:
+        hk, ent = hs, t
+    key = (seq * n_kv + hk) * n_blocks + j
+    key, order = torch.sort(key, stable=True)
+    ent = ent[order].to(torch.int32).contiguous()
+    uniq, counts = torch.unique_consecutive(key, return_counts=True)
+    nseg = (counts + seg_len - 1) // seg_len
+    first = torch.cumsum(counts, 0) - counts
+    total = int(nseg.sum())
+    seg_first = torch.cumsum(nseg, 0) - nseg
+    local = torch.arange(total, device=dev) - torch.repeat_interleave(seg_first, nseg, output_size=total)
+    seg_start = torch.repeat_interleave(first, nseg, output_size=total) + local * seg_len
+    seg_end = torch.minimum(seg_start + seg_len, torch.repeat_interleave(first + counts, nseg, output_size=total))
+    seg_key = torch.repeat_interleave(uniq, nseg, output_size=total)
+    key_seg = torch.cat([seg_first, seg_first.new_tensor([total])]).contiguous()
+    return ent, seg_key.contiguous(), seg_start.contiguous(), seg_end.contiguous(), uniq.contiguous(), key_seg
+
+
+def _backward(do, q, k, v, kc, vc, gates, lay: SeqLayout, cfg: KernelConfig, res: dict, need_gates: bool):
+    Bv, Hq, Tv, D = q.shape
+    Hkv = k.shape[1]
+    tiles: _Tiles = res["tiles"]
+    G, GP = tiles.G, tiles.GP
+    B = lay.batch
+    dev = q.device
+    P = lay.packed
+    scale = 1.0 / math.sqrt(D)
+    scale_log2 = scale * 1.4426950408889634
+    ieee = _ieee(q)
+    do = do.contiguous()
+    nb = gates.shape[-1]
+    dq = torch.empty_like(q)
+    dg = torch.empty((Bv, Hq, Tv, nb), dtype=torch.float32, device=dev)
+    delta = torch.empty((3, Bv, Hq, Tv), dtype=torch.float32, device=dev)
+    dummy_i = torch.zeros(1, dtype=torch.int32, device=dev)
+    n_t3 = triton.cdiv(lay.max_len, tiles.bt_sel)
+    oc, lse_c, sel = res["oc"], res["lse_c"], res["sel"]
+    any_lse = delta[0]
+    kc_ = kc if (kc is not None and lay.max_cmp > 0) else k
+    vc_ = vc if (vc is not None and lay.max_cmp > 0) else v
+    ss = _qs(sel, P) if sel is not None else (0, 0, 0)
+    bwd.bwd_dq_kernel[(n_t3, B, Hkv)](
+        q, k, v, kc_, vc_, do, gates,
+        oc if oc is not None else q, res["o_s"] if res["o_s"] is not None else q, res["o_w"] if res["o_w"] is not None else q,
+        lse_c if lse_c is not None else any_lse, res["lse_s"] if res["lse_s"] is not None else any_lse,
+        res["lse_w"] if res["lse_w"] is not None else any_lse,
+        sel if sel is not None else dummy_i, res["U"], res["UC"], dq, dg, delta,
+        lay.starts, lay.lens, lay.cstarts, lay.clens,
+        *_qs(q, P), *_qs(k, P), *_qs(kc_, P), *_gs(gates, P), *_qs(dg, P), *ss, *_qs(any_lse, P), delta.stride(0),
+        scale_log2, scale, n_t3,
+        G=G, GP=GP, BT=tiles.bt_sel, D=D, IEEE=ieee,
+        HAS_CMP=cfg.has_cmp, HAS_SLC=cfg.has_slc, HAS_WIN=cfg.has_win,
+        GI_CMP=cfg.gate_index[0], GI_SLC=cfg.gate_index[1], GI_WIN=cfg.gate_index[2],
+        CBLOCK=cfg.cblock, CSTRIDE=cfg.cstride, LEGACY=cfg.legacy, BN=64,
+        LS=cfg.slc_block, BS=cfg.slc_tile, W=tiles.width, WP=tiles.width_p2, HEAD_SCORING=cfg.head_scoring,
+        WIN=cfg.window, BKW=64, num_warps=cfg.num_warps_select,
+    )
+    dkc = dvc = None
+    if cfg.has_cmp and kc is not None and lay.max_cmp > 0:
+        BNC = 64
+        nsplit = max(1, min(32, triton.cdiv(lay.max_len, 4096)))
+        dkp = torch.empty((nsplit,) + tuple(kc.shape), dtype=torch.float32, device=dev)
+        dvp = torch.empty_like(dkp)
+        bwd.bwd_cmp_dkv_kernel[(triton.cdiv(lay.max_cmp, BNC), nsplit, B * Hkv)](
+            q, kc, vc, do, gates, lse_c, delta[0], dkp, dvp, lay.starts, lay.lens, lay.cstarts, lay.clens,
+            *_qs(q, P), *_qs(kc, P), *_gs(gates, P), *_qs(any_lse, P), dkp.stride(0),
+            scale_log2, scale, Hkv,
+            G=G, GP=GP, BT=tiles.bt_kv, D=D, IEEE=ieee, GI_CMP=cfg.gate_index[0],
+            CBLOCK=cfg.cblock, CSTRIDE=cfg.cstride, LEGACY=cfg.legacy, BNC=BNC, NSPLIT=nsplit,
+        )
+        dkc = dkp.sum(0).to(kc.dtype)
+        dvc = dvp.sum(0).to(vc.dtype)
+    elif kc is not None:
+        dkc, dvc = torch.zeros_like(kc), torch.zeros_like(vc)
+    dk = dv = None
+    if cfg.has_win or cfg.has_slc:
+        alloc = torch.empty if cfg.has_win else torch.zeros
+        dk = alloc(k.shape, dtype=torch.float32, device=dev)
+        dv = alloc(k.shape, dtype=torch.float32, device=dev)
+        if not k.is_contiguous():
+            raise AssertionError("k must be contiguous")
+    if cfg.has_win:
+        BK = 64
+        bwd.bwd_win_dkv_kernel[(triton.cdiv(lay.max_len, BK), B, Hkv)](
+            q, k, v, do, gates, res["lse_w"], delta[2], dk, dv, lay.starts, lay.lens,
+            *_qs(q, P), *_qs(k, P), *_gs(gates, P), *_qs(any_lse, P), scale_log2, scale,
+            G=G, GP=GP, BT=tiles.bt_kv, D=D, IEEE=ieee, GI_WIN=cfg.gate_index[2], WIN=cfg.window, BK=BK,
+        )
+    if cfg.has_slc:
+        n_blocks = triton.cdiv(lay.max_len, cfg.slc_block)
+        bt_kv = tiles.bt_kv
+        seg_len = 1024 if not cfg.head_scoring else 1024 * G
+        index = _inverted_index(sel, lay, cfg, G, Hkv, n_blocks, seg_len)
+        if index is not None:
+            ent, seg_key, seg_start, seg_end, uniq, key_seg = index
+            nseg = seg_key.shape[0]
+            BS = cfg.slc_tile
+            if cfg.atomic:
+                dkp = dvp = dk
+            else:
+                dkp = torch.empty((nseg, BS, D), dtype=torch.float32, device=dev)
+                dvp = torch.empty_like(dkp)
+            bwd.bwd_slc_dkv_kernel[(nseg,)](
+                q, k, v, do, gates, res["lse_s"], delta[1], ent, seg_key, seg_start, seg_end, dkp, dvp, dk, dv,
+                lay.starts, lay.lens,
+                *_qs(q, P), *_qs(k, P), *_gs(gates, P), *_qs(any_lse, P), scale_log2, scale, Hkv, n_blocks,
+                G=G, GP=GP, BT=bt_kv, D=D, IEEE=ieee, GI_SLC=cfg.gate_index[1], LS=cfg.slc_block, BS=BS,
+                HEAD_SCORING=cfg.head_scoring, ATOMIC=cfg.atomic,
+            )
+            if not cfg.atomic:
+                bwd.reduce_slc_kernel[(uniq.shape[0],)](
+                    dkp, dvp, uniq, key_seg, dk, dv, lay.starts, lay.lens,
+                    *_qs(k, P), Hkv, n_blocks, D=D, LS=cfg.slc_block, BS=BS,
+                )
+    dk = dk.to(k.dtype) if dk is not None else torch.zeros_like(k)
+    dv = dv.to(v.dtype) if dv is not None else torch.zeros_like(v)
+    dgates = dg.to(gates.dtype) if need_gates else None
+    return dq, dk, dv, dkc, dvc, dgates
+
+
+class _NSAFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, kc, vc, gates, lay, cfg):
+        out, res = _forward(q, k, v, kc, vc, gates, lay, cfg, save=True)
+        ctx.lay, ctx.cfg, ctx.res = lay, cfg, res
+        ctx.save_for_backward(q, k, v, kc, vc, gates)
+        return out
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, kc, vc, gates = ctx.saved_tensors
+        need_gates = ctx.needs_input_grad[5]
+        dq, dk, dv, dkc, dvc, dg = _backward(do, q, k, v, kc, vc, gates, ctx.lay, ctx.cfg, ctx.res, need_gates)
+        return dq, dk, dv, dkc, dvc, dg, None, None
+
+
+def nsa_attention(q, k, v, kc, vc, gates, lay: SeqLayout, cfg: KernelConfig) -> torch.Tensor:
+    """Gated NSA output over the sparse sequences in ``lay`` (autograd-aware)."""
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (q, k, v, kc, vc, gates)
+    )
+    if needs_grad:
+        return _NSAFunction.apply(q, k, v, kc, vc, gates, lay, cfg)
+    out, _ = _forward(q, k, v, kc, vc, gates, lay, cfg, save=False)
+    return out

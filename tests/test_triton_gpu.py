@@ -1,0 +1,141 @@
+"""The Triton backend on a GPU: bf16 at larger shapes against the float64
+reference (relative error of outputs and gradients under 1e-2) and the
+selected block indices against the reference's wherever the scores are not
+(nearly) tied. Skipped without CUDA."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+from nsaflex.loader import load_pattern  # noqa: E402
+from nsaflex.reference import eq9_matrix, masked_attention, reference_attention  # noqa: E402
+from nsaflex.spec import Compression, Gate, Pattern, Selection, Window  # noqa: E402
+from tests.strategies import patterns as any_patterns  # noqa: E402
+
+GPU = settings(max_examples=8, deadline=None, suppress_health_check=list(HealthCheck))
+BF16_TOL = 1e-2
+
+
+def rel(a, b):
+    a, b = a.detach().double().cpu(), b.detach().double().cpu()
+    return float((a - b).norm() / b.norm().clamp_min(1e-12))
+
+
+def run_case(pattern, batch, kv_heads, group, length, dim, seed, *, types=None, backward=True, pooler=None):
+    from nsaflex.backends.triton import BACKEND
+
+    gen = torch.Generator().manual_seed(seed)
+    heads = kv_heads * group
+
+    def randn(*s):
+        return torch.randn(*s, generator=gen).to("cuda", torch.bfloat16).requires_grad_(backward)
+
+    q, k, v = randn(batch, heads, length, dim), randn(batch, kv_heads, length, dim), randn(batch, kv_heads, length, dim)
+    gates = None
+    if pattern.gate.kind != "constant":
+        gates = torch.rand(batch, heads, length, len(pattern.branches), generator=gen).to("cuda", torch.bfloat16)
+        gates.requires_grad_(backward)
+    kernel = BACKEND.build(pattern, None)
+    out = kernel(q, k, v, gates, types, pooler)
+    ref = reference_attention(q, k, v, pattern, gates, types, pooler)
+    errors = {"out": rel(out, ref)}
+    if backward:
+        inputs = [q, k, v] + ([gates] if gates is not None else [])
+        do = torch.randn(out.shape, generator=gen).to(out)
+        got = torch.autograd.grad(out, inputs, do)
+        want = torch.autograd.grad(ref, inputs, do.double().cpu())
+        for name, a, b in zip("qkvg", got, want):
+            errors[name] = rel(a, b)
+    return errors
+
+
+@GPU
+@given(
+    any_patterns(power_of_two_blocks=True, granularities=("token",), allow_layers=False, allow_budget=False,
+                 allow_model=False, hybrid=(None,), branches={"compression", "selection", "window"}),
+    st.sampled_from((1, 2, 4, 7, 8)),
+    st.integers(64, 700),
+    st.integers(0, 2**31 - 1),
+)
+def test_bf16_property(pattern, group, length, seed):
+    sel = pattern.selection
+    if sel.block > 256 or pattern.compression.block > 128:
+        return
+    pooler = None
+    if pattern.compression.pooling == "mlp":
+        from nsaflex.pooling import MLPPooling
+
+        torch.manual_seed(seed)
+        pooler = MLPPooling(pattern.compression, 64).to("cuda")
+    errors = run_case(pattern, 1, 2, group, length, 64, seed, pooler=pooler)
+    assert max(errors.values()) < BF16_TOL, errors
+
+
+def test_videonsa_bf16_4k_outputs_gradients_and_selection():
+    """The bundled videonsa pattern (G = 7) at 4K tokens, all vision."""
+    pattern = load_pattern("videonsa")
+    pattern = dataclasses.replace(pattern, model=dataclasses.replace(pattern.model, kv_heads=None, query_heads=None))
+    types = torch.ones(1, 4096, dtype=torch.long, device="cuda")
+    errors = run_case(pattern, 1, 1, 7, 4096, 128, 0, types=types)
+    assert max(errors.values()) < BF16_TOL, errors
+
+
+def selection_agreement(pattern, q, k, v, gates):
+    """(tokens compared, tokens whose selection differs where the reference's
+    n-th and (n+1)-th best candidate scores differ by more than 1%)."""
+    from nsaflex.backends import triton as backend
+    from nsaflex.kernels import ops
+
+    cfg = ops.make_config(pattern)
+    seen = {}
+    original = ops._forward
+
+    def spy(*args, **kwargs):
+        out, res = original(*args, **kwargs)
+        seen.update(res)
+        return out, res
+
+    ops._forward = spy
+    try:
+        backend._sparse_forward(pattern, cfg, q, k, v, gates, None, None)
+    finally:
+        ops._forward = original
+    _, selections = reference_attention(q, k, v, pattern, gates, return_selection=True)
+    return seen["sel"], selections[0]
+
+
+def test_selected_indices_equal_reference_where_not_tied():
+    pattern = Pattern(name="s", compression=Compression(block=64, stride=64),
+                      selection=Selection(block=64, count=8, forced=("current",)), gate=Gate(kind="mlp"))
+    gen = torch.Generator().manual_seed(1)
+    L, G, D = 2048, 7, 128
+    q = torch.randn(1, G, L, D, generator=gen).to("cuda", torch.bfloat16)
+    k = torch.randn(1, 1, L, D, generator=gen).to("cuda", torch.bfloat16)
+    v = torch.randn(1, 1, L, D, generator=gen).to("cuda", torch.bfloat16)
+    gates = torch.rand(1, G, L, 2, generator=gen).to("cuda", torch.bfloat16)
+    sel, ref_blocks = selection_agreement(pattern, q, k, v, gates)
+    # Reference group scores, to tell near-ties apart.
+    kc = k.double().cpu().unflatten(2, (L // 64, 64)).mean(3)
+    vis = (torch.arange(L // 64) * 64 + 63)[None, :] <= torch.arange(L)[:, None]
+    _, p = masked_attention(q.double().cpu()[0], kc[0], kc[0], vis)
+    scores = (p @ eq9_matrix(L // 64, L // 64, pattern.compression, pattern.selection)).sum(0)
+    sel = sel[0, 0].cpu()
+    bad = 0
+    for t in range(L):
+        got = set(j for j in sel[t].tolist() if j >= 0)
+        want = set(torch.nonzero(ref_blocks[0, t]).flatten().tolist())
+        if got != want:
+            cur = t // 64
+            cands = sorted((float(scores[t, j]) for j in range(cur) if (j + 1) * 64 - 1 <= t), reverse=True)
+            n = pattern.selection.count - 1
+            gap = (cands[n - 1] - cands[n]) / max(cands[n - 1], 1e-30) if len(cands) > n else 1.0
+            if gap > 1e-2:
+                bad += 1
+    assert bad == 0
