@@ -1,0 +1,391 @@
+"""One Qwen2.5-VL-7B decoder layer, patched with nsaflex against SDPA.
+
+The real 7B text shape (hidden 3584, 28 query heads over 4 kv heads, head dim
+128, MLP 18944), random weights, bf16, one decoder layer (the model is built
+with ``num_hidden_layers=1``, a 1024-token vocabulary and a one-block vision
+tower that is not run). Inputs are ``L`` tokens of which all but ``--text``
+(default 200: half at the start, half at the end) are image tokens, classed by
+``mm_token_type_ids`` as a processor would.
+
+For each length: the unpatched layer (``attn_implementation="sdpa"``) and the
+same layer after ``nsaflex.adapters.qwen2_5_vl.apply(model, pattern, backend)``
+(gates included), timed for a forward pass (no grad) and a forward+backward
+pass (loss = mean of the last hidden state). Times are CUDA-event medians over
+``--reps`` runs after ``--warmup`` runs (the first nsaflex call compiles its
+kernels); the timed region is ``Qwen2_5_VLModel.forward`` (embedding, the
+layer, final norm; the embedding and norm are O(L * hidden) and negligible).
+Peak memory is ``torch.cuda.max_memory_allocated`` during the timed runs,
+absolute and above what was allocated before them (weights, inputs).
+
+Results go to ``--json`` after every measurement (so a run cut short keeps
+what it measured) and a Markdown table to ``--md``.
+
+    PYTHONPATH=. python benchmarks/adapter_layer.py --json benchmarks/adapter-h100.json --md benchmarks/adapter-h100.md
+
+``--backends auto flex`` (the default) measures the backend ``auto`` picks, then
+FlexAttention if ``auto`` picked another one.
+
+``--tiny`` runs a small configuration on the CPU (reference backend) to check
+the script itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+import traceback
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+class _PatternsFinder:
+    """``nsaflex.patterns`` is the top-level ``patterns/`` folder (pyproject's
+    package-dir); map it when nsaflex runs from a checkout that is not installed."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name == "nsaflex.patterns":
+            import importlib.util
+
+            folder = os.path.join(ROOT, "patterns")
+            return importlib.util.spec_from_file_location(
+                name, os.path.join(folder, "__init__.py"), submodule_search_locations=[folder]
+            )
+        return None
+
+
+try:
+    import nsaflex.patterns  # noqa: F401  (installed package)
+except ImportError:
+    sys.modules.pop("nsaflex", None)
+    sys.meta_path.insert(0, _PatternsFinder())
+
+from nsaflex.adapters import qwen2_5_vl as adapter_module  # noqa: E402
+from nsaflex.loader import load_pattern  # noqa: E402
+from nsaflex.spec import Model  # noqa: E402
+
+IMAGE_TOKEN = 1000
+
+
+def build_model(tiny: bool, device: str, dtype: torch.dtype):
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    if tiny:
+        text = dict(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2)
+        mrope = [4, 6, 6]
+    else:  # Qwen2.5-VL-7B
+        text = dict(hidden_size=3584, intermediate_size=18944, num_attention_heads=28, num_key_value_heads=4)
+        mrope = [16, 24, 24]
+    config = Qwen2_5_VLConfig(
+        text_config=dict(
+            **text,
+            num_hidden_layers=1,
+            vocab_size=1024,
+            max_position_embeddings=262144,
+            rms_norm_eps=1e-6,
+            rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": mrope},
+            rope_scaling={"type": "mrope", "mrope_section": mrope},
+            rope_theta=1000000.0,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=2,
+        ),
+        vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=text["hidden_size"]),
+        image_token_id=IMAGE_TOKEN,
+        video_token_id=IMAGE_TOKEN + 1,
+        vision_start_token_id=IMAGE_TOKEN + 2,
+        vision_end_token_id=IMAGE_TOKEN + 3,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=2,
+    )
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = Qwen2_5_VLForConditionalGeneration(config)
+    return model.to(dtype)
+
+
+def make_inputs(length: int, text: int, device: str):
+    ids = torch.randint(3, 900, (1, length), device=device)
+    mm = torch.zeros(1, length, dtype=torch.long, device=device)
+    head = text // 2
+    ids[:, head : length - (text - head)] = IMAGE_TOKEN
+    mm[:, head : length - (text - head)] = 1
+    positions = torch.arange(length, device=device)[None]
+    return dict(input_ids=ids, mm_token_type_ids=mm, position_ids=positions)
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure(model, inputs, device: str, backward: bool, warmup: int, reps: int) -> dict:
+    base = model.model
+
+    def run():
+        if backward:
+            model.zero_grad(set_to_none=True)
+            out = base(**inputs).last_hidden_state
+            out.float().mean().backward()
+        else:
+            with torch.no_grad():
+                base(**inputs)
+
+    model.train(backward)
+    compile_start = time.perf_counter()
+    for _ in range(warmup):
+        run()
+    sync(device)
+    first = time.perf_counter() - compile_start
+    times = []
+    if device == "cuda":
+        torch.cuda.empty_cache()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    for _ in range(reps):
+        if device == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            run()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            run()
+            times.append((time.perf_counter() - t0) * 1e3)
+    result = {"ms": statistics.median(times), "ms_all": times, "warmup_s": first}
+    if device == "cuda":
+        peak = torch.cuda.max_memory_allocated()
+        result["peak_gib"] = peak / 2**30
+        result["peak_above_resident_gib"] = (peak - before) / 2**30
+    model.zero_grad(set_to_none=True)
+    return result
+
+
+def correctness_check(report: dict, pattern, backends, device: str) -> None:
+    """Before timing: a tiny model (hidden 128, 4/2 heads) on the same device and
+    dtype, a padded batch of two rows with vision spans; logits and 4 greedy
+    tokens of each backend against the reference backend (same gates)."""
+    check = report.setdefault("check", {})
+    start = time.perf_counter()
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    small = dataclasses.replace(pattern, model=Model())
+    model = build_model(True, device, dtype)
+    length = 320
+    ids = torch.randint(3, 900, (2, length), device=device)
+    mask = torch.ones(2, length, dtype=torch.long, device=device)
+    mask[1, :37] = 0  # left padding
+    ids[0, 20:300] = IMAGE_TOKEN
+    ids[1, 60:200] = IMAGE_TOKEN
+    ids[1, 220:310] = IMAGE_TOKEN
+    ids[1, :37] = 2
+    inputs = dict(input_ids=ids, attention_mask=mask)
+    results = {}
+    adapter = adapter_module.apply(model, small, backend="reference")
+    with torch.no_grad():
+        for parameter in adapter.gate_parameters():
+            parameter.normal_(0, 0.05)
+        expected = model(**inputs).logits.float()
+    tokens = model.generate(**inputs, max_new_tokens=4, do_sample=False)[:, length:]
+    gates = {k: v.clone() for k, v in model.state_dict().items() if ".g_proj" in k}
+    adapter.remove()
+    scale = expected[mask.bool()].abs().max().item()
+    for backend in backends:
+        try:
+            adapter = adapter_module.apply(model, small, backend=backend, state_dict=gates)
+            name = adapter.describe()[0]["backend"]
+            with torch.no_grad():
+                got = model(**inputs).logits.float()
+            diff = (got - expected)[mask.bool()].abs().max().item()
+            same = model.generate(**inputs, max_new_tokens=4, do_sample=False)[:, length:]
+            results[name] = {
+                "max_abs_logit_diff": diff,
+                "logit_scale": scale,
+                "greedy_tokens_equal": bool(torch.equal(same, tokens)),
+            }
+            adapter.remove()
+        except Exception as error:
+            results[backend] = {"error": f"{type(error).__name__}: {error}"}
+            traceback.print_exc()
+    check.update(results)
+    check["seconds"] = time.perf_counter() - start
+    print("check:", json.dumps(check), flush=True)
+    del model
+
+
+def write_markdown(report: dict, path: str) -> None:
+    lines = [
+        "# One Qwen2.5-VL-7B decoder layer: nsaflex adapter vs SDPA",
+        "",
+        f"Device: {report['device']}; torch {report['torch']}; transformers {report['transformers']}; "
+        f"pattern `{report['pattern']}`; backends asked {report['backend']}; {report['dtype']}; {report['text']} text tokens, the rest image tokens.",
+        "",
+        "Times: CUDA-event medians (ms) of `Qwen2_5_VLModel.forward` with one decoder layer (hidden 3584, 28/4 heads, "
+        "MLP 18944); fwd without grad, fwd+bwd with loss = mean of the output. Memory: peak allocated during the timed "
+        "runs above what was resident before them (weights, inputs), GiB.",
+        "",
+        "| L | impl | backend | fwd ms | fwd+bwd ms | fwd peak GiB | fwd+bwd peak GiB | note |",
+        "| ---: | --- | --- | ---: | ---: | ---: | ---: | --- |",
+    ]
+
+    def cell(entry, key, fmt):
+        if entry is None or key not in entry:
+            return "-"
+        return fmt.format(entry[key])
+
+    for row in report["results"]:
+        fwd, bwd = row.get("fwd"), row.get("fwdbwd")
+        note = row.get("error", "")
+        if len(note) > 120:
+            note = note[:117] + "..."
+        lines.append(
+            f"| {row['length']} | {row['impl']} | {row.get('backend', '-')} | {cell(fwd, 'ms', '{:.1f}')} | "
+            f"{cell(bwd, 'ms', '{:.1f}')} | {cell(fwd, 'peak_above_resident_gib', '{:.2f}')} | "
+            f"{cell(bwd, 'peak_above_resident_gib', '{:.2f}')} | {note.replace('|', '/')} |"
+        )
+    speedups = []
+    dense_rows = {r["length"]: r for r in report["results"] if r["impl"] == "sdpa"}
+    for sparse in report["results"]:
+        dense = dense_rows.get(sparse["length"])
+        if sparse["impl"] != "nsaflex" or dense is None:
+            continue
+        for mode in ("fwd", "fwdbwd"):
+            if dense.get(mode) and sparse.get(mode):
+                speedups.append(f"L={sparse['length']} {sparse['backend']} {mode}: {dense[mode]['ms'] / sparse[mode]['ms']:.2f}x")
+    if speedups:
+        lines += ["", "SDPA time / nsaflex time: " + "; ".join(speedups) + "."]
+    if report.get("check"):
+        lines += [
+            "",
+            "Correctness check on the same device and dtype (tiny model, 2 rows of 320 tokens, left padding, "
+            "vision spans; against the reference backend with the same gates): "
+            + "; ".join(
+                f"{name}: " + (value["error"] if "error" in value else
+                               f"max |logit diff| {value['max_abs_logit_diff']:.3g} (logits up to {value['logit_scale']:.3g}), "
+                               f"4 greedy tokens {'equal' if value['greedy_tokens_equal'] else 'DIFFERENT'}")
+                for name, value in report["check"].items() if isinstance(value, dict)
+            )
+            + ".",
+        ]
+    lines += ["", "Produced by `benchmarks/adapter_layer.py`; raw numbers in the JSON beside this file.", ""]
+    with open(path, "w") as handle:
+        handle.write("\n".join(lines))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[32768, 65536, 131072])
+    parser.add_argument("--text", type=int, default=200)
+    parser.add_argument("--pattern", default="videonsa")
+    parser.add_argument("--backends", nargs="+", default=["auto", "flex"],
+                        help="nsaflex backends to measure, in order (one already measured is skipped)")
+    parser.add_argument("--impls", nargs="+", default=["sdpa", "nsaflex"])
+    parser.add_argument("--modes", nargs="+", default=["fwd", "fwdbwd"])
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--deadline", type=float, default=420.0, help="seconds; later measurements are skipped")
+    parser.add_argument("--json", default="benchmarks/adapter-layer.json")
+    parser.add_argument("--md", default="benchmarks/adapter-layer.md")
+    parser.add_argument("--tiny", action="store_true", help="small CPU configuration (checks the script)")
+    parser.add_argument("--check", action="store_true", help="first compare each backend with the reference on a tiny model")
+    args = parser.parse_args()
+
+    started = time.perf_counter()
+    device = "cpu" if args.tiny or not torch.cuda.is_available() else "cuda"
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    if args.tiny:
+        args.backends = ["reference"]
+    import transformers
+
+    pattern = load_pattern(args.pattern)
+    # One decoder layer: drop the pattern's layer count (and the shape check on a tiny config).
+    model_section = Model() if args.tiny else dataclasses.replace(pattern.model, num_layers=None)
+    pattern = dataclasses.replace(pattern, model=model_section, layers=())
+    report = {
+        "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "pattern": pattern.name,
+        "backend": " ".join(args.backends),
+        "text": args.text,
+        "dtype": str(dtype),
+        "results": [],
+    }
+
+    def save() -> None:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as handle:
+            json.dump(report, handle, indent=2)
+        write_markdown(report, args.md)
+
+    if args.check:
+        try:
+            correctness_check(report, pattern, [b for b in args.backends if b != "reference"] or ["reference"], device)
+        except Exception as error:
+            report["check"] = {"error": f"{type(error).__name__}: {error}"}
+            traceback.print_exc()
+        save()
+    model = build_model(args.tiny, device, dtype)
+    runs = [("sdpa", None)] if "sdpa" in args.impls else []
+    if "nsaflex" in args.impls:
+        runs += [("nsaflex", backend) for backend in args.backends]
+    measured_backends = set()
+    for impl, asked in runs:
+        adapter = None
+        backend = "sdpa"
+        if impl == "nsaflex":
+            if time.perf_counter() - started > args.deadline:
+                break
+            try:
+                adapter = adapter_module.apply(model, pattern, backend=asked)
+            except Exception as error:  # record and go on: the other runs stay useful
+                report["results"].append({"length": 0, "impl": impl, "backend": asked, "error": f"apply: {type(error).__name__}: {error}"})
+                print(f"apply(backend={asked}) failed: {error}", flush=True)
+                save()
+                continue
+            backend = adapter.describe()[0]["backend"]
+            if backend in measured_backends:
+                adapter.remove()
+                continue
+            measured_backends.add(backend)
+        for length in args.lengths:
+            row = {"length": length, "impl": impl, "backend": backend}
+            report["results"].append(row)
+            inputs = make_inputs(length, args.text, device)
+            for mode in args.modes:
+                if time.perf_counter() - started > args.deadline:
+                    row["error"] = (row.get("error", "") + f" {mode}: skipped (deadline)").strip()
+                    continue
+                try:
+                    row[mode] = measure(model, inputs, device, mode == "fwdbwd", args.warmup, args.reps)
+                    print(f"{impl:8s} {backend:9s} L={length:7d} {mode:7s} {row[mode]['ms']:9.1f} ms  "
+                          f"peak+{row[mode].get('peak_above_resident_gib', float('nan')):.2f} GiB  "
+                          f"(warmup {row[mode]['warmup_s']:.1f} s)", flush=True)
+                except Exception as error:
+                    message = f"{mode}: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+                    row["error"] = (row.get("error", "") + " " + message).strip()
+                    print(f"{impl} {backend} L={length} {mode} failed: {message}", flush=True)
+                    traceback.print_exc()
+                    if device == "cuda":
+                        torch.cuda.empty_cache()
+                save()
+            del inputs
+        if adapter is not None:
+            adapter.remove()
+    save()
+    print(f"done in {time.perf_counter() - started:.0f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()

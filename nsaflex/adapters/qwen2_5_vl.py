@@ -1,0 +1,877 @@
+"""Qwen2.5-VL adapter: a pattern's hybrid sparse attention inside a transformers model.
+
+Usage::
+
+    from nsaflex.adapters import qwen2_5_vl
+    adapter = qwen2_5_vl.apply(model, "videonsa", backend="auto")
+    out = model.generate(**inputs)            # prefill sparse, decode over the cache
+    qwen2_5_vl.remove(model)                  # or: with qwen2_5_vl.applied(model, ...):
+
+How it plugs in (transformers 5.x; 4.57 works the same way):
+
+* The decoder's attention dispatches through transformers' ``AttentionInterface``
+  (``ALL_ATTENTION_FUNCTIONS[config._attn_implementation]``). The adapter
+  registers ``"nsaflex"`` there *and* in ``AttentionMaskInterface`` (without a
+  mask function transformers skips mask creation for unknown implementations,
+  silently dropping the padding mask), and sets ``_attn_implementation`` on the
+  *text* config only, so the vision tower keeps its own attention. The mask
+  function returns an :class:`NsaflexMask`: which keys are real (the 2-D padding
+  mask) plus the mask the model's original implementation would have built.
+* Token classes come from the model call: a forward pre-hook on
+  ``Qwen2_5_VLModel`` reads ``mm_token_type_ids`` (image 1 and video 2 are
+  vision) or, without them, the image / video token ids in ``input_ids``. The
+  classes of cached tokens are kept on the transformers cache object, so decode
+  steps know them.
+* Gates: each decoder layer's ``self_attn`` gets the gate network of its
+  (override-resolved) pattern, registered as ``self_attn.g_proj_1`` /
+  ``self_attn.g_proj_2`` (``mlp``, VideoNSA's names and layout) or
+  ``self_attn.g_proj`` (``linear``), so ``state_dict()`` saves them and
+  ``load_state_dict`` / :func:`load_videonsa_gates` restore them. The gate reads
+  the attention module's input hidden state (after ``input_layernorm``, the
+  tensor q/k/v are projected from), captured by a forward pre-hook on
+  ``self_attn``; VideoNSA computes its gates from the same tensor.
+* Attention: per layer a :class:`~nsaflex.runtime.CompiledAttention`
+  (``nsaflex.compile(pattern, backend, layer=i)``), registered as
+  ``self_attn.nsaflex`` (it holds the compression MLP of ``pooling: mlp``).
+  Dense layers (``layers: [{at: [...], dense: true}]``) and calls whose queries
+  are all text (hybrid patterns) are handed to the model's original attention
+  implementation with its original mask, so text-only inputs give exactly the
+  unpatched model's output.
+
+Padding. A padded row gives, at its real tokens, exactly what the row without
+padding gives (positions, blocks and windows count real tokens only; padding
+queries output zeros). Rows are compacted to their real tokens (moved to the
+front and run as one batch when trailing padding cannot change real tokens'
+outputs, else one row at a time).
+
+Decode. With a KV cache, a new query at position ``p`` gets what the pattern
+gives the last row of ``[0, p]``: dense for text queries of a hybrid pattern
+(handed to the original implementation), the sparse branches over the cached
+keys otherwise, with compressed tokens kept and extended as blocks complete
+(see :mod:`nsaflex.adapters.decode` for semantics and costs). Beam search
+reorders the KV cache but not the token classes kept with it: it is exact when
+all beams of a prompt share their token classes (generated tokens are text).
+
+``mode="videonsa_release"`` runs :mod:`nsaflex.reference_release` (the
+released VideoNSA code's numerics) on the reference backend, prefill and decode.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import sys
+import weakref
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from nsaflex.adapters.decode import (
+    DecodeError,
+    LayerDecodeCache,
+    decode_attention,
+    real_positions,
+    record_delegated_queries,
+    stash_release_queries,
+    stash_tile_queries,
+)
+from nsaflex.errors import BackendUnavailable, NsaflexError, PatternError
+from nsaflex.gates import GateNetwork, gate_for_pattern
+from nsaflex.loader import load_pattern
+from nsaflex.reference_release import check_release_pattern, padded_slots, release_attention
+from nsaflex.runtime import CompiledAttention, compile as compile_pattern
+from nsaflex.spec import Pattern
+
+ATTN_NAME = "nsaflex"
+MODES = ("faithful", "videonsa_release")
+
+
+class AdapterError(NsaflexError, ValueError):
+    """A model, input or checkpoint the adapter cannot take. The message names
+    what was wrong, what was expected and what was found."""
+
+    def __init__(self, what: str, expected: str, found: object) -> None:
+        self.what = what
+        self.expected = expected
+        self.found = found
+        found_text = found if isinstance(found, str) else repr(found)
+        super().__init__(f"{what}: expected {expected}, found {found_text}")
+
+
+class NsaflexMask:
+    """What the registered mask function hands the attention: ``valid``
+    ``[B, S]`` bool (True = real token; ``None`` = no padding) and ``original``,
+    the mask the model's original implementation builds."""
+
+    __slots__ = ("valid", "original")
+
+    def __init__(self, valid: torch.Tensor | None, original: Any) -> None:
+        self.valid = valid
+        self.original = original
+
+
+# --- registries ------------------------------------------------------------------------
+
+_ADAPTERS: "weakref.WeakKeyDictionary[nn.Module, Qwen25VLAdapter]" = weakref.WeakKeyDictionary()
+_LAYERS: "weakref.WeakKeyDictionary[nn.Module, _Layer]" = weakref.WeakKeyDictionary()
+_BY_CONFIG: dict[int, "Qwen25VLAdapter"] = {}
+_REGISTERED = False
+
+
+def _register_interfaces() -> None:
+    global _REGISTERED
+    if _REGISTERED:
+        return
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(ATTN_NAME, _attention_entry)
+    AttentionMaskInterface.register(ATTN_NAME, _mask_entry)
+    _REGISTERED = True
+
+
+def _mask_entry(*args: Any, **kwargs: Any) -> NsaflexMask:
+    config = kwargs.get("config")
+    adapter = _BY_CONFIG.get(id(config))
+    if adapter is None:
+        raise AdapterError(
+            "attention mask",
+            "a model patched with nsaflex.adapters.qwen2_5_vl.apply",
+            f"a config with _attn_implementation {ATTN_NAME!r} but no adapter",
+        )
+    mask_function = kwargs.get("mask_function")
+    name = getattr(mask_function, "__name__", None)
+    if mask_function is not None and name != "causal_mask_function":
+        raise AdapterError(
+            "attention mask",
+            "the plain causal mask (nsaflex builds the pattern's masks itself)",
+            f"a custom or packed-sequence mask function ({name or type(mask_function).__name__}); "
+            "pass an attention_mask instead of packed position_ids",
+        )
+    original = None
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+    try:
+        original_function = ALL_MASK_ATTENTION_FUNCTIONS[adapter.original_impl]
+    except KeyError:
+        original_function = None
+    if original_function is not None:
+        original = original_function(*args, **kwargs)
+    attention_mask = kwargs.get("attention_mask")
+    valid = None
+    if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
+        valid = attention_mask.to(torch.bool)
+        if bool(valid.all()):
+            valid = None
+    return NsaflexMask(valid, original)
+
+
+def _attention_entry(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: Any,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    sliding_window: int | None = None,
+    **kwargs: Any,
+):
+    layer = _LAYERS.get(module)
+    if layer is None:
+        raise AdapterError(
+            "attention module",
+            "a decoder attention of a model patched with nsaflex.adapters.qwen2_5_vl.apply",
+            type(module).__name__,
+        )
+    return layer.adapter._attend(layer, module, query, key, value, attention_mask, dropout, scaling, sliding_window, kwargs)
+
+
+# --- per-call state ----------------------------------------------------------------------
+
+
+@dataclass
+class _CacheState:
+    """Kept on the transformers cache object between calls."""
+
+    types: torch.Tensor | None
+    decode: dict[int, LayerDecodeCache]
+
+
+@dataclass
+class _CallState:
+    types: torch.Tensor | None = None  # [B, past + q_len] 0 text / 1 vision, or None if unknown
+    past: int = 0
+    batch: int = 0
+    q_len: int = 0
+    decode: dict[int, LayerDecodeCache] = field(default_factory=dict)
+    cache: Any = None
+
+
+@dataclass
+class _Layer:
+    index: int
+    adapter: "Qwen25VLAdapter"
+    attention: nn.Module  # the model's self_attn
+    pattern: Pattern  # resolved for this layer
+    compiled: CompiledAttention | None
+    gate: GateNetwork | None
+    hidden: torch.Tensor | None = None
+    added: tuple[str, ...] = ()
+
+    @property
+    def dense(self) -> bool:
+        return self.pattern.dense
+
+
+def _token_classes(input_ids: Any, mm_token_type_ids: Any, config: Any) -> torch.Tensor | None:
+    """``[B, q]`` long, 1 for vision tokens, from ``mm_token_type_ids`` (0 text,
+    1 image, 2 video) or the image / video token ids in ``input_ids``."""
+    if isinstance(mm_token_type_ids, torch.Tensor):
+        return (mm_token_type_ids != 0).long()
+    if isinstance(input_ids, torch.Tensor) and input_ids.dim() == 2:
+        vision = torch.zeros_like(input_ids, dtype=torch.bool)
+        for name in ("image_token_id", "video_token_id"):
+            token = getattr(config, name, None)
+            if token is not None:
+                vision |= input_ids == token
+        return vision.long()
+    return None
+
+
+def _cache_length(cache: Any) -> int:
+    if cache is None:
+        return 0
+    length = cache.get_seq_length()
+    return int(length.item() if isinstance(length, torch.Tensor) else length)
+
+
+def _find_cache(output: Any) -> Any:
+    for name in ("cache", "past_key_values"):
+        try:
+            value = getattr(output, name)
+        except (AttributeError, KeyError):
+            continue
+        if value is not None and hasattr(value, "get_seq_length"):
+            return value
+    if isinstance(output, tuple):
+        for item in output:
+            if hasattr(item, "get_seq_length"):
+                return item
+    return None
+
+
+# --- the adapter -----------------------------------------------------------------------------
+
+
+class Qwen25VLAdapter:
+    """The handle :func:`apply` returns: the per-layer patterns, gates and
+    attention modules, and :meth:`remove`."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        base: nn.Module,
+        text_model: nn.Module,
+        pattern: Pattern,
+        backend: str,
+        mode: str,
+        layers: list[_Layer],
+        module_names: dict[int, str],
+    ) -> None:
+        self.model = model
+        self.base = base
+        self.text_model = text_model
+        self.config = text_model.config
+        self.pattern = pattern
+        self.backend = backend
+        self.mode = mode
+        self.layers = layers
+        self.module_names = module_names  # layer index -> qualified name of its self_attn
+        self.original_impl: str | None = None
+        self._hooks: list[Any] = []
+        self._pending: torch.Tensor | None = None
+        self._call = _CallState()
+        self._active = False
+
+    # -- properties ------------------------------------------------------------------
+    @property
+    def needs_token_classes(self) -> bool:
+        return self.mode == "videonsa_release" or self.pattern.hybrid is not None
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """Dtype of the decode path: float64 on the reference backend, else float32."""
+        return torch.float64 if self.backend == "reference" else torch.float32
+
+    def gate_parameters(self) -> Iterator[nn.Parameter]:
+        """The parameters the adapter added (gates and compression MLPs)."""
+        for layer in self.layers:
+            for name in layer.added:
+                yield from getattr(layer.attention, name).parameters()
+
+    def describe(self) -> list[dict[str, Any]]:
+        """One entry per layer: what runs there."""
+        rows = []
+        for layer in self.layers:
+            rows.append(
+                {
+                    "layer": layer.index,
+                    "dense": layer.dense,
+                    "branches": list(layer.pattern.branches),
+                    "backend": "original" if layer.dense else (layer.compiled.backend if layer.compiled else "reference"),
+                    "gate": layer.gate.kind if layer.gate is not None else None,
+                    "mode": self.mode,
+                }
+            )
+        return rows
+
+    # -- installing -------------------------------------------------------------------
+    def _install(self) -> None:
+        self.original_impl = self.config._attn_implementation
+        self._hooks.append(self.base.register_forward_pre_hook(self._on_model_call, with_kwargs=True))
+        self._hooks.append(self.text_model.register_forward_pre_hook(self._on_text_call, with_kwargs=True))
+        self._hooks.append(self.text_model.register_forward_hook(self._after_text_call, with_kwargs=True))
+        for layer in self.layers:
+            self._hooks.append(layer.attention.register_forward_pre_hook(self._capture_hidden(layer), with_kwargs=True))
+            added = []
+            if layer.gate is not None:
+                for name, linear in layer.gate.linears().items():
+                    layer.attention.add_module(name, linear)
+                    added.append(name)
+            if layer.compiled is not None:
+                layer.attention.add_module(ATTN_NAME, layer.compiled)
+                added.append(ATTN_NAME)
+            layer.added = tuple(added)
+            _LAYERS[layer.attention] = layer
+        _ADAPTERS[self.base] = self
+        _BY_CONFIG[id(self.config)] = self
+        self.config._attn_implementation = ATTN_NAME
+        self._active = True
+
+    def remove(self) -> None:
+        """Undo :func:`apply`: the model is as it was (the gate networks stay
+        available on this handle's layers)."""
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks.clear()
+        for layer in self.layers:
+            for name in layer.added:
+                layer.attention._modules.pop(name, None)
+            layer.added = ()
+            layer.hidden = None
+            if _LAYERS.get(layer.attention) is layer:
+                del _LAYERS[layer.attention]
+        if _ADAPTERS.get(self.base) is self:
+            del _ADAPTERS[self.base]
+        if _BY_CONFIG.get(id(self.config)) is self:
+            del _BY_CONFIG[id(self.config)]
+        if self.original_impl is not None and self.config._attn_implementation == ATTN_NAME:
+            self.config._attn_implementation = self.original_impl
+        self._call = _CallState()
+        self._active = False
+
+    # -- hooks ------------------------------------------------------------------------
+    def _on_model_call(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        self._pending = _token_classes(input_ids, kwargs.get("mm_token_type_ids"), self.base.config)
+
+    def _on_text_call(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        embeds = kwargs.get("inputs_embeds")
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        reference = embeds if isinstance(embeds, torch.Tensor) else ids
+        if not isinstance(reference, torch.Tensor):
+            self._pending, self._call = None, _CallState()
+            return  # the model itself refuses the call
+        batch, q_len = int(reference.shape[0]), int(reference.shape[1])
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        past = _cache_length(cache)
+        stored = getattr(cache, "_nsaflex_state", None) if cache is not None else None
+        if not isinstance(stored, _CacheState):
+            stored = None
+        pending, self._pending = self._pending, None
+        types = None
+        if pending is not None:
+            if pending.shape == (batch, past + q_len):
+                types = pending
+            elif pending.shape == (batch, q_len):
+                if past == 0:
+                    types = pending
+                elif stored is not None and stored.types is not None and stored.types.shape == (batch, past):
+                    types = torch.cat([stored.types.to(pending.device), pending], dim=1)
+            else:
+                raise AdapterError(
+                    "mm_token_type_ids",
+                    f"shape [{batch}, {q_len}] (this call's tokens) or [{batch}, {past + q_len}] (cached and new)",
+                    list(pending.shape),
+                )
+        decode = stored.decode if (stored is not None and past > 0) else {}
+        self._call = _CallState(types=types, past=past, batch=batch, q_len=q_len, decode=decode, cache=cache)
+
+    def _after_text_call(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        cache = _find_cache(output)
+        if cache is None:
+            cache = self._call.cache
+        if cache is None:
+            return
+        call = self._call
+        if _cache_length(cache) != call.past + call.q_len:
+            return
+        object.__setattr__(cache, "_nsaflex_state", _CacheState(call.types, call.decode))
+
+    def _capture_hidden(self, layer: _Layer):
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            layer.hidden = args[0] if args else kwargs.get("hidden_states")
+
+        return hook
+
+    # -- attention --------------------------------------------------------------------
+    def _original_function(self, module: nn.Module):
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward")
+        if self.original_impl in (None, "eager"):
+            return eager
+        return ALL_ATTENTION_FUNCTIONS[self.original_impl]
+
+    def _attend(self, layer, module, query, key, value, attention_mask, dropout, scaling, sliding_window, kwargs):
+        batch, heads, q_len, dim = query.shape
+        kv_len = key.shape[2]
+        if isinstance(attention_mask, NsaflexMask):
+            mask = attention_mask
+        else:
+            mask = NsaflexMask(_valid_from_mask(attention_mask, batch, kv_len), attention_mask)
+
+        def delegate():
+            return self._original_function(module)(
+                module, query, key, value, mask.original,
+                dropout=dropout, scaling=scaling, sliding_window=sliding_window, **kwargs,
+            )
+
+        hidden, layer.hidden = layer.hidden, None
+        if layer.dense:
+            return delegate()
+        if scaling is not None and abs(scaling * dim**0.5 - 1.0) > 1e-6:
+            raise AdapterError("attention scaling", f"1/sqrt(head_dim) = {dim ** -0.5:.6g}", scaling)
+        if sliding_window is not None:
+            raise AdapterError("sliding_window", "None (nsaflex patterns replace the model's sliding window)", sliding_window)
+        call = self._call
+        past = call.past
+        if call.batch != batch or call.q_len != q_len or past + q_len > kv_len:
+            past = kv_len - q_len
+        total = past + q_len
+        types = call.types
+        if self.needs_token_classes:
+            if types is None or tuple(types.shape) != (batch, total):
+                found = "none" if types is None else f"classes for {list(types.shape)}"
+                raise AdapterError(
+                    "token classes",
+                    f"classes of {batch} x {total} tokens from mm_token_type_ids or input_ids "
+                    "(call the Qwen2.5-VL model with input_ids or mm_token_type_ids; keep the cache it returned)",
+                    found,
+                )
+            types = types.to(query.device)
+        valid = mask.valid
+        if valid is not None:
+            valid = valid.to(query.device)
+            if valid.shape[1] < total:
+                valid = torch.cat([valid, valid.new_ones(batch, total - valid.shape[1])], dim=1)
+            valid = valid[:, :total]
+            if bool(valid.all()):
+                valid = None
+        # Hybrid patterns: text queries are dense; if every query of the call is
+        # text, the original implementation computes exactly that.
+        if self.mode == "faithful" and layer.pattern.hybrid is not None:
+            new = types[:, past:total] == 1
+            if valid is not None:
+                new &= valid[:, past:total]
+            if not bool(new.any()):
+                self._keep_tile_queries(layer, query, types, valid, past)
+                return delegate()
+        if dropout:
+            raise AdapterError("attention dropout", "0 (nsaflex attention has no dropout)", dropout)
+        if hidden is None or tuple(hidden.shape[:2]) != (batch, q_len):
+            raise AdapterError("hidden state", f"the attention input [{batch}, {q_len}, hidden] captured for the gates", "none")
+        gates = layer.gate(hidden) if layer.gate is not None else None
+        key, value = key[:, :, :total], value[:, :, :total]
+        if past == 0:
+            if self.mode == "faithful":
+                out = self._prefill(layer, query, key, value, gates, types, valid)
+            else:
+                out = self._prefill_release(layer, query, key, value, gates, types, valid)
+        else:
+            try:
+                out = self._decode(layer, query, key, value, gates, types, valid, past)
+            except DecodeError as error:
+                raise AdapterError("decode state", "state kept from the prefill of this cache", str(error)) from None
+        return out.to(query.dtype).transpose(1, 2).contiguous(), None
+
+    def _keep_tile_queries(self, layer, query, types, valid, past):
+        """Text queries handed to the original attention still count toward a
+        ``query_block`` tile of a ``vision_keys: all`` pattern: keep them."""
+        pattern = layer.pattern
+        selection = pattern.selection
+        if selection is None or selection.granularity != "query_block" or pattern.hybrid.vision_keys != "all":
+            return
+        cache = self._call.decode.setdefault(layer.index, LayerDecodeCache())
+        if past == 0:
+            for b in range(query.shape[0]):
+                positions = _sparse_positions(pattern, valid, types, b, query.shape[2], query.device)
+                stash_tile_queries(pattern, cache.row(b), query[b][:, positions])
+        else:
+            record_delegated_queries(pattern, cache, query, valid, past)
+
+    def _prefill(self, layer, q, k, v, gates, types, valid):
+        pattern = layer.pattern
+        attn = layer.compiled
+        hybrid_types = types if pattern.hybrid is not None else None
+        batch, _, length, _ = q.shape
+        if valid is None:
+            out = attn(q, k, v, gates, hybrid_types)
+        elif _trailing_padding_safe(pattern):
+            # Real tokens first, in order; padding at the end, as text.
+            order = torch.argsort((~valid).to(torch.uint8), dim=1, stable=True)
+            index = order[:, None, :, None]
+
+            def gather(x):
+                return None if x is None else x.gather(2, index.expand(-1, x.shape[1], -1, x.shape[3]))
+
+            sorted_types = None
+            if hybrid_types is not None:
+                sorted_types = hybrid_types.gather(1, order) * valid.gather(1, order)
+            result = attn(gather(q), gather(k), gather(v), gather(gates), sorted_types)
+            out = torch.zeros_like(result).scatter(2, index.expand_as(result), result)
+            out = out * valid[:, None, :, None].to(out.dtype)
+        else:
+            rows = []
+            for b in range(batch):
+                real = torch.nonzero(valid[b]).flatten()
+                row_types = None if hybrid_types is None else hybrid_types[b : b + 1, real]
+                row_gates = None if gates is None else gates[b : b + 1, :, real]
+                result = attn(q[b : b + 1, :, real], k[b : b + 1, :, real], v[b : b + 1, :, real], row_gates, row_types)
+                rows.append(torch.zeros_like(q[b]).index_copy(1, real, result[0].to(q.dtype)))
+            out = torch.stack(rows)
+        selection = pattern.selection
+        if selection is not None and selection.granularity == "query_block":
+            cache = self._call.decode.setdefault(layer.index, LayerDecodeCache())
+            for b in range(batch):
+                positions = _sparse_positions(pattern, valid, types, b, length, q.device)
+                stash_tile_queries(pattern, cache.row(b), q[b][:, positions])
+        return out
+
+    def _prefill_release(self, layer, q, k, v, gates, types, valid):
+        batch, heads, length, _ = q.shape
+        slots = padded_slots(heads, k.shape[1])
+        cache = self._call.decode.setdefault(layer.index, LayerDecodeCache())
+        rows = []
+        for b in range(batch):
+            real = torch.arange(length, device=q.device) if valid is None else torch.nonzero(valid[b]).flatten()
+            row_gates = None if gates is None else gates[b : b + 1, :, real]
+            result = release_attention(
+                q[b : b + 1, :, real], k[b : b + 1, :, real], v[b : b + 1, :, real],
+                layer.pattern, row_gates, types[b : b + 1, real],
+            ).to(device=q.device, dtype=q.dtype)
+            rows.append(torch.zeros_like(q[b]).index_copy(1, real, result[0]))
+            stash_release_queries(cache.row(b), q[b][:, real], slots)
+        return torch.stack(rows)
+
+    def _decode(self, layer, q, k, v, gates, types, valid, past):
+        cache = self._call.decode.setdefault(layer.index, LayerDecodeCache())
+        return decode_attention(
+            layer.pattern, q, k, v, gates, types, valid, past, cache,
+            release=self.mode == "videonsa_release",
+            pooler=layer.compiled.pooler if layer.compiled is not None else None,
+            dtype=self.compute_dtype,
+        )
+
+
+def _trailing_padding_safe(pattern: Pattern) -> bool:
+    """Whether padding moved to the end of a row (as text tokens) leaves the
+    real tokens' outputs unchanged."""
+    if pattern.hybrid is not None and pattern.hybrid.vision_keys == "vision":
+        return True  # padding (text) never enters the sparse sequences
+    return pattern.is_causal and pattern.causal_granularity == 1
+
+
+def _sparse_positions(pattern: Pattern, valid, types, b: int, end: int, device) -> torch.Tensor:
+    """Full-row positions of batch row ``b``'s sparse sequence among the first ``end`` tokens."""
+    real = real_positions(valid, b, end, device)
+    if pattern.hybrid is not None and pattern.hybrid.vision_keys == "vision":
+        real = real[types[b, real] == 1]
+    return real
+
+
+def _valid_from_mask(mask: Any, batch: int, kv_len: int) -> torch.Tensor | None:
+    """Real keys ``[B, S]`` from a mask the adapter did not build (a 4-D bool or
+    additive mask: a key is real if some query may attend it; 2-D: as is)."""
+    if mask is None:
+        return None
+    if isinstance(mask, torch.Tensor):
+        if mask.dim() == 2:
+            return mask.to(torch.bool)
+        if mask.dim() == 4:
+            allowed = mask if mask.dtype == torch.bool else mask == 0
+            return allowed.any(dim=1).any(dim=1).expand(batch, -1)[:, :kv_len]
+    raise AdapterError(
+        "attention_mask",
+        "a 2-D padding mask or a 4-D bool/additive mask",
+        type(mask).__name__,
+    )
+
+
+# --- public API ----------------------------------------------------------------------------
+
+
+def _resolve_model(model: Any) -> tuple[nn.Module, nn.Module]:
+    try:
+        from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as qwen
+    except ImportError as error:  # pragma: no cover - transformers is a dependency
+        raise AdapterError("transformers", "an installation with Qwen2.5-VL (>= 4.57)", str(error)) from None
+    if isinstance(model, qwen.Qwen2_5_VLForConditionalGeneration):
+        base = model.model
+    elif isinstance(model, qwen.Qwen2_5_VLModel):
+        base = model
+    else:
+        raise AdapterError(
+            "model",
+            "a transformers Qwen2_5_VLForConditionalGeneration or Qwen2_5_VLModel",
+            type(model).__name__,
+        )
+    return base, base.language_model
+
+
+def _check_pattern(pattern: Pattern, config: Any, mode: str) -> None:
+    heads = config.num_attention_heads
+    kv_heads = config.num_key_value_heads
+    hidden = config.hidden_size
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    layers = config.num_hidden_layers
+    actual = {
+        "query_heads": (heads, "num_attention_heads"),
+        "kv_heads": (kv_heads, "num_key_value_heads"),
+        "head_dim": (head_dim, "hidden_size / num_attention_heads"),
+        "hidden_size": (hidden, "hidden_size"),
+        "num_layers": (layers, "num_hidden_layers"),
+    }
+    for name, (value, source) in actual.items():
+        declared = getattr(pattern.model, name)
+        if declared is not None and declared != value:
+            raise PatternError(f"model.{name}", f"{value} (the model's text_config.{source})", declared)
+    for position, override in enumerate(pattern.layers):
+        for layer in override.at:
+            if layer >= layers:
+                raise PatternError(f"layers[{position}].at", f"layer indices below {layers} (the model's num_hidden_layers)", layer)
+    if mode == "videonsa_release":
+        for layer in range(layers):
+            check_release_pattern(pattern, layer)
+
+
+def apply(
+    model: nn.Module,
+    pattern: Pattern | str | os.PathLike[str],
+    backend: str = "auto",
+    *,
+    mode: str = "faithful",
+    device: str | None = None,
+    state_dict: dict[str, torch.Tensor] | None = None,
+) -> Qwen25VLAdapter:
+    """Make ``model``'s decoder attention run ``pattern``.
+
+    Args:
+        model: a ``Qwen2_5_VLForConditionalGeneration`` or ``Qwen2_5_VLModel``.
+        pattern: a :class:`~nsaflex.spec.Pattern`, a YAML path or a bundled name.
+        backend: ``auto``, ``reference``, ``flex`` or ``triton`` (per layer, see
+            :func:`nsaflex.compile`); ``videonsa_release`` mode runs on the reference.
+        mode: ``faithful`` (the pattern's semantics, :mod:`nsaflex.reference`) or
+            ``videonsa_release`` (:mod:`nsaflex.reference_release`).
+        device: device kind for backend choice (default: the model's).
+        state_dict: gate tensors to load (VideoNSA's or this adapter's key
+            layout, see :func:`load_videonsa_gates`); on any error nothing is applied.
+
+    Raises :class:`AdapterError` (not a Qwen2.5-VL model, already patched,
+    bad checkpoint), :class:`~nsaflex.errors.PatternError` (pattern shape
+    disagrees with the model) or :class:`~nsaflex.errors.BackendUnavailable`;
+    in every case the model is left as it was.
+    """
+    base, text_model = _resolve_model(model)
+    if base in _ADAPTERS:
+        raise AdapterError("model", "a model nsaflex is not applied to yet (call remove() first)", "an already patched model")
+    if mode not in MODES:
+        raise AdapterError("mode", f"one of {', '.join(repr(m) for m in MODES)}", mode)
+    if not isinstance(pattern, Pattern):
+        pattern = load_pattern(pattern)
+    config = text_model.config
+    if getattr(config, "use_sliding_window", False) or "sliding_attention" in (getattr(config, "layer_types", None) or ()):
+        raise AdapterError("text_config.use_sliding_window", "False (nsaflex patterns replace the sliding window)", True)
+    if config._attn_implementation == ATTN_NAME:
+        raise AdapterError("text_config._attn_implementation", "the model's own implementation", ATTN_NAME)
+    _check_pattern(pattern, config, mode)
+    if mode == "videonsa_release":
+        if backend not in ("auto", "reference"):
+            raise BackendUnavailable(
+                f"backend {backend!r} cannot run mode 'videonsa_release': its quirks exist on the reference backend only"
+            )
+        backend = "reference"
+
+    decoder_layers = list(text_model.layers)
+    weight = decoder_layers[0].self_attn.q_proj.weight
+    device_kind = device or weight.device.type
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    init_std = getattr(config, "initializer_range", 0.02)
+    names = {module: name for name, module in model.named_modules()}
+    layers: list[_Layer] = []
+    chosen_backend = backend
+    adapter = Qwen25VLAdapter(model, base, text_model, pattern, backend, mode, layers, {})
+    shared: dict[Pattern, CompiledAttention] = {}  # layers with the same pattern share kernels and mask caches
+    for index, decoder_layer in enumerate(decoder_layers):
+        attention = decoder_layer.self_attn
+        resolved = pattern.for_layer(index)
+        compiled = None
+        if not resolved.dense and mode == "faithful":
+            learned = resolved.compression is not None and resolved.compression.pooling == "mlp"
+            compiled = None if learned else shared.get(resolved)
+            if compiled is None:
+                compiled = compile_pattern(pattern, backend, layer=index, device=device_kind, head_dim=head_dim)
+                compiled.to(device=weight.device)
+                if not learned:
+                    shared[resolved] = compiled
+            chosen_backend = compiled.backend
+        gate = gate_for_pattern(resolved, config.hidden_size, heads, init_std=init_std, dtype=weight.dtype, device=weight.device)
+        if gate is not None and gate.kind == "constant":
+            gate = None  # constants come from the pattern
+        for name in (gate.parameter_names if gate is not None else ()) + ((ATTN_NAME,) if compiled is not None else ()):
+            if hasattr(attention, name):
+                raise AdapterError(
+                    f"{names.get(attention, 'self_attn')}.{name}",
+                    "no existing attribute of that name (the adapter adds it)",
+                    type(getattr(attention, name)).__name__,
+                )
+        layers.append(_Layer(index, adapter, attention, resolved, compiled, gate))
+        adapter.module_names[index] = names.get(attention, f"layers.{index}.self_attn")
+    adapter.backend = chosen_backend if mode == "faithful" else "reference"
+    if state_dict is not None:
+        _load_gates(adapter, state_dict)
+    _register_interfaces()
+    try:
+        adapter._install()
+    except Exception:
+        adapter.remove()
+        raise
+    return adapter
+
+
+def remove(model: nn.Module) -> None:
+    """Undo :func:`apply` on ``model``."""
+    base, _ = _resolve_model(model)
+    adapter = _ADAPTERS.get(base)
+    if adapter is None:
+        raise AdapterError("model", "a model patched with apply()", "a model nsaflex is not applied to")
+    adapter.remove()
+
+
+def get_adapter(model: nn.Module) -> Qwen25VLAdapter | None:
+    """The adapter applied to ``model``, or ``None``."""
+    base, _ = _resolve_model(model)
+    return _ADAPTERS.get(base)
+
+
+@contextlib.contextmanager
+def applied(model: nn.Module, pattern: Pattern | str | os.PathLike[str], backend: str = "auto", **options: Any):
+    """``with applied(model, pattern) as adapter:`` the model runs the pattern inside."""
+    adapter = apply(model, pattern, backend, **options)
+    try:
+        yield adapter
+    finally:
+        adapter.remove()
+
+
+_GATE_KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.self_attn\.(g_proj(?:_1|_2)?)\.(weight|bias)$")
+
+
+def load_videonsa_gates(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> dict[str, list[str]]:
+    """Load gate tensors into a patched model.
+
+    Accepts any key ending in ``layers.N.self_attn.{g_proj_1,g_proj_2,g_proj}.{weight,bias}``:
+    VideoNSA's transformers-4.x layout (``model.layers.N...``), the 5.x layout
+    (``model.language_model.layers.N...``) and this adapter's own keys. Every
+    gate parameter of the model must be present with its exact shape, or
+    :class:`AdapterError` names the key and nothing is loaded. Gate tensors of
+    layers without gates (dense layers) are returned under ``unused``.
+
+    Returns ``{"loaded": [model keys], "unused": [checkpoint keys]}``.
+    """
+    adapter = get_adapter(model)
+    if adapter is None:
+        raise AdapterError("model", "a model patched with apply() (gates exist only then)", "a model nsaflex is not applied to")
+    return _load_gates(adapter, state_dict)
+
+
+def _load_gates(adapter: Qwen25VLAdapter, state_dict: dict[str, torch.Tensor]) -> dict[str, list[str]]:
+    if not hasattr(state_dict, "items"):
+        raise AdapterError("state_dict", "a mapping of names to tensors", type(state_dict).__name__)
+    found: dict[tuple[int, str, str], tuple[str, torch.Tensor]] = {}
+    num_layers = len(adapter.layers)
+    for key, tensor in state_dict.items():
+        match = _GATE_KEY.search(key)
+        if match is None:
+            continue
+        ident = (int(match.group(1)), match.group(2), match.group(3))
+        if ident[0] >= num_layers:
+            raise AdapterError(key, f"a layer index below {num_layers} (the model's decoder layers)", ident[0])
+        if not isinstance(tensor, torch.Tensor):
+            raise AdapterError(key, "a tensor", type(tensor).__name__)
+        if ident in found and not torch.equal(found[ident][1].cpu(), tensor.cpu()):
+            raise AdapterError(key, f"the same tensor as {found[ident][0]} (both key layouts given)", "a different tensor")
+        found[ident] = (key, tensor)
+    plan: list[tuple[nn.Parameter, torch.Tensor, str]] = []
+    expected: set[tuple[int, str, str]] = set()
+    for layer in adapter.layers:
+        if layer.gate is None:
+            continue
+        prefix = adapter.module_names[layer.index]
+        for name, linear in layer.gate.linears().items():
+            for part in ("weight", "bias"):
+                ident = (layer.index, name, part)
+                expected.add(ident)
+                parameter = getattr(linear, part)
+                own_key = f"{prefix}.{name}.{part}"
+                if ident not in found:
+                    raise AdapterError(
+                        "state_dict",
+                        f"the gate tensor {own_key} (or model.layers.{layer.index}.self_attn.{name}.{part})",
+                        "no such key",
+                    )
+                key, tensor = found[ident]
+                if tuple(tensor.shape) != tuple(parameter.shape):
+                    raise AdapterError(
+                        key,
+                        f"shape {list(parameter.shape)} (layer {layer.index}: {layer.gate.num_heads} heads x "
+                        f"{layer.gate.num_branches} branches, hidden {layer.gate.hidden_size})",
+                        list(tensor.shape),
+                    )
+                if not tensor.is_floating_point():
+                    raise AdapterError(key, "a floating-point tensor", str(tensor.dtype))
+                plan.append((parameter, tensor, own_key))
+    with torch.no_grad():
+        for parameter, tensor, _ in plan:
+            parameter.copy_(tensor.to(device=parameter.device, dtype=parameter.dtype))
+    unused = [found[ident][0] for ident in found if ident not in expected]
+    return {"loaded": [key for _, _, key in plan], "unused": unused}
+
+
+__all__ = [
+    "ATTN_NAME",
+    "AdapterError",
+    "MODES",
+    "NsaflexMask",
+    "Qwen25VLAdapter",
+    "applied",
+    "apply",
+    "get_adapter",
+    "load_videonsa_gates",
+    "remove",
+]

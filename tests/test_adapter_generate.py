@@ -1,0 +1,227 @@
+"""Decoding with the Qwen2.5-VL adapter: ``generate()`` against a step-by-step
+evaluation with the reference, chunked decoding over a cache, and the decode
+step itself against the reference's last row on every prefix."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from nsaflex.adapters.decode import LayerDecodeCache, decode_attention
+from nsaflex.adapters.qwen2_5_vl import apply
+from nsaflex.pooling import MLPPooling
+from nsaflex.reference import reference_attention
+from nsaflex.spec import Compression, Gate, Hybrid, LayerOverride, Pattern, Selection, Window
+from tests.adapter_support import (
+    IMAGE,
+    ScratchModel,
+    make_batch,
+    scratch_generate,
+    small_pattern,
+    takes_mm_token_type_ids,
+    tiny_model,
+)
+from tests.strategies import patterns as random_patterns
+
+STEPS = 6
+
+
+def sparse_patterns():
+    """Patterns whose decode steps run the sparse branches (no hybrid section:
+    every generated token is sparse), crossing block boundaries while decoding."""
+    overlap = Pattern(
+        name="overlap",
+        compression=Compression(block=4, stride=2),
+        selection=Selection(block=4, count=2, forced=("first", "current")),
+        window=Window(size=3),
+        gate=Gate(kind="mlp", temperature=0.5),
+    )
+    return {
+        "overlap": overlap,
+        "query-block": dataclasses.replace(
+            overlap, selection=Selection(block=8, count=2, granularity="query_block", query_block=4, scoring="head")
+        ),
+        "legacy": dataclasses.replace(overlap, compression=Compression(block=4, stride=4, visibility="videonsa_legacy")),
+        "mlp-pooling": dataclasses.replace(overlap, compression=Compression(block=4, stride=2, pooling="mlp")),
+        "constant-window-only": Pattern(name="w", window=Window(size=5), gate=Gate(kind="constant", values=(1.0,))),
+        "overrides": dataclasses.replace(
+            overlap, layers=(LayerOverride(at=(0,), remove=("window",)), LayerOverride(at=(1,), dense=True))
+        ),
+        "hybrid-all": dataclasses.replace(overlap, hybrid=Hybrid(vision_keys="all")),
+    }
+
+
+def randomise(adapter, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in adapter.gate_parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.5)
+
+
+def poolers_of(adapter):
+    return {layer.index: layer.compiled.pooler for layer in adapter.layers if layer.compiled is not None}
+
+
+def generated(model, ids, mask, mm=None, steps=STEPS):
+    out = model.generate(
+        input_ids=ids, attention_mask=mask, mm_token_type_ids=mm, max_new_tokens=steps, do_sample=False
+    )
+    tokens = out[:, ids.shape[1] :]
+    if tokens.shape[1] < steps:  # every row stopped early
+        tokens = torch.cat([tokens, torch.full((ids.shape[0], steps - tokens.shape[1]), 2)], dim=1)
+    return tokens
+
+
+def test_generate_hybrid_matches_step_by_step_reference():
+    """VideoNSA-like pattern, mixed vision spans, left padding: the prompt's
+    vision tokens are sparse, generated text tokens dense over the cache."""
+    model = tiny_model()
+    pattern = small_pattern()
+    adapter = apply(model, pattern, backend="reference")
+    randomise(adapter, seed=2)
+    ids, mask, mm = make_batch([[(3, 20)], [(2, 9), (14, 30)], []], [26, 34, 12], 36, left_pad=True)
+    if not takes_mm_token_type_ids(model):
+        mm = None  # transformers 4.57: classes from the token ids
+    expected = scratch_generate(model, pattern, ids, mask, (ids == IMAGE).long() * mask, STEPS, text_only_new=mm is not None)
+    assert torch.equal(generated(model, ids, mask, mm), expected)
+
+
+@pytest.mark.parametrize("name", list(sparse_patterns()))
+def test_generate_sparse_decode_matches_step_by_step_reference(name):
+    pattern = sparse_patterns()[name]
+    model = tiny_model()
+    adapter = apply(model, pattern, backend="reference")
+    randomise(adapter, seed=4)
+    ids, mask, mm = make_batch([[(4, 12)], [], [(1, 5)]], [17, 21, 9], 21, left_pad=True, seed=3)
+    types = (ids == IMAGE).long() * mask
+    expected = scratch_generate(model, pattern, ids, mask, types, STEPS, poolers=poolers_of(adapter), text_only_new=False)
+    # no mm_token_type_ids: classes come from the image token ids, generated tokens included
+    assert torch.equal(generated(model, ids, mask), expected)
+
+
+def cache_keyword(model):
+    parameters = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
+
+
+def returned_cache(output):
+    for name in ("cache", "past_key_values"):
+        value = getattr(output, name, None)
+        if value is not None:
+            return value
+    raise AssertionError("no cache returned")
+
+
+CHUNKED = {
+    "videonsa-like": small_pattern(),
+    "query-block": sparse_patterns()["query-block"],
+    # text chunks go to the original attention but still count in their query tiles
+    "query-block-hybrid-all": dataclasses.replace(sparse_patterns()["query-block"], hybrid=Hybrid(vision_keys="all")),
+}
+
+
+@pytest.mark.parametrize("name", list(CHUNKED))
+def test_chunked_decode_over_cache_matches_reference(name):
+    """A prompt, then chunks of several tokens (vision ones too) fed with the cache:
+    each new token gets the reference's last row on the sequence so far."""
+    pattern = CHUNKED[name]
+    model = tiny_model()
+    adapter = apply(model, pattern, backend="reference")
+    randomise(adapter, seed=5)
+    ids, _, _ = make_batch([[(5, 14), (20, 27)]], [30], 30, seed=9)
+    types = (ids == IMAGE).long()
+    scratch = ScratchModel(model, pattern, poolers=poolers_of(adapter))
+    keyword = cache_keyword(model)
+    cache = None
+    for start, end in ((0, 11), (11, 12), (12, 18), (18, 19), (19, 30)):
+        with torch.no_grad():
+            positions = torch.arange(start, end)[None]  # transformers 4.57 restarts them without cache_position
+            extra = {keyword: cache} if cache is not None else {}
+            out = model(input_ids=ids[:, start:end], position_ids=positions, use_cache=True, **extra)
+        cache = returned_cache(out)
+        expected = torch.cat([scratch.step(ids[0, t : t + 1], types[0, t : t + 1]) for t in range(start, end)])
+        torch.testing.assert_close(out.logits[0], expected, rtol=0, atol=1e-5)
+
+
+# --- the decode step against the reference ------------------------------------------------------
+
+DECODE = settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+
+def prefix_reference(pattern, q, k, v, gates, types, valid, t, pooler):
+    """Last row of the reference on the real tokens of ``[0, t]``, per batch row."""
+    rows = []
+    for b in range(q.shape[0]):
+        real = torch.nonzero(valid[b, : t + 1]).flatten()
+        if not bool(valid[b, t]):
+            rows.append(torch.zeros(q.shape[1], q.shape[3], dtype=torch.float64))
+            continue
+        out = reference_attention(
+            q[b : b + 1, :, real], k[b : b + 1, :, real], v[b : b + 1, :, real], pattern,
+            None if gates is None else gates[b : b + 1, :, real],
+            None if pattern.hybrid is None else types[b : b + 1, real], pooler,
+        )
+        rows.append(out[0, :, -1])
+    return torch.stack(rows)
+
+
+def decode_inputs(pattern, data, batch=2, kv_heads=2, group=2, dim=8):
+    length = data.draw(st.integers(1, 24), label="length")
+    heads = kv_heads * group
+    generator = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16), label="seed"))
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=generator, dtype=torch.float64)
+
+    q, k, v = randn(batch, heads, length, dim), randn(batch, kv_heads, length, dim), randn(batch, kv_heads, length, dim)
+    gates = None if pattern.gate.kind == "constant" else torch.rand(batch, heads, length, len(pattern.branches), generator=generator, dtype=torch.float64)
+    types = (torch.rand(batch, length, generator=generator) < 0.6).long()
+    pad = [data.draw(st.integers(0, length - 1), label="left padding") for _ in range(batch)]
+    valid = torch.ones(batch, length, dtype=torch.bool)
+    for b, n in enumerate(pad):
+        valid[b, :n] = False
+    pooler = None
+    if pattern.compression is not None and pattern.compression.pooling == "mlp":
+        pooler = MLPPooling(pattern.compression, dim).double()
+    return q, k, v, gates, types, valid, pooler
+
+
+@DECODE
+@given(pattern=random_patterns(small=True, allow_layers=False, allow_budget=False, allow_model=False), data=st.data())
+def test_decode_step_is_reference_last_row(pattern, data):
+    q, k, v, gates, types, valid, pooler = decode_inputs(pattern, data)
+    cache = LayerDecodeCache()
+    for t in range(q.shape[2]):
+        out = decode_attention(
+            pattern, q[:, :, t : t + 1], k[:, :, : t + 1], v[:, :, : t + 1],
+            None if gates is None else gates[:, :, t : t + 1], types[:, : t + 1], valid[:, : t + 1], t, cache,
+            pooler=pooler, dtype=torch.float64,
+        )
+        expected = prefix_reference(pattern, q, k, v, gates, types, valid, t, pooler)
+        torch.testing.assert_close(out[:, :, 0], expected, rtol=0, atol=1e-10)
+
+
+def test_compressed_tokens_follow_a_reordered_cache():
+    """Beam search reorders cache rows: the kept compressed tokens are checked
+    against the cached keys at every step and rebuilt when they differ."""
+    pattern = sparse_patterns()["overlap"]
+    torch.manual_seed(0)
+    batch, heads, kv_heads, length, dim = 2, 4, 2, 20, 8
+    q = torch.randn(batch, heads, length, dim, dtype=torch.float64)
+    k = torch.randn(batch, kv_heads, length, dim, dtype=torch.float64)
+    v = torch.randn(batch, kv_heads, length, dim, dtype=torch.float64)
+    gates = torch.rand(batch, heads, length, 3, dtype=torch.float64)
+    cache = LayerDecodeCache()
+    valid = torch.ones(batch, length, dtype=torch.bool)
+    for t in range(length):
+        if t == 12:  # swap the rows: the kept compressed tokens no longer match
+            q, k, v, gates = q.flip(0), k.flip(0), v.flip(0), gates.flip(0)
+        out = decode_attention(pattern, q[:, :, t : t + 1], k[:, :, : t + 1], v[:, :, : t + 1], gates[:, :, t : t + 1], None, None, t, cache, dtype=torch.float64)
+        expected = prefix_reference(pattern, q, k, v, gates, None, valid, t, None)
+        torch.testing.assert_close(out[:, :, 0], expected, rtol=0, atol=1e-10)
+    assert cache.rows[0].cmp_k.shape[1] == pattern.compression.num_tokens(length)
