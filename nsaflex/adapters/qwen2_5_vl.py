@@ -78,6 +78,7 @@ from nsaflex.adapters.decode import (
     stash_release_queries,
     stash_tile_queries,
 )
+from nsaflex.distributed import SequenceParallelAttention
 from nsaflex.errors import BackendUnavailable, NsaflexError, PatternError
 from nsaflex.gates import GateNetwork, gate_for_pattern
 from nsaflex.loader import load_pattern
@@ -291,6 +292,9 @@ class Qwen25VLAdapter:
         self.mode = mode
         self.layers = layers
         self.module_names = module_names  # layer index -> qualified name of its self_attn
+        # Sequence parallelism: each rank holds a contiguous shard of every sequence.
+        self.process_group: Any = None
+        self._dense_sharded: CompiledAttention | None = None
         self.original_impl: str | None = None
         self._hooks: list[Any] = []
         self._pending: torch.Tensor | None = None
@@ -452,6 +456,8 @@ class Qwen25VLAdapter:
             )
 
         hidden, layer.hidden = layer.hidden, None
+        if self.process_group is not None:
+            return self._attend_sharded(layer, query, key, value, mask, hidden, dropout, scaling)
         if layer.dense:
             return delegate()
         if scaling is not None and abs(scaling * dim**0.5 - 1.0) > 1e-6:
@@ -507,6 +513,42 @@ class Qwen25VLAdapter:
                 out = self._decode(layer, query, key, value, gates, types, valid, past)
             except DecodeError as error:
                 raise AdapterError("decode state", "state kept from the prefill of this cache", str(error)) from None
+        return out.to(query.dtype).transpose(1, 2).contiguous(), None
+
+    def _attend_sharded(self, layer, query, key, value, mask, hidden, dropout, scaling):
+        """Sequence-parallel prefill/training: this rank holds one contiguous shard
+        of every sequence; :class:`~nsaflex.distributed.SequenceParallelAttention`
+        exchanges heads for sequence. Every rank must take the same path (the
+        exchange is collective), so nothing here depends on the shard's content:
+        dense layers run a dense causal pattern sharded, all others the layer's
+        compiled pattern (whose text queries are dense anyway)."""
+        batch, _, q_len, dim = query.shape
+        if key.shape[2] != q_len or (mask.valid is not None and not bool(mask.valid.all())):
+            raise AdapterError(
+                "sequence-parallel call",
+                "a prefill or training step over whole, unpadded sequences (each rank one shard, no cache)",
+                "a decode step over a cache" if key.shape[2] != q_len else "a padding mask",
+            )
+        if dropout:
+            raise AdapterError("attention dropout", "0 (nsaflex attention has no dropout)", dropout)
+        if scaling is not None and abs(scaling * dim**0.5 - 1.0) > 1e-6:
+            raise AdapterError("attention scaling", f"1/sqrt(head_dim) = {dim ** -0.5:.6g}", scaling)
+        if layer.compiled is None:
+            if self._dense_sharded is None:
+                dense = Pattern(name="dense", dense=True)
+                self._dense_sharded = compile_pattern(dense, "auto", device=query.device.type)
+            out = SequenceParallelAttention(self._dense_sharded, self.process_group)(query, key, value)
+            return out.to(query.dtype).transpose(1, 2).contiguous(), None
+        types = None
+        if layer.pattern.hybrid is not None:
+            types = self._call.types
+            if types is None or tuple(types.shape) != (batch, q_len):
+                raise AdapterError("token classes", f"classes of the {batch} x {q_len} tokens of this shard", "none")
+            types = types.to(query.device)
+        if hidden is None or tuple(hidden.shape[:2]) != (batch, q_len):
+            raise AdapterError("hidden state", f"the attention input [{batch}, {q_len}, hidden] captured for the gates", "none")
+        gates = layer.gate(hidden) if layer.gate is not None else None
+        out = SequenceParallelAttention(layer.compiled, self.process_group)(query, key, value, gates, types)
         return out.to(query.dtype).transpose(1, 2).contiguous(), None
 
     def _keep_tile_queries(self, layer, query, types, valid, past):
@@ -677,6 +719,7 @@ def apply(
     mode: str = "faithful",
     device: str | None = None,
     state_dict: dict[str, torch.Tensor] | None = None,
+    process_group: Any = None,
 ) -> Qwen25VLAdapter:
     """Make ``model``'s decoder attention run ``pattern``.
 
@@ -690,6 +733,13 @@ def apply(
         device: device kind for backend choice (default: the model's).
         state_dict: gate tensors to load (VideoNSA's or this adapter's key
             layout, see :func:`load_videonsa_gates`); on any error nothing is applied.
+        process_group: a ``torch.distributed`` group for sequence parallelism
+            (:mod:`nsaflex.distributed`): every rank calls the model on its
+            contiguous shard of each sequence (shards in rank order, with the
+            ``position_ids`` of the shard in the whole sequence) and the decoder
+            attention runs sharded through an all-to-all. Only prefill and
+            training steps over unpadded sequences in ``faithful`` mode; decode
+            steps and padding masks are refused with :class:`AdapterError`.
 
     Raises :class:`AdapterError` (not a Qwen2.5-VL model, already patched,
     bad checkpoint), :class:`~nsaflex.errors.PatternError` (pattern shape
@@ -709,6 +759,8 @@ def apply(
     if config._attn_implementation == ATTN_NAME:
         raise AdapterError("text_config._attn_implementation", "the model's own implementation", ATTN_NAME)
     _check_pattern(pattern, config, mode)
+    if process_group is not None and mode != "faithful":
+        raise AdapterError("process_group", "None in mode 'videonsa_release' (sequence parallelism runs faithful mode)", mode)
     if mode == "videonsa_release":
         if backend not in ("auto", "reference"):
             raise BackendUnavailable(
@@ -753,6 +805,7 @@ def apply(
         layers.append(_Layer(index, adapter, attention, resolved, compiled, gate))
         adapter.module_names[index] = names.get(attention, f"layers.{index}.self_attn")
     adapter.backend = chosen_backend if mode == "faithful" else "reference"
+    adapter.process_group = process_group
     if state_dict is not None:
         _load_gates(adapter, state_dict)
     _register_interfaces()
