@@ -1,0 +1,508 @@
+"""The FlexAttention backend: every branch as ``flex_attention`` over an analytic BlockMask.
+
+Per call (``kernel(q, k, v, gates, token_types, pooler)``):
+
+1. token classes (:mod:`nsaflex.hybrid`): the sparse sequences are gathered,
+   padded to ``[B, H, Lmax, D]``; text queries take the dense path
+   (:func:`nsaflex.hybrid.text_dense_attention`);
+2. compression: pooled keys/values ``[B, Hkv, N, D]`` (mean or the pooler's
+   MLP), ``flex_attention`` of the ``L`` queries against the ``N`` compressed
+   tokens with the pattern's visibility rule;
+3. selection: chunked scores and top-n (:func:`nsaflex.scoring.select`, no
+   ``[L, N]`` probabilities held), the per-unit selection bitmap read by the
+   ``mask_mod``, and tile lists straight from the indices (query-block
+   selection whose tile is a multiple of the query tile) or the union of the
+   selections of the queries of each tile (token selection);
+4. window: the causal band;
+5. ``sum_b gate_b * branch_b``, scattered back, text rows from the dense path.
+
+Block masks that depend only on shapes (window, compression, dense) are cached
+per shape. ``flex_attention`` is compiled once per branch (a distinct function
+per branch, ``dynamic=False``): a new length recompiles each branch at most
+once; repeated calls with the same shapes never recompile (the mask functions
+keep their code objects; only captured tensors change). On CPU the compiled
+kernel serves inference and eager FlexAttention serves calls that need
+gradients (FlexAttention has no CPU backward, compiled or eager): there the
+BlockMask (tile lists + mask_mod) is evaluated densely with plain torch ops,
+``[B, Hq, L, L]`` scores as eager FlexAttention would, which autograd
+differentiates; float64 always takes that path. ``NSAFLEX_FLEX_MODE=eager|compiled``
+forces one or the other.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import os
+from typing import Any
+
+import torch
+
+from nsaflex.backends.base import BranchPlan
+from nsaflex.errors import InputError
+from nsaflex.hybrid import combine, gather_padded, scatter_padded, sparse_layout, text_dense_attention
+from nsaflex.pooling import MLPPooling, compress, softmax_scale
+from nsaflex.spec import Pattern
+
+try:  # pragma: no cover - import guard
+    from torch.nn.attention.flex_attention import flex_attention as _flex_attention
+
+    _IMPORT_ERROR: str | None = None
+except Exception as error:  # pragma: no cover
+    _flex_attention = None
+    _IMPORT_ERROR = f"torch.nn.attention.flex_attention is not available: {error}"
+
+DEFAULT_BLOCK = 128
+CUDA_SMALL_BLOCK = 64
+MIN_CUDA_HEAD_DIM = 16
+MASK_CACHE_SIZE = 32
+RECOMPILE_LIMIT = 64
+
+# Compilations per branch wrapper (counted by the compile backend; tests read it).
+COMPILE_COUNTS: collections.Counter[str] = collections.Counter()
+
+
+# --- one compiled entry point per branch ------------------------------------------------
+# Distinct functions (distinct code objects) so each branch has its own compile
+# cache: a new length costs one recompile per branch, and branches never evict
+# each other's entries.
+
+
+def _flex_compression(q, k, v, block_mask, scale, kernel_options):
+    return _flex_attention(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=True, kernel_options=kernel_options)
+
+
+def _flex_selection(q, k, v, block_mask, scale, kernel_options):
+    return _flex_attention(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=True, kernel_options=kernel_options)
+
+
+def _flex_window(q, k, v, block_mask, scale, kernel_options):
+    return _flex_attention(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=True, kernel_options=kernel_options)
+
+
+def _flex_dense(q, k, v, block_mask, scale, kernel_options):
+    return _flex_attention(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=True, kernel_options=kernel_options)
+
+
+_ENTRY = {"compression": _flex_compression, "selection": _flex_selection, "window": _flex_window, "dense": _flex_dense}
+_COMPILED: dict[str, Any] = {}
+
+
+def _counting_backend(branch: str):
+    def backend(graph_module, example_inputs):
+        COMPILE_COUNTS[branch] += 1
+        from torch._inductor.compile_fx import compile_fx
+
+        return compile_fx(graph_module, example_inputs)
+
+    return backend
+
+
+def dynamic_lengths() -> bool:
+    """``NSAFLEX_FLEX_DYNAMIC=1``: compile with automatic dynamic shapes (a second
+    length recompiles once into a length-generic kernel; later lengths reuse it).
+    Default: static shapes, one compile per branch and length."""
+    return os.environ.get("NSAFLEX_FLEX_DYNAMIC", "0").strip().lower() in ("1", "true", "yes")
+
+
+def _compiled(branch: str):
+    dynamic = dynamic_lengths()
+    key = f"{branch}:dynamic" if dynamic else branch
+    if key not in _COMPILED:
+        _COMPILED[key] = torch.compile(_ENTRY[branch], dynamic=None if dynamic else False, backend=_counting_backend(branch))
+    return _COMPILED[key]
+
+
+@contextlib.contextmanager
+def _recompile_room():
+    """Room for one compiled entry per (branch, shape) beyond dynamo's default of 8."""
+    config = torch._dynamo.config
+    changes = {}
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(config, name) and getattr(config, name) < RECOMPILE_LIMIT:
+            changes[name] = RECOMPILE_LIMIT
+    with config.patch(**changes) if changes else contextlib.nullcontext():
+        yield
+
+
+def _run_flex(branch: str, q, k, v, mask: "_Mask", compiled: bool, kernel_options: dict[str, Any] | None):
+    scale = softmax_scale(q.shape[-1])
+    if torch.compiler.is_compiling():  # inside the user's own torch.compile region
+        return _ENTRY[branch](q, k, v, mask.block_mask(True), scale, kernel_options)
+    if compiled:
+        with _recompile_room():
+            return _compiled(branch)(q, k, v, mask.block_mask(mask.compute_q_blocks), scale, kernel_options)
+    return dense_block_mask_attention(q, k, v, mask.tiles, mask.mask_mod, scale)
+
+
+def dense_block_mask_attention(q, k, v, tiles, mask_mod, scale: float) -> torch.Tensor:
+    """What a BlockMask attends, evaluated densely with plain torch ops (as eager
+    FlexAttention does: ``[B, Hq, Lq, Lkv]`` scores), differentiable on any device
+    and dtype. Pairs: full tiles, and partial tiles where ``mask_mod`` holds.
+    Rows with no key give zeros."""
+    from nsaflex.backends.flex_masks import effective_mask
+
+    batch, query_heads, _, _ = q.shape
+    group = query_heads // k.shape[1]
+    work = torch.float64 if q.dtype == torch.float64 else torch.float32
+    allowed = effective_mask(tiles, mask_mod, batch, query_heads)
+    keys = k.to(work).repeat_interleave(group, dim=1)
+    values = v.to(work).repeat_interleave(group, dim=1)
+    scores = torch.matmul(q.to(work), keys.transpose(-1, -2)) * scale
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    has_key = allowed.any(dim=-1, keepdim=True)
+    probabilities = torch.softmax(scores.masked_fill(~has_key, 0.0), dim=-1) * has_key
+    return torch.matmul(probabilities, values).to(q.dtype)
+
+
+class _Mask:
+    """Tile lists + mask_mod of one branch; the BlockMask is made on first compiled use."""
+
+    def __init__(self, tiles, mask_mod, compute_q_blocks: bool = True) -> None:
+        self.tiles = tiles
+        self.mask_mod = mask_mod
+        self.compute_q_blocks = compute_q_blocks
+        self._block_masks: dict[bool, Any] = {}
+
+    def block_mask(self, compute_q_blocks: bool):
+        if compute_q_blocks not in self._block_masks:
+            self._block_masks[compute_q_blocks] = self.tiles.block_mask(self.mask_mod, compute_q_blocks=compute_q_blocks)
+        return self._block_masks[compute_q_blocks]
+
+
+# --- block sizes ----------------------------------------------------------------------------------
+
+
+def _block_sizes(pattern: Pattern, branch: str, device: torch.device, needs_grad: bool, override: tuple[int | None, int | None]):
+    """(query tile, key tile, kernel_options) for one branch."""
+    q_block, kv_block = override
+    options: dict[str, Any] | None = None
+    if q_block is not None or kv_block is not None or device.type != "cuda":
+        return q_block or DEFAULT_BLOCK, kv_block or DEFAULT_BLOCK, None
+    if branch != "selection" or needs_grad:
+        # The CUDA backward kernels tile by up to 128 x 128 on Hopper.
+        return DEFAULT_BLOCK, DEFAULT_BLOCK, None
+    selection = pattern.selection
+    assert selection is not None
+    unit = selection.query_block if selection.granularity == "query_block" else 1
+    q_block = CUDA_SMALL_BLOCK if unit % DEFAULT_BLOCK and unit % CUDA_SMALL_BLOCK == 0 else DEFAULT_BLOCK
+    kv_block = CUDA_SMALL_BLOCK if selection.block % DEFAULT_BLOCK and selection.block % CUDA_SMALL_BLOCK == 0 else DEFAULT_BLOCK
+    if q_block != DEFAULT_BLOCK or kv_block != DEFAULT_BLOCK:
+        options = {"BLOCK_M": CUDA_SMALL_BLOCK, "BLOCK_N": CUDA_SMALL_BLOCK}
+    return q_block, kv_block, options
+
+
+# --- the kernel -----------------------------------------------------------------------------------
+
+
+class FlexKernel:
+    """``kernel(q, k, v, gates, token_types, pooler) -> out`` for one layer-resolved pattern.
+
+    Args:
+        pattern: the pattern (resolved for its layer).
+        mode: ``auto`` (default; ``NSAFLEX_FLEX_MODE`` overrides), ``eager`` or ``compiled``.
+        q_block, kv_block: force the tile sizes (tests; CPU).
+        score_dtype: dtype in which selection scores are ranked (default: see
+            :func:`nsaflex.scoring.default_score_dtype`).
+        narrow: on CUDA forward, keep selection tile lists ``O(L/B x n)`` wide.
+    """
+
+    def __init__(
+        self,
+        pattern: Pattern,
+        *,
+        mode: str | None = None,
+        q_block: int | None = None,
+        kv_block: int | None = None,
+        score_dtype: torch.dtype | None = None,
+        narrow: bool = True,
+        chunk: int | None = None,
+    ) -> None:
+        self.pattern = pattern
+        self.mode = mode or os.environ.get("NSAFLEX_FLEX_MODE", "auto")
+        if self.mode not in ("auto", "eager", "compiled"):
+            raise ValueError(f"mode: expected 'auto', 'eager' or 'compiled', found {self.mode!r}")
+        self.blocks = (q_block, kv_block)
+        self.score_dtype = score_dtype
+        self.narrow = narrow
+        self.chunk = chunk
+        self._masks: collections.OrderedDict[tuple, Any] = collections.OrderedDict()
+        self.stats: dict[str, Any] = {}
+        self.last_selection = None
+        # profile=True: stats["timings_ms"] holds the time of each stage of the last call
+        # (CUDA events, synchronised at the end of the call; wall clock on CPU).
+        self.profile = False
+        self._marks: list[tuple[str, Any]] = []
+
+    def _mark(self, name: str, device: torch.device) -> None:
+        if not self.profile:
+            return
+        if device.type == "cuda":
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self._marks.append((name, event))
+        else:
+            import time
+
+            self._marks.append((name, time.perf_counter()))
+
+    def _collect_marks(self, device: torch.device) -> None:
+        if not self.profile or not self._marks:
+            return
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        timings: dict[str, float] = {}
+        for (_, start), (name, end) in zip(self._marks, self._marks[1:]):
+            elapsed = start.elapsed_time(end) if device.type == "cuda" else 1000.0 * (end - start)
+            timings[name] = timings.get(name, 0.0) + elapsed
+        self.stats["timings_ms"] = timings
+        self._marks = []
+
+    # -- helpers ------------------------------------------------------------------------------
+    def _compiled_for(self, q: torch.Tensor, needs_grad: bool) -> bool:
+        if self.mode == "eager":
+            return False
+        if self.mode == "compiled":
+            return q.dtype != torch.float64 and not (q.device.type == "cpu" and needs_grad)
+        if q.dtype == torch.float64:
+            return False
+        if q.device.type == "cpu":
+            return not needs_grad
+        return True
+
+    def _cached(self, key: tuple, build):
+        if key in self._masks:
+            self._masks.move_to_end(key)
+            return self._masks[key]
+        value = build()
+        self._masks[key] = value
+        while len(self._masks) > MASK_CACHE_SIZE:
+            self._masks.popitem(last=False)
+        return value
+
+    @staticmethod
+    def _needs_grad(tensors, pooler: MLPPooling | None) -> bool:
+        if not torch.is_grad_enabled():
+            return False
+        if any(t is not None and t.requires_grad for t in tensors):
+            return True
+        return pooler is not None and any(p.requires_grad for p in pooler.parameters())
+
+    # -- entry -------------------------------------------------------------------------------------
+    def __call__(self, q, k, v, gates, token_types, pooler):
+        pattern = self.pattern
+        batch, query_heads, length, dim = q.shape
+        device = q.device
+        if device.type == "cuda" and dim < MIN_CUDA_HEAD_DIM:
+            raise InputError("q", f"head dim >= {MIN_CUDA_HEAD_DIM} (FlexAttention on CUDA)", dim)
+        needs_grad = self._needs_grad((q, k, v, gates), pooler)
+        compiled = self._compiled_for(q, needs_grad)
+        self.stats = {"compiled": compiled, "needs_grad": needs_grad}
+        self._marks = []
+        self._mark("start", device)
+        out = self._forward(q, k, v, gates, token_types, pooler, compiled, needs_grad)
+        self._mark("mix", device)
+        self._collect_marks(device)
+        return out
+
+    def _forward(self, q, k, v, gates, token_types, pooler, compiled, needs_grad):
+        pattern = self.pattern
+        batch, query_heads, length, dim = q.shape
+        device = q.device
+        if pattern.dense:
+            return self._dense(q, k, v, compiled, needs_grad)
+
+        layout = sparse_layout(pattern, token_types, batch, length, device)
+        text = None
+        if pattern.hybrid is not None and layout.has_text:
+            text = text_dense_attention(q, k, v, ~layout.sparse_queries)
+            self._mark("text", device)
+        if layout.max_length == 0:
+            return text if text is not None else q.new_zeros(q.shape)
+
+        qs, ks, vs = (gather_padded(t, layout) for t in (q, k, v))
+        lengths = layout.lengths
+        uniform = layout.identity or bool((lengths == layout.max_length).all())
+        outputs = self._branches(qs, ks, vs, pooler, lengths if not uniform else None, compiled, needs_grad)
+
+        work = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
+        if gates is None and any(0 < abs(value) < torch.finfo(work).tiny for value in pattern.gate.values or ()):
+            work = torch.float64  # constant gates below the normal range of the working dtype
+        if gates is None:  # constant gates, in the working dtype
+            constants = torch.tensor(pattern.gate.values or (), dtype=work, device=device)
+            gate_values = constants.expand(batch, query_heads, layout.max_length, len(pattern.branches))
+        else:
+            gate_values = gather_padded(gates, layout)
+        mixed = None
+        for position, name in enumerate(pattern.branches):
+            term = gate_values[..., position, None].to(work) * outputs[name].to(work)
+            mixed = term if mixed is None else mixed + term
+        assert mixed is not None
+        sparse = scatter_padded(mixed.to(q.dtype), layout, length)
+        return combine(sparse, text, layout)
+
+    # -- dense layers --------------------------------------------------------------------------
+    def _dense(self, q, k, v, compiled, needs_grad):
+        length = q.shape[2]
+        q_block, kv_block, options = _block_sizes(self.pattern, "dense", q.device, needs_grad, self.blocks)
+        from nsaflex.backends.flex_masks import causal_mask_mod, causal_tiles
+
+        key = ("dense", str(q.device), length, q_block, kv_block)
+        mask = self._cached(key, lambda: _Mask(causal_tiles(length, q_block, kv_block, q.device), causal_mask_mod()))
+        return _run_flex("dense", q, k, v, mask, compiled, options)
+
+    # -- sparse branches ---------------------------------------------------------------------------
+    def _branches(self, qs, ks, vs, pooler, lengths, compiled, needs_grad) -> dict[str, torch.Tensor]:
+        from nsaflex.backends import flex_masks as fm
+        from nsaflex import scoring
+
+        pattern = self.pattern
+        batch, query_heads, length, _ = qs.shape
+        kv_heads = ks.shape[1]
+        device = qs.device
+        outputs: dict[str, torch.Tensor] = {}
+        compressed_k = None
+        if pattern.compression is not None:
+            compression = pattern.compression
+            compressed_k, compressed_v = compress(ks, vs, compression, pooler)
+            num_compressed = compressed_k.shape[2]
+            if num_compressed == 0:
+                outputs["compression"] = qs.new_zeros(qs.shape)
+            else:
+                q_block, kv_block, options = _block_sizes(pattern, "compression", device, needs_grad, self.blocks)
+                rows = None
+                if compression.visibility == "videonsa_legacy":
+                    full = torch.full((batch,), length, dtype=torch.long, device=device)
+                    real = lengths if lengths is not None else full
+                    rows = torch.clamp(torch.div(real - compression.block, compression.stride, rounding_mode="floor") + 1, min=0)
+                key = ("compression", str(device), length, num_compressed, q_block, kv_block,
+                       None if rows is None else (batch, tuple(rows.tolist())))
+
+                def build():
+                    tiles = fm.compression_tiles(length, num_compressed, compression, q_block, kv_block, device,
+                                                 rows if lengths is not None else None)
+                    return _Mask(tiles, fm.compression_mask_mod(compression, rows))
+
+                mask = self._cached(key, build)
+                self._mark("compression: pooling + mask", device)
+                outputs["compression"] = _run_flex("compression", qs, compressed_k, compressed_v, mask, compiled, options)
+                self._mark("compression: flex", device)
+        if pattern.selection is not None:
+            assert compressed_k is not None and pattern.compression is not None
+            selection = pattern.selection
+            result = scoring.select(
+                qs, compressed_k, pattern.compression, selection, lengths,
+                score_dtype=self.score_dtype, chunk=self.chunk,
+            )
+            self.last_selection = result
+            self._mark("selection: scores + top-n", device)
+            q_block, kv_block, options = _block_sizes(pattern, "selection", device, needs_grad, self.blocks)
+            narrow = self.narrow and compiled and device.type == "cuda" and not needs_grad
+            tiles, union = fm.selection_tiles(result, length, selection.block, q_block, kv_block, narrow=narrow)
+            group = query_heads // kv_heads
+            heads_per_row = 1 if result.per_head else group
+            tiles = tiles.expand_heads(heads_per_row)
+            bitmap = scoring.selection_bitmap(result)
+            mask_mod = fm.selection_mask_mod(bitmap, heads_per_row, result.unit, selection.block)
+            mask = _Mask(tiles, mask_mod, compute_q_blocks=needs_grad)
+            self.stats["selection"] = {
+                **union.to_dict(),
+                "direct": fm.is_direct(result, selection.block, q_block, kv_block),
+                "q_block": q_block,
+                "kv_block": kv_block,
+                "selection_block": selection.block,
+                "count": selection.count,
+            }
+            self._mark("selection: tile lists + bitmap", device)
+            outputs["selection"] = _run_flex("selection", qs, ks, vs, mask, compiled, options)
+            self._mark("selection: flex", device)
+        if pattern.window is not None:
+            size = pattern.window.size
+            q_block, kv_block, options = _block_sizes(pattern, "window", device, needs_grad, self.blocks)
+            key = ("window", str(device), length, size, q_block, kv_block)
+            mask = self._cached(key, lambda: _Mask(fm.window_tiles(length, size, q_block, kv_block, device), fm.window_mask_mod(size)))
+            self._mark("window: mask", device)
+            outputs["window"] = _run_flex("window", qs, ks, vs, mask, compiled, options)
+            self._mark("window: flex", device)
+        return outputs
+
+
+# --- the backend object ---------------------------------------------------------------------
+
+
+class FlexBackend:
+    name = "flex"
+
+    def unsupported(self, pattern: Pattern, device: str) -> str | None:
+        if _IMPORT_ERROR is not None:
+            return _IMPORT_ERROR
+        head_dim = pattern.model.head_dim
+        if str(device).startswith("cuda") and head_dim is not None and head_dim < MIN_CUDA_HEAD_DIM:
+            return f"FlexAttention on CUDA needs head dim >= {MIN_CUDA_HEAD_DIM}, pattern model.head_dim = {head_dim}"
+        return None
+
+    def describe(self, pattern: Pattern, device: str) -> tuple[BranchPlan, ...]:
+        cuda = str(device).startswith("cuda")
+        runner = "flex_attention, torch.compile'd once per branch" + ("" if cuda else " (eager FlexAttention when gradients are needed: no compiled CPU backward)")
+        tiles = f"{DEFAULT_BLOCK} x {DEFAULT_BLOCK} tiles"
+        if pattern.dense:
+            return (BranchPlan("dense", self.name, runner, f"causal BlockMask ({tiles}), built analytically, cached per length"),)
+        plans = []
+        if pattern.compression is not None:
+            c = pattern.compression
+            rule = "i*d + l - 1 <= t" if c.visibility == "causal" else "i*d + l - 1 >= t and i < N of the row"
+            plans.append(BranchPlan(
+                "compression", self.name, runner,
+                f"queries [L] x compressed tokens [N = (L - {c.block}) // {c.stride} + 1], visibility {rule}: "
+                f"analytic tile lists ({tiles} of queries x compressed tokens), partial tiles by mask_mod; cached per shape",
+                {"block": c.block, "stride": c.stride, "pooling": c.pooling, "visibility": c.visibility},
+                (f"{c.pooling} pooling in torch, differentiable (pooler parameters included)",),
+            ))
+        if pattern.selection is not None:
+            s = pattern.selection
+            notes = [
+                "scores: chunked over queries (nsaflex.scoring), never [L x N] probabilities at once; "
+                "Eq. 9 by strided shift-and-add; top-n with ties to the lower index",
+                "mask_mod reads a per-unit selection bitmap [B, Hs, U, ceil(J/32)] int32, exact on its own",
+            ]
+            if s.granularity == "query_block":
+                direct = s.query_block is not None and (s.query_block % DEFAULT_BLOCK == 0 or (cuda and s.query_block % CUDA_SMALL_BLOCK == 0))
+                mask = (
+                    f"BlockMask.from_kv_blocks straight from the top-{s.count} indices of each tile of {s.query_block} queries; "
+                    "blocks wholly before the tile are full, the diagonal block partial (causal mask_mod)"
+                    if direct else
+                    f"tiles of {s.query_block} queries do not fill a query tile: each query tile runs the union of its tiles' selections"
+                )
+                if cuda and direct and s.query_block % DEFAULT_BLOCK:
+                    notes.append(f"CUDA forward uses {CUDA_SMALL_BLOCK}-query tiles; with gradients 128 x 128 tiles and the union")
+            else:
+                mask = (
+                    f"token selection: each tile of {DEFAULT_BLOCK} queries runs the union of its queries' selections "
+                    f"(full tiles: blocks every query chose, wholly before the tile); mask_mod keeps each query to its own {s.count} blocks"
+                )
+                notes.append(
+                    f"cost: the union of up to {DEFAULT_BLOCK} queries' selections instead of n = {s.count} blocks per query tile; "
+                    "it depends on how much neighbouring queries agree ('nsaflex bench' reports the measured union size)"
+                )
+            plans.append(BranchPlan("selection", self.name, runner, mask, {
+                "block": s.block, "count": s.count, "scoring": s.scoring, "forced": list(s.forced),
+                "granularity": s.granularity, "query_block": s.query_block,
+            }, tuple(notes)))
+        if pattern.window is not None:
+            plans.append(BranchPlan("window", self.name, runner,
+                                    f"causal band of {pattern.window.size}: analytic tile lists ({tiles}), cached per length",
+                                    {"size": pattern.window.size}))
+        if pattern.hybrid is not None:
+            plans.append(BranchPlan(
+                "text", self.name, "scaled_dot_product_attention over the gathered text queries (nsaflex.hybrid)",
+                "causal [B, 1, Nt, L] mask of the text queries only",
+                {"vision_keys": pattern.hybrid.vision_keys},
+                ("vision queries: sparse branches over " + ("the compacted vision tokens (padded per batch)" if pattern.hybrid.vision_keys == "vision" else "all tokens"),),
+            ))
+        return tuple(plans)
+
+    def build(self, pattern: Pattern, plan: Any) -> FlexKernel:
+        return FlexKernel(pattern)
+
+
+BACKEND = FlexBackend()

@@ -1,0 +1,653 @@
+"""``nsaflex bench``: time compiled patterns against dense and peer baselines.
+
+For every length, pass (``fwd`` or ``fwd+bwd``) and input kind (``random`` or
+``video``, see :mod:`nsaflex.video_inputs`) this runs each requested backend
+(``nsaflex.compile(pattern, backend=name)``, any registered name) and each
+baseline, and records:
+
+* the median time (CUDA: ``triton.testing.do_bench`` on CUDA events after
+  warm-up; CPU: median wall-clock of a few runs after a warm-up call);
+* TFLOP/s on the counted FLOPs of attended pairs: ``4 * D`` FLOPs per attended
+  (query head, key) pair forward (two matrix products), ``3.5x`` that for
+  forward + backward (the FlashAttention convention); pairs from
+  :func:`nsaflex.budget.count_attended_pairs` (compressed tokens count as keys
+  of the compression branch), dense causal ``L (L + 1) / 2`` for the baselines;
+* the ratio of each baseline's time in the same run to this time (``x2.0``:
+  twice as fast as that baseline);
+* peak device memory (CUDA);
+* a correctness spot check of each backend against the float64 reference at a
+  small length;
+* for selection patterns, per input kind: the mean Jaccard overlap of the
+  selections of neighbouring queries and the union of selected blocks a query
+  tile of 128 queries runs (and what the backend itself reports, for flex).
+
+Baselines: ``sdpa`` (dense causal SDPA, flash backend on CUDA, kv heads
+repeated), ``cudnn`` (SDPA's cuDNN backend), ``flex-dense`` (FlexAttention,
+causal BlockMask) and ``fla`` (fla-core's ``parallel_nsa``, VideoNSA's kernel:
+compression + selection only; it needs query heads per kv head to be a power of
+two of at least 16, so heads are padded as VideoNSA does, and the table says so).
+Unknown or unavailable backends and baselines are reported and skipped; the rest runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import math
+import platform
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from nsaflex.backends.base import REGISTRY
+from nsaflex.errors import NsaflexError, did_you_mean
+from nsaflex.spec import Model, Pattern
+
+BASELINES = ("sdpa", "cudnn", "flex-dense", "fla")
+PASSES = ("fwd", "fwd+bwd")
+INPUTS = ("random", "video")
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+BACKWARD_FACTOR = 3.5
+CHECK_TOLERANCE = {torch.bfloat16: 3e-2, torch.float16: 5e-3, torch.float32: 1e-4}
+UNION_TILE = 128
+
+
+@dataclass
+class BenchOptions:
+    pattern: Pattern
+    lengths: tuple[int, ...]
+    backends: tuple[str, ...] = ("flex",)
+    baselines: tuple[str, ...] = BASELINES
+    query_heads: int = 28
+    kv_heads: int = 4
+    dim: int = 128
+    dtype: torch.dtype = torch.bfloat16
+    batch: int = 1
+    passes: tuple[str, ...] = ("fwd",)
+    inputs: tuple[str, ...] = ("random",)
+    device: str = "cuda"
+    layer: int | None = None
+    text_tokens: int = 0
+    check_length: int = 256
+    warmup_ms: int = 25
+    rep_ms: int = 100
+    seed: int = 0
+    command: str = ""
+    pattern_source: str = ""
+    breakdown: bool = False
+
+
+@dataclass
+class Row:
+    length: int
+    inputs: str
+    passes: str
+    kind: str  # backend | baseline
+    name: str
+    median_ms: float | None = None
+    flops: float | None = None
+    tflops: float | None = None
+    peak_mib: float | None = None
+    ratios: dict[str, float] = field(default_factory=dict)
+    check: dict[str, Any] | None = None
+    selection: dict[str, Any] | None = None
+    breakdown: dict[str, float] | None = None
+    note: str = ""
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def environment(device: str) -> dict[str, Any]:
+    env: dict[str, Any] = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "device": device,
+    }
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except Exception:  # pragma: no cover
+        env["triton"] = None
+    if device == "cuda" and torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        env.update(gpu=torch.cuda.get_device_name(0), gpu_memory_gib=round(props.total_memory / 2**30, 1),
+                   cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version())
+    else:
+        env["cpu"] = platform.processor() or platform.machine()
+        env["threads"] = torch.get_num_threads()
+    try:
+        from nsaflex import __version__
+
+        env["nsaflex"] = __version__
+    except Exception:  # pragma: no cover
+        pass
+    return env
+
+
+# --- inputs and counted work ------------------------------------------------------------------------
+
+
+def make_inputs(options: BenchOptions, pattern: Pattern, length: int, kind: str, *, requires_grad: bool, seed: int | None = None,
+                heads: tuple[int, int] | None = None, device: str | None = None):
+    from nsaflex.video_inputs import random_qkv, video_qkv
+
+    query_heads, kv_heads = heads or (options.query_heads, options.kv_heads)
+    device = device or options.device
+    seed = options.seed if seed is None else seed
+    maker = video_qkv if kind == "video" else random_qkv
+    q, k, v = maker(options.batch, query_heads, kv_heads, length, options.dim, seed=seed, device=device, dtype=options.dtype)
+    gates = None
+    if pattern.branches and pattern.gate.kind != "constant":
+        generator = torch.Generator().manual_seed(seed + 7)
+        gates = torch.rand(options.batch, query_heads, length, len(pattern.branches), generator=generator).to(device, options.dtype)
+    types = None
+    if pattern.hybrid is not None:
+        types = torch.ones(options.batch, length, dtype=torch.long, device=device)
+        types[:, : min(options.text_tokens, length)] = 0
+    if requires_grad:
+        q, k, v = (t.requires_grad_() for t in (q, k, v))
+        if gates is not None:
+            gates.requires_grad_()
+    return q, k, v, gates, types
+
+
+def attended_pairs(pattern: Pattern, length: int, text_tokens: int = 0) -> int:
+    """Attended (query, key) pairs per query head (text prefix dense, the rest sparse)."""
+    from nsaflex.budget import count_attended_pairs, dense_pairs
+
+    text = min(text_tokens, length) if pattern.hybrid is not None else 0
+    if pattern.dense:
+        return dense_pairs(length)
+    sparse = length - text
+    pairs = sum(count_attended_pairs(pattern, sparse).values()) if sparse > 0 else 0
+    return pairs + dense_pairs(text)
+
+
+def flops_for(pairs: int, heads: int, dim: int, batch: int, passes: str) -> float:
+    forward = 4.0 * dim * pairs * heads * batch
+    return forward * (BACKWARD_FACTOR if passes == "fwd+bwd" else 1.0)
+
+
+# --- timing -----------------------------------------------------------------------------------------
+
+
+def time_ms(fn: Callable[[], Any], device: str, warmup_ms: int, rep_ms: int) -> float:
+    if device == "cuda":
+        from triton.testing import do_bench
+
+        return float(do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
+    fn()
+    times: list[float] = []
+    budget = rep_ms / 1000.0
+    while len(times) < 3 or (sum(times) < budget and len(times) < 25):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return 1000.0 * statistics.median(times)
+
+
+def peak_mib(fn: Callable[[], Any], device: str) -> float | None:
+    if device != "cuda":
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() / 2**20
+
+
+def _runner(call: Callable[[], torch.Tensor], grads: tuple[torch.Tensor, ...] | None) -> Callable[[], Any]:
+    if grads is None:
+        def forward():
+            with torch.no_grad():
+                return call()
+        return forward
+    state: dict[str, torch.Tensor] = {}
+
+    def forward_backward():
+        out = call()
+        if "grad" not in state:
+            state["grad"] = torch.randn_like(out)
+        return torch.autograd.grad(out, grads, state["grad"], allow_unused=True)
+
+    return forward_backward
+
+
+# --- baselines ------------------------------------------------------------------------------------
+
+
+class Skip(Exception):
+    """A baseline or backend that cannot run here (the message says why)."""
+
+
+def baseline_runner(name: str, options: BenchOptions, pattern: Pattern, length: int, passes: str):
+    """(callable, note, pairs-per-head) for a baseline."""
+    device = options.device
+    grad = passes == "fwd+bwd"
+    group = options.query_heads // options.kv_heads
+    q, k, v, _, _ = make_inputs(options, pattern, length, "random", requires_grad=False)
+    dense = length * (length + 1) // 2
+    if name in ("sdpa", "cudnn"):
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        from torch.nn.functional import scaled_dot_product_attention
+
+        if name == "cudnn" and device != "cuda":
+            raise Skip("cuDNN attention needs CUDA")
+        backend = {"sdpa": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}[name]
+        if device != "cuda":
+            backend = SDPBackend.MATH if length <= 8192 else None
+            if backend is None:
+                raise Skip("dense SDPA on CPU is limited to 8k tokens here")
+        kr = k.repeat_interleave(group, 1).detach()
+        vr = v.repeat_interleave(group, 1).detach()
+        leaves = tuple(t.requires_grad_() for t in (q, kr, vr)) if grad else None
+
+        def call():
+            with sdpa_kernel(backend):
+                return scaled_dot_product_attention(q, kr, vr, is_causal=True)
+
+        note = {"sdpa": "flash backend" if device == "cuda" else "math backend", "cudnn": "cuDNN backend"}[name]
+        return _runner(call, leaves), note + ", kv heads repeated", dense
+    if name == "flex-dense":
+        from torch.nn.attention.flex_attention import flex_attention
+
+        from nsaflex.backends.flex_masks import causal_mask_mod, causal_tiles
+
+        if device != "cuda" and grad:
+            raise Skip("FlexAttention has no CPU backward")
+        mask = causal_tiles(length, 128, 128, device).block_mask(causal_mask_mod())
+        compiled = _compiled_flex()
+        leaves = tuple(t.requires_grad_() for t in (q, k, v)) if grad else None
+        return _runner(lambda: compiled(q, k, v, block_mask=mask, enable_gqa=True), leaves), "compiled, causal BlockMask", dense
+    if name == "fla":
+        return _fla_runner(options, pattern, length, grad)
+    raise Skip(f"unknown baseline {name!r}")
+
+
+_FLEX = {}
+
+
+def _compiled_flex():
+    if "fn" not in _FLEX:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        def dense_flex(q, k, v, block_mask, enable_gqa):
+            return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
+
+        _FLEX["fn"] = torch.compile(dense_flex, dynamic=False)
+    return _FLEX["fn"]
+
+
+def _fla_runner(options: BenchOptions, pattern: Pattern, length: int, grad: bool):
+    try:
+        from fla.ops.nsa import parallel_nsa
+    except Exception as error:
+        raise Skip(f"fla-core is not installed ({type(error).__name__}: {error}); pip install fla-core") from None
+    if options.device != "cuda":
+        raise Skip("fla parallel_nsa needs CUDA")
+    selection = pattern.selection
+    if selection is None or pattern.compression is None:
+        raise Skip("fla parallel_nsa runs compression + selection: the pattern has no selection")
+    group = options.query_heads // options.kv_heads
+    padded_group = max(16, 1 << (group - 1).bit_length())
+    heads = options.kv_heads * padded_group
+    generator = torch.Generator().manual_seed(options.seed)
+    shape = lambda h: (options.batch, length, h, options.dim)  # noqa: E731
+    q = torch.randn(shape(heads), generator=generator).to("cuda", options.dtype)
+    k = torch.randn(shape(options.kv_heads), generator=generator).to("cuda", options.dtype)
+    v = torch.randn(shape(options.kv_heads), generator=generator).to("cuda", options.dtype)
+    g = torch.rand(options.batch, length, heads, 2, generator=generator).to("cuda", options.dtype)
+    g_cmp, g_slc = g[..., 0].contiguous(), g[..., 1].contiguous()
+    leaves = tuple(t.requires_grad_() for t in (q, k, v)) if grad else None
+
+    def call():
+        return parallel_nsa(q, k, v, g_cmp=g_cmp, g_slc=g_slc, block_counts=selection.count,
+                            block_size=selection.block, window_size=0)
+
+    from nsaflex.budget import count_attended_pairs
+
+    counted = count_attended_pairs(dataclasses.replace(pattern, window=None, hybrid=None), length)
+    pairs = counted.get("compression", 0) + counted.get("selection", 0)
+    note = (f"query heads padded {options.query_heads} -> {heads} ({padded_group} per kv head, as VideoNSA); "
+            f"compression + selection only; FLOPs counted on {options.query_heads} heads")
+    return _runner(call, leaves), note, pairs
+
+
+# --- selection structure ---------------------------------------------------------------------------
+
+
+def selection_structure(pattern: Pattern, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pooler=None) -> dict[str, Any] | None:
+    """Overlap of neighbouring queries' selections and the union per query tile
+    for these inputs (backend-independent: nsaflex.scoring on the same data)."""
+    if pattern.selection is None or pattern.compression is None or pattern.dense:
+        return None
+    from nsaflex import scoring
+    from nsaflex.backends import flex_masks as fm
+    from nsaflex.pooling import MLPPooling, compress
+    from nsaflex.video_inputs import selection_overlap
+
+    with torch.no_grad():
+        if pattern.compression.pooling == "mlp" and pooler is None:
+            pooler = MLPPooling(pattern.compression, q.shape[-1]).to(q.device)
+        compressed_k, _ = compress(k.detach(), v.detach(), pattern.compression, pooler)
+        result = scoring.select(q.detach(), compressed_k, pattern.compression, pattern.selection,
+                                score_dtype=torch.float32)
+        _, union = fm.selection_tiles(result, q.shape[2], pattern.selection.block, UNION_TILE, UNION_TILE)
+    out = {
+        "granularity": pattern.selection.granularity,
+        "count": pattern.selection.count,
+        "mean_jaccard_neighbours": selection_overlap(result.indices),
+        "query_tile": UNION_TILE,
+        **{f"tile_{key}": value for key, value in union.to_dict().items()},
+    }
+    return out
+
+
+# --- the run ---------------------------------------------------------------------------------------
+
+
+def _bench_pattern(options: BenchOptions) -> Pattern:
+    pattern = options.pattern.for_layer(options.layer) if options.layer is not None else options.pattern
+    # The shape comes from the command line: drop the pattern's own model section.
+    return dataclasses.replace(pattern, model=Model(), budget=None)
+
+
+def run_bench(options: BenchOptions, console=None, *, progress: bool = True, json_path: str | None = None) -> dict[str, Any]:
+    """Run every configuration; returns the JSON document (also printed as tables
+    when ``console``). With ``json_path`` the document so far is rewritten after
+    every configuration, so an interrupted run keeps what it measured."""
+    import nsaflex
+
+    pattern = _bench_pattern(options)
+    device = options.device
+    skipped: list[dict[str, str]] = []
+    backends: list[str] = []
+    for name in options.backends:
+        if name not in REGISTRY:
+            hint = did_you_mean(name, REGISTRY)
+            skipped.append({"name": name, "reason": f"unknown backend (known: {', '.join(REGISTRY)})" + (f"; {hint}" if hint else "")})
+        else:
+            backends.append(name)
+    baselines: list[str] = []
+    for name in options.baselines:
+        if name not in BASELINES:
+            hint = did_you_mean(name, BASELINES)
+            skipped.append({"name": name, "reason": f"unknown baseline (known: {', '.join(BASELINES)})" + (f"; {hint}" if hint else "")})
+        else:
+            baselines.append(name)
+    if console is not None:
+        for item in skipped:
+            console.print(f"[yellow]skipped {item['name']}: {item['reason']}[/]")
+
+    compiled: dict[str, Any] = {}
+    for name in backends:
+        try:
+            compiled[name] = nsaflex.compile(pattern, backend=name, device=device, head_dim=options.dim).to(device)
+        except NsaflexError as error:
+            skipped.append({"name": name, "reason": str(error)})
+            if console is not None:
+                console.print(f"[yellow]skipped backend {name}: {error}[/]")
+
+    rows: list[Row] = []
+    structures: list[dict[str, Any]] = []
+    checks: dict[str, Any] = {}
+    # Spot checks first: a run cut short by a time limit still has them.
+    jobs = [("check", name, 0, "fwd", "random") for name in compiled]
+    for length in options.lengths:
+        for passes in options.passes:
+            jobs += [("baseline", name, length, passes, "random") for name in baselines]
+            for kind in options.inputs:
+                jobs += [("backend", name, length, passes, kind) for name in compiled]
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   console=console, transient=True, disable=not progress or console is None)
+    baseline_times: dict[tuple[int, str], dict[str, float]] = {}
+    seen_structure: set[tuple[int, str]] = set()
+    with bar:
+        task = bar.add_task("bench", total=len(jobs))
+        for kind, name, length, passes, inputs in jobs:
+            bar.update(task, description=f"{name} {kind} L={length} {passes} {inputs}" if kind != "check" else f"check {name}")
+            try:
+                if kind == "check":
+                    checks[name] = _spot_check(compiled[name], pattern, options)
+                elif kind == "baseline":
+                    row = _measure_baseline(name, options, pattern, length, passes)
+                    rows.append(row)
+                    if row.median_ms is not None:
+                        baseline_times.setdefault((length, passes), {})[name] = row.median_ms
+                else:
+                    row, structure = _measure_backend(name, compiled[name], options, pattern, length, passes, inputs,
+                                                      want_structure=(length, inputs) not in seen_structure)
+                    rows.append(row)
+                    if structure is not None:
+                        seen_structure.add((length, inputs))
+                        structures.append({"length": length, "inputs": inputs, **structure})
+            except Exception as error:  # a failed configuration is reported, the rest runs
+                if device == "cuda":
+                    torch.cuda.empty_cache()
+                message = f"{type(error).__name__}: {error}"[:500]
+                if kind == "check":
+                    checks[name] = {"error": message}
+                else:
+                    rows.append(Row(length, inputs, passes, kind, name, error=message))
+            bar.advance(task)
+            if json_path:
+                write_json(_document(options, pattern, rows, structures, checks, skipped, baseline_times, complete=False), json_path)
+    document = _document(options, pattern, rows, structures, checks, skipped, baseline_times, complete=True)
+    if json_path:
+        write_json(document, json_path)
+    if console is not None:
+        print_tables(document, console)
+    return document
+
+
+def _document(options, pattern, rows, structures, checks, skipped, baseline_times, *, complete: bool) -> dict[str, Any]:
+    device = options.device
+    for row in rows:
+        if row.median_ms:
+            for base, ms in baseline_times.get((row.length, row.passes), {}).items():
+                if base != row.name:
+                    row.ratios[base] = ms / row.median_ms
+    return {
+        "complete": complete,
+        "command": options.command,
+        "environment": environment(device),
+        "config": {
+            "pattern": pattern.name,
+            "pattern_source": options.pattern_source,
+            "pattern_spec": pattern.to_dict(),
+            "lengths": list(options.lengths),
+            "backends": list(options.backends),
+            "baselines": list(options.baselines),
+            "query_heads": options.query_heads,
+            "kv_heads": options.kv_heads,
+            "dim": options.dim,
+            "dtype": str(options.dtype).replace("torch.", ""),
+            "batch": options.batch,
+            "passes": list(options.passes),
+            "inputs": list(options.inputs),
+            "text_tokens": options.text_tokens,
+            "layer": options.layer,
+            "flops": f"4*D per attended pair forward, x{BACKWARD_FACTOR} for fwd+bwd",
+            "timing": "triton.testing.do_bench median (CUDA events)" if device == "cuda" else "median wall-clock",
+        },
+        "results": [row.to_dict() for row in rows],
+        "selection": structures,
+        "checks": checks,
+        "skipped": skipped,
+    }
+
+
+def _measure_baseline(name: str, options: BenchOptions, pattern: Pattern, length: int, passes: str) -> Row:
+    try:
+        fn, note, pairs = baseline_runner(name, options, pattern, length, passes)
+    except Skip as reason:
+        return Row(length, "any", passes, "baseline", name, error=f"skipped: {reason}")
+    ms = time_ms(fn, options.device, options.warmup_ms, options.rep_ms)
+    flops = flops_for(pairs, options.query_heads, options.dim, options.batch, passes)
+    return Row(length, "any", passes, "baseline", name, ms, flops, flops / ms / 1e9, peak_mib(fn, options.device), note=note)
+
+
+def _measure_backend(name, attn, options: BenchOptions, pattern: Pattern, length: int, passes: str, inputs: str, *, want_structure: bool):
+    grad = passes == "fwd+bwd"
+    q, k, v, gates, types = make_inputs(options, pattern, length, inputs, requires_grad=grad)
+    leaves = tuple(t for t in (q, k, v, gates) if t is not None) if grad else None
+    fn = _runner(lambda: attn(q, k, v, gates, types), leaves)
+    fn()  # compile / warm up outside the timed region
+    if options.device == "cuda":
+        torch.cuda.synchronize()
+    ms = time_ms(fn, options.device, options.warmup_ms, options.rep_ms)
+    flops = flops_for(attended_pairs(pattern, length, options.text_tokens), options.query_heads, options.dim, options.batch, passes)
+    row = Row(length, inputs, passes, "backend", name, ms, flops, flops / ms / 1e9, peak_mib(fn, options.device))
+    kernel = getattr(attn, "_kernel", None)
+    if options.breakdown and kernel is not None and hasattr(kernel, "profile"):
+        kernel.profile = True
+        try:
+            fn()
+            row.breakdown = dict(kernel.stats.get("timings_ms", {}))
+        finally:
+            kernel.profile = False
+    stats = getattr(kernel, "stats", None)
+    if isinstance(stats, dict) and "selection" in stats:
+        row.selection = dict(stats["selection"])
+    notes = []
+    if isinstance(stats, dict) and "compiled" in stats:
+        notes.append("compiled" if stats["compiled"] else "eager (dense BlockMask evaluation)")
+    row.note = ", ".join(notes)
+    structure = None
+    if want_structure and pattern.selection is not None:
+        structure = selection_structure(pattern, q, k, v, getattr(attn, "pooler", None))
+    return row, structure
+
+
+def _spot_check(attn, pattern: Pattern, options: BenchOptions) -> dict[str, Any]:
+    """Relative error against the float64 reference at ``check_length`` (random inputs)."""
+    from nsaflex.reference import reference_attention
+
+    length = options.check_length
+    if length <= 0:
+        return {"skipped": "--check-length 0"}
+    q, k, v, gates, types = make_inputs(options, pattern, length, "random", requires_grad=False, seed=options.seed + 1)
+    with torch.no_grad():
+        out = attn(q, k, v, gates, types)
+    pooler = attn.pooler.cpu() if getattr(attn, "pooler", None) is not None else None
+    expected = reference_attention(q.cpu(), k.cpu(), v.cpu(), pattern, None if gates is None else gates.cpu(),
+                                   None if types is None else types.cpu(), pooler)
+    if pooler is not None:
+        attn.pooler.to(options.device)
+    error = float((out.double().cpu() - expected).norm() / expected.norm().clamp_min(1e-30))
+    tolerance = CHECK_TOLERANCE.get(options.dtype, 1e-4)
+    return {"length": length, "relative_error": error, "tolerance": tolerance, "ok": error < tolerance and math.isfinite(error)}
+
+
+# --- output ----------------------------------------------------------------------------------------
+
+
+def _fmt(value: float | None, digits: int = 3) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.{digits}g}" if value < 1000 else f"{value:,.0f}"
+
+
+def print_tables(document: dict[str, Any], console) -> None:
+    from rich.table import Table
+
+    env = document["environment"]
+    config = document["config"]
+    where = env.get("gpu") or env.get("cpu") or env["device"]
+    title = (f"nsaflex bench {config['pattern']}: B={config['batch']}, heads {config['query_heads']}/{config['kv_heads']}, "
+             f"D={config['dim']}, {config['dtype']} on {where} (torch {env['torch']}, triton {env.get('triton')})")
+    baselines = [b for b in config["baselines"] if b in BASELINES]
+    table = Table(title=title, title_justify="left")
+    for column in ("L", "inputs", "pass", "name", "median ms", "TFLOP/s", *[f"vs {b}" for b in baselines], "peak MiB", "check", "union/tile", "note"):
+        table.add_column(column, justify="right" if column not in ("inputs", "pass", "name", "note", "check") else "left")
+    checks = document["checks"]
+    problems: list[str] = []
+    for row in document["results"]:
+        check = "-"
+        if row["kind"] == "backend" and row["name"] in checks:
+            c = checks[row["name"]]
+            check = ("ok " if c.get("ok") else "FAIL ") + f"{c['relative_error']:.1e}" if "relative_error" in c else c.get("error", c.get("skipped", "-"))[:30]
+        union = "-"
+        if row.get("selection"):
+            s = row["selection"]
+            union = f"{s['mean_union_blocks']:.1f}/{s['count']}"
+        if row.get("error"):
+            table.add_row(str(row["length"]), row["inputs"], row["passes"], row["name"], "-", "-", *["-"] * len(baselines), "-", check, union,
+                          "[yellow]" + ("skipped" if row["error"].startswith("skipped") else "failed") + " (below)[/]")
+            problems.append(f"L={row['length']} {row['passes']} {row['name']}: {row['error']}")
+            continue
+        ratios = [f"x{row['ratios'][b]:.2f}" if b in row["ratios"] else "-" for b in baselines]
+        table.add_row(str(row["length"]), row["inputs"], row["passes"], row["name"], _fmt(row["median_ms"]), _fmt(row["tflops"]),
+                      *ratios, _fmt(row["peak_mib"], 5), check, union, row.get("note", "")[:90])
+    console.print(table)
+    for problem in dict.fromkeys(problems):
+        console.print(f"[yellow]{problem}[/]")
+    if document["selection"]:
+        sel = Table(title="selection structure of the inputs (nsaflex.scoring on the same data)", title_justify="left")
+        for column in ("L", "inputs", "granularity", "n", "neighbour Jaccard", f"union per {UNION_TILE}-query tile", "union / n"):
+            sel.add_column(column)
+        for item in document["selection"]:
+            sel.add_row(str(item["length"]), item["inputs"], item["granularity"], str(item["count"]),
+                        f"{item['mean_jaccard_neighbours']:.3f}", f"{item['tile_mean_union_blocks']:.1f}",
+                        f"{item['tile_union_over_selected']:.2f}")
+        console.print(sel)
+    stages = [row for row in document["results"] if row.get("breakdown")]
+    if stages:
+        names = list(dict.fromkeys(name for row in stages for name in row["breakdown"]))
+        split = Table(title="forward stages of one call (ms, each since the previous stage; --breakdown)", title_justify="left")
+        for column in ("L", "inputs", "pass", "name", *names):
+            split.add_column(column)
+        for row in stages:
+            split.add_row(str(row["length"]), row["inputs"], row["passes"], row["name"],
+                          *[_fmt(row["breakdown"].get(name)) for name in names])
+        console.print(split)
+    for item in document["skipped"]:
+        console.print(f"[yellow]skipped {item['name']}: {item['reason']}[/]")
+
+
+def write_plot(document: dict[str, Any], path: str) -> None:
+    """PNG of time against length, one line per (name, pass, inputs)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise NsaflexError("--plot needs matplotlib, which is not installed: pip install 'nsaflex[plot]' (or pip install matplotlib)") from None
+    series: dict[str, list[tuple[int, float]]] = {}
+    for row in document["results"]:
+        if row.get("median_ms"):
+            label = f"{row['name']} {row['passes']}" + (f" ({row['inputs']})" if row["kind"] == "backend" else "")
+            series.setdefault(label, []).append((row["length"], row["median_ms"]))
+    figure, axis = plt.subplots(figsize=(8, 5))
+    for label, points in sorted(series.items()):
+        points.sort()
+        axis.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
+    axis.set_xscale("log", base=2)
+    axis.set_yscale("log")
+    axis.set_xlabel("sequence length (tokens)")
+    axis.set_ylabel("median time (ms)")
+    env = document["environment"]
+    axis.set_title(f"{document['config']['pattern']} on {env.get('gpu') or env.get('cpu') or env['device']}")
+    axis.grid(True, which="both", alpha=0.3)
+    axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def write_json(document: dict[str, Any], path: str) -> None:
+    with open(path, "w") as handle:
+        json.dump(document, handle, indent=1, default=str)

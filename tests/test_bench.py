@@ -1,0 +1,110 @@
+"""``nsaflex bench`` smoke tests on the CPU (small lengths), and the video input generator."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from nsaflex import bench
+from nsaflex.video_inputs import VideoSpec, random_qkv, selection_overlap, video_latents, video_qkv
+
+
+@pytest.fixture
+def runner(monkeypatch):
+    # Eager flex keeps the smoke test free of CPU kernel compiles.
+    monkeypatch.setenv("NSAFLEX_FLEX_MODE", "eager")
+    from nsaflex.cli.main import main
+
+    return lambda *args: CliRunner().invoke(main, ["bench", *args], catch_exceptions=False)
+
+
+def test_bench_cpu_smoke_writes_every_figure(runner, tmp_path):
+    path = tmp_path / "bench.json"
+    result = runner("qblock-small", "--device", "cpu", "--lengths", "200,300", "--heads", "4/2", "--dim", "16", "--dtype", "fp32",
+                    "--pass", "fwd,fwd+bwd", "--inputs", "random,video", "--backends", "flex,nope", "--baselines", "sdpa,cudnn,fla,bogus",
+                    "--check-length", "40", "--rep", "1", "--breakdown", "--json", str(path))
+    assert result.exit_code == 0, result.output
+    assert "unknown backend" in result.output and "nope" in result.output
+    assert "unknown baseline" in result.output and "bogus" in result.output
+    assert "cuDNN attention needs CUDA" in result.output
+    document = json.loads(path.read_text())
+    assert document["environment"]["torch"] == torch.__version__ and "triton" in document["environment"]
+    rows = document["results"]
+    flex_rows = [r for r in rows if r["name"] == "flex"]
+    assert len(flex_rows) == 2 * 2 * 2  # lengths x passes x inputs
+    assert all(r["median_ms"] > 0 and r["tflops"] > 0 and "sdpa" in r["ratios"] for r in flex_rows)
+    assert all(r["selection"]["count"] == 8 for r in flex_rows)
+    stages = flex_rows[0]["breakdown"]
+    assert {"selection: scores + top-n", "selection: flex", "window: flex", "compression: flex"} <= set(stages)
+    assert all(value >= 0 for value in stages.values())
+    assert "forward stages" in result.output
+    assert document["checks"]["flex"]["ok"]
+    assert {item["inputs"] for item in document["selection"]} == {"random", "video"}
+    assert all(0.0 <= item["mean_jaccard_neighbours"] <= 1.0 for item in document["selection"])
+    skipped = {row["name"]: row["error"] for row in rows if row.get("error")}
+    assert skipped["cudnn"].startswith("skipped") and skipped["fla"].startswith("skipped")
+
+
+def test_bench_rejects_bad_options(runner):
+    for args, text in ((("--heads", "28/5"), "--heads"), (("--pass", "backward"), "--pass"), (("--inputs", "noise"), "--inputs")):
+        result = runner("window", "--device", "cpu", *args)
+        assert result.exit_code == 2 and text in result.output
+
+
+def test_plot_without_matplotlib_says_how_to_get_it(monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *args, **kwargs):
+        if name.startswith("matplotlib"):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    with pytest.raises(bench.NsaflexError, match="matplotlib"):
+        bench.write_plot({"results": [], "environment": {"device": "cpu"}, "config": {"pattern": "x"}}, "/tmp/never.png")
+
+
+def test_attended_pairs_and_flops():
+    import nsaflex
+
+    pattern = nsaflex.load_pattern("window")
+    assert bench.attended_pairs(pattern, 4) == 10  # window 512 > L: dense causal
+    assert bench.flops_for(10, 2, 8, 1, "fwd") == 4 * 8 * 10 * 2
+    assert bench.flops_for(10, 2, 8, 1, "fwd+bwd") == 3.5 * 4 * 8 * 10 * 2
+
+
+def test_video_inputs_are_frame_structured():
+    spec = VideoSpec(patches=32, rank=8)
+    latent = video_latents(32 * 6, spec, seed=1)
+    assert latent.shape == (192, 8)
+    frames = latent.view(6, 32, 8)
+    # Consecutive frames correlate strongly (rho), distant ones less.
+    near = torch.nn.functional.cosine_similarity(frames[1:], frames[:-1], dim=-1).mean()
+    far = torch.nn.functional.cosine_similarity(frames[5], torch.roll(frames[0], 16, dims=0), dim=-1).mean()
+    assert near > 0.8 and near > far
+    q, k, v = video_qkv(2, 4, 2, 100, 16, spec=spec)
+    assert q.shape == (2, 4, 100, 16) and k.shape == v.shape == (2, 2, 100, 16)
+    r = random_qkv(1, 2, 1, 10, 4)
+    assert r[0].shape == (1, 2, 10, 4)
+
+
+def test_selection_overlap():
+    same = torch.tensor([[[[0, 1, 2], [0, 1, 2], [0, 1, 2]]]])
+    assert selection_overlap(same) == 1.0
+    disjoint = torch.tensor([[[[0, 1, -1], [2, 3, -1]]]])
+    assert selection_overlap(disjoint) == 0.0
+    half = torch.tensor([[[[0, 1], [1, 2]]]])
+    assert selection_overlap(half) == pytest.approx(1 / 3)
+
+
+def test_plot_writes_a_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    document = {"results": [{"name": "flex", "passes": "fwd", "inputs": "video", "kind": "backend", "length": n, "median_ms": n / 1000}
+                            for n in (1024, 2048)], "environment": {"device": "cpu"}, "config": {"pattern": "x"}}
+    bench.write_plot(document, str(tmp_path / "p.png"))
+    assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"

@@ -1,0 +1,138 @@
+"""The flex backend as a runtime: compile once and reuse, cached masks, bad input, plan text."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import nsaflex
+from nsaflex.backends import flex
+from nsaflex.errors import BackendUnavailable, InputError
+
+DEVICE = os.environ.get("NSAFLEX_TEST_DEVICE", "cpu")
+if DEVICE == "cuda" and not torch.cuda.is_available():
+    pytest.skip("NSAFLEX_TEST_DEVICE=cuda but no CUDA device", allow_module_level=True)
+
+PATTERN = {
+    "name": "runtime",
+    "compression": {"block": 8, "stride": 4},
+    "selection": {"block": 8, "count": 3, "forced": ["first", "current"]},
+    "window": {"size": 16},
+    "gate": {"kind": "constant", "values": [0.5, 1.0, 1.0]},
+}
+
+
+def _inputs(length, batch=2, kv_heads=2, group=3, dim=16, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, kv_heads * group, length, dim, generator=generator).to(DEVICE)
+    k = torch.randn(batch, kv_heads, length, dim, generator=generator).to(DEVICE)
+    v = torch.randn(batch, kv_heads, length, dim, generator=generator).to(DEVICE)
+    return q, k, v
+
+
+def test_repeated_calls_do_not_recompile_and_new_lengths_recompile_once_per_branch():
+    attn = nsaflex.compile(nsaflex.pattern_from_dict(PATTERN), backend="flex", device=DEVICE)
+    attn._kernel.mode = "compiled"
+    if DEVICE == "cpu":
+        attn._kernel.blocks = (16, 8)
+    branches = ("compression", "selection", "window")
+    with torch.no_grad():
+        attn(*_inputs(77))
+        after_first = dict(flex.COMPILE_COUNTS)
+        masks = dict(attn._kernel._masks)
+        for seed in range(1, 4):  # same shapes, new values (new selections, new bitmaps)
+            attn(*_inputs(77, seed=seed))
+        assert dict(flex.COMPILE_COUNTS) == after_first, "same shapes must not recompile"
+        # Shape-only masks are built once and reused.
+        assert all(attn._kernel._masks[key] is value for key, value in masks.items())
+        attn(*_inputs(93))
+        after_new = dict(flex.COMPILE_COUNTS)
+        for branch in branches:
+            assert after_new.get(branch, 0) - after_first.get(branch, 0) <= 1, branch
+        attn(*_inputs(77, seed=9))
+        attn(*_inputs(93, seed=9))
+        assert dict(flex.COMPILE_COUNTS) == after_new, "lengths seen before must not recompile"
+
+
+def test_auto_on_cpu_picks_flex():
+    if DEVICE != "cpu":
+        pytest.skip("auto prefers triton on CUDA")
+    assert nsaflex.compile(nsaflex.pattern_from_dict(PATTERN), device="cpu").backend == "flex"
+
+
+@pytest.mark.parametrize(
+    "change, argument",
+    [
+        (lambda q, k, v, g, t: (q[0], k, v, g, t), "q"),
+        (lambda q, k, v, g, t: (q.to(torch.int32), k, v, g, t), "q"),
+        (lambda q, k, v, g, t: (q, k.double(), v, g, t), "k"),
+        (lambda q, k, v, g, t: (q, k.to("meta"), v, g, t), "k"),
+        (lambda q, k, v, g, t: (q[:, :5], k, v, g, t), "k"),  # 5 query heads over 2 kv heads
+        (lambda q, k, v, g, t: (q, k, v[..., :8], g, t), "v"),
+        (lambda q, k, v, g, t: (q, k, v, g[..., :2], t), "gates"),
+        (lambda q, k, v, g, t: (q, k, v, None, t), "gates"),
+        (lambda q, k, v, g, t: (q, k, v, g, t[:, :-1]), "token_types"),
+        (lambda q, k, v, g, t: (q, k, v, g, t.float()), "token_types"),
+        (lambda q, k, v, g, t: (q, k, v, g, t + 2), "token_types"),
+        (lambda q, k, v, g, t: (q, k, v, g, None), "token_types"),
+        (lambda q, k, v, g, t: (q[:, :, :0], k[:, :, :0], v[:, :, :0], g[:, :, :0], t[:, :0]), "q"),
+    ],
+)
+def test_bad_input_names_the_argument(change, argument):
+    spec = dict(PATTERN, gate={"kind": "mlp"}, hybrid={"vision_keys": "vision"})
+    attn = nsaflex.compile(nsaflex.pattern_from_dict(spec), backend="flex", device=DEVICE)
+    q, k, v = _inputs(20)
+    gates = torch.rand(2, 6, 20, 3, device=DEVICE)
+    types = torch.ones(2, 20, dtype=torch.long, device=DEVICE)
+    with pytest.raises(InputError) as error:
+        attn(*change(q, k, v, gates, types))
+    assert error.value.argument == argument
+    assert "expected" in str(error.value) and "found" in str(error.value)
+
+
+def test_cuda_head_dim_floor_is_refused_in_the_plan():
+    spec = dict(PATTERN, model={"head_dim": 8})
+    pattern = nsaflex.pattern_from_dict(spec)
+    assert "head dim" in flex.BACKEND.unsupported(pattern, "cuda")
+    assert flex.BACKEND.unsupported(pattern, "cpu") is None
+    with pytest.raises(BackendUnavailable, match="head dim"):
+        nsaflex.make_plan(pattern, "flex", "cuda")
+
+
+def test_plan_describes_masks_and_union_cost():
+    token = nsaflex.make_plan(nsaflex.load_pattern("videonsa"), "flex", "cpu")
+    text = " ".join(f"{b.mask} {' '.join(b.notes)}" for b in token.branches)
+    assert "union" in text and "bitmap" in text
+    assert {b.branch for b in token.branches} == {"compression", "selection", "window", "text"}
+    qblock = nsaflex.make_plan(nsaflex.load_pattern("videonsa-qblock"), "flex", "cuda")
+    selection = next(b for b in qblock.branches if b.branch == "selection")
+    assert "from_kv_blocks" in selection.mask
+    dense = nsaflex.make_plan(nsaflex.load_pattern("window"), "flex", "cpu")
+    assert dense.branches[0].branch == "window"
+
+
+def test_all_text_batch_is_dense_and_gates_are_ignored():
+    spec = dict(PATTERN, gate={"kind": "mlp"}, hybrid={"vision_keys": "vision"})
+    attn = nsaflex.compile(nsaflex.pattern_from_dict(spec), backend="flex", device=DEVICE)
+    q, k, v = _inputs(20)
+    types = torch.zeros(2, 20, dtype=torch.long, device=DEVICE)
+    with torch.no_grad():
+        out = attn(q, k, v, torch.rand(2, 6, 20, 3, device=DEVICE), types)
+        dense = torch.nn.functional.scaled_dot_product_attention(
+            q, k.repeat_interleave(3, 1), v.repeat_interleave(3, 1), is_causal=True)
+    torch.testing.assert_close(out, dense, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="narrow tile lists are a CUDA forward path")
+def test_narrow_tile_lists_equal_full_width_on_cuda():
+    pattern = nsaflex.pattern_from_dict(dict(PATTERN, selection={"block": 64, "count": 4, "granularity": "query_block", "query_block": 64},
+                                             compression={"block": 64, "stride": 64}))
+    q, k, v = (t.to(torch.bfloat16) for t in _inputs(1000, dim=64))
+    outs = []
+    for narrow in (True, False):
+        kernel = flex.FlexKernel(pattern, narrow=narrow)
+        with torch.no_grad():
+            outs.append(kernel(q, k, v, None, None, None))
+    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
