@@ -37,6 +37,21 @@ from nsaflex.kernels import ops
 from nsaflex.loader import load_pattern
 
 H, HKV, D = 28, 4, 128
+CONFIG: dict = {}  # KernelConfig overrides of the main table (--config)
+
+
+def parse_config(text: str) -> dict:
+    out = {}
+    for item in filter(None, text.split(",")):
+        key, value = item.split("=")
+        for conv in (int, float):
+            try:
+                value = conv(value)
+                break
+            except ValueError:
+                pass
+        out[key.strip()] = value
+    return out
 
 
 def parse_len(s: str) -> int:
@@ -129,7 +144,8 @@ def run_length(pattern, L, kind, args, results):
     q, k, v, gates = make_inputs(kind, L)
     types = torch.ones(1, L, dtype=torch.long, device="cuda")
     row = {"L": L, "inputs": kind}
-    cfg = ops.make_config(pattern)
+    cfg = ops.make_config(pattern, **CONFIG)
+    row["config"] = {"topn": cfg.topn, "topn_chunk": cfg.topn_chunk, "select_tokens": cfg.select_tokens}
     fwd = lambda: backend._sparse_forward(pattern, cfg, q, k, v, gates, types, None)  # noqa: E731
     with torch.no_grad():
         row["fwd_ms"] = bench(fwd)
@@ -159,6 +175,7 @@ def run_length(pattern, L, kind, args, results):
             if ms:
                 f = flops[name] if name != "slc_win" else flops["selection"] + flops["window"]
                 per[name] = {"ms": ms, "tflop": f / 1e12, "tflops": f / ms / 1e9}
+        per["topn_select"] = {"ms": sum(v for n, v in ks.items() if "topn_select_kernel" in n)}
         row["per_kernel_fwd"] = per
     if args.baselines:
         import torch.nn.functional as F
@@ -205,6 +222,78 @@ def run_variants(pattern, L, results):
             print(json.dumps(row), flush=True)
 
 
+def run_topn_compare(pattern, lengths, kinds, results, rep=100):
+    """The top-n paths in one run: in-kernel running top-n ("fused"), the
+    two-step select kernel, and torch.topk on packed int64 keys (forward only,
+    per-kernel times of one profiled forward). Also checks that the three
+    paths select the same blocks."""
+    for L in lengths:
+        for kind in kinds:
+            q, k, v, gates = make_inputs(kind, L)
+            types = torch.ones(1, L, dtype=torch.long, device="cuda")
+            sels = {}
+            for topn in ("fused", "select", "torch"):
+                cfg = ops.make_config(pattern, topn=topn)
+                row = {"what": "topn", "topn": topn, "L": L, "inputs": kind}
+                try:
+                    with torch.no_grad():
+                        fwd = lambda: backend._sparse_forward(pattern, cfg, q, k, v, gates, types, None)  # noqa: E731
+                        row["fwd_ms"] = bench(fwd, rep=rep)
+                        kern = kernel_breakdown(fwd)
+                    row["kernels_fwd_ms"] = {n: t for n, t in kern.items() if t >= 0.05}
+                    row["score_ms"] = sum(t for n, t in kern.items() if "cmp_score_kernel" in n)
+                    row["topn_ms"] = sum(t for n, t in kern.items() if any(x in n.lower() for x in (
+                        "topn_select", "topk", "radix", "gathertopk", "fill", "sort")))
+                    seen = spy_forward(pattern, cfg, q, k, v, gates, types)
+                    sel = seen["sel"]
+                    sels[topn] = torch.sort(torch.where(sel >= 0, sel, 1 << 30), dim=-1).values
+                    if "fused" in sels and topn != "fused":
+                        row["same_blocks_as_fused"] = bool(torch.equal(sels[topn], sels["fused"]))
+                        row["rows_differing_from_fused"] = int((sels[topn] != sels["fused"]).any(-1).sum())
+                except Exception as e:  # noqa: BLE001
+                    traceback.print_exc()
+                    row["error"] = repr(e)[:300]
+                results.append(row)
+                print(json.dumps({a: b for a, b in row.items() if a != "kernels_fwd_ms"}), flush=True)
+            del q, k, v, gates, sels
+            torch.cuda.empty_cache()
+
+
+def run_tile_variants(pattern, L, results, variants):
+    """Selection tile variants (item 2): forward and forward+backward, both inputs."""
+    for kind in ("video", "random"):
+        q, k, v, gates = make_inputs(kind, L)
+        types = torch.ones(1, L, dtype=torch.long, device="cuda")
+        for over in variants:
+            cfg = ops.make_config(pattern, **over)
+            row = {"what": "tile", "variant": ", ".join(f"{a}={b}" for a, b in over.items()) or "default", "L": L, "inputs": kind}
+            try:
+                with torch.no_grad():
+                    fwd = lambda: backend._sparse_forward(pattern, cfg, q, k, v, gates, types, None)  # noqa: E731
+                    row["fwd_ms"] = bench(fwd, rep=100)
+                    kern = kernel_breakdown(fwd)
+                row["slc_win_ms"] = sum(t for n, t in kern.items() if "slc_win_kernel" in n)
+                qg, kg, vg, gg = (x.detach().requires_grad_() for x in (q, k, v, gates))
+                do = torch.randn_like(q)
+
+                def fb():
+                    out = backend._sparse_forward(pattern, cfg, qg, kg, vg, gg, types, None)
+                    torch.autograd.grad(out, (qg, kg, vg, gg), do)
+
+                row["fwdbwd_ms"] = bench(fb, rep=100)
+                kern = kernel_breakdown(fb)
+                row["bwd_dq_ms"] = sum(t for n, t in kern.items() if "bwd_dq_kernel" in n)
+                seen = spy_forward(pattern, cfg, q, k, v, gates, types)
+                row.update(union_stats(seen, cfg, L))
+            except Exception as e:  # noqa: BLE001
+                traceback.print_exc()
+                row["error"] = repr(e)[:300]
+            results.append(row)
+            print(json.dumps(row), flush=True)
+        del q, k, v, gates
+        torch.cuda.empty_cache()
+
+
 def run_window_vs_flex(L, results):
     """Window branch alone: the custom kernel against FlexAttention (item 3 of the issue)."""
     from nsaflex.spec import Gate, Pattern, Window
@@ -239,8 +328,12 @@ def main():
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--variants", default="", help="length for the tile-shape variants (e.g. 64k)")
     ap.add_argument("--window", default="", help="length for window-vs-flex")
+    ap.add_argument("--topn-compare", default="", help="lengths for the top-n paths compared (e.g. 16k,128k)")
+    ap.add_argument("--tiles", default="", help="length for the selection tile variants (item 2)")
+    ap.add_argument("--config", default="", help="KernelConfig overrides for the main table, e.g. topn=fused")
     args = ap.parse_args()
     pattern = load_pattern("videonsa")
+    CONFIG.update(parse_config(args.config))
     meta = {
         "device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
         "command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -252,6 +345,9 @@ def main():
         with open(args.json, "w") as f:
             json.dump({"meta": meta, "results": results}, f, indent=1)
 
+    if args.topn_compare:
+        run_topn_compare(pattern, [parse_len(x) for x in args.topn_compare.split(",") if x], args.inputs.split(","), results)
+        dump()
     for L in [parse_len(x) for x in args.lengths.split(",") if x]:
         for kind in args.inputs.split(","):
             try:
@@ -260,6 +356,9 @@ def main():
                 traceback.print_exc()
                 results.append({"L": L, "inputs": kind, "error": repr(e)[:500]})
             dump()
+    if args.tiles:
+        run_tile_variants(pattern, parse_len(args.tiles), results, [dict(), dict(select_tokens=4)])
+        dump()
     if args.variants:
         run_variants(pattern, parse_len(args.variants), results)
         dump()

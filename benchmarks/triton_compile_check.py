@@ -53,8 +53,10 @@ class Recorder:
         return call
 
 
-def record(pattern, shape, dtype):
+def record(pattern, shape, dtype, **config):
+    from nsaflex.backends import triton as backend
     from nsaflex.backends.triton import BACKEND
+    from nsaflex.kernels.ops import make_config
 
     for mod in (fwd, bwd):
         for name in dir(mod):
@@ -67,7 +69,10 @@ def record(pattern, shape, dtype):
     v = torch.randn(B, Hkv, L, D, dtype=dtype, requires_grad=True)
     gates = torch.rand(B, Hkv * G, L, len(pattern.branches), dtype=dtype, requires_grad=True)
     types = torch.ones(B, L, dtype=torch.long) if pattern.hybrid is not None else None
-    out = BACKEND.build(pattern, None)(q, k, v, gates, types, None)
+    if config:
+        out = backend._sparse_forward(pattern, make_config(pattern, **config), q, k, v, gates, types, None)
+    else:
+        out = BACKEND.build(pattern, None)(q, k, v, gates, types, None)
     out.sum().backward()
 
 
@@ -131,12 +136,25 @@ if __name__ == "__main__":
         items = json.load(open(sys.argv[2]))
         sys.exit(0 if compile_all(items) else 1)
     record(videonsa, (1, 1, 7, 130, 128), torch.bfloat16)
+    # the other top-n paths (the default is the two-step "select")
+    record(videonsa, (1, 1, 7, 130, 128), torch.bfloat16, topn="torch")
+    record(videonsa, (1, 1, 7, 130, 128), torch.bfloat16, topn="fused")
+    if "--all" in sys.argv:
+        record(videonsa, (1, 1, 7, 130, 128), torch.bfloat16, select_tokens=4)
     if "--all" in sys.argv:
         nsa = Pattern(name="nsa", compression=Compression(block=32, stride=16), gate=Gate(kind="mlp"),
                       selection=Selection(block=64, count=16, forced=("first", "previous", "current"), scoring="head"),
                       window=Window(size=64))
         record(nsa, (1, 1, 4, 130, 64), torch.bfloat16)
     path = "/tmp/triton_compile_check.json"
-    json.dump(signatures(), open(path, "w"))
+    items = signatures()
+    # the select kernel at the row widths of 16K..128K tokens (JP 256..2048;
+    # the tiny recorded shapes only reach JP = 2)
+    for module, name, sig, const, opts in list(items):
+        if name == "topn_select_kernel":
+            for jp, rows in ((256, 4), (2048, 1)):
+                items.append((module, name, sig, dict(const, JP=jp, ROWS=rows), opts))
+            break
+    json.dump(items, open(path, "w"))
     env = dict(os.environ, TRITON_INTERPRET="0")
     sys.exit(subprocess.call([sys.executable, __file__, "--compile", path], env=env))

@@ -3,7 +3,8 @@
 Every query selects its own blocks (NSA's per-token semantics), for any GQA
 group size (heads are packed into the kernels' row tiles, never padded in
 memory). The compression branch runs as two passes (log-sum-exp, then
-output + Eq. 9 scores + running top-n, no ``[L, L/d]`` tensor written); the
+output + Eq. 9 block scores), the top-n as a second step over each query
+chunk's block scores (no ``[L, L/d]`` tensor is written); the
 selection branch attends the union of a tile's selected blocks with per-row
 masks, fused with the window branch and the gated combination. Pooling (mean
 or the MLP) runs in torch ahead of the kernels, so the MLP's parameters get
@@ -72,11 +73,22 @@ class TritonBackend:
                 ("pooling in torch ahead of the kernels",),
             ))
         if cfg.has_slc:
+            if cfg.topn == "fused":
+                topn = "running top-n in cmp_score_kernel"
+                notes: tuple[str, ...] = ("no [L, L/l'] tensor is written",)
+            else:
+                topn = ("cmp_score_kernel writes a query chunk's block scores, then "
+                        + ("topn_select_kernel (exact bisection, one warp per token)" if cfg.topn == "select"
+                           else "torch.topk over packed int64 keys"))
+                notes = (f"block scores (Eq. 9, {'head' if cfg.head_scoring else 'group'}-summed) written per query chunk "
+                         f"of up to {cfg.topn_chunk} tokens ([B, Hsel, chunk, t_end / l'], under "
+                         f"{cfg.topn_buffer_bytes >> 20} MiB); the compression probabilities [L, L/d] are never written",)
             plans.append(BranchPlan(
-                "selection", self.name, "top-n in cmp_score_kernel; slc_win_kernel over the tile's union of blocks",
+                "selection", self.name, f"{topn}; slc_win_kernel over the tile's union of blocks",
                 "per-token block lists (int32 [B, H, L, n+4]) with per-row hit masks",
                 {"block": cfg.slc_block, "count": cfg.count, "scoring": "head" if cfg.head_scoring else "group",
-                 "eq9": [cfg.eq9_a, cfg.eq9_b], "top_slots": cfg.nt},
+                 "eq9": [cfg.eq9_a, cfg.eq9_b], "top_slots": cfg.nt, "topn": cfg.topn},
+                notes,
             ))
         if cfg.has_win:
             plans.append(BranchPlan("window", self.name, "slc_win_kernel (fused with selection and gating)",

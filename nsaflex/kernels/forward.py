@@ -195,26 +195,39 @@ def cmp_lse_kernel(
 
 @triton.jit
 def cmp_score_kernel(
-    Q, KC, VC, LSE, OC, SEL, STARTS, LENS, CSTARTS, CLENS,
-    sqb, sqh, sqt, skb, skh, skt, slb, slh, slt, sob, soh, sot, ssb, ssh, sst,
-    scale_log2,
+    Q, KC, VC, LSE, OC, SEL, SBUF, STARTS, LENS, CSTARTS, CLENS,
+    sqb, sqh, sqt, skb, skh, skt, slb, slh, slt, sob, soh, sot, ssb, ssh, sst, sbb, sbh, sbt,
+    scale_log2, T_OFF, T_END, JW,
     G: tl.constexpr, GP: tl.constexpr, BT: tl.constexpr, D: tl.constexpr,
     CBLOCK: tl.constexpr, CSTRIDE: tl.constexpr, LEGACY: tl.constexpr, IEEE: tl.constexpr,
     SCORE: tl.constexpr, BN: tl.constexpr,
     LS: tl.constexpr, COUNT: tl.constexpr, FIRST: tl.constexpr, PREV: tl.constexpr, CUR: tl.constexpr,
     HEAD_SCORING: tl.constexpr, NT: tl.constexpr, A: tl.constexpr, BB: tl.constexpr, NT_LOG: tl.constexpr,
-    INSERT_MAX: tl.constexpr,
+    INSERT_MAX: tl.constexpr, TOPN: tl.constexpr,
 ):
-    """Compression output and (when SCORE) the token-level top-n selection.
+    """Compression output and (when SCORE) the token-level block scores.
 
     With SCORE the loop walks block chunks of NT blocks; its compressed chunk
     is [A*jc0, A*jc0 + A*NT) (A = l'/d), so BN must equal A*NT.
+
+    The program covers tokens ``T_OFF + pid * BT ...`` below ``T_END`` (a query
+    chunk; 0 and the length for the whole sequence). ``TOPN`` says what
+    becomes of the block scores:
+
+    * 0: a running top-n in the kernel, block lists written to ``SEL``;
+    * 1: the block scores (fp32, clamped at +0) of the candidate blocks
+      ``j < (t + 1) // LS`` written to ``SBUF[b, hs, t - T_OFF, j]`` (a query
+      chunk's buffer; forced blocks included, :func:`topn_select_kernel`
+      drops them); nothing else of the row is written;
+    * 2: packed ``score bits << 32 | ~j`` int64 keys (-1 for non-candidate
+      and forced blocks) for ``j < JW`` covered by the loop written to
+      ``SBUF`` (pre-filled with -1 by the caller, for ``torch.topk``).
     """
     pid_t = tl.program_id(0)
     b = tl.program_id(1)
     hk = tl.program_id(2)
-    length = tl.load(LENS + b)
-    t0 = pid_t * BT
+    length = tl.minimum(tl.load(LENS + b), T_END)
+    t0 = T_OFF + pid_t * BT
     if t0 < length:
         start = tl.load(STARTS + b).to(tl.int64)
         cstart = tl.load(CSTARTS + b).to(tl.int64)
@@ -245,6 +258,11 @@ def cmp_score_kernel(
                 valid_s = ts < length
             f0, f1, f2 = _forced(ts, LS, FIRST, PREV, CUR)
             n_cand = (ts + 1) // LS  # complete blocks ending at or before ts
+            if HEAD_SCORING:
+                hs = h
+            else:
+                hs = hk
+            sb_row = bb * sbb + hs * sbh + (ts - T_OFF).to(tl.int64) * sbt
             top = tl.full([SR, NT], -1, tl.int64)
             jl = tl.arange(0, NT)
             il = tl.arange(0, BN)
@@ -275,42 +293,48 @@ def cmp_score_kernel(
                     bs = tl.dot(ps, m_self, input_precision="ieee") + carry
                     carry = tl.dot(ps, m_next, input_precision="ieee")
                 j = c * NT + jl
-                cand = (j[None, :] < n_cand[:, None]) & valid_s[:, None]
-                cand = cand & (j[None, :] != f0[:, None]) & (j[None, :] != f1[:, None]) & (j[None, :] != f2[:, None])
-                bits = bs.to(tl.int32, bitcast=True)
-                bits = tl.where(bits < 0, 0, bits).to(tl.int64)
-                keys = (bits << 32) | (0x7FFFFFFF - j).to(tl.int64)[None, :]
-                keys = tl.where(cand, keys, -1)
-                # Running top-NT (unsorted): few new keys beat a row's current
-                # minimum once the first chunks are in, so insert those one by
-                # one (replace the row's minimum); sort-merge when many do.
-                thr = tl.min(top, axis=1)
-                n_beat = tl.max(tl.sum((keys > thr[:, None]).to(tl.int32), axis=1))
-                if n_beat > INSERT_MAX:
-                    top = _merge_top(top, keys, SR, NT, NT_LOG)
+                if TOPN == 1:
+                    # Raw block scores of the candidate blocks (+0 for -0).
+                    put = (j[None, :] < n_cand[:, None]) & valid_s[:, None]
+                    tl.store(SBUF + sb_row[:, None] + j[None, :], tl.where(bs > 0, bs, 0.0), mask=put)
                 else:
-                    for _ in range(0, n_beat):
-                        x = tl.max(tl.where(keys > thr[:, None], keys, -1), axis=1)
-                        keys = tl.where(keys == x[:, None], -1, keys)
-                        slot = tl.argmin(top, axis=1)
-                        put = (x > thr)[:, None] & (jl[None, :] == slot[:, None])
-                        top = tl.where(put, x[:, None], top)
+                    cand = (j[None, :] < n_cand[:, None]) & valid_s[:, None]
+                    cand = cand & (j[None, :] != f0[:, None]) & (j[None, :] != f1[:, None]) & (j[None, :] != f2[:, None])
+                    bits = bs.to(tl.int32, bitcast=True)
+                    bits = tl.where(bits < 0, 0, bits).to(tl.int64)
+                    keys = (bits << 32) | (0x7FFFFFFF - j).to(tl.int64)[None, :]
+                    keys = tl.where(cand, keys, -1)
+                    if TOPN == 2:
+                        put = (j[None, :] < JW) & valid_s[:, None]
+                        tl.store(SBUF + sb_row[:, None] + j[None, :], keys, mask=put)
+                    else:
+                        # Running top-NT (unsorted): few new keys beat a row's current
+                        # minimum once the first chunks are in, so insert those one by
+                        # one (replace the row's minimum); sort-merge when many do.
                         thr = tl.min(top, axis=1)
-            top = _sort_last(top, NT_LOG, True)
-            nforced = (f0 >= 0).to(tl.int32) + (f1 >= 0).to(tl.int32) + (f2 >= 0).to(tl.int32)
-            nfree = COUNT - nforced
-            chosen = (jl[None, :] < nfree[:, None]) & (top >= 0)
-            jsel = tl.where(chosen, 0x7FFFFFFF - (top & 0xFFFFFFFF), -1).to(tl.int32)
-            if HEAD_SCORING:
-                hs = h
-            else:
-                hs = hk
-            sbase = SEL + bb * ssb + hs * ssh + (start + ts) * sst
-            tl.store(sbase[:, None] + jl[None, :], jsel, mask=valid_s[:, None])
-            tl.store(sbase + NT, f0, mask=valid_s)
-            tl.store(sbase + NT + 1, f1, mask=valid_s)
-            tl.store(sbase + NT + 2, f2, mask=valid_s)
-            tl.store(sbase + NT + 3, tl.full(ts.shape, -1, tl.int32), mask=valid_s)
+                        n_beat = tl.max(tl.sum((keys > thr[:, None]).to(tl.int32), axis=1))
+                        if n_beat > INSERT_MAX:
+                            top = _merge_top(top, keys, SR, NT, NT_LOG)
+                        else:
+                            for _ in range(0, n_beat):
+                                x = tl.max(tl.where(keys > thr[:, None], keys, -1), axis=1)
+                                keys = tl.where(keys == x[:, None], -1, keys)
+                                slot = tl.argmin(top, axis=1)
+                                put = (x > thr)[:, None] & (jl[None, :] == slot[:, None])
+                                top = tl.where(put, x[:, None], top)
+                                thr = tl.min(top, axis=1)
+            if TOPN == 0:
+                top = _sort_last(top, NT_LOG, True)
+                nforced = (f0 >= 0).to(tl.int32) + (f1 >= 0).to(tl.int32) + (f2 >= 0).to(tl.int32)
+                nfree = COUNT - nforced
+                chosen = (jl[None, :] < nfree[:, None]) & (top >= 0)
+                jsel = tl.where(chosen, 0x7FFFFFFF - (top & 0xFFFFFFFF), -1).to(tl.int32)
+                sbase = SEL + bb * ssb + hs * ssh + (start + ts) * sst
+                tl.store(sbase[:, None] + jl[None, :], jsel, mask=valid_s[:, None])
+                tl.store(sbase + NT, f0, mask=valid_s)
+                tl.store(sbase + NT + 1, f1, mask=valid_s)
+                tl.store(sbase + NT + 2, f2, mask=valid_s)
+                tl.store(sbase + NT + 3, tl.full(ts.shape, -1, tl.int32), mask=valid_s)
         else:
             if LEGACY:
                 lo = _first_visible(t0, CBLOCK, CSTRIDE)
@@ -328,6 +352,129 @@ def cmp_score_kernel(
                 p = tl.where(vis, tl.exp2(s - lse[:, None]), 0.0)
                 acc += _dot(p.to(vc.dtype), vc, IEEE)
         tl.store(OC + bb * sob + h[:, None] * soh + (start + t)[:, None] * sot + d[None, :], acc.to(OC.dtype.element_ty), mask=valid[:, None])
+
+
+@triton.jit
+def _write_block_list(SEL, sel_row, valid, cols, jsel, chosen, n_chosen, f0, f1, f2, NT: tl.constexpr):
+    """One token's block-list row: the chosen blocks in slots 0.. (``jsel`` at
+    the columns ``cols`` of the chosen entries), -1 up to NT, then the
+    forced blocks and a -1."""
+    tl.store(SEL + sel_row[:, None] + cols, jsel, mask=chosen & valid[:, None])
+    s = tl.arange(0, NT)
+    tl.store(SEL + sel_row[:, None] + s[None, :], tl.full([1, NT], -1, tl.int32),
+             mask=(s[None, :] >= n_chosen[:, None]) & valid[:, None])
+    tl.store(SEL + sel_row + NT, f0, mask=valid)
+    tl.store(SEL + sel_row + NT + 1, f1, mask=valid)
+    tl.store(SEL + sel_row + NT + 2, f2, mask=valid)
+    tl.store(SEL + sel_row + NT + 3, tl.full(f0.shape, -1, tl.int32), mask=valid)
+
+
+@triton.jit
+def topn_select_kernel(
+    S, SEL, STARTS, LENS,
+    sbb, sbh, sbt, ssb, ssh, sst,
+    T_OFF, T_END,
+    ROWS: tl.constexpr, JP: tl.constexpr,
+    LS: tl.constexpr, COUNT: tl.constexpr, FIRST: tl.constexpr, PREV: tl.constexpr, CUR: tl.constexpr,
+    NT: tl.constexpr,
+):
+    """Exact top-(n - |forced|) of ROWS tokens' block scores (a query chunk's
+    ``[B, Hsel, C, >= JW]`` fp32 buffer written by ``cmp_score_kernel`` with
+    TOPN=1), written as the block lists of ``SEL``.
+
+    Run with one warp per program, so every row reduction stays inside a warp
+    (shuffles, no shared-memory barriers). Scores are >= +0, so their int32
+    bit patterns order like the floats: a bisection over the bits finds the
+    k-th largest score T (stopping early once exactly k scores lie at or above
+    the probe), then every block above T is chosen and, among the blocks equal
+    to T, the lowest indices (an inclusive prefix count): the reference's
+    "ties to the lower index", exactly.
+    """
+    pid = tl.program_id(0)
+    hs = tl.program_id(1)
+    b = tl.program_id(2)
+    length = tl.minimum(tl.load(LENS + b), T_END)
+    t0 = T_OFF + pid * ROWS
+    if t0 < length:
+        start = tl.load(STARTS + b).to(tl.int64)
+        bb = b.to(tl.int64)
+        ts = t0 + tl.arange(0, ROWS)
+        valid = ts < length
+        f0, f1, f2 = _forced(ts, LS, FIRST, PREV, CUR)
+        n_cand = (ts + 1) // LS
+        j = tl.arange(0, JP)
+        cand = (j[None, :] < n_cand[:, None]) & valid[:, None]
+        cand = cand & (j[None, :] != f0[:, None]) & (j[None, :] != f1[:, None]) & (j[None, :] != f2[:, None])
+        row = bb * sbb + hs * sbh + (ts - T_OFF).to(tl.int64) * sbt
+        x = tl.load(S + row[:, None] + j[None, :], mask=cand, other=-1.0)
+        bits = tl.where(cand, x.to(tl.int32, bitcast=True), -1)
+        nforced = (f0 >= 0).to(tl.int32) + (f1 >= 0).to(tl.int32) + (f2 >= 0).to(tl.int32)
+        k = COUNT - nforced
+        n_c = tl.sum(cand.to(tl.int32), axis=1)
+        # Bisection: count(bits >= lo) >= k > count(bits >= hi).
+        active = (n_c > k) & (k > 0)
+        lo = tl.zeros([ROWS], tl.int32)
+        hi = tl.full([ROWS], 0x7F800001, tl.int32)
+        cnt_lo = n_c
+        go = active & (hi - lo > 1) & (cnt_lo != k)
+        while tl.max(go.to(tl.int32), axis=0) > 0:
+            mid = lo + (hi - lo) // 2
+            c = tl.sum((bits >= mid[:, None]).to(tl.int32), axis=1)
+            up = go & (c >= k)
+            down = go & (c < k)
+            lo = tl.where(up, mid, lo)
+            cnt_lo = tl.where(up, c, cnt_lo)
+            hi = tl.where(down, mid, hi)
+            go = active & (hi - lo > 1) & (cnt_lo != k)
+        # Rows whose count reached exactly k: the scores >= lo. Otherwise lo is
+        # the k-th largest score itself (hi = lo + 1): all above it, then the
+        # first r equal ones.
+        above = bits > lo[:, None]
+        eq = bits == lo[:, None]
+        r = k - tl.sum(above.to(tl.int32), axis=1)
+        rank = tl.cumsum(eq.to(tl.int32), axis=1)
+        pick = tl.where((cnt_lo == k)[:, None], bits >= lo[:, None], above | (eq & (rank <= r[:, None])))
+        chosen = tl.where(active[:, None], pick, cand & (k > 0)[:, None])
+        slot = tl.cumsum(chosen.to(tl.int32), axis=1) - 1
+        n_chosen = tl.sum(chosen.to(tl.int32), axis=1)
+        sel_row = bb * ssb + hs * ssh + (start + ts) * sst
+        _write_block_list(SEL, sel_row, valid, slot, j[None, :].to(tl.int32) + tl.zeros([ROWS, JP], tl.int32),
+                          chosen, n_chosen, f0, f1, f2, NT)
+
+
+@triton.jit
+def topk_write_kernel(
+    VALS, SEL, STARTS, LENS,
+    svb, svh, svt, ssb, ssh, sst,
+    T_OFF, T_END, K,
+    ROWS: tl.constexpr, KP: tl.constexpr,
+    LS: tl.constexpr, COUNT: tl.constexpr, FIRST: tl.constexpr, PREV: tl.constexpr, CUR: tl.constexpr,
+    NT: tl.constexpr,
+):
+    """Block lists from ``torch.topk`` of the packed int64 keys (``VALS [B,
+    Hsel, C, K]`` sorted descending): the first ``n - |forced|`` non-negative
+    keys of each row, decoded to block indices."""
+    pid = tl.program_id(0)
+    hs = tl.program_id(1)
+    b = tl.program_id(2)
+    length = tl.minimum(tl.load(LENS + b), T_END)
+    t0 = T_OFF + pid * ROWS
+    if t0 < length:
+        start = tl.load(STARTS + b).to(tl.int64)
+        bb = b.to(tl.int64)
+        ts = t0 + tl.arange(0, ROWS)
+        valid = ts < length
+        f0, f1, f2 = _forced(ts, LS, FIRST, PREV, CUR)
+        nforced = (f0 >= 0).to(tl.int32) + (f1 >= 0).to(tl.int32) + (f2 >= 0).to(tl.int32)
+        kk = tl.arange(0, KP)
+        row = bb * svb + hs * svh + (ts - T_OFF).to(tl.int64) * svt
+        key = tl.load(VALS + row[:, None] + kk[None, :], mask=(kk[None, :] < K) & valid[:, None], other=-1)
+        chosen = (kk[None, :] < (COUNT - nforced)[:, None]) & (key >= 0)
+        jsel = (0x7FFFFFFF - (key & 0xFFFFFFFF)).to(tl.int32)
+        n_chosen = tl.sum(chosen.to(tl.int32), axis=1)
+        sel_row = bb * ssb + hs * ssh + (start + ts) * sst
+        _write_block_list(SEL, sel_row, valid, kk[None, :] + tl.zeros([ROWS, KP], tl.int32), jsel,
+                          chosen, n_chosen, f0, f1, f2, NT)
 
 
 @triton.jit

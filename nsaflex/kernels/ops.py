@@ -53,7 +53,15 @@ class KernelConfig:
     num_warps_select: int = 4
     num_warps_score: int = 8
     num_stages: int = 2
-    insert_max: int = 4  # top-n: insert up to this many new keys one by one, else sort-merge (H100: 4 < 8 < 16)
+    insert_max: int = 4  # fused top-n: insert up to this many new keys one by one, else sort-merge (H100: 4 < 8 < 16)
+    # Top-n: "select" (block scores of a query chunk written to a buffer, then
+    # topn_select_kernel, one warp per token), "torch" (packed int64 keys to a
+    # buffer, then torch.topk), or "fused" (the running top-n inside
+    # cmp_score_kernel; no buffer).
+    topn: str = "select"
+    topn_chunk: int = 16384  # tokens per query chunk (buffer [B, Hsel, chunk, L / l'])
+    topn_buffer_bytes: int = 1 << 30  # the chunk shrinks so that the buffer stays under this
+    score_blocks: int | None = None  # blocks per score-loop step of the two-step paths (None: ~64 compressed tokens)
 
     @property
     def slc_tile(self) -> int:
@@ -179,15 +187,26 @@ def _forward(q, k, v, kc, vc, gates, lay: SeqLayout, cfg: KernelConfig, save: bo
         vc_ = vc if lay.max_cmp > 0 else q
         sel_ = sel if sel is not None else dummy_i
         ss = _qs(sel, P) if sel is not None else (0, 0, 0)
-        fwd.cmp_score_kernel[grid](
-            q, kc_, vc_, lse_c, oc, sel_, lay.starts, lay.lens, lay.cstarts, lay.clens,
-            *_qs(q, P), *_qs(kc_, P), *_qs(lse_c, P), *_qs(oc, P), *ss, scale_log2,
-            G=G, GP=GP, BT=tiles.bt_score, D=D, CBLOCK=cfg.cblock, CSTRIDE=cfg.cstride, LEGACY=cfg.legacy,
-            IEEE=ieee, SCORE=cfg.has_slc, BN=(cfg.eq9_a * cfg.nt if cfg.has_slc else 64),
-            LS=cfg.slc_block, COUNT=cfg.count, FIRST=cfg.first, PREV=cfg.prev, CUR=cfg.cur,
-            HEAD_SCORING=cfg.head_scoring, NT=cfg.nt, A=cfg.eq9_a, BB=cfg.eq9_b, NT_LOG=cfg.nt.bit_length() - 1, INSERT_MAX=cfg.insert_max,
-            num_warps=cfg.num_warps_score,
-        )
+
+        def score(t_off: int, t_end: int, mode: int, buf):
+            n_tc = triton.cdiv(t_end - t_off, tiles.bt_score)
+            nt = cfg.nt if mode == 0 else _score_blocks(cfg)
+            bs_ = buf.stride()[:3] if buf is not None else (0, 0, 0)
+            fwd.cmp_score_kernel[(n_tc, B, Hkv)](
+                q, kc_, vc_, lse_c, oc, sel_, buf if buf is not None else dummy_f, lay.starts, lay.lens, lay.cstarts, lay.clens,
+                *_qs(q, P), *_qs(kc_, P), *_qs(lse_c, P), *_qs(oc, P), *ss, *bs_,
+                scale_log2, t_off, t_end, buf.shape[-1] if buf is not None else 0,
+                G=G, GP=GP, BT=tiles.bt_score, D=D, CBLOCK=cfg.cblock, CSTRIDE=cfg.cstride, LEGACY=cfg.legacy,
+                IEEE=ieee, SCORE=cfg.has_slc, BN=(cfg.eq9_a * nt if cfg.has_slc else 64),
+                LS=cfg.slc_block, COUNT=cfg.count, FIRST=cfg.first, PREV=cfg.prev, CUR=cfg.cur,
+                HEAD_SCORING=cfg.head_scoring, NT=nt, A=cfg.eq9_a, BB=cfg.eq9_b, NT_LOG=nt.bit_length() - 1,
+                INSERT_MAX=cfg.insert_max, TOPN=mode, num_warps=cfg.num_warps_score,
+            )
+
+        if not cfg.has_slc or cfg.topn == "fused":
+            score(0, lay.max_len, 0, None)
+        else:
+            _chunked_topn(score, sel, lay, cfg, tiles, hs, res)
     n_t3 = triton.cdiv(lay.max_len, tiles.bt_sel)
     grid3 = (n_t3, B, Hkv)
     if cfg.has_slc:
@@ -216,6 +235,69 @@ def _forward(q, k, v, kc, vc, gates, lay: SeqLayout, cfg: KernelConfig, save: bo
     )
     res.update(oc=oc, lse_c=lse_c, sel=sel, U=U, UC=UC, o_s=o_s, o_w=o_w, lse_s=lse_s, lse_w=lse_w)
     return out, res
+
+
+def _score_blocks(cfg: KernelConfig) -> int:
+    """Blocks per step of the score loop when it only writes block scores:
+    about 64 compressed tokens (the lse pass's step), a power of two, long
+    enough that the Eq. 9 carry reaches only the next step."""
+    if cfg.score_blocks:
+        nb = cfg.score_blocks
+    else:
+        nb = next_pow2(max(1, 64 // cfg.eq9_a))
+    while cfg.eq9_a * nb < cfg.eq9_a + cfg.eq9_b - 2:
+        nb *= 2
+    return nb
+
+
+def topn_chunk_tokens(cfg: KernelConfig, batch: int, n_sel_heads: int, max_len: int, score_tokens: int) -> tuple[int, int]:
+    """(query-chunk length, buffer row width) of the two-step top-n."""
+    width = max(1, max_len // cfg.slc_block)
+    elt = 4 if cfg.topn == "select" else 8
+    chunk = min(cfg.topn_chunk, cfg.topn_buffer_bytes // max(1, batch * n_sel_heads * width * elt))
+    chunk = max(score_tokens, chunk // score_tokens * score_tokens)
+    return min(chunk, triton.cdiv(max_len, score_tokens) * score_tokens), width
+
+
+def _chunked_topn(score, sel, lay: SeqLayout, cfg: KernelConfig, tiles: "_Tiles", n_sel_heads: int, res: dict):
+    """Two-step top-n over query chunks: cmp_score_kernel writes the chunk's
+    block scores (``[B, Hsel, chunk, t_end / l']``, never all of ``[L, L/l']``
+    at once), then topn_select_kernel (or torch.topk on int64 keys) writes the
+    block lists."""
+    B = lay.batch
+    dev = sel.device
+    chunk, width = topn_chunk_tokens(cfg, B, n_sel_heads, lay.max_len, tiles.bt_score)
+    if cfg.topn not in ("select", "torch"):
+        raise ValueError(f"topn = {cfg.topn!r}: 'select', 'torch' or 'fused'")
+    dtype = torch.float32 if cfg.topn == "select" else torch.int64
+    flat = torch.empty(B * n_sel_heads * chunk * width, dtype=dtype, device=dev)
+    res["topn_chunk"] = chunk
+    ss = _qs(sel, lay.packed)
+    for t_off in range(0, lay.max_len, chunk):
+        t_end = min(lay.max_len, t_off + chunk)
+        jw = max(1, t_end // cfg.slc_block)  # candidates of tokens < t_end
+        buf = flat[: B * n_sel_heads * (t_end - t_off) * jw].view(B, n_sel_heads, t_end - t_off, jw)
+        if cfg.topn == "torch":
+            buf.fill_(-1)
+        score(t_off, t_end, 1 if cfg.topn == "select" else 2, buf)
+        if cfg.topn == "select":
+            jp = next_pow2(jw)
+            rows = max(1, min(8, 1024 // jp))
+            fwd.topn_select_kernel[(triton.cdiv(t_end - t_off, rows), n_sel_heads, B)](
+                buf, sel, lay.starts, lay.lens, *buf.stride()[:3], *ss, t_off, t_end,
+                ROWS=rows, JP=jp, LS=cfg.slc_block, COUNT=cfg.count, FIRST=cfg.first, PREV=cfg.prev, CUR=cfg.cur,
+                NT=cfg.nt, num_warps=max(1, min(8, jp // 2048)),
+            )
+        else:
+            kk = min(cfg.count, jw)
+            vals = torch.topk(buf, kk, dim=-1, largest=True, sorted=True).values
+            kp = next_pow2(kk)
+            rows = max(1, min(8, 256 // kp))
+            fwd.topk_write_kernel[(triton.cdiv(t_end - t_off, rows), n_sel_heads, B)](
+                vals, sel, lay.starts, lay.lens, *vals.stride()[:3], *ss, t_off, t_end, kk,
+                ROWS=rows, KP=kp, LS=cfg.slc_block, COUNT=cfg.count, FIRST=cfg.first, PREV=cfg.prev, CUR=cfg.cur,
+                NT=cfg.nt, num_warps=1,
+            )
 
 
 def _inverted_index(sel: torch.Tensor, lay: SeqLayout, cfg: KernelConfig, group: int, n_kv: int, n_blocks: int, seg_len: int):
