@@ -20,6 +20,12 @@ Precision: the ranking is decided in ``score_dtype``. float64 reproduces the
 reference's choice exactly on float32 inputs; float32 (the default on CUDA)
 can differ where two blocks' scores agree to about 1e-7. Ties that are exact
 in float32 go to the lower index, as in the reference.
+
+On CUDA with float32 ranking the scores come from the Triton kernels of
+:mod:`nsaflex.kernels.tile_scores` (log-sum-exp pass, then probabilities summed
+over the group heads and the query tile in registers: no ``[c, N]`` logits in
+memory); ``NSAFLEX_SCORING_KERNEL=0`` keeps the torch path, ``=1`` forces the
+kernels (on CPU under ``TRITON_INTERPRET=1``). CPU defaults are unchanged.
 """
 
 from __future__ import annotations
@@ -201,6 +207,17 @@ def select(
     device = q.device
     if score_dtype is None:
         score_dtype = default_score_dtype(device, q.dtype)
+    if _use_kernel(q, compressed_k, score_dtype):
+        try:
+            return _select_kernel(q, compressed_k, compression, selection, lengths, chunk)
+        except Exception as error:  # pragma: no cover - depends on the toolchain
+            if _kernel_mode() == "1":
+                raise
+            import warnings
+
+            warnings.warn(f"nsaflex.scoring: the Triton scoring kernel failed ({type(error).__name__}: {error}); "
+                          "using the torch scoring")
+            _KERNEL["failed"] = True
     unit = selection.query_block if selection.granularity == "query_block" else 1
     assert unit is not None
     num_blocks = -(-length // selection.block)
@@ -254,6 +271,82 @@ def select(
     assert indices.shape[2] == num_units
     return SelectionResult(indices, unit, per_head, num_blocks)
 
+
+
+# --- Triton scoring (CUDA default for float32 ranking) ------------------------------------------
+
+# Per chunk: [B, Hs, units, N] float32 scores and the top-n's int64 keys over [.., J].
+KERNEL_CHUNK_ELEMENTS = 1 << 28
+_KERNEL: dict[str, bool] = {}
+
+
+def _kernel_mode() -> str:
+    """``NSAFLEX_SCORING_KERNEL``: ``auto`` (default: CUDA with float32 ranking),
+    ``1`` (always, also on CPU under ``TRITON_INTERPRET=1``; errors raise), ``0`` (never)."""
+    value = os.environ.get("NSAFLEX_SCORING_KERNEL", "auto").strip().lower()
+    return {"1": "1", "true": "1", "yes": "1", "on": "1", "0": "0", "false": "0", "no": "0", "off": "0"}.get(value, "auto")
+
+
+def _use_kernel(q: torch.Tensor, compressed_k: torch.Tensor, score_dtype: torch.dtype) -> bool:
+    mode = _kernel_mode()
+    if mode == "0" or compressed_k.shape[2] == 0 or q.shape[2] == 0:
+        return False
+    if mode == "auto" and (q.device.type != "cuda" or score_dtype != torch.float32 or _KERNEL.get("failed")):
+        return False
+    if q.device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        return False
+    try:
+        from nsaflex.kernels import tile_scores
+    except Exception:  # pragma: no cover - no triton
+        return False
+    return tile_scores.supported(q, compressed_k) is None
+
+
+def _select_kernel(q, compressed_k, compression: Compression, selection: Selection, lengths, chunk) -> SelectionResult:
+    """:func:`select` with the scores of :mod:`nsaflex.kernels.tile_scores` (float32):
+    one log-sum-exp pass over all queries, then per chunk of units the summed
+    scores, Eq. 9 on them (linear: it commutes with the sums) and the top-n."""
+    from nsaflex.kernels import tile_scores
+
+    batch, query_heads, length, _ = q.shape
+    kv_heads, num_compressed = compressed_k.shape[1], compressed_k.shape[2]
+    device = q.device
+    unit = selection.query_block if selection.granularity == "query_block" else 1
+    assert unit is not None
+    per_head = selection.scoring == "head"
+    selecting = query_heads if per_head else kv_heads
+    num_blocks = -(-length // selection.block)
+    num_units = -(-length // unit)
+    if lengths is None:
+        lengths = torch.full((batch,), length, dtype=torch.long, device=device)
+    lengths = torch.clamp(lengths.to(device=device, dtype=torch.long), max=length)
+    row_compressed = torch.clamp(torch.div(lengths - compression.block, compression.stride, rounding_mode="floor") + 1, min=0)
+    legacy = compression.visibility != "causal"
+    _, _, tile = tile_scores.score_layout(query_heads, kv_heads, per_head, unit)
+    if chunk is None:
+        per_unit = batch * selecting * (num_compressed * (1 if tile else unit) + 3 * num_blocks)
+        chunk = max(1, KERNEL_CHUNK_ELEMENTS // max(1, per_unit)) * unit
+    chunk = max(unit, (chunk // unit) * unit)
+    chunk = min(chunk, num_units * unit)
+    pieces = []
+    with torch.no_grad():
+        qd, kd = q.detach(), compressed_k.detach()
+        lse = tile_scores.log_sum_exp(qd, kd, compression.block, compression.stride, legacy, lengths, row_compressed)
+        for start in range(0, length, chunk):
+            stop = min(length, start + chunk)
+            scores, summed = tile_scores.unit_scores(qd, kd, lse, compression.block, compression.stride, legacy, lengths,
+                                                     row_compressed, per_head=per_head, unit=unit, start=start, rows=chunk)
+            if not summed and unit > 1:
+                scores = scores.view(batch, selecting, chunk // unit, unit, num_compressed).sum(dim=3)
+            scores = _eq9(scores, compression.block, compression.stride, selection.block, num_blocks)
+            first = torch.arange(start, start + chunk, unit, device=device)
+            chosen = choose_blocks(scores, first, selection)  # [B, Hs, u, width]
+            started = first[None, :] < torch.clamp(lengths, max=stop)[:, None]
+            chosen = torch.where(started[:, None, :, None], chosen, torch.full_like(chosen, -1))
+            pieces.append(chosen[:, :, : -(-(stop - start) // unit)])
+    indices = torch.cat(pieces, dim=2)
+    assert indices.shape[2] == num_units
+    return SelectionResult(indices, unit, per_head, num_blocks)
 
 
 def _logits(chunk_q: torch.Tensor, compressed: torch.Tensor, score_dtype: torch.dtype, group: int) -> torch.Tensor:
