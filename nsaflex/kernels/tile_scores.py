@@ -33,17 +33,11 @@ import torch
 import triton
 import triton.language as tl
 
+from nsaflex.kernels.forward import _dot  # one definition of the precision switch for both kernels
+
 LOG2E = 1.4426950408889634
 ROWS = 128  # query rows (tokens x padded heads) per program
 BLOCK_N = 64  # compressed tokens per step
-
-
-@triton.jit
-def _dot(a, b, IEEE: tl.constexpr):
-    if IEEE:
-        return tl.dot(a, b, input_precision="ieee")
-    else:
-        return tl.dot(a, b)
 
 
 @triton.jit
