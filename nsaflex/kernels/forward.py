@@ -89,6 +89,17 @@ def _dot(a, b, IEEE: tl.constexpr):
 
 
 @triton.jit
+def _online_softmax(m, s):
+    """One step of the streaming softmax over a block of base-2 scores ``s [R, BK]``
+    (masked entries ``-inf``): the new running max, the factor that rescales the
+    sums kept so far, and ``p = exp2(s - max)``. Rows with nothing visible yet
+    keep max ``-inf`` and contribute zeros."""
+    m_new = tl.maximum(m, tl.max(s, axis=1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    return m_new, tl.exp2(m - m_use), tl.exp2(s - m_use[:, None])
+
+
+@triton.jit
 def _num_visible(t, n_cmp, CBLOCK: tl.constexpr, CSTRIDE: tl.constexpr):
     """Causal visibility: compressed tokens 0 .. num_visible(t) - 1 are visible to t."""
     nv = tl.where(t + 1 >= CBLOCK, (t + 1 - CBLOCK) // CSTRIDE + 1, 0)
@@ -185,10 +196,8 @@ def cmp_lse_kernel(
             s = _dot(q, tl.trans(kc), IEEE) * scale_log2
             vis = _visible(i, t, n_cmp, CBLOCK, CSTRIDE, LEGACY) & valid[:, None]
             s = tl.where(vis, s, float("-inf"))
-            m_new = tl.maximum(m, tl.max(s, axis=1))
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-            acc_l = acc_l * tl.exp2(m - m_use) + tl.sum(tl.exp2(s - m_use[:, None]), axis=1)
-            m = m_new
+            m, alpha, p = _online_softmax(m, s)
+            acc_l = acc_l * alpha + tl.sum(p, axis=1)
         lse = tl.where(acc_l > 0, m + tl.log2(acc_l), 0.0)
         tl.store(LSE + bb * slb + h * slh + (start + t) * slt, lse, mask=valid)
 
@@ -573,13 +582,9 @@ def slc_win_kernel(
                 hit = _rows_hit(sel, j, SR, BT, GP, HEAD_SCORING)
                 mask = (hit & valid)[:, None] & kmask[None, :] & (s_pos[None, :] <= t[:, None])
                 s = tl.where(mask, s, float("-inf"))
-                m_new = tl.maximum(m, tl.max(s, axis=1))
-                m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-                alpha = tl.exp2(m - m_use)
-                p = tl.exp2(s - m_use[:, None])
+                m, alpha, p = _online_softmax(m, s)
                 acc_l = acc_l * alpha + tl.sum(p, axis=1)
                 acc = acc * alpha[:, None] + _dot(p.to(vv.dtype), vv, IEEE)
-                m = m_new
             o_s = acc / tl.where(acc_l > 0, acc_l, 1.0)[:, None]
             gs = tl.load(GATES + gate_off + GI_SLC * sgc, mask=valid, other=0.0).to(tl.float32)
             out += gs[:, None] * o_s
@@ -600,13 +605,9 @@ def slc_win_kernel(
                 s = _dot(q, tl.trans(kk), IEEE) * scale_log2
                 mask = valid[:, None] & (s_pos[None, :] <= t[:, None]) & (s_pos[None, :] > t[:, None] - WIN)
                 s = tl.where(mask, s, float("-inf"))
-                m_new = tl.maximum(m, tl.max(s, axis=1))
-                m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-                alpha = tl.exp2(m - m_use)
-                p = tl.exp2(s - m_use[:, None])
+                m, alpha, p = _online_softmax(m, s)
                 acc_l = acc_l * alpha + tl.sum(p, axis=1)
                 acc = acc * alpha[:, None] + _dot(p.to(vv.dtype), vv, IEEE)
-                m = m_new
             o_w = acc / tl.where(acc_l > 0, acc_l, 1.0)[:, None]
             gw = tl.load(GATES + gate_off + GI_WIN * sgc, mask=valid, other=0.0).to(tl.float32)
             out += gw[:, None] * o_w

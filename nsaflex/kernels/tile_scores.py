@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from nsaflex.kernels.forward import _dot  # one definition of the precision switch for both kernels
+from nsaflex.kernels.forward import _dot, _online_softmax  # shared with the forward kernels
 
 LOG2E = 1.4426950408889634
 ROWS = 128  # query rows (tokens x padded heads) per program
@@ -98,10 +98,8 @@ def _lse_kernel(
             s = _dot(q, tl.trans(kc), IEEE) * scale_log2
             vis = _visible(i, t, n_cmp, CBLOCK, CSTRIDE, LEGACY) & valid[:, None]
             s = tl.where(vis, s, float("-inf"))
-            m_new = tl.maximum(m, tl.max(s, axis=1))
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-            acc = acc * tl.exp2(m - m_use) + tl.sum(tl.exp2(s - m_use[:, None]), axis=1)
-            m = m_new
+            m, alpha, p = _online_softmax(m, s)
+            acc = acc * alpha + tl.sum(p, axis=1)
         lse = tl.where(acc > 0, m + tl.log2(acc), float("inf"))
         tl.store(LSE + bb * slb + h * slh + t, lse, mask=valid)
 
