@@ -108,20 +108,9 @@ def kernel_breakdown(fn):
 
 
 def spy_forward(pattern, cfg, q, k, v, gates, types):
-    seen = {}
-    original = ops._forward
-
-    def spy(*args, **kwargs):
-        out, res = original(*args, **kwargs)
-        seen.update(res)
-        return out, res
-
-    ops._forward = spy
-    try:
-        with torch.no_grad():
-            backend._sparse_forward(pattern, cfg, q, k, v, gates, types, None)
-    finally:
-        ops._forward = original
+    """The forward kernels' residuals (block lists, tile unions) for one call."""
+    with ops.record_forward() as seen, torch.no_grad():
+        backend._sparse_forward(pattern, cfg, q, k, v, gates, types, None)
     return seen
 
 

@@ -94,19 +94,8 @@ def selection_agreement(pattern, q, k, v, gates):
     from nsaflex.kernels import ops
 
     cfg = ops.make_config(pattern)
-    seen = {}
-    original = ops._forward
-
-    def spy(*args, **kwargs):
-        out, res = original(*args, **kwargs)
-        seen.update(res)
-        return out, res
-
-    ops._forward = spy
-    try:
+    with ops.record_forward() as seen:
         backend._sparse_forward(pattern, cfg, q, k, v, gates, None, None)
-    finally:
-        ops._forward = original
     _, selections = reference_attention(q, k, v, pattern, gates, return_selection=True)
     return seen["sel"], selections[0]
 
@@ -163,19 +152,8 @@ def test_topn_paths_select_the_same_blocks(L):
     for over in (dict(topn="fused"), dict(topn="select", score_blocks=32, topn_chunk=8192),
                  dict(topn="torch", score_blocks=32, topn_chunk=8192), dict(topn="select")):
         cfg = ops.make_config(pattern, **over)
-        seen = {}
-        original = ops._forward
-
-        def spy(*args, **kwargs):
-            out, res = original(*args, **kwargs)
-            seen.update(res)
-            return out, res
-
-        ops._forward = spy
-        try:
+        with ops.record_forward() as seen:
             outs[str(over)] = backend._sparse_forward(pattern, cfg, q, k, v, gates, types, None)
-        finally:
-            ops._forward = original
         sel = seen["sel"]
         lists[str(over)] = torch.sort(torch.where(sel >= 0, sel, 1 << 30), dim=-1).values
     fused = lists[str(dict(topn="fused"))]

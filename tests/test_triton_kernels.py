@@ -211,19 +211,8 @@ def selected_blocks_of(pattern, q, k, v, gates, types=None, **config):
     from nsaflex.kernels import ops
 
     cfg = ops.make_config(pattern, **config)
-    seen = {}
-    original = ops._forward
-
-    def spy(*args, **kwargs):
-        out, res = original(*args, **kwargs)
-        seen.update(res)
-        return out, res
-
-    ops._forward = spy
-    try:
+    with ops.record_forward() as seen:
         out = backend._sparse_forward(pattern, cfg, q, k, v, gates, types, None)
-    finally:
-        ops._forward = original
     sel = seen["sel"][0].cpu()
     num_blocks = -(-q.shape[2] // pattern.selection.block)
     got = torch.zeros(sel.shape[0], sel.shape[1], num_blocks, dtype=torch.bool)

@@ -10,7 +10,9 @@ autograd, so the MLP's parameters train).
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -149,6 +151,22 @@ class _Tiles:
         self.sel_rows = self.bt_sel * self.GP if cfg.head_scoring else self.bt_sel
 
 
+# Dictionaries that receive each forward's residuals (see record_forward).
+_RECORDERS: list[dict] = []
+
+
+@contextlib.contextmanager
+def record_forward() -> Iterator[dict]:
+    """Collect what the forward kernels keep (``sel``: the block lists per token,
+    etc.) for tests and benchmarks: ``with record_forward() as seen: attn(...)``."""
+    seen: dict = {}
+    _RECORDERS.append(seen)
+    try:
+        yield seen
+    finally:
+        _RECORDERS.remove(seen)
+
+
 def _forward(q, k, v, kc, vc, gates, lay: SeqLayout, cfg: KernelConfig, save: bool):
     Bv, Hq, Tv, D = q.shape
     Hkv = k.shape[1]
@@ -234,6 +252,8 @@ def _forward(q, k, v, kc, vc, gates, lay: SeqLayout, cfg: KernelConfig, save: bo
         WIN=cfg.window, BKW=64, SAVE=save, U_LOG=(tiles.sel_rows * tiles.width_p2).bit_length() - 1, num_warps=cfg.num_warps_select, num_stages=cfg.num_stages,
     )
     res.update(oc=oc, lse_c=lse_c, sel=sel, U=U, UC=UC, o_s=o_s, o_w=o_w, lse_s=lse_s, lse_w=lse_w)
+    for seen in _RECORDERS:
+        seen.update(res)
     return out, res
 
 
