@@ -44,6 +44,10 @@ class CompiledAttention(nn.Module):
                 raise PatternError("model.head_dim", "a head dim (or compile(..., head_dim=...)) for mlp pooling", None)
             self.pooler = MLPPooling(compression, dim)
         self._kernel = get_backend(plan.backend).build(self.pattern, plan)
+        # For run_heads: the same checks without the model's head counts. Built once,
+        # since constructing a Pattern re-validates it (budget included).
+        any_heads = dataclasses.replace(self.pattern.model, query_heads=None, kv_heads=None)
+        self._any_heads_pattern = dataclasses.replace(self.pattern, model=any_heads)
 
     @property
     def backend(self) -> str:
@@ -73,8 +77,7 @@ class CompiledAttention(nn.Module):
         """Like ``forward`` on a subset of whole GQA groups: the pattern's
         ``model.query_heads``/``kv_heads`` are not enforced (sequence-parallel
         ranks each run some of the heads); everything else is checked."""
-        model = dataclasses.replace(self.pattern.model, query_heads=None, kv_heads=None)
-        check_inputs(dataclasses.replace(self.pattern, model=model), q, k, v, gates, token_types)
+        check_inputs(self._any_heads_pattern, q, k, v, gates, token_types)
         return self._kernel(q, k, v, gates, token_types, self.pooler)
 
     def extra_repr(self) -> str:
