@@ -79,7 +79,7 @@ from nsaflex.adapters.decode import (
     stash_tile_queries,
 )
 from nsaflex.distributed import SequenceParallelAttention
-from nsaflex.errors import BackendUnavailable, NsaflexError, PatternError
+from nsaflex.errors import BackendUnavailable, InputError, PatternError
 from nsaflex.gates import GateNetwork, gate_for_pattern
 from nsaflex.loader import load_pattern
 from nsaflex.reference_release import check_release_pattern, padded_slots, release_attention
@@ -90,16 +90,13 @@ ATTN_NAME = "nsaflex"
 MODES = ("faithful", "videonsa_release")
 
 
-class AdapterError(NsaflexError, ValueError):
+class AdapterError(InputError):
     """A model, input or checkpoint the adapter cannot take. The message names
-    what was wrong, what was expected and what was found."""
+    what was wrong, what was expected and what was found (as InputError's)."""
 
-    def __init__(self, what: str, expected: str, found: object) -> None:
-        self.what = what
-        self.expected = expected
-        self.found = found
-        found_text = found if isinstance(found, str) else repr(found)
-        super().__init__(f"{what}: expected {expected}, found {found_text}")
+    @property
+    def what(self) -> str:
+        return self.argument
 
 
 class NsaflexMask:
