@@ -318,7 +318,7 @@ class FlexKernel:
             text = text_dense_attention(q, k, v, ~layout.sparse_queries)
             self._mark("text", device)
         if layout.max_length == 0:
-            return text if text is not None else q.new_zeros(q.shape)
+            return text if text is not None else _zeros_like_connected(q)
 
         qs, ks, vs = (gather_padded(t, layout) for t in (q, k, v))
         lengths = layout.lengths
@@ -367,7 +367,7 @@ class FlexKernel:
             compressed_k, compressed_v = compress(ks, vs, compression, pooler)
             num_compressed = compressed_k.shape[2]
             if num_compressed == 0:
-                outputs["compression"] = qs.new_zeros(qs.shape)
+                outputs["compression"] = _zeros_like_connected(qs)
             else:
                 q_block, kv_block, options = _block_sizes(pattern, "compression", device, needs_grad, self.blocks)
                 rows = None
@@ -506,3 +506,11 @@ class FlexBackend:
 
 
 BACKEND = FlexBackend()
+
+
+def _zeros_like_connected(x: torch.Tensor) -> torch.Tensor:
+    """Zeros shaped like ``x`` that stay in its autograd graph (zero gradient), as
+    the reference's outputs do, so ``autograd.grad`` works when every branch of a
+    call is empty (e.g. no complete compression block and a zero constant gate).
+    The empty slice sums to an exact 0 even where ``x`` holds inf or NaN."""
+    return x.new_zeros(x.shape) + x[..., :0].sum()
