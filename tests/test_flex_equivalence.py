@@ -90,13 +90,29 @@ def cases(draw, **pattern_options):
     return attn, resolved, q.to(DEVICE, DTYPE), k.to(DEVICE, DTYPE), v.to(DEVICE, DTYPE), move(gates), move(types)
 
 
-def _reference(attn, pattern, q, k, v, gates, types):
+def _reference(attn, pattern, q, k, v, gates, types, return_selection=False):
     pooler = attn.pooler.cpu() if attn.pooler is not None else None
     out = reference_attention(q.cpu(), k.cpu(), v.cpu(), pattern, None if gates is None else gates.cpu(),
-                              None if types is None else types.cpu(), pooler)
+                              None if types is None else types.cpu(), pooler, return_selection=return_selection)
     if attn.pooler is not None:
         attn.pooler.to(DEVICE)
     return out
+
+
+def _agreeing_rows(attn, pattern, selections, shape) -> torch.Tensor:
+    """``[B, Hq, L]`` bool: queries whose selected blocks equal the reference's
+    (every query when the pattern does not select or has token classes, whose
+    sparse sequences are compacted and would need remapping)."""
+    batch, heads, length, _ = shape
+    result = attn._kernel.last_selection
+    if pattern.selection is None or pattern.hybrid is not None or result is None:
+        return torch.ones(batch, heads, length, dtype=torch.bool)
+    from nsaflex.scoring import selected_mask
+
+    got = selected_mask(result, length).cpu()  # [B, Hs, L, J]
+    got = got.repeat_interleave(heads // got.shape[1], dim=1)
+    want = torch.stack([selection for selection in selections])  # [B, Hq, L, J]
+    return (got == want).all(dim=-1)
 
 
 def _set_mode(attn, mode):
@@ -247,5 +263,11 @@ def test_compiled_kernels_match_reference(name):
         out = attn(*args)
     if DEVICE == "cpu":
         assert attn._kernel.stats["compiled"]
-    expected = _reference(attn, pattern, *args)
-    assert relative_error(out, expected) < TOLERANCE
+    expected, selections = _reference(attn, pattern, *args, return_selection=True)
+    rows = _agreeing_rows(attn, pattern, selections, out.shape)
+    # Low precision may flip a near-tied block choice (with MLP pooling the backend pools
+    # in bf16, the reference in float64): such a query's output is another valid NSA
+    # output, not a kernel error. Compare the queries whose selections agree, and
+    # bound how many may disagree.
+    assert rows.float().mean().item() >= (1.0 if DTYPE in (torch.float32, torch.float64) else 0.95)
+    assert relative_error(out * rows[..., None].to(out.device), expected * rows[..., None]) < TOLERANCE

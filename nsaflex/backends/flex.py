@@ -88,6 +88,27 @@ _ENTRY = {"compression": _flex_compression, "selection": _flex_selection, "windo
 _COMPILED: dict[str, Any] = {}
 
 
+def gated_sum(gates: torch.Tensor, outputs: tuple[torch.Tensor, ...], work: torch.dtype) -> torch.Tensor:
+    """``sum_b gates[..., b] * outputs[b]`` computed in ``work`` precision, returned
+    in the outputs' dtype. ``gates [B, H, L, nb]``, each output ``[B, H, L, D]``."""
+    mixed = None
+    for position, output in enumerate(outputs):
+        term = gates[..., position, None].to(work) * output.to(work)
+        mixed = term if mixed is None else mixed + term
+    assert mixed is not None
+    return mixed.to(outputs[0].dtype)
+
+
+def _compiled_mix():
+    """:func:`gated_sum` as one fused elementwise kernel. Eager, it makes a float32
+    copy of every branch output and a pass per product and sum: 17.7 ms of a
+    70 ms forward at 128K on an H100 (benchmarks/flex-h100-2026-11-25.md, run 3).
+    Length-generic (``dynamic=True``): a new length does not recompile it."""
+    if "mix" not in _COMPILED:
+        _COMPILED["mix"] = torch.compile(gated_sum, dynamic=True, backend=_counting_backend("mix"))
+    return _COMPILED["mix"]
+
+
 def _counting_backend(branch: str):
     def backend(graph_module, example_inputs):
         COMPILE_COUNTS[branch] += 1
@@ -188,7 +209,10 @@ def _block_sizes(pattern: Pattern, branch: str, device: torch.device, needs_grad
     q_block = CUDA_SMALL_BLOCK if unit % DEFAULT_BLOCK and unit % CUDA_SMALL_BLOCK == 0 else DEFAULT_BLOCK
     kv_block = CUDA_SMALL_BLOCK if selection.block % DEFAULT_BLOCK and selection.block % CUDA_SMALL_BLOCK == 0 else DEFAULT_BLOCK
     if q_block != DEFAULT_BLOCK or kv_block != DEFAULT_BLOCK:
-        options = {"BLOCK_M": CUDA_SMALL_BLOCK, "BLOCK_N": CUDA_SMALL_BLOCK}
+        # 4 warps and 2 stages: 11.7 ms for videonsa-qblock's selection at 128K on an
+        # H100, against 16.3 ms (4 warps, 3 stages) and 22.7 ms with flex's default for
+        # 64 x 64 tiles (benchmarks/flex-h100-2026-11-25.md, run 5).
+        options = {"BLOCK_M": CUDA_SMALL_BLOCK, "BLOCK_N": CUDA_SMALL_BLOCK, "num_warps": 4, "num_stages": 2}
     return q_block, kv_block, options
 
 
@@ -333,12 +357,9 @@ class FlexKernel:
             gate_values = constants.expand(batch, query_heads, layout.max_length, len(pattern.branches))
         else:
             gate_values = gather_padded(gates, layout)
-        mixed = None
-        for position, name in enumerate(pattern.branches):
-            term = gate_values[..., position, None].to(work) * outputs[name].to(work)
-            mixed = term if mixed is None else mixed + term
-        assert mixed is not None
-        sparse = scatter_padded(mixed.to(q.dtype), layout, length)
+        branch_outputs = tuple(outputs[name] for name in pattern.branches)
+        mix = _compiled_mix() if compiled and not torch.compiler.is_compiling() else gated_sum
+        sparse = scatter_padded(mix(gate_values, branch_outputs, work), layout, length)
         return combine(sparse, text, layout)
 
     # -- dense layers --------------------------------------------------------------------------
