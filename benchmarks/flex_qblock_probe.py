@@ -218,27 +218,31 @@ def main() -> None:
             union_tiles, _ = fm.selection_tiles(result, length, selection.block, 128, 128)
             union_mask = union_tiles.expand_heads(7).block_mask(fm.selection_mask_mod(bitmap, 7, result.unit, selection.block))
             g = torch.randn_like(reference_out)
-            out["heads_128x128_union"] = bench(lambda: torch.autograd.grad(
-                compiled(qh, kk, vv, block_mask=union_mask, scale=scale, enable_gqa=True), (qh, kk, vv), g))
-            qp = packed_q.detach().requires_grad_()
-            gp = pack(g)
-            packed_grad_mask = packed_block_mask(True)
+            if "skip_union" not in SECTIONS:
+                out["heads_128x128_union"] = bench(lambda: torch.autograd.grad(
+                    compiled(qh, kk, vv, block_mask=union_mask, scale=scale, enable_gqa=True), (qh, kk, vv), g))
             tiles64 = fm.selection_tiles(result, length, selection.block, 64, 64)[0].expand_heads(7)
             mask64 = tiles64.block_mask(fm.selection_mask_mod(bitmap, 7, result.unit, selection.block))
-            base64 = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
-            bwd = lambda m1, n1, m2, n2: {"BWD_BLOCK_M1": m1, "BWD_BLOCK_N1": n1, "BWD_BLOCK_M2": m2, "BWD_BLOCK_N2": n2}  # noqa: E731
+            # Hopper's default backward config tiles 64 x 128 / 128 x 64, which 64-key
+            # blocks cannot take; max_autotune adds configs that can.
+            autotuned = torch.compile(flex_attention, dynamic=False, options={"max_autotune": True})
+            fwd64 = {"BLOCK_M": 64, "BLOCK_N": 64, "fwd_num_warps": 4, "fwd_num_stages": 2}
             variants = [
-                ("heads_64x64_bwd64", qh, g, mask64, True, {**base64, **bwd(64, 64, 64, 64)}),
-                ("heads_64x64_bwd32", qh, g, mask64, True, {**base64, **bwd(32, 64, 64, 32)}),
-                ("packed_128x64_bwd64", qp, gp, packed_grad_mask, False, {"BLOCK_M": 128, "BLOCK_N": 64, **bwd(64, 64, 64, 64)}),
-                ("packed_128x64_bwd128", qp, gp, packed_grad_mask, False, {"BLOCK_M": 128, "BLOCK_N": 64, **bwd(64, 64, 128, 64)}),
+                ("heads_64x64_autotune", fwd64),
+                ("heads_64x64_autotune_m32", {**fwd64, "bwd_BLOCK_M1": 32, "bwd_BLOCK_N1": 64, "bwd_BLOCK_M2": 64, "bwd_BLOCK_N2": 32}),
             ]
-            for name, query, grad_out, mask, gqa, options in variants:
+            for name, options in variants:
                 try:
                     fn = lambda: torch.autograd.grad(  # noqa: E731
-                        compiled(query, kk, vv, block_mask=mask, scale=scale, enable_gqa=gqa, kernel_options=options),
-                        (query, kk, vv), grad_out)
+                        autotuned(qh, kk, vv, block_mask=mask64, scale=scale, enable_gqa=True, kernel_options=options),
+                        (qh, kk, vv), g)
+                    started = time.time()
+                    fn()
+                    torch.cuda.synchronize()
+                    out[name + "_first_call_s"] = round(time.time() - started, 1)
                     out[name] = bench(fn)
+                    out[name + "_fwd"] = bench(lambda: autotuned(qh.detach(), kk.detach(), vv.detach(), block_mask=mask64,
+                                                                 scale=scale, enable_gqa=True, kernel_options=options))
                 except Exception as error:
                     out[name] = f"{type(error).__name__}: {str(error)[:300]}"
             return out

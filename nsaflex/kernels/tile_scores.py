@@ -138,7 +138,9 @@ def _score_kernel(
             kc = tl.load(kbase + i.to(tl.int64)[:, None] * skt + d[None, :], mask=(i < hi)[:, None] & dmask[None, :], other=0.0)
             kt = tl.trans(kc)
             if TILE:
-                acc = tl.zeros([BN], tl.float32)
+                # Sum the sub-tiles element-wise and reduce over the rows once per key
+                # block: a row reduction crosses warps (shared memory and a barrier).
+                acc = tl.zeros([BT * GP, BN], tl.float32)
                 for sub in range(SUB):
                     t = first + sub * BT + tok
                     valid = (g < HG) & (t < length)
@@ -146,9 +148,8 @@ def _score_kernel(
                     lse = tl.load(lbase + t, mask=valid, other=float("inf"))
                     s = _dot(q, kt, IEEE) * scale_log2
                     vis = _visible(i, t, n_cmp, CBLOCK, CSTRIDE, LEGACY) & valid[:, None]
-                    p = tl.where(vis, tl.exp2(s - lse[:, None]), 0.0)
-                    acc += tl.sum(p, axis=0)
-                tl.store(obase + pid.to(tl.int64) * sou + i, acc, mask=i < hi)
+                    acc += tl.where(vis, tl.exp2(s - lse[:, None]), 0.0)
+                tl.store(obase + pid.to(tl.int64) * sou + i, tl.sum(acc, axis=0), mask=i < hi)
             else:
                 t = first + tok
                 valid = (g < HG) & (t < length)
