@@ -320,6 +320,8 @@ def main():
     ap.add_argument("--topn-compare", default="", help="lengths for the top-n paths compared (e.g. 16k,128k)")
     ap.add_argument("--tiles", default="", help="length for the selection tile variants (item 2)")
     ap.add_argument("--config", default="", help="KernelConfig overrides for the main table, e.g. topn=fused")
+    ap.add_argument("--tile-configs", default="",
+                    help="';'-separated KernelConfig overrides for --tiles, e.g. ';pair_blocks=1;dq_tokens=4' ('' = default)")
     args = ap.parse_args()
     pattern = load_pattern("videonsa")
     CONFIG.update(parse_config(args.config))
@@ -346,7 +348,8 @@ def main():
                 results.append({"L": L, "inputs": kind, "error": repr(e)[:500]})
             dump()
     if args.tiles:
-        run_tile_variants(pattern, parse_len(args.tiles), results, [dict(), dict(select_tokens=4)])
+        variants = [parse_config(v) for v in args.tile_configs.split(";")] if args.tile_configs else [dict(), dict(select_tokens=4)]
+        run_tile_variants(pattern, parse_len(args.tiles), results, variants)
         dump()
     if args.variants:
         run_variants(pattern, parse_len(args.variants), results)

@@ -102,6 +102,34 @@ def signatures():
     return out
 
 
+def register_use(ptx: str | None, arch: int) -> str:
+    """Registers per thread and spilled bytes from ``ptxas -v`` (triton's own
+    ptxas): a kernel that spills runs far below its matrix rate."""
+    import re
+    import tempfile
+
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    if not ptx:
+        return ""
+    try:  # triton 3.6 takes no argument, 3.9 the architecture
+        ptxas = get_ptxas(arch)
+    except TypeError:
+        ptxas = get_ptxas()
+    ptxas = getattr(ptxas, "path", ptxas)
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as handle:
+        handle.write(ptx)
+        handle.flush()
+        try:
+            result = subprocess.run([ptxas, "-v", f"--gpu-name=sm_{arch}a", handle.name, "-o", "/dev/null"],
+                                    capture_output=True, text=True)
+        except OSError as error:
+            return f"(ptxas: {error})"
+    regs = re.search(r"Used (\d+) registers", result.stderr)
+    spills = re.search(r"(\d+) bytes spill stores", result.stderr)
+    return f"regs={regs.group(1) if regs else '?'} spill={spills.group(1) if spills else '?'}"
+
+
 def compile_all(items, arch=90):
     import importlib
 
@@ -118,7 +146,9 @@ def compile_all(items, arch=90):
             compiled = triton.compile(ASTSource(fn, sig, constexprs), target=target, options=opts)
             meta = compiled.metadata
             print(f"ok   {name:24s} shared={getattr(meta, 'shared', '?')} warps={opts.get('num_warps', 4)} "
-                  f"{ {k: v for k, v in const.items() if k in ('BT', 'G', 'D', 'NT', 'BN', 'BS')} }", flush=True)
+                  f"{register_use(compiled.asm.get('ptx'), arch)} "
+                  f"{ {k: v for k, v in const.items() if k in ('BT', 'G', 'D', 'NT', 'BN', 'BS', 'PAIR', 'OWN_UNION')} }",
+                  flush=True)
         except Exception as error:  # noqa: BLE001
             ok = False
             print(f"FAIL {name}: {str(error)[-3000:]}", flush=True)
@@ -139,6 +169,8 @@ if __name__ == "__main__":
     # the other top-n paths (the default is the two-step "select")
     record(videonsa, (1, 1, 7, 130, 128), torch.bfloat16, topn="torch")
     record(videonsa, (1, 1, 7, 130, 128), torch.bfloat16, topn="fused")
+    # the schedule variants: two union blocks per step, bwd_dq on its own 4-token tiles
+    record(videonsa, (1, 1, 7, 130, 128), torch.bfloat16, pair_blocks=True, dq_tokens=4)
     if "--all" in sys.argv:
         record(videonsa, (1, 1, 7, 130, 128), torch.bfloat16, select_tokens=4)
     if "--all" in sys.argv:

@@ -196,6 +196,21 @@ def test_top_n_paths(insert_max):
     check(pattern, (1, 1, 2, 80, 16), 9, None, backward=False, topn="fused", insert_max=insert_max)
 
 
+TILE_VARIANTS = st.fixed_dictionaries({
+    "pair_blocks": st.booleans(),
+    "dq_tokens": st.sampled_from((None, 2, 4, 16)),
+    "select_tokens": st.sampled_from((None, 4)),
+})
+
+
+@FEW
+@given(cases(max_len=40), TILE_VARIANTS)
+def test_tile_variants_match_reference(case, config):
+    """Two union blocks per step and bwd_dq tiles of their own size (with
+    their own union lists) change only the schedule, never the result."""
+    check(*case, backward=True, **config)
+
+
 def test_atomic_variant_close_to_deterministic():
     pattern = dataclasses.replace(VIDEONSA_SMALL, hybrid=None)
     check(pattern, (1, 1, 3, 30, 16), 2, None, backward=True, atomic=True)

@@ -4,7 +4,8 @@
   gate gradients, the per-branch ``delta = g_b * rowsum(dO * o_b)``, and ``dq``
   of all three branches in one pass (compressed keys, the tile's union of
   selected blocks, the window), probabilities recomputed from the saved
-  log-sum-exp.
+  log-sum-exp. Its row tiles may be smaller than the forward's
+  (``KernelConfig.dq_tokens``): it then builds their union lists itself.
 * :func:`bwd_cmp_dkv_kernel`: ``dK_cmp, dV_cmp`` per tile of compressed tokens,
   the query range split over ``NSPLIT`` programs writing fp32 partials that are
   summed in a fixed order.
@@ -21,7 +22,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from nsaflex.kernels.forward import _dot, _first_visible, _num_visible, _rows_hit, _visible
+from nsaflex.kernels.forward import _dot, _first_visible, _num_visible, _tile_union, _union_step, _visible
 
 
 @triton.jit
@@ -35,7 +36,7 @@ def bwd_dq_kernel(
     GI_CMP: tl.constexpr, GI_SLC: tl.constexpr, GI_WIN: tl.constexpr,
     CBLOCK: tl.constexpr, CSTRIDE: tl.constexpr, LEGACY: tl.constexpr, BN: tl.constexpr,
     LS: tl.constexpr, BS: tl.constexpr, W: tl.constexpr, WP: tl.constexpr, HEAD_SCORING: tl.constexpr,
-    WIN: tl.constexpr, BKW: tl.constexpr,
+    WIN: tl.constexpr, BKW: tl.constexpr, PAIR: tl.constexpr, OWN_UNION: tl.constexpr, U_LOG: tl.constexpr,
 ):
     pid_t = tl.program_id(0)
     b = tl.program_id(1)
@@ -109,21 +110,20 @@ def bwd_dq_kernel(
                 ts = t0 + tl.arange(0, BT)
                 sel_base = SEL + bb * ssb + hk * ssh + (start + ts) * sst
                 sel_valid = ts < length
-            col = tl.arange(0, WP)
-            sel = tl.load(sel_base[:, None] + col[None, :], mask=sel_valid[:, None] & (col < W)[None, :], other=-1)
             prog = (b * tl.num_programs(2) + hk) * n_tiles + pid_t
             ubase = U + prog.to(tl.int64) * (SR * WP)
-            count = tl.load(UC + prog)
-            sl = tl.arange(0, BS)
-            for it in range(0, count):
-                j = tl.load(ubase + it)
-                s_pos = j * LS + sl
-                kmask = (sl < LS) & (s_pos < length)
+            if OWN_UNION:
+                # Row tiles of another size than the forward's: their own union lists.
+                sel, count = _tile_union(SEL, U, UC, sel_base, sel_valid, prog, W, WP, SR, U_LOG)
+            else:
+                col = tl.arange(0, WP)
+                sel = tl.load(sel_base[:, None] + col[None, :], mask=sel_valid[:, None] & (col < W)[None, :], other=-1)
+                count = tl.load(UC + prog)
+            for it in range(0, count, 2 if PAIR else 1):
+                s_pos, kmask, mask = _union_step(ubase, it, count, sel, t, valid, length, LS, BS, PAIR, SR, BT, GP, HEAD_SCORING)
                 kk = tl.load(kbase + (start + s_pos)[:, None] * skt + d[None, :], mask=kmask[:, None], other=0.0)
                 vv = tl.load(vbase + (start + s_pos)[:, None] * skt + d[None, :], mask=kmask[:, None], other=0.0)
                 s = _dot(q, tl.trans(kk), IEEE) * scale_log2
-                hit = _rows_hit(sel, j, SR, BT, GP, HEAD_SCORING)
-                mask = (hit & valid)[:, None] & kmask[None, :] & (s_pos[None, :] <= t[:, None])
                 p = tl.where(mask, tl.exp2(s - lse[:, None]), 0.0)
                 dp = _dot(do, tl.trans(vv), IEEE) * gb[:, None]
                 ds = p * (dp - delta[:, None])

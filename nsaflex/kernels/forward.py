@@ -512,11 +512,46 @@ def _tile_union(SEL, U, UC, sel_base, sel_rows_valid, prog, W: tl.constexpr, WP:
 
 @triton.jit
 def _rows_hit(sel, j, SR: tl.constexpr, BT: tl.constexpr, GP: tl.constexpr, HEAD_SCORING: tl.constexpr):
+    """[R] rows whose selecting row lists block ``j`` (``j >= 0``; empty slots hold -1)."""
     hit = tl.sum((sel == j).to(tl.int32), axis=1) > 0
     if HEAD_SCORING:
         return hit
     else:
         return tl.reshape(tl.broadcast_to(hit[:, None], [BT, GP]), [BT * GP])
+
+
+@triton.jit
+def _union_step(ubase, it, count, sel, t, valid, length,
+                LS: tl.constexpr, BS: tl.constexpr, PAIR: tl.constexpr,
+                SR: tl.constexpr, BT: tl.constexpr, GP: tl.constexpr, HEAD_SCORING: tl.constexpr):
+    """Keys of step ``it`` over a tile's union list ``ubase[:count]``: one block
+    (``PAIR`` false: ``BS`` columns) or the blocks ``it`` and ``it + 1`` side by
+    side (``2 * BS`` columns, the second empty past the list's end), so that a
+    step's matrix products are twice as wide.
+
+    Returns ``s_pos`` (key positions, [NK]), ``kmask`` (which keys to load, [NK])
+    and ``mask`` ([R, NK]: the row selected the key's block, the key exists and
+    is causal for the row)."""
+    if PAIR:
+        col = tl.arange(0, 2 * BS)
+        second = col >= BS
+        offset = tl.where(second, col - BS, col)
+        j0 = tl.load(ubase + it)
+        j1 = tl.load(ubase + it + 1, mask=it + 1 < count, other=-1)
+        jj = tl.where(second, j1, j0)
+        s_pos = jj * LS + offset
+        kmask = (offset < LS) & (s_pos < length) & (jj >= 0)
+        hit0 = _rows_hit(sel, j0, SR, BT, GP, HEAD_SCORING)
+        hit1 = _rows_hit(sel, j1, SR, BT, GP, HEAD_SCORING)  # j1 = -1 past the end: kmask drops it
+        hit = tl.where(second[None, :], hit1[:, None], hit0[:, None])
+    else:
+        offset = tl.arange(0, BS)
+        j = tl.load(ubase + it)
+        s_pos = j * LS + offset
+        kmask = (offset < LS) & (s_pos < length)
+        hit = _rows_hit(sel, j, SR, BT, GP, HEAD_SCORING)[:, None]
+    mask = hit & valid[:, None] & kmask[None, :] & (s_pos[None, :] <= t[:, None])
+    return s_pos, kmask, mask
 
 
 @triton.jit
@@ -528,9 +563,10 @@ def slc_win_kernel(
     HAS_CMP: tl.constexpr, HAS_SLC: tl.constexpr, HAS_WIN: tl.constexpr,
     GI_CMP: tl.constexpr, GI_SLC: tl.constexpr, GI_WIN: tl.constexpr,
     LS: tl.constexpr, BS: tl.constexpr, W: tl.constexpr, WP: tl.constexpr, HEAD_SCORING: tl.constexpr,
-    WIN: tl.constexpr, BKW: tl.constexpr, SAVE: tl.constexpr, U_LOG: tl.constexpr,
+    WIN: tl.constexpr, BKW: tl.constexpr, SAVE: tl.constexpr, U_LOG: tl.constexpr, PAIR: tl.constexpr,
 ):
-    """Output strides follow q's layout (OUT, OC, OS, OW share q's strides)."""
+    """Output strides follow q's layout (OUT, OC, OS, OW share q's strides).
+    ``PAIR``: two union blocks per step (see :func:`_union_step`)."""
     pid_t = tl.program_id(0)
     b = tl.program_id(1)
     hk = tl.program_id(2)
@@ -571,16 +607,11 @@ def slc_win_kernel(
             m = tl.full([R], float("-inf"), tl.float32)
             acc_l = tl.zeros([R], tl.float32)
             acc = tl.zeros([R, D], tl.float32)
-            sl = tl.arange(0, BS)
-            for it in range(0, count):
-                j = tl.load(ubase + it)
-                s_pos = j * LS + sl
-                kmask = (sl < LS) & (s_pos < length)
+            for it in range(0, count, 2 if PAIR else 1):
+                s_pos, kmask, mask = _union_step(ubase, it, count, sel, t, valid, length, LS, BS, PAIR, SR, BT, GP, HEAD_SCORING)
                 kk = tl.load(kbase + (start + s_pos)[:, None] * skt + d[None, :], mask=kmask[:, None], other=0.0)
                 vv = tl.load(vbase + (start + s_pos)[:, None] * skt + d[None, :], mask=kmask[:, None], other=0.0)
                 s = _dot(q, tl.trans(kk), IEEE) * scale_log2
-                hit = _rows_hit(sel, j, SR, BT, GP, HEAD_SCORING)
-                mask = (hit & valid)[:, None] & kmask[None, :] & (s_pos[None, :] <= t[:, None])
                 s = tl.where(mask, s, float("-inf"))
                 m, alpha, p = _online_softmax(m, s)
                 acc_l = acc_l * alpha + tl.sum(p, axis=1)

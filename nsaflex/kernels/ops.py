@@ -51,6 +51,8 @@ class KernelConfig:
     atomic: bool = False
     # tile choices (benchmarks vary them)
     select_tokens: int | None = None  # BT of the selection/window kernel (None: 64 // GP)
+    dq_tokens: int | None = None  # BT of bwd_dq (None: select_tokens); when it differs, bwd_dq builds its own union lists
+    pair_blocks: bool = False  # two union blocks per step of the selection loops (2 * l' key columns per product)
     score_tokens: int = 16
     num_warps_select: int = 4
     num_warps_score: int = 8
@@ -143,12 +145,18 @@ class _Tiles:
         self.GP = next_pow2(group)
         self.bt_sel = cfg.select_tokens or max(1, 64 // self.GP)
         self.bt_sel = max(self.bt_sel, -(-16 // self.GP))
+        self.bt_dq = max(cfg.dq_tokens or self.bt_sel, -(-16 // self.GP))
         self.bt_score = max(cfg.score_tokens, -(-16 // self.GP))
         self.bt_kv = max(1, 64 // self.GP)
         self.bt_kv = max(self.bt_kv, -(-16 // self.GP))
         self.width = cfg.nt + 4
         self.width_p2 = next_pow2(self.width)
         self.sel_rows = self.bt_sel * self.GP if cfg.head_scoring else self.bt_sel
+        self.dq_sel_rows = self.bt_dq * self.GP if cfg.head_scoring else self.bt_dq
+
+    def union_log(self, sel_rows: int) -> int:
+        """log2 of a union list's capacity (sel_rows x padded block-list width)."""
+        return (sel_rows * self.width_p2).bit_length() - 1
 
 
 # Dictionaries that receive each forward's residuals (see record_forward).
@@ -249,7 +257,8 @@ def _forward(q, k, v, kc, vc, gates, lay: SeqLayout, cfg: KernelConfig, save: bo
         HAS_CMP=cfg.has_cmp, HAS_SLC=cfg.has_slc, HAS_WIN=cfg.has_win,
         GI_CMP=cfg.gate_index[0], GI_SLC=cfg.gate_index[1], GI_WIN=cfg.gate_index[2],
         LS=cfg.slc_block, BS=cfg.slc_tile, W=tiles.width, WP=tiles.width_p2, HEAD_SCORING=cfg.head_scoring,
-        WIN=cfg.window, BKW=64, SAVE=save, U_LOG=(tiles.sel_rows * tiles.width_p2).bit_length() - 1, num_warps=cfg.num_warps_select, num_stages=cfg.num_stages,
+        WIN=cfg.window, BKW=64, SAVE=save, U_LOG=tiles.union_log(tiles.sel_rows), PAIR=cfg.pair_blocks,
+        num_warps=cfg.num_warps_select, num_stages=cfg.num_stages,
     )
     res.update(oc=oc, lse_c=lse_c, sel=sel, U=U, UC=UC, o_s=o_s, o_w=o_w, lse_s=lse_s, lse_w=lse_w)
     for seen in _RECORDERS:
@@ -372,27 +381,34 @@ def _backward(do, q, k, v, kc, vc, gates, lay: SeqLayout, cfg: KernelConfig, res
     dg = torch.empty((Bv, Hq, Tv, nb), dtype=torch.float32, device=dev)
     delta = torch.empty((3, Bv, Hq, Tv), dtype=torch.float32, device=dev)
     dummy_i = torch.zeros(1, dtype=torch.int32, device=dev)
-    n_t3 = triton.cdiv(lay.max_len, tiles.bt_sel)
+    n_tq = triton.cdiv(lay.max_len, tiles.bt_dq)
     oc, lse_c, sel = res["oc"], res["lse_c"], res["sel"]
+    own_union = cfg.has_slc and tiles.bt_dq != tiles.bt_sel
+    if own_union:
+        U = torch.empty((B * Hkv * n_tq, tiles.dq_sel_rows * tiles.width_p2), dtype=torch.int32, device=dev)
+        UC = torch.zeros((B * Hkv * n_tq,), dtype=torch.int32, device=dev)
+    else:
+        U, UC = res["U"], res["UC"]
     any_lse = delta[0]
     kc_ = kc if (kc is not None and lay.max_cmp > 0) else k
     vc_ = vc if (vc is not None and lay.max_cmp > 0) else v
     ss = _qs(sel, P) if sel is not None else (0, 0, 0)
-    bwd.bwd_dq_kernel[(n_t3, B, Hkv)](
+    bwd.bwd_dq_kernel[(n_tq, B, Hkv)](
         q, k, v, kc_, vc_, do, gates,
         oc if oc is not None else q, res["o_s"] if res["o_s"] is not None else q, res["o_w"] if res["o_w"] is not None else q,
         lse_c if lse_c is not None else any_lse, res["lse_s"] if res["lse_s"] is not None else any_lse,
         res["lse_w"] if res["lse_w"] is not None else any_lse,
-        sel if sel is not None else dummy_i, res["U"], res["UC"], dq, dg, delta,
+        sel if sel is not None else dummy_i, U, UC, dq, dg, delta,
         lay.starts, lay.lens, lay.cstarts, lay.clens,
         *_qs(q, P), *_qs(k, P), *_qs(kc_, P), *_gs(gates, P), *_qs(dg, P), *ss, *_qs(any_lse, P), delta.stride(0),
-        scale_log2, scale, n_t3,
-        G=G, GP=GP, BT=tiles.bt_sel, D=D, IEEE=ieee,
+        scale_log2, scale, n_tq,
+        G=G, GP=GP, BT=tiles.bt_dq, D=D, IEEE=ieee,
         HAS_CMP=cfg.has_cmp, HAS_SLC=cfg.has_slc, HAS_WIN=cfg.has_win,
         GI_CMP=cfg.gate_index[0], GI_SLC=cfg.gate_index[1], GI_WIN=cfg.gate_index[2],
         CBLOCK=cfg.cblock, CSTRIDE=cfg.cstride, LEGACY=cfg.legacy, BN=64,
         LS=cfg.slc_block, BS=cfg.slc_tile, W=tiles.width, WP=tiles.width_p2, HEAD_SCORING=cfg.head_scoring,
-        WIN=cfg.window, BKW=64, num_warps=cfg.num_warps_select,
+        WIN=cfg.window, BKW=64, PAIR=cfg.pair_blocks, OWN_UNION=own_union, U_LOG=tiles.union_log(tiles.dq_sel_rows),
+        num_warps=cfg.num_warps_select,
     )
     dkc = dvc = None
     if cfg.has_cmp and kc is not None and lay.max_cmp > 0:
