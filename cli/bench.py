@@ -74,6 +74,12 @@ def command(pattern_arg, lengths, backends, baselines, heads, dim, dtype, batch,
             text_tokens, check_length, warmup, rep, breakdown, json_path, plot_path):
     """Time PATTERN's compiled backends against dense and peer baselines."""
     pattern, path = load_pattern_arg(pattern_arg)
+    if plot_path:
+        try:  # say so before the run, not after it
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise click.BadParameter("needs matplotlib, which is not installed: pip install 'nsaflex[plot]'",
+                                     param_hint="--plot") from None
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():

@@ -68,8 +68,10 @@ def check_inputs(
     kv_heads = k.shape[1]
     if kv_heads == 0 or query_heads % kv_heads:
         raise InputError("k", f"a number of kv heads dividing the {query_heads} query heads", kv_heads)
-    if batch == 0 or length == 0 or head_dim == 0:
-        raise InputError("q", "non-empty batch, length and head dim", _shape(q))
+    if batch == 0 or query_heads == 0 or length == 0 or head_dim == 0:
+        raise InputError("q", "non-empty batch, heads, length and head dim", _shape(q))
+    if q.device.type not in ("cpu", "cuda"):
+        raise InputError("q", "a cpu or cuda tensor", str(q.device))
     for name, tensor in (("k", k), ("v", v)):
         if tensor.dtype != q.dtype:
             raise InputError(name, f"dtype {q.dtype} (as q)", str(tensor.dtype))

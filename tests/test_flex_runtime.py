@@ -78,6 +78,8 @@ def test_auto_on_cpu_picks_flex():
         (lambda q, k, v, g, t: (q, k, v, g, t + 2), "token_types"),
         (lambda q, k, v, g, t: (q, k, v, g, None), "token_types"),
         (lambda q, k, v, g, t: (q[:, :, :0], k[:, :, :0], v[:, :, :0], g[:, :, :0], t[:, :0]), "q"),
+        (lambda q, k, v, g, t: (q[:, :0], k, v, g[:, :0], t), "q"),  # no query heads
+        (lambda q, k, v, g, t: tuple(x.to("meta") for x in (q, k, v, g, t)), "q"),  # no kernel runs on meta
     ],
 )
 def test_bad_input_names_the_argument(change, argument):
