@@ -182,19 +182,18 @@ def main() -> None:
         token = (q_idx // rows_per_unit) * unit + q_idx % unit
         return kv_idx <= token
 
-    def packed_block_mask(compute_q_blocks: bool):
-        lists = unit_tiles if not compute_q_blocks else fm.selection_tiles(result, length, selection.block, unit, 64)[0]
-        kwargs = {} if compute_q_blocks else {"compute_q_blocks": False}
+    def packed_block_mask():
         return BlockMask.from_kv_blocks(
-            rep(lists.kv_num), rep(lists.kv_idx), rep(lists.full_num), rep(lists.full_idx),
-            BLOCK_SIZE=(128, 64), mask_mod=packed_causal, seq_lengths=(units * rows_per_unit, length), **kwargs)
+            rep(unit_tiles.kv_num), rep(unit_tiles.kv_idx), rep(unit_tiles.full_num), rep(unit_tiles.full_idx),
+            BLOCK_SIZE=(128, 64), mask_mod=packed_causal, seq_lengths=(units * rows_per_unit, length),
+            compute_q_blocks=False)
 
     packed_q = pack(q)
 
     @section("selection_packed", path)
     def _packed():
         out = {}
-        packed_mask = packed_block_mask(False)
+        packed_mask = packed_block_mask()
         for warps, stages in ((8, 2), (4, 2), (8, 1), (4, 3)):
             options = {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": warps, "num_stages": stages}
             try:

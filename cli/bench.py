@@ -16,7 +16,7 @@ import sys
 import click
 import torch
 
-from nsaflex.bench import BASELINES, DTYPES, INPUTS, PASSES, BenchOptions, run_bench, write_plot
+from nsaflex.bench import BASELINES, DTYPES, INPUTS, PASSES, BenchOptions, pyplot, run_bench, write_plot
 from nsaflex.cli.common import LENGTHS, load_pattern_arg, out_console
 
 CPU_LENGTHS = (512, 1024)
@@ -75,11 +75,7 @@ def command(pattern_arg, lengths, backends, baselines, heads, dim, dtype, batch,
     """Time PATTERN's compiled backends against dense and peer baselines."""
     pattern, path = load_pattern_arg(pattern_arg)
     if plot_path:
-        try:  # say so before the run, not after it
-            import matplotlib  # noqa: F401
-        except ImportError:
-            raise click.BadParameter("needs matplotlib, which is not installed: pip install 'nsaflex[plot]'",
-                                     param_hint="--plot") from None
+        pyplot()  # a missing matplotlib is reported before the run, not after it
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():

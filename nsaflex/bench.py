@@ -617,8 +617,8 @@ def print_tables(document: dict[str, Any], console) -> None:
         console.print(f"[yellow]skipped {item['name']}: {item['reason']}[/]")
 
 
-def write_plot(document: dict[str, Any], path: str) -> None:
-    """PNG of time against length, one line per (name, pass, inputs)."""
+def pyplot():
+    """matplotlib's pyplot on the Agg backend; NsaflexError when matplotlib is missing."""
     try:
         import matplotlib
 
@@ -626,6 +626,12 @@ def write_plot(document: dict[str, Any], path: str) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         raise NsaflexError("--plot needs matplotlib, which is not installed: pip install 'nsaflex[plot]' (or pip install matplotlib)") from None
+    return plt
+
+
+def write_plot(document: dict[str, Any], path: str) -> None:
+    """PNG of time against length, one line per (name, pass, inputs)."""
+    plt = pyplot()
     series: dict[str, list[tuple[int, float]]] = {}
     for row in document["results"]:
         if row.get("median_ms"):

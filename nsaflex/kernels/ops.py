@@ -158,6 +158,12 @@ class _Tiles:
         """log2 of a union list's capacity (sel_rows x padded block-list width)."""
         return (sel_rows * self.width_p2).bit_length() - 1
 
+    def union_buffers(self, programs: int, sel_rows: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scratch for the union lists of ``programs`` row tiles (``_tile_union``
+        writes them) and their counts."""
+        lists = torch.empty((programs, sel_rows * self.width_p2), dtype=torch.int32, device=device)
+        return lists, torch.zeros((programs,), dtype=torch.int32, device=device)
+
 
 # Dictionaries that receive each forward's residuals (see record_forward).
 _RECORDERS: list[dict] = []
@@ -236,8 +242,7 @@ def _forward(q, k, v, kc, vc, gates, lay: SeqLayout, cfg: KernelConfig, save: bo
     n_t3 = triton.cdiv(lay.max_len, tiles.bt_sel)
     grid3 = (n_t3, B, Hkv)
     if cfg.has_slc:
-        U = torch.empty((B * Hkv * n_t3, tiles.sel_rows * tiles.width_p2), dtype=torch.int32, device=dev)
-        UC = torch.zeros((B * Hkv * n_t3,), dtype=torch.int32, device=dev)
+        U, UC = tiles.union_buffers(B * Hkv * n_t3, tiles.sel_rows, dev)
     else:
         U = UC = dummy_i
     o_s = torch.empty_like(q) if (save and cfg.has_slc) else None
@@ -385,8 +390,7 @@ def _backward(do, q, k, v, kc, vc, gates, lay: SeqLayout, cfg: KernelConfig, res
     oc, lse_c, sel = res["oc"], res["lse_c"], res["sel"]
     own_union = cfg.has_slc and tiles.bt_dq != tiles.bt_sel
     if own_union:
-        U = torch.empty((B * Hkv * n_tq, tiles.dq_sel_rows * tiles.width_p2), dtype=torch.int32, device=dev)
-        UC = torch.zeros((B * Hkv * n_tq,), dtype=torch.int32, device=dev)
+        U, UC = tiles.union_buffers(B * Hkv * n_tq, tiles.dq_sel_rows, dev)
     else:
         U, UC = res["U"], res["UC"]
     any_lse = delta[0]
