@@ -27,12 +27,17 @@ causal BlockMask) and ``fla`` (fla-core's ``parallel_nsa``, VideoNSA's kernel:
 compression + selection only; it needs query heads per kv head to be a power of
 two of at least 16, so heads are padded as VideoNSA does, and the table says so).
 Unknown or unavailable backends and baselines are reported and skipped; the rest runs.
+When nothing is left to run, :func:`run_bench` raises :class:`NsaflexError`
+naming each refused name and why (``nsaflex bench`` exits 2).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime
+import importlib
+import importlib.metadata
+import importlib.util
 import json
 import math
 import platform
@@ -54,6 +59,10 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 BACKWARD_FACTOR = 3.5
 CHECK_TOLERANCE = {torch.bfloat16: 3e-2, torch.float16: 5e-3, torch.float32: 1e-4}
 UNION_TILE = 128
+#: Longest sequence the dense SDPA baseline runs on the CPU (its math backend keeps L x L scores).
+CPU_SDPA_LIMIT = 8192
+#: Distributions that install the ``fla`` module (the ``fla`` baseline's kernel), newest name first.
+FLA_DISTRIBUTIONS = ("fla-core", "flash-linear-attention")
 
 
 @dataclass
@@ -103,7 +112,29 @@ class Row:
         return dataclasses.asdict(self)
 
 
+def package_version(distributions: tuple[str, ...], module: str) -> str | None:
+    """The installed version of a package: the metadata of the first of
+    ``distributions`` found, else ``module.__version__``; None when it is not
+    installed or its version cannot be read (never raises)."""
+    for name in distributions:
+        try:
+            return importlib.metadata.version(name)
+        except Exception:  # PackageNotFoundError, or broken metadata: try the next name
+            continue
+    # A source checkout on sys.path has a module but no distribution metadata.
+    try:
+        if importlib.util.find_spec(module) is None:
+            return None
+        version = getattr(importlib.import_module(module), "__version__", None)
+    except Exception:
+        return None
+    return None if version is None else str(version)
+
+
 def environment(device: str) -> dict[str, Any]:
+    """Where the figures were measured: date, Python, platform, torch, triton,
+    fla-core (``fla``, None when not installed: the ``fla`` baseline needs it),
+    the GPU (or CPU) and the nsaflex version."""
     env: dict[str, Any] = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "python": platform.python_version(),
@@ -117,6 +148,7 @@ def environment(device: str) -> dict[str, Any]:
         env["triton"] = triton.__version__
     except Exception:  # pragma: no cover
         env["triton"] = None
+    env["fla"] = package_version(FLA_DISTRIBUTIONS, "fla")
     if device == "cuda" and torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         env.update(gpu=torch.cuda.get_device_name(0), gpu_memory_gib=round(props.total_memory / 2**30, 1),
@@ -229,8 +261,36 @@ class Skip(Exception):
     """A baseline or backend that cannot run here (the message says why)."""
 
 
+def baseline_skip_reason(name: str, options: BenchOptions, pattern: Pattern, length: int, passes: str) -> str | None:
+    """Why baseline ``name`` cannot run this configuration here (a missing
+    package, device, length or pass limit), or None when it can."""
+    cuda = options.device == "cuda"
+    if name not in BASELINES:
+        return f"unknown baseline {name!r}"
+    if name == "cudnn" and not cuda:
+        return "cuDNN attention needs CUDA"
+    if name == "sdpa" and not cuda and length > CPU_SDPA_LIMIT:
+        return "dense SDPA on CPU is limited to 8k tokens here"
+    if name == "flex-dense" and not cuda and passes == "fwd+bwd":
+        return "FlexAttention has no CPU backward"
+    if name == "fla":
+        try:
+            from fla.ops.nsa import parallel_nsa  # noqa: F401
+        except Exception as error:
+            return f"fla-core is not installed ({type(error).__name__}: {error}); pip install fla-core"
+        if not cuda:
+            return "fla parallel_nsa needs CUDA"
+        if pattern.selection is None or pattern.compression is None:
+            return "fla parallel_nsa runs compression + selection: the pattern has no selection"
+    return None
+
+
 def baseline_runner(name: str, options: BenchOptions, pattern: Pattern, length: int, passes: str):
-    """(callable, note, pairs-per-head) for a baseline."""
+    """(callable, note, pairs-per-head) for a baseline; :class:`Skip` when
+    :func:`baseline_skip_reason` gives a reason."""
+    reason = baseline_skip_reason(name, options, pattern, length, passes)
+    if reason is not None:
+        raise Skip(reason)
     device = options.device
     grad = passes == "fwd+bwd"
     group = options.query_heads // options.kv_heads
@@ -240,13 +300,9 @@ def baseline_runner(name: str, options: BenchOptions, pattern: Pattern, length: 
         from torch.nn.attention import SDPBackend, sdpa_kernel
         from torch.nn.functional import scaled_dot_product_attention
 
-        if name == "cudnn" and device != "cuda":
-            raise Skip("cuDNN attention needs CUDA")
         backend = {"sdpa": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}[name]
         if device != "cuda":
-            backend = SDPBackend.MATH if length <= 8192 else None
-            if backend is None:
-                raise Skip("dense SDPA on CPU is limited to 8k tokens here")
+            backend = SDPBackend.MATH
         kr = k.repeat_interleave(group, 1).detach()
         vr = v.repeat_interleave(group, 1).detach()
         leaves = tuple(t.requires_grad_() for t in (q, kr, vr)) if grad else None
@@ -262,15 +318,12 @@ def baseline_runner(name: str, options: BenchOptions, pattern: Pattern, length: 
 
         from nsaflex.backends.flex_masks import causal_mask_mod, causal_tiles
 
-        if device != "cuda" and grad:
-            raise Skip("FlexAttention has no CPU backward")
         mask = causal_tiles(length, 128, 128, device).block_mask(causal_mask_mod())
         compiled = _compiled_flex()
         leaves = tuple(t.requires_grad_() for t in (q, k, v)) if grad else None
         return _runner(lambda: compiled(q, k, v, block_mask=mask, enable_gqa=True), leaves), "compiled, causal BlockMask", dense
-    if name == "fla":
-        return _fla_runner(options, pattern, length, grad)
-    raise Skip(f"unknown baseline {name!r}")
+    assert name == "fla", name  # baseline_skip_reason refused every other name
+    return _fla_runner(options, pattern, length, grad)
 
 
 _FLEX = {}
@@ -288,15 +341,10 @@ def _compiled_flex():
 
 
 def _fla_runner(options: BenchOptions, pattern: Pattern, length: int, grad: bool):
-    try:
-        from fla.ops.nsa import parallel_nsa
-    except Exception as error:
-        raise Skip(f"fla-core is not installed ({type(error).__name__}: {error}); pip install fla-core") from None
-    if options.device != "cuda":
-        raise Skip("fla parallel_nsa needs CUDA")
+    from fla.ops.nsa import parallel_nsa  # present: baseline_skip_reason checked
+
     selection = pattern.selection
-    if selection is None or pattern.compression is None:
-        raise Skip("fla parallel_nsa runs compression + selection: the pattern has no selection")
+    assert selection is not None
     group = options.query_heads // options.kv_heads
     padded_group = max(16, 1 << (group - 1).bit_length())
     heads = options.kv_heads * padded_group
@@ -364,7 +412,8 @@ def _bench_pattern(options: BenchOptions) -> Pattern:
 def run_bench(options: BenchOptions, console=None, *, progress: bool = True, json_path: str | None = None) -> dict[str, Any]:
     """Run every configuration; returns the JSON document (also printed as tables
     when ``console``). With ``json_path`` the document so far is rewritten after
-    every configuration, so an interrupted run keeps what it measured."""
+    every configuration, so an interrupted run keeps what it measured. Raises
+    NsaflexError when no backend compiles and no baseline can run."""
     import nsaflex
 
     pattern = _bench_pattern(options)
@@ -384,9 +433,6 @@ def run_bench(options: BenchOptions, console=None, *, progress: bool = True, jso
             skipped.append({"name": name, "reason": f"unknown baseline (known: {', '.join(BASELINES)})" + (f"; {hint}" if hint else "")})
         else:
             baselines.append(name)
-    if console is not None:
-        for item in skipped:
-            console.print(f"[yellow]skipped {item['name']}: {item['reason']}[/]")
 
     compiled: dict[str, Any] = {}
     for name in backends:
@@ -394,8 +440,10 @@ def run_bench(options: BenchOptions, console=None, *, progress: bool = True, jso
             compiled[name] = nsaflex.compile(pattern, backend=name, device=device, head_dim=options.dim).to(device)
         except NsaflexError as error:
             skipped.append({"name": name, "reason": str(error)})
-            if console is not None:
-                console.print(f"[yellow]skipped backend {name}: {error}[/]")
+    _refuse_empty_run(options, pattern, compiled, baselines, skipped)
+    if console is not None:
+        for item in skipped:
+            console.print(f"[yellow]skipped {item['name']}: {item['reason']}[/]")
 
     rows: list[Row] = []
     structures: list[dict[str, Any]] = []
@@ -450,6 +498,26 @@ def run_bench(options: BenchOptions, console=None, *, progress: bool = True, jso
     if console is not None:
         print_tables(document, console)
     return document
+
+
+def _refuse_empty_run(options: BenchOptions, pattern: Pattern, compiled: dict[str, Any], baselines: list[str],
+                      skipped: list[dict[str, str]]) -> None:
+    """Raise NsaflexError naming every refused backend and baseline and why when
+    no backend compiled and no baseline can run any configuration: a run of
+    nothing would otherwise print an empty table and exit 0."""
+    if compiled:
+        return
+    refused = [f"{item['name']}: {item['reason']}" for item in skipped]
+    for name in baselines:
+        reasons = [baseline_skip_reason(name, options, pattern, length, passes)
+                   for length in options.lengths for passes in options.passes]
+        if any(reason is None for reason in reasons):
+            return  # this baseline runs at least one configuration
+        refused.append(f"{name}: " + "; ".join(dict.fromkeys(r for r in reasons if r is not None)))
+    if not refused:
+        raise NsaflexError("nothing to run: no backend or baseline was requested (--backends, --baselines)")
+    raise NsaflexError("nothing to run: every requested backend and baseline was refused:\n"
+                       + "\n".join(f"  {line}" for line in refused))
 
 
 def _document(options, pattern, rows, structures, checks, skipped, baseline_times, *, complete: bool) -> dict[str, Any]:
@@ -554,6 +622,11 @@ def _spot_check(attn, pattern: Pattern, options: BenchOptions) -> dict[str, Any]
 # --- output ----------------------------------------------------------------------------------------
 
 
+#: Main table: the backend's own selection union (distinct selection blocks per
+#: query tile of the backend, from its stats) over the count n, and that tile.
+UNION_COLUMN = "selection union blocks / n (backend query tile)"
+
+
 def _fmt(value: float | None, digits: int = 3) -> str:
     if value is None:
         return "-"
@@ -570,7 +643,7 @@ def print_tables(document: dict[str, Any], console) -> None:
              f"D={config['dim']}, {config['dtype']} on {where} (torch {env['torch']}, triton {env.get('triton')})")
     baselines = [b for b in config["baselines"] if b in BASELINES]
     table = Table(title=title, title_justify="left")
-    for column in ("L", "inputs", "pass", "name", "median ms", "TFLOP/s", *[f"vs {b}" for b in baselines], "peak MiB", "check", "union/tile", "note"):
+    for column in ("L", "inputs", "pass", "name", "median ms", "TFLOP/s", *[f"vs {b}" for b in baselines], "peak MiB", "check", UNION_COLUMN, "note"):
         table.add_column(column, justify="right" if column not in ("inputs", "pass", "name", "note", "check") else "left")
     checks = document["checks"]
     problems: list[str] = []
@@ -582,7 +655,8 @@ def print_tables(document: dict[str, Any], console) -> None:
         union = "-"
         if row.get("selection"):
             s = row["selection"]
-            union = f"{s['mean_union_blocks']:.1f}/{s['count']}"
+            # The backend's own query tile (64 or 128 on CUDA), which may differ from the structure table's.
+            union = f"{s['mean_union_blocks']:.1f}/{s['count']}" + (f" @{s['q_block']}q" if s.get("q_block") else "")
         if row.get("error"):
             table.add_row(str(row["length"]), row["inputs"], row["passes"], row["name"], "-", "-", *["-"] * len(baselines), "-", check, union,
                           "[yellow]" + ("skipped" if row["error"].startswith("skipped") else "failed") + " (below)[/]")
@@ -595,8 +669,15 @@ def print_tables(document: dict[str, Any], console) -> None:
     for problem in dict.fromkeys(problems):
         console.print(f"[yellow]{problem}[/]")
     if document["selection"]:
-        sel = Table(title="selection structure of the inputs (nsaflex.scoring on the same data)", title_justify="left")
-        for column in ("L", "inputs", "granularity", "n", "neighbour Jaccard", f"union per {UNION_TILE}-query tile", "union / n"):
+        tiles = sorted({item.get("query_tile", UNION_TILE) for item in document["selection"]})
+        tile = "/".join(str(t) for t in tiles)
+        sel = Table(title="selection structure of the inputs (nsaflex.scoring on the same data)", title_justify="left",
+                    caption=(f"union: distinct selection blocks one {tile}-query tile runs (mean over rows, heads, tiles); "
+                             "selected: mean blocks one selection unit (a query, or a query block) selects, "
+                             "n or fewer near the start"),
+                    caption_justify="left")
+        for column in ("L", "inputs", "granularity", "n", "neighbour Jaccard", f"union blocks per {tile}-query tile",
+                       f"union blocks / selected blocks (per {tile}-query tile)"):
             sel.add_column(column)
         for item in document["selection"]:
             sel.add_row(str(item["length"]), item["inputs"], item["granularity"], str(item["count"]),

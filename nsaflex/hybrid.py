@@ -30,7 +30,8 @@ class SparseLayout:
             ``lengths``).
         lengths: ``[B]`` long: sparse sequence length of each row.
         cu_seqlens: ``[B + 1]`` int32: prefix sums of ``lengths`` (varlen packing).
-        max_length: ``Lmax`` (a Python int, so shapes stay static).
+        max_length: ``Lmax`` (a Python int, so shapes stay static): at least the
+            longest sparse sequence, rounded up by :func:`padded_length`.
         sparse_queries: ``[B, L]`` bool: queries whose output is the gated sparse mix.
         identity: True when every row's sparse sequence is the whole row.
     """
@@ -66,12 +67,27 @@ def sparse_layout(pattern: Pattern, token_types: torch.Tensor | None, batch: int
         lengths = torch.full((batch,), length, dtype=torch.long, device=device)
         return SparseLayout(full.contiguous(), lengths, _cumulative(lengths), length, vision, True)
     lengths = vision.sum(dim=1)
-    max_length = int(lengths.max().item()) if batch else 0
+    max_length = padded_length(int(lengths.max().item()) if batch else 0, length)
     # Stable sort puts each row's vision positions first, in order.
     order = torch.sort((~vision).to(torch.int8), dim=1, stable=True).indices[:, :max_length]
     valid = torch.arange(max_length, device=device)[None, :] < lengths[:, None]
     positions = torch.where(valid, order, torch.zeros_like(order))
     return SparseLayout(positions, lengths, _cumulative(lengths), max_length, vision, False)
+
+
+def padded_length(longest: int, length: int) -> int:
+    """The padded length ``Lmax`` of compacted sparse sequences whose longest is
+    ``longest`` in rows of ``length`` tokens: ``longest`` rounded up to a multiple
+    of 1/16 of the next power of two (at most 12.5 % padding), capped at ``length``.
+
+    Compiled kernels specialise on ``Lmax``; without the rounding every new vision
+    count would recompile every branch. With it, vision counts within one bucket
+    share one compiled kernel, and an octave of counts costs at most 8 compiles.
+    """
+    if longest <= 0:
+        return 0
+    step = max(1, (1 << (longest - 1).bit_length()) // 16)
+    return min(length, -(-longest // step) * step)
 
 
 def _cumulative(lengths: torch.Tensor) -> torch.Tensor:

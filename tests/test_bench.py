@@ -32,6 +32,7 @@ def test_bench_cpu_smoke_writes_every_figure(runner, tmp_path):
     assert "cuDNN attention needs CUDA" in result.output
     document = json.loads(path.read_text())
     assert document["environment"]["torch"] == torch.__version__ and "triton" in document["environment"]
+    assert "fla" in document["environment"]  # fla-core's version, null when not installed
     rows = document["results"]
     flex_rows = [r for r in rows if r["name"] == "flex"]
     assert len(flex_rows) == 2 * 2 * 2  # lengths x passes x inputs
@@ -52,6 +53,85 @@ def test_bench_rejects_bad_options(runner):
     for args, text in ((("--heads", "28/5"), "--heads"), (("--pass", "backward"), "--pass"), (("--inputs", "noise"), "--inputs")):
         result = runner("window", "--device", "cpu", *args)
         assert result.exit_code == 2 and text in result.output
+
+
+@pytest.mark.parametrize(("args", "fragments"), [
+    (("--backends", "bogus", "--baselines", "none"), ("unknown backend", "bogus")),
+    (("--backends", "flx", "--baselines", "cudnn,nope"),
+     ("flx: unknown backend", "did you mean 'flex'", "cudnn: cuDNN attention needs CUDA", "nope: unknown baseline")),
+    (("--backends", "", "--baselines", "none"), ("no backend or baseline was requested",)),
+])
+def test_bench_with_nothing_to_run_says_why_and_fails(runner, tmp_path, args, fragments):
+    path = tmp_path / "bench.json"
+    result = runner("window", "--device", "cpu", "--lengths", "64", *args, "--json", str(path))
+    assert result.exit_code == 2, result.output
+    assert "nothing to run" in result.output and "Traceback" not in result.output
+    for fragment in fragments:
+        assert fragment in result.output, (fragment, result.output)
+    assert not path.exists()
+
+
+def test_bench_with_only_a_baseline_left_warns_and_runs_it(runner, tmp_path):
+    path = tmp_path / "bench.json"
+    result = runner("window", "--device", "cpu", "--lengths", "64", "--heads", "2/1", "--dim", "8", "--dtype", "fp32",
+                    "--backends", "bogus", "--baselines", "sdpa,cudnn", "--rep", "1", "--json", str(path))
+    assert result.exit_code == 0, result.output
+    assert "skipped bogus: unknown backend" in result.output
+    rows = {row["name"]: row for row in json.loads(path.read_text())["results"]}
+    assert rows["sdpa"]["median_ms"] > 0 and rows["cudnn"]["error"].startswith("skipped")
+
+
+def test_environment_records_fla_core_version(monkeypatch):
+    import importlib.metadata
+    import importlib.util
+
+    def installed_as(distribution):
+        def version(name):
+            if name == distribution:
+                return "0.4.9"
+            raise importlib.metadata.PackageNotFoundError(name)
+        return version
+
+    monkeypatch.setattr(importlib.metadata, "version", installed_as("flash-linear-attention"))
+    assert bench.environment("cpu")["fla"] == "0.4.9"
+    monkeypatch.setattr(importlib.metadata, "version", installed_as("fla-core"))
+    assert bench.environment("cpu")["fla"] == "0.4.9"
+    # Not installed: null, not an error, even when the module lookup itself fails.
+    monkeypatch.setattr(importlib.metadata, "version", installed_as("something-else"))
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None)
+    assert bench.environment("cpu")["fla"] is None
+
+    def broken(name, *args):
+        raise ValueError("broken sys.path entry")
+
+    monkeypatch.setattr(importlib.util, "find_spec", broken)
+    env = bench.environment("cpu")
+    assert "fla" in env and env["fla"] is None
+
+
+def test_union_columns_say_what_they_divide_and_the_tile():
+    import io
+
+    from rich.console import Console
+
+    document = {
+        "environment": {"device": "cpu", "cpu": "x86_64", "torch": "2", "triton": "3", "fla": None},
+        "config": {"pattern": "p", "batch": 1, "query_heads": 4, "kv_heads": 2, "dim": 16, "dtype": "float32", "baselines": []},
+        "results": [{"length": 256, "inputs": "random", "passes": "fwd", "kind": "backend", "name": "flex", "median_ms": 1.0,
+                     "tflops": 1.0, "peak_mib": None, "ratios": {}, "note": "", "error": None,
+                     "selection": {"mean_union_blocks": 12.5, "count": 8, "q_block": 64}}],
+        "checks": {},
+        "selection": [{"length": 256, "inputs": "random", "granularity": "token", "count": 8, "mean_jaccard_neighbours": 0.5,
+                       "query_tile": bench.UNION_TILE, "tile_mean_union_blocks": 20.0, "tile_union_over_selected": 2.5}],
+        "skipped": [],
+    }
+    console = Console(file=io.StringIO(), width=400, highlight=False)
+    bench.print_tables(document, console)
+    text = console.file.getvalue()
+    assert "union / n" not in text and "union/tile" not in text
+    assert bench.UNION_COLUMN in text and "12.5/8 @64q" in text
+    assert "union blocks per 128-query tile" in text
+    assert "union blocks / selected blocks (per 128-query tile)" in text and "2.50" in text
 
 
 def test_plot_without_matplotlib_says_how_to_get_it(monkeypatch):

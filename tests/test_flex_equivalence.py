@@ -7,8 +7,10 @@ overrides, dense layers) and random inputs (B 1..3, Hkv 1..4, G in
 random token classes including all-text and all-vision).
 
 On CPU most draws run the dense evaluation of the BlockMasks (the path CPU
-gradients take) and a few fixed cases the compiled kernels. On a GPU the same
-tests run the compiled kernels::
+gradients take: full tiles, and partial tiles where ``mask_mod`` holds) with
+tile sizes drawn small enough that the tile lists matter; a few draws and fixed
+cases run the compiled kernels. On a GPU the same tests run the compiled
+kernels::
 
     NSAFLEX_TEST_DEVICE=cuda pytest tests/test_flex_equivalence.py tests/test_flex_runtime.py
 
@@ -37,6 +39,10 @@ EXAMPLES = int(os.environ.get("NSAFLEX_TEST_EXAMPLES", "6" if DEVICE == "cuda" e
 TOLERANCE = {torch.float32: 1e-5 if DEVICE == "cpu" else 1e-4, torch.bfloat16: 3e-2, torch.float16: 5e-3}[DTYPE]
 GRAD_TOLERANCE = {torch.float32: 1e-5 if DEVICE == "cpu" else 1e-4, torch.bfloat16: 6e-2, torch.float16: 1e-2}[DTYPE]
 MAX_LENGTH = int(os.environ.get("NSAFLEX_TEST_MAX_LENGTH", "48"))
+# Draws through the compiled kernels on CPU (each one compiles, ~10 s on 2 cores).
+COMPILED_EXAMPLES = int(os.environ.get("NSAFLEX_TEST_COMPILED_EXAMPLES", str(EXAMPLES) if DEVICE == "cuda" else "4"))
+# (query tile, key tile) drawn on CPU; on CUDA the backend's own sizes.
+TILE_SIZES = ((8, 8), (16, 8), (8, 16), (16, 16), (32, 16), (128, 128))
 PROPERTY = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
 
 if DEVICE == "cuda" and not torch.cuda.is_available():
@@ -86,6 +92,10 @@ def cases(draw, **pattern_options):
         torch.manual_seed(seed)
         attn.pooler.reset_parameters()
     attn = attn.to(DEVICE)
+    if DEVICE == "cpu":
+        # Small tiles make the tile lists matter at these lengths: several query and key
+        # tiles, full and partial ones, tiles that straddle selection blocks and units.
+        attn._kernel.blocks = draw(st.sampled_from(TILE_SIZES))
     move = lambda t: None if t is None else t.to(DEVICE)  # noqa: E731
     return attn, resolved, q.to(DEVICE, DTYPE), k.to(DEVICE, DTYPE), v.to(DEVICE, DTYPE), move(gates), move(types)
 
@@ -129,6 +139,20 @@ def test_outputs_match_reference(case):
     with torch.no_grad():
         out = attn(q, k, v, gates, types)
     assert out.shape == q.shape and out.dtype == q.dtype and out.device == q.device
+    expected = _reference(attn, pattern, q, k, v, gates, types)
+    assert relative_error(out, expected) < TOLERANCE
+
+
+@settings(PROPERTY, max_examples=COMPILED_EXAMPLES)
+@given(cases())
+def test_compiled_outputs_match_reference(case):
+    """Random patterns through the compiled FlexAttention kernels (the CPU inference
+    path; each draw is a new shape, so a compile: few draws on CPU)."""
+    attn, pattern, q, k, v, gates, types = case
+    _set_mode(attn, "compiled")
+    with torch.no_grad():
+        out = attn(q, k, v, gates, types)
+    assert attn._kernel.stats["compiled"]
     expected = _reference(attn, pattern, q, k, v, gates, types)
     assert relative_error(out, expected) < TOLERANCE
 

@@ -56,6 +56,55 @@ def test_repeated_calls_do_not_recompile_and_new_lengths_recompile_once_per_bran
         assert dict(flex.COMPILE_COUNTS) == after_new, "lengths seen before must not recompile"
 
 
+def _vision_rows(length: int, counts: list[int], seed: int) -> torch.Tensor:
+    """``[len(counts), length]`` token classes with ``counts[b]`` vision tokens in row ``b``."""
+    generator = torch.Generator().manual_seed(seed)
+    types = torch.zeros(len(counts), length, dtype=torch.long)
+    for row, count in enumerate(counts):
+        types[row, torch.randperm(length, generator=generator)[:count]] = 1
+    return types.to(DEVICE)
+
+
+def test_hybrid_vision_counts_share_compiled_kernels():
+    """Vision-only keys: the compacted sequences' length changes with the vision
+    count; counts within one padding bucket must not recompile, and a new bucket
+    costs at most one compile per branch."""
+    spec = dict(PATTERN, hybrid={"vision_keys": "vision"})
+    attn = nsaflex.compile(nsaflex.pattern_from_dict(spec), backend="flex", device=DEVICE)
+    attn._kernel.mode = "compiled"
+    if DEVICE == "cpu":
+        attn._kernel.blocks = (16, 8)
+    branches = ("compression", "selection", "window")
+    length = 77
+    with torch.no_grad():
+        before = dict(flex.COMPILE_COUNTS)
+        # Longest rows of 65..72 vision tokens all pad to 72 (1/16 of 128).
+        attn(*_inputs(length), None, _vision_rows(length, [72, 40], seed=0))
+        after_first = dict(flex.COMPILE_COUNTS)
+        assert attn._kernel.stats["compiled"]
+        for branch in branches:
+            assert after_first.get(branch, 0) - before.get(branch, 0) <= 1, branch
+        for seed, counts in enumerate(([65, 65], [70, 12], [66, 71]), start=1):
+            attn(*_inputs(length, seed=seed), None, _vision_rows(length, counts, seed=seed))
+        assert dict(flex.COMPILE_COUNTS) == after_first, "vision counts in one bucket must not recompile"
+        attn(*_inputs(length, seed=5), None, _vision_rows(length, [31, 20], seed=5))  # pads to 32 (1/16 of 32 is 2)
+        after_new = dict(flex.COMPILE_COUNTS)
+        for branch in branches:
+            assert after_new.get(branch, 0) - after_first.get(branch, 0) <= 1, branch
+        attn(*_inputs(length, seed=6), None, _vision_rows(length, [29, 31], seed=6))
+        assert dict(flex.COMPILE_COUNTS) == after_new
+
+
+@pytest.mark.parametrize("longest, length, expected", [(0, 9, 0), (1, 9, 1), (16, 99, 16), (17, 99, 18),
+                                                       (65, 77, 72), (72, 77, 72), (73, 77, 77), (1000, 4096, 1024),
+                                                       (1025, 4096, 1152), (100_000, 131_072, 106_496)])
+def test_padded_length_buckets(longest, length, expected):
+    from nsaflex.hybrid import padded_length
+
+    assert padded_length(longest, length) == expected
+    assert longest <= expected <= length and expected - longest <= max(1, longest // 8)  # at most 12.5 % padding
+
+
 def test_auto_on_cpu_picks_flex():
     if DEVICE != "cpu":
         pytest.skip("auto prefers triton on CUDA")

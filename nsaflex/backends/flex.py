@@ -34,7 +34,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import os
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -109,12 +109,13 @@ def _compiled_mix():
     return _COMPILED["mix"]
 
 
-def _counting_backend(branch: str):
+def _counting_backend(branch: str, config_patches: dict[str, Any] | None = None):
     def backend(graph_module, example_inputs):
         COMPILE_COUNTS[branch] += 1
         from torch._inductor.compile_fx import compile_fx
 
-        return compile_fx(graph_module, example_inputs)
+        # compile_fx applies the patches to the backward's (lazy) compilation as well.
+        return compile_fx(graph_module, example_inputs, config_patches=config_patches)
 
     return backend
 
@@ -126,11 +127,17 @@ def dynamic_lengths() -> bool:
     return os.environ.get("NSAFLEX_FLEX_DYNAMIC", "0").strip().lower() in ("1", "true", "yes")
 
 
-def _compiled(branch: str):
+def _compiled(branch: str, tune_backward: bool = False):
     dynamic = dynamic_lengths()
-    key = f"{branch}:dynamic" if dynamic else branch
+    key = branch + (":dynamic" if dynamic else "") + (":tuned" if tune_backward else "")
     if key not in _COMPILED:
-        _COMPILED[key] = torch.compile(_ENTRY[branch], dynamic=None if dynamic else False, backend=_counting_backend(branch))
+        # torch (2.11-2.13) offers its flex backward exactly one configuration on Hopper,
+        # 64 x 128 / 128 x 64 tiles, and drops it for 64 x 64 BlockMasks (NoValidChoicesError);
+        # with max_autotune it offers its tuning list, which has some that fit (the
+        # bwd_ kernel options of _block_sizes then pin one).
+        patches = {"max_autotune": True} if tune_backward else None
+        _COMPILED[key] = torch.compile(_ENTRY[branch], dynamic=None if dynamic else False,
+                                       backend=_counting_backend(branch, patches))
     return _COMPILED[key]
 
 
@@ -146,13 +153,15 @@ def _recompile_room():
         yield
 
 
-def _run_flex(branch: str, q, k, v, mask: "_Mask", compiled: bool, kernel_options: dict[str, Any] | None):
+def _run_flex(branch: str, q, k, v, mask: "_Mask", compiled: bool, tiling: "_Tiling"):
     scale = softmax_scale(q.shape[-1])
+    kernel_options = tiling.options
     if torch.compiler.is_compiling():  # inside the user's own torch.compile region
         return _ENTRY[branch](q, k, v, mask.block_mask(True), scale, kernel_options)
     if compiled:
         with _recompile_room():
-            return _compiled(branch)(q, k, v, mask.block_mask(mask.compute_q_blocks), scale, kernel_options)
+            compiled_branch = _compiled(branch, tiling.tune_backward)
+            return compiled_branch(q, k, v, mask.block_mask(mask.compute_q_blocks), scale, kernel_options)
     return dense_block_mask_attention(q, k, v, mask.tiles, mask.mask_mod, scale)
 
 
@@ -194,26 +203,54 @@ class _Mask:
 # --- block sizes ----------------------------------------------------------------------------------
 
 
-def _block_sizes(pattern: Pattern, branch: str, device: torch.device, needs_grad: bool, override: tuple[int | None, int | None]):
-    """(query tile, key tile, kernel_options) for one branch."""
-    q_block, kv_block = override
+class _Tiling(NamedTuple):
+    """How one branch's FlexAttention call is tiled.
+
+    Attributes:
+        q_block, kv_block: BlockMask tile sizes (queries, keys).
+        options: ``kernel_options`` for ``flex_attention`` (None: torch's defaults).
+        tune_backward: compile with ``max_autotune`` so the backward has kernel
+            configurations that fit the tiles (see :func:`_compiled`); the
+            ``bwd_`` options then make them all one configuration.
+    """
+
+    q_block: int
+    kv_block: int
     options: dict[str, Any] | None = None
+    tune_backward: bool = False
+
+
+def _block_sizes(pattern: Pattern, branch: str, device: torch.device, needs_grad: bool,
+                 override: tuple[int | None, int | None]) -> _Tiling:
+    """The tiling of one branch: 128 x 128 except where selection blocks or
+    query units of 64 would waste half of every tile on CUDA."""
+    q_block, kv_block = override
     if q_block is not None or kv_block is not None or device.type != "cuda":
-        return q_block or DEFAULT_BLOCK, kv_block or DEFAULT_BLOCK, None
-    if branch != "selection" or needs_grad:
-        # The CUDA backward kernels tile by up to 128 x 128 on Hopper.
-        return DEFAULT_BLOCK, DEFAULT_BLOCK, None
+        return _Tiling(q_block or DEFAULT_BLOCK, kv_block or DEFAULT_BLOCK)
+    if branch != "selection":
+        return _Tiling(DEFAULT_BLOCK, DEFAULT_BLOCK)
     selection = pattern.selection
     assert selection is not None
     unit = selection.query_block if selection.granularity == "query_block" else 1
     q_block = CUDA_SMALL_BLOCK if unit % DEFAULT_BLOCK and unit % CUDA_SMALL_BLOCK == 0 else DEFAULT_BLOCK
     kv_block = CUDA_SMALL_BLOCK if selection.block % DEFAULT_BLOCK and selection.block % CUDA_SMALL_BLOCK == 0 else DEFAULT_BLOCK
-    if q_block != DEFAULT_BLOCK or kv_block != DEFAULT_BLOCK:
-        # 4 warps and 2 stages: 11.7 ms for videonsa-qblock's selection at 128K on an
-        # H100, against 16.3 ms (4 warps, 3 stages) and 22.7 ms with flex's default for
-        # 64 x 64 tiles (benchmarks/flex-h100-2026-11-25.md, run 5).
-        options = {"BLOCK_M": CUDA_SMALL_BLOCK, "BLOCK_N": CUDA_SMALL_BLOCK, "num_warps": 4, "num_stages": 2}
-    return q_block, kv_block, options
+    if q_block == DEFAULT_BLOCK and kv_block == DEFAULT_BLOCK:
+        return _Tiling(q_block, kv_block)
+    # 4 warps and 2 stages: 11.7 ms for videonsa-qblock's selection at 128K on an
+    # H100, against 16.3 ms (4 warps, 3 stages) and 22.7 ms with flex's default for
+    # 64 x 64 tiles (benchmarks/flex-h100-2026-11-25.md, run 5).
+    forward = {"BLOCK_M": CUDA_SMALL_BLOCK, "BLOCK_N": CUDA_SMALL_BLOCK, "num_warps": 4, "num_stages": 2}
+    if not needs_grad:
+        return _Tiling(q_block, kv_block, forward)
+    # With gradients the same tiles (128 x 128 ones ran the union of two 64-query
+    # units' blocks, all partial: 134 ms forward + 300 ms backward at 128K, run 5).
+    # The backward's configuration is fixed too: left to max_autotune, timing every
+    # candidate at 128K took over 3 minutes on an H200 (run 9).
+    backward = {"BLOCK_M1": CUDA_SMALL_BLOCK, "BLOCK_N1": CUDA_SMALL_BLOCK, "BLOCK_M2": CUDA_SMALL_BLOCK,
+                "BLOCK_N2": CUDA_SMALL_BLOCK, "num_warps": 4, "num_stages": 2}
+    options = {**{f"fwd_{name}": value for name, value in forward.items()},
+               **{f"bwd_{name}": value for name, value in backward.items()}}
+    return _Tiling(q_block, kv_block, options, tune_backward=True)
 
 
 # --- the kernel -----------------------------------------------------------------------------------
@@ -365,12 +402,13 @@ class FlexKernel:
     # -- dense layers --------------------------------------------------------------------------
     def _dense(self, q, k, v, compiled, needs_grad):
         length = q.shape[2]
-        q_block, kv_block, options = _block_sizes(self.pattern, "dense", q.device, needs_grad, self.blocks)
+        tiling = _block_sizes(self.pattern, "dense", q.device, needs_grad, self.blocks)
+        q_block, kv_block = tiling.q_block, tiling.kv_block
         from nsaflex.backends.flex_masks import causal_mask_mod, causal_tiles
 
         key = ("dense", str(q.device), length, q_block, kv_block)
         mask = self._cached(key, lambda: _Mask(causal_tiles(length, q_block, kv_block, q.device), causal_mask_mod()))
-        return _run_flex("dense", q, k, v, mask, compiled, options)
+        return _run_flex("dense", q, k, v, mask, compiled, tiling)
 
     # -- sparse branches ---------------------------------------------------------------------------
     def _branches(self, qs, ks, vs, pooler, lengths, compiled, needs_grad) -> dict[str, torch.Tensor]:
@@ -390,7 +428,8 @@ class FlexKernel:
             if num_compressed == 0:
                 outputs["compression"] = _zeros_like_connected(qs)
             else:
-                q_block, kv_block, options = _block_sizes(pattern, "compression", device, needs_grad, self.blocks)
+                tiling = _block_sizes(pattern, "compression", device, needs_grad, self.blocks)
+                q_block, kv_block = tiling.q_block, tiling.kv_block
                 rows = None
                 if compression.visibility == "videonsa_legacy":
                     full = torch.full((batch,), length, dtype=torch.long, device=device)
@@ -406,7 +445,7 @@ class FlexKernel:
 
                 mask = self._cached(key, build)
                 self._mark("compression: pooling + mask", device)
-                outputs["compression"] = _run_flex("compression", qs, compressed_k, compressed_v, mask, compiled, options)
+                outputs["compression"] = _run_flex("compression", qs, compressed_k, compressed_v, mask, compiled, tiling)
                 self._mark("compression: flex", device)
         if pattern.selection is not None:
             assert compressed_k is not None and pattern.compression is not None
@@ -417,7 +456,8 @@ class FlexKernel:
             )
             self.last_selection = result
             self._mark("selection: scores + top-n", device)
-            q_block, kv_block, options = _block_sizes(pattern, "selection", device, needs_grad, self.blocks)
+            tiling = _block_sizes(pattern, "selection", device, needs_grad, self.blocks)
+            q_block, kv_block = tiling.q_block, tiling.kv_block
             narrow = self.narrow and compiled and device.type == "cuda" and not needs_grad
             tiles, union = fm.selection_tiles(result, length, selection.block, q_block, kv_block, narrow=narrow)
             group = query_heads // kv_heads
@@ -435,15 +475,16 @@ class FlexKernel:
                 "count": selection.count,
             }
             self._mark("selection: tile lists + bitmap", device)
-            outputs["selection"] = _run_flex("selection", qs, ks, vs, mask, compiled, options)
+            outputs["selection"] = _run_flex("selection", qs, ks, vs, mask, compiled, tiling)
             self._mark("selection: flex", device)
         if pattern.window is not None:
             size = pattern.window.size
-            q_block, kv_block, options = _block_sizes(pattern, "window", device, needs_grad, self.blocks)
+            tiling = _block_sizes(pattern, "window", device, needs_grad, self.blocks)
+            q_block, kv_block = tiling.q_block, tiling.kv_block
             key = ("window", str(device), length, size, q_block, kv_block)
             mask = self._cached(key, lambda: _Mask(fm.window_tiles(length, size, q_block, kv_block, device), fm.window_mask_mod(size)))
             self._mark("window: mask", device)
-            outputs["window"] = _run_flex("window", qs, ks, vs, mask, compiled, options)
+            outputs["window"] = _run_flex("window", qs, ks, vs, mask, compiled, tiling)
             self._mark("window: flex", device)
         return outputs
 
@@ -464,7 +505,9 @@ class FlexBackend:
 
     def describe(self, pattern: Pattern, device: str) -> tuple[BranchPlan, ...]:
         cuda = str(device).startswith("cuda")
-        runner = "flex_attention, torch.compile'd once per branch" + ("" if cuda else " (eager FlexAttention when gradients are needed: no compiled CPU backward)")
+        runner = "flex_attention, torch.compile'd once per branch" + ("" if cuda else (
+            " for inference; with gradients (FlexAttention has no CPU backward) the same tile lists and mask_mod "
+            "evaluated densely in torch, [B, H, L, L] scores"))
         tiles = f"{DEFAULT_BLOCK} x {DEFAULT_BLOCK} tiles"
         if pattern.dense:
             return (BranchPlan("dense", self.name, runner, f"causal BlockMask ({tiles}), built analytically, cached per length"),)
@@ -495,7 +538,8 @@ class FlexBackend:
                     f"tiles of {s.query_block} queries do not fill a query tile: each query tile runs the union of its tiles' selections"
                 )
                 if cuda and direct and s.query_block % DEFAULT_BLOCK:
-                    notes.append(f"CUDA forward uses {CUDA_SMALL_BLOCK}-query tiles; with gradients 128 x 128 tiles and the union")
+                    notes.append(f"CUDA uses {CUDA_SMALL_BLOCK} x {CUDA_SMALL_BLOCK} tiles, forward and backward "
+                                 "(the backward compiled with max_autotune, whose configuration list fits such tiles)")
             else:
                 mask = (
                     f"token selection: each tile of {DEFAULT_BLOCK} queries runs the union of its queries' selections "
@@ -514,11 +558,13 @@ class FlexBackend:
                                     f"causal band of {pattern.window.size}: analytic tile lists ({tiles}), cached per length",
                                     {"size": pattern.window.size}))
         if pattern.hybrid is not None:
+            compacted = ("the compacted vision tokens, padded per batch to the longest row rounded up to 1/16 of "
+                         "its power of two (vision counts in one bucket share compiled kernels)")
             plans.append(BranchPlan(
                 "text", self.name, "scaled_dot_product_attention over the gathered text queries (nsaflex.hybrid)",
                 "causal [B, 1, Nt, L] mask of the text queries only",
                 {"vision_keys": pattern.hybrid.vision_keys},
-                ("vision queries: sparse branches over " + ("the compacted vision tokens (padded per batch)" if pattern.hybrid.vision_keys == "vision" else "all tokens"),),
+                ("vision queries: sparse branches over " + (compacted if pattern.hybrid.vision_keys == "vision" else "all tokens"),),
             ))
         return tuple(plans)
 

@@ -154,8 +154,7 @@ def _sparse_forward(pattern, cfg, q, k, v, gates, token_types, pooler):
         max_cmp = n_cmp
         packed = False
     else:
-        max_len = layout.max_length
-        if max_len == 0:
+        if layout.max_length == 0:
             sparse = torch.zeros_like(q)
             return combine(sparse, text_dense_attention(q, k, v, ~layout.sparse_queries), layout)
         qs = pack_varlen(q, layout)[None]
@@ -163,6 +162,7 @@ def _sparse_forward(pattern, cfg, q, k, v, gates, token_types, pooler):
         vs = pack_varlen(v, layout)[None].contiguous()
         gs = pack_varlen(gates, layout)[None]
         lens_list = [int(x) for x in layout.lengths.tolist()]
+        max_len = max(lens_list)  # the kernels' grids need the longest row, not the padded Lmax
         starts = layout.cu_seqlens[:-1].to(torch.int32).contiguous()
         lens = layout.lengths.to(torch.int32)
         counts = [c.num_tokens(n) if c is not None else 0 for n in lens_list]
