@@ -38,6 +38,7 @@ def main() -> None:
         length = int(text[:-1]) * 1024 if text.endswith("k") else int(text)
         q, k, v = video_qkv(1, 28, 4, length, 128, device="cuda", dtype=torch.bfloat16)
         gates = torch.rand(1, 28, length, 3, device="cuda")
+        vision = torch.ones(1, length, dtype=torch.long, device="cuda")  # every token vision, as the bench
         for variant in args.variants.split(","):
             attn = nsaflex.compile("videonsa-qblock", backend="flex", device="cuda", head_dim=128).cuda()
             if variant == "128x128":
@@ -45,7 +46,7 @@ def main() -> None:
             leaves = [t.detach().clone().requires_grad_() for t in (q, k, v, gates)]
 
             def step():
-                out = attn(*leaves[:3], leaves[3], None)
+                out = attn(*leaves[:3], leaves[3], vision)
                 out.float().sum().backward()
 
             record = {"length": length, "variant": variant}
