@@ -109,15 +109,46 @@ def _compiled_mix():
     return _COMPILED["mix"]
 
 
-def _counting_backend(branch: str, config_patches: dict[str, Any] | None = None):
+def _counting_backend(branch: str, small_backward_tiles: bool = False):
     def backend(graph_module, example_inputs):
         COMPILE_COUNTS[branch] += 1
-        from torch._inductor.compile_fx import compile_fx
+        from torch._inductor.compile_fx import compile_fx, compile_fx_inner
 
-        # compile_fx applies the patches to the backward's (lazy) compilation as well.
-        return compile_fx(graph_module, example_inputs, config_patches=config_patches)
+        if not small_backward_tiles:
+            return compile_fx(graph_module, example_inputs)
+        # compile_fx hands inner_compile to the backward's (lazy) compilation too.
+        return compile_fx(graph_module, example_inputs, inner_compile=_with_small_backward_tiles(compile_fx_inner))
 
     return backend
+
+
+def _with_small_backward_tiles(inner_compile):
+    """``inner_compile`` under an inductor choices handler whose flex backward
+    configuration list is one 64 x 64 configuration.
+
+    torch (2.11-2.13) offers its flex backward one configuration on Hopper for
+    D = 128 (64 x 128 and 128 x 64 tiles) and drops it for 64 x 64 BlockMasks
+    (``NoValidChoicesError``). ``max_autotune`` has fitting ones but times every
+    candidate on made-up block indices: 3.6 s per forward call at 128K, over 3
+    minutes of compiling (H200, run 10). One configuration means no timing.
+    """
+    import dataclasses
+
+    from torch._inductor.choices import InductorChoices
+    from torch._inductor.virtualized import V
+
+    class SmallBackwardTiles(InductorChoices):
+        def get_flex_attention_bwd_configs(self, *args, **kwargs):
+            configs = super().get_flex_attention_bwd_configs(*args, **kwargs)
+            block = CUDA_SMALL_BLOCK
+            return [dataclasses.replace(configs[0], block_m1=block, block_n1=block, block_m2=block, block_n2=block,
+                                        num_stages=2, num_warps=4)]
+
+    def compile_inner(*args, **kwargs):
+        with V.set_choices_handler(SmallBackwardTiles()):
+            return inner_compile(*args, **kwargs)
+
+    return compile_inner
 
 
 def dynamic_lengths() -> bool:
@@ -131,13 +162,8 @@ def _compiled(branch: str, tune_backward: bool = False):
     dynamic = dynamic_lengths()
     key = branch + (":dynamic" if dynamic else "") + (":tuned" if tune_backward else "")
     if key not in _COMPILED:
-        # torch (2.11-2.13) offers its flex backward exactly one configuration on Hopper,
-        # 64 x 128 / 128 x 64 tiles, and drops it for 64 x 64 BlockMasks (NoValidChoicesError);
-        # with max_autotune it offers its tuning list, which has some that fit (the
-        # bwd_ kernel options of _block_sizes then pin one).
-        patches = {"max_autotune": True} if tune_backward else None
         _COMPILED[key] = torch.compile(_ENTRY[branch], dynamic=None if dynamic else False,
-                                       backend=_counting_backend(branch, patches))
+                                       backend=_counting_backend(branch, small_backward_tiles=tune_backward))
     return _COMPILED[key]
 
 
@@ -209,9 +235,8 @@ class _Tiling(NamedTuple):
     Attributes:
         q_block, kv_block: BlockMask tile sizes (queries, keys).
         options: ``kernel_options`` for ``flex_attention`` (None: torch's defaults).
-        tune_backward: compile with ``max_autotune`` so the backward has kernel
-            configurations that fit the tiles (see :func:`_compiled`); the
-            ``bwd_`` options then make them all one configuration.
+        tune_backward: compile the backward with a 64 x 64 kernel configuration
+            (see :func:`_with_small_backward_tiles`).
     """
 
     q_block: int
@@ -243,13 +268,9 @@ def _block_sizes(pattern: Pattern, branch: str, device: torch.device, needs_grad
     if not needs_grad:
         return _Tiling(q_block, kv_block, forward)
     # With gradients the same tiles (128 x 128 ones ran the union of two 64-query
-    # units' blocks, all partial: 134 ms forward + 300 ms backward at 128K, run 5).
-    # The backward's configuration is fixed too: left to max_autotune, timing every
-    # candidate at 128K took over 3 minutes on an H200 (run 9).
-    backward = {"BLOCK_M1": CUDA_SMALL_BLOCK, "BLOCK_N1": CUDA_SMALL_BLOCK, "BLOCK_M2": CUDA_SMALL_BLOCK,
-                "BLOCK_N2": CUDA_SMALL_BLOCK, "num_warps": 4, "num_stages": 2}
-    options = {**{f"fwd_{name}": value for name, value in forward.items()},
-               **{f"bwd_{name}": value for name, value in backward.items()}}
+    # units' blocks, all partial: 134 ms forward + 300 ms backward at 128K, run 5;
+    # 16K forward+backward 47.9 ms against 21.5 on 64 x 64 tiles, H200 run 10).
+    options = {f"fwd_{name}": value for name, value in forward.items()}
     return _Tiling(q_block, kv_block, options, tune_backward=True)
 
 
@@ -539,7 +560,7 @@ class FlexBackend:
                 )
                 if cuda and direct and s.query_block % DEFAULT_BLOCK:
                     notes.append(f"CUDA uses {CUDA_SMALL_BLOCK} x {CUDA_SMALL_BLOCK} tiles, forward and backward "
-                                 "(the backward compiled with max_autotune, whose configuration list fits such tiles)")
+                                 "(the backward with its own 64 x 64 kernel configuration: torch's default does not fit)")
             else:
                 mask = (
                     f"token selection: each tile of {DEFAULT_BLOCK} queries runs the union of its queries' selections "
