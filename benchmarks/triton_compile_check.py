@@ -1,7 +1,7 @@
 """Compile every Triton kernel for sm_90 without a GPU (catches front-end and
 lowering errors before device time is spent).
 
-    python benchmarks/triton_compile_check.py
+    python benchmarks/triton_compile_check.py            # [--all: more patterns; --small: only the small one]
 
 Records each launch's arguments by running the videonsa-class forward and
 backward on CPU under TRITON_INTERPRET=1 (tiny shapes), with the real tile
@@ -165,12 +165,14 @@ if __name__ == "__main__":
     if sys.argv[1:2] == ["--compile"]:
         items = json.load(open(sys.argv[2]))
         sys.exit(0 if compile_all(items) else 1)
-    record(videonsa, (1, 1, 7, 130, 128), torch.bfloat16)
-    # the other top-n paths (the default is the two-step "select")
-    record(videonsa, (1, 1, 7, 130, 128), torch.bfloat16, topn="torch")
-    record(videonsa, (1, 1, 7, 130, 128), torch.bfloat16, topn="fused")
-    # the schedule variants: two union blocks per step, bwd_dq on its own 4-token tiles
-    record(videonsa, (1, 1, 7, 130, 128), torch.bfloat16, pair_blocks=True, dq_tokens=4)
+    full = "--small" not in sys.argv  # --small: only the small pattern below (tests/test_triton_compile.py)
+    if full:
+        record(videonsa, (1, 1, 7, 130, 128), torch.bfloat16)
+        # the other top-n paths (the default is the two-step "select")
+        record(videonsa, (1, 1, 7, 130, 128), torch.bfloat16, topn="torch")
+        record(videonsa, (1, 1, 7, 130, 128), torch.bfloat16, topn="fused")
+        # the schedule variants: two union blocks per step, bwd_dq on its own 4-token tiles
+        record(videonsa, (1, 1, 7, 130, 128), torch.bfloat16, pair_blocks=True, dq_tokens=4)
     if "--all" in sys.argv:
         record(videonsa, (1, 1, 7, 130, 128), torch.bfloat16, select_tokens=4)
     if "--all" in sys.argv:
@@ -178,7 +180,12 @@ if __name__ == "__main__":
                       selection=Selection(block=64, count=16, forced=("first", "previous", "current"), scoring="head"),
                       window=Window(size=64))
         record(nsa, (1, 1, 4, 130, 64), torch.bfloat16)
-    path = "/tmp/triton_compile_check.json"
+    # the small end of the GPU property test's draws: blocks of 8 keys (matrix products
+    # need 16 columns: the kernels pad), head dim 16, one head per group
+    small = Pattern(name="small", compression=Compression(block=8, stride=4), gate=Gate(kind="mlp"),
+                    selection=Selection(block=8, count=4, forced=("current",)), window=Window(size=16))
+    record(small, (1, 1, 1, 70, 16), torch.bfloat16)
+    path = os.environ.get("NSAFLEX_COMPILE_CHECK_JSON", "/tmp/triton_compile_check.json")
     items = signatures()
     # the select kernel at the row widths of 16K..128K tokens (JP 256..2048;
     # the tiny recorded shapes only reach JP = 2)

@@ -187,3 +187,37 @@ def test_narrow_tile_lists_equal_full_width_on_cuda():
         with torch.no_grad():
             outs.append(kernel(q, k, v, None, None, None))
     torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
+
+
+def test_small_backward_tiles_handler_offers_one_64_configuration():
+    """The selection backward's kernel list on CUDA: one 64 x 64 configuration while
+    the wrapped compile runs (so inductor neither refuses 64 x 64 BlockMasks nor
+    autotunes), torch's own list outside it."""
+    from torch._inductor.virtualized import V
+
+    seen = {}
+
+    def inner_compile():
+        seen["inside"] = V.choices.get_flex_attention_bwd_configs(128, torch.bfloat16, "cpu")
+        return "compiled"
+
+    assert flex._with_small_backward_tiles(inner_compile)() == "compiled"
+    (config,) = seen["inside"]
+    assert (config.block_m1, config.block_n1, config.block_m2, config.block_n2) == (64, 64, 64, 64)
+    outside = V.choices.get_flex_attention_bwd_configs(128, torch.bfloat16, "cpu")
+    assert outside != seen["inside"]
+
+
+def test_cuda_selection_tiling_with_and_without_gradients():
+    pattern = nsaflex.load_pattern("videonsa-qblock")
+    cuda = torch.device("cuda")
+    inference = flex._block_sizes(pattern, "selection", cuda, False, (None, None))
+    training = flex._block_sizes(pattern, "selection", cuda, True, (None, None))
+    assert (inference.q_block, inference.kv_block) == (training.q_block, training.kv_block) == (64, 64)
+    assert not inference.small_backward_tiles and training.small_backward_tiles
+    assert all(name.startswith("fwd_") for name in training.options)
+    assert flex._block_sizes(pattern, "window", cuda, True, (None, None)) == flex._Tiling(128, 128)
+    token = nsaflex.load_pattern("videonsa")
+    assert flex._block_sizes(token, "selection", cuda, False, (None, None))[:2] == (128, 64)
+    assert flex._block_sizes(token, "selection", cuda, True, (None, None)) == flex._Tiling(128, 128)
+    assert flex._block_sizes(pattern, "selection", torch.device("cpu"), True, (None, None)) == flex._Tiling(128, 128)

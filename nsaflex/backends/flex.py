@@ -130,7 +130,7 @@ def _with_small_backward_tiles(inner_compile):
     D = 128 (64 x 128 and 128 x 64 tiles) and drops it for 64 x 64 BlockMasks
     (``NoValidChoicesError``). ``max_autotune`` has fitting ones but times every
     candidate on made-up block indices: 3.6 s per forward call at 128K, over 3
-    minutes of compiling (H200, run 10). One configuration means no timing.
+    minutes of compiling (H200, runs 9-10b). One configuration means no timing.
     """
     import dataclasses
 
@@ -158,12 +158,12 @@ def dynamic_lengths() -> bool:
     return os.environ.get("NSAFLEX_FLEX_DYNAMIC", "0").strip().lower() in ("1", "true", "yes")
 
 
-def _compiled(branch: str, tune_backward: bool = False):
+def _compiled(branch: str, small_backward_tiles: bool = False):
     dynamic = dynamic_lengths()
-    key = branch + (":dynamic" if dynamic else "") + (":tuned" if tune_backward else "")
+    key = branch + (":dynamic" if dynamic else "") + (":small-backward" if small_backward_tiles else "")
     if key not in _COMPILED:
         _COMPILED[key] = torch.compile(_ENTRY[branch], dynamic=None if dynamic else False,
-                                       backend=_counting_backend(branch, small_backward_tiles=tune_backward))
+                                       backend=_counting_backend(branch, small_backward_tiles=small_backward_tiles))
     return _COMPILED[key]
 
 
@@ -186,7 +186,7 @@ def _run_flex(branch: str, q, k, v, mask: "_Mask", compiled: bool, tiling: "_Til
         return _ENTRY[branch](q, k, v, mask.block_mask(True), scale, kernel_options)
     if compiled:
         with _recompile_room():
-            compiled_branch = _compiled(branch, tiling.tune_backward)
+            compiled_branch = _compiled(branch, tiling.small_backward_tiles)
             return compiled_branch(q, k, v, mask.block_mask(mask.compute_q_blocks), scale, kernel_options)
     return dense_block_mask_attention(q, k, v, mask.tiles, mask.mask_mod, scale)
 
@@ -235,14 +235,14 @@ class _Tiling(NamedTuple):
     Attributes:
         q_block, kv_block: BlockMask tile sizes (queries, keys).
         options: ``kernel_options`` for ``flex_attention`` (None: torch's defaults).
-        tune_backward: compile the backward with a 64 x 64 kernel configuration
-            (see :func:`_with_small_backward_tiles`).
+        small_backward_tiles: compile the branch with a 64 x 64 backward kernel
+            configuration (see :func:`_with_small_backward_tiles`).
     """
 
     q_block: int
     kv_block: int
     options: dict[str, Any] | None = None
-    tune_backward: bool = False
+    small_backward_tiles: bool = False
 
 
 def _block_sizes(pattern: Pattern, branch: str, device: torch.device, needs_grad: bool,
@@ -267,11 +267,15 @@ def _block_sizes(pattern: Pattern, branch: str, device: torch.device, needs_grad
     forward = {"BLOCK_M": CUDA_SMALL_BLOCK, "BLOCK_N": CUDA_SMALL_BLOCK, "num_warps": 4, "num_stages": 2}
     if not needs_grad:
         return _Tiling(q_block, kv_block, forward)
+    if q_block != CUDA_SMALL_BLOCK:
+        # Token selection (128-query tiles): the small backward configuration is not
+        # measured there; torch's default backward tiles 128 x 128.
+        return _Tiling(DEFAULT_BLOCK, DEFAULT_BLOCK)
     # With gradients the same tiles (128 x 128 ones ran the union of two 64-query
     # units' blocks, all partial: 134 ms forward + 300 ms backward at 128K, run 5;
-    # 16K forward+backward 47.9 ms against 21.5 on 64 x 64 tiles, H200 run 10).
+    # 16K forward+backward 47.9 ms against 21.5 on 64 x 64 tiles, H200 run 10b).
     options = {f"fwd_{name}": value for name, value in forward.items()}
-    return _Tiling(q_block, kv_block, options, tune_backward=True)
+    return _Tiling(q_block, kv_block, options, small_backward_tiles=True)
 
 
 # --- the kernel -----------------------------------------------------------------------------------

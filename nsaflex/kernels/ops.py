@@ -69,7 +69,10 @@ class KernelConfig:
 
     @property
     def slc_tile(self) -> int:
-        return next_pow2(self.slc_block)
+        """Key columns per selection step: the block padded to a power of two and to
+        the 16 columns a matrix product takes on the GPU (the interpreter takes 8, so
+        only a GPU compile catches it; the padding columns are masked off)."""
+        return max(16, next_pow2(self.slc_block))
 
 
 def unsupported_reason(pattern: Pattern) -> str | None:
