@@ -40,7 +40,7 @@ TOLERANCE = {torch.float32: 1e-5 if DEVICE == "cpu" else 1e-4, torch.bfloat16: 3
 GRAD_TOLERANCE = {torch.float32: 1e-5 if DEVICE == "cpu" else 1e-4, torch.bfloat16: 6e-2, torch.float16: 1e-2}[DTYPE]
 MAX_LENGTH = int(os.environ.get("NSAFLEX_TEST_MAX_LENGTH", "48"))
 # Draws through the compiled kernels on CPU (each one compiles, ~10 s on 2 cores).
-COMPILED_EXAMPLES = int(os.environ.get("NSAFLEX_TEST_COMPILED_EXAMPLES", str(EXAMPLES) if DEVICE == "cuda" else "4"))
+COMPILED_EXAMPLES = int(os.environ.get("NSAFLEX_TEST_COMPILED_EXAMPLES", "4"))
 # (query tile, key tile) drawn on CPU; on CUDA the backend's own sizes.
 TILE_SIZES = ((8, 8), (16, 8), (8, 16), (16, 16), (32, 16), (128, 128))
 PROPERTY = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
@@ -143,6 +143,7 @@ def test_outputs_match_reference(case):
     assert relative_error(out, expected) < TOLERANCE
 
 
+@pytest.mark.skipif(DEVICE != "cpu", reason="on CUDA test_outputs_match_reference runs the compiled kernels")
 @settings(PROPERTY, max_examples=COMPILED_EXAMPLES)
 @given(cases())
 def test_compiled_outputs_match_reference(case):
