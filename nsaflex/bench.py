@@ -142,12 +142,7 @@ def environment(device: str) -> dict[str, Any]:
         "torch": torch.__version__,
         "device": device,
     }
-    try:
-        import triton
-
-        env["triton"] = triton.__version__
-    except Exception:  # pragma: no cover
-        env["triton"] = None
+    env["triton"] = package_version(("triton",), "triton")
     env["fla"] = package_version(FLA_DISTRIBUTIONS, "fla")
     if device == "cuda" and torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
@@ -270,7 +265,7 @@ def baseline_skip_reason(name: str, options: BenchOptions, pattern: Pattern, len
     if name == "cudnn" and not cuda:
         return "cuDNN attention needs CUDA"
     if name == "sdpa" and not cuda and length > CPU_SDPA_LIMIT:
-        return "dense SDPA on CPU is limited to 8k tokens here"
+        return f"dense SDPA on CPU is limited to {CPU_SDPA_LIMIT} tokens here"
     if name == "flex-dense" and not cuda and passes == "fwd+bwd":
         return "FlexAttention has no CPU backward"
     if name == "fla":

@@ -22,7 +22,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from nsaflex.kernels.forward import _dot, _first_visible, _num_visible, _tile_union, _union_step, _visible
+from nsaflex.kernels.forward import _dot, _first_visible, _num_visible, _tile_selection, _tile_union, _union_step, _visible
 
 
 @triton.jit
@@ -112,12 +112,11 @@ def bwd_dq_kernel(
                 sel_valid = ts < length
             prog = (b * tl.num_programs(2) + hk) * n_tiles + pid_t
             ubase = U + prog.to(tl.int64) * (SR * WP)
+            sel = _tile_selection(sel_base, sel_valid, W, WP)
             if OWN_UNION:
                 # Row tiles of another size than the forward's: their own union lists.
-                sel, count = _tile_union(SEL, U, UC, sel_base, sel_valid, prog, W, WP, SR, U_LOG)
+                count = _tile_union(sel, U, UC, prog, WP, SR, U_LOG)
             else:
-                col = tl.arange(0, WP)
-                sel = tl.load(sel_base[:, None] + col[None, :], mask=sel_valid[:, None] & (col < W)[None, :], other=-1)
                 count = tl.load(UC + prog)
             for it in range(0, count, 2 if PAIR else 1):
                 s_pos, kmask, mask = _union_step(ubase, it, count, sel, t, valid, length, LS, BS, PAIR, SR, BT, GP, HEAD_SCORING)

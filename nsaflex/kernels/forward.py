@@ -487,11 +487,16 @@ def topk_write_kernel(
 
 
 @triton.jit
-def _tile_union(SEL, U, UC, sel_base, sel_rows_valid, prog, W: tl.constexpr, WP: tl.constexpr, SR: tl.constexpr, U_LOG: tl.constexpr):
-    """Sorted distinct blocks selected by the tile's SR selecting rows, written
-    to U[prog, :count]; returns (the [SR, WP] selection, count)."""
+def _tile_selection(sel_base, sel_rows_valid, W: tl.constexpr, WP: tl.constexpr):
+    """[SR, WP] block lists of the tile's selecting rows (-1 in empty slots)."""
     col = tl.arange(0, WP)
-    sel = tl.load(sel_base[:, None] + col[None, :], mask=sel_rows_valid[:, None] & (col < W)[None, :], other=-1)
+    return tl.load(sel_base[:, None] + col[None, :], mask=sel_rows_valid[:, None] & (col < W)[None, :], other=-1)
+
+
+@triton.jit
+def _tile_union(sel, U, UC, prog, WP: tl.constexpr, SR: tl.constexpr, U_LOG: tl.constexpr):
+    """Sorted distinct blocks of ``sel`` (:func:`_tile_selection`), written to
+    U[prog, :count] and UC[prog]; returns count."""
     flat = tl.reshape(sel, [SR * WP])
     flat = tl.where(flat < 0, 0x3FFFFFFF, flat)
     srt = _sort_last(flat, U_LOG, False)
@@ -507,7 +512,7 @@ def _tile_union(SEL, U, UC, sel_base, sel_rows_valid, prog, W: tl.constexpr, WP:
     tl.store(ubase + slot, srt, mask=keep)
     tl.store(UC + prog, count)
     tl.debug_barrier()
-    return sel, count
+    return count
 
 
 @triton.jit
@@ -602,7 +607,8 @@ def slc_win_kernel(
                 sel_base = SEL + bb * ssb + hk * ssh + (start + ts) * sst
                 sel_valid = ts < length
             prog = (b * tl.num_programs(2) + hk) * n_tiles + pid_t
-            sel, count = _tile_union(SEL, U, UC, sel_base, sel_valid, prog, W, WP, SR, U_LOG)
+            sel = _tile_selection(sel_base, sel_valid, W, WP)
+            count = _tile_union(sel, U, UC, prog, WP, SR, U_LOG)
             ubase = U + prog.to(tl.int64) * (SR * WP)
             m = tl.full([R], float("-inf"), tl.float32)
             acc_l = tl.zeros([R], tl.float32)
