@@ -438,11 +438,9 @@ class FlexKernel:
     # -- sparse branches ---------------------------------------------------------------------------
     def _branches(self, qs, ks, vs, pooler, lengths, compiled, needs_grad) -> dict[str, torch.Tensor]:
         from nsaflex.backends import flex_masks as fm
-        from nsaflex import scoring
 
         pattern = self.pattern
         batch, query_heads, length, _ = qs.shape
-        kv_heads = ks.shape[1]
         device = qs.device
         outputs: dict[str, torch.Tensor] = {}
         compressed_k = None
@@ -473,33 +471,8 @@ class FlexKernel:
                 outputs["compression"] = _run_flex("compression", qs, compressed_k, compressed_v, mask, compiled, tiling)
                 self._mark("compression: flex", device)
         if pattern.selection is not None:
-            assert compressed_k is not None and pattern.compression is not None
-            selection = pattern.selection
-            result = scoring.select(
-                qs, compressed_k, pattern.compression, selection, lengths,
-                score_dtype=self.score_dtype, chunk=self.chunk,
-            )
-            self.last_selection = result
-            self._mark("selection: scores + top-n", device)
-            tiling = _block_sizes(pattern, "selection", device, needs_grad, self.blocks)
-            q_block, kv_block = tiling.q_block, tiling.kv_block
-            narrow = self.narrow and compiled and device.type == "cuda" and not needs_grad
-            tiles, union = fm.selection_tiles(result, length, selection.block, q_block, kv_block, narrow=narrow)
-            group = query_heads // kv_heads
-            heads_per_row = 1 if result.per_head else group
-            tiles = tiles.expand_heads(heads_per_row)
-            bitmap = scoring.selection_bitmap(result)
-            mask_mod = fm.selection_mask_mod(bitmap, heads_per_row, result.unit, selection.block)
-            mask = _Mask(tiles, mask_mod, compute_q_blocks=needs_grad)
-            self.stats["selection"] = {
-                **union.to_dict(),
-                "direct": fm.is_direct(result, selection.block, q_block, kv_block),
-                "q_block": q_block,
-                "kv_block": kv_block,
-                "selection_block": selection.block,
-                "count": selection.count,
-            }
-            self._mark("selection: tile lists + bitmap", device)
+            assert compressed_k is not None
+            mask, tiling = self.selection_mask(qs, compressed_k, lengths, compiled, needs_grad)
             outputs["selection"] = _run_flex("selection", qs, ks, vs, mask, compiled, tiling)
             self._mark("selection: flex", device)
         if pattern.window is not None:
@@ -512,6 +485,44 @@ class FlexKernel:
             outputs["window"] = _run_flex("window", qs, ks, vs, mask, compiled, tiling)
             self._mark("window: flex", device)
         return outputs
+
+
+    def selection_mask(self, qs, compressed_k, lengths, compiled: bool, needs_grad: bool) -> tuple["_Mask", _Tiling]:
+        """Scores, top-n and the selection branch's BlockMask input for the sparse
+        queries ``qs [B, Hq, L, D]`` against ``compressed_k [B, Hkv, N, D]``
+        (also used by ``benchmarks/flex_selection_probe.py`` to time the branch alone)."""
+        from nsaflex.backends import flex_masks as fm
+        from nsaflex import scoring
+
+        pattern = self.pattern
+        selection = pattern.selection
+        assert selection is not None and pattern.compression is not None
+        batch, query_heads, length, _ = qs.shape
+        device = qs.device
+        result = scoring.select(
+            qs, compressed_k, pattern.compression, selection, lengths,
+            score_dtype=self.score_dtype, chunk=self.chunk,
+        )
+        self.last_selection = result
+        self._mark("selection: scores + top-n", device)
+        tiling = _block_sizes(pattern, "selection", device, needs_grad, self.blocks)
+        q_block, kv_block = tiling.q_block, tiling.kv_block
+        narrow = self.narrow and compiled and device.type == "cuda" and not needs_grad
+        tiles, union = fm.selection_tiles(result, length, selection.block, q_block, kv_block, narrow=narrow)
+        heads_per_row = 1 if result.per_head else query_heads // compressed_k.shape[1]
+        tiles = tiles.expand_heads(heads_per_row)
+        bitmap = scoring.selection_bitmap(result)
+        mask_mod = fm.selection_mask_mod(bitmap, heads_per_row, result.unit, selection.block)
+        self.stats["selection"] = {
+            **union.to_dict(),
+            "direct": fm.is_direct(result, selection.block, q_block, kv_block),
+            "q_block": q_block,
+            "kv_block": kv_block,
+            "selection_block": selection.block,
+            "count": selection.count,
+        }
+        self._mark("selection: tile lists + bitmap", device)
+        return _Mask(tiles, mask_mod, compute_q_blocks=needs_grad), tiling
 
 
 # --- the backend object ---------------------------------------------------------------------
