@@ -42,9 +42,12 @@ def median_ms(fn) -> float:
     return float(do_bench(fn, warmup=25, rep=100, return_mode="median"))
 
 
-def anchor_block_mask(length: int, device: torch.device, block: int = 128, count: int = 8, seed: int = 0) -> BlockMask:
+def anchor_block_mask(length: int, device: torch.device, block: int = 128, count: int = 8, seed: int = 0,
+                      split: bool = False) -> BlockMask:
     """The anchor's BlockMask: per (kv head, 128-query tile) block 0 and up to 7
-    random causal blocks of 128, repeated over each kv head's query heads."""
+    random causal blocks of 128, repeated over each kv head's query heads; every
+    block partial (the anchor), or ``split``: off-diagonal blocks in the full
+    lists, as nsaflex builds them."""
     tiles = length // block
     generator = torch.Generator(device=device).manual_seed(seed)
     scores = torch.rand(1, KV_HEADS, tiles, tiles, device=device, generator=generator)
@@ -62,7 +65,32 @@ def anchor_block_mask(length: int, device: torch.device, block: int = 128, count
     def causal_mod(b, h, q_idx, kv_idx):
         return q_idx >= kv_idx
 
-    return BlockMask.from_kv_blocks(counts, indices, BLOCK_SIZE=(block, block), mask_mod=causal_mod, seq_lengths=(length, length))
+    if not split:
+        return BlockMask.from_kv_blocks(counts, indices, BLOCK_SIZE=(block, block), mask_mod=causal_mod,
+                                        seq_lengths=(length, length))
+    listed = torch.arange(tiles, device=device) < counts[..., None]
+    diagonal = indices == torch.arange(tiles, device=device)[:, None].to(torch.int32)
+    partial = _lists(indices, listed & diagonal, tiles)
+    full = _lists(indices, listed & ~diagonal, tiles)
+    return BlockMask.from_kv_blocks(*partial, *full, BLOCK_SIZE=(block, block), mask_mod=causal_mod,
+                                    seq_lengths=(length, length))
+
+
+def _lists(indices: torch.Tensor, keep: torch.Tensor, sentinel: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Counts and ascending indices of the kept entries of each row (padding 0)."""
+    values = torch.sort(torch.where(keep, indices, torch.full_like(indices, sentinel)), dim=-1).values
+    values = torch.where(values == sentinel, torch.zeros_like(values), values)
+    return keep.sum(dim=-1, dtype=torch.int32).contiguous(), values.to(torch.int32).contiguous()
+
+
+def all_partial(tiles) -> BlockMask:
+    """nsaflex's selection tile lists with every listed tile moved to the partial lists."""
+    width = tiles.kv_idx.shape[-1] + tiles.full_idx.shape[-1]
+    columns = lambda n, w: torch.arange(w, device=n.device) < n[..., None]  # noqa: E731
+    indices = torch.cat([tiles.kv_idx, tiles.full_idx], dim=-1)
+    keep = torch.cat([columns(tiles.kv_num, tiles.kv_idx.shape[-1]), columns(tiles.full_num, tiles.full_idx.shape[-1])], dim=-1)
+    counts, ordered = _lists(indices, keep, width + tiles.kv_len)
+    return counts, ordered
 
 
 def probe(pattern_name: str, length: int) -> dict:
@@ -92,6 +120,14 @@ def probe(pattern_name: str, length: int) -> dict:
     record["selection_fwd_ms"] = median_ms(_runner(lambda: _run_flex("selection", q, k, v, mask, True, tiling), None))
     record["selection_fwd_bwd_ms"] = median_ms(
         _runner(lambda: _run_flex("selection", *leaves, grad_mask, True, grad_tiling), leaves))
+    # The same lists with every tile partial (mask_mod on every tile, as the anchor's).
+    counts, ordered = all_partial(mask.tiles)
+    partial_mask = BlockMask.from_kv_blocks(counts, ordered, BLOCK_SIZE=tuple(tiling[:2]), mask_mod=mask.mask_mod,
+                                            seq_lengths=(length, length))
+    compiled = torch.compile(flex_attention)
+    scale = 1.0 / DIM ** 0.5
+    record["selection_all_partial_fwd_ms"] = median_ms(_runner(
+        lambda: compiled(q, k, v, block_mask=partial_mask, scale=scale, enable_gqa=True, kernel_options=tiling.options), None))
     return record
 
 
@@ -101,7 +137,9 @@ def probe_anchor(length: int) -> dict:
     block_mask = anchor_block_mask(length, device)
     compiled = torch.compile(flex_attention)
     leaves = tuple(t.detach().clone().requires_grad_() for t in (q, k, v))
+    split_mask = anchor_block_mask(length, device, split=True)
     return {
+        "selection_split_fwd_ms": median_ms(_runner(lambda: compiled(q, k, v, block_mask=split_mask, enable_gqa=True), None)),
         "pattern": "anchor construction (random 8 x 128, block 0 in)",
         "length": length,
         "selection_fwd_ms": median_ms(_runner(lambda: compiled(q, k, v, block_mask=block_mask, enable_gqa=True), None)),

@@ -30,6 +30,7 @@ from hypothesis import strategies as st
 from strategies import gqa_shapes, lengths_for, patterns, token_types
 
 import nsaflex
+from nsaflex.backends import flex
 from nsaflex.reference import reference_attention
 
 DEVICE = os.environ.get("NSAFLEX_TEST_DEVICE", "cpu")
@@ -151,6 +152,8 @@ def test_compiled_outputs_match_reference(case):
     path; each draw is a new shape, so a compile: few draws on CPU)."""
     attn, pattern, q, k, v, gates, types = case
     _set_mode(attn, "compiled")
+    q_block, kv_block = attn._kernel.blocks
+    attn._kernel.blocks = (q_block, max(kv_block, flex.MIN_CPU_COMPILED_KV_BLOCK))
     with torch.no_grad():
         out = attn(q, k, v, gates, types)
     assert attn._kernel.stats["compiled"]
@@ -267,7 +270,7 @@ def test_compiled_kernels_match_reference(name):
     attn = nsaflex.compile(pattern, backend="flex", device=DEVICE, head_dim=dim).to(DEVICE)
     if DEVICE == "cpu":
         attn._kernel.mode = "compiled"
-        attn._kernel.blocks = (16, 8)
+        attn._kernel.blocks = (16, flex.MIN_CPU_COMPILED_KV_BLOCK)
     generator = torch.Generator().manual_seed(0)
     heads = kv_heads * group
     q = torch.randn(batch, heads, length, dim, generator=generator)

@@ -36,7 +36,7 @@ def test_repeated_calls_do_not_recompile_and_new_lengths_recompile_once_per_bran
     attn = nsaflex.compile(nsaflex.pattern_from_dict(PATTERN), backend="flex", device=DEVICE)
     attn._kernel.mode = "compiled"
     if DEVICE == "cpu":
-        attn._kernel.blocks = (16, 8)
+        attn._kernel.blocks = (16, flex.MIN_CPU_COMPILED_KV_BLOCK)
     branches = ("compression", "selection", "window")
     with torch.no_grad():
         attn(*_inputs(77))
@@ -73,7 +73,7 @@ def test_hybrid_vision_counts_share_compiled_kernels():
     attn = nsaflex.compile(nsaflex.pattern_from_dict(spec), backend="flex", device=DEVICE)
     attn._kernel.mode = "compiled"
     if DEVICE == "cpu":
-        attn._kernel.blocks = (16, 8)
+        attn._kernel.blocks = (16, flex.MIN_CPU_COMPILED_KV_BLOCK)
     branches = ("compression", "selection", "window")
     length = 77
     with torch.no_grad():
@@ -150,6 +150,27 @@ def test_cuda_head_dim_floor_is_refused_in_the_plan():
     assert flex.BACKEND.unsupported(pattern, "cpu") is None
     with pytest.raises(BackendUnavailable, match="head dim"):
         nsaflex.make_plan(pattern, "flex", "cuda")
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="a CPU compile restriction")
+def test_cpu_key_tiles_below_16_are_evaluated_eagerly_or_refused_when_compiled():
+    """torch's compiled CPU FlexAttention gives wrong rows for key tiles of 8: auto
+    mode evaluates them eagerly (and stays exact), forced compiled mode refuses."""
+    from nsaflex.reference import reference_attention
+
+    pattern = nsaflex.pattern_from_dict(PATTERN)
+    attn = nsaflex.compile(pattern, backend="flex", device="cpu")
+    attn._kernel.blocks = (16, 8)
+    q, k, v = _inputs(45)
+    with torch.no_grad():
+        out = attn(q, k, v)
+    assert not attn._kernel.stats["compiled"]
+    expected = reference_attention(q.double(), k.double(), v.double(), pattern)
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-6)
+    attn._kernel.mode = "compiled"
+    with pytest.raises(InputError) as error, torch.no_grad():
+        attn(q, k, v)
+    assert error.value.argument == "kv_block" and error.value.found == 8
 
 
 def test_plan_describes_masks_and_union_cost():

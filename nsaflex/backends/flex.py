@@ -55,6 +55,10 @@ except Exception as error:  # pragma: no cover
 DEFAULT_BLOCK = 128
 CUDA_SMALL_BLOCK = 64
 MIN_CUDA_HEAD_DIM = 16
+# torch 2.13's compiled CPU FlexAttention returns wrong rows for key tiles of 8 (even
+# with a mask that keeps every pair; measured on an AVX2 host, 2026-12-01), so key
+# tiles below this run the eager evaluation on CPU.
+MIN_CPU_COMPILED_KV_BLOCK = 16
 MASK_CACHE_SIZE = 32
 RECOMPILE_LIMIT = 64
 
@@ -347,6 +351,12 @@ class FlexKernel:
     # -- helpers ------------------------------------------------------------------------------
     def _compiled_for(self, q: torch.Tensor, needs_grad: bool) -> bool:
         if self.mode == "eager":
+            return False
+        kv_block = self.blocks[1]
+        if q.device.type == "cpu" and kv_block is not None and kv_block < MIN_CPU_COMPILED_KV_BLOCK:
+            if self.mode == "compiled":
+                raise InputError("kv_block", f">= {MIN_CPU_COMPILED_KV_BLOCK} for compiled FlexAttention on CPU "
+                                 "(smaller key tiles give wrong rows there; mode 'auto' evaluates them eagerly)", kv_block)
             return False
         if self.mode == "compiled":
             return q.dtype != torch.float64 and not (q.device.type == "cpu" and needs_grad)
