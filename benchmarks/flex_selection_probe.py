@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import traceback
 
 import torch
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
@@ -163,6 +164,7 @@ def main() -> None:
             try:
                 record = run()
             except Exception as error:  # keep the other rows
+                traceback.print_exc()
                 record = {"pattern": name, "length": length, "error": f"{type(error).__name__}: {str(error)[:600]}"}
             results["rows"].append(record)
             print(json.dumps(record, default=str), flush=True)

@@ -7,6 +7,6 @@ export PYTHONUNBUFFERED=1 TORCHINDUCTOR_CACHE_DIR=/tmp/ti
 OUT=${OUT:-/tmp/out}; mkdir -p $OUT
 python -m pip install -q --no-deps --no-build-isolation -e . > $OUT/install.log 2>&1
 S=$(date +%s)
-timeout 300 python benchmarks/flex_selection_probe.py --lengths 128k --patterns benchmarks/qblock-anchor.yaml \
+CUDA_LAUNCH_BLOCKING=${CUDA_LAUNCH_BLOCKING:-0} timeout 300 python benchmarks/flex_selection_probe.py --lengths 128k --patterns benchmarks/qblock-anchor.yaml \
   --json $OUT/flex-selection-probe.json > $OUT/flex-selection-probe.log 2>&1
 echo "selection probe: rc=$? in $(( $(date +%s) - S )) s"; grep "^{" $OUT/flex-selection-probe.log
