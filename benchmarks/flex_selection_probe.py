@@ -123,8 +123,10 @@ def probe(pattern_name: str, length: int) -> dict:
         _runner(lambda: _run_flex("selection", *leaves, grad_mask, True, grad_tiling), leaves))
     # The same lists with every tile partial (mask_mod on every tile, as the anchor's).
     counts, ordered = all_partial(mask.tiles)
+    # Forward only: the lists are narrow (as the backend's forward), and torch's
+    # transposed (q-block) lists assume full-width ones.
     partial_mask = BlockMask.from_kv_blocks(counts, ordered, BLOCK_SIZE=tuple(tiling[:2]), mask_mod=mask.mask_mod,
-                                            seq_lengths=(length, length))
+                                            seq_lengths=(length, length), compute_q_blocks=False)
     compiled = torch.compile(flex_attention)
     scale = 1.0 / DIM ** 0.5
     record["selection_all_partial_fwd_ms"] = median_ms(_runner(
