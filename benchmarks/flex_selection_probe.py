@@ -129,6 +129,10 @@ def probe(pattern_name: str, length: int) -> dict:
                                             seq_lengths=(length, length), compute_q_blocks=False)
     compiled = torch.compile(flex_attention)
     scale = 1.0 / DIM ** 0.5
+    # The backend's own BlockMask through a plain torch.compile(flex_attention), as the anchor calls it.
+    own_mask = mask.block_mask(False)
+    record["selection_plain_compile_fwd_ms"] = median_ms(_runner(
+        lambda: compiled(q, k, v, block_mask=own_mask, scale=scale, enable_gqa=True, kernel_options=tiling.options), None))
     record["selection_all_partial_fwd_ms"] = median_ms(_runner(
         lambda: compiled(q, k, v, block_mask=partial_mask, scale=scale, enable_gqa=True, kernel_options=tiling.options), None))
     return record
