@@ -25,8 +25,9 @@ kernel serves inference and eager FlexAttention serves calls that need
 gradients (FlexAttention has no CPU backward, compiled or eager): there the
 BlockMask (tile lists + mask_mod) is evaluated densely with plain torch ops,
 ``[B, Hq, L, L]`` scores as eager FlexAttention would, which autograd
-differentiates; float64 always takes that path. ``NSAFLEX_FLEX_MODE=eager|compiled``
-forces one or the other.
+differentiates; float64 always takes that path, and so do key tiles below
+``MIN_CPU_COMPILED_KV_BLOCK`` (torch 2.13's compiled CPU kernel is wrong for key
+tiles of 8). ``NSAFLEX_FLEX_MODE=eager|compiled`` forces one or the other.
 """
 
 from __future__ import annotations
