@@ -248,9 +248,9 @@ def run_topn_compare(pattern, lengths, kinds, results, rep=100):
             torch.cuda.empty_cache()
 
 
-def run_tile_variants(pattern, L, results, variants):
-    """Selection tile variants (item 2): forward and forward+backward, both inputs."""
-    for kind in ("video", "random"):
+def run_tile_variants(pattern, L, results, variants, inputs=("video", "random")):
+    """Selection tile variants (item 2): forward and forward+backward, per input kind."""
+    for kind in inputs:
         q, k, v, gates = make_inputs(kind, L)
         types = torch.ones(1, L, dtype=torch.long, device="cuda")
         for over in variants:
@@ -272,6 +272,7 @@ def run_tile_variants(pattern, L, results, variants):
                 row["fwdbwd_ms"] = bench(fb, rep=100)
                 kern = kernel_breakdown(fb)
                 row["bwd_dq_ms"] = sum(t for n, t in kern.items() if "bwd_dq_kernel" in n)
+                row["bwd_slc_dkv_ms"] = sum(t for n, t in kern.items() if "bwd_slc_dkv_kernel" in n)
                 seen = spy_forward(pattern, cfg, q, k, v, gates, types)
                 row.update(union_stats(seen, cfg, L))
             except Exception as e:  # noqa: BLE001
@@ -319,6 +320,7 @@ def main():
     ap.add_argument("--window", default="", help="length for window-vs-flex")
     ap.add_argument("--topn-compare", default="", help="lengths for the top-n paths compared (e.g. 16k,128k)")
     ap.add_argument("--tiles", default="", help="length for the selection tile variants (item 2)")
+    ap.add_argument("--tile-inputs", default="video,random", help="input kinds of the --tiles variants")
     ap.add_argument("--config", default="", help="KernelConfig overrides for the main table, e.g. topn=fused")
     ap.add_argument("--tile-configs", default="",
                     help="';'-separated KernelConfig overrides for --tiles, e.g. ';pair_blocks=1;dq_tokens=4' ('' = default)")
@@ -349,7 +351,7 @@ def main():
             dump()
     if args.tiles:
         variants = [parse_config(v) for v in args.tile_configs.split(";")] if args.tile_configs else [dict(), dict(select_tokens=4)]
-        run_tile_variants(pattern, parse_len(args.tiles), results, variants)
+        run_tile_variants(pattern, parse_len(args.tiles), results, variants, tuple(args.tile_inputs.split(",")))
         dump()
     if args.variants:
         run_variants(pattern, parse_len(args.variants), results)

@@ -68,10 +68,12 @@ def _heads(text: str) -> tuple[int, int]:
 @click.option("--warmup", type=click.IntRange(1), default=25, show_default=True, help="Warm-up per measurement (ms).")
 @click.option("--rep", type=click.IntRange(1), default=100, show_default=True, help="Timed repetitions per measurement (ms).")
 @click.option("--breakdown", is_flag=True, help="Also time the stages of one forward call (flex: scores, tile lists, each branch).")
+@click.option("--deterministic/--atomic", default=True, show_default=True,
+              help="--atomic: gradients accumulated with atomics where a backend has them (Triton: selection dk, dv, dq).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write every figure and the environment here.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None, help="Write a PNG of time against length here.")
 def command(pattern_arg, lengths, backends, baselines, heads, dim, dtype, batch, passes, inputs, device, layer,
-            text_tokens, check_length, warmup, rep, breakdown, json_path, plot_path):
+            text_tokens, check_length, warmup, rep, breakdown, deterministic, json_path, plot_path):
     """Time PATTERN's compiled backends against dense and peer baselines."""
     pattern, path = load_pattern_arg(pattern_arg)
     if plot_path:
@@ -102,6 +104,7 @@ def command(pattern_arg, lengths, backends, baselines, heads, dim, dtype, batch,
         command="nsaflex bench " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if len(sys.argv) > 2 else "nsaflex bench",
         pattern_source=str(path),
         breakdown=breakdown,
+        deterministic=deterministic,
     )
     console = out_console()
     if not console.is_terminal:

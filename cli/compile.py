@@ -195,9 +195,14 @@ def _plan_table(plan: Any) -> Table:
             _constants(dict(branch.constants)),
             "\n".join(branch.notes),
         )
+    captions = []
+    if not getattr(plan, "deterministic", True):
+        captions.append("gradients: not bit-reproducible (atomic accumulation where the backend has it)")
     reasons = getattr(plan, "reasons", ())
     if reasons:
-        table.caption = "passed over: " + "; ".join(f"{name}: {why}" for name, why in reasons)
+        captions.append("passed over: " + "; ".join(f"{name}: {why}" for name, why in reasons))
+    if captions:
+        table.caption = "\n".join(captions)
         table.caption_justify = "left"
     return table
 

@@ -88,6 +88,7 @@ class BenchOptions:
     command: str = ""
     pattern_source: str = ""
     breakdown: bool = False
+    deterministic: bool = True
 
 
 @dataclass
@@ -432,7 +433,8 @@ def run_bench(options: BenchOptions, console=None, *, progress: bool = True, jso
     compiled: dict[str, Any] = {}
     for name in backends:
         try:
-            compiled[name] = nsaflex.compile(pattern, backend=name, device=device, head_dim=options.dim).to(device)
+            compiled[name] = nsaflex.compile(pattern, backend=name, device=device, head_dim=options.dim,
+                                             deterministic=options.deterministic).to(device)
         except NsaflexError as error:
             skipped.append({"name": name, "reason": str(error)})
     _refuse_empty_run(options, pattern, compiled, baselines, skipped)
@@ -542,6 +544,7 @@ def _document(options, pattern, rows, structures, checks, skipped, baseline_time
             "inputs": list(options.inputs),
             "text_tokens": options.text_tokens,
             "layer": options.layer,
+            "deterministic": options.deterministic,
             "flops": f"4*D per attended pair forward, x{BACKWARD_FACTOR} for fwd+bwd",
             "timing": "triton.testing.do_bench median (CUDA events)" if device == "cuda" else "median wall-clock",
         },
@@ -635,7 +638,8 @@ def print_tables(document: dict[str, Any], console) -> None:
     config = document["config"]
     where = env.get("gpu") or env.get("cpu") or env["device"]
     title = (f"nsaflex bench {config['pattern']}: B={config['batch']}, heads {config['query_heads']}/{config['kv_heads']}, "
-             f"D={config['dim']}, {config['dtype']} on {where} (torch {env['torch']}, triton {env.get('triton')})")
+             f"D={config['dim']}, {config['dtype']} on {where} (torch {env['torch']}, triton {env.get('triton')})"
+             + ("" if config.get("deterministic", True) else ", atomic gradients"))
     baselines = [b for b in config["baselines"] if b in BASELINES]
     table = Table(title=title, title_justify="left")
     for column in ("L", "inputs", "pass", "name", "median ms", "TFLOP/s", *[f"vs {b}" for b in baselines], "peak MiB", "check", UNION_COLUMN, "note"):

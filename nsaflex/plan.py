@@ -32,6 +32,11 @@ class Plan:
         reasons: why ``auto`` passed over backends (backend -> reason).
         layers: sub-plans of the per-layer overrides, as ``(layer indices, plan)``.
         layer: the decoder layer this plan is for (None: the base pattern).
+        deterministic: gradients bit-reproducible from run to run (default). False
+            lets the Triton backend add the selection branch's dk, dv and dq with
+            fp32 atomics over the exact selected pairs (faster; the order of
+            additions, and so the last bits, vary); the other backends are
+            deterministic either way.
     """
 
     pattern: Pattern
@@ -41,6 +46,7 @@ class Plan:
     reasons: tuple[tuple[str, str], ...] = ()
     layers: tuple[tuple[tuple[int, ...], "Plan"], ...] = ()
     layer: int | None = None
+    deterministic: bool = True
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable form."""
@@ -51,6 +57,7 @@ class Plan:
             "device": self.device,
             "branches": [branch.to_dict() for branch in self.branches],
             "passed_over": {name: reason for name, reason in self.reasons},
+            "deterministic": self.deterministic,
             "layers": [{"at": list(at), "plan": plan.to_dict()} for at, plan in self.layers],
         }
 
@@ -86,8 +93,10 @@ def choose_backend(pattern: Pattern, backend: str, device: str) -> tuple[str, tu
     raise BackendUnavailable(f"no backend serves pattern {pattern.name!r} on {device}: {dict(reasons)}")
 
 
-def make_plan(pattern: Pattern, backend: str = "auto", device: str | None = None, *, layer: int | None = None) -> Plan:
-    """Lower ``pattern`` (resolved for ``layer`` when given) for ``device``."""
+def make_plan(pattern: Pattern, backend: str = "auto", device: str | None = None, *, layer: int | None = None,
+              deterministic: bool = True) -> Plan:
+    """Lower ``pattern`` (resolved for ``layer`` when given) for ``device``
+    (``deterministic``: see :class:`Plan`)."""
     if backend != "auto" and backend not in REGISTRY:
         get_backend(backend)  # raises with a did-you-mean
     device = _normalise_device(device)
@@ -97,6 +106,7 @@ def make_plan(pattern: Pattern, backend: str = "auto", device: str | None = None
     sub_plans = ()
     if layer is None and pattern.layers:
         sub_plans = tuple(
-            (override.at, make_plan(pattern, backend, device, layer=override.at[0])) for override in pattern.layers
+            (override.at, make_plan(pattern, backend, device, layer=override.at[0], deterministic=deterministic))
+            for override in pattern.layers
         )
-    return Plan(resolved, name, device, branches, reasons, sub_plans, layer)
+    return Plan(resolved, name, device, branches, reasons, sub_plans, layer, deterministic)

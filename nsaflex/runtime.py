@@ -91,14 +91,20 @@ def compile(
     layer: int | None = None,
     device: str | None = None,
     head_dim: int | None = None,
+    deterministic: bool = True,
 ) -> CompiledAttention:
     """Compile a pattern (object, file path or bundled name) into an attention module.
 
     ``backend``: ``reference``, ``flex``, ``triton`` or ``auto`` (the plan
     chooses for ``device``, default: CUDA when available). ``layer`` resolves
     the pattern's per-layer overrides for that decoder layer.
+    ``deterministic=False`` allows atomic (faster, not bit-reproducible)
+    gradient accumulation where a backend has it (Triton: the selection
+    branch's dk, dv and dq); the plan records the choice.
     """
     if not isinstance(pattern, Pattern):
         pattern = load_pattern(pattern)
-    plan = make_plan(pattern, backend, device, layer=layer)
+    if not isinstance(deterministic, bool):
+        raise InputError("deterministic", "True or False", deterministic)
+    plan = make_plan(pattern, backend, device, layer=layer, deterministic=deterministic)
     return CompiledAttention(pattern, plan, head_dim)

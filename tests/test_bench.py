@@ -81,6 +81,20 @@ def test_bench_with_only_a_baseline_left_warns_and_runs_it(runner, tmp_path):
     assert rows["sdpa"]["median_ms"] > 0 and rows["cudnn"]["error"].startswith("skipped")
 
 
+def test_bench_atomic_flag_reaches_the_compile_and_the_record(runner, tmp_path, monkeypatch):
+    import nsaflex
+
+    seen = []
+    real = nsaflex.compile
+    monkeypatch.setattr(nsaflex, "compile", lambda *a, **kw: seen.append(kw.get("deterministic")) or real(*a, **kw))
+    path = tmp_path / "bench.json"
+    result = runner("window", "--device", "cpu", "--lengths", "64", "--heads", "2/1", "--dim", "8", "--dtype", "fp32",
+                    "--backends", "reference", "--baselines", "none", "--rep", "1", "--atomic", "--json", str(path))
+    assert result.exit_code == 0, result.output
+    assert seen == [False] and "atomic gradients" in result.output
+    assert json.loads(path.read_text())["config"]["deterministic"] is False
+
+
 def test_environment_records_fla_core_version(monkeypatch):
     import importlib.metadata
     import importlib.util

@@ -216,6 +216,43 @@ def test_atomic_variant_close_to_deterministic():
     check(pattern, (1, 1, 3, 30, 16), 2, None, backward=True, atomic=True)
 
 
+@FEW
+@given(cases(max_len=40), st.sampled_from((None, 4)))
+def test_atomic_backward_matches_reference(case, dq_tokens):
+    """``atomic=True`` (dk, dv and the selection's dq added with fp32 atomics over
+    the exact selected pairs) against the float64 reference: every pattern kind,
+    group and head scoring, packed sequences; the same tolerance as the
+    deterministic path (only the order of fp32 additions differs)."""
+    check(*case, backward=True, atomic=True, dq_tokens=dq_tokens)
+
+
+
+def test_compile_deterministic_false_reaches_the_kernels_and_the_plan(monkeypatch):
+    """``nsaflex.compile(..., deterministic=False)``: the plan records it, the Triton
+    kernels get ``atomic=True`` and the gradients still match the reference."""
+    import nsaflex
+    from nsaflex.kernels import ops
+
+    made = []
+    real = ops.make_config
+    monkeypatch.setattr(ops, "make_config", lambda pattern, **over: made.append(over) or real(pattern, **over))
+    pattern = dataclasses.replace(VIDEONSA_SMALL, hybrid=None)
+    attn = nsaflex.compile(pattern, backend="triton", device="cpu", deterministic=False)
+    assert made[-1] == {"atomic": True}
+    assert attn.plan.deterministic is False and attn.plan.to_dict()["deterministic"] is False
+    q, k, v, gates, types, pooler = make_inputs(pattern, (1, 1, 3, 30, 16), 5, None, grad=True)
+    out = attn(q, k, v, gates)
+    reference = reference_attention(q, k, v, pattern, gates)
+    grads = torch.autograd.grad(out.sum(), (q, k, v))
+    expected = torch.autograd.grad(reference.sum(), (q, k, v))
+    for got, want in zip(grads, expected):
+        assert (got - want).norm() <= TOL * want.norm()
+    assert nsaflex.compile(pattern, backend="triton", device="cpu").plan.deterministic is True
+    assert made[-1] == {"atomic": False}
+    with pytest.raises(InputError, match="deterministic"):
+        nsaflex.compile(pattern, backend="triton", device="cpu", deterministic="no")
+
+
 TOPN_PATHS = [dict(topn="fused"), dict(topn="select"), dict(topn="select", topn_chunk=32), dict(topn="torch", topn_chunk=48)]
 TOPN_IDS = ["fused", "select", "select-chunked", "torch-chunked"]
 

@@ -100,7 +100,8 @@ class TritonBackend:
     def build(self, pattern: Pattern, plan: Any):
         from nsaflex.kernels.ops import make_config
 
-        cfg = None if pattern.dense else make_config(pattern)
+        deterministic = getattr(plan, "deterministic", True)
+        cfg = None if pattern.dense else make_config(pattern, atomic=not deterministic)
 
         def kernel(q, k, v, gates, token_types, pooler: MLPPooling | None):
             _check_tensors(q, k, v)
