@@ -8,8 +8,8 @@ OUT=${OUT:-/tmp/out}; mkdir -p $OUT
 python -m pip install -q --no-deps --no-build-isolation -e . > $OUT/install.log 2>&1
 S=$(date +%s)
 timeout 140 python benchmarks/triton_bench.py --lengths "" --tiles 128k --tile-inputs video \
-  --tile-configs ";atomic=1;atomic=1,num_warps_slc_dkv=8" --json $OUT/triton-atomic-128k.json > $OUT/triton-atomic-128k.log 2>&1
+  --tile-configs "${TILE_CONFIGS:-;atomic=1,atomic_dq=1;atomic=1,atomic_dq=1,num_warps_slc_dkv=8}" --json $OUT/triton-atomic-128k.json > $OUT/triton-atomic-128k.log 2>&1
 echo "atomic variants: rc=$? in $(( $(date +%s) - S )) s"; grep "^{" $OUT/triton-atomic-128k.log; S=$(date +%s)
-timeout 80 nsaflex bench videonsa --backends triton --baselines none --lengths 128k --inputs video --pass fwd+bwd --atomic \
+[ -n "$SKIP_BENCH" ] || timeout 80 nsaflex bench videonsa --backends triton --baselines none --lengths 128k --inputs video --pass fwd+bwd --atomic \
   --json $OUT/triton-bench-atomic.json > $OUT/triton-bench-atomic.log 2>&1
 echo "bench --atomic: rc=$? in $(( $(date +%s) - S )) s"; grep "131072" $OUT/triton-bench-atomic.log | head -3

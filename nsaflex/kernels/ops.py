@@ -48,7 +48,10 @@ class KernelConfig:
     eq9_a: int = 1
     eq9_b: int = 1
     window: int = 1
-    atomic: bool = False  # backward: fp32 atomics for the selection's dk, dv and dq (faster, not bit-reproducible)
+    atomic: bool = False  # backward: fp32 atomics for the selection's dk, dv (not bit-reproducible)
+    # with atomic: the selection's dq too, from bwd_slc_dkv_kernel over the exact pairs
+    # (measured slower: 383 ms fwd+bwd at 128K against 196, H200 run 17; kept for study)
+    atomic_dq: bool = False
     # tile choices (benchmarks vary them)
     select_tokens: int | None = None  # BT of the selection/window kernel (None: 64 // GP)
     dq_tokens: int | None = None  # BT of bwd_dq (None: select_tokens); when it differs, bwd_dq builds its own union lists
@@ -388,7 +391,7 @@ def _backward(do, q, k, v, kc, vc, gates, lay: SeqLayout, cfg: KernelConfig, res
     nb = gates.shape[-1]
     # atomic: the selection's dq comes from bwd_slc_dkv_kernel (fp32 atomics over the
     # exact selected pairs) instead of bwd_dq_kernel's loop over each tile's union.
-    atomic_dq = cfg.atomic and cfg.has_slc
+    atomic_dq = cfg.atomic and cfg.atomic_dq and cfg.has_slc
     dq = torch.zeros_like(q, dtype=torch.float32) if atomic_dq else torch.empty_like(q)
     if dq.stride() != q.stride():
         raise AssertionError("dq must have q's strides")
