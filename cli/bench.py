@@ -69,7 +69,7 @@ def _heads(text: str) -> tuple[int, int]:
 @click.option("--rep", type=click.IntRange(1), default=100, show_default=True, help="Timed repetitions per measurement (ms).")
 @click.option("--breakdown", is_flag=True, help="Also time the stages of one forward call (flex: scores, tile lists, each branch).")
 @click.option("--deterministic/--atomic", default=True, show_default=True,
-              help="--atomic: gradients accumulated with atomics where a backend has them (Triton: selection dk, dv, dq).")
+              help="--atomic: gradients accumulated with atomics where a backend has them (Triton: the selection branch's dk, dv).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write every figure and the environment here.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None, help="Write a PNG of time against length here.")
 def command(pattern_arg, lengths, backends, baselines, heads, dim, dtype, batch, passes, inputs, device, layer,

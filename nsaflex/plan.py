@@ -33,10 +33,10 @@ class Plan:
         layers: sub-plans of the per-layer overrides, as ``(layer indices, plan)``.
         layer: the decoder layer this plan is for (None: the base pattern).
         deterministic: gradients bit-reproducible from run to run (default). False
-            lets the Triton backend add the selection branch's dk, dv and dq with
-            fp32 atomics over the exact selected pairs (faster; the order of
-            additions, and so the last bits, vary); the other backends are
-            deterministic either way.
+            lets the Triton backend add the selection branch's dk and dv with fp32
+            atomics instead of reducing per-segment partials in order (the order
+            of additions, and so the last bits, vary; measured no faster at 128K);
+            the other backends are deterministic either way.
     """
 
     pattern: Pattern

@@ -100,7 +100,7 @@ def compile(
     the pattern's per-layer overrides for that decoder layer.
     ``deterministic=False`` allows atomic (faster, not bit-reproducible)
     gradient accumulation where a backend has it (Triton: the selection
-    branch's dk, dv and dq); the plan records the choice.
+    branch's dk and dv); the plan records the choice.
     """
     if not isinstance(pattern, Pattern):
         pattern = load_pattern(pattern)

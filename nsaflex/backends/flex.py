@@ -497,7 +497,6 @@ class FlexKernel:
             self._mark("window: flex", device)
         return outputs
 
-
     def selection_mask(self, qs, compressed_k, lengths, compiled: bool, needs_grad: bool) -> tuple["_Mask", _Tiling]:
         """Scores, top-n and the selection branch's BlockMask input for the sparse
         queries ``qs [B, Hq, L, D]`` against ``compressed_k [B, Hkv, N, D]``

@@ -389,7 +389,7 @@ def _backward(do, q, k, v, kc, vc, gates, lay: SeqLayout, cfg: KernelConfig, res
     ieee = _ieee(q)
     do = do.contiguous()
     nb = gates.shape[-1]
-    # atomic: the selection's dq comes from bwd_slc_dkv_kernel (fp32 atomics over the
+    # atomic_dq: the selection's dq comes from bwd_slc_dkv_kernel (fp32 atomics over the
     # exact selected pairs) instead of bwd_dq_kernel's loop over each tile's union.
     atomic_dq = cfg.atomic and cfg.atomic_dq and cfg.has_slc
     dq = torch.zeros_like(q, dtype=torch.float32) if atomic_dq else torch.empty_like(q)
