@@ -227,7 +227,6 @@ def test_atomic_backward_matches_reference(case, dq_tokens, atomic_dq):
     check(*case, backward=True, atomic=True, atomic_dq=atomic_dq, dq_tokens=dq_tokens)
 
 
-
 def test_compile_deterministic_false_reaches_the_kernels_and_the_plan(monkeypatch):
     """``nsaflex.compile(..., deterministic=False)``: the plan records it, the Triton
     kernels get ``atomic=True`` and the gradients still match the reference."""
