@@ -13,6 +13,11 @@ random among the causal blocks), a causal ``mask_mod``, enable_gqa, bf16, B = 1,
   and tiling the backend builds for these inputs (``FlexKernel.selection_mask``);
 * ``anchor``: the anchor's construction rebuilt here (random blocks), same inputs.
 
+Forward-only variants that separate the causes of a gap: the anchor's random
+blocks with off-diagonal tiles in the full lists (``selection_split``), the
+backend's BlockMask through a plain ``torch.compile(flex_attention)``
+(``selection_plain_compile``) and with every tile partial (``selection_all_partial``).
+
 Medians of ``triton.testing.do_bench``. Usage (device copy installed):
 
     python benchmarks/flex_selection_probe.py --lengths 128k \\
@@ -84,8 +89,9 @@ def _lists(indices: torch.Tensor, keep: torch.Tensor, sentinel: int) -> tuple[to
     return keep.sum(dim=-1, dtype=torch.int32).contiguous(), values.to(torch.int32).contiguous()
 
 
-def all_partial(tiles) -> BlockMask:
-    """nsaflex's selection tile lists with every listed tile moved to the partial lists."""
+def all_partial(tiles) -> tuple[torch.Tensor, torch.Tensor]:
+    """Counts and indices of nsaflex's selection tile lists with every listed tile
+    in the partial lists (``BlockMask.from_kv_blocks`` input without full lists)."""
     width = tiles.kv_idx.shape[-1] + tiles.full_idx.shape[-1]
     columns = lambda n, w: torch.arange(w, device=n.device) < n[..., None]  # noqa: E731
     indices = torch.cat([tiles.kv_idx, tiles.full_idx], dim=-1)
