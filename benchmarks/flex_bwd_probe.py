@@ -16,6 +16,7 @@ import torch
 
 import nsaflex
 from nsaflex.bench import environment
+from nsaflex.cli.common import parse_length
 from nsaflex.video_inputs import video_qkv
 
 
@@ -34,8 +35,7 @@ def main() -> None:
     parser.add_argument("--json", required=True)
     args = parser.parse_args()
     results: dict = {"environment": environment("cuda"), "steps": []}
-    for text in args.lengths.split(","):
-        length = int(text[:-1]) * 1024 if text.endswith("k") else int(text)
+    for length in map(parse_length, args.lengths.split(",")):  # in the order given
         q, k, v = video_qkv(1, 28, 4, length, 128, device="cuda", dtype=torch.bfloat16)
         gates = torch.rand(1, 28, length, 3, device="cuda")
         vision = torch.ones(1, length, dtype=torch.long, device="cuda")  # every token vision, as the bench

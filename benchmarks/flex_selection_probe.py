@@ -36,6 +36,8 @@ from triton.testing import do_bench
 
 import nsaflex
 from nsaflex.backends.flex import _run_flex
+from nsaflex.backends.flex_masks import _sorted_list as sorted_list  # counts + ascending kept indices
+from nsaflex.cli.common import parse_length
 from nsaflex.bench import _runner, environment
 from nsaflex.pooling import compress
 from nsaflex.video_inputs import video_qkv
@@ -76,17 +78,10 @@ def anchor_block_mask(length: int, device: torch.device, block: int = 128, count
                                         seq_lengths=(length, length))
     listed = torch.arange(tiles, device=device) < counts[..., None]
     diagonal = indices == torch.arange(tiles, device=device)[:, None].to(torch.int32)
-    partial = _lists(indices, listed & diagonal, tiles)
-    full = _lists(indices, listed & ~diagonal, tiles)
+    partial = sorted_list(indices, listed & diagonal, tiles)
+    full = sorted_list(indices, listed & ~diagonal, tiles)
     return BlockMask.from_kv_blocks(*partial, *full, BLOCK_SIZE=(block, block), mask_mod=causal_mod,
                                     seq_lengths=(length, length))
-
-
-def _lists(indices: torch.Tensor, keep: torch.Tensor, sentinel: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Counts and ascending indices of the kept entries of each row (padding 0)."""
-    values = torch.sort(torch.where(keep, indices, torch.full_like(indices, sentinel)), dim=-1).values
-    values = torch.where(values == sentinel, torch.zeros_like(values), values)
-    return keep.sum(dim=-1, dtype=torch.int32).contiguous(), values.to(torch.int32).contiguous()
 
 
 def all_partial(tiles) -> tuple[torch.Tensor, torch.Tensor]:
@@ -96,8 +91,7 @@ def all_partial(tiles) -> tuple[torch.Tensor, torch.Tensor]:
     columns = lambda n, w: torch.arange(w, device=n.device) < n[..., None]  # noqa: E731
     indices = torch.cat([tiles.kv_idx, tiles.full_idx], dim=-1)
     keep = torch.cat([columns(tiles.kv_num, tiles.kv_idx.shape[-1]), columns(tiles.full_num, tiles.full_idx.shape[-1])], dim=-1)
-    counts, ordered = _lists(indices, keep, width + tiles.kv_len)
-    return counts, ordered
+    return sorted_list(indices, keep, width + tiles.kv_len)
 
 
 def probe(pattern_name: str, length: int) -> dict:
@@ -168,8 +162,7 @@ def main() -> None:
     parser.add_argument("--json", required=True)
     args = parser.parse_args()
     results: dict = {"environment": environment("cuda"), "rows": []}
-    for text in args.lengths.split(","):
-        length = int(text[:-1]) * 1024 if text.endswith("k") else int(text)
+    for length in map(parse_length, args.lengths.split(",")):
         steps = [("anchor", lambda: probe_anchor(length))]
         steps += [(name, lambda name=name: probe(name, length)) for name in args.patterns.split(",")]
         for name, run in steps:

@@ -147,7 +147,7 @@ def compile_all(items, arch=90):
             meta = compiled.metadata
             print(f"ok   {name:24s} shared={getattr(meta, 'shared', '?')} warps={opts.get('num_warps', 4)} "
                   f"{register_use(compiled.asm.get('ptx'), arch)} "
-                  f"{ {k: v for k, v in const.items() if k in ('BT', 'G', 'D', 'NT', 'BN', 'BS', 'PAIR', 'OWN_UNION', 'ATOMIC_DQ', 'SLC_DQ')} }",
+                  f"{ {k: v for k, v in const.items() if k in ('BT', 'G', 'D', 'NT', 'BN', 'BS', 'PAIR', 'OWN_UNION', 'ATOMIC')} }",
                   flush=True)
         except Exception as error:  # noqa: BLE001
             ok = False
@@ -173,9 +173,8 @@ if __name__ == "__main__":
         record(videonsa, (1, 1, 7, 130, 128), torch.bfloat16, topn="fused")
         # the schedule variants: two union blocks per step, bwd_dq on its own 4-token tiles
         record(videonsa, (1, 1, 7, 130, 128), torch.bfloat16, pair_blocks=True, dq_tokens=4)
-        # the non-deterministic backward: atomic dk, dv (deterministic=False), and with the selection's dq
+        # the non-deterministic backward: atomic dk, dv (deterministic=False)
         record(videonsa, (1, 1, 7, 130, 128), torch.bfloat16, atomic=True)
-        record(videonsa, (1, 1, 7, 130, 128), torch.bfloat16, atomic=True, atomic_dq=True)
     if "--all" in sys.argv:
         record(videonsa, (1, 1, 7, 130, 128), torch.bfloat16, select_tokens=4)
     if "--all" in sys.argv:
@@ -188,7 +187,7 @@ if __name__ == "__main__":
     small = Pattern(name="small", compression=Compression(block=8, stride=4), gate=Gate(kind="mlp"),
                     selection=Selection(block=8, count=4, forced=("current",)), window=Window(size=16))
     record(small, (1, 1, 1, 70, 16), torch.bfloat16)
-    record(small, (1, 1, 1, 70, 16), torch.bfloat16, atomic=True, atomic_dq=True)
+    record(small, (1, 1, 1, 70, 16), torch.bfloat16, atomic=True)
     path = os.environ.get("NSAFLEX_COMPILE_CHECK_JSON", "/tmp/triton_compile_check.json")
     items = signatures()
     # the select kernel at the row widths of 16K..128K tokens (JP 256..2048;

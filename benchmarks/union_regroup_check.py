@@ -33,11 +33,7 @@ def selection_bits(length: int, inputs: str, pattern_name: str) -> torch.Tensor:
     q, k, v = maker(1, 28, 4, length, 128)
     compressed_k, _ = compress(k, v, pattern.compression, None)
     result = scoring.select(q, compressed_k, pattern.compression, pattern.selection, score_dtype=torch.float32)
-    indices = result.indices[0].long()  # [Hs, L, width], -1 empty
-    blocks = result.num_blocks
-    bits = torch.zeros(indices.shape[0], length, blocks + 1, dtype=torch.bool)
-    bits.scatter_(2, torch.where(indices < 0, blocks, indices), True)
-    return bits[..., :blocks]
+    return scoring.selected_mask(result, length)[0]
 
 
 def mean_union(bits: torch.Tensor, groups: torch.Tensor) -> float:

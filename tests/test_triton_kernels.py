@@ -217,14 +217,13 @@ def test_atomic_variant_close_to_deterministic():
 
 
 @FEW
-@given(cases(max_len=40), st.sampled_from((None, 4)), st.booleans())
-def test_atomic_backward_matches_reference(case, dq_tokens, atomic_dq):
-    """``atomic=True`` (the selection's dk, dv added with fp32 atomics; with
-    ``atomic_dq`` its dq too, over the exact selected pairs) against the float64
-    reference: every pattern kind, group and head scoring, packed sequences; the
-    same tolerance as the deterministic path (only the order of fp32 additions
-    differs)."""
-    check(*case, backward=True, atomic=True, atomic_dq=atomic_dq, dq_tokens=dq_tokens)
+@given(cases(max_len=40), st.sampled_from((None, 4)))
+def test_atomic_backward_matches_reference(case, dq_tokens):
+    """``atomic=True`` (the selection's dk, dv added with fp32 atomics) against the
+    float64 reference: every pattern kind, group and head scoring, packed
+    sequences; the same tolerance as the deterministic path (only the order of
+    fp32 additions differs)."""
+    check(*case, backward=True, atomic=True, dq_tokens=dq_tokens)
 
 
 def test_compile_deterministic_false_reaches_the_kernels_and_the_plan(monkeypatch):

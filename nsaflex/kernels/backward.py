@@ -37,7 +37,6 @@ def bwd_dq_kernel(
     CBLOCK: tl.constexpr, CSTRIDE: tl.constexpr, LEGACY: tl.constexpr, BN: tl.constexpr,
     LS: tl.constexpr, BS: tl.constexpr, W: tl.constexpr, WP: tl.constexpr, HEAD_SCORING: tl.constexpr,
     WIN: tl.constexpr, BKW: tl.constexpr, PAIR: tl.constexpr, OWN_UNION: tl.constexpr, U_LOG: tl.constexpr,
-    SLC_DQ: tl.constexpr,
 ):
     pid_t = tl.program_id(0)
     b = tl.program_id(1)
@@ -101,8 +100,6 @@ def bwd_dq_kernel(
             tl.store(DG + dg_off + GI_SLC, dgb, mask=valid)
             delta = gb * dgb
             tl.store(DELTA + 1 * sdn + lse_off, delta, mask=valid)
-        if HAS_SLC and SLC_DQ:
-            # (SLC_DQ false: bwd_slc_dkv_kernel adds the selection's dq with atomics.)
             lse = tl.load(LSES + lse_off, mask=valid, other=0.0)
             if HEAD_SCORING:
                 SR: tl.constexpr = R
@@ -162,7 +159,7 @@ def _kv_tile_grads(q, do, lse, delta, gb, kk, vv, mask, dk, dv, scale_log2, IEEE
     dp = _dot(do, tl.trans(vv), IEEE) * gb[:, None]
     ds = p * (dp - delta[:, None])
     dk += _dot(tl.trans(ds.to(q.dtype)), q, IEEE)
-    return dk, dv, ds
+    return dk, dv
 
 
 @triton.jit
@@ -219,7 +216,7 @@ def bwd_cmp_dkv_kernel(
             delta = tl.load(DELTA + lse_off, mask=valid, other=0.0)
             gb = tl.load(GATES + bb * sgb + h * sgh + (start + t) * sgt + GI_CMP * sgc, mask=valid, other=0.0).to(tl.float32)
             mask = _visible(i, t, n_cmp, CBLOCK, CSTRIDE, LEGACY) & valid[:, None] & imask[None, :]
-            dk, dv, _ = _kv_tile_grads(q, do, lse, delta, gb, kc, vc, mask, dk, dv, scale_log2, IEEE)
+            dk, dv = _kv_tile_grads(q, do, lse, delta, gb, kc, vc, mask, dk, dv, scale_log2, IEEE)
         poff = split.to(tl.int64) * spn + koff
         tl.store(DKP + poff[:, None] + d[None, :], dk * scale, mask=imask[:, None])
         tl.store(DVP + poff[:, None] + d[None, :], dv, mask=imask[:, None])
@@ -266,25 +263,22 @@ def bwd_win_dkv_kernel(
             delta = tl.load(DELTA + lse_off, mask=valid, other=0.0)
             gb = tl.load(GATES + bb * sgb + h * sgh + (start + t) * sgt + GI_WIN * sgc, mask=valid, other=0.0).to(tl.float32)
             mask = valid[:, None] & (s_pos[None, :] <= t[:, None]) & (s_pos[None, :] > t[:, None] - WIN) & smask[None, :]
-            dk, dv, _ = _kv_tile_grads(q, do, lse, delta, gb, kk, vv, mask, dk, dv, scale_log2, IEEE)
+            dk, dv = _kv_tile_grads(q, do, lse, delta, gb, kk, vv, mask, dk, dv, scale_log2, IEEE)
         tl.store(DK + koff[:, None] + d[None, :], dk * scale, mask=smask[:, None])
         tl.store(DV + koff[:, None] + d[None, :], dv, mask=smask[:, None])
 
 
 @triton.jit
 def bwd_slc_dkv_kernel(
-    Q, K, V, DO, GATES, LSES, DELTA, ENT, SEG_KEY, SEG_START, SEG_END, DKP, DVP, DK, DV, DQ, STARTS, LENS,
+    Q, K, V, DO, GATES, LSES, DELTA, ENT, SEG_KEY, SEG_START, SEG_END, DKP, DVP, DK, DV, STARTS, LENS,
     sqb, sqh, sqt, skb, skh, skt, sgb, sgh, sgt, sgc, slb, slh, slt,
     scale_log2, scale, n_kv_heads, n_blocks,
     G: tl.constexpr, GP: tl.constexpr, BT: tl.constexpr, D: tl.constexpr, IEEE: tl.constexpr,
     GI_SLC: tl.constexpr, LS: tl.constexpr, BS: tl.constexpr, HEAD_SCORING: tl.constexpr, ATOMIC: tl.constexpr,
-    ATOMIC_DQ: tl.constexpr,
 ):
     """One program per segment of the inverted index: entries ENT[start:end]
     (tokens, or token * G + head for head scoring) that selected block j of
-    (sequence b, kv head hk), key = (b * Hkv + hk) * n_blocks + j. With
-    ``ATOMIC_DQ`` the selection's dq is added here too (fp32 atomics into ``DQ``,
-    which has q's strides)."""
+    (sequence b, kv head hk), key = (b * Hkv + hk) * n_blocks + j."""
     seg = tl.program_id(0)
     key = tl.load(SEG_KEY + seg)
     e_lo = tl.load(SEG_START + seg)
@@ -332,12 +326,7 @@ def bwd_slc_dkv_kernel(
         delta = tl.load(DELTA + lse_off, mask=valid, other=0.0)
         gb = tl.load(GATES + bb * sgb + h * sgh + (start + t) * sgt + GI_SLC * sgc, mask=valid, other=0.0).to(tl.float32)
         mask = valid[:, None] & smask[None, :] & (s_pos[None, :] <= t[:, None])
-        dk, dv, ds = _kv_tile_grads(q, do, lse, delta, gb, kk, vv, mask, dk, dv, scale_log2, IEEE)
-        if ATOMIC_DQ:
-            # These rows' dq over this block, added into the fp32 DQ that bwd_dq_kernel
-            # wrote (it skipped the selection union): only the selected pairs are computed.
-            tl.atomic_add(DQ + row_off[:, None] + d[None, :], _dot(ds.to(kk.dtype), kk, IEEE) * scale,
-                          mask=valid[:, None])
+        dk, dv = _kv_tile_grads(q, do, lse, delta, gb, kk, vv, mask, dk, dv, scale_log2, IEEE)
     if ATOMIC:
         tl.atomic_add(DK + koff[:, None] + d[None, :], dk * scale, mask=smask[:, None])
         tl.atomic_add(DV + koff[:, None] + d[None, :], dv, mask=smask[:, None])

@@ -49,16 +49,12 @@ class KernelConfig:
     eq9_b: int = 1
     window: int = 1
     atomic: bool = False  # backward: fp32 atomics for the selection's dk, dv (not bit-reproducible)
-    # with atomic: the selection's dq too, from bwd_slc_dkv_kernel over the exact pairs
-    # (measured slower: 383 ms fwd+bwd at 128K against 196, H200 run 17; kept for study)
-    atomic_dq: bool = False
     # tile choices (benchmarks vary them)
     select_tokens: int | None = None  # BT of the selection/window kernel (None: 64 // GP)
     dq_tokens: int | None = None  # BT of bwd_dq (None: select_tokens); when it differs, bwd_dq builds its own union lists
     pair_blocks: bool = False  # two union blocks per step of the selection loops (2 * l' key columns per product)
     score_tokens: int = 16
     num_warps_select: int = 4
-    num_warps_slc_dkv: int = 4  # bwd_slc_dkv_kernel (benchmarks vary it: the atomic dq adds a [rows, D] product)
     num_warps_score: int = 8
     num_stages: int = 2
     insert_max: int = 4  # fused top-n: insert up to this many new keys one by one, else sort-merge (H100: 4 < 8 < 16)
@@ -389,18 +385,13 @@ def _backward(do, q, k, v, kc, vc, gates, lay: SeqLayout, cfg: KernelConfig, res
     ieee = _ieee(q)
     do = do.contiguous()
     nb = gates.shape[-1]
-    # atomic_dq: the selection's dq comes from bwd_slc_dkv_kernel (fp32 atomics over the
-    # exact selected pairs) instead of bwd_dq_kernel's loop over each tile's union.
-    atomic_dq = cfg.atomic and cfg.atomic_dq and cfg.has_slc
-    dq = torch.zeros_like(q, dtype=torch.float32) if atomic_dq else torch.empty_like(q)
-    if dq.stride() != q.stride():
-        raise AssertionError("dq must have q's strides")
+    dq = torch.empty_like(q)
     dg = torch.empty((Bv, Hq, Tv, nb), dtype=torch.float32, device=dev)
     delta = torch.empty((3, Bv, Hq, Tv), dtype=torch.float32, device=dev)
     dummy_i = torch.zeros(1, dtype=torch.int32, device=dev)
     n_tq = triton.cdiv(lay.max_len, tiles.bt_dq)
     oc, lse_c, sel = res["oc"], res["lse_c"], res["sel"]
-    own_union = cfg.has_slc and tiles.bt_dq != tiles.bt_sel and not atomic_dq
+    own_union = cfg.has_slc and tiles.bt_dq != tiles.bt_sel
     if own_union:
         U, UC = tiles.union_buffers(B * Hkv * n_tq, tiles.dq_sel_rows, dev)
     else:
@@ -424,7 +415,7 @@ def _backward(do, q, k, v, kc, vc, gates, lay: SeqLayout, cfg: KernelConfig, res
         CBLOCK=cfg.cblock, CSTRIDE=cfg.cstride, LEGACY=cfg.legacy, BN=64,
         LS=cfg.slc_block, BS=cfg.slc_tile, W=tiles.width, WP=tiles.width_p2, HEAD_SCORING=cfg.head_scoring,
         WIN=cfg.window, BKW=64, PAIR=cfg.pair_blocks, OWN_UNION=own_union, U_LOG=tiles.union_log(tiles.dq_sel_rows),
-        SLC_DQ=not atomic_dq, num_warps=cfg.num_warps_select,
+        num_warps=cfg.num_warps_select,
     )
     dkc = dvc = None
     if cfg.has_cmp and kc is not None and lay.max_cmp > 0:
@@ -472,18 +463,17 @@ def _backward(do, q, k, v, kc, vc, gates, lay: SeqLayout, cfg: KernelConfig, res
                 dkp = torch.empty((nseg, BS, D), dtype=torch.float32, device=dev)
                 dvp = torch.empty_like(dkp)
             bwd.bwd_slc_dkv_kernel[(nseg,)](
-                q, k, v, do, gates, res["lse_s"], delta[1], ent, seg_key, seg_start, seg_end, dkp, dvp, dk, dv, dq,
+                q, k, v, do, gates, res["lse_s"], delta[1], ent, seg_key, seg_start, seg_end, dkp, dvp, dk, dv,
                 lay.starts, lay.lens,
                 *_qs(q, P), *_qs(k, P), *_gs(gates, P), *_qs(any_lse, P), scale_log2, scale, Hkv, n_blocks,
                 G=G, GP=GP, BT=bt_kv, D=D, IEEE=ieee, GI_SLC=cfg.gate_index[1], LS=cfg.slc_block, BS=BS,
-                HEAD_SCORING=cfg.head_scoring, ATOMIC=cfg.atomic, ATOMIC_DQ=atomic_dq, num_warps=cfg.num_warps_slc_dkv,
+                HEAD_SCORING=cfg.head_scoring, ATOMIC=cfg.atomic,
             )
             if not cfg.atomic:
                 bwd.reduce_slc_kernel[(uniq.shape[0],)](
                     dkp, dvp, uniq, key_seg, dk, dv, lay.starts, lay.lens,
                     *_qs(k, P), Hkv, n_blocks, D=D, LS=cfg.slc_block, BS=BS,
                 )
-    dq = dq.to(q.dtype)
     dk = dk.to(k.dtype) if dk is not None else torch.zeros_like(k)
     dv = dv.to(v.dtype) if dv is not None else torch.zeros_like(v)
     dgates = dg.to(gates.dtype) if need_gates else None
