@@ -262,6 +262,7 @@ def run_tile_variants(pattern, L, results, variants, inputs=("video", "random"))
                     row["fwd_ms"] = bench(fwd, rep=100)
                     kern = kernel_breakdown(fwd)
                 row["slc_win_ms"] = sum(t for n, t in kern.items() if "slc_win_kernel" in n)
+                row["kernels_fwd_ms"] = {n: t for n, t in kern.items() if t >= 0.05}
                 qg, kg, vg, gg = (x.detach().requires_grad_() for x in (q, k, v, gates))
                 do = torch.randn_like(q)
 
@@ -273,6 +274,7 @@ def run_tile_variants(pattern, L, results, variants, inputs=("video", "random"))
                 kern = kernel_breakdown(fb)
                 row["bwd_dq_ms"] = sum(t for n, t in kern.items() if "bwd_dq_kernel" in n)
                 row["bwd_slc_dkv_ms"] = sum(t for n, t in kern.items() if "bwd_slc_dkv_kernel" in n)
+                row["kernels_fwdbwd_ms"] = {n: t for n, t in kern.items() if t >= 0.05}
                 seen = spy_forward(pattern, cfg, q, k, v, gates, types)
                 row.update(union_stats(seen, cfg, L))
             except Exception as e:  # noqa: BLE001

@@ -88,18 +88,40 @@ def signatures():
         opts = {k: v for k, v in kwargs.items() if k in ("num_warps", "num_stages")}
         params.update({k: v for k, v in kwargs.items() if k not in opts})
         annotations = fn.__annotations__
-        sig, const = {}, {}
+        sig, const, aligned = {}, {}, []
         for name in names:
             if "constexpr" in str(annotations.get(name, "")):
                 sig[name] = "constexpr"
                 const[name] = params[name]
+                continue
+            kind, attr = _specialize(params[name])
+            if kind == "constexpr":  # an integer argument equal to 1, as the launcher specialises it
+                sig[name] = "constexpr"
+                const[name] = params[name]
             else:
-                sig[name] = _tname(params[name])
+                sig[name] = kind
+                if attr == "D":
+                    aligned.append(name)
+        opts["aligned"] = aligned
         key = json.dumps([fn.__module__, fn.__name__, sig, const, opts], sort_keys=True, default=str)
         if key not in seen:
             seen.add(key)
             out.append((fn.__module__, fn.__name__, sig, const, opts))
     return out
+
+
+def _specialize(value) -> tuple[str, str]:
+    """The launcher's specialisation of one argument: its type, and "D" when it is
+    divisible by 16 (pointers: 16-byte aligned). Without the "D" attributes the
+    compiler cannot vectorise a load whose offsets use a stride argument, so the
+    code it makes would not be the code a GPU launch runs."""
+    try:
+        from triton._C.libtriton import native_specialize_impl
+        from triton.backends.compiler import BaseBackend
+    except ImportError:  # older triton: types only
+        return _tname(value), ""
+    kind, attr = native_specialize_impl(BaseBackend, value, False, True, True)
+    return kind, attr or ""
 
 
 def register_use(ptx: str | None, arch: int) -> str:
@@ -142,8 +164,10 @@ def compile_all(items, arch=90):
         fn = getattr(importlib.import_module(module), name)
         names = fn.arg_names
         constexprs = {(names.index(k),): v for k, v in const.items()}
+        opts = dict(opts)
+        attrs = {(names.index(k),): [["tt.divisibility", 16]] for k in opts.pop("aligned", [])}
         try:
-            compiled = triton.compile(ASTSource(fn, sig, constexprs), target=target, options=opts)
+            compiled = triton.compile(ASTSource(fn, sig, constexprs, attrs), target=target, options=opts)
             meta = compiled.metadata
             print(f"ok   {name:24s} shared={getattr(meta, 'shared', '?')} warps={opts.get('num_warps', 4)} "
                   f"{register_use(compiled.asm.get('ptx'), arch)} "

@@ -27,7 +27,7 @@ from nsaflex.kernels.forward import _dot, _first_visible, _num_visible, _tile_se
 
 @triton.jit
 def bwd_dq_kernel(
-    Q, K, V, KC, VC, DO, GATES, OC, OS, OW, LSEC, LSES, LSEW, SEL, U, UC, DQ, DG, DELTA,
+    Q, K, V, KC, VC, DO, GATES, OC, OS, OW, LSEC, LSES, LSEW, SEL, U, UM, UC, DQ, DG, DELTA,
     STARTS, LENS, CSTARTS, CLENS,
     sqb, sqh, sqt, skb, skh, skt, scb, sch, sct, sgb, sgh, sgt, sgc, sdgb, sdgh, sdgt, ssb, ssh, sst, slb, slh, slt, sdn,
     scale_log2, scale, n_tiles,
@@ -37,6 +37,7 @@ def bwd_dq_kernel(
     CBLOCK: tl.constexpr, CSTRIDE: tl.constexpr, LEGACY: tl.constexpr, BN: tl.constexpr,
     LS: tl.constexpr, BS: tl.constexpr, W: tl.constexpr, WP: tl.constexpr, HEAD_SCORING: tl.constexpr,
     WIN: tl.constexpr, BKW: tl.constexpr, PAIR: tl.constexpr, OWN_UNION: tl.constexpr, U_LOG: tl.constexpr,
+    ROW_LOG: tl.constexpr,
 ):
     pid_t = tl.program_id(0)
     b = tl.program_id(1)
@@ -103,23 +104,25 @@ def bwd_dq_kernel(
             lse = tl.load(LSES + lse_off, mask=valid, other=0.0)
             if HEAD_SCORING:
                 SR: tl.constexpr = R
-                sel_base = SEL + bb * ssb + h * ssh + (start + t) * sst
-                sel_valid = valid
+                hit_row = r
             else:
                 SR: tl.constexpr = BT
-                ts = t0 + tl.arange(0, BT)
-                sel_base = SEL + bb * ssb + hk * ssh + (start + ts) * sst
-                sel_valid = ts < length
+                hit_row = r // GP
             prog = (b * tl.num_programs(2) + hk) * n_tiles + pid_t
             ubase = U + prog.to(tl.int64) * (SR * WP)
-            sel = _tile_selection(sel_base, sel_valid, W, WP)
+            umbase = UM + prog.to(tl.int64) * (SR * WP)
             if OWN_UNION:
                 # Row tiles of another size than the forward's: their own union lists.
-                count = _tile_union(sel, U, UC, prog, WP, SR, U_LOG)
+                if HEAD_SCORING:
+                    sel = _tile_selection(SEL + bb * ssb + h * ssh + (start + t) * sst, valid, W, WP)
+                else:
+                    ts = t0 + tl.arange(0, BT)
+                    sel = _tile_selection(SEL + bb * ssb + hk * ssh + (start + ts) * sst, ts < length, W, WP)
+                count = _tile_union(sel, U, UM, UC, prog, WP, SR, U_LOG, ROW_LOG)
             else:
                 count = tl.load(UC + prog)
             for it in range(0, count, 2 if PAIR else 1):
-                s_pos, kmask, mask = _union_step(ubase, it, count, sel, t, valid, length, LS, BS, PAIR, SR, BT, GP, HEAD_SCORING)
+                s_pos, kmask, mask = _union_step(ubase, umbase, it, count, hit_row, t, valid, length, LS, BS, PAIR)
                 kk = tl.load(kbase + (start + s_pos)[:, None] * skt + d[None, :], mask=kmask[:, None], other=0.0)
                 vv = tl.load(vbase + (start + s_pos)[:, None] * skt + d[None, :], mask=kmask[:, None], other=0.0)
                 s = _dot(q, tl.trans(kk), IEEE) * scale_log2

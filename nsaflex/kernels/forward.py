@@ -89,14 +89,19 @@ def _dot(a, b, IEEE: tl.constexpr):
 
 
 @triton.jit
-def _online_softmax(m, s):
-    """One step of the streaming softmax over a block of base-2 scores ``s [R, BK]``
-    (masked entries ``-inf``): the new running max, the factor that rescales the
-    sums kept so far, and ``p = exp2(s - max)``. Rows with nothing visible yet
-    keep max ``-inf`` and contribute zeros."""
-    m_new = tl.maximum(m, tl.max(s, axis=1))
+def _online_softmax(m, s, scale):
+    """One step of the streaming softmax over a block of raw scores ``s [R, BK]``
+    (``q . k``, masked entries ``-inf``) taken to base 2 by ``scale``
+    (``log2(e) / sqrt(D)``): the new running max (of the scaled scores), the
+    factor that rescales the sums kept so far, and ``p = exp2(s * scale - max)``.
+    Rows with nothing visible yet keep max ``-inf`` and contribute zeros.
+
+    The scale is applied to the row max and inside one fused multiply-add per
+    entry (the max of scaled scores is the scaled max), not by a separate
+    multiply of the whole block."""
+    m_new = tl.maximum(m, tl.max(s, axis=1) * scale)
     m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-    return m_new, tl.exp2(m - m_use), tl.exp2(s - m_use[:, None])
+    return m_new, tl.exp2(m - m_use), tl.exp2(tl.fma(s, scale, -m_use[:, None]))
 
 
 @triton.jit
@@ -193,10 +198,10 @@ def cmp_lse_kernel(
         for i0 in range(lo, hi, BN):
             i = i0 + tl.arange(0, BN)
             kc = tl.load(kbase + (cstart + i)[:, None] * skt + d[None, :], mask=(i < hi)[:, None], other=0.0)
-            s = _dot(q, tl.trans(kc), IEEE) * scale_log2
+            s = _dot(q, tl.trans(kc), IEEE)
             vis = _visible(i, t, n_cmp, CBLOCK, CSTRIDE, LEGACY) & valid[:, None]
             s = tl.where(vis, s, float("-inf"))
-            m, alpha, p = _online_softmax(m, s)
+            m, alpha, p = _online_softmax(m, s, scale_log2)
             acc_l = acc_l * alpha + tl.sum(p, axis=1)
         lse = tl.where(acc_l > 0, m + tl.log2(acc_l), 0.0)
         tl.store(LSE + bb * slb + h * slh + (start + t) * slt, lse, mask=valid)
@@ -494,81 +499,105 @@ def _tile_selection(sel_base, sel_rows_valid, W: tl.constexpr, WP: tl.constexpr)
 
 
 @triton.jit
-def _tile_union(sel, U, UC, prog, WP: tl.constexpr, SR: tl.constexpr, U_LOG: tl.constexpr):
-    """Sorted distinct blocks of ``sel`` (:func:`_tile_selection`), written to
-    U[prog, :count] and UC[prog]; returns count."""
-    flat = tl.reshape(sel, [SR * WP])
-    flat = tl.where(flat < 0, 0x3FFFFFFF, flat)
-    srt = _sort_last(flat, U_LOG, False)
-    pos = tl.arange(0, SR * WP)
-    ubase = U + prog.to(tl.int64) * (SR * WP)
+def _seg_or(start_a, bits_a, start_b, bits_b):
+    """Combine of a segmented OR scan: a run restarts where ``start`` is set."""
+    return start_a | start_b, tl.where(start_b != 0, bits_b, bits_a | bits_b)
+
+
+@triton.jit
+def _tile_union(sel, U, UM, UC, prog, WP: tl.constexpr, SR: tl.constexpr, U_LOG: tl.constexpr, ROW_LOG: tl.constexpr):
+    """Sorted distinct blocks of ``sel`` (:func:`_tile_selection`, [SR, WP]),
+    written to U[prog, :count], with UM[prog, i] the bit mask of the selecting
+    rows that list block U[prog, i] (bit r: row r of ``sel``); UC[prog] = count.
+    Returns count.
+
+    The masks let each step of the union loop find the rows that selected its
+    block from one scalar load, instead of comparing the block with the whole
+    [SR, WP] list and moving the answer into the matrix layout every step. A
+    row lists a block at most once, so a block's mask is the OR over the run of
+    sorted ``block << ROW_LOG | row`` keys that share the block."""
+    N: tl.constexpr = SR * WP
+    SENT: tl.constexpr = 0x7FFFFFFF
+    pos = tl.arange(0, N)
+    flat = tl.reshape(sel, [N])  # row-major: entry p belongs to row p // WP
+    key = tl.where(flat < 0, SENT, (flat << ROW_LOG) | (pos // WP))
+    srt = _sort_last(key, U_LOG, False)
+    ubase = U + prog.to(tl.int64) * N
     tl.store(ubase + pos, srt)
     tl.debug_barrier()
     prev = tl.load(ubase + pos - 1, mask=pos > 0, other=-1)
+    following = tl.load(ubase + pos + 1, mask=pos + 1 < N, other=SENT)
     tl.debug_barrier()
-    keep = (srt != prev) & (srt != 0x3FFFFFFF)
-    slot = tl.cumsum(keep.to(tl.int32), axis=0) - 1
-    count = tl.sum(keep.to(tl.int32), axis=0)
-    tl.store(ubase + slot, srt, mask=keep)
+    real = srt != SENT
+    block = srt >> ROW_LOG
+    first = (block != (prev >> ROW_LOG)) & real
+    # The last key of a run holds the run's whole mask after the scan.
+    last = (block != (following >> ROW_LOG)) & real
+    bits = tl.full([N], 1, UM.dtype.element_ty) << (srt & (SR - 1)).to(UM.dtype.element_ty)
+    _, run_bits = tl.associative_scan((first.to(tl.int32), bits), 0, _seg_or)
+    slot = tl.cumsum(first.to(tl.int32), axis=0) - 1
+    count = tl.sum(first.to(tl.int32), axis=0)
+    tl.store(ubase + slot, block, mask=first)
+    tl.store(UM + prog.to(tl.int64) * N + slot, run_bits, mask=last)
     tl.store(UC + prog, count)
     tl.debug_barrier()
     return count
 
 
 @triton.jit
-def _rows_hit(sel, j, SR: tl.constexpr, BT: tl.constexpr, GP: tl.constexpr, HEAD_SCORING: tl.constexpr):
-    """[R] rows whose selecting row lists block ``j`` (``j >= 0``; empty slots hold -1)."""
-    hit = tl.sum((sel == j).to(tl.int32), axis=1) > 0
-    if HEAD_SCORING:
-        return hit
-    else:
-        return tl.reshape(tl.broadcast_to(hit[:, None], [BT, GP]), [BT * GP])
-
-
-@triton.jit
-def _union_step(ubase, it, count, sel, t, valid, length,
-                LS: tl.constexpr, BS: tl.constexpr, PAIR: tl.constexpr,
-                SR: tl.constexpr, BT: tl.constexpr, GP: tl.constexpr, HEAD_SCORING: tl.constexpr):
-    """Keys of step ``it`` over a tile's union list ``ubase[:count]``: one block
-    (``PAIR`` false: ``BS`` columns) or the blocks ``it`` and ``it + 1`` side by
-    side (``2 * BS`` columns, the second empty past the list's end), so that a
-    step's matrix products are twice as wide.
+def _union_step(ubase, umbase, it, count, hit_row, t, valid, length,
+                LS: tl.constexpr, BS: tl.constexpr, PAIR: tl.constexpr):
+    """Keys of step ``it`` over a tile's union list ``ubase[:count]`` (row masks
+    ``umbase[:count]``, see :func:`_tile_union`): one block (``PAIR`` false:
+    ``BS`` columns) or the blocks ``it`` and ``it + 1`` side by side (``2 * BS``
+    columns, the second empty past the list's end), so that a step's matrix
+    products are twice as wide. ``hit_row`` [R]: each row's bit in the masks.
 
     Returns ``s_pos`` (key positions, [NK]), ``kmask`` (which keys to load, [NK])
     and ``mask`` ([R, NK]: the row selected the key's block, the key exists and
-    is causal for the row)."""
+    is causal for the row). A row that did not select the block gets the causal
+    limit -1, so one comparison per entry does all of it: for a real row,
+    ``s_pos <= t`` also keeps the key inside the sequence."""
     if PAIR:
         col = tl.arange(0, 2 * BS)
         second = col >= BS
         offset = tl.where(second, col - BS, col)
+        has_second = it + 1 < count
         j0 = tl.load(ubase + it)
-        j1 = tl.load(ubase + it + 1, mask=it + 1 < count, other=-1)
+        j1 = tl.load(ubase + it + 1, mask=has_second, other=-1)
+        bits0 = tl.load(umbase + it)
+        bits1 = tl.load(umbase + it + 1, mask=has_second, other=0)
         jj = tl.where(second, j1, j0)
         s_pos = jj * LS + offset
         kmask = (offset < LS) & (s_pos < length) & (jj >= 0)
-        hit0 = _rows_hit(sel, j0, SR, BT, GP, HEAD_SCORING)
-        hit1 = _rows_hit(sel, j1, SR, BT, GP, HEAD_SCORING)  # j1 = -1 past the end: kmask drops it
-        hit = tl.where(second[None, :], hit1[:, None], hit0[:, None])
+        limit0 = tl.where((((bits0 >> hit_row) & 1) != 0) & valid, t, -1)
+        limit1 = tl.where((((bits1 >> hit_row) & 1) != 0) & valid, t, -1)
+        limit = tl.where(second[None, :], limit1[:, None], limit0[:, None])
+        mask = (s_pos[None, :] <= limit) & kmask[None, :]
     else:
         offset = tl.arange(0, BS)
         j = tl.load(ubase + it)
+        bits = tl.load(umbase + it)
         s_pos = j * LS + offset
         kmask = (offset < LS) & (s_pos < length)
-        hit = _rows_hit(sel, j, SR, BT, GP, HEAD_SCORING)[:, None]
-    mask = hit & valid[:, None] & kmask[None, :] & (s_pos[None, :] <= t[:, None])
+        limit = tl.where((((bits >> hit_row) & 1) != 0) & valid, t, -1)
+        mask = s_pos[None, :] <= limit[:, None]
+        if BS != LS:
+            mask = mask & (offset < LS)[None, :]
     return s_pos, kmask, mask
 
 
 @triton.jit
 def slc_win_kernel(
-    Q, K, V, OC, GATES, SEL, U, UC, OUT, OS, OW, LSES, LSEW, STARTS, LENS,
+    Q, K, V, OC, GATES, SEL, U, UM, UC, OUT, OS, OW, LSES, LSEW, STARTS, LENS,
     sqb, sqh, sqt, skb, skh, skt, sgb, sgh, sgt, sgc, ssb, ssh, sst, slb, slh, slt,
     scale_log2, n_tiles,
     G: tl.constexpr, GP: tl.constexpr, BT: tl.constexpr, D: tl.constexpr, IEEE: tl.constexpr,
     HAS_CMP: tl.constexpr, HAS_SLC: tl.constexpr, HAS_WIN: tl.constexpr,
     GI_CMP: tl.constexpr, GI_SLC: tl.constexpr, GI_WIN: tl.constexpr,
     LS: tl.constexpr, BS: tl.constexpr, W: tl.constexpr, WP: tl.constexpr, HEAD_SCORING: tl.constexpr,
-    WIN: tl.constexpr, BKW: tl.constexpr, SAVE: tl.constexpr, U_LOG: tl.constexpr, PAIR: tl.constexpr,
+    WIN: tl.constexpr, BKW: tl.constexpr, SAVE: tl.constexpr, U_LOG: tl.constexpr, ROW_LOG: tl.constexpr,
+    PAIR: tl.constexpr,
 ):
     """Output strides follow q's layout (OUT, OC, OS, OW share q's strides).
     ``PAIR``: two union blocks per step (see :func:`_union_step`)."""
@@ -601,25 +630,27 @@ def slc_win_kernel(
                 SR: tl.constexpr = R
                 sel_base = SEL + bb * ssb + h * ssh + (start + t) * sst
                 sel_valid = valid
+                hit_row = r
             else:
                 SR: tl.constexpr = BT
                 ts = t0 + tl.arange(0, BT)
                 sel_base = SEL + bb * ssb + hk * ssh + (start + ts) * sst
                 sel_valid = ts < length
+                hit_row = r // GP
             prog = (b * tl.num_programs(2) + hk) * n_tiles + pid_t
             sel = _tile_selection(sel_base, sel_valid, W, WP)
-            count = _tile_union(sel, U, UC, prog, WP, SR, U_LOG)
+            count = _tile_union(sel, U, UM, UC, prog, WP, SR, U_LOG, ROW_LOG)
             ubase = U + prog.to(tl.int64) * (SR * WP)
+            umbase = UM + prog.to(tl.int64) * (SR * WP)
             m = tl.full([R], float("-inf"), tl.float32)
             acc_l = tl.zeros([R], tl.float32)
             acc = tl.zeros([R, D], tl.float32)
             for it in range(0, count, 2 if PAIR else 1):
-                s_pos, kmask, mask = _union_step(ubase, it, count, sel, t, valid, length, LS, BS, PAIR, SR, BT, GP, HEAD_SCORING)
+                s_pos, kmask, mask = _union_step(ubase, umbase, it, count, hit_row, t, valid, length, LS, BS, PAIR)
                 kk = tl.load(kbase + (start + s_pos)[:, None] * skt + d[None, :], mask=kmask[:, None], other=0.0)
                 vv = tl.load(vbase + (start + s_pos)[:, None] * skt + d[None, :], mask=kmask[:, None], other=0.0)
-                s = _dot(q, tl.trans(kk), IEEE) * scale_log2
-                s = tl.where(mask, s, float("-inf"))
-                m, alpha, p = _online_softmax(m, s)
+                s = tl.where(mask, _dot(q, tl.trans(kk), IEEE), float("-inf"))
+                m, alpha, p = _online_softmax(m, s, scale_log2)
                 acc_l = acc_l * alpha + tl.sum(p, axis=1)
                 acc = acc * alpha[:, None] + _dot(p.to(vv.dtype), vv, IEEE)
             o_s = acc / tl.where(acc_l > 0, acc_l, 1.0)[:, None]
@@ -639,10 +670,9 @@ def slc_win_kernel(
                 kmask = s_pos <= t_last
                 kk = tl.load(kbase + (start + s_pos)[:, None] * skt + d[None, :], mask=kmask[:, None], other=0.0)
                 vv = tl.load(vbase + (start + s_pos)[:, None] * skt + d[None, :], mask=kmask[:, None], other=0.0)
-                s = _dot(q, tl.trans(kk), IEEE) * scale_log2
                 mask = valid[:, None] & (s_pos[None, :] <= t[:, None]) & (s_pos[None, :] > t[:, None] - WIN)
-                s = tl.where(mask, s, float("-inf"))
-                m, alpha, p = _online_softmax(m, s)
+                s = tl.where(mask, _dot(q, tl.trans(kk), IEEE), float("-inf"))
+                m, alpha, p = _online_softmax(m, s, scale_log2)
                 acc_l = acc_l * alpha + tl.sum(p, axis=1)
                 acc = acc * alpha[:, None] + _dot(p.to(vv.dtype), vv, IEEE)
             o_w = acc / tl.where(acc_l > 0, acc_l, 1.0)[:, None]

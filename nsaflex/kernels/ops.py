@@ -20,6 +20,7 @@ import triton
 
 from nsaflex.kernels import backward as bwd
 from nsaflex.kernels import forward as fwd
+from nsaflex.errors import InputError
 from nsaflex.spec import Pattern
 
 
@@ -56,7 +57,8 @@ class KernelConfig:
     score_tokens: int = 16
     num_warps_select: int = 4
     num_warps_score: int = 8
-    num_stages: int = 2
+    num_stages: int = 3  # software pipelining of slc_win_kernel's loads (H200, run 18: 3 stages 37.1 ms vs 2 stages 40.1 at 128K video)
+    num_stages_dq: int = 3  # the same for bwd_dq_kernel (Triton's default)
     insert_max: int = 4  # fused top-n: insert up to this many new keys one by one, else sort-merge (H100: 4 < 8 < 16)
     # Top-n: "select" (block scores of a query chunk written to a buffer, then
     # topn_select_kernel, one warp per token), "torch" (packed int64 keys to a
@@ -161,11 +163,24 @@ class _Tiles:
         """log2 of a union list's capacity (sel_rows x padded block-list width)."""
         return (sel_rows * self.width_p2).bit_length() - 1
 
-    def union_buffers(self, programs: int, sel_rows: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    @staticmethod
+    def row_log(sel_rows: int) -> int:
+        """log2 of the selecting rows of a tile: the bits of a row index in the
+        union's sort keys ``block << row_log | row`` (``_tile_union``)."""
+        return max(0, (sel_rows - 1).bit_length())
+
+    def union_buffers(self, programs: int, sel_rows: int, max_len: int, slc_block: int,
+                      device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Scratch for the union lists of ``programs`` row tiles (``_tile_union``
-        writes them) and their counts."""
-        lists = torch.empty((programs, sel_rows * self.width_p2), dtype=torch.int32, device=device)
-        return lists, torch.zeros((programs,), dtype=torch.int32, device=device)
+        writes them), the lists' row masks (one bit per selecting row: int32 up
+        to 32 rows, else int64) and their counts."""
+        if (max_len // slc_block + 2) << self.row_log(sel_rows) >= 2**31:
+            raise InputError("q", f"at most {(2**31 >> self.row_log(sel_rows)) - 2} selection blocks per sequence "
+                             "for the triton backend's union keys", f"{max_len} tokens in blocks of {slc_block}")
+        cap = sel_rows * self.width_p2
+        lists = torch.empty((programs, cap), dtype=torch.int32, device=device)
+        masks = torch.empty((programs, cap), dtype=torch.int32 if sel_rows <= 32 else torch.int64, device=device)
+        return lists, masks, torch.zeros((programs,), dtype=torch.int32, device=device)
 
 
 # Dictionaries that receive each forward's residuals (see record_forward).
@@ -245,9 +260,9 @@ def _forward(q, k, v, kc, vc, gates, lay: SeqLayout, cfg: KernelConfig, save: bo
     n_t3 = triton.cdiv(lay.max_len, tiles.bt_sel)
     grid3 = (n_t3, B, Hkv)
     if cfg.has_slc:
-        U, UC = tiles.union_buffers(B * Hkv * n_t3, tiles.sel_rows, dev)
+        U, UM, UC = tiles.union_buffers(B * Hkv * n_t3, tiles.sel_rows, lay.max_len, cfg.slc_block, dev)
     else:
-        U = UC = dummy_i
+        U = UM = UC = dummy_i
     o_s = torch.empty_like(q) if (save and cfg.has_slc) else None
     o_w = torch.empty_like(q) if (save and cfg.has_win) else None
     lse_s = torch.empty(lse_shape, dtype=torch.float32, device=dev) if (save and cfg.has_slc) else None
@@ -256,7 +271,7 @@ def _forward(q, k, v, kc, vc, gates, lay: SeqLayout, cfg: KernelConfig, save: bo
     sel_ = sel if sel is not None else dummy_i
     ss = _qs(sel, P) if sel is not None else (0, 0, 0)
     fwd.slc_win_kernel[grid3](
-        q, k, v, oc if oc is not None else q, gates, sel_, U, UC, out,
+        q, k, v, oc if oc is not None else q, gates, sel_, U, UM, UC, out,
         o_s if o_s is not None else out, o_w if o_w is not None else out,
         lse_s if lse_s is not None else dummy_f, lse_w if lse_w is not None else dummy_f,
         lay.starts, lay.lens,
@@ -265,10 +280,11 @@ def _forward(q, k, v, kc, vc, gates, lay: SeqLayout, cfg: KernelConfig, save: bo
         HAS_CMP=cfg.has_cmp, HAS_SLC=cfg.has_slc, HAS_WIN=cfg.has_win,
         GI_CMP=cfg.gate_index[0], GI_SLC=cfg.gate_index[1], GI_WIN=cfg.gate_index[2],
         LS=cfg.slc_block, BS=cfg.slc_tile, W=tiles.width, WP=tiles.width_p2, HEAD_SCORING=cfg.head_scoring,
-        WIN=cfg.window, BKW=64, SAVE=save, U_LOG=tiles.union_log(tiles.sel_rows), PAIR=cfg.pair_blocks,
+        WIN=cfg.window, BKW=64, SAVE=save, U_LOG=tiles.union_log(tiles.sel_rows),
+        ROW_LOG=tiles.row_log(tiles.sel_rows), PAIR=cfg.pair_blocks,
         num_warps=cfg.num_warps_select, num_stages=cfg.num_stages,
     )
-    res.update(oc=oc, lse_c=lse_c, sel=sel, U=U, UC=UC, o_s=o_s, o_w=o_w, lse_s=lse_s, lse_w=lse_w)
+    res.update(oc=oc, lse_c=lse_c, sel=sel, U=U, UM=UM, UC=UC, o_s=o_s, o_w=o_w, lse_s=lse_s, lse_w=lse_w)
     for seen in _RECORDERS:
         seen.update(res)
     return out, res
@@ -393,9 +409,9 @@ def _backward(do, q, k, v, kc, vc, gates, lay: SeqLayout, cfg: KernelConfig, res
     oc, lse_c, sel = res["oc"], res["lse_c"], res["sel"]
     own_union = cfg.has_slc and tiles.bt_dq != tiles.bt_sel
     if own_union:
-        U, UC = tiles.union_buffers(B * Hkv * n_tq, tiles.dq_sel_rows, dev)
+        U, UM, UC = tiles.union_buffers(B * Hkv * n_tq, tiles.dq_sel_rows, lay.max_len, cfg.slc_block, dev)
     else:
-        U, UC = res["U"], res["UC"]
+        U, UM, UC = res["U"], res["UM"], res["UC"]
     any_lse = delta[0]
     kc_ = kc if (kc is not None and lay.max_cmp > 0) else k
     vc_ = vc if (vc is not None and lay.max_cmp > 0) else v
@@ -405,7 +421,7 @@ def _backward(do, q, k, v, kc, vc, gates, lay: SeqLayout, cfg: KernelConfig, res
         oc if oc is not None else q, res["o_s"] if res["o_s"] is not None else q, res["o_w"] if res["o_w"] is not None else q,
         lse_c if lse_c is not None else any_lse, res["lse_s"] if res["lse_s"] is not None else any_lse,
         res["lse_w"] if res["lse_w"] is not None else any_lse,
-        sel if sel is not None else dummy_i, U, UC, dq, dg, delta,
+        sel if sel is not None else dummy_i, U, UM, UC, dq, dg, delta,
         lay.starts, lay.lens, lay.cstarts, lay.clens,
         *_qs(q, P), *_qs(k, P), *_qs(kc_, P), *_gs(gates, P), *_qs(dg, P), *ss, *_qs(any_lse, P), delta.stride(0),
         scale_log2, scale, n_tq,
@@ -415,7 +431,8 @@ def _backward(do, q, k, v, kc, vc, gates, lay: SeqLayout, cfg: KernelConfig, res
         CBLOCK=cfg.cblock, CSTRIDE=cfg.cstride, LEGACY=cfg.legacy, BN=64,
         LS=cfg.slc_block, BS=cfg.slc_tile, W=tiles.width, WP=tiles.width_p2, HEAD_SCORING=cfg.head_scoring,
         WIN=cfg.window, BKW=64, PAIR=cfg.pair_blocks, OWN_UNION=own_union, U_LOG=tiles.union_log(tiles.dq_sel_rows),
-        num_warps=cfg.num_warps_select,
+        ROW_LOG=tiles.row_log(tiles.dq_sel_rows),
+        num_warps=cfg.num_warps_select, num_stages=cfg.num_stages_dq,
     )
     dkc = dvc = None
     if cfg.has_cmp and kc is not None and lay.max_cmp > 0:

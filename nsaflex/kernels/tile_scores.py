@@ -95,10 +95,10 @@ def _lse_kernel(
         for i0 in range(lo, hi, BN):
             i = i0 + tl.arange(0, BN)
             kc = tl.load(kbase + i.to(tl.int64)[:, None] * skt + d[None, :], mask=(i < hi)[:, None] & dmask[None, :], other=0.0)
-            s = _dot(q, tl.trans(kc), IEEE) * scale_log2
+            s = _dot(q, tl.trans(kc), IEEE)
             vis = _visible(i, t, n_cmp, CBLOCK, CSTRIDE, LEGACY) & valid[:, None]
             s = tl.where(vis, s, float("-inf"))
-            m, alpha, p = _online_softmax(m, s)
+            m, alpha, p = _online_softmax(m, s, scale_log2)
             acc = acc * alpha + tl.sum(p, axis=1)
         lse = tl.where(acc > 0, m + tl.log2(acc), float("inf"))
         tl.store(LSE + bb * slb + h * slh + t, lse, mask=valid)
