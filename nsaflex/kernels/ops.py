@@ -58,7 +58,13 @@ class KernelConfig:
     num_warps_select: int = 4
     num_warps_score: int = 8
     num_stages: int = 3  # software pipelining of slc_win_kernel's loads (H200, run 18: 3 stages 37.1 ms vs 2 stages 40.1 at 128K video)
-    num_stages_dq: int = 3  # the same for bwd_dq_kernel (Triton's default)
+    # Pipeline depth of the other kernels (3 is Triton's default). Shared memory
+    # decides how many programs share an SM: bwd_dq with 2 stages fits two per SM
+    # and ran 52.9 ms against 65.3 with 3 (H200, run 19, 128K video).
+    num_stages_dq: int = 2
+    num_stages_lse: int = 3
+    num_stages_dkv: int = 3  # bwd_cmp_dkv_kernel and bwd_win_dkv_kernel
+    num_stages_slc_dkv: int = 3
     insert_max: int = 4  # fused top-n: insert up to this many new keys one by one, else sort-merge (H100: 4 < 8 < 16)
     # Top-n: "select" (block scores of a query chunk written to a buffer, then
     # topn_select_kernel, one warp per token), "torch" (packed int64 keys to a
@@ -229,7 +235,7 @@ def _forward(q, k, v, kc, vc, gates, lay: SeqLayout, cfg: KernelConfig, save: bo
                 q, kc, lse_c, lay.starts, lay.lens, lay.cstarts, lay.clens,
                 *_qs(q, P), *_qs(kc, P), *_qs(lse_c, P), scale_log2,
                 G=G, GP=GP, BT=tiles.bt_score, BN=64, D=D, CBLOCK=cfg.cblock, CSTRIDE=cfg.cstride,
-                LEGACY=cfg.legacy, IEEE=ieee, num_warps=cfg.num_warps_score,
+                LEGACY=cfg.legacy, IEEE=ieee, num_warps=cfg.num_warps_score, num_stages=cfg.num_stages_lse,
             )
         else:
             lse_c.zero_()
@@ -446,6 +452,7 @@ def _backward(do, q, k, v, kc, vc, gates, lay: SeqLayout, cfg: KernelConfig, res
             scale_log2, scale, Hkv,
             G=G, GP=GP, BT=tiles.bt_kv, D=D, IEEE=ieee, GI_CMP=cfg.gate_index[0],
             CBLOCK=cfg.cblock, CSTRIDE=cfg.cstride, LEGACY=cfg.legacy, BNC=BNC, NSPLIT=nsplit,
+            num_stages=cfg.num_stages_dkv,
         )
         dkc = dkp.sum(0).to(kc.dtype)
         dvc = dvp.sum(0).to(vc.dtype)
@@ -464,6 +471,7 @@ def _backward(do, q, k, v, kc, vc, gates, lay: SeqLayout, cfg: KernelConfig, res
             q, k, v, do, gates, res["lse_w"], delta[2], dk, dv, lay.starts, lay.lens,
             *_qs(q, P), *_qs(k, P), *_gs(gates, P), *_qs(any_lse, P), scale_log2, scale,
             G=G, GP=GP, BT=tiles.bt_kv, D=D, IEEE=ieee, GI_WIN=cfg.gate_index[2], WIN=cfg.window, BK=BK,
+            num_stages=cfg.num_stages_dkv,
         )
     if cfg.has_slc:
         n_blocks = triton.cdiv(lay.max_len, cfg.slc_block)
@@ -484,7 +492,7 @@ def _backward(do, q, k, v, kc, vc, gates, lay: SeqLayout, cfg: KernelConfig, res
                 lay.starts, lay.lens,
                 *_qs(q, P), *_qs(k, P), *_gs(gates, P), *_qs(any_lse, P), scale_log2, scale, Hkv, n_blocks,
                 G=G, GP=GP, BT=bt_kv, D=D, IEEE=ieee, GI_SLC=cfg.gate_index[1], LS=cfg.slc_block, BS=BS,
-                HEAD_SCORING=cfg.head_scoring, ATOMIC=cfg.atomic,
+                HEAD_SCORING=cfg.head_scoring, ATOMIC=cfg.atomic, num_stages=cfg.num_stages_slc_dkv,
             )
             if not cfg.atomic:
                 bwd.reduce_slc_kernel[(uniq.shape[0],)](
