@@ -10,7 +10,7 @@ import os
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 pytestmark = [
@@ -38,8 +38,48 @@ def rel(a, b):
     return float((a - b).norm() / b.norm().clamp_min(1e-12))
 
 
+# A selection may differ from the reference's where two candidates score within
+# this fraction of the row's best score: bf16 inputs (and bf16 pooled keys) move
+# each probability by ~2^-8 of itself, so such candidates are ties at this precision.
+NEAR_TIE = 1e-2
+
+
+def kernel_selection(seen: dict, heads: int, length: int, block: int) -> torch.Tensor:
+    """The kernel's block lists ``[1, Hsel, T, W]`` (-1 in empty slots) as the
+    reference's bool ``[Hq, T, J]``."""
+    lists = seen["sel"][0].cpu().long()
+    blocks = -(-length // block)
+    chosen = torch.zeros(lists.shape[0], length, blocks + 1, dtype=torch.bool)
+    chosen.scatter_(2, torch.where(lists < 0, blocks, lists), True)
+    chosen = chosen[..., :blocks]
+    return chosen.repeat_interleave(heads // chosen.shape[0], dim=0)
+
+
+def assert_near_ties(got: torch.Tensor, want: torch.Tensor, scores: torch.Tensor) -> None:
+    """Where the two selections ``[Hq, T, J]`` differ, every block only the kernel
+    chose scores (reference scores ``[Hq, T, J]``) within NEAR_TIE of the row's
+    best of every block only the reference chose."""
+    for head, t in torch.nonzero((got != want).any(-1)).tolist():
+        row = scores[head, t]
+        only_got, only_want = row[got[head, t] & ~want[head, t]], row[want[head, t] & ~got[head, t]]
+        if len(only_got) and len(only_want):
+            gap = float(only_want.max() - only_got.min()) / max(float(row.max()), 1e-30)
+            assert gap <= NEAR_TIE, f"head {head}, query {t}: the kernel's selection is {gap:.3g} of the best score below the reference's"
+        else:  # a different number of blocks is never a tie
+            assert len(only_got) == len(only_want), f"head {head}, query {t}: {len(only_got)} vs {len(only_want)} blocks"
+
+
 def run_case(pattern, batch, kv_heads, group, length, dim, seed, *, types=None, backward=True, pooler=None):
+    """Relative errors of the kernel's output and gradients against the float64
+    reference. For one all-sparse sequence, a selection that differs from the
+    reference's only between near-tied candidates (``assert_near_ties``) is
+    accepted, and the reference then runs on the kernel's selection: its
+    outputs and gradients must still match."""
+    from unittest import mock
+
+    import nsaflex.reference as reference
     from nsaflex.backends.triton import BACKEND
+    from nsaflex.kernels import ops
 
     gen = torch.Generator().manual_seed(seed)
     heads = kv_heads * group
@@ -53,8 +93,31 @@ def run_case(pattern, batch, kv_heads, group, length, dim, seed, *, types=None, 
         gates = torch.rand(batch, heads, length, len(pattern.branches), generator=gen).to("cuda", torch.bfloat16)
         gates.requires_grad_(backward)
     kernel = BACKEND.build(pattern, None)
-    out = kernel(q, k, v, gates, types, pooler)
-    ref = reference_attention(q, k, v, pattern, gates, types, pooler)
+    with ops.record_forward() as seen:
+        out = kernel(q, k, v, gates, types, pooler)
+    scores = []
+    score_fn, compress_fn = reference.selection_scores, reference.compress
+
+    def kernel_precision_compress(k64, v64, compression, pooler):
+        # The backend pools in the inputs' dtype and hands the kernels those
+        # compressed tokens: the reference attends the same values (with the float64
+        # pooler's gradient), so that a pooler whose outputs barely differ between
+        # tokens (a freshly initialised MLP) does not turn bf16 pooling into error
+        # charged to the kernels.
+        exact = compress_fn(k64, v64, compression, pooler)
+        with torch.no_grad():
+            given = compress_fn(k64.to(q.dtype), v64.to(q.dtype), compression, pooler)
+        return tuple(e + (g.double() - e).detach() for e, g in zip(exact, given))
+
+    with mock.patch.object(reference, "selection_scores", lambda *a: scores.append(score_fn(*a)) or scores[-1]), \
+            mock.patch.object(reference, "compress", kernel_precision_compress):
+        ref, selections = reference_attention(q, k, v, pattern, gates, types, pooler, return_selection=True)
+        if batch == 1 and types is None and pattern.selection is not None and "sel" in seen:
+            got = kernel_selection(seen, heads, length, pattern.selection.block)
+            if not torch.equal(got, selections[0]):
+                assert_near_ties(got, selections[0], scores[0].detach())
+                with mock.patch.object(reference, "selected_blocks", lambda *a: got):
+                    ref = reference_attention(q, k, v, pattern, gates, types, pooler)
     errors = {"out": rel(out, ref)}
     if backward:
         inputs = [q, k, v] + ([gates] if gates is not None else [])
@@ -66,7 +129,22 @@ def run_case(pattern, batch, kv_heads, group, length, dim, seed, *, types=None, 
     return errors
 
 
+# Draws that failed once, kept as examples: a one-token selection among near-tied
+# scores (bf16 pooled keys pick another token than the float64 reference), and
+# 256-key selection blocks over stride-2 compression, whose score kernel needs more
+# shared memory with 3 pipeline stages than an H200 has (the launch falls back to 2).
+NEAR_TIED_ONE_TOKEN = Pattern(
+    name="near-tied", compression=Compression(block=1, stride=1, pooling="mlp", mlp_hidden=7),
+    selection=Selection(block=1, count=1, scoring="head", forced=()), window=Window(size=1), gate=Gate(kind="mlp"))
+LARGE_BLOCKS = Pattern(
+    name="large-blocks", compression=Compression(block=8, stride=2, visibility="videonsa_legacy"),
+    selection=Selection(block=256, count=21, forced=("first", "current")), window=Window(size=8),
+    gate=Gate(kind="linear", temperature=3))
+
+
 @GPU
+@example(pattern=NEAR_TIED_ONE_TOKEN, group=1, length=64, seed=0)
+@example(pattern=LARGE_BLOCKS, group=8, length=700, seed=1301)
 @given(
     any_patterns(power_of_two_blocks=True, granularities=("token",), allow_layers=False, allow_budget=False,
                  allow_model=False, hybrid=(None,), branches={"compression", "selection", "window"}),

@@ -379,3 +379,51 @@ def test_refuses_bad_tensors_before_launch():
 def test_cpu_without_interpreter_is_unsupported(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     assert "CUDA" in BACKEND.unsupported(VIDEONSA_SMALL, "cpu")
+
+
+# -- launches that do not fit ----------------------------------------------------------------
+
+
+class _SharedMemoryBound:
+    """A stand-in kernel that needs ``per_stage`` bytes of shared memory per
+    pipeline stage on a GPU with ``limit`` bytes, as Triton reports it."""
+
+    __name__ = "shared_memory_bound"
+
+    def __init__(self, per_stage: int, limit: int):
+        self.per_stage, self.limit, self.launched = per_stage, limit, []
+
+    def __getitem__(self, grid):
+        def launch(*args, num_stages, **kwargs):
+            from triton.runtime.errors import OutOfResources
+
+            if num_stages * self.per_stage > self.limit:
+                raise OutOfResources(num_stages * self.per_stage, self.limit, "shared memory")
+            self.launched.append((grid, args, num_stages, kwargs))
+
+        return launch
+
+
+@given(st.integers(1, 6), st.integers(1, 100_000), st.integers(1, 400_000))
+@settings(max_examples=50, deadline=None)
+def test_launch_drops_to_the_deepest_pipeline_that_fits(requested, per_stage, limit):
+    """``ops._launch`` runs the requested depth when it fits, else the deepest
+    one that does; it remembers the depth for the next launch; it raises when
+    even one stage does not fit."""
+    from triton.runtime.errors import OutOfResources
+
+    from nsaflex.kernels import ops
+
+    kernel = _SharedMemoryBound(per_stage, limit)
+    arg = torch.zeros(1)
+    fits = min(requested, limit // per_stage)
+    if fits < 1:
+        with pytest.raises(OutOfResources):
+            ops._launch(kernel, (1,), arg, num_stages=requested, BLOCK=per_stage, LIMIT=limit)
+        return
+    for _ in range(2):
+        ops._launch(kernel, (1,), arg, num_stages=requested, BLOCK=per_stage, LIMIT=limit)
+    assert [launch[2] for launch in kernel.launched] == [fits, fits]
+    assert kernel.launched[0][3] == {"BLOCK": per_stage, "LIMIT": limit}
+    key = next(key for key in ops._FITTED_STAGES if key[3] == (("BLOCK", per_stage), ("LIMIT", limit)) and key[2] == requested)
+    assert ops._FITTED_STAGES[key] == fits

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 import triton
+from triton.runtime.errors import OutOfResources
 
 from nsaflex.kernels import backward as bwd
 from nsaflex.kernels import forward as fwd
@@ -62,9 +63,10 @@ class KernelConfig:
     # decides how many programs share an SM: bwd_dq with 2 stages fits two per SM
     # and ran 52.9 ms against 65.3 with 3 (H200, run 19, 128K video).
     num_stages_dq: int = 2
-    num_stages_lse: int = 3
-    num_stages_dkv: int = 3  # bwd_cmp_dkv_kernel and bwd_win_dkv_kernel
-    num_stages_slc_dkv: int = 3
+    num_stages_lse: int = 3  # run 20: 2 stages measured the same (4.2 ms)
+    num_stages_score: int = 3
+    num_stages_dkv: int = 2  # bwd_cmp_dkv_kernel and bwd_win_dkv_kernel (run 20: 12.3 + 4.0 ms vs 14.9 + 5.7 with 3)
+    num_stages_slc_dkv: int = 3  # run 20: 2 stages measured the same (30.0 ms)
     insert_max: int = 4  # fused top-n: insert up to this many new keys one by one, else sort-merge (H100: 4 < 8 < 16)
     # Top-n: "select" (block scores of a query chunk written to a buffer, then
     # topn_select_kernel, one warp per token), "torch" (packed int64 keys to a
@@ -150,6 +152,32 @@ def _ieee(x: torch.Tensor) -> bool:
     return x.dtype == torch.float32
 
 
+# Pipeline depths that fitted, per kernel specialisation and device: later
+# launches start from the depth that worked instead of failing again.
+_FITTED_STAGES: dict = {}
+
+
+def _launch(kernel, grid, *args, num_stages: int, **kwargs) -> None:
+    """``kernel[grid](*args, **kwargs)`` with ``num_stages`` pipeline stages, or
+    fewer when that depth needs more shared memory than the GPU has (the score
+    kernel for 256-key selection blocks over stride-2 compression asked for
+    233,472 bytes with 3 stages on an H200, 1 KB over). Triton raises
+    ``OutOfResources`` at the first launch of a specialisation that does not
+    fit; the next shallower depth is compiled and tried."""
+    device = next((str(a.device) for a in args if isinstance(a, torch.Tensor)), "")
+    key = (getattr(kernel, "__name__", repr(kernel)), device, num_stages, tuple(sorted(kwargs.items())))
+    stages = _FITTED_STAGES.get(key, num_stages)
+    while True:
+        try:
+            kernel[grid](*args, num_stages=stages, **kwargs)
+            break
+        except OutOfResources:
+            if stages <= 1:
+                raise
+            stages -= 1
+    _FITTED_STAGES[key] = stages
+
+
 class _Tiles:
     def __init__(self, cfg: KernelConfig, group: int):
         self.G = group
@@ -231,7 +259,7 @@ def _forward(q, k, v, kc, vc, gates, lay: SeqLayout, cfg: KernelConfig, save: bo
             hs = Hq if cfg.head_scoring else Hkv
             sel = torch.empty((Bv, hs, Tv, tiles.width), dtype=torch.int32, device=dev)
         if lay.max_cmp > 0:
-            fwd.cmp_lse_kernel[grid](
+            _launch(fwd.cmp_lse_kernel, grid,
                 q, kc, lse_c, lay.starts, lay.lens, lay.cstarts, lay.clens,
                 *_qs(q, P), *_qs(kc, P), *_qs(lse_c, P), scale_log2,
                 G=G, GP=GP, BT=tiles.bt_score, BN=64, D=D, CBLOCK=cfg.cblock, CSTRIDE=cfg.cstride,
@@ -248,7 +276,7 @@ def _forward(q, k, v, kc, vc, gates, lay: SeqLayout, cfg: KernelConfig, save: bo
             n_tc = triton.cdiv(t_end - t_off, tiles.bt_score)
             nt = cfg.nt if mode == 0 else _score_blocks(cfg)
             bs_ = buf.stride()[:3] if buf is not None else (0, 0, 0)
-            fwd.cmp_score_kernel[(n_tc, B, Hkv)](
+            _launch(fwd.cmp_score_kernel, (n_tc, B, Hkv),
                 q, kc_, vc_, lse_c, oc, sel_, buf if buf is not None else dummy_f, lay.starts, lay.lens, lay.cstarts, lay.clens,
                 *_qs(q, P), *_qs(kc_, P), *_qs(lse_c, P), *_qs(oc, P), *ss, *bs_,
                 scale_log2, t_off, t_end, buf.shape[-1] if buf is not None else 0,
@@ -256,7 +284,7 @@ def _forward(q, k, v, kc, vc, gates, lay: SeqLayout, cfg: KernelConfig, save: bo
                 IEEE=ieee, SCORE=cfg.has_slc, BN=(cfg.eq9_a * nt if cfg.has_slc else 64),
                 LS=cfg.slc_block, COUNT=cfg.count, FIRST=cfg.first, PREV=cfg.prev, CUR=cfg.cur,
                 HEAD_SCORING=cfg.head_scoring, NT=nt, A=cfg.eq9_a, BB=cfg.eq9_b, NT_LOG=nt.bit_length() - 1,
-                INSERT_MAX=cfg.insert_max, TOPN=mode, num_warps=cfg.num_warps_score,
+                INSERT_MAX=cfg.insert_max, TOPN=mode, num_warps=cfg.num_warps_score, num_stages=cfg.num_stages_score,
             )
 
         if not cfg.has_slc or cfg.topn == "fused":
@@ -276,7 +304,7 @@ def _forward(q, k, v, kc, vc, gates, lay: SeqLayout, cfg: KernelConfig, save: bo
     lse_like = lse_c if lse_c is not None else (lse_s if lse_s is not None else (lse_w if lse_w is not None else torch.empty(lse_shape, dtype=torch.float32, device=dev)))
     sel_ = sel if sel is not None else dummy_i
     ss = _qs(sel, P) if sel is not None else (0, 0, 0)
-    fwd.slc_win_kernel[grid3](
+    _launch(fwd.slc_win_kernel, grid3,
         q, k, v, oc if oc is not None else q, gates, sel_, U, UM, UC, out,
         o_s if o_s is not None else out, o_w if o_w is not None else out,
         lse_s if lse_s is not None else dummy_f, lse_w if lse_w is not None else dummy_f,
@@ -422,7 +450,7 @@ def _backward(do, q, k, v, kc, vc, gates, lay: SeqLayout, cfg: KernelConfig, res
     kc_ = kc if (kc is not None and lay.max_cmp > 0) else k
     vc_ = vc if (vc is not None and lay.max_cmp > 0) else v
     ss = _qs(sel, P) if sel is not None else (0, 0, 0)
-    bwd.bwd_dq_kernel[(n_tq, B, Hkv)](
+    _launch(bwd.bwd_dq_kernel, (n_tq, B, Hkv),
         q, k, v, kc_, vc_, do, gates,
         oc if oc is not None else q, res["o_s"] if res["o_s"] is not None else q, res["o_w"] if res["o_w"] is not None else q,
         lse_c if lse_c is not None else any_lse, res["lse_s"] if res["lse_s"] is not None else any_lse,
@@ -446,7 +474,7 @@ def _backward(do, q, k, v, kc, vc, gates, lay: SeqLayout, cfg: KernelConfig, res
         nsplit = max(1, min(32, triton.cdiv(lay.max_len, 4096)))
         dkp = torch.empty((nsplit,) + tuple(kc.shape), dtype=torch.float32, device=dev)
         dvp = torch.empty_like(dkp)
-        bwd.bwd_cmp_dkv_kernel[(triton.cdiv(lay.max_cmp, BNC), nsplit, B * Hkv)](
+        _launch(bwd.bwd_cmp_dkv_kernel, (triton.cdiv(lay.max_cmp, BNC), nsplit, B * Hkv),
             q, kc, vc, do, gates, lse_c, delta[0], dkp, dvp, lay.starts, lay.lens, lay.cstarts, lay.clens,
             *_qs(q, P), *_qs(kc, P), *_gs(gates, P), *_qs(any_lse, P), dkp.stride(0),
             scale_log2, scale, Hkv,
@@ -467,7 +495,7 @@ def _backward(do, q, k, v, kc, vc, gates, lay: SeqLayout, cfg: KernelConfig, res
             raise AssertionError("k must be contiguous")
     if cfg.has_win:
         BK = 64
-        bwd.bwd_win_dkv_kernel[(triton.cdiv(lay.max_len, BK), B, Hkv)](
+        _launch(bwd.bwd_win_dkv_kernel, (triton.cdiv(lay.max_len, BK), B, Hkv),
             q, k, v, do, gates, res["lse_w"], delta[2], dk, dv, lay.starts, lay.lens,
             *_qs(q, P), *_qs(k, P), *_gs(gates, P), *_qs(any_lse, P), scale_log2, scale,
             G=G, GP=GP, BT=tiles.bt_kv, D=D, IEEE=ieee, GI_WIN=cfg.gate_index[2], WIN=cfg.window, BK=BK,
@@ -487,7 +515,7 @@ def _backward(do, q, k, v, kc, vc, gates, lay: SeqLayout, cfg: KernelConfig, res
             else:
                 dkp = torch.empty((nseg, BS, D), dtype=torch.float32, device=dev)
                 dvp = torch.empty_like(dkp)
-            bwd.bwd_slc_dkv_kernel[(nseg,)](
+            _launch(bwd.bwd_slc_dkv_kernel, (nseg,),
                 q, k, v, do, gates, res["lse_s"], delta[1], ent, seg_key, seg_start, seg_end, dkp, dvp, dk, dv,
                 lay.starts, lay.lens,
                 *_qs(q, P), *_qs(k, P), *_gs(gates, P), *_qs(any_lse, P), scale_log2, scale, Hkv, n_blocks,
