@@ -118,9 +118,10 @@ def _specialize(value) -> tuple[str, str]:
     try:
         from triton._C.libtriton import native_specialize_impl
         from triton.backends.compiler import BaseBackend
-    except ImportError:  # older triton: types only
+
+        kind, attr = native_specialize_impl(BaseBackend, value, False, True, True)
+    except (ImportError, TypeError):  # a triton without this entry point (or another signature): types only
         return _tname(value), ""
-    kind, attr = native_specialize_impl(BaseBackend, value, False, True, True)
     return kind, attr or ""
 
 
