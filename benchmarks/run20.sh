@@ -1,16 +1,7 @@
 #!/bin/bash
 # GPU run 20 (2026-12-01): after run 19 (bwd_dq on 2 pipeline stages by default): the pipeline depth of
 # cmp_lse, the cmp/win dkv kernels and bwd_slc_dkv (2 against 3) at 128K video, then the `nsaflex bench`
-# table (16K-128K, video and random inputs, fwd and fwd+bwd, cuDNN in the same run).
+# table: run 19's two steps with these stage variants.
 # One device call: `bash benchmarks/run20.sh`.
-export PYTHONUNBUFFERED=1
-OUT=${OUT:-/tmp/out}; mkdir -p $OUT
-python -m pip install -q --no-deps --no-build-isolation -e . > $OUT/install.log 2>&1
-S=$(date +%s)
-timeout 150 python benchmarks/triton_bench.py --lengths "" --tiles 128k --tile-inputs video \
-  --tile-configs "${TILE_CONFIGS:-num_stages_dq=2;num_stages_lse=2;num_stages_dkv=2;num_stages_slc_dkv=2}" \
-  --json $OUT/triton-stages-128k.json > $OUT/triton-stages-128k.log 2>&1
-echo "stage variants: rc=$? in $(( $(date +%s) - S )) s"; grep "^{" $OUT/triton-stages-128k.log | cut -c1-300; S=$(date +%s)
-timeout 420 nsaflex bench videonsa --backends triton --baselines cudnn --lengths 16k,32k,64k,128k \
-  --inputs video,random --pass fwd,fwd+bwd --json $OUT/triton-bench.json > $OUT/triton-bench.log 2>&1
-echo "triton bench: rc=$? in $(( $(date +%s) - S )) s"; grep -v "^$" $OUT/triton-bench.log | grep -v Warning | tail -32
+TILE_CONFIGS="${TILE_CONFIGS:-num_stages_dq=2;num_stages_lse=2;num_stages_dkv=2;num_stages_slc_dkv=2}" \
+  exec bash "$(dirname "$0")/run19.sh"

@@ -47,11 +47,11 @@ NEAR_TIE = 1e-2
 def kernel_selection(seen: dict, heads: int, length: int, block: int) -> torch.Tensor:
     """The kernel's block lists ``[1, Hsel, T, W]`` (-1 in empty slots) as the
     reference's bool ``[Hq, T, J]``."""
-    lists = seen["sel"][0].cpu().long()
-    blocks = -(-length // block)
-    chosen = torch.zeros(lists.shape[0], length, blocks + 1, dtype=torch.bool)
-    chosen.scatter_(2, torch.where(lists < 0, blocks, lists), True)
-    chosen = chosen[..., :blocks]
+    from nsaflex.scoring import SelectionResult, selected_mask
+
+    lists = seen["sel"].cpu()
+    result = SelectionResult(indices=lists, unit=1, per_head=lists.shape[1] == heads, num_blocks=-(-length // block))
+    chosen = selected_mask(result, length)[0]
     return chosen.repeat_interleave(heads // chosen.shape[0], dim=0)
 
 

@@ -545,6 +545,14 @@ def _tile_union(sel, U, UM, UC, prog, WP: tl.constexpr, SR: tl.constexpr, U_LOG:
 
 
 @triton.jit
+def _row_limit(bits, hit_row, valid, t):
+    """[R] causal limit of each row for a union block with row mask ``bits``:
+    the row's position ``t`` where its bit is set (and the row is real), else
+    -1, which no key position reaches."""
+    return tl.where((((bits >> hit_row) & 1) != 0) & valid, t, -1)
+
+
+@triton.jit
 def _union_step(ubase, umbase, it, count, hit_row, t, valid, length,
                 LS: tl.constexpr, BS: tl.constexpr, PAIR: tl.constexpr):
     """Keys of step ``it`` over a tile's union list ``ubase[:count]`` (row masks
@@ -570,9 +578,8 @@ def _union_step(ubase, umbase, it, count, hit_row, t, valid, length,
         jj = tl.where(second, j1, j0)
         s_pos = jj * LS + offset
         kmask = (offset < LS) & (s_pos < length) & (jj >= 0)
-        limit0 = tl.where((((bits0 >> hit_row) & 1) != 0) & valid, t, -1)
-        limit1 = tl.where((((bits1 >> hit_row) & 1) != 0) & valid, t, -1)
-        limit = tl.where(second[None, :], limit1[:, None], limit0[:, None])
+        limit = tl.where(second[None, :], _row_limit(bits1, hit_row, valid, t)[:, None],
+                         _row_limit(bits0, hit_row, valid, t)[:, None])
         mask = (s_pos[None, :] <= limit) & kmask[None, :]
     else:
         offset = tl.arange(0, BS)
@@ -580,8 +587,7 @@ def _union_step(ubase, umbase, it, count, hit_row, t, valid, length,
         bits = tl.load(umbase + it)
         s_pos = j * LS + offset
         kmask = (offset < LS) & (s_pos < length)
-        limit = tl.where((((bits >> hit_row) & 1) != 0) & valid, t, -1)
-        mask = s_pos[None, :] <= limit[:, None]
+        mask = s_pos[None, :] <= _row_limit(bits, hit_row, valid, t)[:, None]
         if BS != LS:
             mask = mask & (offset < LS)[None, :]
     return s_pos, kmask, mask
