@@ -252,7 +252,11 @@ def _forward(q, k, v, kc, vc, gates, lay: SeqLayout, cfg: KernelConfig, save: bo
     dummy_f = torch.zeros(1, dtype=torch.float32, device=dev)
     if cfg.has_cmp:
         lse_c = torch.empty(lse_shape, dtype=torch.float32, device=dev)
-        oc = torch.empty_like(q)
+        # Branch outputs are kept in fp32: the backward's delta = rowsum(dO * O_b) of a
+        # bf16-rounded O_b is off by ~2^-9 |O_b|, which dq then carries as delta * (the
+        # attention-weighted mean key); where keys or values share a large common part
+        # (pooled tokens from a fresh MLP) that was 1e-2 of dq on an H200 (run 23).
+        oc = torch.empty_like(q, dtype=torch.float32)
         n_t = triton.cdiv(lay.max_len, tiles.bt_score)
         grid = (n_t, B, Hkv)
         if cfg.has_slc:
@@ -297,8 +301,8 @@ def _forward(q, k, v, kc, vc, gates, lay: SeqLayout, cfg: KernelConfig, save: bo
         U, UM, UC = tiles.union_buffers(B * Hkv * n_t3, tiles.sel_rows, lay.max_len, cfg.slc_block, dev)
     else:
         U = UM = UC = dummy_i
-    o_s = torch.empty_like(q) if (save and cfg.has_slc) else None
-    o_w = torch.empty_like(q) if (save and cfg.has_win) else None
+    o_s = torch.empty_like(q, dtype=torch.float32) if (save and cfg.has_slc) else None
+    o_w = torch.empty_like(q, dtype=torch.float32) if (save and cfg.has_win) else None
     lse_s = torch.empty(lse_shape, dtype=torch.float32, device=dev) if (save and cfg.has_slc) else None
     lse_w = torch.empty(lse_shape, dtype=torch.float32, device=dev) if (save and cfg.has_win) else None
     lse_like = lse_c if lse_c is not None else (lse_s if lse_s is not None else (lse_w if lse_w is not None else torch.empty(lse_shape, dtype=torch.float32, device=dev)))
