@@ -18,6 +18,7 @@ import torch
 from torch.nn import functional as F
 
 from nsaflex.spec import Pattern
+from nsaflex.tensor_memo import remembered
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,8 @@ class SparseLayout:
             longest sparse sequence, rounded up by :func:`padded_length`.
         sparse_queries: ``[B, L]`` bool: queries whose output is the gated sparse mix.
         identity: True when every row's sparse sequence is the whole row.
+        has_text: True when some query takes the dense text path.
+        host_lengths: ``lengths`` as Python ints (read once, with the layout).
     """
 
     positions: torch.Tensor
@@ -42,37 +45,48 @@ class SparseLayout:
     max_length: int
     sparse_queries: torch.Tensor
     identity: bool
-
-    @property
-    def has_text(self) -> bool:
-        """Whether some query takes the dense text path."""
-        return not bool(self.sparse_queries.all())
+    has_text: bool
+    host_lengths: tuple[int, ...]
 
 
 def sparse_layout(pattern: Pattern, token_types: torch.Tensor | None, batch: int, length: int, device) -> SparseLayout:
-    """The layout of ``pattern`` for inputs of ``[B, L]`` with ``token_types``."""
-    full = torch.arange(length, device=device).expand(batch, length)
+    """The layout of ``pattern`` for inputs of ``[B, L]`` with ``token_types``.
+
+    Reading the token types synchronises with the device; the layout of the same
+    unmodified GPU ``token_types`` tensor is reused without reading it again
+    (:mod:`nsaflex.tensor_memo`)."""
     if pattern.hybrid is None or token_types is None:
+        full = torch.arange(length, device=device).expand(batch, length)
         sparse = torch.ones(batch, length, dtype=torch.bool, device=device)
         lengths = torch.full((batch,), length, dtype=torch.long, device=device)
-        return SparseLayout(full.contiguous(), lengths, _cumulative(lengths), length, sparse, True)
+        return SparseLayout(full.contiguous(), lengths, _cumulative(lengths), length, sparse, True, False, (length,) * batch)
+    key = ("sparse_layout", pattern.hybrid, batch, length, str(torch.device(device)))
+    return remembered(token_types, key, lambda: _token_layout(pattern, token_types, batch, length, device))
+
+
+def _token_layout(pattern: Pattern, token_types: torch.Tensor, batch: int, length: int, device) -> SparseLayout:
+    full = torch.arange(length, device=device).expand(batch, length)
     vision = token_types.to(device=device) == 1
+    all_vision = bool(vision.all())  # a host synchronisation (one more for mixed rows' lengths)
     if pattern.hybrid.vision_keys == "all":
         lengths = torch.full((batch,), length, dtype=torch.long, device=device)
-        return SparseLayout(full.contiguous(), lengths, _cumulative(lengths), length, vision, True)
-    if bool(vision.all()):
+        return SparseLayout(full.contiguous(), lengths, _cumulative(lengths), length, vision, True, not all_vision,
+                            (length,) * batch)
+    if all_vision:
         # Every token is vision: the compacted sequences are the rows themselves, and
         # gathering/scattering them would copy q, k, v, the gates and the output for
         # nothing (about 8 ms at 128K on an H100).
         lengths = torch.full((batch,), length, dtype=torch.long, device=device)
-        return SparseLayout(full.contiguous(), lengths, _cumulative(lengths), length, vision, True)
+        return SparseLayout(full.contiguous(), lengths, _cumulative(lengths), length, vision, True, False,
+                            (length,) * batch)
     lengths = vision.sum(dim=1)
-    max_length = padded_length(int(lengths.max().item()) if batch else 0, length)
+    host_lengths = tuple(int(n) for n in lengths.tolist())
+    max_length = padded_length(max(host_lengths, default=0), length)
     # Stable sort puts each row's vision positions first, in order.
     order = torch.sort((~vision).to(torch.int8), dim=1, stable=True).indices[:, :max_length]
     valid = torch.arange(max_length, device=device)[None, :] < lengths[:, None]
     positions = torch.where(valid, order, torch.zeros_like(order))
-    return SparseLayout(positions, lengths, _cumulative(lengths), max_length, vision, False)
+    return SparseLayout(positions, lengths, _cumulative(lengths), max_length, vision, False, True, host_lengths)
 
 
 def padded_length(longest: int, length: int) -> int:

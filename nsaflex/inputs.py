@@ -14,6 +14,7 @@ import torch
 
 from nsaflex.errors import InputError
 from nsaflex.spec import Pattern
+from nsaflex.tensor_memo import remembered
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -114,10 +115,15 @@ def check_inputs(
             raise InputError("token_types", "an integer or bool tensor", str(token_types.dtype))
         if token_types.device != q.device:
             raise InputError("token_types", f"device {q.device} (as q)", str(token_types.device))
-        if token_types.numel() and not bool(((token_types == 0) | (token_types == 1)).all()):
-            bad = token_types[(token_types != 0) & (token_types != 1)][0].item()
-            raise InputError("token_types", "values 0 (text) or 1 (vision)", bad)
+        remembered(token_types, "token classes are 0 or 1", lambda: _check_token_values(token_types))
     return Shapes(batch, query_heads, kv_heads, length, head_dim)
+
+
+def _check_token_values(token_types: torch.Tensor) -> bool:
+    if token_types.numel() and not bool(((token_types == 0) | (token_types == 1)).all()):
+        bad = token_types[(token_types != 0) & (token_types != 1)][0].item()
+        raise InputError("token_types", "values 0 (text) or 1 (vision)", bad)
+    return True
 
 
 def resolve_gates(pattern: Pattern, gates: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:

@@ -138,8 +138,9 @@ def _sparse_forward(pattern, cfg, q, k, v, gates, token_types, pooler):
     layout = sparse_layout(pattern, token_types, batch, length, device)
     gates = resolve_gates(pattern, gates, q)
     c = pattern.compression
-    # Every token vision (vision_keys: vision): the compacted rows are the rows.
-    identity = layout.identity or bool((layout.lengths == length).all())
+    # Every token vision (vision_keys: vision) gives an identity layout: the compacted
+    # rows are the rows.
+    identity = layout.identity
     if identity:
         qs, ks, vs, gs = q.contiguous(), k.contiguous(), v.contiguous(), gates
         starts = torch.zeros(batch, dtype=torch.int32, device=device)
@@ -162,7 +163,7 @@ def _sparse_forward(pattern, cfg, q, k, v, gates, token_types, pooler):
         ks = pack_varlen(k, layout)[None].contiguous()
         vs = pack_varlen(v, layout)[None].contiguous()
         gs = pack_varlen(gates, layout)[None]
-        lens_list = [int(x) for x in layout.lengths.tolist()]
+        lens_list = list(layout.host_lengths)
         max_len = max(lens_list)  # the kernels' grids need the longest row, not the padded Lmax
         starts = layout.cu_seqlens[:-1].to(torch.int32).contiguous()
         lens = layout.lengths.to(torch.int32)

@@ -296,7 +296,11 @@ def bwd_slc_dkv_kernel(
     d = tl.arange(0, D)
     sl = tl.arange(0, BS)
     s_pos = j * LS + sl
-    smask = (sl < LS) & (s_pos < length)
+    # The index has a fixed number of segments; those past the real count are empty
+    # (e_lo = e_hi) and neither load nor store. (A row bound rather than a scalar
+    # bool in the masks: Triton's interpreter refuses scalar bool masks.)
+    live_rows = tl.where(e_lo < e_hi, BS, 0)
+    smask = (sl < LS) & (s_pos < length) & (sl < live_rows)
     koff = bb * skb + hk * skh + (start + s_pos) * skt
     kk = tl.load(K + koff[:, None] + d[None, :], mask=smask[:, None], other=0.0)
     vv = tl.load(V + koff[:, None] + d[None, :], mask=smask[:, None], other=0.0)
@@ -335,8 +339,8 @@ def bwd_slc_dkv_kernel(
         tl.atomic_add(DV + koff[:, None] + d[None, :], dv, mask=smask[:, None])
     else:
         poff = seg.to(tl.int64) * (BS * D) + sl[:, None] * D + d[None, :]
-        tl.store(DKP + poff, dk * scale)
-        tl.store(DVP + poff, dv)
+        tl.store(DKP + poff, dk * scale, mask=sl[:, None] < live_rows)
+        tl.store(DVP + poff, dv, mask=sl[:, None] < live_rows)
 
 
 @triton.jit
@@ -345,7 +349,9 @@ def reduce_slc_kernel(
     skb, skh, skt, n_kv_heads, n_blocks,
     D: tl.constexpr, LS: tl.constexpr, BS: tl.constexpr,
 ):
-    """Adds the partials of one block's segments (in order) into DK, DV."""
+    """Adds the partials of one block's segments (in order) into DK, DV: one
+    program per key of the inverted index (every block of every sequence and
+    kv head)."""
     u = tl.program_id(0)
     key = tl.load(KEYS + u)
     s_lo = tl.load(KEY_SEG + u)
@@ -359,7 +365,8 @@ def reduce_slc_kernel(
     d = tl.arange(0, D)
     sl = tl.arange(0, BS)
     s_pos = j * LS + sl
-    smask = (sl < LS) & (s_pos < length)
+    # Blocks that no entry selected have no segments: leave them as they are.
+    smask = (sl < tl.where(s_lo < s_hi, LS, 0)) & (s_pos < length)
     koff = b.to(tl.int64) * skb + hk * skh + (start + s_pos) * skt
     dk = tl.load(DK + koff[:, None] + d[None, :], mask=smask[:, None], other=0.0)
     dv = tl.load(DV + koff[:, None] + d[None, :], mask=smask[:, None], other=0.0)

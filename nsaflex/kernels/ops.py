@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 import triton
+from torch.nn import functional as F
 from triton.runtime.errors import OutOfResources
 
 from nsaflex.kernels import backward as bwd
@@ -391,39 +392,77 @@ def _chunked_topn(score, sel, lay: SeqLayout, cfg: KernelConfig, tiles: "_Tiles"
             )
 
 
+def _multiprocessors(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (1 elsewhere, e.g. the CPU interpreter)."""
+    if device.type != "cuda":
+        return 1
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _cmp_dkv_splits(max_len: int, programs_per_split: int, device: torch.device) -> int:
+    """Query splits of bwd_cmp_dkv_kernel: one per 4,096 queries (at most 32),
+    and more where its (compressed tiles x batch x kv heads) programs would
+    leave SMs idle: about four programs per SM, down to 512 queries a split.
+    At 16K (4 compressed tiles x 4 kv heads) one split per 4,096 queries made 64
+    programs for the H200's 132 SMs: 1.16 ms for four products over the scores
+    that the forward's lse pass covers with one in 0.12 ms (run 24)."""
+    splits = max(1, min(32, triton.cdiv(max_len, 4096)))
+    fill = triton.cdiv(4 * _multiprocessors(device), max(1, programs_per_split))
+    return max(splits, min(fill, max(1, triton.cdiv(max_len, 512))))
+
+
 def _inverted_index(sel: torch.Tensor, lay: SeqLayout, cfg: KernelConfig, group: int, n_kv: int, n_blocks: int, seg_len: int):
-    """Segments of the (block -> selecting entries) index, sorted by key."""
+    """Segments of the (block -> selecting entries) index, in key order, built
+    without a host synchronisation: every shape is fixed by ``sel``'s shape.
+
+    key = (sequence * Hkv + kv head) * n_blocks + block, for each of the
+    ``nkeys`` blocks; the entries (tokens, or token * G + head for head scoring)
+    that selected a key are a run of the key-sorted entries, cut into segments of
+    at most ``seg_len``. There are at most ``nkeys + ceil(slots / seg_len)``
+    segments (``slots`` = sel.numel()); the segments past the real count are
+    empty (start = end) and their programs do nothing.
+
+    Returns (entries, segment keys, segment starts, segment ends, keys
+    ``[nkeys]``, first segment of each key ``[nkeys + 1]``), or None when
+    ``sel`` has no slots.
+    """
     dev = sel.device
     Bv, HS, Tv, W = sel.shape
-    nz = (sel >= 0).nonzero()
-    if nz.shape[0] == 0:
+    slots = sel.numel()
+    if slots == 0:
         return None
-    bv, hs, p = nz[:, 0], nz[:, 1], nz[:, 2]
-    j = sel[bv, hs, p, nz[:, 3]].long()
+    nkeys = lay.batch * n_kv * n_blocks
+    p = torch.arange(Tv, device=dev).view(1, 1, Tv, 1)
+    hs = torch.arange(HS, device=dev).view(1, HS, 1, 1)
     if lay.packed:
-        seq_of = torch.repeat_interleave(torch.arange(lay.batch, device=dev), lay.lens.long(), output_size=Tv)
-        seq = seq_of[p]
-        t = p - lay.starts.long()[seq]
+        seq = torch.repeat_interleave(torch.arange(lay.batch, device=dev), lay.lens.long(), output_size=Tv)
+        t = p - lay.starts.long()[seq].view(1, 1, Tv, 1)
+        seq = seq.view(1, 1, Tv, 1)
     else:
-        seq, t = bv, p
+        seq, t = torch.arange(Bv, device=dev).view(Bv, 1, 1, 1), p
     if cfg.head_scoring:
         hk, ent = hs // group, t * group + hs % group
     else:
         hk, ent = hs, t
-    key = (seq * n_kv + hk) * n_blocks + j
+    # Empty slots get key nkeys, past every block: they sort last and belong to no segment.
+    key_dtype = torch.int32 if nkeys < 2**31 - 1 else torch.int64
+    key = torch.where(sel >= 0, (seq * n_kv + hk) * n_blocks + sel.long(), nkeys).to(key_dtype).flatten()
     key, order = torch.sort(key, stable=True)
-    ent = ent[order].to(torch.int32).contiguous()
-    uniq, counts = torch.unique_consecutive(key, return_counts=True)
-    nseg = (counts + seg_len - 1) // seg_len
-    first = torch.cumsum(counts, 0) - counts
-    total = int(nseg.sum())
-    seg_first = torch.cumsum(nseg, 0) - nseg
-    local = torch.arange(total, device=dev) - torch.repeat_interleave(seg_first, nseg, output_size=total)
-    seg_start = torch.repeat_interleave(first, nseg, output_size=total) + local * seg_len
-    seg_end = torch.minimum(seg_start + seg_len, torch.repeat_interleave(first + counts, nseg, output_size=total))
-    seg_key = torch.repeat_interleave(uniq, nseg, output_size=total)
-    key_seg = torch.cat([seg_first, seg_first.new_tensor([total])]).contiguous()
-    return ent, seg_key.contiguous(), seg_start.contiguous(), seg_end.contiguous(), uniq.contiguous(), key_seg
+    ent = ent.expand(Bv, HS, Tv, W).flatten()[order].to(torch.int32).contiguous()
+    keys = torch.arange(nkeys, device=dev, dtype=key_dtype)
+    first = torch.searchsorted(key, keys)
+    end = torch.searchsorted(key, keys, right=True)
+    nseg = (end - first + seg_len - 1) // seg_len
+    key_seg = F.pad(torch.cumsum(nseg, 0), (1, 0))
+    max_segments = nkeys + -(-slots // seg_len)
+    segment = torch.arange(max_segments, device=dev)
+    owner = (torch.searchsorted(key_seg[1:], segment, right=True)).clamp_max(nkeys - 1)
+    seg_start = first[owner] + (segment - key_seg[owner]) * seg_len
+    seg_end = torch.minimum(seg_start + seg_len, end[owner])
+    past = segment >= key_seg[-1]
+    seg_start = torch.where(past, 0, seg_start)
+    seg_end = torch.where(past, 0, seg_end)
+    return ent, owner.contiguous(), seg_start.contiguous(), seg_end.contiguous(), keys.long().contiguous(), key_seg.contiguous()
 
 
 def _backward(do, q, k, v, kc, vc, gates, lay: SeqLayout, cfg: KernelConfig, res: dict, need_gates: bool):
@@ -475,7 +514,7 @@ def _backward(do, q, k, v, kc, vc, gates, lay: SeqLayout, cfg: KernelConfig, res
     dkc = dvc = None
     if cfg.has_cmp and kc is not None and lay.max_cmp > 0:
         BNC = 64
-        nsplit = max(1, min(32, triton.cdiv(lay.max_len, 4096)))
+        nsplit = _cmp_dkv_splits(lay.max_len, triton.cdiv(lay.max_cmp, BNC) * B * Hkv, dev)
         dkp = torch.empty((nsplit,) + tuple(kc.shape), dtype=torch.float32, device=dev)
         dvp = torch.empty_like(dkp)
         _launch(bwd.bwd_cmp_dkv_kernel, (triton.cdiv(lay.max_cmp, BNC), nsplit, B * Hkv),

@@ -1,0 +1,104 @@
+"""The sparse layout of token classes (``nsaflex.hybrid.sparse_layout``): its
+fields against a direct reading of the token types; and what is read off a GPU
+token-type tensor (its layout, that its values are 0 or 1) being reused only
+while the tensor is unchanged (tried on CPU tensors declared cacheable)."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from nsaflex import hybrid, tensor_memo
+from nsaflex.errors import InputError
+from nsaflex.inputs import check_inputs
+from nsaflex.spec import Compression, Gate, Hybrid, Pattern
+
+
+def pattern(vision_keys: str) -> Pattern:
+    return Pattern(name="p", compression=Compression(block=4, stride=4), gate=Gate(kind="constant", values=(1.0,)),
+                   hybrid=Hybrid(vision_keys=vision_keys))
+
+
+token_types = st.integers(1, 3).flatmap(
+    lambda batch: st.integers(1, 40).flatmap(
+        lambda length: st.lists(st.lists(st.sampled_from((0, 1)), min_size=length, max_size=length),
+                                min_size=batch, max_size=batch)))
+
+
+@settings(max_examples=60, deadline=None)
+@given(token_types, st.sampled_from(("vision", "all")))
+def test_layout_fields_follow_the_token_types(rows, vision_keys):
+    types = torch.tensor(rows)
+    batch, length = types.shape
+    layout = hybrid.sparse_layout(pattern(vision_keys), types, batch, length, "cpu")
+    vision = types == 1
+    assert layout.has_text == (not bool(vision.all()))
+    assert torch.equal(layout.sparse_queries, vision)
+    assert layout.host_lengths == tuple(layout.lengths.tolist())
+    if vision_keys == "all" or bool(vision.all()):
+        assert layout.identity and layout.max_length == length
+        assert torch.equal(layout.lengths, torch.full((batch,), length))
+    else:
+        assert not layout.identity
+        assert torch.equal(layout.lengths, vision.sum(1))
+        assert layout.max_length >= int(vision.sum(1).max())
+        for b in range(batch):
+            n = int(vision[b].sum())
+            assert torch.equal(layout.positions[b, :n], torch.nonzero(vision[b]).flatten())
+    assert torch.equal(layout.cu_seqlens.long(), torch.cat([torch.zeros(1, dtype=torch.long), layout.lengths.cumsum(0)]))
+
+
+@settings(max_examples=30, deadline=None)
+@given(token_types, st.data())
+def test_a_layout_is_reused_only_for_the_same_unmodified_tensor(rows, data):
+    with cpu_tensors_remembered():
+        types = torch.tensor(rows)
+        batch, length = types.shape
+        vision = pattern("vision")
+        first = hybrid.sparse_layout(vision, types, batch, length, "cpu")
+        assert hybrid.sparse_layout(vision, types, batch, length, "cpu") is first
+        # Another pattern section, or an equal but distinct tensor: built anew.
+        assert hybrid.sparse_layout(pattern("all"), types, batch, length, "cpu") is not first
+        assert hybrid.sparse_layout(vision, types.clone(), batch, length, "cpu") is not first
+        # An in-place write, here through a view, is seen.
+        b, t = data.draw(st.integers(0, batch - 1)), data.draw(st.integers(0, length - 1))
+        types[b].select(0, t).fill_(1 - int(types[b, t]))
+        changed = hybrid.sparse_layout(vision, types, batch, length, "cpu")
+        assert changed is not first
+        assert torch.equal(changed.sparse_queries, types == 1)
+        assert changed.has_text == (not bool((types == 1).all()))
+
+
+@contextlib.contextmanager
+def cpu_tensors_remembered():
+    original = tensor_memo.cacheable
+    tensor_memo.cacheable = lambda tensor: True
+    try:
+        yield
+    finally:
+        tensor_memo.cacheable = original
+
+
+@settings(max_examples=30, deadline=None)
+@given(token_types, st.data())
+def test_token_values_are_checked_again_after_every_write(rows, data):
+    types = torch.tensor(rows)
+    batch, length = types.shape
+    q = torch.zeros(batch, 2, length, 8)
+    k = v = torch.zeros(batch, 1, length, 8)
+    with cpu_tensors_remembered():
+        check_inputs(pattern("vision"), q, k, v, None, types)
+        check_inputs(pattern("vision"), q, k, v, None, types)
+        b, t = data.draw(st.integers(0, batch - 1)), data.draw(st.integers(0, length - 1))
+        bad = data.draw(st.sampled_from((2, -1, 7)))
+        types[b, t] = bad
+        for _ in range(2):  # a refusal is not remembered as a pass
+            try:
+                check_inputs(pattern("vision"), q, k, v, None, types)
+            except InputError as error:
+                assert error.argument == "token_types" and str(bad) in str(error)
+            else:
+                raise AssertionError("a token class outside {0, 1} was accepted")
