@@ -85,6 +85,7 @@ from nsaflex.loader import load_pattern
 from nsaflex.reference_release import check_release_pattern, padded_slots, release_attention
 from nsaflex.runtime import CompiledAttention, compile as compile_pattern
 from nsaflex.spec import Pattern
+from nsaflex.tensor_memo import remembered
 
 ATTN_NAME = "nsaflex"
 MODES = ("faithful", "videonsa_release")
@@ -488,10 +489,13 @@ class Qwen25VLAdapter:
         # Hybrid patterns: text queries are dense; if every query of the call is
         # text, the original implementation computes exactly that.
         if self.mode == "faithful" and layer.pattern.hybrid is not None:
-            new = types[:, past:total] == 1
-            if valid is not None:
-                new &= valid[:, past:total]
-            if not bool(new.any()):
+            if valid is None:
+                # Read once per call, not once per layer: every layer gets the same tensor.
+                any_vision = remembered(types, ("vision queries in", past, total),
+                                        lambda: bool((types[:, past:total] == 1).any()))
+            else:
+                any_vision = bool(((types[:, past:total] == 1) & valid[:, past:total]).any())
+            if not any_vision:
                 self._keep_tile_queries(layer, query, types, valid, past)
                 return delegate()
         if dropout:
