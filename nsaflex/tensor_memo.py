@@ -46,5 +46,6 @@ def remembered(tensor: torch.Tensor, key: Hashable, compute: Callable[[], T]) ->
     _ENTRIES.pop(slot, None)
     if len(_ENTRIES) >= _MAX_ENTRIES:
         _ENTRIES.pop(next(iter(_ENTRIES)))
-    _ENTRIES[slot] = (weakref.ref(tensor), tensor._version, value)
+    # The entry goes when the tensor does, so no layout outlives its token types.
+    _ENTRIES[slot] = (weakref.ref(tensor, lambda _dead, slot=slot: _ENTRIES.pop(slot, None)), tensor._version, value)
     return value

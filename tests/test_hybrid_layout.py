@@ -102,3 +102,15 @@ def test_token_values_are_checked_again_after_every_write(rows, data):
                 assert error.argument == "token_types" and str(bad) in str(error)
             else:
                 raise AssertionError("a token class outside {0, 1} was accepted")
+
+
+def test_an_entry_goes_with_its_tensor():
+    from nsaflex.tensor_memo import _ENTRIES
+
+    with cpu_tensors_remembered():
+        types = torch.ones(2, 9, dtype=torch.long)
+        layout = hybrid.sparse_layout(pattern("vision"), types, 2, 9, "cpu")
+        slots = [slot for slot, entry in _ENTRIES.items() if entry[2] is layout]
+        assert len(slots) == 1
+        del types
+        assert slots[0] not in _ENTRIES

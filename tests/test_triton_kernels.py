@@ -213,6 +213,23 @@ def test_tile_variants_match_reference(case, config):
     check(*case, backward=True, **config)
 
 
+@settings(max_examples=5, deadline=None, suppress_health_check=list(HealthCheck))
+@given(kernel_patterns().filter(lambda p: p.compression is not None), st.sampled_from((7, 8)),
+       st.integers(24, 48), st.integers(2, 5), st.integers(0, 2**31 - 1))
+def test_compression_dkv_query_splits_change_only_the_schedule(pattern, group, length, splits, seed):
+    """bwd_cmp_dkv_kernel splits each compressed tile's queries (here 3-6 tiles
+    of 8 tokens) over as many programs as the launch picks (on a GPU: enough to
+    fill it); on the CPU the rule picks one for these lengths, so other counts
+    are forced here."""
+    from unittest import mock
+
+    from nsaflex.kernels import ops
+
+    types = torch.ones(1, length, dtype=torch.long) if pattern.hybrid is not None else None
+    with mock.patch.object(ops, "_cmp_dkv_splits", lambda *args: splits):
+        check(pattern, (1, 1, group, length, 16), seed, types, backward=True)
+
+
 def test_atomic_variant_close_to_deterministic():
     pattern = dataclasses.replace(VIDEONSA_SMALL, hybrid=None)
     check(pattern, (1, 1, 3, 30, 16), 2, None, backward=True, atomic=True)

@@ -7,8 +7,9 @@
   log-sum-exp. Its row tiles may be smaller than the forward's
   (``KernelConfig.dq_tokens``): it then builds their union lists itself.
 * :func:`bwd_cmp_dkv_kernel`: ``dK_cmp, dV_cmp`` per tile of compressed tokens,
-  the query range split over ``NSPLIT`` programs writing fp32 partials that are
-  summed in a fixed order.
+  the query range split over the programs of grid axis 1 (a count the launch
+  picks, not a compile-time constant), writing fp32 partials that are summed in
+  a fixed order.
 * :func:`bwd_win_dkv_kernel`: window ``dk, dv`` per key tile (writes the fp32
   accumulators).
 * :func:`bwd_slc_dkv_kernel`: selection ``dk, dv`` per segment of the inverted
@@ -172,10 +173,11 @@ def bwd_cmp_dkv_kernel(
     scale_log2, scale, n_kv_heads,
     G: tl.constexpr, GP: tl.constexpr, BT: tl.constexpr, D: tl.constexpr, IEEE: tl.constexpr,
     GI_CMP: tl.constexpr, CBLOCK: tl.constexpr, CSTRIDE: tl.constexpr, LEGACY: tl.constexpr,
-    BNC: tl.constexpr, NSPLIT: tl.constexpr,
+    BNC: tl.constexpr,
 ):
     pid_i = tl.program_id(0)
     split = tl.program_id(1)
+    n_splits = tl.num_programs(1)
     bh = tl.program_id(2)
     b = bh // n_kv_heads
     hk = bh % n_kv_heads
@@ -199,7 +201,7 @@ def bwd_cmp_dkv_kernel(
             t_lo = i0 * CSTRIDE + CBLOCK - 1
             t_hi = length
         n_t = tl.cdiv(tl.maximum(t_hi - t_lo, 0), BT)
-        per = tl.cdiv(n_t, NSPLIT)
+        per = tl.cdiv(n_t, n_splits)
         tt_lo = split * per
         tt_hi = tl.minimum(tt_lo + per, n_t)
         R: tl.constexpr = BT * GP

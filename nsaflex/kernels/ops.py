@@ -522,7 +522,7 @@ def _backward(do, q, k, v, kc, vc, gates, lay: SeqLayout, cfg: KernelConfig, res
             *_qs(q, P), *_qs(kc, P), *_gs(gates, P), *_qs(any_lse, P), dkp.stride(0),
             scale_log2, scale, Hkv,
             G=G, GP=GP, BT=tiles.bt_kv, D=D, IEEE=ieee, GI_CMP=cfg.gate_index[0],
-            CBLOCK=cfg.cblock, CSTRIDE=cfg.cstride, LEGACY=cfg.legacy, BNC=BNC, NSPLIT=nsplit,
+            CBLOCK=cfg.cblock, CSTRIDE=cfg.cstride, LEGACY=cfg.legacy, BNC=BNC,
             num_stages=cfg.num_stages_dkv,
         )
         dkc = dkp.sum(0).to(kc.dtype)
