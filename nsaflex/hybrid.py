@@ -56,29 +56,28 @@ def sparse_layout(pattern: Pattern, token_types: torch.Tensor | None, batch: int
     unmodified GPU ``token_types`` tensor is reused without reading it again
     (:mod:`nsaflex.tensor_memo`)."""
     if pattern.hybrid is None or token_types is None:
-        full = torch.arange(length, device=device).expand(batch, length)
-        sparse = torch.ones(batch, length, dtype=torch.bool, device=device)
-        lengths = torch.full((batch,), length, dtype=torch.long, device=device)
-        return SparseLayout(full.contiguous(), lengths, _cumulative(lengths), length, sparse, True, False, (length,) * batch)
+        return _whole_rows(batch, length, device, torch.ones(batch, length, dtype=torch.bool, device=device), False)
     key = ("sparse_layout", pattern.hybrid, batch, length, str(torch.device(device)))
     return remembered(token_types, key, lambda: _token_layout(pattern, token_types, batch, length, device))
 
 
+def _whole_rows(batch: int, length: int, device, sparse_queries: torch.Tensor, has_text: bool) -> SparseLayout:
+    """The identity layout: every row's sparse sequence is the whole row."""
+    positions = torch.arange(length, device=device).expand(batch, length).contiguous()
+    lengths = torch.full((batch,), length, dtype=torch.long, device=device)
+    return SparseLayout(positions, lengths, _cumulative(lengths), length, sparse_queries, True, has_text, (length,) * batch)
+
+
 def _token_layout(pattern: Pattern, token_types: torch.Tensor, batch: int, length: int, device) -> SparseLayout:
-    full = torch.arange(length, device=device).expand(batch, length)
     vision = token_types.to(device=device) == 1
     all_vision = bool(vision.all())  # a host synchronisation (one more for mixed rows' lengths)
     if pattern.hybrid.vision_keys == "all":
-        lengths = torch.full((batch,), length, dtype=torch.long, device=device)
-        return SparseLayout(full.contiguous(), lengths, _cumulative(lengths), length, vision, True, not all_vision,
-                            (length,) * batch)
+        return _whole_rows(batch, length, device, vision, not all_vision)
     if all_vision:
         # Every token is vision: the compacted sequences are the rows themselves, and
         # gathering/scattering them would copy q, k, v, the gates and the output for
         # nothing (about 8 ms at 128K on an H100).
-        lengths = torch.full((batch,), length, dtype=torch.long, device=device)
-        return SparseLayout(full.contiguous(), lengths, _cumulative(lengths), length, vision, True, False,
-                            (length,) * batch)
+        return _whole_rows(batch, length, device, vision, False)
     lengths = vision.sum(dim=1)
     host_lengths = tuple(int(n) for n in lengths.tolist())
     max_length = padded_length(max(host_lengths, default=0), length)

@@ -49,9 +49,9 @@ def test_segments_hold_exactly_each_blocks_selecting_entries(case):
     cfg = dataclasses.replace(ops.KernelConfig(has_cmp=True, has_slc=True, has_win=False, gate_index=(0, 1, 2)),
                               head_scoring=head_scoring, slc_block=block)
     n_blocks = -(-lay.max_len // block)
-    ent, seg_key, seg_start, seg_end, keys, key_seg = ops._inverted_index(sel, lay, cfg, group, kv_heads, n_blocks, seg_len)
+    ent, seg_key, seg_start, seg_end, key_seg = ops._inverted_index(sel, lay, cfg, group, kv_heads, n_blocks, seg_len)
     nkeys = lay.batch * kv_heads * n_blocks
-    assert torch.equal(keys, torch.arange(nkeys)) and key_seg.shape == (nkeys + 1,)
+    assert key_seg.shape == (nkeys + 1,)
     # The direct reading: entries of each key in (row, head, position, slot) order.
     want = {key: [] for key in range(nkeys)}
     for row, h, pos, slot in torch.nonzero(sel >= 0).tolist():

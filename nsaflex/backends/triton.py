@@ -140,8 +140,7 @@ def _sparse_forward(pattern, cfg, q, k, v, gates, token_types, pooler):
     c = pattern.compression
     # Every token vision (vision_keys: vision) gives an identity layout: the compacted
     # rows are the rows.
-    identity = layout.identity
-    if identity:
+    if layout.identity:
         qs, ks, vs, gs = q.contiguous(), k.contiguous(), v.contiguous(), gates
         starts = torch.zeros(batch, dtype=torch.int32, device=device)
         lens = torch.full((batch,), length, dtype=torch.int32, device=device)
@@ -187,7 +186,7 @@ def _sparse_forward(pattern, cfg, q, k, v, gates, token_types, pooler):
         packed = True
     lay = SeqLayout(starts, lens, cstarts, clens, max_len, max_cmp, packed)
     out = nsa_attention(qs, ks, vs, kc, vc, gs, lay, cfg)
-    if identity and not layout.has_text:
+    if layout.identity and not layout.has_text:
         return out
     if packed:
         out = unpack_varlen(out[0], layout, length)

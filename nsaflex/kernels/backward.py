@@ -347,17 +347,16 @@ def bwd_slc_dkv_kernel(
 
 @triton.jit
 def reduce_slc_kernel(
-    DKP, DVP, KEYS, KEY_SEG, DK, DV, STARTS, LENS,
+    DKP, DVP, KEY_SEG, DK, DV, STARTS, LENS,
     skb, skh, skt, n_kv_heads, n_blocks,
     D: tl.constexpr, LS: tl.constexpr, BS: tl.constexpr,
 ):
     """Adds the partials of one block's segments (in order) into DK, DV: one
-    program per key of the inverted index (every block of every sequence and
-    kv head)."""
-    u = tl.program_id(0)
-    key = tl.load(KEYS + u)
-    s_lo = tl.load(KEY_SEG + u)
-    s_hi = tl.load(KEY_SEG + u + 1)
+    program per key of the inverted index, key = (b * Hkv + hk) * n_blocks + j
+    (every block of every sequence and kv head)."""
+    key = tl.program_id(0)
+    s_lo = tl.load(KEY_SEG + key)
+    s_hi = tl.load(KEY_SEG + key + 1)
     j = (key % n_blocks).to(tl.int32)
     bh = key // n_blocks
     b = (bh // n_kv_heads).to(tl.int32)

@@ -422,9 +422,8 @@ def _inverted_index(sel: torch.Tensor, lay: SeqLayout, cfg: KernelConfig, group:
     segments (``slots`` = sel.numel()); the segments past the real count are
     empty (start = end) and their programs do nothing.
 
-    Returns (entries, segment keys, segment starts, segment ends, keys
-    ``[nkeys]``, first segment of each key ``[nkeys + 1]``), or None when
-    ``sel`` has no slots.
+    Returns (entries, segment keys, segment starts, segment ends, first segment
+    of each key ``[nkeys + 1]``), or None when ``sel`` has no slots.
     """
     dev = sel.device
     Bv, HS, Tv, W = sel.shape
@@ -462,7 +461,7 @@ def _inverted_index(sel: torch.Tensor, lay: SeqLayout, cfg: KernelConfig, group:
     past = segment >= key_seg[-1]
     seg_start = torch.where(past, 0, seg_start)
     seg_end = torch.where(past, 0, seg_end)
-    return ent, owner.contiguous(), seg_start.contiguous(), seg_end.contiguous(), keys.long().contiguous(), key_seg.contiguous()
+    return ent, owner.contiguous(), seg_start.contiguous(), seg_end.contiguous(), key_seg.contiguous()
 
 
 def _backward(do, q, k, v, kc, vc, gates, lay: SeqLayout, cfg: KernelConfig, res: dict, need_gates: bool):
@@ -550,7 +549,7 @@ def _backward(do, q, k, v, kc, vc, gates, lay: SeqLayout, cfg: KernelConfig, res
         seg_len = 1024 if not cfg.head_scoring else 1024 * G
         index = _inverted_index(sel, lay, cfg, G, Hkv, n_blocks, seg_len)
         if index is not None:
-            ent, seg_key, seg_start, seg_end, uniq, key_seg = index
+            ent, seg_key, seg_start, seg_end, key_seg = index
             nseg = seg_key.shape[0]
             BS = cfg.slc_tile
             if cfg.atomic:
@@ -566,8 +565,8 @@ def _backward(do, q, k, v, kc, vc, gates, lay: SeqLayout, cfg: KernelConfig, res
                 HEAD_SCORING=cfg.head_scoring, ATOMIC=cfg.atomic, num_stages=cfg.num_stages_slc_dkv,
             )
             if not cfg.atomic:
-                bwd.reduce_slc_kernel[(uniq.shape[0],)](
-                    dkp, dvp, uniq, key_seg, dk, dv, lay.starts, lay.lens,
+                bwd.reduce_slc_kernel[(key_seg.shape[0] - 1,)](
+                    dkp, dvp, key_seg, dk, dv, lay.starts, lay.lens,
                     *_qs(k, P), Hkv, n_blocks, D=D, LS=cfg.slc_block, BS=BS,
                 )
     dk = dk.to(k.dtype) if dk is not None else torch.zeros_like(k)
