@@ -200,14 +200,16 @@ TILE_VARIANTS = st.fixed_dictionaries({
     "pair_blocks": st.booleans(),
     "dq_tokens": st.sampled_from((None, 2, 4, 16)),
     "select_tokens": st.sampled_from((None, 4)),
+    "dense_rows": st.booleans(),
 })
 
 
 @FEW
 @given(cases(max_len=40), TILE_VARIANTS)
 def test_tile_variants_match_reference(case, config):
-    """Two union blocks per step and bwd_dq tiles of their own size (with
-    their own union lists) change only the schedule, never the result."""
+    """Two union blocks per step, bwd_dq tiles of their own size (with their
+    own union lists) and rows packed densely or padded per token change only
+    the schedule, never the result."""
     check(*case, backward=True, **config)
 
 
@@ -269,8 +271,9 @@ def test_compile_deterministic_false_reaches_the_kernels_and_the_plan(monkeypatc
         nsaflex.compile(pattern, backend="triton", device="cpu", deterministic="no")
 
 
-TOPN_PATHS = [dict(topn="fused"), dict(topn="select"), dict(topn="select", topn_chunk=32), dict(topn="torch", topn_chunk=48)]
-TOPN_IDS = ["fused", "select", "select-chunked", "torch-chunked"]
+TOPN_PATHS = [dict(topn="fused"), dict(topn="select"), dict(topn="select", topn_chunk=32), dict(topn="torch", topn_chunk=48),
+              dict(topn="select", topn_probes=3)]
+TOPN_IDS = ["fused", "select", "select-chunked", "torch-chunked", "select-3-probes"]
 
 
 def selected_blocks_of(pattern, q, k, v, gates, types=None, **config):
@@ -327,6 +330,34 @@ def test_tied_scores_go_to_the_lower_index(config, scoring):
     want = selections[0] if scoring == "head" else selections[0][::2]
     assert torch.equal(got, want)
     assert rel(out, ref_out) < TOL
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
+@given(st.integers(1, 40), st.integers(1, 9), st.sampled_from((1, 2, 3, 5)), st.integers(0, 2**31 - 1))
+def test_top_n_search_picks_the_best_with_ties_to_the_lower_index(tokens, count, probes, seed):
+    """topn_select_kernel alone, against a sort: token t's candidates are the
+    blocks j <= t (one-token blocks, nothing forced); scores are multiples of
+    1/4 in [0, 2], so most rows tie, and the tie rule (the lower index) decides.
+    Any number of probes per search step must give the same lists."""
+    from nsaflex.kernels import forward as fwd
+
+    gen = torch.Generator().manual_seed(seed)
+    scores = (torch.randint(0, 9, (1, 1, tokens, tokens), generator=gen) * 0.25).to(DEVICE)
+    nt = 16
+    sel = torch.full((1, 1, tokens, nt + 4), -7, dtype=torch.int32, device=DEVICE)
+    zero = torch.zeros(1, dtype=torch.int32, device=DEVICE)
+    fwd.topn_select_kernel[(tokens, 1, 1)](
+        scores, sel, zero, zero + tokens, *scores.stride()[:3], *sel.stride()[:3], 0, tokens,
+        ROWS=1, JP=max(2, 1 << (tokens - 1).bit_length()), LS=1, COUNT=count, FIRST=False, PREV=False, CUR=False,
+        NT=nt, PROBES=probes, num_warps=1,
+    )
+    for t in range(tokens):
+        row = scores[0, 0, t, : t + 1].cpu()
+        # best first; among equal scores the lower index first
+        order = sorted(range(t + 1), key=lambda j: (-float(row[j]), j))
+        want = sorted(order[:count])
+        got = sel[0, 0, t].cpu().tolist()
+        assert got == want + [-1] * (nt + 4 - len(want)), (t, got, want)
 
 
 @pytest.mark.parametrize("topn", ["select", "torch"])
@@ -391,6 +422,11 @@ def test_refuses_bad_tensors_before_launch():
     q, k, v = torch.randn(1, 7, 8, 24), torch.randn(1, 1, 8, 24), torch.randn(1, 1, 8, 24)
     with pytest.raises(InputError):
         kernel(q, k, v, torch.rand(1, 7, 8, 3), types, None)
+    # head scoring gives every (token, head) row of a tile one bit of a 64-bit mask
+    head = dataclasses.replace(VIDEONSA_SMALL, selection=dataclasses.replace(VIDEONSA_SMALL.selection, scoring="head"))
+    q, k, v = torch.randn(1, 65, 8, 16), torch.randn(1, 1, 8, 16), torch.randn(1, 1, 8, 16)
+    with pytest.raises(InputError, match="64 query heads per kv head"):
+        BACKEND.build(head, None)(q, k, v, torch.rand(1, 65, 8, 3), types, None)
 
 
 def test_cpu_without_interpreter_is_unsupported(monkeypatch):

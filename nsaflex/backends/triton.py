@@ -107,6 +107,10 @@ class TritonBackend:
             _check_tensors(q, k, v)
             if pattern.dense:
                 return _dense(q, k, v)
+            if cfg.head_scoring and q.shape[1] > 64 * k.shape[1]:
+                # each (token, head) row of a tile is one bit of the union's 64-bit row masks
+                raise InputError("q", "at most 64 query heads per kv head for head scoring on the triton backend",
+                                 f"{q.shape[1]} query heads over {k.shape[1]} kv heads")
             return _sparse_forward(pattern, cfg, q, k, v, gates, token_types, pooler)
 
         return kernel

@@ -23,7 +23,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from nsaflex.kernels.forward import _dot, _first_visible, _num_visible, _tile_selection, _tile_union, _union_step, _visible
+from nsaflex.kernels.forward import (
+    _dot, _first_visible, _num_visible, _tile_rows, _union_lists, _union_step, _visible,
+)
 
 
 @triton.jit
@@ -32,14 +34,15 @@ def bwd_dq_kernel(
     STARTS, LENS, CSTARTS, CLENS,
     sqb, sqh, sqt, skb, skh, skt, scb, sch, sct, sgb, sgh, sgt, sgc, sdgb, sdgh, sdgt, ssb, ssh, sst, slb, slh, slt, sdn,
     scale_log2, scale, n_tiles,
-    G: tl.constexpr, GP: tl.constexpr, BT: tl.constexpr, D: tl.constexpr, IEEE: tl.constexpr,
+    G: tl.constexpr, GR: tl.constexpr, BT: tl.constexpr, R: tl.constexpr, D: tl.constexpr, IEEE: tl.constexpr,
     HAS_CMP: tl.constexpr, HAS_SLC: tl.constexpr, HAS_WIN: tl.constexpr,
     GI_CMP: tl.constexpr, GI_SLC: tl.constexpr, GI_WIN: tl.constexpr,
     CBLOCK: tl.constexpr, CSTRIDE: tl.constexpr, LEGACY: tl.constexpr, BN: tl.constexpr,
-    LS: tl.constexpr, BS: tl.constexpr, W: tl.constexpr, WP: tl.constexpr, HEAD_SCORING: tl.constexpr,
+    LS: tl.constexpr, BS: tl.constexpr, W: tl.constexpr, HEAD_SCORING: tl.constexpr,
     WIN: tl.constexpr, BKW: tl.constexpr, PAIR: tl.constexpr, OWN_UNION: tl.constexpr, U_LOG: tl.constexpr,
     ROW_LOG: tl.constexpr,
 ):
+    """Rows as the forward's selection kernel (:func:`_tile_rows`)."""
     pid_t = tl.program_id(0)
     b = tl.program_id(1)
     hk = tl.program_id(2)
@@ -47,11 +50,7 @@ def bwd_dq_kernel(
     t0 = pid_t * BT
     if t0 < length:
         start = tl.load(STARTS + b).to(tl.int64)
-        R: tl.constexpr = BT * GP
-        r = tl.arange(0, R)
-        t = t0 + r // GP
-        g = r % GP
-        valid = (g < G) & (t < length)
+        r, t, g, valid = _tile_rows(t0, length, G, GR, BT, R)
         h = hk * G + g
         d = tl.arange(0, D)
         bb = b.to(tl.int64)
@@ -103,25 +102,11 @@ def bwd_dq_kernel(
             delta = gb * dgb
             tl.store(DELTA + 1 * sdn + lse_off, delta, mask=valid)
             lse = tl.load(LSES + lse_off, mask=valid, other=0.0)
-            if HEAD_SCORING:
-                SR: tl.constexpr = R
-                hit_row = r
-            else:
-                SR: tl.constexpr = BT
-                hit_row = r // GP
             prog = (b * tl.num_programs(2) + hk) * n_tiles + pid_t
-            ubase = U + prog.to(tl.int64) * (SR * WP)
-            umbase = UM + prog.to(tl.int64) * (SR * WP)
-            if OWN_UNION:
-                # Row tiles of another size than the forward's: their own union lists.
-                if HEAD_SCORING:
-                    sel = _tile_selection(SEL + bb * ssb + h * ssh + (start + t) * sst, valid, W, WP)
-                else:
-                    ts = t0 + tl.arange(0, BT)
-                    sel = _tile_selection(SEL + bb * ssb + hk * ssh + (start + ts) * sst, ts < length, W, WP)
-                count = _tile_union(sel, U, UM, UC, prog, WP, SR, U_LOG, ROW_LOG)
-            else:
-                count = tl.load(UC + prog)
+            # Row tiles of another size than the forward's build their own union lists.
+            count, ubase, umbase, hit_row = _union_lists(
+                SEL + bb * ssb + start * sst, U, UM, UC, prog, ssh, sst, hk, t0, length, r,
+                G, GR, BT, W, HEAD_SCORING, U_LOG, ROW_LOG, OWN_UNION)
             for it in range(0, count, 2 if PAIR else 1):
                 s_pos, kmask, mask = _union_step(ubase, umbase, it, count, hit_row, t, valid, length, LS, BS, PAIR)
                 kk = tl.load(kbase + (start + s_pos)[:, None] * skt + d[None, :], mask=kmask[:, None], other=0.0)
@@ -204,15 +189,11 @@ def bwd_cmp_dkv_kernel(
         per = tl.cdiv(n_t, n_splits)
         tt_lo = split * per
         tt_hi = tl.minimum(tt_lo + per, n_t)
-        R: tl.constexpr = BT * GP
-        r = tl.arange(0, R)
-        g = r % GP
-        h = hk * G + g
         dk = tl.zeros([BNC, D], tl.float32)
         dv = tl.zeros([BNC, D], tl.float32)
         for tt in range(tt_lo, tt_hi):
-            t = t_lo + tt * BT + r // GP
-            valid = (g < G) & (t < t_hi)
+            r, t, g, valid = _tile_rows(t_lo + tt * BT, t_hi, G, GP, BT, BT * GP)
+            h = hk * G + g
             row_off = bb * sqb + h * sqh + (start + t) * sqt
             lse_off = bb * slb + h * slh + (start + t) * slt
             q = tl.load(Q + row_off[:, None] + d[None, :], mask=valid[:, None], other=0.0)
@@ -251,15 +232,11 @@ def bwd_win_dkv_kernel(
         kk = tl.load(K + koff[:, None] + d[None, :], mask=smask[:, None], other=0.0)
         vv = tl.load(V + koff[:, None] + d[None, :], mask=smask[:, None], other=0.0)
         t_hi = tl.minimum(length, s0 + BK - 1 + WIN)
-        R: tl.constexpr = BT * GP
-        r = tl.arange(0, R)
-        g = r % GP
-        h = hk * G + g
         dk = tl.zeros([BK, D], tl.float32)
         dv = tl.zeros([BK, D], tl.float32)
         for t0 in range(s0, t_hi, BT):
-            t = t0 + r // GP
-            valid = (g < G) & (t < t_hi)
+            r, t, g, valid = _tile_rows(t0, t_hi, G, GP, BT, BT * GP)
+            h = hk * G + g
             row_off = bb * sqb + h * sqh + (start + t) * sqt
             lse_off = bb * slb + h * slh + (start + t) * slt
             q = tl.load(Q + row_off[:, None] + d[None, :], mask=valid[:, None], other=0.0)

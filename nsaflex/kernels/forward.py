@@ -5,7 +5,10 @@ Row tiles: a program owns ``BT`` consecutive tokens of one sequence and the
 token ``t0 + r // GP``, head ``r % GP``; ``GP`` is ``G`` rounded up to a power
 of two, the padding rows are masked, never stored). The heads of a GQA group
 share every key they read, so one tile fills the matrix units with several
-tokens' group heads.
+tokens' group heads. The selection kernel, ``bwd_dq_kernel`` and the lse pass
+may instead pack the rows densely (:func:`_tile_rows`, ``GR = G``): ``R // G`` tokens per
+tile, so for G = 7 a 64-row tile holds 9 tokens' heads and one padding row
+instead of 8 tokens' heads and 8 padding rows.
 
 Kernels:
 
@@ -160,13 +163,29 @@ def _forced(ts, LS: tl.constexpr, FIRST: tl.constexpr, PREV: tl.constexpr, CUR: 
 
 
 @triton.jit
+def _tile_rows(t0, length, G: tl.constexpr, GR: tl.constexpr, BT: tl.constexpr, R: tl.constexpr):
+    """Rows of a tile of ``BT`` tokens from ``t0``: row ``r`` is head ``r % GR``
+    of token ``t0 + r // GR``. ``GR = G`` packs the group's heads densely (9
+    tokens x 7 heads = 63 of 64 rows for Qwen2.5-VL's G = 7); ``GR = GP`` gives
+    every token a power of two of rows, the heads past ``G`` padding. Returns
+    (r, t, g, valid), ``valid`` false for padding rows and tokens past the end."""
+    r = tl.arange(0, R)
+    tok = r // GR
+    g = r % GR
+    t = t0 + tok
+    valid = (g < G) & (tok < BT) & (t < length)
+    return r, t, g, valid
+
+
+@triton.jit
 def cmp_lse_kernel(
     Q, KC, LSE, STARTS, LENS, CSTARTS, CLENS,
     sqb, sqh, sqt, skb, skh, skt, slb, slh, slt,
     scale_log2,
-    G: tl.constexpr, GP: tl.constexpr, BT: tl.constexpr, BN: tl.constexpr, D: tl.constexpr,
+    G: tl.constexpr, GR: tl.constexpr, BT: tl.constexpr, R: tl.constexpr, BN: tl.constexpr, D: tl.constexpr,
     CBLOCK: tl.constexpr, CSTRIDE: tl.constexpr, LEGACY: tl.constexpr, IEEE: tl.constexpr,
 ):
+    """Rows: :func:`_tile_rows` (``BT`` tokens, ``GR`` rows per token, ``R`` rows)."""
     pid_t = tl.program_id(0)
     b = tl.program_id(1)
     hk = tl.program_id(2)
@@ -176,11 +195,7 @@ def cmp_lse_kernel(
         start = tl.load(STARTS + b).to(tl.int64)
         cstart = tl.load(CSTARTS + b).to(tl.int64)
         n_cmp = tl.load(CLENS + b)
-        R: tl.constexpr = BT * GP
-        r = tl.arange(0, R)
-        t = t0 + r // GP
-        g = r % GP
-        valid = (g < G) & (t < length)
+        r, t, g, valid = _tile_rows(t0, length, G, GR, BT, R)
         h = hk * G + g
         d = tl.arange(0, D)
         bb = b.to(tl.int64)
@@ -390,7 +405,7 @@ def topn_select_kernel(
     T_OFF, T_END,
     ROWS: tl.constexpr, JP: tl.constexpr,
     LS: tl.constexpr, COUNT: tl.constexpr, FIRST: tl.constexpr, PREV: tl.constexpr, CUR: tl.constexpr,
-    NT: tl.constexpr,
+    NT: tl.constexpr, PROBES: tl.constexpr,
 ):
     """Exact top-(n - |forced|) of ROWS tokens' block scores (a query chunk's
     ``[B, Hsel, C, >= JW]`` fp32 buffer written by ``cmp_score_kernel`` with
@@ -398,9 +413,9 @@ def topn_select_kernel(
 
     Run with one warp per program, so every row reduction stays inside a warp
     (shuffles, no shared-memory barriers). Scores are >= +0, so their int32
-    bit patterns order like the floats: a bisection over the bits finds the
-    k-th largest score T (stopping early once exactly k scores lie at or above
-    the probe), then every block above T is chosen and, among the blocks equal
+    bit patterns order like the floats: a search over the bits (``PROBES``
+    probes per step; 1 is a bisection) finds the k-th largest score T
+    (stopping early once exactly k scores lie at or above a probe), then every block above T is chosen and, among the blocks equal
     to T, the lowest indices (an inclusive prefix count): the reference's
     "ties to the lower index", exactly.
     """
@@ -425,20 +440,30 @@ def topn_select_kernel(
         nforced = (f0 >= 0).to(tl.int32) + (f1 >= 0).to(tl.int32) + (f2 >= 0).to(tl.int32)
         k = COUNT - nforced
         n_c = tl.sum(cand.to(tl.int32), axis=1)
-        # Bisection: count(bits >= lo) >= k > count(bits >= hi).
+        # Search with PROBES probes per step (1: bisection): keeps
+        # count(bits >= lo) >= k > count(bits >= hi) and narrows [lo, hi) to
+        # 1 / (PROBES + 1) per step. More probes take fewer steps, each with
+        # independent counts (and warp reductions) that can overlap.
         active = (n_c > k) & (k > 0)
         lo = tl.zeros([ROWS], tl.int32)
         hi = tl.full([ROWS], 0x7F800001, tl.int32)
         cnt_lo = n_c
         go = active & (hi - lo > 1) & (cnt_lo != k)
         while tl.max(go.to(tl.int32), axis=0) > 0:
-            mid = lo + (hi - lo) // 2
-            c = tl.sum((bits >= mid[:, None]).to(tl.int32), axis=1)
-            up = go & (c >= k)
-            down = go & (c < k)
-            lo = tl.where(up, mid, lo)
-            cnt_lo = tl.where(up, c, cnt_lo)
-            hi = tl.where(down, mid, hi)
+            span = (hi - lo).to(tl.int64)
+            new_lo, new_cnt, new_hi = lo, cnt_lo, hi
+            for i in tl.static_range(1, PROBES + 1):
+                probe = lo + (span * i // (PROBES + 1)).to(tl.int32)
+                c = tl.sum((bits >= probe[:, None]).to(tl.int32), axis=1)
+                # counts fall as the probes rise: the last probe with c >= k is
+                # the new lo, the first with c < k the new hi
+                up = c >= k
+                new_lo = tl.where(up, probe, new_lo)
+                new_cnt = tl.where(up, c, new_cnt)
+                new_hi = tl.where(up, new_hi, tl.minimum(new_hi, probe))
+            lo = tl.where(go, new_lo, lo)
+            cnt_lo = tl.where(go, new_cnt, cnt_lo)
+            hi = tl.where(go, new_hi, hi)
             go = active & (hi - lo > 1) & (cnt_lo != k)
         # Rows whose count reached exactly k: the scores >= lo. Otherwise lo is
         # the k-th largest score itself (hi = lo + 1): all above it, then the
@@ -492,10 +517,28 @@ def topk_write_kernel(
 
 
 @triton.jit
-def _tile_selection(sel_base, sel_rows_valid, W: tl.constexpr, WP: tl.constexpr):
-    """[SR, WP] block lists of the tile's selecting rows (-1 in empty slots)."""
-    col = tl.arange(0, WP)
-    return tl.load(sel_base[:, None] + col[None, :], mask=sel_rows_valid[:, None] & (col < W)[None, :], other=-1)
+def _tile_keys(sel_base, ssh, sst, t0, length, G: tl.constexpr, GR: tl.constexpr, SR: tl.constexpr,
+               W: tl.constexpr, HEAD_SCORING: tl.constexpr, U_LOG: tl.constexpr, ROW_LOG: tl.constexpr):
+    """[2**U_LOG] sort keys ``block << ROW_LOG | e`` of a tile's block lists
+    (``SENT`` = 0x7FFFFFFF for empty slots). Selecting row ``e`` < ``SR`` is token
+    ``t0 + e`` (group scoring; ``sel_base`` at the kv head's row of token 0) or
+    matrix row ``e`` = token ``t0 + e // GR``, head ``e % GR`` (head scoring;
+    ``sel_base`` at the group's first head); its ``W`` slots are the entries
+    ``e * W .. e * W + W - 1``, so the lists are packed without padding."""
+    N: tl.constexpr = 1 << U_LOG
+    p = tl.arange(0, N)
+    e = p // W
+    col = p % W
+    if HEAD_SCORING:
+        tok = e // GR
+        g = e % GR
+        ok = (g < G) & (e < SR) & (t0 + tok < length)
+        ptr = sel_base + g * ssh + (t0 + tok) * sst + col
+    else:
+        ok = (e < SR) & (t0 + e < length)
+        ptr = sel_base + (t0 + e) * sst + col
+    block = tl.load(ptr, mask=ok, other=-1)
+    return tl.where(block < 0, 0x7FFFFFFF, (block << ROW_LOG) | e)
 
 
 @triton.jit
@@ -505,22 +548,20 @@ def _seg_or(start_a, bits_a, start_b, bits_b):
 
 
 @triton.jit
-def _tile_union(sel, U, UM, UC, prog, WP: tl.constexpr, SR: tl.constexpr, U_LOG: tl.constexpr, ROW_LOG: tl.constexpr):
-    """Sorted distinct blocks of ``sel`` (:func:`_tile_selection`, [SR, WP]),
-    written to U[prog, :count], with UM[prog, i] the bit mask of the selecting
-    rows that list block U[prog, i] (bit r: row r of ``sel``); UC[prog] = count.
-    Returns count.
+def _tile_union(key, U, UM, UC, prog, U_LOG: tl.constexpr, ROW_LOG: tl.constexpr):
+    """Sorted distinct blocks of a tile's keys (:func:`_tile_keys`), written to
+    U[prog, :count], with UM[prog, i] the bit mask of the selecting rows that
+    list block U[prog, i] (bit e: selecting row e); UC[prog] = count. Returns
+    count.
 
     The masks let each step of the union loop find the rows that selected its
-    block from one scalar load, instead of comparing the block with the whole
-    [SR, WP] list and moving the answer into the matrix layout every step. A
-    row lists a block at most once, so a block's mask is the OR over the run of
-    sorted ``block << ROW_LOG | row`` keys that share the block."""
-    N: tl.constexpr = SR * WP
+    block from one scalar load, instead of comparing the block with the tile's
+    whole block lists and moving the answer into the matrix layout every step.
+    A row lists a block at most once, so a block's mask is the OR over the run
+    of sorted keys that share the block."""
+    N: tl.constexpr = 1 << U_LOG
     SENT: tl.constexpr = 0x7FFFFFFF
     pos = tl.arange(0, N)
-    flat = tl.reshape(sel, [N])  # row-major: entry p belongs to row p // WP
-    key = tl.where(flat < 0, SENT, (flat << ROW_LOG) | (pos // WP))
     srt = _sort_last(key, U_LOG, False)
     ubase = U + prog.to(tl.int64) * N
     tl.store(ubase + pos, srt)
@@ -533,7 +574,7 @@ def _tile_union(sel, U, UM, UC, prog, WP: tl.constexpr, SR: tl.constexpr, U_LOG:
     first = (block != (prev >> ROW_LOG)) & real
     # The last key of a run holds the run's whole mask after the scan.
     last = (block != (following >> ROW_LOG)) & real
-    bits = tl.full([N], 1, UM.dtype.element_ty) << (srt & (SR - 1)).to(UM.dtype.element_ty)
+    bits = tl.full([N], 1, UM.dtype.element_ty) << (srt & ((1 << ROW_LOG) - 1)).to(UM.dtype.element_ty)
     _, run_bits = tl.associative_scan((first.to(tl.int32), bits), 0, _seg_or)
     slot = tl.cumsum(first.to(tl.int32), axis=0) - 1
     count = tl.sum(first.to(tl.int32), axis=0)
@@ -542,6 +583,32 @@ def _tile_union(sel, U, UM, UC, prog, WP: tl.constexpr, SR: tl.constexpr, U_LOG:
     tl.store(UC + prog, count)
     tl.debug_barrier()
     return count
+
+
+@triton.jit
+def _union_lists(sel_seq, U, UM, UC, prog, ssh, sst, hk, t0, length, r,
+                 G: tl.constexpr, GR: tl.constexpr, BT: tl.constexpr, W: tl.constexpr,
+                 HEAD_SCORING: tl.constexpr, U_LOG: tl.constexpr, ROW_LOG: tl.constexpr, BUILD: tl.constexpr):
+    """The union list of tile ``prog`` (rows :func:`_tile_rows`): built from the
+    block lists (``sel_seq``: SEL at the sequence's first token) when ``BUILD``,
+    else read back from an earlier kernel. Returns (count, list base, row-mask
+    base, ``hit_row`` [R]: each matrix row's bit in the row masks)."""
+    if HEAD_SCORING:
+        SR: tl.constexpr = BT * GR
+        sel_base = sel_seq + (hk * G) * ssh
+        hit_row = r
+    else:
+        SR: tl.constexpr = BT
+        sel_base = sel_seq + hk * ssh
+        hit_row = r // GR
+    if BUILD:
+        key = _tile_keys(sel_base, ssh, sst, t0, length, G, GR, SR, W, HEAD_SCORING, U_LOG, ROW_LOG)
+        count = _tile_union(key, U, UM, UC, prog, U_LOG, ROW_LOG)
+    else:
+        count = tl.load(UC + prog)
+    ubase = U + prog.to(tl.int64) * (1 << U_LOG)
+    umbase = UM + prog.to(tl.int64) * (1 << U_LOG)
+    return count, ubase, umbase, hit_row
 
 
 @triton.jit
@@ -598,14 +665,15 @@ def slc_win_kernel(
     Q, K, V, OC, GATES, SEL, U, UM, UC, OUT, OS, OW, LSES, LSEW, STARTS, LENS,
     sqb, sqh, sqt, skb, skh, skt, sgb, sgh, sgt, sgc, ssb, ssh, sst, slb, slh, slt,
     scale_log2, n_tiles,
-    G: tl.constexpr, GP: tl.constexpr, BT: tl.constexpr, D: tl.constexpr, IEEE: tl.constexpr,
+    G: tl.constexpr, GR: tl.constexpr, BT: tl.constexpr, R: tl.constexpr, D: tl.constexpr, IEEE: tl.constexpr,
     HAS_CMP: tl.constexpr, HAS_SLC: tl.constexpr, HAS_WIN: tl.constexpr,
     GI_CMP: tl.constexpr, GI_SLC: tl.constexpr, GI_WIN: tl.constexpr,
-    LS: tl.constexpr, BS: tl.constexpr, W: tl.constexpr, WP: tl.constexpr, HEAD_SCORING: tl.constexpr,
+    LS: tl.constexpr, BS: tl.constexpr, W: tl.constexpr, HEAD_SCORING: tl.constexpr,
     WIN: tl.constexpr, BKW: tl.constexpr, SAVE: tl.constexpr, U_LOG: tl.constexpr, ROW_LOG: tl.constexpr,
     PAIR: tl.constexpr,
 ):
     """Output strides follow q's layout (OUT, OC, OS, OW share q's strides).
+    Rows: :func:`_tile_rows` (``BT`` tokens, ``GR`` rows per token, ``R`` rows).
     ``PAIR``: two union blocks per step (see :func:`_union_step`)."""
     pid_t = tl.program_id(0)
     b = tl.program_id(1)
@@ -614,11 +682,7 @@ def slc_win_kernel(
     t0 = pid_t * BT
     if t0 < length:
         start = tl.load(STARTS + b).to(tl.int64)
-        R: tl.constexpr = BT * GP
-        r = tl.arange(0, R)
-        t = t0 + r // GP
-        g = r % GP
-        valid = (g < G) & (t < length)
+        r, t, g, valid = _tile_rows(t0, length, G, GR, BT, R)
         h = hk * G + g
         d = tl.arange(0, D)
         bb = b.to(tl.int64)
@@ -632,22 +696,10 @@ def slc_win_kernel(
         # are live: the running output and the branch in progress.
         out = tl.zeros([R, D], tl.float32)
         if HAS_SLC:
-            if HEAD_SCORING:
-                SR: tl.constexpr = R
-                sel_base = SEL + bb * ssb + h * ssh + (start + t) * sst
-                sel_valid = valid
-                hit_row = r
-            else:
-                SR: tl.constexpr = BT
-                ts = t0 + tl.arange(0, BT)
-                sel_base = SEL + bb * ssb + hk * ssh + (start + ts) * sst
-                sel_valid = ts < length
-                hit_row = r // GP
             prog = (b * tl.num_programs(2) + hk) * n_tiles + pid_t
-            sel = _tile_selection(sel_base, sel_valid, W, WP)
-            count = _tile_union(sel, U, UM, UC, prog, WP, SR, U_LOG, ROW_LOG)
-            ubase = U + prog.to(tl.int64) * (SR * WP)
-            umbase = UM + prog.to(tl.int64) * (SR * WP)
+            count, ubase, umbase, hit_row = _union_lists(
+                SEL + bb * ssb + start * sst, U, UM, UC, prog, ssh, sst, hk, t0, length, r,
+                G, GR, BT, W, HEAD_SCORING, U_LOG, ROW_LOG, True)
             m = tl.full([R], float("-inf"), tl.float32)
             acc_l = tl.zeros([R], tl.float32)
             acc = tl.zeros([R, D], tl.float32)

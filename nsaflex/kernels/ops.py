@@ -53,8 +53,13 @@ class KernelConfig:
     window: int = 1
     atomic: bool = False  # backward: fp32 atomics for the selection's dk, dv (not bit-reproducible)
     # tile choices (benchmarks vary them)
-    select_tokens: int | None = None  # BT of the selection/window kernel (None: 64 // GP)
-    dq_tokens: int | None = None  # BT of bwd_dq (None: select_tokens); when it differs, bwd_dq builds its own union lists
+    select_tokens: int | None = None  # rows of the selection/window kernel = this x GP (None: 64 // GP)
+    dq_tokens: int | None = None  # rows of bwd_dq = this x GP (None: select_tokens); tiles of another size get their own union lists
+    # Rows of the selection kernel, bwd_dq and the lse pass packed densely over the group's G heads
+    # (R // G tokens per R rows: 9 x 7 of 64 for G = 7) instead of GP = next_pow2(G)
+    # rows per token (8 x 8, one head row in eight idle). H200, run 28, 128K video:
+    # bwd_dq 49.8 ms against 54.6, slc_win 36.5 against 37.5 (inference).
+    dense_rows: bool = True
     pair_blocks: bool = False  # two union blocks per step of the selection loops (2 * l' key columns per product)
     score_tokens: int = 16
     num_warps_select: int = 4
@@ -74,6 +79,7 @@ class KernelConfig:
     # buffer, then torch.topk), or "fused" (the running top-n inside
     # cmp_score_kernel; no buffer).
     topn: str = "select"
+    topn_probes: int = 1  # probes per step of topn_select_kernel's search (1: bisection)
     topn_chunk: int = 16384  # tokens per query chunk (buffer [B, Hsel, chunk, L / l'])
     topn_buffer_bytes: int = 1 << 30  # the chunk shrinks so that the buffer stays under this
     score_blocks: int | None = None  # blocks per score-loop step of the two-step paths (None: ~64 compressed tokens)
@@ -180,23 +186,36 @@ def _launch(kernel, grid, *args, num_stages: int, **kwargs) -> None:
 
 
 class _Tiles:
+    """Tile sizes of one launch. The selection kernel and ``bwd_dq`` run ``rows_sel``
+    / ``rows_dq`` matrix rows (a power of two), holding ``bt_sel`` / ``bt_dq``
+    tokens: ``rows // G`` with dense rows, ``rows // GP`` otherwise."""
+
     def __init__(self, cfg: KernelConfig, group: int):
         self.G = group
         self.GP = next_pow2(group)
-        self.bt_sel = cfg.select_tokens or max(1, 64 // self.GP)
-        self.bt_sel = max(self.bt_sel, -(-16 // self.GP))
-        self.bt_dq = max(cfg.dq_tokens or self.bt_sel, -(-16 // self.GP))
+        self.GR = group if cfg.dense_rows else self.GP
+        # A union's row masks have 64 bits: at most 64 selecting rows per tile (tokens,
+        # or token-head rows for head scoring), whatever select_tokens / dq_tokens ask.
+        most = max(1, 64 // self.GP if cfg.head_scoring else 64 * self.GR // self.GP)
+        base_sel = min(max(cfg.select_tokens or 64 // self.GP, -(-16 // self.GP)), most)
+        base_dq = min(max(cfg.dq_tokens or base_sel, -(-16 // self.GP)), most)
+        self.rows_sel, self.rows_dq = base_sel * self.GP, base_dq * self.GP
+        self.bt_sel, self.bt_dq = self.rows_sel // self.GR, self.rows_dq // self.GR
         self.bt_score = max(cfg.score_tokens, -(-16 // self.GP))
-        self.bt_kv = max(1, 64 // self.GP)
-        self.bt_kv = max(self.bt_kv, -(-16 // self.GP))
+        # The lse pass has no per-token group sum, so it packs its rows as the selection kernel does.
+        self.rows_lse = self.bt_score * self.GP
+        self.bt_lse = self.rows_lse // self.GR
+        # The dk, dv kernels keep GP rows per token: packed densely they ran 7-12 %
+        # slower (H200, run 28) although they take 11 % fewer steps.
+        self.bt_kv = max(64 // self.GP, -(-16 // self.GP))
         self.width = cfg.nt + 4
-        self.width_p2 = next_pow2(self.width)
-        self.sel_rows = self.bt_sel * self.GP if cfg.head_scoring else self.bt_sel
-        self.dq_sel_rows = self.bt_dq * self.GP if cfg.head_scoring else self.bt_dq
+        self.sel_rows = self.bt_sel * self.GR if cfg.head_scoring else self.bt_sel
+        self.dq_sel_rows = self.bt_dq * self.GR if cfg.head_scoring else self.bt_dq
 
     def union_log(self, sel_rows: int) -> int:
-        """log2 of a union list's capacity (sel_rows x padded block-list width)."""
-        return (sel_rows * self.width_p2).bit_length() - 1
+        """log2 of a union list's capacity: the ``sel_rows x width`` list slots
+        packed without padding (``_tile_keys``), rounded up to a power of two."""
+        return next_pow2(sel_rows * self.width).bit_length() - 1
 
     @staticmethod
     def row_log(sel_rows: int) -> int:
@@ -212,7 +231,7 @@ class _Tiles:
         if (max_len // slc_block + 2) << self.row_log(sel_rows) >= 2**31:
             raise InputError("q", f"at most {(2**31 >> self.row_log(sel_rows)) - 2} selection blocks per sequence "
                              "for the triton backend's union keys", f"{max_len} tokens in blocks of {slc_block}")
-        cap = sel_rows * self.width_p2
+        cap = 1 << self.union_log(sel_rows)
         lists = torch.empty((programs, cap), dtype=torch.int32, device=device)
         masks = torch.empty((programs, cap), dtype=torch.int32 if sel_rows <= 32 else torch.int64, device=device)
         return lists, masks, torch.zeros((programs,), dtype=torch.int32, device=device)
@@ -258,16 +277,14 @@ def _forward(q, k, v, kc, vc, gates, lay: SeqLayout, cfg: KernelConfig, save: bo
         # attention-weighted mean key); where keys or values share a large common part
         # (pooled tokens from a fresh MLP) that was 1e-2 of dq on an H200 (run 23).
         oc = torch.empty_like(q, dtype=torch.float32)
-        n_t = triton.cdiv(lay.max_len, tiles.bt_score)
-        grid = (n_t, B, Hkv)
         if cfg.has_slc:
             hs = Hq if cfg.head_scoring else Hkv
             sel = torch.empty((Bv, hs, Tv, tiles.width), dtype=torch.int32, device=dev)
         if lay.max_cmp > 0:
-            _launch(fwd.cmp_lse_kernel, grid,
+            _launch(fwd.cmp_lse_kernel, (triton.cdiv(lay.max_len, tiles.bt_lse), B, Hkv),
                 q, kc, lse_c, lay.starts, lay.lens, lay.cstarts, lay.clens,
                 *_qs(q, P), *_qs(kc, P), *_qs(lse_c, P), scale_log2,
-                G=G, GP=GP, BT=tiles.bt_score, BN=64, D=D, CBLOCK=cfg.cblock, CSTRIDE=cfg.cstride,
+                G=G, GR=tiles.GR, BT=tiles.bt_lse, R=tiles.rows_lse, BN=64, D=D, CBLOCK=cfg.cblock, CSTRIDE=cfg.cstride,
                 LEGACY=cfg.legacy, IEEE=ieee, num_warps=cfg.num_warps_score, num_stages=cfg.num_stages_lse,
             )
         else:
@@ -315,10 +332,10 @@ def _forward(q, k, v, kc, vc, gates, lay: SeqLayout, cfg: KernelConfig, save: bo
         lse_s if lse_s is not None else dummy_f, lse_w if lse_w is not None else dummy_f,
         lay.starts, lay.lens,
         *_qs(q, P), *_qs(k, P), *_gs(gates, P), *ss, *_qs(lse_like, P), scale_log2, n_t3,
-        G=G, GP=GP, BT=tiles.bt_sel, D=D, IEEE=ieee,
+        G=G, GR=tiles.GR, BT=tiles.bt_sel, R=tiles.rows_sel, D=D, IEEE=ieee,
         HAS_CMP=cfg.has_cmp, HAS_SLC=cfg.has_slc, HAS_WIN=cfg.has_win,
         GI_CMP=cfg.gate_index[0], GI_SLC=cfg.gate_index[1], GI_WIN=cfg.gate_index[2],
-        LS=cfg.slc_block, BS=cfg.slc_tile, W=tiles.width, WP=tiles.width_p2, HEAD_SCORING=cfg.head_scoring,
+        LS=cfg.slc_block, BS=cfg.slc_tile, W=tiles.width, HEAD_SCORING=cfg.head_scoring,
         WIN=cfg.window, BKW=64, SAVE=save, U_LOG=tiles.union_log(tiles.sel_rows),
         ROW_LOG=tiles.row_log(tiles.sel_rows), PAIR=cfg.pair_blocks,
         num_warps=cfg.num_warps_select, num_stages=cfg.num_stages,
@@ -378,7 +395,7 @@ def _chunked_topn(score, sel, lay: SeqLayout, cfg: KernelConfig, tiles: "_Tiles"
             fwd.topn_select_kernel[(triton.cdiv(t_end - t_off, rows), n_sel_heads, B)](
                 buf, sel, lay.starts, lay.lens, *buf.stride()[:3], *ss, t_off, t_end,
                 ROWS=rows, JP=jp, LS=cfg.slc_block, COUNT=cfg.count, FIRST=cfg.first, PREV=cfg.prev, CUR=cfg.cur,
-                NT=cfg.nt, num_warps=max(1, min(8, jp // 2048)),
+                NT=cfg.nt, PROBES=cfg.topn_probes, num_warps=max(1, min(8, jp // 2048)),
             )
         else:
             kk = min(cfg.count, jw)
@@ -468,7 +485,7 @@ def _backward(do, q, k, v, kc, vc, gates, lay: SeqLayout, cfg: KernelConfig, res
     Bv, Hq, Tv, D = q.shape
     Hkv = k.shape[1]
     tiles: _Tiles = res["tiles"]
-    G, GP = tiles.G, tiles.GP
+    G = tiles.G
     B = lay.batch
     dev = q.device
     P = lay.packed
@@ -501,11 +518,11 @@ def _backward(do, q, k, v, kc, vc, gates, lay: SeqLayout, cfg: KernelConfig, res
         lay.starts, lay.lens, lay.cstarts, lay.clens,
         *_qs(q, P), *_qs(k, P), *_qs(kc_, P), *_gs(gates, P), *_qs(dg, P), *ss, *_qs(any_lse, P), delta.stride(0),
         scale_log2, scale, n_tq,
-        G=G, GP=GP, BT=tiles.bt_dq, D=D, IEEE=ieee,
+        G=G, GR=tiles.GR, BT=tiles.bt_dq, R=tiles.rows_dq, D=D, IEEE=ieee,
         HAS_CMP=cfg.has_cmp, HAS_SLC=cfg.has_slc, HAS_WIN=cfg.has_win,
         GI_CMP=cfg.gate_index[0], GI_SLC=cfg.gate_index[1], GI_WIN=cfg.gate_index[2],
         CBLOCK=cfg.cblock, CSTRIDE=cfg.cstride, LEGACY=cfg.legacy, BN=64,
-        LS=cfg.slc_block, BS=cfg.slc_tile, W=tiles.width, WP=tiles.width_p2, HEAD_SCORING=cfg.head_scoring,
+        LS=cfg.slc_block, BS=cfg.slc_tile, W=tiles.width, HEAD_SCORING=cfg.head_scoring,
         WIN=cfg.window, BKW=64, PAIR=cfg.pair_blocks, OWN_UNION=own_union, U_LOG=tiles.union_log(tiles.dq_sel_rows),
         ROW_LOG=tiles.row_log(tiles.dq_sel_rows),
         num_warps=cfg.num_warps_select, num_stages=cfg.num_stages_dq,
@@ -520,7 +537,7 @@ def _backward(do, q, k, v, kc, vc, gates, lay: SeqLayout, cfg: KernelConfig, res
             q, kc, vc, do, gates, lse_c, delta[0], dkp, dvp, lay.starts, lay.lens, lay.cstarts, lay.clens,
             *_qs(q, P), *_qs(kc, P), *_gs(gates, P), *_qs(any_lse, P), dkp.stride(0),
             scale_log2, scale, Hkv,
-            G=G, GP=GP, BT=tiles.bt_kv, D=D, IEEE=ieee, GI_CMP=cfg.gate_index[0],
+            G=G, GP=tiles.GP, BT=tiles.bt_kv, D=D, IEEE=ieee, GI_CMP=cfg.gate_index[0],
             CBLOCK=cfg.cblock, CSTRIDE=cfg.cstride, LEGACY=cfg.legacy, BNC=BNC,
             num_stages=cfg.num_stages_dkv,
         )
@@ -540,12 +557,11 @@ def _backward(do, q, k, v, kc, vc, gates, lay: SeqLayout, cfg: KernelConfig, res
         _launch(bwd.bwd_win_dkv_kernel, (triton.cdiv(lay.max_len, BK), B, Hkv),
             q, k, v, do, gates, res["lse_w"], delta[2], dk, dv, lay.starts, lay.lens,
             *_qs(q, P), *_qs(k, P), *_gs(gates, P), *_qs(any_lse, P), scale_log2, scale,
-            G=G, GP=GP, BT=tiles.bt_kv, D=D, IEEE=ieee, GI_WIN=cfg.gate_index[2], WIN=cfg.window, BK=BK,
+            G=G, GP=tiles.GP, BT=tiles.bt_kv, D=D, IEEE=ieee, GI_WIN=cfg.gate_index[2], WIN=cfg.window, BK=BK,
             num_stages=cfg.num_stages_dkv,
         )
     if cfg.has_slc:
         n_blocks = triton.cdiv(lay.max_len, cfg.slc_block)
-        bt_kv = tiles.bt_kv
         seg_len = 1024 if not cfg.head_scoring else 1024 * G
         index = _inverted_index(sel, lay, cfg, G, Hkv, n_blocks, seg_len)
         if index is not None:
@@ -561,7 +577,7 @@ def _backward(do, q, k, v, kc, vc, gates, lay: SeqLayout, cfg: KernelConfig, res
                 q, k, v, do, gates, res["lse_s"], delta[1], ent, seg_key, seg_start, seg_end, dkp, dvp, dk, dv,
                 lay.starts, lay.lens,
                 *_qs(q, P), *_qs(k, P), *_gs(gates, P), *_qs(any_lse, P), scale_log2, scale, Hkv, n_blocks,
-                G=G, GP=GP, BT=bt_kv, D=D, IEEE=ieee, GI_SLC=cfg.gate_index[1], LS=cfg.slc_block, BS=BS,
+                G=G, GP=tiles.GP, BT=tiles.bt_kv, D=D, IEEE=ieee, GI_SLC=cfg.gate_index[1], LS=cfg.slc_block, BS=BS,
                 HEAD_SCORING=cfg.head_scoring, ATOMIC=cfg.atomic, num_stages=cfg.num_stages_slc_dkv,
             )
             if not cfg.atomic:
