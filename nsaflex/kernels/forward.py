@@ -6,9 +6,9 @@ token ``t0 + r // GP``, head ``r % GP``; ``GP`` is ``G`` rounded up to a power
 of two, the padding rows are masked, never stored). The heads of a GQA group
 share every key they read, so one tile fills the matrix units with several
 tokens' group heads. The selection kernel, ``bwd_dq_kernel`` and the lse pass
-may instead pack the rows densely (:func:`_tile_rows`, ``GR = G``): ``R // G`` tokens per
-tile, so for G = 7 a 64-row tile holds 9 tokens' heads and one padding row
-instead of 8 tokens' heads and 8 padding rows.
+may instead pack the rows densely (:func:`_tile_rows`, ``GR = G``): ``R // G``
+tokens per tile, so for G = 7 a 64-row tile holds 9 tokens' heads and one
+padding row instead of 8 tokens' heads and 8 padding rows.
 
 Kernels:
 
@@ -405,7 +405,7 @@ def topn_select_kernel(
     T_OFF, T_END,
     ROWS: tl.constexpr, JP: tl.constexpr,
     LS: tl.constexpr, COUNT: tl.constexpr, FIRST: tl.constexpr, PREV: tl.constexpr, CUR: tl.constexpr,
-    NT: tl.constexpr, PROBES: tl.constexpr,
+    NT: tl.constexpr,
 ):
     """Exact top-(n - |forced|) of ROWS tokens' block scores (a query chunk's
     ``[B, Hsel, C, >= JW]`` fp32 buffer written by ``cmp_score_kernel`` with
@@ -413,9 +413,9 @@ def topn_select_kernel(
 
     Run with one warp per program, so every row reduction stays inside a warp
     (shuffles, no shared-memory barriers). Scores are >= +0, so their int32
-    bit patterns order like the floats: a search over the bits (``PROBES``
-    probes per step; 1 is a bisection) finds the k-th largest score T
-    (stopping early once exactly k scores lie at or above a probe), then every block above T is chosen and, among the blocks equal
+    bit patterns order like the floats: a bisection over the bits finds the
+    k-th largest score T (stopping early once exactly k scores lie at or above
+    the probe), then every block above T is chosen and, among the blocks equal
     to T, the lowest indices (an inclusive prefix count): the reference's
     "ties to the lower index", exactly.
     """
@@ -440,30 +440,20 @@ def topn_select_kernel(
         nforced = (f0 >= 0).to(tl.int32) + (f1 >= 0).to(tl.int32) + (f2 >= 0).to(tl.int32)
         k = COUNT - nforced
         n_c = tl.sum(cand.to(tl.int32), axis=1)
-        # Search with PROBES probes per step (1: bisection): keeps
-        # count(bits >= lo) >= k > count(bits >= hi) and narrows [lo, hi) to
-        # 1 / (PROBES + 1) per step. More probes take fewer steps, each with
-        # independent counts (and warp reductions) that can overlap.
+        # Bisection: count(bits >= lo) >= k > count(bits >= hi).
         active = (n_c > k) & (k > 0)
         lo = tl.zeros([ROWS], tl.int32)
         hi = tl.full([ROWS], 0x7F800001, tl.int32)
         cnt_lo = n_c
         go = active & (hi - lo > 1) & (cnt_lo != k)
         while tl.max(go.to(tl.int32), axis=0) > 0:
-            span = (hi - lo).to(tl.int64)
-            new_lo, new_cnt, new_hi = lo, cnt_lo, hi
-            for i in tl.static_range(1, PROBES + 1):
-                probe = lo + (span * i // (PROBES + 1)).to(tl.int32)
-                c = tl.sum((bits >= probe[:, None]).to(tl.int32), axis=1)
-                # counts fall as the probes rise: the last probe with c >= k is
-                # the new lo, the first with c < k the new hi
-                up = c >= k
-                new_lo = tl.where(up, probe, new_lo)
-                new_cnt = tl.where(up, c, new_cnt)
-                new_hi = tl.where(up, new_hi, tl.minimum(new_hi, probe))
-            lo = tl.where(go, new_lo, lo)
-            cnt_lo = tl.where(go, new_cnt, cnt_lo)
-            hi = tl.where(go, new_hi, hi)
+            mid = lo + (hi - lo) // 2
+            c = tl.sum((bits >= mid[:, None]).to(tl.int32), axis=1)
+            up = go & (c >= k)
+            down = go & (c < k)
+            lo = tl.where(up, mid, lo)
+            cnt_lo = tl.where(up, c, cnt_lo)
+            hi = tl.where(down, mid, hi)
             go = active & (hi - lo > 1) & (cnt_lo != k)
         # Rows whose count reached exactly k: the scores >= lo. Otherwise lo is
         # the k-th largest score itself (hi = lo + 1): all above it, then the

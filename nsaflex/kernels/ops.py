@@ -79,7 +79,6 @@ class KernelConfig:
     # buffer, then torch.topk), or "fused" (the running top-n inside
     # cmp_score_kernel; no buffer).
     topn: str = "select"
-    topn_probes: int = 1  # probes per step of topn_select_kernel's search (1: bisection)
     topn_chunk: int = 16384  # tokens per query chunk (buffer [B, Hsel, chunk, L / l'])
     topn_buffer_bytes: int = 1 << 30  # the chunk shrinks so that the buffer stays under this
     score_blocks: int | None = None  # blocks per score-loop step of the two-step paths (None: ~64 compressed tokens)
@@ -395,7 +394,7 @@ def _chunked_topn(score, sel, lay: SeqLayout, cfg: KernelConfig, tiles: "_Tiles"
             fwd.topn_select_kernel[(triton.cdiv(t_end - t_off, rows), n_sel_heads, B)](
                 buf, sel, lay.starts, lay.lens, *buf.stride()[:3], *ss, t_off, t_end,
                 ROWS=rows, JP=jp, LS=cfg.slc_block, COUNT=cfg.count, FIRST=cfg.first, PREV=cfg.prev, CUR=cfg.cur,
-                NT=cfg.nt, PROBES=cfg.topn_probes, num_warps=max(1, min(8, jp // 2048)),
+                NT=cfg.nt, num_warps=max(1, min(8, jp // 2048)),
             )
         else:
             kk = min(cfg.count, jw)
