@@ -1,9 +1,9 @@
 #!/bin/bash
-# GPU run 30 (2026-12-01, third session): the measurement on the final code of the session
+# GPU run 32 (2026-12-01, third session): the measurement on the final code of the session
 # (dense rows in slc_win, bwd_dq and cmp_lse): the `nsaflex bench` table (16K-128K, video and random
 # inputs, fwd and fwd+bwd, cuDNN in the same run), then per-kernel times and counted TFLOP/s at 128K
 # video (benchmarks/triton_bench.py --profile), then the GPU tests.
-# One device call: `bash benchmarks/run30.sh`.
+# One device call: `bash benchmarks/run32.sh`.
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p $OUT
 python -m pip install -q --no-deps --no-build-isolation -e . > $OUT/install.log 2>&1
