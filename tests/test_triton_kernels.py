@@ -213,6 +213,25 @@ def test_tile_variants_match_reference(case, config):
     check(*case, backward=True, **config)
 
 
+@pytest.mark.parametrize("scoring", ["group", "head"])
+def test_tiles_hold_at_most_64_selecting_rows(scoring):
+    """Whatever tile sizes a config asks for, a tile's rows are a power of two
+    that hold its tokens' heads, and its selecting rows (tokens, or token-head
+    rows for head scoring) fit the union's 64-bit row masks."""
+    from nsaflex.kernels.ops import _Tiles, make_config
+
+    pattern = dataclasses.replace(VIDEONSA_SMALL, selection=dataclasses.replace(VIDEONSA_SMALL.selection, scoring=scoring))
+    for group in range(1, 10):
+        for tokens in (None, 1, 4, 16, 64, 128):
+            for dense in (False, True):
+                tiles = _Tiles(make_config(pattern, select_tokens=tokens, dq_tokens=tokens, dense_rows=dense), group)
+                for rows, bt, sel_rows in ((tiles.rows_sel, tiles.bt_sel, tiles.sel_rows),
+                                           (tiles.rows_dq, tiles.bt_dq, tiles.dq_sel_rows)):
+                    assert rows & (rows - 1) == 0 and rows >= 16, (group, tokens, rows)
+                    assert 1 <= bt and bt * tiles.GR <= rows, (group, tokens, bt, rows)
+                    assert sel_rows <= 64, (group, tokens, dense, sel_rows)
+
+
 @settings(max_examples=5, deadline=None, suppress_health_check=list(HealthCheck))
 @given(kernel_patterns().filter(lambda p: p.compression is not None), st.sampled_from((7, 8)),
        st.integers(24, 48), st.integers(2, 5), st.integers(0, 2**31 - 1))

@@ -30,6 +30,11 @@ def next_pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 
+def prev_pow2(n: int) -> int:
+    """The largest power of two <= n (1 for n <= 1)."""
+    return 1 << max(0, int(n).bit_length() - 1)
+
+
 @dataclass(frozen=True)
 class KernelConfig:
     """The constants the kernels specialise on (one pattern)."""
@@ -194,10 +199,15 @@ class _Tiles:
         self.GP = next_pow2(group)
         self.GR = group if cfg.dense_rows else self.GP
         # A union's row masks have 64 bits: at most 64 selecting rows per tile (tokens,
-        # or token-head rows for head scoring), whatever select_tokens / dq_tokens ask.
+        # or token-head rows for head scoring), whatever select_tokens / dq_tokens ask;
+        # and a tile's rows (base x GP) are a power of two.
         most = max(1, 64 // self.GP if cfg.head_scoring else 64 * self.GR // self.GP)
-        base_sel = min(max(cfg.select_tokens or 64 // self.GP, -(-16 // self.GP)), most)
-        base_dq = min(max(cfg.dq_tokens or base_sel, -(-16 // self.GP)), most)
+
+        def base(asked: int) -> int:
+            return prev_pow2(min(max(asked, -(-16 // self.GP)), most))
+
+        base_sel = base(cfg.select_tokens or 64 // self.GP)
+        base_dq = base(cfg.dq_tokens or base_sel)
         self.rows_sel, self.rows_dq = base_sel * self.GP, base_dq * self.GP
         self.bt_sel, self.bt_dq = self.rows_sel // self.GR, self.rows_dq // self.GR
         self.bt_score = max(cfg.score_tokens, -(-16 // self.GP))
