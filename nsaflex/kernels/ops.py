@@ -84,6 +84,9 @@ class KernelConfig:
     # buffer, then torch.topk), or "fused" (the running top-n inside
     # cmp_score_kernel; no buffer).
     topn: str = "select"
+    # topn_select_kernel's warps per row: enough that each lane holds this many of
+    # the row's scores (one warp below 32 x this many candidates)
+    topn_lane_scores: int = 64
     topn_chunk: int = 16384  # tokens per query chunk (buffer [B, Hsel, chunk, L / l'])
     topn_buffer_bytes: int = 1 << 30  # the chunk shrinks so that the buffer stays under this
     score_blocks: int | None = None  # blocks per score-loop step of the two-step paths (None: ~64 compressed tokens)
@@ -404,7 +407,7 @@ def _chunked_topn(score, sel, lay: SeqLayout, cfg: KernelConfig, tiles: "_Tiles"
             fwd.topn_select_kernel[(triton.cdiv(t_end - t_off, rows), n_sel_heads, B)](
                 buf, sel, lay.starts, lay.lens, *buf.stride()[:3], *ss, t_off, t_end,
                 ROWS=rows, JP=jp, LS=cfg.slc_block, COUNT=cfg.count, FIRST=cfg.first, PREV=cfg.prev, CUR=cfg.cur,
-                NT=cfg.nt, num_warps=max(1, min(8, jp // 2048)),
+                NT=cfg.nt, num_warps=max(1, min(8, jp // (32 * cfg.topn_lane_scores))),
             )
         else:
             kk = min(cfg.count, jw)
