@@ -216,11 +216,11 @@ if __name__ == "__main__":
     path = os.environ.get("NSAFLEX_COMPILE_CHECK_JSON", "/tmp/triton_compile_check.json")
     items = signatures()
     # the select kernel at the row widths of 16K..128K tokens (JP 256..2048;
-    # the tiny recorded shapes only reach JP = 2)
+    # the tiny recorded shapes only reach JP = 2), with the warps ops._chunked_topn gives them
     for module, name, sig, const, opts in list(items):
         if name == "topn_select_kernel":
-            for jp, rows in ((256, 4), (2048, 1)):
-                items.append((module, name, sig, dict(const, JP=jp, ROWS=rows), opts))
+            for jp, rows, warps in ((256, 4, 1), (2048, 1, 4)):
+                items.append((module, name, sig, dict(const, JP=jp, ROWS=rows), dict(opts, num_warps=warps)))
             break
     json.dump(items, open(path, "w"))
     env = dict(os.environ, TRITON_INTERPRET="0")
