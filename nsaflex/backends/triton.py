@@ -104,19 +104,16 @@ class TritonBackend:
         cfg = None if pattern.dense else make_config(pattern, atomic=not deterministic)
 
         def kernel(q, k, v, gates, token_types, pooler: MLPPooling | None):
-            _check_tensors(q, k, v)
+            _check_tensors(q, k, v, cfg)
             if pattern.dense:
                 return _dense(q, k, v)
-            if cfg.head_scoring and q.shape[1] > 64 * k.shape[1]:
-                # each (token, head) row of a tile is one bit of the union's 64-bit row masks
-                raise InputError("q", "at most 64 query heads per kv head for head scoring on the triton backend",
-                                 f"{q.shape[1]} query heads over {k.shape[1]} kv heads")
             return _sparse_forward(pattern, cfg, q, k, v, gates, token_types, pooler)
 
         return kernel
 
 
-def _check_tensors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+def _check_tensors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: Any = None) -> None:
+    """Refuse what the kernels cannot take (``cfg``: the pattern's KernelConfig, None when dense)."""
     if q.dtype not in DTYPES:
         raise InputError("q", "float16, bfloat16 or float32 for the triton backend", str(q.dtype))
     if q.shape[-1] not in HEAD_DIMS:
@@ -125,6 +122,10 @@ def _check_tensors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         raise InputError("q", "a CUDA tensor for the triton backend (CPU only under TRITON_INTERPRET=1)", str(q.device))
     if q.device.type not in ("cpu", "cuda"):
         raise InputError("q", "a CUDA tensor for the triton backend", str(q.device))
+    if cfg is not None and cfg.head_scoring and q.shape[1] > 64 * k.shape[1]:
+        # each (token, head) row of a tile is one bit of the union's 64-bit row masks
+        raise InputError("q", "at most 64 query heads per kv head for head scoring on the triton backend",
+                         f"{q.shape[1]} query heads over {k.shape[1]} kv heads")
 
 
 def _dense(q, k, v):

@@ -477,9 +477,9 @@ def _inverted_index(sel: torch.Tensor, lay: SeqLayout, cfg: KernelConfig, group:
     key = torch.where(sel >= 0, (seq * n_kv + hk) * n_blocks + sel.long(), nkeys).to(key_dtype).flatten()
     key, order = torch.sort(key, stable=True)
     ent = ent.expand(Bv, HS, Tv, W).flatten()[order].to(torch.int32).contiguous()
-    keys = torch.arange(nkeys, device=dev, dtype=key_dtype)
-    first = torch.searchsorted(key, keys)
-    end = torch.searchsorted(key, keys, right=True)
+    # Key j's run is [bounds[j], bounds[j + 1]); bounds[nkeys] counts the filled slots.
+    bounds = torch.searchsorted(key, torch.arange(nkeys + 1, device=dev, dtype=key_dtype))
+    first, end = bounds[:-1], bounds[1:]
     nseg = (end - first + seg_len - 1) // seg_len
     key_seg = F.pad(torch.cumsum(nseg, 0), (1, 0))
     max_segments = nkeys + -(-slots // seg_len)
