@@ -201,6 +201,7 @@ TILE_VARIANTS = st.fixed_dictionaries({
     "dq_tokens": st.sampled_from((None, 2, 4, 16)),
     "select_tokens": st.sampled_from((None, 4)),
     "dense_rows": st.booleans(),
+    "tma": st.booleans(),
 })
 
 
@@ -208,8 +209,9 @@ TILE_VARIANTS = st.fixed_dictionaries({
 @given(cases(max_len=40), TILE_VARIANTS)
 def test_tile_variants_match_reference(case, config):
     """Two union blocks per step, bwd_dq tiles of their own size (with their
-    own union lists) and rows packed densely or padded per token change only
-    the schedule, never the result."""
+    own union lists), rows packed densely or padded per token and key blocks
+    read through tensor descriptors or per-element pointers change only the
+    schedule, never the result."""
     check(*case, backward=True, **config)
 
 
@@ -498,3 +500,52 @@ def test_launch_drops_to_the_deepest_pipeline_that_fits(requested, per_stage, li
     assert kernel.launched[0][3] == {"BLOCK": per_stage, "LIMIT": limit}
     key = next(key for key in ops._FITTED_STAGES if key[3] == (("BLOCK", per_stage), ("LIMIT", limit)) and key[2] == requested)
     assert ops._FITTED_STAGES[key] == fits
+
+
+@given(st.sampled_from([torch.bfloat16, torch.float32]), st.sampled_from([4, 8, 16, 64]), st.integers(0, 7),
+       st.booleans())
+@settings(max_examples=40, deadline=None)
+def test_tensor_descriptors_only_where_the_layout_allows(dtype, dim, offset, transposed):
+    """``ops.tma_ready`` accepts a tensor for descriptor loads exactly when its
+    base and leading strides are 16-byte aligned and its last dimension is
+    contiguous and at least 16 bytes wide; and never when not asked."""
+    from nsaflex.kernels.ops import tma_ready
+
+    storage = torch.zeros(2 * 3 * 5 * dim + offset, dtype=dtype)
+    x = storage[offset:].view(2, 3, 5, dim)
+    if transposed:
+        x = x.transpose(-1, -2)
+    size = x.element_size()
+    aligned = x.data_ptr() % 16 == 0 and all((s * size) % 16 == 0 for s in x.stride()[:-1])
+    expected = x.stride(-1) == 1 and x.shape[-1] * size >= 16 and aligned
+    assert tma_ready(True, x) == expected
+    assert tma_ready(True, x, torch.zeros(4, 16, dtype=dtype)) == expected
+    assert not tma_ready(False, torch.zeros(4, 16, dtype=dtype))
+
+
+def test_descriptor_workspace_restores_the_callers_allocator():
+    """The allocator installed for descriptor workspaces lives only around
+    nsaflex's launches: the caller's allocator is back afterwards, also when a
+    launch raises."""
+    from triton.runtime import _allocation
+
+    from nsaflex.kernels.ops import descriptor_workspace
+
+    def callers(size, alignment, stream):
+        return torch.empty(size, dtype=torch.int8)
+
+    token = _allocation._allocator.set(callers)
+    try:
+        with descriptor_workspace(torch.device("cpu")):
+            inside = _allocation._allocator.get()
+            assert inside is not callers
+            assert inside(64, 16, None).numel() == 64
+        assert _allocation._allocator.get() is callers
+        with pytest.raises(RuntimeError):
+            with descriptor_workspace(torch.device("cpu")):
+                raise RuntimeError("launch failed")
+        assert _allocation._allocator.get() is callers
+        with descriptor_workspace(None):
+            assert _allocation._allocator.get() is callers
+    finally:
+        _allocation._allocator.reset(token)

@@ -189,7 +189,8 @@ def _sparse_forward(pattern, cfg, q, k, v, gates, token_types, pooler):
         clens = cl.to(torch.int32).to(device)
         max_cmp = max(counts)
         packed = True
-    lay = SeqLayout(starts, lens, cstarts, clens, max_len, max_cmp, packed)
+    min_cmp = n_cmp if layout.identity else min(counts)
+    lay = SeqLayout(starts, lens, cstarts, clens, max_len, max_cmp, packed, min_cmp)
     out = nsa_attention(qs, ks, vs, kc, vc, gs, lay, cfg)
     if layout.identity and not layout.has_text:
         return out

@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from nsaflex.kernels.forward import (
-    _dot, _first_visible, _num_visible, _tile_rows, _union_lists, _union_step, _visible,
+    _dot, _first_visible, _key_rows, _num_visible, _sequence_desc, _tile_rows, _union_lists, _union_step, _visible,
 )
 
 
@@ -40,9 +40,10 @@ def bwd_dq_kernel(
     CBLOCK: tl.constexpr, CSTRIDE: tl.constexpr, LEGACY: tl.constexpr, BN: tl.constexpr,
     LS: tl.constexpr, BS: tl.constexpr, W: tl.constexpr, HEAD_SCORING: tl.constexpr,
     WIN: tl.constexpr, BKW: tl.constexpr, PAIR: tl.constexpr, OWN_UNION: tl.constexpr, U_LOG: tl.constexpr,
-    ROW_LOG: tl.constexpr,
+    ROW_LOG: tl.constexpr, TMA: tl.constexpr,
 ):
-    """Rows as the forward's selection kernel (:func:`_tile_rows`)."""
+    """Rows as the forward's selection kernel (:func:`_tile_rows`); ``TMA`` as
+    there (key, value and compressed blocks through tensor descriptors)."""
     pid_t = tl.program_id(0)
     b = tl.program_id(1)
     hk = tl.program_id(2)
@@ -79,21 +80,24 @@ def bwd_dq_kernel(
             else:
                 lo = 0
                 hi = _num_visible(t_last, n_cmp, CBLOCK, CSTRIDE)
-            kbase = KC + bb * scb + hk * sch
-            vbase = VC + bb * scb + hk * sch
+            kbase = KC + bb * scb + hk * sch + cstart * sct
+            vbase = VC + bb * scb + hk * sch + cstart * sct
+            # No step runs for a sequence without compressed tokens; a descriptor
+            # cannot be empty, so it declares one row it never reads.
+            kdesc = _sequence_desc(kbase, tl.maximum(n_cmp, 1), sct, BN, D, TMA)
+            vdesc = _sequence_desc(vbase, tl.maximum(n_cmp, 1), sct, BN, D, TMA)
             for i0 in range(lo, hi, BN):
                 i = i0 + tl.arange(0, BN)
-                kmask = (i < hi)[:, None]
-                kc = tl.load(kbase + (cstart + i)[:, None] * sct + d[None, :], mask=kmask, other=0.0)
-                vc = tl.load(vbase + (cstart + i)[:, None] * sct + d[None, :], mask=kmask, other=0.0)
+                kc = _key_rows(kbase, kdesc, i0, i, i < hi, sct, d, TMA)
+                vc = _key_rows(vbase, vdesc, i0, i, i < hi, sct, d, TMA)
                 s = _dot(q, tl.trans(kc), IEEE) * scale_log2
                 vis = _visible(i, t, n_cmp, CBLOCK, CSTRIDE, LEGACY) & valid[:, None]
                 p = tl.where(vis, tl.exp2(s - lse[:, None]), 0.0)
                 dp = _dot(do, tl.trans(vc), IEEE) * gb[:, None]
                 ds = p * (dp - delta[:, None])
                 dq += _dot(ds.to(kc.dtype), kc, IEEE)
-        kbase = K + bb * skb + hk * skh
-        vbase = V + bb * skb + hk * skh
+        kbase = K + bb * skb + hk * skh + start * skt
+        vbase = V + bb * skb + hk * skh + start * skt
         if HAS_SLC:
             o_b = tl.load(OS + row_off[:, None] + d[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
             gb = tl.load(GATES + gate_off + GI_SLC * sgc, mask=valid, other=0.0).to(tl.float32)
@@ -107,10 +111,13 @@ def bwd_dq_kernel(
             count, ubase, umbase, hit_row = _union_lists(
                 SEL + bb * ssb + start * sst, U, UM, UC, prog, ssh, sst, hk, t0, length, r,
                 G, GR, BT, W, HEAD_SCORING, U_LOG, ROW_LOG, OWN_UNION)
+            kdesc = _sequence_desc(kbase, length, skt, BS, D, TMA)
+            vdesc = _sequence_desc(vbase, length, skt, BS, D, TMA)
             for it in range(0, count, 2 if PAIR else 1):
                 s_pos, kmask, mask = _union_step(ubase, umbase, it, count, hit_row, t, valid, length, LS, BS, PAIR)
-                kk = tl.load(kbase + (start + s_pos)[:, None] * skt + d[None, :], mask=kmask[:, None], other=0.0)
-                vv = tl.load(vbase + (start + s_pos)[:, None] * skt + d[None, :], mask=kmask[:, None], other=0.0)
+                first_key = tl.load(ubase + it) * LS
+                kk = _key_rows(kbase, kdesc, first_key, s_pos, kmask, skt, d, TMA)
+                vv = _key_rows(vbase, vdesc, first_key, s_pos, kmask, skt, d, TMA)
                 s = _dot(q, tl.trans(kk), IEEE) * scale_log2
                 p = tl.where(mask, tl.exp2(s - lse[:, None]), 0.0)
                 dp = _dot(do, tl.trans(vv), IEEE) * gb[:, None]
@@ -125,11 +132,13 @@ def bwd_dq_kernel(
             tl.store(DELTA + 2 * sdn + lse_off, delta, mask=valid)
             lse = tl.load(LSEW + lse_off, mask=valid, other=0.0)
             lo = tl.maximum(t0 - WIN + 1, 0)
+            kdesc_w = _sequence_desc(kbase, length, skt, BKW, D, TMA)
+            vdesc_w = _sequence_desc(vbase, length, skt, BKW, D, TMA)
             for s0 in range(lo, t_last + 1, BKW):
                 s_pos = s0 + tl.arange(0, BKW)
                 kmask = s_pos <= t_last
-                kk = tl.load(kbase + (start + s_pos)[:, None] * skt + d[None, :], mask=kmask[:, None], other=0.0)
-                vv = tl.load(vbase + (start + s_pos)[:, None] * skt + d[None, :], mask=kmask[:, None], other=0.0)
+                kk = _key_rows(kbase, kdesc_w, s0, s_pos, kmask, skt, d, TMA)
+                vv = _key_rows(vbase, vdesc_w, s0, s_pos, kmask, skt, d, TMA)
                 s = _dot(q, tl.trans(kk), IEEE) * scale_log2
                 mask = valid[:, None] & (s_pos[None, :] <= t[:, None]) & (s_pos[None, :] > t[:, None] - WIN)
                 p = tl.where(mask, tl.exp2(s - lse[:, None]), 0.0)

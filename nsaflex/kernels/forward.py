@@ -108,6 +108,30 @@ def _online_softmax(m, s, scale):
 
 
 @triton.jit
+def _key_rows(base, desc, s0, s_pos, kmask, stride, d, TMA: tl.constexpr):
+    """Rows ``s_pos`` (``s0 + arange``) of a key or value sequence: through the
+    tensor descriptor ``desc`` (one bulk copy, rows past the sequence read as
+    zeros) when ``TMA``, else one pointer per element with ``kmask`` (rows to
+    load; the others read as zeros)."""
+    if TMA:
+        return desc.load([s0, 0])
+    else:
+        return tl.load(base + s_pos[:, None] * stride + d[None, :], mask=kmask[:, None], other=0.0)
+
+
+@triton.jit
+def _sequence_desc(base, length, stride, BK: tl.constexpr, D: tl.constexpr, TMA: tl.constexpr):
+    """A tensor descriptor over one sequence's ``[length, D]`` rows (``TMA``),
+    read ``BK`` rows at a time; otherwise ``base`` itself, which
+    :func:`_key_rows` then ignores (triton 3.6 cannot return ``None``). Rows
+    past ``length`` read as zeros, like the masked pointer loads they replace."""
+    if TMA:
+        return tl.make_tensor_descriptor(base, [length, D], [stride, 1], [BK, D])
+    else:
+        return base
+
+
+@triton.jit
 def _num_visible(t, n_cmp, CBLOCK: tl.constexpr, CSTRIDE: tl.constexpr):
     """Causal visibility: compressed tokens 0 .. num_visible(t) - 1 are visible to t."""
     nv = tl.where(t + 1 >= CBLOCK, (t + 1 - CBLOCK) // CSTRIDE + 1, 0)
@@ -183,9 +207,10 @@ def cmp_lse_kernel(
     sqb, sqh, sqt, skb, skh, skt, slb, slh, slt,
     scale_log2,
     G: tl.constexpr, GR: tl.constexpr, BT: tl.constexpr, R: tl.constexpr, BN: tl.constexpr, D: tl.constexpr,
-    CBLOCK: tl.constexpr, CSTRIDE: tl.constexpr, LEGACY: tl.constexpr, IEEE: tl.constexpr,
+    CBLOCK: tl.constexpr, CSTRIDE: tl.constexpr, LEGACY: tl.constexpr, IEEE: tl.constexpr, TMA: tl.constexpr,
 ):
-    """Rows: :func:`_tile_rows` (``BT`` tokens, ``GR`` rows per token, ``R`` rows)."""
+    """Rows: :func:`_tile_rows` (``BT`` tokens, ``GR`` rows per token, ``R`` rows).
+    ``TMA``: compressed keys through a tensor descriptor (:func:`_sequence_desc`)."""
     pid_t = tl.program_id(0)
     b = tl.program_id(1)
     hk = tl.program_id(2)
@@ -209,10 +234,11 @@ def cmp_lse_kernel(
             hi = _num_visible(t_last, n_cmp, CBLOCK, CSTRIDE)
         m = tl.full([R], float("-inf"), tl.float32)
         acc_l = tl.zeros([R], tl.float32)
-        kbase = KC + bb * skb + hk * skh
+        kbase = KC + bb * skb + hk * skh + cstart * skt
+        kdesc = _sequence_desc(kbase, n_cmp, skt, BN, D, TMA)
         for i0 in range(lo, hi, BN):
             i = i0 + tl.arange(0, BN)
-            kc = tl.load(kbase + (cstart + i)[:, None] * skt + d[None, :], mask=(i < hi)[:, None], other=0.0)
+            kc = _key_rows(kbase, kdesc, i0, i, i < hi, skt, d, TMA)
             s = _dot(q, tl.trans(kc), IEEE)
             vis = _visible(i, t, n_cmp, CBLOCK, CSTRIDE, LEGACY) & valid[:, None]
             s = tl.where(vis, s, float("-inf"))
@@ -232,7 +258,7 @@ def cmp_score_kernel(
     SCORE: tl.constexpr, BN: tl.constexpr,
     LS: tl.constexpr, COUNT: tl.constexpr, FIRST: tl.constexpr, PREV: tl.constexpr, CUR: tl.constexpr,
     HEAD_SCORING: tl.constexpr, NT: tl.constexpr, A: tl.constexpr, BB: tl.constexpr, NT_LOG: tl.constexpr,
-    INSERT_MAX: tl.constexpr, TOPN: tl.constexpr,
+    INSERT_MAX: tl.constexpr, TOPN: tl.constexpr, TMA: tl.constexpr,
 ):
     """Compression output and (when SCORE) the token-level block scores.
 
@@ -272,8 +298,10 @@ def cmp_score_kernel(
         q = tl.load(Q + bb * sqb + h[:, None] * sqh + (start + t)[:, None] * sqt + d[None, :], mask=valid[:, None], other=0.0)
         lse = tl.load(LSE + bb * slb + h * slh + (start + t) * slt, mask=valid, other=0.0)
         t_last = tl.minimum(t0 + BT, length) - 1
-        kbase = KC + bb * skb + hk * skh
-        vbase = VC + bb * skb + hk * skh
+        kbase = KC + bb * skb + hk * skh + cstart * skt
+        vbase = VC + bb * skb + hk * skh + cstart * skt
+        kdesc = _sequence_desc(kbase, n_cmp, skt, BN, D, TMA)
+        vdesc = _sequence_desc(vbase, n_cmp, skt, BN, D, TMA)
         acc = tl.zeros([R, D], tl.float32)
         if SCORE:
             # Selecting rows: one per token (group scoring) or one per row (head scoring).
@@ -305,9 +333,8 @@ def cmp_score_kernel(
                 n_iter = tl.maximum(tl.cdiv(_num_visible(t_last, n_cmp, CBLOCK, CSTRIDE), BN), tl.cdiv(jc_last, NT))
             for c in range(0, n_iter):
                 i = c * BN + tl.arange(0, BN)
-                kmask = (i < n_cmp)[:, None]
-                kc = tl.load(kbase + (cstart + i)[:, None] * skt + d[None, :], mask=kmask, other=0.0)
-                vc = tl.load(vbase + (cstart + i)[:, None] * skt + d[None, :], mask=kmask, other=0.0)
+                kc = _key_rows(kbase, kdesc, c * BN, i, i < n_cmp, skt, d, TMA)
+                vc = _key_rows(vbase, vdesc, c * BN, i, i < n_cmp, skt, d, TMA)
                 s = _dot(q, tl.trans(kc), IEEE) * scale_log2
                 vis = _visible(i, t, n_cmp, CBLOCK, CSTRIDE, LEGACY) & valid[:, None]
                 p = tl.where(vis, tl.exp2(s - lse[:, None]), 0.0)
@@ -373,9 +400,8 @@ def cmp_score_kernel(
                 hi = _num_visible(t_last, n_cmp, CBLOCK, CSTRIDE)
             for i0 in range(lo, hi, BN):
                 i = i0 + tl.arange(0, BN)
-                kmask = (i < hi)[:, None]
-                kc = tl.load(kbase + (cstart + i)[:, None] * skt + d[None, :], mask=kmask, other=0.0)
-                vc = tl.load(vbase + (cstart + i)[:, None] * skt + d[None, :], mask=kmask, other=0.0)
+                kc = _key_rows(kbase, kdesc, i0, i, i < hi, skt, d, TMA)
+                vc = _key_rows(vbase, vdesc, i0, i, i < hi, skt, d, TMA)
                 s = _dot(q, tl.trans(kc), IEEE) * scale_log2
                 vis = _visible(i, t, n_cmp, CBLOCK, CSTRIDE, LEGACY) & valid[:, None]
                 p = tl.where(vis, tl.exp2(s - lse[:, None]), 0.0)
@@ -660,11 +686,13 @@ def slc_win_kernel(
     GI_CMP: tl.constexpr, GI_SLC: tl.constexpr, GI_WIN: tl.constexpr,
     LS: tl.constexpr, BS: tl.constexpr, W: tl.constexpr, HEAD_SCORING: tl.constexpr,
     WIN: tl.constexpr, BKW: tl.constexpr, SAVE: tl.constexpr, U_LOG: tl.constexpr, ROW_LOG: tl.constexpr,
-    PAIR: tl.constexpr,
+    PAIR: tl.constexpr, TMA: tl.constexpr,
 ):
     """Output strides follow q's layout (OUT, OC, OS, OW share q's strides).
     Rows: :func:`_tile_rows` (``BT`` tokens, ``GR`` rows per token, ``R`` rows).
-    ``PAIR``: two union blocks per step (see :func:`_union_step`)."""
+    ``PAIR``: two union blocks per step (see :func:`_union_step`). ``TMA``: key
+    and value blocks arrive through tensor descriptors (no per-element
+    addresses in registers; not with ``PAIR``)."""
     pid_t = tl.program_id(0)
     b = tl.program_id(1)
     hk = tl.program_id(2)
@@ -678,8 +706,8 @@ def slc_win_kernel(
         bb = b.to(tl.int64)
         row_off = bb * sqb + h * sqh + (start + t) * sqt
         q = tl.load(Q + row_off[:, None] + d[None, :], mask=valid[:, None], other=0.0)
-        kbase = K + bb * skb + hk * skh
-        vbase = V + bb * skb + hk * skh
+        kbase = K + bb * skb + hk * skh + start * skt
+        vbase = V + bb * skb + hk * skh + start * skt
         gate_off = bb * sgb + h * sgh + (start + t) * sgt
         lse_off = bb * slb + h * slh + (start + t) * slt
         # Branches finish one after another so at most two [R, D] accumulators
@@ -690,13 +718,16 @@ def slc_win_kernel(
             count, ubase, umbase, hit_row = _union_lists(
                 SEL + bb * ssb + start * sst, U, UM, UC, prog, ssh, sst, hk, t0, length, r,
                 G, GR, BT, W, HEAD_SCORING, U_LOG, ROW_LOG, True)
+            kdesc = _sequence_desc(kbase, length, skt, BS, D, TMA)
+            vdesc = _sequence_desc(vbase, length, skt, BS, D, TMA)
             m = tl.full([R], float("-inf"), tl.float32)
             acc_l = tl.zeros([R], tl.float32)
             acc = tl.zeros([R, D], tl.float32)
             for it in range(0, count, 2 if PAIR else 1):
                 s_pos, kmask, mask = _union_step(ubase, umbase, it, count, hit_row, t, valid, length, LS, BS, PAIR)
-                kk = tl.load(kbase + (start + s_pos)[:, None] * skt + d[None, :], mask=kmask[:, None], other=0.0)
-                vv = tl.load(vbase + (start + s_pos)[:, None] * skt + d[None, :], mask=kmask[:, None], other=0.0)
+                first_key = tl.load(ubase + it) * LS
+                kk = _key_rows(kbase, kdesc, first_key, s_pos, kmask, skt, d, TMA)
+                vv = _key_rows(vbase, vdesc, first_key, s_pos, kmask, skt, d, TMA)
                 s = tl.where(mask, _dot(q, tl.trans(kk), IEEE), float("-inf"))
                 m, alpha, p = _online_softmax(m, s, scale_log2)
                 acc_l = acc_l * alpha + tl.sum(p, axis=1)
@@ -710,14 +741,16 @@ def slc_win_kernel(
         if HAS_WIN:
             t_last = tl.minimum(t0 + BT, length) - 1
             lo = tl.maximum(t0 - WIN + 1, 0)
+            kdesc_w = _sequence_desc(kbase, length, skt, BKW, D, TMA)
+            vdesc_w = _sequence_desc(vbase, length, skt, BKW, D, TMA)
             m = tl.full([R], float("-inf"), tl.float32)
             acc_l = tl.zeros([R], tl.float32)
             acc = tl.zeros([R, D], tl.float32)
             for s0 in range(lo, t_last + 1, BKW):
                 s_pos = s0 + tl.arange(0, BKW)
                 kmask = s_pos <= t_last
-                kk = tl.load(kbase + (start + s_pos)[:, None] * skt + d[None, :], mask=kmask[:, None], other=0.0)
-                vv = tl.load(vbase + (start + s_pos)[:, None] * skt + d[None, :], mask=kmask[:, None], other=0.0)
+                kk = _key_rows(kbase, kdesc_w, s0, s_pos, kmask, skt, d, TMA)
+                vv = _key_rows(vbase, vdesc_w, s0, s_pos, kmask, skt, d, TMA)
                 mask = valid[:, None] & (s_pos[None, :] <= t[:, None]) & (s_pos[None, :] > t[:, None] - WIN)
                 s = tl.where(mask, _dot(q, tl.trans(kk), IEEE), float("-inf"))
                 m, alpha, p = _online_softmax(m, s, scale_log2)

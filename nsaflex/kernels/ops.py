@@ -66,6 +66,16 @@ class KernelConfig:
     # bwd_dq 49.8 ms against 54.6, slc_win 36.5 against 37.5 (inference).
     dense_rows: bool = True
     pair_blocks: bool = False  # two union blocks per step of the selection loops (2 * l' key columns per product)
+    # Key and value blocks through tensor descriptors (bulk copies, Hopper's TMA)
+    # where the tensors allow it (:func:`tma_ready`), otherwise one address per
+    # element: in slc_win_kernel and bwd_dq_kernel (tma), the lse pass (tma_lse)
+    # and the score pass (tma_score). H200, run 39, 128K video, in one run: fwd
+    # 46.7 / fwd+bwd 154.9 ms with slc_win, bwd_dq and the lse pass on, 55.1 / 162.8
+    # with none (slc_win 29.1 against 37.7 ms, bwd_dq 44.2 against 50.1, lse 3.4
+    # against 3.7); the score pass on too: 11.2 ms against 9.2.
+    tma: bool = True
+    tma_lse: bool = True
+    tma_score: bool = False
     score_tokens: int = 16
     num_warps_select: int = 4
     num_warps_score: int = 8
@@ -148,6 +158,7 @@ class SeqLayout:
     max_len: int
     max_cmp: int
     packed: bool
+    min_cmp: int = 0  # the fewest compressed tokens of any sequence (host int)
 
     @property
     def batch(self) -> int:
@@ -160,6 +171,50 @@ def _qs(x: torch.Tensor, packed: bool) -> tuple[int, int, int]:
 
 def _gs(x: torch.Tensor, packed: bool) -> tuple[int, int, int, int]:
     return (0 if packed else x.stride(0), x.stride(1), x.stride(2), x.stride(3))
+
+
+def tma_ready(asked: bool, *tensors: torch.Tensor) -> bool:
+    """Whether a kernel's key/value loads may go through tensor descriptors:
+    ``asked`` (one of the config's ``tma*`` fields) and every tensor's base and
+    leading strides 16-byte aligned with a contiguous last dimension of at
+    least 16 bytes (what a descriptor requires; a kernel reads each sequence
+    from ``base + row offsets``, so the row offsets inherit the alignment from
+    the strides)."""
+    if not asked:
+        return False
+    for x in tensors:
+        size = x.element_size()
+        if x.stride(-1) != 1 or x.shape[-1] * size < 16 or x.data_ptr() % 16:
+            return False
+        if any((stride * size) % 16 for stride in x.stride()[:-1]):
+            return False
+    return True
+
+
+@contextlib.contextmanager
+def descriptor_workspace(device: torch.device | None) -> Iterator[None]:
+    """Global memory for the tensor descriptors a kernel creates (Triton asks
+    its allocator at launch), from torch's caching allocator on ``device``
+    (None: nothing to install). Installed only around nsaflex's own launches:
+    the caller's allocator is restored after."""
+    if device is None:
+        yield
+        return
+    from triton.runtime import _allocation
+
+    def allocate(size: int, alignment: int, stream) -> torch.Tensor:
+        return torch.empty(size, dtype=torch.int8, device=device)
+
+    slot = getattr(_allocation, "_allocator", None)
+    if not hasattr(slot, "reset"):  # not the ContextVar of triton 3.x: install it for good
+        triton.set_allocator(allocate)
+        yield
+        return
+    token = slot.set(allocate)
+    try:
+        yield
+    finally:
+        slot.reset(token)
 
 
 def _ieee(x: torch.Tensor) -> bool:
@@ -178,17 +233,21 @@ def _launch(kernel, grid, *args, num_stages: int, **kwargs) -> None:
     233,472 bytes with 3 stages on an H200, 1 KB over). Triton raises
     ``OutOfResources`` at the first launch of a specialisation that does not
     fit; the next shallower depth is compiled and tried."""
-    device = next((str(a.device) for a in args if isinstance(a, torch.Tensor)), "")
+    first = next((a for a in args if isinstance(a, torch.Tensor)), None)
+    device = str(first.device) if first is not None else ""
     key = (getattr(kernel, "__name__", repr(kernel)), device, num_stages, tuple(sorted(kwargs.items())))
     stages = _FITTED_STAGES.get(key, num_stages)
-    while True:
-        try:
-            kernel[grid](*args, num_stages=stages, **kwargs)
-            break
-        except OutOfResources:
-            if stages <= 1:
-                raise
-            stages -= 1
+    # A kernel that makes tensor descriptors (TMA=True) needs their workspace.
+    workspace = first.device if kwargs.get("TMA") and first is not None and first.is_cuda else None
+    with descriptor_workspace(workspace):
+        while True:
+            try:
+                kernel[grid](*args, num_stages=stages, **kwargs)
+                break
+            except OutOfResources:
+                if stages <= 1:
+                    raise
+                stages -= 1
     _FITTED_STAGES[key] = stages
 
 
@@ -292,12 +351,16 @@ def _forward(q, k, v, kc, vc, gates, lay: SeqLayout, cfg: KernelConfig, save: bo
         if cfg.has_slc:
             hs = Hq if cfg.head_scoring else Hkv
             sel = torch.empty((Bv, hs, Tv, tiles.width), dtype=torch.int32, device=dev)
+        # The score loop reads compressed rows even where a sequence has none (its
+        # steps also write block scores), and a descriptor cannot be empty.
+        tma_lse = lay.min_cmp > 0 and tma_ready(cfg.tma_lse, kc)
+        tma_score = lay.min_cmp > 0 and tma_ready(cfg.tma_score, kc, vc)
         if lay.max_cmp > 0:
             _launch(fwd.cmp_lse_kernel, (triton.cdiv(lay.max_len, tiles.bt_lse), B, Hkv),
                 q, kc, lse_c, lay.starts, lay.lens, lay.cstarts, lay.clens,
                 *_qs(q, P), *_qs(kc, P), *_qs(lse_c, P), scale_log2,
                 G=G, GR=tiles.GR, BT=tiles.bt_lse, R=tiles.rows_lse, BN=64, D=D, CBLOCK=cfg.cblock, CSTRIDE=cfg.cstride,
-                LEGACY=cfg.legacy, IEEE=ieee, num_warps=cfg.num_warps_score, num_stages=cfg.num_stages_lse,
+                LEGACY=cfg.legacy, IEEE=ieee, TMA=tma_lse, num_warps=cfg.num_warps_score, num_stages=cfg.num_stages_lse,
             )
         else:
             lse_c.zero_()
@@ -318,7 +381,8 @@ def _forward(q, k, v, kc, vc, gates, lay: SeqLayout, cfg: KernelConfig, save: bo
                 IEEE=ieee, SCORE=cfg.has_slc, BN=(cfg.eq9_a * nt if cfg.has_slc else 64),
                 LS=cfg.slc_block, COUNT=cfg.count, FIRST=cfg.first, PREV=cfg.prev, CUR=cfg.cur,
                 HEAD_SCORING=cfg.head_scoring, NT=nt, A=cfg.eq9_a, BB=cfg.eq9_b, NT_LOG=nt.bit_length() - 1,
-                INSERT_MAX=cfg.insert_max, TOPN=mode, num_warps=cfg.num_warps_score, num_stages=cfg.num_stages_score,
+                INSERT_MAX=cfg.insert_max, TOPN=mode, TMA=tma_score,
+                num_warps=cfg.num_warps_score, num_stages=cfg.num_stages_score,
             )
 
         if not cfg.has_slc or cfg.topn == "fused":
@@ -338,6 +402,7 @@ def _forward(q, k, v, kc, vc, gates, lay: SeqLayout, cfg: KernelConfig, save: bo
     lse_like = lse_c if lse_c is not None else (lse_s if lse_s is not None else (lse_w if lse_w is not None else torch.empty(lse_shape, dtype=torch.float32, device=dev)))
     sel_ = sel if sel is not None else dummy_i
     ss = _qs(sel, P) if sel is not None else (0, 0, 0)
+    tma = tma_ready(cfg.tma and not cfg.pair_blocks, k, v)  # a pair step gathers two blocks: pointer loads
     _launch(fwd.slc_win_kernel, grid3,
         q, k, v, oc if oc is not None else q, gates, sel_, U, UM, UC, out,
         o_s if o_s is not None else out, o_w if o_w is not None else out,
@@ -349,7 +414,7 @@ def _forward(q, k, v, kc, vc, gates, lay: SeqLayout, cfg: KernelConfig, save: bo
         GI_CMP=cfg.gate_index[0], GI_SLC=cfg.gate_index[1], GI_WIN=cfg.gate_index[2],
         LS=cfg.slc_block, BS=cfg.slc_tile, W=tiles.width, HEAD_SCORING=cfg.head_scoring,
         WIN=cfg.window, BKW=64, SAVE=save, U_LOG=tiles.union_log(tiles.sel_rows),
-        ROW_LOG=tiles.row_log(tiles.sel_rows), PAIR=cfg.pair_blocks,
+        ROW_LOG=tiles.row_log(tiles.sel_rows), PAIR=cfg.pair_blocks, TMA=tma,
         num_warps=cfg.num_warps_select, num_stages=cfg.num_stages,
     )
     res.update(oc=oc, lse_c=lse_c, sel=sel, U=U, UM=UM, UC=UC, o_s=o_s, o_w=o_w, lse_s=lse_s, lse_w=lse_w)
@@ -521,6 +586,7 @@ def _backward(do, q, k, v, kc, vc, gates, lay: SeqLayout, cfg: KernelConfig, res
     kc_ = kc if (kc is not None and lay.max_cmp > 0) else k
     vc_ = vc if (vc is not None and lay.max_cmp > 0) else v
     ss = _qs(sel, P) if sel is not None else (0, 0, 0)
+    tma = tma_ready(cfg.tma and not cfg.pair_blocks, k, v, kc_, vc_)
     _launch(bwd.bwd_dq_kernel, (n_tq, B, Hkv),
         q, k, v, kc_, vc_, do, gates,
         oc if oc is not None else q, res["o_s"] if res["o_s"] is not None else q, res["o_w"] if res["o_w"] is not None else q,
@@ -536,7 +602,7 @@ def _backward(do, q, k, v, kc, vc, gates, lay: SeqLayout, cfg: KernelConfig, res
         CBLOCK=cfg.cblock, CSTRIDE=cfg.cstride, LEGACY=cfg.legacy, BN=64,
         LS=cfg.slc_block, BS=cfg.slc_tile, W=tiles.width, HEAD_SCORING=cfg.head_scoring,
         WIN=cfg.window, BKW=64, PAIR=cfg.pair_blocks, OWN_UNION=own_union, U_LOG=tiles.union_log(tiles.dq_sel_rows),
-        ROW_LOG=tiles.row_log(tiles.dq_sel_rows),
+        ROW_LOG=tiles.row_log(tiles.dq_sel_rows), TMA=tma,
         num_warps=cfg.num_warps_select, num_stages=cfg.num_stages_dq,
     )
     dkc = dvc = None
