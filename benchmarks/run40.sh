@@ -1,7 +1,8 @@
 #!/bin/bash
 # GPU run 40 (2026-12-01, fourth session): the session's final defaults (tensor-descriptor loads in
 # slc_win, bwd_dq and the lse pass; not in the score pass or the dk, dv kernels, run 39). First
-# 8 warps for the selection kernel and bwd_dq against the default 4 (128K video, one run); then the
+# 8 warps for the selection kernel and bwd_dq against the default 4, and 2 stages for the lse pass
+# against 3 (128K video, one run); then the
 # issue's table (`nsaflex bench`, cuDNN in the same run), the 128K video profile, the GPU tests (run 32's steps).
 # One device call: `bash benchmarks/run40.sh`.
 export PYTHONUNBUFFERED=1
@@ -9,7 +10,7 @@ OUT=${OUT:-/tmp/out}; mkdir -p $OUT
 python -m pip install -q --no-deps --no-build-isolation -e . > $OUT/install.log 2>&1
 S=$(date +%s)
 timeout 120 python benchmarks/triton_bench.py --lengths "" --tiles 128k --tile-inputs video \
-  --tile-configs ";num_warps_select=8" --json $OUT/triton-run40-warps-128k.json > $OUT/run40.log 2>&1
+  --tile-configs ";num_warps_select=8;num_stages_lse=2" --json $OUT/triton-run40-warps-128k.json > $OUT/run40.log 2>&1
 echo "variants: rc=$? in $(( $(date +%s) - S )) s"
 python - <<'PY'
 import json, os
