@@ -3,12 +3,12 @@
 # (dense rows in slc_win, bwd_dq and cmp_lse): the `nsaflex bench` table (16K-128K, video and random
 # inputs, fwd and fwd+bwd, cuDNN in the same run), then per-kernel times and counted TFLOP/s at 128K
 # video (benchmarks/triton_bench.py --profile), then the GPU tests.
-# One device call: `bash benchmarks/run32.sh`.
+# One device call: `bash benchmarks/run32.sh` (LENGTHS=...: other table lengths, as run 41 asks).
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p $OUT
 python -m pip install -q --no-deps --no-build-isolation -e . > $OUT/install.log 2>&1
 S=$(date +%s)
-timeout 240 nsaflex bench videonsa --backends triton --baselines cudnn --lengths 16k,32k,64k,128k \
+timeout 240 nsaflex bench videonsa --backends triton --baselines cudnn --lengths ${LENGTHS:-16k,32k,64k,128k} \
   --inputs video,random --pass fwd,fwd+bwd --json $OUT/triton-bench.json > $OUT/triton-bench.log 2>&1
 echo "triton bench: rc=$? in $(( $(date +%s) - S )) s"; grep -v "^$" $OUT/triton-bench.log | grep -v Warning | grep "│ *[0-9]" | cut -c1-110; S=$(date +%s)
 timeout 120 python benchmarks/triton_bench.py --lengths 128k --inputs video --profile \

@@ -84,7 +84,7 @@ class KernelConfig:
     # decides how many programs share an SM: bwd_dq with 2 stages fits two per SM
     # and ran 52.9 ms against 65.3 with 3 (H200, run 19, 128K video).
     num_stages_dq: int = 2
-    num_stages_lse: int = 3  # run 20: 2 stages measured the same (4.2 ms)
+    num_stages_lse: int = 2  # 128K video: 3.10 ms against 3.33 with 3 (run 40, descriptor loads; run 37: 3.49 against 3.74)
     num_stages_score: int = 3
     num_stages_dkv: int = 2  # bwd_cmp_dkv_kernel and bwd_win_dkv_kernel (run 20: 12.3 + 4.0 ms vs 14.9 + 5.7 with 3)
     num_stages_slc_dkv: int = 3  # run 20: 2 stages measured the same (30.0 ms)
