@@ -686,15 +686,13 @@ def slc_win_kernel(
     GI_CMP: tl.constexpr, GI_SLC: tl.constexpr, GI_WIN: tl.constexpr,
     LS: tl.constexpr, BS: tl.constexpr, W: tl.constexpr, HEAD_SCORING: tl.constexpr,
     WIN: tl.constexpr, BKW: tl.constexpr, SAVE: tl.constexpr, U_LOG: tl.constexpr, ROW_LOG: tl.constexpr,
-    PAIR: tl.constexpr, TMA: tl.constexpr, REREAD: tl.constexpr,
+    PAIR: tl.constexpr, TMA: tl.constexpr,
 ):
     """Output strides follow q's layout (OUT, OC, OS, OW share q's strides).
     Rows: :func:`_tile_rows` (``BT`` tokens, ``GR`` rows per token, ``R`` rows).
     ``PAIR``: two union blocks per step (see :func:`_union_step`). ``TMA``: key
     and value blocks arrive through tensor descriptors (no per-element
-    addresses in registers; not with ``PAIR``). ``REREAD`` (with ``SAVE``): the
-    selection output is read back from OS after the window loop instead of
-    being held in registers through it (the same sum, in the same order)."""
+    addresses in registers; not with ``PAIR``)."""
     pid_t = tl.program_id(0)
     b = tl.program_id(1)
     hk = tl.program_id(2)
@@ -713,9 +711,7 @@ def slc_win_kernel(
         gate_off = bb * sgb + h * sgh + (start + t) * sgt
         lse_off = bb * slb + h * slh + (start + t) * slt
         # Branches finish one after another so at most two [R, D] accumulators
-        # are live: the running output and the branch in progress (one, when
-        # the selection output is deferred to a read-back).
-        DEFER_SLC: tl.constexpr = REREAD and SAVE and HAS_SLC and HAS_WIN
+        # are live: the running output and the branch in progress.
         out = tl.zeros([R, D], tl.float32)
         if HAS_SLC:
             prog = (b * tl.num_programs(2) + hk) * n_tiles + pid_t
@@ -738,8 +734,7 @@ def slc_win_kernel(
                 acc = acc * alpha[:, None] + _dot(p.to(vv.dtype), vv, IEEE)
             o_s = acc / tl.where(acc_l > 0, acc_l, 1.0)[:, None]
             gs = tl.load(GATES + gate_off + GI_SLC * sgc, mask=valid, other=0.0).to(tl.float32)
-            if not DEFER_SLC:
-                out += gs[:, None] * o_s
+            out += gs[:, None] * o_s
             if SAVE:
                 tl.store(OS + row_off[:, None] + d[None, :], o_s.to(OS.dtype.element_ty), mask=valid[:, None])
                 tl.store(LSES + lse_off, tl.where(acc_l > 0, m + tl.log2(acc_l), 0.0), mask=valid)
@@ -763,12 +758,6 @@ def slc_win_kernel(
                 acc = acc * alpha[:, None] + _dot(p.to(vv.dtype), vv, IEEE)
             o_w = acc / tl.where(acc_l > 0, acc_l, 1.0)[:, None]
             gw = tl.load(GATES + gate_off + GI_WIN * sgc, mask=valid, other=0.0).to(tl.float32)
-            if DEFER_SLC:
-                # OS holds o_s in fp32: the sum is the one the other path forms.
-                tl.debug_barrier()
-                o_s = tl.load(OS + row_off[:, None] + d[None, :], mask=valid[:, None], other=0.0)
-                gs = tl.load(GATES + gate_off + GI_SLC * sgc, mask=valid, other=0.0).to(tl.float32)
-                out += gs[:, None] * o_s
             out += gw[:, None] * o_w
             if SAVE:
                 tl.store(OW + row_off[:, None] + d[None, :], o_w.to(OW.dtype.element_ty), mask=valid[:, None])

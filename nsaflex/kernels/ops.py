@@ -76,9 +76,6 @@ class KernelConfig:
     tma: bool = True
     tma_lse: bool = True
     tma_score: bool = False
-    # Training forward: slc_win reads its fp32 selection output back after the
-    # window loop rather than holding it in registers through that loop.
-    reread_selection: bool = True
     score_tokens: int = 16
     num_warps_select: int = 4
     num_warps_score: int = 8
@@ -417,7 +414,7 @@ def _forward(q, k, v, kc, vc, gates, lay: SeqLayout, cfg: KernelConfig, save: bo
         GI_CMP=cfg.gate_index[0], GI_SLC=cfg.gate_index[1], GI_WIN=cfg.gate_index[2],
         LS=cfg.slc_block, BS=cfg.slc_tile, W=tiles.width, HEAD_SCORING=cfg.head_scoring,
         WIN=cfg.window, BKW=64, SAVE=save, U_LOG=tiles.union_log(tiles.sel_rows),
-        ROW_LOG=tiles.row_log(tiles.sel_rows), PAIR=cfg.pair_blocks, TMA=tma, REREAD=cfg.reread_selection,
+        ROW_LOG=tiles.row_log(tiles.sel_rows), PAIR=cfg.pair_blocks, TMA=tma,
         num_warps=cfg.num_warps_select, num_stages=cfg.num_stages,
     )
     res.update(oc=oc, lse_c=lse_c, sel=sel, U=U, UM=UM, UC=UC, o_s=o_s, o_w=o_w, lse_s=lse_s, lse_w=lse_w)
