@@ -172,7 +172,7 @@ def compile_all(items, arch=90):
             meta = compiled.metadata
             print(f"ok   {name:24s} shared={getattr(meta, 'shared', '?')} warps={opts.get('num_warps', 4)} "
                   f"{register_use(compiled.asm.get('ptx'), arch)} "
-                  f"{ {k: v for k, v in const.items() if k in ('BT', 'G', 'D', 'NT', 'BN', 'BS', 'PAIR', 'OWN_UNION', 'ATOMIC')} }",
+                  f"{ {k: v for k, v in const.items() if k in ('BT', 'G', 'D', 'NT', 'BN', 'BS', 'PAIR', 'OWN_UNION', 'ATOMIC', 'TMA')} }",
                   flush=True)
         except Exception as error:  # noqa: BLE001
             ok = False
@@ -200,6 +200,8 @@ if __name__ == "__main__":
         record(videonsa, (1, 1, 7, 130, 128), torch.bfloat16, pair_blocks=True, dq_tokens=4)
         # the non-deterministic backward: atomic dk, dv (deterministic=False)
         record(videonsa, (1, 1, 7, 130, 128), torch.bfloat16, atomic=True)
+        # per-element pointer loads where descriptors cannot serve (misaligned tensors)
+        record(videonsa, (1, 1, 7, 130, 128), torch.bfloat16, tma=False, tma_lse=False)
     if "--all" in sys.argv:
         record(videonsa, (1, 1, 7, 130, 128), torch.bfloat16, select_tokens=4)
     if "--all" in sys.argv:
