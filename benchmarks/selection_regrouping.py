@@ -4,9 +4,11 @@ union of blocks a tile runs? (CPU; the answer recorded in NOTES-triton.md, run 3
     python benchmarks/selection_regrouping.py 32k     # ~1 min on 2 cores
 
 Selects blocks for one kv head's 7 query heads (videonsa pattern, group
-scoring, ``--inputs video``) with ``nsaflex.scoring.select``, then reports the
-mean distinct blocks per tile of 9 tokens (the kernel's 9 tokens x 7 heads) over
-the second half of the sequence, for tiles of
+scoring, ``--inputs video``) with ``nsaflex.scoring.select``, then reports,
+over the second half of the sequence, the Jaccard index of the selections of
+neighbouring tokens and of tokens one frame apart at the same patch
+(``nsaflex.video_inputs.selection_overlap``), and the mean distinct blocks per
+tile of 9 tokens (the kernel's 9 tokens x 7 heads) for tiles of
 * consecutive tokens (what the kernel runs);
 * tokens sorted by a min-hash of their selections inside windows of W tokens;
 * patches x frames rectangles of the video (256 patches a frame), with the
@@ -27,7 +29,7 @@ from triton_bench import parse_len  # noqa: E402
 
 from nsaflex import scoring  # noqa: E402
 from nsaflex.loader import load_pattern  # noqa: E402
-from nsaflex.video_inputs import video_qkv  # noqa: E402
+from nsaflex.video_inputs import selection_overlap, video_qkv  # noqa: E402
 
 TOKENS = 9
 PATCHES = 256
@@ -92,7 +94,12 @@ def main(length: int) -> dict:
     compressed = k.view(1, 1, length // 64, 64, 128).mean(3)
     indices = scoring.select(q, compressed, pattern.compression, pattern.selection).indices[0, 0]  # [L, slots]
     half = length // 2
-    result = {"L": length, "tile_tokens": TOKENS, "selected_per_token": (indices[half:] >= 0).sum(-1).float().mean().item(),
+    late = indices[half:]
+    frames_late = late.shape[0] // PATCHES
+    by_patch = late[:frames_late * PATCHES].reshape(frames_late, PATCHES, -1).transpose(0, 1)  # [patch, frame, slots]
+    result = {"L": length, "tile_tokens": TOKENS, "selected_per_token": (late >= 0).sum(-1).float().mean().item(),
+              "jaccard_next_token": selection_overlap(late[None, None]),
+              "jaccard_next_frame_same_patch": selection_overlap(by_patch[None]),
               "consecutive": tile_union(indices, torch.arange(half, length))}
     for window in (64, 256, 1024):
         result[f"min_hash_sorted_w{window}"] = tile_union(indices, sorted_in_windows(min_hash(indices, 1), half, window))

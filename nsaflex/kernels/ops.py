@@ -205,16 +205,12 @@ def descriptor_workspace(device: torch.device | None) -> Iterator[None]:
     def allocate(size: int, alignment: int, stream) -> torch.Tensor:
         return torch.empty(size, dtype=torch.int8, device=device)
 
-    slot = getattr(_allocation, "_allocator", None)
-    if not hasattr(slot, "reset"):  # not the ContextVar of triton 3.x: install it for good
-        triton.set_allocator(allocate)
-        yield
-        return
-    token = slot.set(allocate)
+    # triton.set_allocator sets this ContextVar (triton 3.6 and 3.9) and offers no reset.
+    token = _allocation._allocator.set(allocate)
     try:
         yield
     finally:
-        slot.reset(token)
+        _allocation._allocator.reset(token)
 
 
 def _ieee(x: torch.Tensor) -> bool:
