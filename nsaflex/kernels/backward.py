@@ -114,8 +114,8 @@ def bwd_dq_kernel(
             kdesc = _sequence_desc(kbase, length, skt, BS, D, TMA)
             vdesc = _sequence_desc(vbase, length, skt, BS, D, TMA)
             for it in range(0, count, 2 if PAIR else 1):
-                s_pos, kmask, mask = _union_step(ubase, umbase, it, count, hit_row, t, valid, length, LS, BS, PAIR)
-                first_key = tl.load(ubase + it) * LS
+                s_pos, kmask, mask, first_key = _union_step(ubase, umbase, it, count, hit_row, t, valid, length,
+                                                            LS, BS, PAIR)
                 kk = _key_rows(kbase, kdesc, first_key, s_pos, kmask, skt, d, TMA)
                 vv = _key_rows(vbase, vdesc, first_key, s_pos, kmask, skt, d, TMA)
                 s = _dot(q, tl.trans(kk), IEEE) * scale_log2

@@ -644,9 +644,10 @@ def _union_step(ubase, umbase, it, count, hit_row, t, valid, length,
     columns, the second empty past the list's end), so that a step's matrix
     products are twice as wide. ``hit_row`` [R]: each row's bit in the masks.
 
-    Returns ``s_pos`` (key positions, [NK]), ``kmask`` (which keys to load, [NK])
-    and ``mask`` ([R, NK]: the row selected the key's block, the key exists and
-    is causal for the row). A row that did not select the block gets the causal
+    Returns ``s_pos`` (key positions, [NK]), ``kmask`` (which keys to load, [NK]),
+    ``mask`` ([R, NK]: the row selected the key's block, the key exists and is
+    causal for the row) and ``first`` (the step's first key position, where a
+    descriptor load starts). A row that did not select the block gets the causal
     limit -1, so one comparison per entry does all of it: for a real row,
     ``s_pos <= t`` also keeps the key inside the sequence."""
     if PAIR:
@@ -664,6 +665,7 @@ def _union_step(ubase, umbase, it, count, hit_row, t, valid, length,
         limit = tl.where(second[None, :], _row_limit(bits1, hit_row, valid, t)[:, None],
                          _row_limit(bits0, hit_row, valid, t)[:, None])
         mask = (s_pos[None, :] <= limit) & kmask[None, :]
+        first = j0 * LS
     else:
         offset = tl.arange(0, BS)
         j = tl.load(ubase + it)
@@ -673,7 +675,8 @@ def _union_step(ubase, umbase, it, count, hit_row, t, valid, length,
         mask = s_pos[None, :] <= _row_limit(bits, hit_row, valid, t)[:, None]
         if BS != LS:
             mask = mask & (offset < LS)[None, :]
-    return s_pos, kmask, mask
+        first = j * LS
+    return s_pos, kmask, mask, first
 
 
 @triton.jit
@@ -724,8 +727,8 @@ def slc_win_kernel(
             acc_l = tl.zeros([R], tl.float32)
             acc = tl.zeros([R, D], tl.float32)
             for it in range(0, count, 2 if PAIR else 1):
-                s_pos, kmask, mask = _union_step(ubase, umbase, it, count, hit_row, t, valid, length, LS, BS, PAIR)
-                first_key = tl.load(ubase + it) * LS
+                s_pos, kmask, mask, first_key = _union_step(ubase, umbase, it, count, hit_row, t, valid, length,
+                                                            LS, BS, PAIR)
                 kk = _key_rows(kbase, kdesc, first_key, s_pos, kmask, skt, d, TMA)
                 vv = _key_rows(vbase, vdesc, first_key, s_pos, kmask, skt, d, TMA)
                 s = tl.where(mask, _dot(q, tl.trans(kk), IEEE), float("-inf"))
