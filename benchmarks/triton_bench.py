@@ -75,7 +75,9 @@ def bench(fn, rep=200):
 
 
 def counted_flops(L: int, pattern, sel_counts=None):
-    """Useful forward FLOPs per kernel (dense-equivalent of attended pairs)."""
+    """Useful forward FLOPs per kernel (dense-equivalent of attended pairs):
+    ``cmp_lse`` the compression's QK, ``cmp_score`` its QK and PV (the split
+    when the score pass computes the output)."""
     c, s, w = pattern.compression, pattern.selection, pattern.window
     t = torch.arange(L, dtype=torch.float64)
     n_vis = torch.clamp((t + 1 - c.block) // c.stride + 1, min=0).sum().item()
@@ -163,6 +165,9 @@ def run_length(pattern, L, kind, args, results):
             ms = sum(v for n, v in ks.items() if key in n)
             if ms:
                 f = flops[name] if name != "slc_win" else flops["selection"] + flops["window"]
+                if cfg.output_in_lse and name in ("cmp_lse", "cmp_score"):
+                    # the lse pass then does QK and PV, the score pass QK only
+                    f = flops["cmp_score" if name == "cmp_lse" else "cmp_lse"]
                 per[name] = {"ms": ms, "tflop": f / 1e12, "tflops": f / ms / 1e9}
         per["topn_select"] = {"ms": sum(v for n, v in ks.items() if "topn_select_kernel" in n)}
         row["per_kernel_fwd"] = per

@@ -85,7 +85,7 @@ def signatures():
 
         names = list(inspect.signature(fn).parameters)
         params = dict(zip(names, args))
-        opts = {k: v for k, v in kwargs.items() if k in ("num_warps", "num_stages")}
+        opts = {k: v for k, v in kwargs.items() if k in ("num_warps", "num_stages", "maxnreg")}
         params.update({k: v for k, v in kwargs.items() if k not in opts})
         annotations = fn.__annotations__
         sig, const, aligned = {}, {}, []

@@ -184,16 +184,20 @@ def test_mlp_pooling_parameter_gradients():
     check(pattern, (1, 1, 2, 20, 16), 5, None, backward=True)
 
 
+@pytest.mark.parametrize("output_in_lse", [False, True])
 @pytest.mark.parametrize("length", [1, 2, 3, 4, 5])
-def test_lengths_shorter_than_blocks(length):
-    check(VIDEONSA_SMALL, (1, 1, 7, length, 16), length, torch.ones(1, length, dtype=torch.long), backward=True)
+def test_lengths_shorter_than_blocks(length, output_in_lse):
+    check(VIDEONSA_SMALL, (1, 1, 7, length, 16), length, torch.ones(1, length, dtype=torch.long), backward=True,
+          output_in_lse=output_in_lse)
 
 
+@pytest.mark.parametrize("output_in_lse", [False, True])
 @pytest.mark.parametrize("insert_max", [0, 1000], ids=["always-sort-merge", "always-insert"])
-def test_top_n_paths(insert_max):
+def test_top_n_paths(insert_max, output_in_lse):
     pattern = Pattern(name="s", compression=Compression(block=2, stride=2),
                       selection=Selection(block=2, count=4, forced=("previous",)), gate=Gate(kind="mlp"))
-    check(pattern, (1, 1, 2, 80, 16), 9, None, backward=False, topn="fused", insert_max=insert_max)
+    check(pattern, (1, 1, 2, 80, 16), 9, None, backward=False, topn="fused", insert_max=insert_max,
+          output_in_lse=output_in_lse)
 
 
 TILE_VARIANTS = st.fixed_dictionaries({
@@ -202,6 +206,7 @@ TILE_VARIANTS = st.fixed_dictionaries({
     "select_tokens": st.sampled_from((None, 4)),
     "dense_rows": st.booleans(),
     "tma": st.booleans(),
+    "output_in_lse": st.booleans(),
 })
 
 
@@ -209,9 +214,10 @@ TILE_VARIANTS = st.fixed_dictionaries({
 @given(cases(max_len=40), TILE_VARIANTS)
 def test_tile_variants_match_reference(case, config):
     """Two union blocks per step, bwd_dq tiles of their own size (with their
-    own union lists), rows packed densely or padded per token and key blocks
-    read through tensor descriptors or per-element pointers change only the
-    schedule, never the result."""
+    own union lists), rows packed densely or padded per token, key blocks
+    read through tensor descriptors or per-element pointers and the
+    compression output taken in the lse pass or the score pass change only
+    the schedule, never the result."""
     check(*case, backward=True, **config)
 
 
@@ -353,12 +359,16 @@ def test_tied_scores_go_to_the_lower_index(config, scoring):
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
-@given(st.integers(1, 40), st.integers(1, 9), st.integers(0, 2**31 - 1), st.sampled_from((9, 1000)))
-def test_top_n_search_picks_the_best_with_ties_to_the_lower_index(tokens, count, seed, levels):
+@given(st.integers(1, 40), st.integers(1, 9), st.integers(0, 2**31 - 1), st.sampled_from((9, 1000)),
+       st.sampled_from((1, 2)), st.sampled_from((1, 3, 4)), st.sampled_from((1, 1 << 16, 1 << 22, 1 << 31)))
+def test_top_n_search_picks_the_best_with_ties_to_the_lower_index(tokens, count, seed, levels, rows, chain, spread):
     """topn_select_kernel alone, against a sort: token t's candidates are the
     blocks j <= t (one-token blocks, nothing forced); scores are multiples of
     1/4 in [0, 2] (most rows tie, and the tie rule, the lower index, decides)
-    or of 2/999 in [0, 2]."""
+    or of 2/999 in [0, 2]. Programs of ``rows x chain`` tokens, each search
+    after a row's first token started from a bracket of +- ``spread`` around
+    the previous token's threshold: 1 almost always misses on one side, 2^31
+    covers everything; the result must not depend on either."""
     from nsaflex.kernels import forward as fwd
 
     gen = torch.Generator().manual_seed(seed)
@@ -366,9 +376,9 @@ def test_top_n_search_picks_the_best_with_ties_to_the_lower_index(tokens, count,
     nt = 16
     sel = torch.full((1, 1, tokens, nt + 4), -7, dtype=torch.int32, device=DEVICE)
     zero = torch.zeros(1, dtype=torch.int32, device=DEVICE)
-    fwd.topn_select_kernel[(tokens, 1, 1)](
+    fwd.topn_select_kernel[(-(-tokens // (rows * chain)), 1, 1)](
         scores, sel, zero, zero + tokens, *scores.stride()[:3], *sel.stride()[:3], 0, tokens,
-        ROWS=1, JP=max(2, 1 << (tokens - 1).bit_length()), LS=1, COUNT=count, FIRST=False, PREV=False, CUR=False,
+        ROWS=rows, JP=max(2, 1 << (tokens - 1).bit_length()), CHAIN=chain, SPREAD=spread, LS=1, COUNT=count, FIRST=False, PREV=False, CUR=False,
         NT=nt, num_warps=1,
     )
     for t in range(tokens):
@@ -459,47 +469,55 @@ def test_cpu_without_interpreter_is_unsupported(monkeypatch):
 
 class _SharedMemoryBound:
     """A stand-in kernel that needs ``per_stage`` bytes of shared memory per
-    pipeline stage on a GPU with ``limit`` bytes, as Triton reports it."""
+    pipeline stage on a GPU with ``limit`` bytes, and ``registers`` registers
+    a thread, as Triton and ptxas report them."""
 
     __name__ = "shared_memory_bound"
 
-    def __init__(self, per_stage: int, limit: int):
-        self.per_stage, self.limit, self.launched = per_stage, limit, []
+    def __init__(self, per_stage: int, limit: int, registers: int = 0):
+        self.per_stage, self.limit, self.registers, self.launched = per_stage, limit, registers, []
 
     def __getitem__(self, grid):
-        def launch(*args, num_stages, **kwargs):
-            from triton.runtime.errors import OutOfResources
+        def launch(*args, num_stages, maxnreg=None, **kwargs):
+            from triton.runtime.errors import OutOfResources, PTXASError
 
+            if maxnreg is not None and maxnreg < self.registers:
+                raise PTXASError(f"Insufficient registers ({maxnreg})")
             if num_stages * self.per_stage > self.limit:
                 raise OutOfResources(num_stages * self.per_stage, self.limit, "shared memory")
-            self.launched.append((grid, args, num_stages, kwargs))
+            self.launched.append((grid, args, num_stages, maxnreg, kwargs))
 
         return launch
 
 
-@given(st.integers(1, 6), st.integers(1, 100_000), st.integers(1, 400_000))
+@given(st.integers(1, 6), st.integers(1, 100_000), st.integers(1, 400_000),
+       st.sampled_from((None, 0, 128)), st.integers(32, 255))
 @settings(max_examples=50, deadline=None)
-def test_launch_drops_to_the_deepest_pipeline_that_fits(requested, per_stage, limit):
+def test_launch_drops_to_the_deepest_pipeline_that_fits(requested, per_stage, limit, cap, registers):
     """``ops._launch`` runs the requested depth when it fits, else the deepest
-    one that does; it remembers the depth for the next launch; it raises when
+    one that does, and keeps a register cap (``maxnreg``) only where the kernel
+    compiles under it; it remembers both for the next launch; it raises when
     even one stage does not fit."""
     from triton.runtime.errors import OutOfResources
 
     from nsaflex.kernels import ops
 
-    kernel = _SharedMemoryBound(per_stage, limit)
+    kernel = _SharedMemoryBound(per_stage, limit, registers)
     arg = torch.zeros(1)
     fits = min(requested, limit // per_stage)
+    # the stand-in's needs are launch arguments too: they are part of what _launch remembers
+    options = {"BLOCK": per_stage, "LIMIT": limit, "REGS": registers, **({} if cap is None else ops._register_cap(cap))}
     if fits < 1:
         with pytest.raises(OutOfResources):
-            ops._launch(kernel, (1,), arg, num_stages=requested, BLOCK=per_stage, LIMIT=limit)
+            ops._launch(kernel, (1,), arg, num_stages=requested, **options)
         return
     for _ in range(2):
-        ops._launch(kernel, (1,), arg, num_stages=requested, BLOCK=per_stage, LIMIT=limit)
-    assert [launch[2] for launch in kernel.launched] == [fits, fits]
-    assert kernel.launched[0][3] == {"BLOCK": per_stage, "LIMIT": limit}
-    key = next(key for key in ops._FITTED_STAGES if key[3] == (("BLOCK", per_stage), ("LIMIT", limit)) and key[2] == requested)
-    assert ops._FITTED_STAGES[key] == fits
+        ops._launch(kernel, (1,), arg, num_stages=requested, **options)
+    kept = cap if cap and cap >= registers else None
+    assert [launch[2:4] for launch in kernel.launched] == [(fits, kept), (fits, kept)]
+    assert kernel.launched[0][4] == {"BLOCK": per_stage, "LIMIT": limit, "REGS": registers}
+    key = next(key for key in ops._FITTED if key[3] == tuple(sorted(options.items())) and key[2] == requested)
+    assert ops._FITTED[key] == (fits, kept)
 
 
 @given(st.sampled_from([torch.bfloat16, torch.float32]), st.sampled_from([4, 8, 16, 64]), st.integers(0, 7),

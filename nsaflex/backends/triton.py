@@ -78,7 +78,7 @@ class TritonBackend:
                 notes: tuple[str, ...] = ("no [L, L/l'] tensor is written",)
             else:
                 topn = ("cmp_score_kernel writes a query chunk's block scores, then "
-                        + ("topn_select_kernel (exact bisection, one warp per token)" if cfg.topn == "select"
+                        + ("topn_select_kernel (exact bisection over the score bits)" if cfg.topn == "select"
                            else "torch.topk over packed int64 keys"))
                 notes = (f"block scores (Eq. 9, {'head' if cfg.head_scoring else 'group'}-summed) written per query chunk "
                          f"of up to {cfg.topn_chunk} tokens ([B, Hsel, chunk, t_end / l'], under "

@@ -13,14 +13,16 @@ padding row instead of 8 tokens' heads and 8 padding rows.
 Kernels:
 
 * :func:`cmp_lse_kernel` (pass 1): log-sum-exp (base 2) of every row over its
-  visible compressed tokens.
+  visible compressed tokens and (``OUT``, the default) the compression output,
+  flash-style.
 * :func:`cmp_score_kernel` (pass 2): recomputes the normalised probabilities
-  from the saved log-sum-exp, accumulates the compression output, maps the
-  (group-summed) probabilities to selection-block scores (NSA Eq. 9, as a
-  small exact matmul with the Eq. 9 band matrix, carried across chunks) and
-  keeps a running top-n per selecting row (bitonic merge of packed
-  ``score bits << 32 | ~index`` keys: ties to the lower index), so no
-  ``[L, L/d]`` tensor is written.
+  from the saved log-sum-exp (accumulating the compression output when pass 1
+  did not), maps the (group-summed) probabilities to selection-block scores
+  (NSA Eq. 9, as a small exact matmul with the Eq. 9 band matrix, carried
+  across chunks) and either writes them per query chunk for
+  :func:`topn_select_kernel` or keeps a running top-n per selecting row
+  (bitonic merge of packed ``score bits << 32 | ~index`` keys: ties to the
+  lower index); no ``[L, L/d]`` tensor is written.
 * :func:`slc_win_kernel`: selection attention over the union of the tile's
   selected blocks (per-row hit masks), the sliding window, and the gated
   combination with the compression output: only the final output is written
@@ -203,14 +205,24 @@ def _tile_rows(t0, length, G: tl.constexpr, GR: tl.constexpr, BT: tl.constexpr, 
 
 @triton.jit
 def cmp_lse_kernel(
-    Q, KC, LSE, STARTS, LENS, CSTARTS, CLENS,
-    sqb, sqh, sqt, skb, skh, skt, slb, slh, slt,
+    Q, KC, VC, LSE, OC, STARTS, LENS, CSTARTS, CLENS,
+    sqb, sqh, sqt, skb, skh, skt, slb, slh, slt, sob, soh, sot,
     scale_log2,
     G: tl.constexpr, GR: tl.constexpr, BT: tl.constexpr, R: tl.constexpr, BN: tl.constexpr, D: tl.constexpr,
     CBLOCK: tl.constexpr, CSTRIDE: tl.constexpr, LEGACY: tl.constexpr, IEEE: tl.constexpr, TMA: tl.constexpr,
+    OUT: tl.constexpr,
 ):
-    """Rows: :func:`_tile_rows` (``BT`` tokens, ``GR`` rows per token, ``R`` rows).
-    ``TMA``: compressed keys through a tensor descriptor (:func:`_sequence_desc`)."""
+    """Log-sum-exp (base 2) of every row over its visible compressed tokens,
+    ``lse = log2 sum_i exp2(s_i)`` with ``s_i = q . kc_i * log2(e) / sqrt(D)``,
+    into ``LSE [B, H, T]`` (0 where nothing is visible).
+
+    ``OUT``: also the compression output ``o = sum_i exp2(s_i - lse) vc_i``
+    into ``OC [B, H, T, D]`` (fp32 when a backward follows, else q's dtype),
+    accumulated flash-style (running max, rescaled sums), so that the score
+    pass needs no values.
+
+    Rows: :func:`_tile_rows` (``BT`` tokens, ``GR`` rows per token, ``R`` rows).
+    ``TMA``: compressed keys (and values) through tensor descriptors (:func:`_sequence_desc`)."""
     pid_t = tl.program_id(0)
     b = tl.program_id(1)
     hk = tl.program_id(2)
@@ -234,8 +246,12 @@ def cmp_lse_kernel(
             hi = _num_visible(t_last, n_cmp, CBLOCK, CSTRIDE)
         m = tl.full([R], float("-inf"), tl.float32)
         acc_l = tl.zeros([R], tl.float32)
+        acc = tl.zeros([R, D], tl.float32)
         kbase = KC + bb * skb + hk * skh + cstart * skt
         kdesc = _sequence_desc(kbase, n_cmp, skt, BN, D, TMA)
+        if OUT:
+            vbase = VC + bb * skb + hk * skh + cstart * skt
+            vdesc = _sequence_desc(vbase, n_cmp, skt, BN, D, TMA)
         for i0 in range(lo, hi, BN):
             i = i0 + tl.arange(0, BN)
             kc = _key_rows(kbase, kdesc, i0, i, i < hi, skt, d, TMA)
@@ -244,8 +260,15 @@ def cmp_lse_kernel(
             s = tl.where(vis, s, float("-inf"))
             m, alpha, p = _online_softmax(m, s, scale_log2)
             acc_l = acc_l * alpha + tl.sum(p, axis=1)
+            if OUT:
+                vc = _key_rows(vbase, vdesc, i0, i, i < hi, skt, d, TMA)
+                acc = acc * alpha[:, None] + _dot(p.to(vc.dtype), vc, IEEE)
         lse = tl.where(acc_l > 0, m + tl.log2(acc_l), 0.0)
         tl.store(LSE + bb * slb + h * slh + (start + t) * slt, lse, mask=valid)
+        if OUT:
+            o = acc / tl.where(acc_l > 0, acc_l, 1.0)[:, None]
+            tl.store(OC + bb * sob + h[:, None] * soh + (start + t)[:, None] * sot + d[None, :],
+                     o.to(OC.dtype.element_ty), mask=valid[:, None])
 
 
 @triton.jit
@@ -258,9 +281,11 @@ def cmp_score_kernel(
     SCORE: tl.constexpr, BN: tl.constexpr,
     LS: tl.constexpr, COUNT: tl.constexpr, FIRST: tl.constexpr, PREV: tl.constexpr, CUR: tl.constexpr,
     HEAD_SCORING: tl.constexpr, NT: tl.constexpr, A: tl.constexpr, BB: tl.constexpr, NT_LOG: tl.constexpr,
-    INSERT_MAX: tl.constexpr, TOPN: tl.constexpr, TMA: tl.constexpr,
+    INSERT_MAX: tl.constexpr, TOPN: tl.constexpr, TMA: tl.constexpr, PV: tl.constexpr,
 ):
-    """Compression output and (when SCORE) the token-level block scores.
+    """Compression output (when PV; otherwise the lse pass wrote it) and (when
+    SCORE) the token-level block scores, from probabilities recomputed with
+    the lse pass's log-sum-exp: ``p_i = exp2(s_i - lse)``.
 
     With SCORE the loop walks block chunks of NT blocks; its compressed chunk
     is [A*jc0, A*jc0 + A*NT) (A = l'/d), so BN must equal A*NT.
@@ -301,7 +326,8 @@ def cmp_score_kernel(
         kbase = KC + bb * skb + hk * skh + cstart * skt
         vbase = VC + bb * skb + hk * skh + cstart * skt
         kdesc = _sequence_desc(kbase, n_cmp, skt, BN, D, TMA)
-        vdesc = _sequence_desc(vbase, n_cmp, skt, BN, D, TMA)
+        if PV:
+            vdesc = _sequence_desc(vbase, n_cmp, skt, BN, D, TMA)
         acc = tl.zeros([R, D], tl.float32)
         if SCORE:
             # Selecting rows: one per token (group scoring) or one per row (head scoring).
@@ -334,11 +360,12 @@ def cmp_score_kernel(
             for c in range(0, n_iter):
                 i = c * BN + tl.arange(0, BN)
                 kc = _key_rows(kbase, kdesc, c * BN, i, i < n_cmp, skt, d, TMA)
-                vc = _key_rows(vbase, vdesc, c * BN, i, i < n_cmp, skt, d, TMA)
                 s = _dot(q, tl.trans(kc), IEEE) * scale_log2
                 vis = _visible(i, t, n_cmp, CBLOCK, CSTRIDE, LEGACY) & valid[:, None]
                 p = tl.where(vis, tl.exp2(s - lse[:, None]), 0.0)
-                acc += _dot(p.to(vc.dtype), vc, IEEE)
+                if PV:
+                    vc = _key_rows(vbase, vdesc, c * BN, i, i < n_cmp, skt, d, TMA)
+                    acc += _dot(p.to(vc.dtype), vc, IEEE)
                 if HEAD_SCORING:
                     ps = p
                 else:
@@ -391,7 +418,7 @@ def cmp_score_kernel(
                 tl.store(sbase + NT + 1, f1, mask=valid_s)
                 tl.store(sbase + NT + 2, f2, mask=valid_s)
                 tl.store(sbase + NT + 3, tl.full(ts.shape, -1, tl.int32), mask=valid_s)
-        else:
+        elif PV:
             if LEGACY:
                 lo = _first_visible(t0, CBLOCK, CSTRIDE)
                 hi = n_cmp
@@ -406,7 +433,8 @@ def cmp_score_kernel(
                 vis = _visible(i, t, n_cmp, CBLOCK, CSTRIDE, LEGACY) & valid[:, None]
                 p = tl.where(vis, tl.exp2(s - lse[:, None]), 0.0)
                 acc += _dot(p.to(vc.dtype), vc, IEEE)
-        tl.store(OC + bb * sob + h[:, None] * soh + (start + t)[:, None] * sot + d[None, :], acc.to(OC.dtype.element_ty), mask=valid[:, None])
+        if PV:
+            tl.store(OC + bb * sob + h[:, None] * soh + (start + t)[:, None] * sot + d[None, :], acc.to(OC.dtype.element_ty), mask=valid[:, None])
 
 
 @triton.jit
@@ -425,76 +453,109 @@ def _write_block_list(SEL, sel_row, valid, cols, jsel, chosen, n_chosen, f0, f1,
 
 
 @triton.jit
+def _count_at_least(bits, probe):
+    """Per row of ``bits [ROWS, JP]``: how many entries are >= ``probe [ROWS]``."""
+    return tl.sum((bits >= probe[:, None]).to(tl.int32), axis=1)
+
+
+@triton.jit
 def topn_select_kernel(
     S, SEL, STARTS, LENS,
     sbb, sbh, sbt, ssb, ssh, sst,
     T_OFF, T_END,
-    ROWS: tl.constexpr, JP: tl.constexpr,
+    ROWS: tl.constexpr, JP: tl.constexpr, CHAIN: tl.constexpr, SPREAD: tl.constexpr,
     LS: tl.constexpr, COUNT: tl.constexpr, FIRST: tl.constexpr, PREV: tl.constexpr, CUR: tl.constexpr,
     NT: tl.constexpr,
 ):
-    """Exact top-(n - |forced|) of ROWS tokens' block scores (a query chunk's
-    ``[B, Hsel, C, >= JW]`` fp32 buffer written by ``cmp_score_kernel`` with
-    TOPN=1), written as the block lists of ``SEL``.
+    """Exact top-(n - |forced|) of ``ROWS x CHAIN`` tokens' block scores (a
+    query chunk's ``[B, Hsel, C, >= JW]`` fp32 buffer written by
+    ``cmp_score_kernel`` with TOPN=1), written as the block lists of ``SEL``.
 
-    Run with one warp per program, so every row reduction stays inside a warp
-    (shuffles, no shared-memory barriers). Scores are >= +0, so their int32
-    bit patterns order like the floats: a bisection over the bits finds the
-    k-th largest score T (stopping early once exactly k scores lie at or above
-    the probe), then every block above T is chosen and, among the blocks equal
-    to T, the lowest indices (an inclusive prefix count): the reference's
-    "ties to the lower index", exactly.
+    Scores are >= +0, so their int32 bit patterns order like the floats: a
+    bisection over the bits finds the k-th largest score T, keeping
+    ``count(bits >= lo) >= k > count(bits >= hi)`` and stopping early once
+    exactly k scores lie at or above ``lo``. Then every block above T is
+    chosen and, among the blocks equal to T, the lowest indices (an inclusive
+    prefix count): the reference's "ties to the lower index", exactly.
+
+    Row ``r`` of the program walks ``CHAIN`` consecutive tokens. Neighbouring
+    tokens' thresholds lie close, so after the first token the search starts
+    from ``[T' - SPREAD, T' + SPREAD)`` around the previous token's ``lo`` (two
+    counts check the bracket; where it fails, that side falls back to the
+    whole range): the invariant, hence the result, is the same; only the
+    number of steps falls.
     """
     pid = tl.program_id(0)
     hs = tl.program_id(1)
     b = tl.program_id(2)
     length = tl.minimum(tl.load(LENS + b), T_END)
-    t0 = T_OFF + pid * ROWS
+    t0 = T_OFF + pid * (ROWS * CHAIN)
     if t0 < length:
         start = tl.load(STARTS + b).to(tl.int64)
         bb = b.to(tl.int64)
-        ts = t0 + tl.arange(0, ROWS)
-        valid = ts < length
-        f0, f1, f2 = _forced(ts, LS, FIRST, PREV, CUR)
-        n_cand = (ts + 1) // LS
         j = tl.arange(0, JP)
-        cand = (j[None, :] < n_cand[:, None]) & valid[:, None]
-        cand = cand & (j[None, :] != f0[:, None]) & (j[None, :] != f1[:, None]) & (j[None, :] != f2[:, None])
-        row = bb * sbb + hs * sbh + (ts - T_OFF).to(tl.int64) * sbt
-        x = tl.load(S + row[:, None] + j[None, :], mask=cand, other=-1.0)
-        bits = tl.where(cand, x.to(tl.int32, bitcast=True), -1)
-        nforced = (f0 >= 0).to(tl.int32) + (f1 >= 0).to(tl.int32) + (f2 >= 0).to(tl.int32)
-        k = COUNT - nforced
-        n_c = tl.sum(cand.to(tl.int32), axis=1)
-        # Bisection: count(bits >= lo) >= k > count(bits >= hi).
-        active = (n_c > k) & (k > 0)
-        lo = tl.zeros([ROWS], tl.int32)
-        hi = tl.full([ROWS], 0x7F800001, tl.int32)
-        cnt_lo = n_c
-        go = active & (hi - lo > 1) & (cnt_lo != k)
-        while tl.max(go.to(tl.int32), axis=0) > 0:
-            mid = lo + (hi - lo) // 2
-            c = tl.sum((bits >= mid[:, None]).to(tl.int32), axis=1)
-            up = go & (c >= k)
-            down = go & (c < k)
-            lo = tl.where(up, mid, lo)
-            cnt_lo = tl.where(up, c, cnt_lo)
-            hi = tl.where(down, mid, hi)
+        guess = tl.full([ROWS], -1, tl.int32)  # the previous token's lo (-1: none yet)
+        for step in range(CHAIN):
+            ts = t0 + tl.arange(0, ROWS) * CHAIN + step
+            valid = ts < length
+            f0, f1, f2 = _forced(ts, LS, FIRST, PREV, CUR)
+            n_cand = (ts + 1) // LS
+            cand = (j[None, :] < n_cand[:, None]) & valid[:, None]
+            cand = cand & (j[None, :] != f0[:, None]) & (j[None, :] != f1[:, None]) & (j[None, :] != f2[:, None])
+            row = bb * sbb + hs * sbh + (ts - T_OFF).to(tl.int64) * sbt
+            x = tl.load(S + row[:, None] + j[None, :], mask=cand, other=-1.0)
+            bits = tl.where(cand, x.to(tl.int32, bitcast=True), -1)
+            nforced = (f0 >= 0).to(tl.int32) + (f1 >= 0).to(tl.int32) + (f2 >= 0).to(tl.int32)
+            k = COUNT - nforced
+            n_c = tl.sum(cand.to(tl.int32), axis=1)
+            active = (n_c > k) & (k > 0)
+            lo = tl.zeros([ROWS], tl.int32)
+            hi = tl.full([ROWS], 0x7F800001, tl.int32)
+            cnt_lo = n_c
+            if step > 0:
+                # Bracket around the previous token's threshold (int64: no overflow near +inf).
+                g_lo = tl.maximum(guess.to(tl.int64) - SPREAD, 0).to(tl.int32)
+                g_hi = tl.minimum(guess.to(tl.int64) + SPREAD, 0x7F800001).to(tl.int32)
+                c_glo = _count_at_least(bits, g_lo)
+                c_ghi = _count_at_least(bits, g_hi)
+                use = active & (guess >= 0)
+                fits_lo = use & (c_glo >= k)
+                lo = tl.where(fits_lo, g_lo, lo)
+                cnt_lo = tl.where(fits_lo, c_glo, cnt_lo)
+                hi = tl.where(use & (c_glo < k), g_lo, hi)
+                fits_hi = use & (c_ghi >= k)
+                lo = tl.where(fits_hi, g_hi, lo)
+                cnt_lo = tl.where(fits_hi, c_ghi, cnt_lo)
+                hi = tl.where(use & (c_ghi < k), tl.minimum(hi, g_hi), hi)
             go = active & (hi - lo > 1) & (cnt_lo != k)
-        # Rows whose count reached exactly k: the scores >= lo. Otherwise lo is
-        # the k-th largest score itself (hi = lo + 1): all above it, then the
-        # first r equal ones.
-        above = bits > lo[:, None]
-        eq = bits == lo[:, None]
-        r = k - tl.sum(above.to(tl.int32), axis=1)
-        rank = tl.cumsum(eq.to(tl.int32), axis=1)
-        pick = tl.where((cnt_lo == k)[:, None], bits >= lo[:, None], above | (eq & (rank <= r[:, None])))
-        chosen = tl.where(active[:, None], pick, cand & (k > 0)[:, None])
-        slot = tl.cumsum(chosen.to(tl.int32), axis=1) - 1
-        n_chosen = tl.sum(chosen.to(tl.int32), axis=1)
-        sel_row = bb * ssb + hs * ssh + (start + ts) * sst
-        _write_block_list(SEL, sel_row, valid, slot, j[None, :].to(tl.int32) + tl.zeros([ROWS, JP], tl.int32),
-                          chosen, n_chosen, f0, f1, f2, NT)
+            while tl.max(go.to(tl.int32), axis=0) > 0:
+                mid = lo + (hi - lo) // 2
+                c = _count_at_least(bits, mid)
+                up = go & (c >= k)
+                down = go & (c < k)
+                lo = tl.where(up, mid, lo)
+                cnt_lo = tl.where(up, c, cnt_lo)
+                hi = tl.where(down, mid, hi)
+                go = active & (hi - lo > 1) & (cnt_lo != k)
+            guess = tl.where(active, lo, guess)
+            # Rows whose count reached exactly k: the scores >= lo. Otherwise lo is
+            # the k-th largest score itself (hi = lo + 1): all above it, then the
+            # first r equal ones.
+            pick = bits >= lo[:, None]
+            if tl.max((active & (cnt_lo != k)).to(tl.int32), axis=0) > 0:
+                # Ties at the threshold (rare for real scores): the prefix count
+                # over the row is paid only here.
+                above = bits > lo[:, None]
+                eq = bits == lo[:, None]
+                r = k - tl.sum(above.to(tl.int32), axis=1)
+                rank = tl.cumsum(eq.to(tl.int32), axis=1)
+                pick = tl.where((cnt_lo == k)[:, None], pick, above | (eq & (rank <= r[:, None])))
+            chosen = tl.where(active[:, None], pick, cand & (k > 0)[:, None])
+            slot = tl.cumsum(chosen.to(tl.int32), axis=1) - 1
+            n_chosen = tl.sum(chosen.to(tl.int32), axis=1)
+            sel_row = bb * ssb + hs * ssh + (start + ts) * sst
+            _write_block_list(SEL, sel_row, valid, slot, j[None, :].to(tl.int32) + tl.zeros([ROWS, JP], tl.int32),
+                              chosen, n_chosen, f0, f1, f2, NT)
 
 
 @triton.jit

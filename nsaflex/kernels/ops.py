@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 import triton
 from torch.nn import functional as F
-from triton.runtime.errors import OutOfResources
+from triton.runtime.errors import OutOfResources, PTXASError
 
 from nsaflex.kernels import backward as bwd
 from nsaflex.kernels import forward as fwd
@@ -86,17 +86,37 @@ class KernelConfig:
     num_stages_dq: int = 2
     num_stages_lse: int = 2  # 128K video: 3.10 ms against 3.33 with 3 (run 40, descriptor loads; run 37: 3.49 against 3.74)
     num_stages_score: int = 3
+    # Which compression pass computes the branch output: the lse pass, flash-style
+    # (online softmax with rescaled sums; the score pass then loads no values and
+    # keeps no output accumulator, and does not run at all without selection), or
+    # the score pass from the lse pass's normalised probabilities. H200, run 45,
+    # 128K video: the two passes 10.6 ms against 12.3, with the caps below.
+    output_in_lse: bool = True
+    # Register caps (ptxas maxnreg; 0: none) of the compression passes: at 128 a thread,
+    # two 8-warp programs share an SM (uncapped: 192 registers on triton 3.6 in the lse
+    # pass, one program). Run 44: lse pass 5.57 ms capped against 6.82. _launch drops a
+    # cap that ptxas cannot meet (D = 256; 256-key selection blocks).
+    maxnreg_lse: int = 128
+    maxnreg_score: int = 128
+    lse_block: int = 64  # compressed tokens per lse-pass step (power of two, >= 16); run 45: 128 took 26.5 ms against 5.3
     num_stages_dkv: int = 2  # bwd_cmp_dkv_kernel and bwd_win_dkv_kernel (run 20: 12.3 + 4.0 ms vs 14.9 + 5.7 with 3)
     num_stages_slc_dkv: int = 3  # run 20: 2 stages measured the same (30.0 ms)
     insert_max: int = 4  # fused top-n: insert up to this many new keys one by one, else sort-merge (H100: 4 < 8 < 16)
     # Top-n: "select" (block scores of a query chunk written to a buffer, then
-    # topn_select_kernel, one warp per token), "torch" (packed int64 keys to a
+    # topn_select_kernel, an exact bisection per token), "torch" (packed int64 keys to a
     # buffer, then torch.topk), or "fused" (the running top-n inside
     # cmp_score_kernel; no buffer).
     topn: str = "select"
     # topn_select_kernel's warps per row: enough that each lane holds this many of
     # the row's scores (one warp up to 32 x this many candidates)
     topn_lane_scores: int = 16  # H200, run 34, 128K: 4.92 ms (16) against 5.42 (32), 7.15 (64), 6.14 (8)
+    # topn_select_kernel: consecutive tokens a row walks, each search starting from a
+    # bracket of +- topn_spread (in float bits; 2^22 is half a binade) around the
+    # previous token's threshold. 16K video block scores (benchmarks/topn_search_steps.py):
+    # 8.3 counts a token at a chain of 4 against 12.8 from the whole range; H200, run 46,
+    # 128K video: 4.71 ms against 4.83 / 4.98 (chain 1), 4.76 at a chain of 8.
+    topn_chain: int = 4
+    topn_spread: int = 1 << 22
     topn_chunk: int = 16384  # tokens per query chunk (buffer [B, Hsel, chunk, L / l'])
     topn_buffer_bytes: int = 1 << 30  # the chunk shrinks so that the buffer stays under this
     score_blocks: int | None = None  # blocks per score-loop step of the two-step paths (None: ~64 compressed tokens)
@@ -217,9 +237,10 @@ def _ieee(x: torch.Tensor) -> bool:
     return x.dtype == torch.float32
 
 
-# Pipeline depths that fitted, per kernel specialisation and device: later
-# launches start from the depth that worked instead of failing again.
-_FITTED_STAGES: dict = {}
+# Launch options that fitted, per kernel specialisation and device: later
+# launches start from the pipeline depth and register cap that worked instead
+# of failing again.
+_FITTED: dict = {}
 
 
 def _launch(kernel, grid, *args, num_stages: int, **kwargs) -> None:
@@ -228,23 +249,39 @@ def _launch(kernel, grid, *args, num_stages: int, **kwargs) -> None:
     kernel for 256-key selection blocks over stride-2 compression asked for
     233,472 bytes with 3 stages on an H200, 1 KB over). Triton raises
     ``OutOfResources`` at the first launch of a specialisation that does not
-    fit; the next shallower depth is compiled and tried."""
+    fit; the next shallower depth is compiled and tried.
+
+    A register cap (``maxnreg``) is a speed choice: where ptxas cannot compile
+    the kernel under it (``PTXASError``, e.g. a [128, 256] fp32 accumulator
+    already needs 128 registers a thread), the kernel is compiled without it."""
     first = next((a for a in args if isinstance(a, torch.Tensor)), None)
     device = str(first.device) if first is not None else ""
     key = (getattr(kernel, "__name__", repr(kernel)), device, num_stages, tuple(sorted(kwargs.items())))
-    stages = _FITTED_STAGES.get(key, num_stages)
+    options = dict(kwargs)
+    cap = options.pop("maxnreg", None)
+    stages, cap = _FITTED.get(key, (num_stages, cap))
     # A kernel that makes tensor descriptors (TMA=True) needs their workspace.
     workspace = first.device if kwargs.get("TMA") and first is not None and first.is_cuda else None
     with descriptor_workspace(workspace):
         while True:
             try:
-                kernel[grid](*args, num_stages=stages, **kwargs)
+                kernel[grid](*args, num_stages=stages, **options, **({} if cap is None else {"maxnreg": cap}))
                 break
             except OutOfResources:
                 if stages <= 1:
                     raise
                 stages -= 1
-    _FITTED_STAGES[key] = stages
+            except PTXASError:
+                if cap is None:
+                    raise
+                cap = None
+    _FITTED[key] = (stages, cap)
+
+
+def _register_cap(registers: int) -> dict:
+    """Launch options that cap a kernel's registers per thread (none when
+    ``registers`` is 0); :func:`_launch` drops a cap that ptxas cannot meet."""
+    return {"maxnreg": registers} if registers else {}
 
 
 class _Tiles:
@@ -343,23 +380,29 @@ def _forward(q, k, v, kc, vc, gates, lay: SeqLayout, cfg: KernelConfig, save: bo
         # bf16-rounded O_b is off by ~2^-9 |O_b|, which dq then carries as delta * (the
         # attention-weighted mean key); where keys or values share a large common part
         # (pooled tokens from a fresh MLP) that was 1e-2 of dq on an H200 (run 23).
-        oc = torch.empty_like(q, dtype=torch.float32)
+        # Without a backward the output is rounded to q's dtype anyway: the branch
+        # output is kept in that dtype (half the bytes written and read back).
+        oc = torch.empty_like(q, dtype=torch.float32 if save else q.dtype)
         if cfg.has_slc:
             hs = Hq if cfg.head_scoring else Hkv
             sel = torch.empty((Bv, hs, Tv, tiles.width), dtype=torch.int32, device=dev)
         # The score loop reads compressed rows even where a sequence has none (its
         # steps also write block scores), and a descriptor cannot be empty.
-        tma_lse = lay.min_cmp > 0 and tma_ready(cfg.tma_lse, kc)
+        tma_lse = lay.min_cmp > 0 and tma_ready(cfg.tma_lse, *((kc, vc) if cfg.output_in_lse else (kc,)))
         tma_score = lay.min_cmp > 0 and tma_ready(cfg.tma_score, kc, vc)
         if lay.max_cmp > 0:
             _launch(fwd.cmp_lse_kernel, (triton.cdiv(lay.max_len, tiles.bt_lse), B, Hkv),
-                q, kc, lse_c, lay.starts, lay.lens, lay.cstarts, lay.clens,
-                *_qs(q, P), *_qs(kc, P), *_qs(lse_c, P), scale_log2,
-                G=G, GR=tiles.GR, BT=tiles.bt_lse, R=tiles.rows_lse, BN=64, D=D, CBLOCK=cfg.cblock, CSTRIDE=cfg.cstride,
-                LEGACY=cfg.legacy, IEEE=ieee, TMA=tma_lse, num_warps=cfg.num_warps_score, num_stages=cfg.num_stages_lse,
+                q, kc, vc, lse_c, oc, lay.starts, lay.lens, lay.cstarts, lay.clens,
+                *_qs(q, P), *_qs(kc, P), *_qs(lse_c, P), *_qs(oc, P), scale_log2,
+                G=G, GR=tiles.GR, BT=tiles.bt_lse, R=tiles.rows_lse, BN=cfg.lse_block, D=D, CBLOCK=cfg.cblock, CSTRIDE=cfg.cstride,
+                LEGACY=cfg.legacy, IEEE=ieee, TMA=tma_lse,
+                OUT=cfg.output_in_lse, num_warps=cfg.num_warps_score, num_stages=cfg.num_stages_lse,
+                **_register_cap(cfg.maxnreg_lse),
             )
         else:
             lse_c.zero_()
+            if cfg.output_in_lse:
+                oc.zero_()
         kc_ = kc if lay.max_cmp > 0 else q  # any valid pointer; no compressed token is read
         vc_ = vc if lay.max_cmp > 0 else q
         sel_ = sel if sel is not None else dummy_i
@@ -377,11 +420,15 @@ def _forward(q, k, v, kc, vc, gates, lay: SeqLayout, cfg: KernelConfig, save: bo
                 IEEE=ieee, SCORE=cfg.has_slc, BN=(cfg.eq9_a * nt if cfg.has_slc else 64),
                 LS=cfg.slc_block, COUNT=cfg.count, FIRST=cfg.first, PREV=cfg.prev, CUR=cfg.cur,
                 HEAD_SCORING=cfg.head_scoring, NT=nt, A=cfg.eq9_a, BB=cfg.eq9_b, NT_LOG=nt.bit_length() - 1,
-                INSERT_MAX=cfg.insert_max, TOPN=mode, TMA=tma_score,
+                INSERT_MAX=cfg.insert_max, TOPN=mode, TMA=tma_score, PV=not cfg.output_in_lse,
                 num_warps=cfg.num_warps_score, num_stages=cfg.num_stages_score,
+                **_register_cap(cfg.maxnreg_score),
             )
 
-        if not cfg.has_slc or cfg.topn == "fused":
+        if not cfg.has_slc:
+            if not cfg.output_in_lse:
+                score(0, lay.max_len, 0, None)
+        elif cfg.topn == "fused":
             score(0, lay.max_len, 0, None)
         else:
             _chunked_topn(score, sel, lay, cfg, tiles, hs, res)
@@ -465,9 +512,9 @@ def _chunked_topn(score, sel, lay: SeqLayout, cfg: KernelConfig, tiles: "_Tiles"
         if cfg.topn == "select":
             jp = next_pow2(jw)
             rows = max(1, min(8, 1024 // jp))
-            fwd.topn_select_kernel[(triton.cdiv(t_end - t_off, rows), n_sel_heads, B)](
+            fwd.topn_select_kernel[(triton.cdiv(t_end - t_off, rows * cfg.topn_chain), n_sel_heads, B)](
                 buf, sel, lay.starts, lay.lens, *buf.stride()[:3], *ss, t_off, t_end,
-                ROWS=rows, JP=jp, LS=cfg.slc_block, COUNT=cfg.count, FIRST=cfg.first, PREV=cfg.prev, CUR=cfg.cur,
+                ROWS=rows, JP=jp, CHAIN=cfg.topn_chain, SPREAD=cfg.topn_spread, LS=cfg.slc_block, COUNT=cfg.count, FIRST=cfg.first, PREV=cfg.prev, CUR=cfg.cur,
                 NT=cfg.nt, num_warps=max(1, min(8, jp // (32 * cfg.topn_lane_scores))),
             )
         else:
