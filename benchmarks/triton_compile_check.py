@@ -158,6 +158,7 @@ def compile_all(items, arch=90):
 
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
+    from triton.runtime.errors import PTXASError
 
     target = GPUTarget("cuda", arch, 32)
     ok = True
@@ -168,12 +169,20 @@ def compile_all(items, arch=90):
         opts = dict(opts)
         attrs = {(names.index(k),): [["tt.divisibility", 16]] for k in opts.pop("aligned", [])}
         try:
-            compiled = triton.compile(ASTSource(fn, sig, constexprs, attrs), target=target, options=opts)
+            note = ""
+            try:
+                compiled = triton.compile(ASTSource(fn, sig, constexprs, attrs), target=target, options=opts)
+            except PTXASError:
+                # as ops._launch does: a register cap that ptxas cannot meet is dropped
+                if "maxnreg" not in opts:
+                    raise
+                note = f" (maxnreg {opts.pop('maxnreg')} dropped: ptxas cannot meet it)"
+                compiled = triton.compile(ASTSource(fn, sig, constexprs, attrs), target=target, options=opts)
             meta = compiled.metadata
             print(f"ok   {name:24s} shared={getattr(meta, 'shared', '?')} warps={opts.get('num_warps', 4)} "
                   f"{register_use(compiled.asm.get('ptx'), arch)} "
-                  f"{ {k: v for k, v in const.items() if k in ('BT', 'G', 'D', 'NT', 'BN', 'BS', 'PAIR', 'OWN_UNION', 'ATOMIC', 'TMA')} }",
-                  flush=True)
+                  f"{ {k: v for k, v in const.items() if k in ('BT', 'G', 'D', 'NT', 'BN', 'BS', 'PAIR', 'OWN_UNION', 'ATOMIC', 'TMA')} }"
+                  f"{note}", flush=True)
         except Exception as error:  # noqa: BLE001
             ok = False
             print(f"FAIL {name}: {str(error)[-3000:]}", flush=True)
@@ -204,6 +213,8 @@ if __name__ == "__main__":
         record(videonsa, (1, 1, 7, 130, 128), torch.bfloat16, tma=False, tma_lse=False)
     if "--all" in sys.argv:
         record(videonsa, (1, 1, 7, 130, 128), torch.bfloat16, select_tokens=4)
+        # head dim 256: the lse pass's [128, 256] output accumulator does not fit its register cap
+        record(videonsa, (1, 1, 7, 130, 256), torch.bfloat16)
     if "--all" in sys.argv:
         nsa = Pattern(name="nsa", compression=Compression(block=32, stride=16), gate=Gate(kind="mlp"),
                       selection=Selection(block=64, count=16, forced=("first", "previous", "current"), scoring="head"),
