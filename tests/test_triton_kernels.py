@@ -506,7 +506,7 @@ def test_launch_drops_to_the_deepest_pipeline_that_fits(requested, per_stage, li
     arg = torch.zeros(1)
     fits = min(requested, limit // per_stage)
     # the stand-in's needs are launch arguments too: they are part of what _launch remembers
-    options = {"BLOCK": per_stage, "LIMIT": limit, "REGS": registers, **({} if cap is None else ops._register_cap(cap))}
+    options = {"BLOCK": per_stage, "LIMIT": limit, "REGS": registers, "maxnreg": cap}
     if fits < 1:
         with pytest.raises(OutOfResources):
             ops._launch(kernel, (1,), arg, num_stages=requested, **options)
@@ -516,7 +516,8 @@ def test_launch_drops_to_the_deepest_pipeline_that_fits(requested, per_stage, li
     kept = cap if cap and cap >= registers else None
     assert [launch[2:4] for launch in kernel.launched] == [(fits, kept), (fits, kept)]
     assert kernel.launched[0][4] == {"BLOCK": per_stage, "LIMIT": limit, "REGS": registers}
-    key = next(key for key in ops._FITTED if key[3] == tuple(sorted(options.items())) and key[2] == requested)
+    key = next(key for key in ops._FITTED
+               if key[4] == (("BLOCK", per_stage), ("LIMIT", limit), ("REGS", registers)) and key[2:4] == (requested, cap))
     assert ops._FITTED[key] == (fits, kept)
 
 

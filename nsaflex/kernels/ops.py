@@ -243,7 +243,7 @@ def _ieee(x: torch.Tensor) -> bool:
 _FITTED: dict = {}
 
 
-def _launch(kernel, grid, *args, num_stages: int, **kwargs) -> None:
+def _launch(kernel, grid, *args, num_stages: int, maxnreg: int | None = None, **kwargs) -> None:
     """``kernel[grid](*args, **kwargs)`` with ``num_stages`` pipeline stages, or
     fewer when that depth needs more shared memory than the GPU has (the score
     kernel for 256-key selection blocks over stride-2 compression asked for
@@ -251,21 +251,20 @@ def _launch(kernel, grid, *args, num_stages: int, **kwargs) -> None:
     ``OutOfResources`` at the first launch of a specialisation that does not
     fit; the next shallower depth is compiled and tried.
 
-    A register cap (``maxnreg``) is a speed choice: where ptxas cannot compile
-    the kernel under it (``PTXASError``, e.g. a [128, 256] fp32 accumulator
-    already needs 128 registers a thread), the kernel is compiled without it."""
+    A register cap per thread (``maxnreg``; None or 0: none) is a speed choice:
+    where ptxas cannot compile the kernel under it (``PTXASError``, e.g. a
+    [128, 256] fp32 accumulator already needs 128 registers a thread), the
+    kernel is compiled without it."""
     first = next((a for a in args if isinstance(a, torch.Tensor)), None)
     device = str(first.device) if first is not None else ""
-    key = (getattr(kernel, "__name__", repr(kernel)), device, num_stages, tuple(sorted(kwargs.items())))
-    options = dict(kwargs)
-    cap = options.pop("maxnreg", None)
-    stages, cap = _FITTED.get(key, (num_stages, cap))
+    key = (getattr(kernel, "__name__", repr(kernel)), device, num_stages, maxnreg, tuple(sorted(kwargs.items())))
+    stages, cap = _FITTED.get(key, (num_stages, maxnreg or None))
     # A kernel that makes tensor descriptors (TMA=True) needs their workspace.
     workspace = first.device if kwargs.get("TMA") and first is not None and first.is_cuda else None
     with descriptor_workspace(workspace):
         while True:
             try:
-                kernel[grid](*args, num_stages=stages, **options, **({} if cap is None else {"maxnreg": cap}))
+                kernel[grid](*args, num_stages=stages, **kwargs, **({} if cap is None else {"maxnreg": cap}))
                 break
             except OutOfResources:
                 if stages <= 1:
@@ -276,12 +275,6 @@ def _launch(kernel, grid, *args, num_stages: int, **kwargs) -> None:
                     raise
                 cap = None
     _FITTED[key] = (stages, cap)
-
-
-def _register_cap(registers: int) -> dict:
-    """Launch options that cap a kernel's registers per thread (none when
-    ``registers`` is 0); :func:`_launch` drops a cap that ptxas cannot meet."""
-    return {"maxnreg": registers} if registers else {}
 
 
 class _Tiles:
@@ -387,9 +380,11 @@ def _forward(q, k, v, kc, vc, gates, lay: SeqLayout, cfg: KernelConfig, save: bo
             hs = Hq if cfg.head_scoring else Hkv
             sel = torch.empty((Bv, hs, Tv, tiles.width), dtype=torch.int32, device=dev)
         # The score loop reads compressed rows even where a sequence has none (its
-        # steps also write block scores), and a descriptor cannot be empty.
-        tma_lse = lay.min_cmp > 0 and tma_ready(cfg.tma_lse, *((kc, vc) if cfg.output_in_lse else (kc,)))
-        tma_score = lay.min_cmp > 0 and tma_ready(cfg.tma_score, kc, vc)
+        # steps also write block scores), and a descriptor cannot be empty. Each
+        # pass needs aligned rows only of what it loads: values in one of them.
+        lse_loads, score_loads = ((kc, vc), (kc,)) if cfg.output_in_lse else ((kc,), (kc, vc))
+        tma_lse = lay.min_cmp > 0 and tma_ready(cfg.tma_lse, *lse_loads)
+        tma_score = lay.min_cmp > 0 and tma_ready(cfg.tma_score, *score_loads)
         if lay.max_cmp > 0:
             _launch(fwd.cmp_lse_kernel, (triton.cdiv(lay.max_len, tiles.bt_lse), B, Hkv),
                 q, kc, vc, lse_c, oc, lay.starts, lay.lens, lay.cstarts, lay.clens,
@@ -397,7 +392,7 @@ def _forward(q, k, v, kc, vc, gates, lay: SeqLayout, cfg: KernelConfig, save: bo
                 G=G, GR=tiles.GR, BT=tiles.bt_lse, R=tiles.rows_lse, BN=cfg.lse_block, D=D, CBLOCK=cfg.cblock, CSTRIDE=cfg.cstride,
                 LEGACY=cfg.legacy, IEEE=ieee, TMA=tma_lse,
                 OUT=cfg.output_in_lse, num_warps=cfg.num_warps_score, num_stages=cfg.num_stages_lse,
-                **_register_cap(cfg.maxnreg_lse),
+                maxnreg=cfg.maxnreg_lse,
             )
         else:
             lse_c.zero_()
@@ -421,17 +416,13 @@ def _forward(q, k, v, kc, vc, gates, lay: SeqLayout, cfg: KernelConfig, save: bo
                 LS=cfg.slc_block, COUNT=cfg.count, FIRST=cfg.first, PREV=cfg.prev, CUR=cfg.cur,
                 HEAD_SCORING=cfg.head_scoring, NT=nt, A=cfg.eq9_a, BB=cfg.eq9_b, NT_LOG=nt.bit_length() - 1,
                 INSERT_MAX=cfg.insert_max, TOPN=mode, TMA=tma_score, PV=not cfg.output_in_lse,
-                num_warps=cfg.num_warps_score, num_stages=cfg.num_stages_score,
-                **_register_cap(cfg.maxnreg_score),
+                num_warps=cfg.num_warps_score, num_stages=cfg.num_stages_score, maxnreg=cfg.maxnreg_score,
             )
 
-        if not cfg.has_slc:
-            if not cfg.output_in_lse:
-                score(0, lay.max_len, 0, None)
-        elif cfg.topn == "fused":
-            score(0, lay.max_len, 0, None)
-        else:
+        if cfg.has_slc and cfg.topn != "fused":
             _chunked_topn(score, sel, lay, cfg, tiles, hs, res)
+        elif cfg.has_slc or not cfg.output_in_lse:  # the fused top-n, or the output alone
+            score(0, lay.max_len, 0, None)
     n_t3 = triton.cdiv(lay.max_len, tiles.bt_sel)
     grid3 = (n_t3, B, Hkv)
     if cfg.has_slc:
