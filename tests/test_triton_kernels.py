@@ -321,16 +321,19 @@ def selected_blocks_of(pattern, q, k, v, gates, types=None, **config):
 
 
 @pytest.mark.parametrize("config", TOPN_PATHS, ids=TOPN_IDS)
-def test_selected_blocks_equal_reference(config):
+@pytest.mark.parametrize("group", [3, 7])
+def test_selected_blocks_equal_reference(config, group):
     # 45 blocks: several 16-block score chunks, so the one-by-one insertion
     # path of the running top-n runs as well as the sort-merge path; the
-    # two-step paths run over query chunks of 32 / 48 tokens.
+    # two-step paths run over query chunks of 32 / 48 tokens. Groups of 3 and
+    # 7 (4 and 8 rows a token): the score pass orders a tile's rows by head
+    # bits (_score_rows), differently for each.
     pattern = Pattern(name="s", compression=Compression(block=2, stride=2),
                       selection=Selection(block=2, count=5, forced=("first", "current")), gate=Gate(kind="mlp"))
-    q, k, v, gates, _, _ = make_inputs(pattern, (1, 2, 3, 90, 16), 7, None)
+    q, k, v, gates, _, _ = make_inputs(pattern, (1, 2, group, 90, 16), 7, None)
     got, out = selected_blocks_of(pattern, q, k, v, gates, **config)
     ref_out, selections = reference_attention(q, k, v, pattern, gates, return_selection=True)
-    assert torch.equal(got, selections[0][::3])  # group scoring: one selection per kv head
+    assert torch.equal(got, selections[0][::group])  # group scoring: one selection per kv head
     assert rel(out, ref_out) < TOL
 
 
@@ -360,34 +363,48 @@ def test_tied_scores_go_to_the_lower_index(config, scoring):
 
 @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
 @given(st.integers(1, 40), st.integers(1, 9), st.integers(0, 2**31 - 1), st.sampled_from((9, 1000)),
-       st.sampled_from((1, 2)), st.sampled_from((1, 3, 4)), st.sampled_from((1, 1 << 16, 1 << 22, 1 << 31)))
-def test_top_n_search_picks_the_best_with_ties_to_the_lower_index(tokens, count, seed, levels, rows, chain, spread):
+       st.sampled_from((1, 2)), st.sampled_from((1, 3, 4)), st.sampled_from((1, 1 << 16, 1 << 22, 1 << 31)),
+       st.sets(st.sampled_from(("first", "previous", "current"))))
+def test_top_n_search_picks_the_best_with_ties_to_the_lower_index(tokens, count, seed, levels, rows, chain, spread, forced):
     """topn_select_kernel alone, against a sort: token t's candidates are the
-    blocks j <= t (one-token blocks, nothing forced); scores are multiples of
-    1/4 in [0, 2] (most rows tie, and the tie rule, the lower index, decides)
-    or of 2/999 in [0, 2]. Programs of ``rows x chain`` tokens, each search
-    after a row's first token started from a bracket of +- ``spread`` around
-    the previous token's threshold: 1 almost always misses on one side, 2^31
-    covers everything; the result must not depend on either."""
+    blocks j <= t (one-token blocks); scores are multiples of 1/4 in [0, 2]
+    (most rows tie, and the tie rule, the lower index, decides) or of 2/999
+    in [0, 2]. The drawn forced blocks (first, previous, current) read -1, as
+    the score pass writes them, and take their slots after the free ones.
+    Programs of ``rows x chain`` tokens, each search after a row's first
+    token started from a bracket of +- ``spread`` around the previous token's
+    threshold: 1 almost always misses on one side, 2^31 covers everything;
+    the result must not depend on either."""
     from nsaflex.kernels import forward as fwd
 
     gen = torch.Generator().manual_seed(seed)
-    scores = (torch.randint(0, levels, (1, 1, tokens, tokens), generator=gen) * (2 / (levels - 1))).to(DEVICE)
+    scores = torch.randint(0, levels, (1, 1, tokens, tokens), generator=gen) * (2 / (levels - 1))
+    forced_of = []
+    for t in range(tokens):
+        blocks = ([0] if "first" in forced else []) + ([t - 1] if "previous" in forced and t >= 1 else []) \
+            + ([t] if "current" in forced else [])
+        blocks = list(dict.fromkeys(blocks))  # the kernel keeps one slot per distinct forced block
+        scores[0, 0, t, blocks] = -1.0
+        forced_of.append(blocks)
+    scores = scores.to(DEVICE)
     nt = 16
     sel = torch.full((1, 1, tokens, nt + 4), -7, dtype=torch.int32, device=DEVICE)
     zero = torch.zeros(1, dtype=torch.int32, device=DEVICE)
     fwd.topn_select_kernel[(-(-tokens // (rows * chain)), 1, 1)](
         scores, sel, zero, zero + tokens, *scores.stride()[:3], *sel.stride()[:3], 0, tokens,
-        ROWS=rows, JP=max(2, 1 << (tokens - 1).bit_length()), CHAIN=chain, SPREAD=spread, LS=1, COUNT=count, FIRST=False, PREV=False, CUR=False,
-        NT=nt, num_warps=1,
+        ROWS=rows, JP=max(2, 1 << (tokens - 1).bit_length()), CHAIN=chain, SPREAD=spread, LS=1, COUNT=count,
+        FIRST="first" in forced, PREV="previous" in forced, CUR="current" in forced, NT=nt, num_warps=1,
     )
     for t in range(tokens):
         row = scores[0, 0, t, : t + 1].cpu()
+        free = [j for j in range(t + 1) if j not in forced_of[t]]
         # best first; among equal scores the lower index first
-        order = sorted(range(t + 1), key=lambda j: (-float(row[j]), j))
-        want = sorted(order[:count])
+        order = sorted(free, key=lambda j: (-float(row[j]), j))
+        want = sorted(order[: max(0, count - len(forced_of[t]))])
         got = sel[0, 0, t].cpu().tolist()
-        assert got == want + [-1] * (nt + 4 - len(want)), (t, got, want)
+        assert got[:nt] == want + [-1] * (nt - len(want)), (t, got, want)
+        assert sorted(b for b in got[nt:] if b >= 0) == sorted(forced_of[t]), (t, got, forced_of[t])
+        assert got[nt + 3] == -1
 
 
 @pytest.mark.parametrize("topn", ["select", "torch"])

@@ -204,6 +204,27 @@ def _tile_rows(t0, length, G: tl.constexpr, GR: tl.constexpr, BT: tl.constexpr, 
 
 
 @triton.jit
+def _lse_step(q, t, valid, i0, hi, n_cmp, kbase, kdesc, vbase, vdesc, skt, d, m, acc_l, acc, scale_log2,
+              BN: tl.constexpr, CBLOCK: tl.constexpr, CSTRIDE: tl.constexpr, LEGACY: tl.constexpr,
+              IEEE: tl.constexpr, TMA: tl.constexpr, OUT: tl.constexpr, MASKED: tl.constexpr):
+    """One step of :func:`cmp_lse_kernel` over compressed tokens ``i0 .. i0 + BN``:
+    the running max ``m``, sum ``acc_l`` and (``OUT``) output ``acc``. ``MASKED``:
+    apply the visibility rule per element (off where every row sees the chunk whole)."""
+    i = i0 + tl.arange(0, BN)
+    kc = _key_rows(kbase, kdesc, i0, i, i < hi, skt, d, TMA)
+    s = _dot(q, tl.trans(kc), IEEE)
+    if MASKED:
+        vis = _visible(i, t, n_cmp, CBLOCK, CSTRIDE, LEGACY) & valid[:, None]
+        s = tl.where(vis, s, float("-inf"))
+    m, alpha, p = _online_softmax(m, s, scale_log2)
+    acc_l = acc_l * alpha + tl.sum(p, axis=1)
+    if OUT:
+        vc = _key_rows(vbase, vdesc, i0, i, i < hi, skt, d, TMA)
+        acc = acc * alpha[:, None] + _dot(p.to(vc.dtype), vc, IEEE)
+    return m, acc_l, acc
+
+
+@triton.jit
 def cmp_lse_kernel(
     Q, KC, VC, LSE, OC, STARTS, LENS, CSTARTS, CLENS,
     sqb, sqh, sqt, skb, skh, skt, slb, slh, slt, sob, soh, sot,
@@ -252,23 +273,131 @@ def cmp_lse_kernel(
         if OUT:
             vbase = VC + bb * skb + hk * skh + cstart * skt
             vdesc = _sequence_desc(vbase, n_cmp, skt, BN, D, TMA)
-        for i0 in range(lo, hi, BN):
-            i = i0 + tl.arange(0, BN)
-            kc = _key_rows(kbase, kdesc, i0, i, i < hi, skt, d, TMA)
-            s = _dot(q, tl.trans(kc), IEEE)
-            vis = _visible(i, t, n_cmp, CBLOCK, CSTRIDE, LEGACY) & valid[:, None]
-            s = tl.where(vis, s, float("-inf"))
-            m, alpha, p = _online_softmax(m, s, scale_log2)
-            acc_l = acc_l * alpha + tl.sum(p, axis=1)
-            if OUT:
-                vc = _key_rows(vbase, vdesc, i0, i, i < hi, skt, d, TMA)
-                acc = acc * alpha[:, None] + _dot(p.to(vc.dtype), vc, IEEE)
+        else:
+            vbase = kbase
+            vdesc = kdesc
+        # Chunks every row of the tile sees whole (causal: the tile's first token sees
+        # them) need no per-element mask; rows past the end or padding heads compute
+        # finite garbage there that is never stored.
+        mid = lo if LEGACY else _num_visible(t0, n_cmp, CBLOCK, CSTRIDE) // BN * BN
+        for i0 in range(lo, mid, BN):
+            m, acc_l, acc = _lse_step(q, t, valid, i0, hi, n_cmp, kbase, kdesc, vbase, vdesc, skt, d, m, acc_l, acc,
+                                      scale_log2, BN, CBLOCK, CSTRIDE, LEGACY, IEEE, TMA, OUT, False)
+        for i0 in range(mid, hi, BN):
+            m, acc_l, acc = _lse_step(q, t, valid, i0, hi, n_cmp, kbase, kdesc, vbase, vdesc, skt, d, m, acc_l, acc,
+                                      scale_log2, BN, CBLOCK, CSTRIDE, LEGACY, IEEE, TMA, OUT, True)
         lse = tl.where(acc_l > 0, m + tl.log2(acc_l), 0.0)
         tl.store(LSE + bb * slb + h * slh + (start + t) * slt, lse, mask=valid)
         if OUT:
             o = acc / tl.where(acc_l > 0, acc_l, 1.0)[:, None]
             tl.store(OC + bb * sob + h[:, None] * soh + (start + t)[:, None] * sot + d[None, :],
                      o.to(OC.dtype.element_ty), mask=valid[:, None])
+
+
+@triton.jit
+def _score_rows(t0, length, G: tl.constexpr, GP: tl.constexpr, R: tl.constexpr, PERM: tl.constexpr):
+    """Rows of a score-pass tile of ``R // GP`` tokens from ``t0``: (t, g, valid).
+
+    Plain: row ``r`` is head ``r % GP`` of token ``t0 + r // GP``. ``PERM``
+    (2 <= GP <= 8, R a multiple of 16) orders each 16-row slab as (head bit
+    ``hi``, token, head ``lo``): row ``16 * slab + 8 * hi + (GP / 2) * tok + lo``
+    is head ``(GP / 2) * hi + lo`` of token ``(16 / GP) * slab + tok``. A
+    Hopper matrix product gives each thread rows ``x`` and ``x + 8`` of a slab,
+    so the group sum over a token's heads (:func:`_group_sum`) adds half of
+    them inside the thread and shuffles across log2(GP / 2) lanes instead of
+    log2(GP): a third of the shuffles for GP = 8. Any layout gives the same
+    sums; only the cost differs."""
+    r = tl.arange(0, R)
+    if PERM:
+        HALF: tl.constexpr = GP // 2
+        slab = r // 16
+        low = r % 8
+        tok = slab * (16 // GP) + low // HALF
+        g = ((r // 8) % 2) * HALF + low % HALF
+    else:
+        tok = r // GP
+        g = r % GP
+    t = t0 + tok
+    return t, g, (g < G) & (t < length)
+
+
+@triton.jit
+def _group_sum(p, BT: tl.constexpr, GP: tl.constexpr, BN: tl.constexpr, PERM: tl.constexpr):
+    """``[BT * GP, BN]`` per-row probabilities summed over each token's heads:
+    ``[BT, BN]`` in token order (rows as :func:`_score_rows` lays them out)."""
+    if PERM:
+        R: tl.constexpr = BT * GP
+        x = tl.reshape(p, [R // 16, 2, 16 // GP, GP // 2, BN])
+        x = tl.sum(tl.sum(x, axis=1), axis=2)  # in-thread first: fewer values to shuffle
+        return tl.reshape(x, [BT, BN])
+    else:
+        return tl.sum(tl.reshape(p, [BT, GP, BN]), axis=1)
+
+
+@triton.jit
+def _score_step(c, q, lse, t, valid, n_cmp, kbase, kdesc, vbase, vdesc, skt, d, acc, top, carry,
+                m_self, m_next, jl, n_cand, valid_s, f0, f1, f2, SBUF, sb_row, JW, scale_log2,
+                BT: tl.constexpr, GP: tl.constexpr, BN: tl.constexpr, NT: tl.constexpr, NT_LOG: tl.constexpr,
+                SR: tl.constexpr, A: tl.constexpr, BB: tl.constexpr, CBLOCK: tl.constexpr, CSTRIDE: tl.constexpr,
+                LEGACY: tl.constexpr, IEEE: tl.constexpr, TMA: tl.constexpr, PV: tl.constexpr,
+                HEAD_SCORING: tl.constexpr, TOPN: tl.constexpr, INSERT_MAX: tl.constexpr, PERM: tl.constexpr,
+                MASKED: tl.constexpr):
+    """Chunk ``c`` of :func:`cmp_score_kernel`'s scoring loop (compressed tokens
+    ``c * BN ..``, blocks ``c * NT ..``): probabilities, (PV) the output, the
+    block scores and what ``TOPN`` makes of them. Returns (acc, top, carry).
+    ``MASKED``: apply the visibility rule per element (off where every row sees
+    the chunk whole; padding rows have lse = +inf, so p = 0 there)."""
+    i = c * BN + tl.arange(0, BN)
+    kc = _key_rows(kbase, kdesc, c * BN, i, i < n_cmp, skt, d, TMA)
+    s = _dot(q, tl.trans(kc), IEEE)
+    p = tl.exp2(tl.fma(s, scale_log2, -lse[:, None]))
+    if MASKED:
+        vis = _visible(i, t, n_cmp, CBLOCK, CSTRIDE, LEGACY) & valid[:, None]
+        p = tl.where(vis, p, 0.0)
+    if PV:
+        vc = _key_rows(vbase, vdesc, c * BN, i, i < n_cmp, skt, d, TMA)
+        acc += _dot(p.to(vc.dtype), vc, IEEE)
+    if HEAD_SCORING:
+        ps = p
+    else:
+        ps = _group_sum(p, BT, GP, BN, PERM)
+    if A == 1 and BB == 1:
+        bs = ps
+    else:
+        bs = tl.dot(ps, m_self, input_precision="ieee") + carry
+        carry = tl.dot(ps, m_next, input_precision="ieee")
+    j = c * NT + jl
+    if TOPN == 1:
+        # Raw block scores of the candidate blocks (+0 for -0).
+        put = (j[None, :] < n_cand[:, None]) & valid_s[:, None]
+        tl.store(SBUF + sb_row[:, None] + j[None, :], tl.where(bs > 0, bs, 0.0), mask=put)
+    else:
+        cand = (j[None, :] < n_cand[:, None]) & valid_s[:, None]
+        cand = cand & (j[None, :] != f0[:, None]) & (j[None, :] != f1[:, None]) & (j[None, :] != f2[:, None])
+        bits = bs.to(tl.int32, bitcast=True)
+        bits = tl.where(bits < 0, 0, bits).to(tl.int64)
+        keys = (bits << 32) | (0x7FFFFFFF - j).to(tl.int64)[None, :]
+        keys = tl.where(cand, keys, -1)
+        if TOPN == 2:
+            put = (j[None, :] < JW) & valid_s[:, None]
+            tl.store(SBUF + sb_row[:, None] + j[None, :], keys, mask=put)
+        else:
+            # Running top-NT (unsorted): few new keys beat a row's current
+            # minimum once the first chunks are in, so insert those one by
+            # one (replace the row's minimum); sort-merge when many do.
+            thr = tl.min(top, axis=1)
+            n_beat = tl.max(tl.sum((keys > thr[:, None]).to(tl.int32), axis=1))
+            if n_beat > INSERT_MAX:
+                top = _merge_top(top, keys, SR, NT, NT_LOG)
+            else:
+                for _ in range(0, n_beat):
+                    x = tl.max(tl.where(keys > thr[:, None], keys, -1), axis=1)
+                    keys = tl.where(keys == x[:, None], -1, keys)
+                    slot = tl.argmin(top, axis=1)
+                    put = (x > thr)[:, None] & (jl[None, :] == slot[:, None])
+                    top = tl.where(put, x[:, None], top)
+                    thr = tl.min(top, axis=1)
+    return acc, top, carry
 
 
 @triton.jit
@@ -297,8 +426,9 @@ def cmp_score_kernel(
     * 0: a running top-n in the kernel, block lists written to ``SEL``;
     * 1: the block scores (fp32, clamped at +0) of the candidate blocks
       ``j < (t + 1) // LS`` written to ``SBUF[b, hs, t - T_OFF, j]`` (a query
-      chunk's buffer; forced blocks included, :func:`topn_select_kernel`
-      drops them); nothing else of the row is written;
+      chunk's buffer), the forced blocks among them as -1 (so that
+      :func:`topn_select_kernel` tells candidates by their sign); nothing
+      else of the row is written;
     * 2: packed ``score bits << 32 | ~j`` int64 keys (-1 for non-candidate
       and forced blocks) for ``j < JW`` covered by the loop written to
       ``SBUF`` (pre-filled with -1 by the caller, for ``torch.topk``).
@@ -313,21 +443,24 @@ def cmp_score_kernel(
         cstart = tl.load(CSTARTS + b).to(tl.int64)
         n_cmp = tl.load(CLENS + b)
         R: tl.constexpr = BT * GP
-        r = tl.arange(0, R)
-        t = t0 + r // GP
-        g = r % GP
-        valid = (g < G) & (t < length)
+        PERM: tl.constexpr = SCORE and (not HEAD_SCORING) and GP >= 2 and GP <= 8 and R % 16 == 0
+        t, g, valid = _score_rows(t0, length, G, GP, R, PERM)
         h = hk * G + g
         d = tl.arange(0, D)
         bb = b.to(tl.int64)
         q = tl.load(Q + bb * sqb + h[:, None] * sqh + (start + t)[:, None] * sqt + d[None, :], mask=valid[:, None], other=0.0)
         lse = tl.load(LSE + bb * slb + h * slh + (start + t) * slt, mask=valid, other=0.0)
+        # Padding heads and rows past the end have q = 0, so s = 0: an lse of +inf
+        # makes their p = exp2(s - lse) zero where the loop applies no mask.
+        lse = tl.where(valid, lse, float("inf"))
         t_last = tl.minimum(t0 + BT, length) - 1
         kbase = KC + bb * skb + hk * skh + cstart * skt
         vbase = VC + bb * skb + hk * skh + cstart * skt
         kdesc = _sequence_desc(kbase, n_cmp, skt, BN, D, TMA)
         if PV:
             vdesc = _sequence_desc(vbase, n_cmp, skt, BN, D, TMA)
+        else:
+            vdesc = kdesc  # not read
         acc = tl.zeros([R, D], tl.float32)
         if SCORE:
             # Selecting rows: one per token (group scoring) or one per row (head scoring).
@@ -357,55 +490,30 @@ def cmp_score_kernel(
                 n_iter = tl.maximum(tl.cdiv(n_cmp, BN), tl.cdiv(jc_last, NT))
             else:
                 n_iter = tl.maximum(tl.cdiv(_num_visible(t_last, n_cmp, CBLOCK, CSTRIDE), BN), tl.cdiv(jc_last, NT))
-            for c in range(0, n_iter):
-                i = c * BN + tl.arange(0, BN)
-                kc = _key_rows(kbase, kdesc, c * BN, i, i < n_cmp, skt, d, TMA)
-                s = _dot(q, tl.trans(kc), IEEE) * scale_log2
-                vis = _visible(i, t, n_cmp, CBLOCK, CSTRIDE, LEGACY) & valid[:, None]
-                p = tl.where(vis, tl.exp2(s - lse[:, None]), 0.0)
-                if PV:
-                    vc = _key_rows(vbase, vdesc, c * BN, i, i < n_cmp, skt, d, TMA)
-                    acc += _dot(p.to(vc.dtype), vc, IEEE)
-                if HEAD_SCORING:
-                    ps = p
-                else:
-                    ps = tl.sum(tl.reshape(p, [BT, GP, BN]), axis=1)
-                if A == 1 and BB == 1:
-                    bs = ps
-                else:
-                    bs = tl.dot(ps, m_self, input_precision="ieee") + carry
-                    carry = tl.dot(ps, m_next, input_precision="ieee")
-                j = c * NT + jl
-                if TOPN == 1:
-                    # Raw block scores of the candidate blocks (+0 for -0).
-                    put = (j[None, :] < n_cand[:, None]) & valid_s[:, None]
-                    tl.store(SBUF + sb_row[:, None] + j[None, :], tl.where(bs > 0, bs, 0.0), mask=put)
-                else:
-                    cand = (j[None, :] < n_cand[:, None]) & valid_s[:, None]
-                    cand = cand & (j[None, :] != f0[:, None]) & (j[None, :] != f1[:, None]) & (j[None, :] != f2[:, None])
-                    bits = bs.to(tl.int32, bitcast=True)
-                    bits = tl.where(bits < 0, 0, bits).to(tl.int64)
-                    keys = (bits << 32) | (0x7FFFFFFF - j).to(tl.int64)[None, :]
-                    keys = tl.where(cand, keys, -1)
-                    if TOPN == 2:
-                        put = (j[None, :] < JW) & valid_s[:, None]
-                        tl.store(SBUF + sb_row[:, None] + j[None, :], keys, mask=put)
-                    else:
-                        # Running top-NT (unsorted): few new keys beat a row's current
-                        # minimum once the first chunks are in, so insert those one by
-                        # one (replace the row's minimum); sort-merge when many do.
-                        thr = tl.min(top, axis=1)
-                        n_beat = tl.max(tl.sum((keys > thr[:, None]).to(tl.int32), axis=1))
-                        if n_beat > INSERT_MAX:
-                            top = _merge_top(top, keys, SR, NT, NT_LOG)
-                        else:
-                            for _ in range(0, n_beat):
-                                x = tl.max(tl.where(keys > thr[:, None], keys, -1), axis=1)
-                                keys = tl.where(keys == x[:, None], -1, keys)
-                                slot = tl.argmin(top, axis=1)
-                                put = (x > thr)[:, None] & (jl[None, :] == slot[:, None])
-                                top = tl.where(put, x[:, None], top)
-                                thr = tl.min(top, axis=1)
+            # Chunks that every row sees whole (causal: the tile's first token sees
+            # them) skip the per-element visibility mask.
+            n_full = 0 if LEGACY else tl.minimum(_num_visible(t0, n_cmp, CBLOCK, CSTRIDE) // BN, n_iter)
+            for c in range(0, n_full):
+                acc, top, carry = _score_step(
+                    c, q, lse, t, valid, n_cmp, kbase, kdesc, vbase, vdesc, skt, d, acc, top, carry,
+                    m_self, m_next, jl, n_cand, valid_s, f0, f1, f2, SBUF, sb_row, JW, scale_log2,
+                    BT, GP, BN, NT, NT_LOG, SR, A, BB, CBLOCK, CSTRIDE, LEGACY, IEEE, TMA, PV,
+                    HEAD_SCORING, TOPN, INSERT_MAX, PERM, False)
+            for c in range(n_full, n_iter):
+                acc, top, carry = _score_step(
+                    c, q, lse, t, valid, n_cmp, kbase, kdesc, vbase, vdesc, skt, d, acc, top, carry,
+                    m_self, m_next, jl, n_cand, valid_s, f0, f1, f2, SBUF, sb_row, JW, scale_log2,
+                    BT, GP, BN, NT, NT_LOG, SR, A, BB, CBLOCK, CSTRIDE, LEGACY, IEEE, TMA, PV,
+                    HEAD_SCORING, TOPN, INSERT_MAX, PERM, True)
+            if TOPN == 1:
+                # Forced blocks among the candidates read -1 for topn_select_kernel
+                # (one comparison there marks candidates). The loop's stores to these
+                # entries came from other threads of the program: a barrier first.
+                tl.debug_barrier()
+                sb_ptr = SBUF + sb_row
+                tl.store(sb_ptr + f0, -1.0, mask=(f0 >= 0) & (f0 < n_cand) & valid_s)
+                tl.store(sb_ptr + f1, -1.0, mask=(f1 >= 0) & (f1 < n_cand) & valid_s)
+                tl.store(sb_ptr + f2, -1.0, mask=(f2 >= 0) & (f2 < n_cand) & valid_s)
             if TOPN == 0:
                 top = _sort_last(top, NT_LOG, True)
                 nforced = (f0 >= 0).to(tl.int32) + (f1 >= 0).to(tl.int32) + (f2 >= 0).to(tl.int32)
@@ -442,14 +550,17 @@ def _write_block_list(SEL, sel_row, valid, cols, jsel, chosen, n_chosen, f0, f1,
     """One token's block-list row: the chosen blocks in slots 0.. (``jsel`` at
     the columns ``cols`` of the chosen entries), -1 up to NT, then the
     forced blocks and a -1."""
-    tl.store(SEL + sel_row[:, None] + cols, jsel, mask=chosen & valid[:, None])
+    # One 64-bit row pointer, then int32 column offsets: a row of up to 2,048
+    # candidates pays no 64-bit address arithmetic per entry.
+    row = SEL + sel_row
+    tl.store(row[:, None] + cols, jsel, mask=chosen & valid[:, None])
     s = tl.arange(0, NT)
-    tl.store(SEL + sel_row[:, None] + s[None, :], tl.full([1, NT], -1, tl.int32),
+    tl.store(row[:, None] + s[None, :], tl.full([1, NT], -1, tl.int32),
              mask=(s[None, :] >= n_chosen[:, None]) & valid[:, None])
-    tl.store(SEL + sel_row + NT, f0, mask=valid)
-    tl.store(SEL + sel_row + NT + 1, f1, mask=valid)
-    tl.store(SEL + sel_row + NT + 2, f2, mask=valid)
-    tl.store(SEL + sel_row + NT + 3, tl.full(f0.shape, -1, tl.int32), mask=valid)
+    tl.store(row + NT, f0, mask=valid)
+    tl.store(row + NT + 1, f1, mask=valid)
+    tl.store(row + NT + 2, f2, mask=valid)
+    tl.store(row + NT + 3, tl.full(f0.shape, -1, tl.int32), mask=valid)
 
 
 @triton.jit
@@ -469,7 +580,9 @@ def topn_select_kernel(
 ):
     """Exact top-(n - |forced|) of ``ROWS x CHAIN`` tokens' block scores (a
     query chunk's ``[B, Hsel, C, >= JW]`` fp32 buffer written by
-    ``cmp_score_kernel`` with TOPN=1), written as the block lists of ``SEL``.
+    ``cmp_score_kernel`` with TOPN=1: scores >= +0 for the candidate blocks
+    ``j < (t + 1) // LS``, negative for the forced ones among them), written
+    as the block lists of ``SEL``.
 
     Scores are >= +0, so their int32 bit patterns order like the floats: a
     bisection over the bits finds the k-th largest score T, keeping
@@ -500,14 +613,17 @@ def topn_select_kernel(
             valid = ts < length
             f0, f1, f2 = _forced(ts, LS, FIRST, PREV, CUR)
             n_cand = (ts + 1) // LS
-            cand = (j[None, :] < n_cand[:, None]) & valid[:, None]
-            cand = cand & (j[None, :] != f0[:, None]) & (j[None, :] != f1[:, None]) & (j[None, :] != f2[:, None])
-            row = bb * sbb + hs * sbh + (ts - T_OFF).to(tl.int64) * sbt
-            x = tl.load(S + row[:, None] + j[None, :], mask=cand, other=-1.0)
-            bits = tl.where(cand, x.to(tl.int32, bitcast=True), -1)
+            # Candidates: scores >= +0 of blocks j < n_cand; forced blocks read -1
+            # (written so by the score pass), blocks past n_cand load as -1: every
+            # non-candidate has negative bits, so no mask is built per score.
+            row = S + (bb * sbb + hs * sbh + (ts - T_OFF).to(tl.int64) * sbt)
+            x = tl.load(row[:, None] + j[None, :], mask=(j[None, :] < n_cand[:, None]) & valid[:, None], other=-1.0)
+            bits = x.to(tl.int32, bitcast=True)
             nforced = (f0 >= 0).to(tl.int32) + (f1 >= 0).to(tl.int32) + (f2 >= 0).to(tl.int32)
             k = COUNT - nforced
-            n_c = tl.sum(cand.to(tl.int32), axis=1)
+            forced_cand = ((f0 >= 0) & (f0 < n_cand)).to(tl.int32) + ((f1 >= 0) & (f1 < n_cand)).to(tl.int32) \
+                + ((f2 >= 0) & (f2 < n_cand)).to(tl.int32)
+            n_c = tl.where(valid, n_cand - forced_cand, 0)
             active = (n_c > k) & (k > 0)
             lo = tl.zeros([ROWS], tl.int32)
             hi = tl.full([ROWS], 0x7F800001, tl.int32)
@@ -550,7 +666,7 @@ def topn_select_kernel(
                 r = k - tl.sum(above.to(tl.int32), axis=1)
                 rank = tl.cumsum(eq.to(tl.int32), axis=1)
                 pick = tl.where((cnt_lo == k)[:, None], pick, above | (eq & (rank <= r[:, None])))
-            chosen = tl.where(active[:, None], pick, cand & (k > 0)[:, None])
+            chosen = tl.where(active[:, None], pick, (bits >= 0) & (k > 0)[:, None])
             slot = tl.cumsum(chosen.to(tl.int32), axis=1) - 1
             n_chosen = tl.sum(chosen.to(tl.int32), axis=1)
             sel_row = bb * ssb + hs * ssh + (start + ts) * sst
