@@ -230,10 +230,13 @@ if __name__ == "__main__":
     items = signatures()
     # the select kernel at the row widths of 16K..128K tokens (JP 256..2048;
     # the tiny recorded shapes only reach JP = 2), with the warps ops._chunked_topn gives them
+    # and the buffer strides a multiple of 16 as there (rows of 256..2048 scores): the launcher
+    # specialises on that, and it decides whether a thread gets 4 consecutive scores
     for module, name, sig, const, opts in list(items):
         if name == "topn_select_kernel":
+            aligned = sorted(set(opts.get("aligned", [])) | {"sbb", "sbh", "sbt"})
             for jp, rows, warps in ((256, 4, 1), (2048, 1, 4)):
-                items.append((module, name, sig, dict(const, JP=jp, ROWS=rows), dict(opts, num_warps=warps)))
+                items.append((module, name, sig, dict(const, JP=jp, ROWS=rows), dict(opts, num_warps=warps, aligned=aligned)))
             break
     json.dump(items, open(path, "w"))
     env = dict(os.environ, TRITON_INTERPRET="0")

@@ -72,10 +72,13 @@ class KernelConfig:
     # and the score pass (tma_score). H200, run 39, 128K video, in one run: fwd
     # 46.7 / fwd+bwd 154.9 ms with slc_win, bwd_dq and the lse pass on, 55.1 / 162.8
     # with none (slc_win 29.1 against 37.7 ms, bwd_dq 44.2 against 50.1, lse 3.4
-    # against 3.7); the score pass on too: 11.2 ms against 9.2.
+    # against 3.7); the score pass on too: 11.2 ms against 9.2. Since the score pass
+    # loads no values and masks little (run 50) it is bound by its LSU wavefronts
+    # (run 52: 78 %), which descriptors relieve: about 5 % of the pass with 2 stages
+    # (runs 53-54, alternating in one run: 3.17-3.45 ms against 3.44-3.54).
     tma: bool = True
     tma_lse: bool = True
-    tma_score: bool = False
+    tma_score: bool = True
     score_tokens: int = 16
     num_warps_select: int = 4
     num_warps_score: int = 8
@@ -85,7 +88,7 @@ class KernelConfig:
     # and ran 52.9 ms against 65.3 with 3 (H200, run 19, 128K video).
     num_stages_dq: int = 2
     num_stages_lse: int = 2  # 128K video: 3.10 ms against 3.33 with 3 (run 40, descriptor loads; run 37: 3.49 against 3.74)
-    num_stages_score: int = 3
+    num_stages_score: int = 2  # with tma_score (run 53); 3 with pointer loads (run 37)
     # Which compression pass computes the branch output: the lse pass, flash-style
     # (online softmax with rescaled sums; the score pass then loads no values and
     # keeps no output accumulator, and does not run at all without selection), or
