@@ -8,7 +8,9 @@ share every key they read, so one tile fills the matrix units with several
 tokens' group heads. The selection kernel, ``bwd_dq_kernel`` and the lse pass
 may instead pack the rows densely (:func:`_tile_rows`, ``GR = G``): ``R // G``
 tokens per tile, so for G = 7 a 64-row tile holds 9 tokens' heads and one
-padding row instead of 8 tokens' heads and 8 padding rows.
+padding row instead of 8 tokens' heads and 8 padding rows. The score pass
+orders the rows of each 16-row slab by head bits (:func:`_score_rows`), which
+makes its sum over a token's heads cheaper.
 
 Kernels:
 
