@@ -191,6 +191,18 @@ def _forced(ts, LS: tl.constexpr, FIRST: tl.constexpr, PREV: tl.constexpr, CUR: 
 
 
 @triton.jit
+def _num_forced(f0, f1, f2):
+    """How many of a row's forced blocks exist (:func:`_forced`: -1 for none)."""
+    return (f0 >= 0).to(tl.int32) + (f1 >= 0).to(tl.int32) + (f2 >= 0).to(tl.int32)
+
+
+@triton.jit
+def _forced_candidate(f, n_cand):
+    """Whether forced block ``f`` (-1: none) is among the candidates ``j < n_cand``."""
+    return (f >= 0) & (f < n_cand)
+
+
+@triton.jit
 def _tile_rows(t0, length, G: tl.constexpr, GR: tl.constexpr, BT: tl.constexpr, R: tl.constexpr):
     """Rows of a tile of ``BT`` tokens from ``t0``: row ``r`` is head ``r % GR``
     of token ``t0 + r // GR``. ``GR = G`` packs the group's heads densely (9
@@ -281,13 +293,12 @@ def cmp_lse_kernel(
         # Chunks every row of the tile sees whole (causal: the tile's first token sees
         # them) need no per-element mask; rows past the end or padding heads compute
         # finite garbage there that is never stored.
+        # Two loops (unrolled at compile time): [lo, mid) unmasked, then [mid, hi) masked.
         mid = lo if LEGACY else _num_visible(t0, n_cmp, CBLOCK, CSTRIDE) // BN * BN
-        for i0 in range(lo, mid, BN):
-            m, acc_l, acc = _lse_step(q, t, valid, i0, hi, n_cmp, kbase, kdesc, vbase, vdesc, skt, d, m, acc_l, acc,
-                                      scale_log2, BN, CBLOCK, CSTRIDE, LEGACY, IEEE, TMA, OUT, False)
-        for i0 in range(mid, hi, BN):
-            m, acc_l, acc = _lse_step(q, t, valid, i0, hi, n_cmp, kbase, kdesc, vbase, vdesc, skt, d, m, acc_l, acc,
-                                      scale_log2, BN, CBLOCK, CSTRIDE, LEGACY, IEEE, TMA, OUT, True)
+        for masked in tl.static_range(2):
+            for i0 in range(mid if masked else lo, hi if masked else mid, BN):
+                m, acc_l, acc = _lse_step(q, t, valid, i0, hi, n_cmp, kbase, kdesc, vbase, vdesc, skt, d, m, acc_l,
+                                          acc, scale_log2, BN, CBLOCK, CSTRIDE, LEGACY, IEEE, TMA, OUT, masked == 1)
         lse = tl.where(acc_l > 0, m + tl.log2(acc_l), 0.0)
         tl.store(LSE + bb * slb + h * slh + (start + t) * slt, lse, mask=valid)
         if OUT:
@@ -493,32 +504,28 @@ def cmp_score_kernel(
             else:
                 n_iter = tl.maximum(tl.cdiv(_num_visible(t_last, n_cmp, CBLOCK, CSTRIDE), BN), tl.cdiv(jc_last, NT))
             # Chunks that every row sees whole (causal: the tile's first token sees
-            # them) skip the per-element visibility mask.
+            # them) skip the per-element visibility mask: two loops, unrolled at
+            # compile time, [0, n_full) unmasked, then [n_full, n_iter) masked.
             n_full = 0 if LEGACY else tl.minimum(_num_visible(t0, n_cmp, CBLOCK, CSTRIDE) // BN, n_iter)
-            for c in range(0, n_full):
-                acc, top, carry = _score_step(
-                    c, q, lse, t, valid, n_cmp, kbase, kdesc, vbase, vdesc, skt, d, acc, top, carry,
-                    m_self, m_next, jl, n_cand, valid_s, f0, f1, f2, SBUF, sb_row, JW, scale_log2,
-                    BT, GP, BN, NT, NT_LOG, SR, A, BB, CBLOCK, CSTRIDE, LEGACY, IEEE, TMA, PV,
-                    HEAD_SCORING, TOPN, INSERT_MAX, PERM, False)
-            for c in range(n_full, n_iter):
-                acc, top, carry = _score_step(
-                    c, q, lse, t, valid, n_cmp, kbase, kdesc, vbase, vdesc, skt, d, acc, top, carry,
-                    m_self, m_next, jl, n_cand, valid_s, f0, f1, f2, SBUF, sb_row, JW, scale_log2,
-                    BT, GP, BN, NT, NT_LOG, SR, A, BB, CBLOCK, CSTRIDE, LEGACY, IEEE, TMA, PV,
-                    HEAD_SCORING, TOPN, INSERT_MAX, PERM, True)
+            for masked in tl.static_range(2):
+                for c in range(n_full if masked else 0, n_iter if masked else n_full):
+                    acc, top, carry = _score_step(
+                        c, q, lse, t, valid, n_cmp, kbase, kdesc, vbase, vdesc, skt, d, acc, top, carry,
+                        m_self, m_next, jl, n_cand, valid_s, f0, f1, f2, SBUF, sb_row, JW, scale_log2,
+                        BT, GP, BN, NT, NT_LOG, SR, A, BB, CBLOCK, CSTRIDE, LEGACY, IEEE, TMA, PV,
+                        HEAD_SCORING, TOPN, INSERT_MAX, PERM, masked == 1)
             if TOPN == 1:
                 # Forced blocks among the candidates read -1 for topn_select_kernel
                 # (one comparison there marks candidates). The loop's stores to these
                 # entries came from other threads of the program: a barrier first.
                 tl.debug_barrier()
                 sb_ptr = SBUF + sb_row
-                tl.store(sb_ptr + f0, -1.0, mask=(f0 >= 0) & (f0 < n_cand) & valid_s)
-                tl.store(sb_ptr + f1, -1.0, mask=(f1 >= 0) & (f1 < n_cand) & valid_s)
-                tl.store(sb_ptr + f2, -1.0, mask=(f2 >= 0) & (f2 < n_cand) & valid_s)
+                tl.store(sb_ptr + f0, -1.0, mask=_forced_candidate(f0, n_cand) & valid_s)
+                tl.store(sb_ptr + f1, -1.0, mask=_forced_candidate(f1, n_cand) & valid_s)
+                tl.store(sb_ptr + f2, -1.0, mask=_forced_candidate(f2, n_cand) & valid_s)
             if TOPN == 0:
                 top = _sort_last(top, NT_LOG, True)
-                nforced = (f0 >= 0).to(tl.int32) + (f1 >= 0).to(tl.int32) + (f2 >= 0).to(tl.int32)
+                nforced = _num_forced(f0, f1, f2)
                 nfree = COUNT - nforced
                 chosen = (jl[None, :] < nfree[:, None]) & (top >= 0)
                 jsel = tl.where(chosen, 0x7FFFFFFF - (top & 0xFFFFFFFF), -1).to(tl.int32)
@@ -621,10 +628,10 @@ def topn_select_kernel(
             row = S + (bb * sbb + hs * sbh + (ts - T_OFF).to(tl.int64) * sbt)
             x = tl.load(row[:, None] + j[None, :], mask=(j[None, :] < n_cand[:, None]) & valid[:, None], other=-1.0)
             bits = x.to(tl.int32, bitcast=True)
-            nforced = (f0 >= 0).to(tl.int32) + (f1 >= 0).to(tl.int32) + (f2 >= 0).to(tl.int32)
+            nforced = _num_forced(f0, f1, f2)
             k = COUNT - nforced
-            forced_cand = ((f0 >= 0) & (f0 < n_cand)).to(tl.int32) + ((f1 >= 0) & (f1 < n_cand)).to(tl.int32) \
-                + ((f2 >= 0) & (f2 < n_cand)).to(tl.int32)
+            forced_cand = _forced_candidate(f0, n_cand).to(tl.int32) + _forced_candidate(f1, n_cand).to(tl.int32) \
+                + _forced_candidate(f2, n_cand).to(tl.int32)
             n_c = tl.where(valid, n_cand - forced_cand, 0)
             active = (n_c > k) & (k > 0)
             lo = tl.zeros([ROWS], tl.int32)
@@ -699,7 +706,7 @@ def topk_write_kernel(
         ts = t0 + tl.arange(0, ROWS)
         valid = ts < length
         f0, f1, f2 = _forced(ts, LS, FIRST, PREV, CUR)
-        nforced = (f0 >= 0).to(tl.int32) + (f1 >= 0).to(tl.int32) + (f2 >= 0).to(tl.int32)
+        nforced = _num_forced(f0, f1, f2)
         kk = tl.arange(0, KP)
         row = bb * svb + hs * svh + (ts - T_OFF).to(tl.int64) * svt
         key = tl.load(VALS + row[:, None] + kk[None, :], mask=(kk[None, :] < K) & valid[:, None], other=-1)
