@@ -3,6 +3,7 @@
 # next step's q.k (`overlap_qk`), so that the matrix units run it during the softmax; first the GPU
 # check that it is bit-identical to the plain loop, then the two alternating at 128K video (the GPU's
 # clock drifts down over a run). One device call: `bash benchmarks/run55.sh`.
+# The option ran in commit adac8e1 (reverted by the commit after it: no gain).
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p $OUT
 python -m pip install -q --no-deps --no-build-isolation -e . > $OUT/install.log 2>&1

@@ -303,33 +303,3 @@ def test_descriptor_and_pointer_loads_agree(dtype, dim):
     for name, a, b in zip(("out", "dq", "dk", "dv", "dgates"), *results):
         assert torch.isfinite(a).all(), name
         assert rel(a, b) < tol, (name, rel(a, b))
-
-
-@pytest.mark.parametrize("dtype,dim", [(torch.bfloat16, 128), (torch.float32, 64), (torch.bfloat16, 16)])
-def test_overlapped_union_loop_is_bit_identical(dtype, dim):
-    """``overlap_qk`` (each union step's p.v issued after the next step's q.k,
-    one zero product first) computes the same sums in the same order as the
-    plain loop: on the GPU's matrix units too, the outputs are equal bit for
-    bit, with and without the branch outputs saved for a backward."""
-    from nsaflex.backends import triton as backend
-    from nsaflex.kernels import ops
-
-    pattern = load_pattern("videonsa")
-    pattern = dataclasses.replace(pattern, model=dataclasses.replace(pattern.model, kv_heads=None, query_heads=None))
-    gen = torch.Generator().manual_seed(11)
-    batch, kv_heads, group, length = 2, 2, 7, 3000
-    types = torch.ones(batch, length, dtype=torch.long)
-    types[1, 1700:] = 0  # a packed batch: the second row's sequence is shorter
-    types = types.to("cuda")
-    q = torch.randn(batch, kv_heads * group, length, dim, generator=gen).to("cuda", dtype)
-    k, v = (torch.randn(batch, kv_heads, length, dim, generator=gen).to("cuda", dtype) for _ in range(2))
-    gates = torch.rand(batch, kv_heads * group, length, 3, generator=gen).to("cuda", dtype)
-    for grad in (False, True):
-        outs = []
-        for overlap in (False, True):
-            cfg = ops.make_config(pattern, overlap_qk=overlap)
-            with torch.set_grad_enabled(grad):
-                leaves = [x.detach().requires_grad_(grad) for x in (q, k, v, gates)]
-                outs.append(backend._sparse_forward(pattern, cfg, *leaves, types, None).detach())
-        assert torch.isfinite(outs[0]).all()
-        assert torch.equal(outs[0], outs[1]), (grad, float((outs[0].float() - outs[1].float()).abs().max()))

@@ -202,7 +202,6 @@ def test_top_n_paths(insert_max, output_in_lse):
 
 TILE_VARIANTS = st.fixed_dictionaries({
     "pair_blocks": st.booleans(),
-    "overlap_qk": st.booleans(),
     "dq_tokens": st.sampled_from((None, 2, 4, 16)),
     "select_tokens": st.sampled_from((None, 4)),
     "dense_rows": st.booleans(),
@@ -220,19 +219,6 @@ def test_tile_variants_match_reference(case, config):
     compression output taken in the lse pass or the score pass change only
     the schedule, never the result."""
     check(*case, backward=True, **config)
-
-
-@FEW
-@given(cases(max_len=48), st.booleans())
-def test_overlapped_union_loop_is_bit_identical(case, tma):
-    """``overlap_qk`` moves each union step's p.v product after the next
-    step's q.k (one zero product first): the same sums in the same order, so
-    the forward output is identical bit for bit to the plain loop's."""
-    pattern, shape, seed, types = case
-    q, k, v, gates, types, pooler = make_inputs(pattern, shape, seed, types)
-    plain = _build_with(pattern, {"tma": tma})(q, k, v, gates, types, pooler)
-    overlapped = _build_with(pattern, {"tma": tma, "overlap_qk": True})(q, k, v, gates, types, pooler)
-    assert torch.equal(plain, overlapped)
 
 
 @pytest.mark.parametrize("scoring", ["group", "head"])

@@ -866,17 +866,6 @@ def _union_step(ubase, umbase, it, count, hit_row, t, valid, length,
 
 
 @triton.jit
-def _union_values(ubase, vbase, vdesc, it, length, stride, d, LS: tl.constexpr, BS: tl.constexpr,
-                  TMA: tl.constexpr):
-    """Value rows ``[BS, D]`` of union block ``it`` (``ubase[it]``; rows past
-    the block or the sequence read as zeros)."""
-    offset = tl.arange(0, BS)
-    first = tl.load(ubase + it) * LS
-    s_pos = first + offset
-    return _key_rows(vbase, vdesc, first, s_pos, (offset < LS) & (s_pos < length), stride, d, TMA)
-
-
-@triton.jit
 def slc_win_kernel(
     Q, K, V, OC, GATES, SEL, U, UM, UC, OUT, OS, OW, LSES, LSEW, STARTS, LENS,
     sqb, sqh, sqt, skb, skh, skt, sgb, sgh, sgt, sgc, ssb, ssh, sst, slb, slh, slt,
@@ -886,7 +875,7 @@ def slc_win_kernel(
     GI_CMP: tl.constexpr, GI_SLC: tl.constexpr, GI_WIN: tl.constexpr,
     LS: tl.constexpr, BS: tl.constexpr, W: tl.constexpr, HEAD_SCORING: tl.constexpr,
     WIN: tl.constexpr, BKW: tl.constexpr, SAVE: tl.constexpr, U_LOG: tl.constexpr, ROW_LOG: tl.constexpr,
-    PAIR: tl.constexpr, TMA: tl.constexpr, OVERLAP: tl.constexpr,
+    PAIR: tl.constexpr, TMA: tl.constexpr,
 ):
     """Output strides follow q's layout (OUT, OC, OS, OW share q's strides).
     Rows: :func:`_tile_rows` (``BT`` tokens, ``GR`` rows per token, ``R`` rows).
@@ -923,35 +912,15 @@ def slc_win_kernel(
             m = tl.full([R], float("-inf"), tl.float32)
             acc_l = tl.zeros([R], tl.float32)
             acc = tl.zeros([R, D], tl.float32)
-            if OVERLAP:
-                # The p.v product of step it - 1 is issued after the q.k of step it,
-                # so it runs on the matrix units while step it's softmax does not
-                # (p_prev = 0 before the first step: an exact zero added). Same sums in
-                # the same order as the plain loop.
-                p_prev = tl.zeros([R, BS], tl.float32)
-                alpha_prev = tl.full([R], 1.0, tl.float32)
-                for it in range(0, count):
-                    s_pos, kmask, mask, first_key = _union_step(ubase, umbase, it, count, hit_row, t, valid,
-                                                                length, LS, BS, False)
-                    s = tl.where(mask, _dot(q, tl.trans(_key_rows(kbase, kdesc, first_key, s_pos, kmask, skt, d,
-                                                                  TMA)), IEEE), float("-inf"))
-                    acc = acc * alpha_prev[:, None] + _dot(p_prev.to(q.dtype), _union_values(ubase, vbase, vdesc, tl.maximum(it - 1, 0),
-                                                                       length, skt, d, LS, BS, TMA), IEEE)
-                    m, alpha_prev, p_prev = _online_softmax(m, s, scale_log2)
-                    acc_l = acc_l * alpha_prev + tl.sum(p_prev, axis=1)
-                if count > 0:
-                    acc = acc * alpha_prev[:, None] + _dot(p_prev.to(q.dtype), _union_values(ubase, vbase, vdesc, count - 1, length, skt, d,
-                                                                       LS, BS, TMA), IEEE)
-            else:
-                for it in range(0, count, 2 if PAIR else 1):
-                    s_pos, kmask, mask, first_key = _union_step(ubase, umbase, it, count, hit_row, t, valid, length,
-                                                                LS, BS, PAIR)
-                    kk = _key_rows(kbase, kdesc, first_key, s_pos, kmask, skt, d, TMA)
-                    vv = _key_rows(vbase, vdesc, first_key, s_pos, kmask, skt, d, TMA)
-                    s = tl.where(mask, _dot(q, tl.trans(kk), IEEE), float("-inf"))
-                    m, alpha, p = _online_softmax(m, s, scale_log2)
-                    acc_l = acc_l * alpha + tl.sum(p, axis=1)
-                    acc = acc * alpha[:, None] + _dot(p.to(vv.dtype), vv, IEEE)
+            for it in range(0, count, 2 if PAIR else 1):
+                s_pos, kmask, mask, first_key = _union_step(ubase, umbase, it, count, hit_row, t, valid, length,
+                                                            LS, BS, PAIR)
+                kk = _key_rows(kbase, kdesc, first_key, s_pos, kmask, skt, d, TMA)
+                vv = _key_rows(vbase, vdesc, first_key, s_pos, kmask, skt, d, TMA)
+                s = tl.where(mask, _dot(q, tl.trans(kk), IEEE), float("-inf"))
+                m, alpha, p = _online_softmax(m, s, scale_log2)
+                acc_l = acc_l * alpha + tl.sum(p, axis=1)
+                acc = acc * alpha[:, None] + _dot(p.to(vv.dtype), vv, IEEE)
             o_s = acc / tl.where(acc_l > 0, acc_l, 1.0)[:, None]
             gs = tl.load(GATES + gate_off + GI_SLC * sgc, mask=valid, other=0.0).to(tl.float32)
             out += gs[:, None] * o_s

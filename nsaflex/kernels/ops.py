@@ -66,7 +66,6 @@ class KernelConfig:
     # bwd_dq 49.8 ms against 54.6, slc_win 36.5 against 37.5 (inference).
     dense_rows: bool = True
     pair_blocks: bool = False  # two union blocks per step of the selection loops (2 * l' key columns per product)
-    overlap_qk: bool = False  # slc_win's union loop issues the next step's q.k before this step's softmax
     # Key and value blocks through tensor descriptors (bulk copies, Hopper's TMA)
     # where the tensors allow it (:func:`tma_ready`), otherwise one address per
     # element: in slc_win_kernel and bwd_dq_kernel (tma), the lse pass (tma_lse)
@@ -453,7 +452,6 @@ def _forward(q, k, v, kc, vc, gates, lay: SeqLayout, cfg: KernelConfig, save: bo
         LS=cfg.slc_block, BS=cfg.slc_tile, W=tiles.width, HEAD_SCORING=cfg.head_scoring,
         WIN=cfg.window, BKW=64, SAVE=save, U_LOG=tiles.union_log(tiles.sel_rows),
         ROW_LOG=tiles.row_log(tiles.sel_rows), PAIR=cfg.pair_blocks, TMA=tma,
-        OVERLAP=cfg.overlap_qk and not cfg.pair_blocks,
         num_warps=cfg.num_warps_select, num_stages=cfg.num_stages,
     )
     res.update(oc=oc, lse_c=lse_c, sel=sel, U=U, UM=UM, UC=UC, o_s=o_s, o_w=o_w, lse_s=lse_s, lse_w=lse_w)
