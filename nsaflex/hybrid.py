@@ -12,6 +12,8 @@ get dense causal attention over every key of their row.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -154,6 +156,67 @@ def unpack_varlen(y: torch.Tensor, layout: SparseLayout, length: int) -> torch.T
     return scatter_padded(padded.transpose(0, 1), layout, length)
 
 
+@contextlib.contextmanager
+def _deterministic_algorithms() -> Iterator[None]:
+    """Torch's deterministic algorithms on (errors, not warnings, for ops that
+    have none) for the block, then the caller's setting back."""
+    enabled = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
+
+
+def _sdpa_backend(device: torch.device) -> contextlib.AbstractContextManager:
+    """On CUDA, SDPA's memory-efficient kernel (the one its dispatcher picks for a
+    boolean mask), pinned so that the backward's recomputation runs the same
+    kernel as the forward; elsewhere the dispatcher's choice."""
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION])
+
+
+class _ReproducibleAttention(torch.autograd.Function):
+    """``softmax(q k^T / sqrt(D) + mask) v`` (SDPA with a boolean mask
+    ``[B, 1, Nq, L]``; q ``[B, H, Nq, D]``, k, v ``[B, H, L, D]``) whose
+    gradients are bit-reproducible from run to run.
+
+    SDPA's memory-efficient backward on CUDA splits the keys over programs that
+    add into dq with atomics (the last bits vary between runs) unless torch's
+    deterministic mode is on. The backward here recomputes the attention with
+    that mode on for its own duration only, so nsaflex's "deterministic by
+    default" holds for the text queries of hybrid patterns without changing the
+    caller's global setting outside it. The forward's output is SDPA's own."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, mask):  # noqa: D102
+        ctx.save_for_backward(q, k, v, mask)
+        with _sdpa_backend(q.device):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+    @staticmethod
+    def backward(ctx, grad_out):  # noqa: D102
+        q, k, v, mask = ctx.saved_tensors
+        leaves = [x.detach().requires_grad_(True) for x in (q, k, v)]
+        with torch.enable_grad(), _deterministic_algorithms(), _sdpa_backend(q.device):
+            out = F.scaled_dot_product_attention(*leaves, attn_mask=mask)
+            grads = torch.autograd.grad(out, leaves, grad_out)
+        return (*grads, None)
+
+
+def _masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """SDPA with a boolean mask, through :class:`_ReproducibleAttention` when a
+    gradient may be asked for."""
+    if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
+        return _ReproducibleAttention.apply(q, k, v, mask)
+    with _sdpa_backend(q.device):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
 def text_dense_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text_queries: torch.Tensor
 ) -> torch.Tensor:
@@ -179,12 +242,8 @@ def text_dense_attention(
     # Padding rows see key 0 only (their output is dropped below) so no row is fully masked.
     mask = mask | (~valid[:, :, None] & (keys == 0)[None, None, :])
     group = query_heads // k.shape[1]
-    text_out = F.scaled_dot_product_attention(
-        text_q,
-        k.repeat_interleave(group, dim=1),
-        v.repeat_interleave(group, dim=1),
-        attn_mask=mask[:, None],
-    )
+    text_out = _masked_attention(text_q, k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1),
+                                 mask[:, None])
     text_out = text_out * valid[:, None, :, None].to(text_out.dtype)
     return out.scatter_add(2, index, text_out)
 

@@ -114,3 +114,34 @@ def test_an_entry_goes_with_its_tensor():
         assert len(slots) == 1
         del types
         assert slots[0] not in _ENTRIES
+
+
+@settings(max_examples=15, deadline=None)
+@given(st.integers(1, 2), st.integers(1, 3), st.integers(1, 6), st.integers(1, 12), st.integers(0, 2**31 - 1),
+       st.sampled_from((None, True, False)))
+def test_text_attention_gradients_and_the_callers_determinism_setting(batch, heads, queries, keys, seed, caller):
+    """The text queries' attention (SDPA with a boolean mask) goes through a
+    function whose backward recomputes it under torch's deterministic mode (on
+    CUDA, SDPA's memory-efficient backward adds dq with atomics otherwise):
+    its gradients are SDPA's (float64 gradcheck), and the caller's own
+    deterministic setting (off, on, on with warnings only) is the same after
+    the backward as before it."""
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, heads, queries, 8, generator=gen, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(batch, heads, keys, 8, generator=gen, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(batch, heads, keys, 8, generator=gen, dtype=torch.float64, requires_grad=True)
+    mask = torch.rand(batch, 1, queries, keys, generator=gen) < 0.6
+    mask[..., 0] = True  # no row fully masked (text_dense_attention's padding rows see key 0)
+    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    try:
+        if caller is not None:
+            torch.use_deterministic_algorithms(True, warn_only=caller)
+        setting = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+        assert torch.autograd.gradcheck(lambda a, b, c: hybrid._masked_attention(a, b, c, mask), (q, k, v))
+        assert (torch.are_deterministic_algorithms_enabled(),
+                torch.is_deterministic_algorithms_warn_only_enabled()) == setting
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+    with torch.no_grad():  # no gradient asked: plain SDPA, the same output
+        plain = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        assert torch.equal(hybrid._masked_attention(q, k, v, mask), plain)

@@ -184,6 +184,27 @@ def test_mlp_pooling_parameter_gradients():
     check(pattern, (1, 1, 2, 20, 16), 5, None, backward=True)
 
 
+@pytest.mark.parametrize("scoring", ["group", "head"])
+def test_union_blocks_before_the_tile_masked_per_row(scoring):
+    """Selection blocks of 16 keys fill a step's 16 columns exactly, so the union
+    blocks that end before a tile's first token run without per-entry masks
+    (a row either selected the block or not): 100 tokens, many such blocks per
+    tile, rows of tokens that did not select a block among them."""
+    pattern = Pattern(name="rows", compression=Compression(block=8, stride=8),
+                      selection=Selection(block=16, count=3, forced=("first", "current"), scoring=scoring),
+                      window=Window(size=8), gate=Gate(kind="linear"))
+    check(pattern, (2, 1, 3, 100, 16), 4, None, backward=True)
+    # The same values as masking every entry: identical outputs and gradients.
+    q, k, v, gates, types, pooler = make_inputs(pattern, (2, 1, 3, 100, 16), 4, None, grad=True)
+    grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(5))
+    results = []
+    for row_masks in (True, False):
+        out = _build_with(pattern, {"row_masks": row_masks})(q, k, v, gates, types, pooler)
+        results.append((out, *torch.autograd.grad(out, (q, k, v, gates), grad_out)))
+    for name, a, b in zip(("out", "dq", "dk", "dv", "dgates"), *results):
+        assert torch.equal(a, b), name
+
+
 @pytest.mark.parametrize("output_in_lse", [False, True])
 @pytest.mark.parametrize("length", [1, 2, 3, 4, 5])
 def test_lengths_shorter_than_blocks(length, output_in_lse):
@@ -202,6 +223,7 @@ def test_top_n_paths(insert_max, output_in_lse):
 
 TILE_VARIANTS = st.fixed_dictionaries({
     "pair_blocks": st.booleans(),
+    "row_masks": st.booleans(),
     "dq_tokens": st.sampled_from((None, 2, 4, 16)),
     "select_tokens": st.sampled_from((None, 4)),
     "dense_rows": st.booleans(),

@@ -24,7 +24,8 @@ import triton
 import triton.language as tl
 
 from nsaflex.kernels.forward import (
-    _dot, _first_visible, _key_rows, _num_visible, _sequence_desc, _tile_rows, _union_lists, _union_step, _visible,
+    _dot, _first_visible, _key_rows, _num_visible, _num_whole, _sequence_desc, _tile_rows, _union_keys, _union_lists,
+    _visible,
 )
 
 
@@ -40,10 +41,11 @@ def bwd_dq_kernel(
     CBLOCK: tl.constexpr, CSTRIDE: tl.constexpr, LEGACY: tl.constexpr, BN: tl.constexpr,
     LS: tl.constexpr, BS: tl.constexpr, W: tl.constexpr, HEAD_SCORING: tl.constexpr,
     WIN: tl.constexpr, BKW: tl.constexpr, PAIR: tl.constexpr, OWN_UNION: tl.constexpr, U_LOG: tl.constexpr,
-    ROW_LOG: tl.constexpr, TMA: tl.constexpr,
+    ROW_LOG: tl.constexpr, TMA: tl.constexpr, ROW_MASKS: tl.constexpr,
 ):
-    """Rows as the forward's selection kernel (:func:`_tile_rows`); ``TMA`` as
-    there (key, value and compressed blocks through tensor descriptors)."""
+    """Rows as the forward's selection kernel (:func:`_tile_rows`); ``TMA`` and
+    ``ROW_MASKS`` as there (key, value and compressed blocks through tensor
+    descriptors; union blocks before the tile masked per row)."""
     pid_t = tl.program_id(0)
     b = tl.program_id(1)
     hk = tl.program_id(2)
@@ -113,16 +115,24 @@ def bwd_dq_kernel(
                 G, GR, BT, W, HEAD_SCORING, U_LOG, ROW_LOG, OWN_UNION)
             kdesc = _sequence_desc(kbase, length, skt, BS, D, TMA)
             vdesc = _sequence_desc(vbase, length, skt, BS, D, TMA)
-            for it in range(0, count, 2 if PAIR else 1):
-                s_pos, kmask, mask, first_key = _union_step(ubase, umbase, it, count, hit_row, t, valid, length,
-                                                            LS, BS, PAIR)
-                kk = _key_rows(kbase, kdesc, first_key, s_pos, kmask, skt, d, TMA)
-                vv = _key_rows(vbase, vdesc, first_key, s_pos, kmask, skt, d, TMA)
-                s = _dot(q, tl.trans(kk), IEEE) * scale_log2
-                p = tl.where(mask, tl.exp2(s - lse[:, None]), 0.0)
-                dp = _dot(do, tl.trans(vv), IEEE) * gb[:, None]
-                ds = p * (dp - delta[:, None])
-                dq += _dot(ds.to(kk.dtype), kk, IEEE)
+            # As in the forward (slc_win_kernel): the blocks that end before the tile's
+            # first token, a prefix of the sorted list, are masked per row only (lse
+            # +inf for a row that did not select the block: exp2(-inf) = 0).
+            n_whole = _num_whole(ubase, count, t0, LS, BS, U_LOG, ROW_MASKS and not PAIR)
+            for masked in tl.static_range(2):
+                for it in range(n_whole if masked else 0, count if masked else n_whole, 2 if PAIR else 1):
+                    s_pos, kmask, mask, first_key = _union_keys(ubase, umbase, it, count, hit_row, t, valid, length,
+                                                                LS, BS, PAIR, masked == 1)
+                    kk = _key_rows(kbase, kdesc, first_key, s_pos, kmask, skt, d, TMA)
+                    vv = _key_rows(vbase, vdesc, first_key, s_pos, kmask, skt, d, TMA)
+                    s = _dot(q, tl.trans(kk), IEEE) * scale_log2
+                    if masked:
+                        p = tl.where(mask, tl.exp2(s - lse[:, None]), 0.0)
+                    else:
+                        p = tl.exp2(s - tl.where(mask, lse, float("inf"))[:, None])
+                    dp = _dot(do, tl.trans(vv), IEEE) * gb[:, None]
+                    ds = p * (dp - delta[:, None])
+                    dq += _dot(ds.to(kk.dtype), kk, IEEE)
         if HAS_WIN:
             o_b = tl.load(OW + row_off[:, None] + d[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
             gb = tl.load(GATES + gate_off + GI_WIN * sgc, mask=valid, other=0.0).to(tl.float32)

@@ -112,6 +112,20 @@ def _online_softmax(m, s, scale):
 
 
 @triton.jit
+def _online_softmax_rows(m, s, scale, sel):
+    """:func:`_online_softmax` for a block whose mask is a whole row's: rows
+    with ``sel`` [R] false keep their max and sums (factor 1, ``p`` = 0), the
+    others see every entry. The mask acts once per row, on the max and on the
+    exponent's offset (+inf: ``exp2(-inf) = 0``), instead of a compare and
+    select per entry; the values are those :func:`_online_softmax` gives for
+    the same block masked per entry."""
+    m_new = tl.where(sel, tl.maximum(m, tl.max(s, axis=1) * scale), m)
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.where(sel, tl.exp2(m - m_use), 1.0)
+    return m_new, alpha, tl.exp2(tl.fma(s, scale, -tl.where(sel, m_use, float("inf"))[:, None]))
+
+
+@triton.jit
 def _key_rows(base, desc, s0, s_pos, kmask, stride, d, TMA: tl.constexpr):
     """Rows ``s_pos`` (``s0 + arange``) of a key or value sequence: through the
     tensor descriptor ``desc`` (one bulk copy, rows past the sequence read as
@@ -853,16 +867,53 @@ def _union_step(ubase, umbase, it, count, hit_row, t, valid, length,
         mask = (s_pos[None, :] <= limit) & kmask[None, :]
         first = j0 * LS
     else:
-        offset = tl.arange(0, BS)
-        j = tl.load(ubase + it)
-        bits = tl.load(umbase + it)
-        s_pos = j * LS + offset
-        kmask = (offset < LS) & (s_pos < length)
-        mask = s_pos[None, :] <= _row_limit(bits, hit_row, valid, t)[:, None]
+        s_pos, kmask, limit, first = _union_block(ubase, umbase, it, hit_row, t, valid, length, LS, BS)
+        mask = s_pos[None, :] <= limit[:, None]
         if BS != LS:
-            mask = mask & (offset < LS)[None, :]
-        first = j * LS
+            mask = mask & (tl.arange(0, BS) < LS)[None, :]
     return s_pos, kmask, mask, first
+
+
+@triton.jit
+def _union_block(ubase, umbase, it, hit_row, t, valid, length, LS: tl.constexpr, BS: tl.constexpr):
+    """Block ``it`` of a tile's union list: key positions ``s_pos`` [BS], which
+    of them to load ``kmask``, each row's causal limit (:func:`_row_limit`: -1
+    for rows that did not select the block) and the first key position."""
+    offset = tl.arange(0, BS)
+    first = tl.load(ubase + it) * LS
+    s_pos = first + offset
+    limit = _row_limit(tl.load(umbase + it), hit_row, valid, t)
+    return s_pos, (offset < LS) & (s_pos < length), limit, first
+
+
+@triton.jit
+def _num_whole(ubase, count, t0, LS: tl.constexpr, BS: tl.constexpr, U_LOG: tl.constexpr, ON: tl.constexpr):
+    """How many of a tile's sorted union blocks ``ubase[:count]`` end before
+    its first token ``t0`` (a prefix of the list): the steps that need no
+    per-entry mask, since every row either selected the block or not. 0
+    unless ``ON`` and blocks exactly one step wide (``BS == LS``; otherwise a
+    step's extra columns need the mask)."""
+    if ON and BS == LS:
+        pos = tl.arange(0, 1 << U_LOG)
+        bound = (t0 + 1) // LS
+        blocks = tl.load(ubase + pos, mask=pos < count, other=bound)
+        return tl.sum((blocks < bound).to(tl.int32), axis=0)
+    else:
+        return 0
+
+
+@triton.jit
+def _union_keys(ubase, umbase, it, count, hit_row, t, valid, length,
+                LS: tl.constexpr, BS: tl.constexpr, PAIR: tl.constexpr, MASKED: tl.constexpr):
+    """Step ``it`` of a union loop: :func:`_union_step` (``mask`` [R, NK] per
+    entry) where ``MASKED``, else the step's one block with ``mask`` [R]: the
+    rows that selected it (the block lies wholly before the tile's tokens,
+    see :func:`_num_whole`)."""
+    if MASKED:
+        return _union_step(ubase, umbase, it, count, hit_row, t, valid, length, LS, BS, PAIR)
+    else:
+        s_pos, kmask, limit, first = _union_block(ubase, umbase, it, hit_row, t, valid, length, LS, BS)
+        return s_pos, kmask, limit >= 0, first
 
 
 @triton.jit
@@ -875,13 +926,14 @@ def slc_win_kernel(
     GI_CMP: tl.constexpr, GI_SLC: tl.constexpr, GI_WIN: tl.constexpr,
     LS: tl.constexpr, BS: tl.constexpr, W: tl.constexpr, HEAD_SCORING: tl.constexpr,
     WIN: tl.constexpr, BKW: tl.constexpr, SAVE: tl.constexpr, U_LOG: tl.constexpr, ROW_LOG: tl.constexpr,
-    PAIR: tl.constexpr, TMA: tl.constexpr,
+    PAIR: tl.constexpr, TMA: tl.constexpr, ROW_MASKS: tl.constexpr,
 ):
     """Output strides follow q's layout (OUT, OC, OS, OW share q's strides).
     Rows: :func:`_tile_rows` (``BT`` tokens, ``GR`` rows per token, ``R`` rows).
     ``PAIR``: two union blocks per step (see :func:`_union_step`). ``TMA``: key
     and value blocks arrive through tensor descriptors (no per-element
-    addresses in registers; not with ``PAIR``)."""
+    addresses in registers; not with ``PAIR``). ``ROW_MASKS``: union blocks that
+    end before the tile's first token are masked per row (see the loop)."""
     pid_t = tl.program_id(0)
     b = tl.program_id(1)
     hk = tl.program_id(2)
@@ -912,15 +964,22 @@ def slc_win_kernel(
             m = tl.full([R], float("-inf"), tl.float32)
             acc_l = tl.zeros([R], tl.float32)
             acc = tl.zeros([R, D], tl.float32)
-            for it in range(0, count, 2 if PAIR else 1):
-                s_pos, kmask, mask, first_key = _union_step(ubase, umbase, it, count, hit_row, t, valid, length,
-                                                            LS, BS, PAIR)
-                kk = _key_rows(kbase, kdesc, first_key, s_pos, kmask, skt, d, TMA)
-                vv = _key_rows(vbase, vdesc, first_key, s_pos, kmask, skt, d, TMA)
-                s = tl.where(mask, _dot(q, tl.trans(kk), IEEE), float("-inf"))
-                m, alpha, p = _online_softmax(m, s, scale_log2)
-                acc_l = acc_l * alpha + tl.sum(p, axis=1)
-                acc = acc * alpha[:, None] + _dot(p.to(vv.dtype), vv, IEEE)
+            # Steps [0, n_whole) masked per row (_online_softmax_rows: no compare and
+            # select per entry), then the rest per entry.
+            n_whole = _num_whole(ubase, count, t0, LS, BS, U_LOG, ROW_MASKS and not PAIR)
+            for masked in tl.static_range(2):
+                for it in range(n_whole if masked else 0, count if masked else n_whole, 2 if PAIR else 1):
+                    s_pos, kmask, mask, first_key = _union_keys(ubase, umbase, it, count, hit_row, t, valid, length,
+                                                                LS, BS, PAIR, masked == 1)
+                    kk = _key_rows(kbase, kdesc, first_key, s_pos, kmask, skt, d, TMA)
+                    vv = _key_rows(vbase, vdesc, first_key, s_pos, kmask, skt, d, TMA)
+                    s = _dot(q, tl.trans(kk), IEEE)
+                    if masked:
+                        m, alpha, p = _online_softmax(m, tl.where(mask, s, float("-inf")), scale_log2)
+                    else:
+                        m, alpha, p = _online_softmax_rows(m, s, scale_log2, mask)
+                    acc_l = acc_l * alpha + tl.sum(p, axis=1)
+                    acc = acc * alpha[:, None] + _dot(p.to(vv.dtype), vv, IEEE)
             o_s = acc / tl.where(acc_l > 0, acc_l, 1.0)[:, None]
             gs = tl.load(GATES + gate_off + GI_SLC * sgc, mask=valid, other=0.0).to(tl.float32)
             out += gs[:, None] * o_s

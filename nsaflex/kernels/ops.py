@@ -66,6 +66,11 @@ class KernelConfig:
     # bwd_dq 49.8 ms against 54.6, slc_win 36.5 against 37.5 (inference).
     dense_rows: bool = True
     pair_blocks: bool = False  # two union blocks per step of the selection loops (2 * l' key columns per product)
+    # Union blocks that end before a tile's first token (a prefix of the sorted union)
+    # masked per row in slc_win_kernel and bwd_dq_kernel: a row either selected the
+    # block or not, so the mask acts on the row's max and exponent offset instead of a
+    # compare and select per entry. Blocks exactly one step wide (l' = slc_tile) only.
+    row_masks: bool = True
     # Key and value blocks through tensor descriptors (bulk copies, Hopper's TMA)
     # where the tensors allow it (:func:`tma_ready`), otherwise one address per
     # element: in slc_win_kernel and bwd_dq_kernel (tma), the lse pass (tma_lse)
@@ -451,7 +456,7 @@ def _forward(q, k, v, kc, vc, gates, lay: SeqLayout, cfg: KernelConfig, save: bo
         GI_CMP=cfg.gate_index[0], GI_SLC=cfg.gate_index[1], GI_WIN=cfg.gate_index[2],
         LS=cfg.slc_block, BS=cfg.slc_tile, W=tiles.width, HEAD_SCORING=cfg.head_scoring,
         WIN=cfg.window, BKW=64, SAVE=save, U_LOG=tiles.union_log(tiles.sel_rows),
-        ROW_LOG=tiles.row_log(tiles.sel_rows), PAIR=cfg.pair_blocks, TMA=tma,
+        ROW_LOG=tiles.row_log(tiles.sel_rows), PAIR=cfg.pair_blocks, TMA=tma, ROW_MASKS=cfg.row_masks,
         num_warps=cfg.num_warps_select, num_stages=cfg.num_stages,
     )
     res.update(oc=oc, lse_c=lse_c, sel=sel, U=U, UM=UM, UC=UC, o_s=o_s, o_w=o_w, lse_s=lse_s, lse_w=lse_w)
@@ -639,7 +644,7 @@ def _backward(do, q, k, v, kc, vc, gates, lay: SeqLayout, cfg: KernelConfig, res
         CBLOCK=cfg.cblock, CSTRIDE=cfg.cstride, LEGACY=cfg.legacy, BN=64,
         LS=cfg.slc_block, BS=cfg.slc_tile, W=tiles.width, HEAD_SCORING=cfg.head_scoring,
         WIN=cfg.window, BKW=64, PAIR=cfg.pair_blocks, OWN_UNION=own_union, U_LOG=tiles.union_log(tiles.dq_sel_rows),
-        ROW_LOG=tiles.row_log(tiles.dq_sel_rows), TMA=tma,
+        ROW_LOG=tiles.row_log(tiles.dq_sel_rows), TMA=tma, ROW_MASKS=cfg.row_masks,
         num_warps=cfg.num_warps_select, num_stages=cfg.num_stages_dq,
     )
     dkc = dvc = None
