@@ -169,11 +169,20 @@ def _deterministic_algorithms() -> Iterator[None]:
         torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
 
 
-def _sdpa_backend(device: torch.device) -> contextlib.AbstractContextManager:
-    """On CUDA, SDPA's memory-efficient kernel (the one its dispatcher picks for a
-    boolean mask), pinned so that the backward's recomputation runs the same
-    kernel as the forward; elsewhere the dispatcher's choice."""
-    if device.type != "cuda":
+def _efficient_kernel(q: torch.Tensor) -> bool:
+    """Whether SDPA's memory-efficient kernel serves ``q`` here: CUDA, a dtype it
+    takes and a head dim of whole 16-byte groups (its alignment rule). That is
+    the kernel SDPA's dispatcher picks for a boolean mask on CUDA, and the one
+    whose backward adds dq with atomics."""
+    return (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16, torch.float32)
+            and q.shape[-1] * q.element_size() % 16 == 0)
+
+
+def _sdpa_backend(q: torch.Tensor) -> contextlib.AbstractContextManager:
+    """SDPA pinned to its memory-efficient kernel where that serves ``q``
+    (:func:`_efficient_kernel`), so that a backward's recomputation runs the
+    forward's kernel; elsewhere the dispatcher's choice."""
+    if not _efficient_kernel(q):
         return contextlib.nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -187,22 +196,26 @@ class _ReproducibleAttention(torch.autograd.Function):
 
     SDPA's memory-efficient backward on CUDA splits the keys over programs that
     add into dq with atomics (the last bits vary between runs) unless torch's
-    deterministic mode is on. The backward here recomputes the attention with
-    that mode on for its own duration only, so nsaflex's "deterministic by
+    deterministic mode is on. Where that kernel serves (:func:`_efficient_kernel`),
+    the backward here recomputes the attention with that mode on for its own
+    duration only, so nsaflex's "deterministic by
     default" holds for the text queries of hybrid patterns without changing the
     caller's global setting outside it. The forward's output is SDPA's own."""
 
     @staticmethod
     def forward(ctx, q, k, v, mask):  # noqa: D102
         ctx.save_for_backward(q, k, v, mask)
-        with _sdpa_backend(q.device):
+        with _sdpa_backend(q):
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
     @staticmethod
     def backward(ctx, grad_out):  # noqa: D102
         q, k, v, mask = ctx.saved_tensors
         leaves = [x.detach().requires_grad_(True) for x in (q, k, v)]
-        with torch.enable_grad(), _deterministic_algorithms(), _sdpa_backend(q.device):
+        # Elsewhere (CPU, float64, other head dims) SDPA's backward has no atomics,
+        # and deterministic mode would refuse cuBLAS without CUBLAS_WORKSPACE_CONFIG.
+        determinism = _deterministic_algorithms() if _efficient_kernel(q) else contextlib.nullcontext()
+        with torch.enable_grad(), determinism, _sdpa_backend(q):
             out = F.scaled_dot_product_attention(*leaves, attn_mask=mask)
             grads = torch.autograd.grad(out, leaves, grad_out)
         return (*grads, None)
@@ -213,7 +226,7 @@ def _masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
     gradient may be asked for."""
     if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
         return _ReproducibleAttention.apply(q, k, v, mask)
-    with _sdpa_backend(q.device):
+    with _sdpa_backend(q):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
