@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -117,31 +118,41 @@ def test_an_entry_goes_with_its_tensor():
 
 
 @settings(max_examples=15, deadline=None)
-@given(st.integers(1, 2), st.integers(1, 3), st.integers(1, 6), st.integers(1, 12), st.integers(0, 2**31 - 1),
-       st.sampled_from((None, True, False)))
-def test_text_attention_gradients_and_the_callers_determinism_setting(batch, heads, queries, keys, seed, caller):
+@given(st.integers(1, 2), st.integers(1, 3), st.integers(1, 6), st.integers(1, 12), st.integers(0, 2**31 - 1))
+def test_text_attention_gradients(batch, heads, queries, keys, seed):
     """The text queries' attention (SDPA with a boolean mask) goes through a
-    function whose backward recomputes it under torch's deterministic mode (on
-    CUDA, SDPA's memory-efficient backward adds dq with atomics otherwise):
-    its gradients are SDPA's (float64 gradcheck), and the caller's own
-    deterministic setting (off, on, on with warnings only) is the same after
-    the backward as before it."""
+    function whose backward recomputes it (on CUDA under torch's deterministic
+    mode): its gradients are SDPA's (float64 gradcheck), and with no gradient
+    asked its output is plain SDPA's."""
     gen = torch.Generator().manual_seed(seed)
     q = torch.randn(batch, heads, queries, 8, generator=gen, dtype=torch.float64, requires_grad=True)
     k = torch.randn(batch, heads, keys, 8, generator=gen, dtype=torch.float64, requires_grad=True)
     v = torch.randn(batch, heads, keys, 8, generator=gen, dtype=torch.float64, requires_grad=True)
     mask = torch.rand(batch, 1, queries, keys, generator=gen) < 0.6
     mask[..., 0] = True  # no row fully masked (text_dense_attention's padding rows see key 0)
+    assert torch.autograd.gradcheck(lambda a, b, c: hybrid._masked_attention(a, b, c, mask), (q, k, v))
+    with torch.no_grad():
+        plain = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        assert torch.equal(hybrid._masked_attention(q, k, v, mask), plain)
+
+
+@pytest.mark.parametrize("caller", [None, True, False], ids=["off", "warn-only", "on"])
+@pytest.mark.parametrize("raises", [False, True])
+def test_deterministic_mode_is_scoped(caller, raises):
+    """The text attention's backward turns torch's deterministic mode on (errors,
+    not warnings) for its own duration only: the caller's setting (off, on
+    with warnings only, on) is back afterwards, also when the block raises."""
     before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
     try:
         if caller is not None:
             torch.use_deterministic_algorithms(True, warn_only=caller)
         setting = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
-        assert torch.autograd.gradcheck(lambda a, b, c: hybrid._masked_attention(a, b, c, mask), (q, k, v))
+        with contextlib.suppress(KeyError), hybrid._deterministic_algorithms():
+            assert (torch.are_deterministic_algorithms_enabled(),
+                    torch.is_deterministic_algorithms_warn_only_enabled()) == (True, False)
+            if raises:
+                raise KeyError("inside")
         assert (torch.are_deterministic_algorithms_enabled(),
                 torch.is_deterministic_algorithms_warn_only_enabled()) == setting
     finally:
         torch.use_deterministic_algorithms(before[0], warn_only=before[1])
-    with torch.no_grad():  # no gradient asked: plain SDPA, the same output
-        plain = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        assert torch.equal(hybrid._masked_attention(q, k, v, mask), plain)
