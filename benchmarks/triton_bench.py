@@ -253,8 +253,8 @@ def run_topn_compare(pattern, lengths, kinds, results, rep=100):
             torch.cuda.empty_cache()
 
 
-def run_tile_variants(pattern, L, results, variants, inputs=("video", "random")):
-    """Selection tile variants (item 2): forward and forward+backward, per input kind."""
+def run_tile_variants(pattern, L, results, variants, inputs=("video", "random"), backward=True):
+    """Selection tile variants (item 2): forward and (``backward``) forward+backward, per input kind."""
     for kind in inputs:
         q, k, v, gates = make_inputs(kind, L)
         types = torch.ones(1, L, dtype=torch.long, device="cuda")
@@ -268,6 +268,10 @@ def run_tile_variants(pattern, L, results, variants, inputs=("video", "random"))
                     kern = kernel_breakdown(fwd)
                 row["slc_win_ms"] = sum(t for n, t in kern.items() if "slc_win_kernel" in n)
                 row["kernels_fwd_ms"] = {n: t for n, t in kern.items() if t >= 0.05}
+                if not backward:
+                    results.append(row)
+                    print(json.dumps(row), flush=True)
+                    continue
                 qg, kg, vg, gg = (x.detach().requires_grad_() for x in (q, k, v, gates))
                 do = torch.randn_like(q)
 
@@ -358,7 +362,8 @@ def main():
             dump()
     if args.tiles:
         variants = [parse_config(v) for v in args.tile_configs.split(";")] if args.tile_configs else [dict(), dict(select_tokens=4)]
-        run_tile_variants(pattern, parse_len(args.tiles), results, variants, tuple(args.tile_inputs.split(",")))
+        run_tile_variants(pattern, parse_len(args.tiles), results, variants, tuple(args.tile_inputs.split(",")),
+                          args.backward)
         dump()
     if args.variants:
         run_variants(pattern, parse_len(args.variants), results)
