@@ -33,6 +33,13 @@ GPU = settings(max_examples=int(os.environ.get("NSAFLEX_TEST_EXAMPLES", "8")), d
 BF16_TOL = 1e-2
 
 
+def _videonsa():
+    """The bundled videonsa pattern (G = 7, l' = 64) with its model's head counts
+    dropped, so that it takes the tests' smaller head counts."""
+    pattern = load_pattern("videonsa")
+    return dataclasses.replace(pattern, model=dataclasses.replace(pattern.model, kv_heads=None, query_heads=None))
+
+
 def rel(a, b):
     a, b = a.detach().double().cpu(), b.detach().double().cpu()
     return float((a - b).norm() / b.norm().clamp_min(1e-12))
@@ -155,8 +162,7 @@ def test_bf16_property(pattern, group, length, seed):
 
 def test_videonsa_bf16_4k_outputs_gradients_and_selection():
     """The bundled videonsa pattern (G = 7) at 4K tokens, all vision."""
-    pattern = load_pattern("videonsa")
-    pattern = dataclasses.replace(pattern, model=dataclasses.replace(pattern.model, kv_heads=None, query_heads=None))
+    pattern = _videonsa()
     types = torch.ones(1, 4096, dtype=torch.long, device="cuda")
     errors = run_case(pattern, 1, 1, 7, 4096, 128, 0, types=types)
     assert max(errors.values()) < BF16_TOL, errors
@@ -215,8 +221,7 @@ def test_topn_paths_select_the_same_blocks(L):
     from nsaflex.backends import triton as backend
     from nsaflex.kernels import ops
 
-    pattern = load_pattern("videonsa")
-    pattern = dataclasses.replace(pattern, model=dataclasses.replace(pattern.model, kv_heads=None, query_heads=None))
+    pattern = _videonsa()
     gen = torch.Generator().manual_seed(3)
     q = torch.randn(1, 14, L, 128, generator=gen).to("cuda", torch.bfloat16)
     k = torch.randn(1, 2, L, 128, generator=gen).to("cuda", torch.bfloat16)
@@ -248,8 +253,7 @@ def test_forward_and_backward_queue_without_host_synchronisation():
     launches what follows (~0.8 ms of a 4.7 ms forward at 16K, run 24)."""
     import nsaflex
 
-    pattern = load_pattern("videonsa")
-    pattern = dataclasses.replace(pattern, model=dataclasses.replace(pattern.model, kv_heads=None, query_heads=None))
+    pattern = _videonsa()
     attn = nsaflex.compile(pattern, backend="triton", device="cuda")
     gen = torch.Generator().manual_seed(5)
     L = 2048
@@ -280,20 +284,8 @@ def test_descriptor_and_pointer_loads_agree(dtype, dim):
     from nsaflex.backends import triton as backend
     from nsaflex.kernels import ops
 
-    pattern = load_pattern("videonsa")
-    pattern = dataclasses.replace(pattern, model=dataclasses.replace(pattern.model, kv_heads=None, query_heads=None))
-    gen = torch.Generator().manual_seed(5)
-    batch, kv_heads, group, length = 2, 2, 7, 700
-    types = torch.ones(batch, length, dtype=torch.long)
-    types[1, 40:] = 0  # 40 vision tokens: fewer than one compression block
-    types = types.to("cuda")
-
-    def leaf(*shape):
-        return torch.randn(*shape, generator=gen).to("cuda", dtype).requires_grad_()
-
-    q, k, v = leaf(batch, kv_heads * group, length, dim), leaf(batch, kv_heads, length, dim), leaf(batch, kv_heads, length, dim)
-    gates = torch.rand(batch, kv_heads * group, length, 3, generator=gen).to("cuda", dtype).requires_grad_()
-    grad_out = torch.randn(q.shape, generator=gen).to("cuda", dtype)
+    # The second row's 40 vision tokens: fewer than one compression block.
+    pattern, (q, k, v, gates), types, grad_out = _videonsa_inputs(dtype, dim, 40, length=700, seed=5)
     results = []
     for switch in (True, False):
         cfg = ops.make_config(pattern, tma=switch, tma_lse=switch, tma_score=switch)
@@ -305,14 +297,14 @@ def test_descriptor_and_pointer_loads_agree(dtype, dim):
         assert rel(a, b) < tol, (name, rel(a, b))
 
 
-def _videonsa_inputs(dtype, dim, text_from: int | None):
-    """The videonsa pattern (G = 7, l' = 64) and inputs for two rows of 3,000
-    tokens, all vision unless ``text_from`` (then the second row's tokens from
-    there on are text: a packed batch with a dense text path)."""
-    pattern = load_pattern("videonsa")
-    pattern = dataclasses.replace(pattern, model=dataclasses.replace(pattern.model, kv_heads=None, query_heads=None))
-    gen = torch.Generator().manual_seed(11)
-    batch, kv_heads, group, length = 2, 2, 7, 3000
+def _videonsa_inputs(dtype, dim, text_from: int | None, length: int = 3000, seed: int = 11):
+    """The videonsa pattern (:func:`_videonsa`) and leaf inputs (q, k, v, gates:
+    2 rows, 14 query heads over 2 kv heads), token types and an output
+    gradient; all tokens vision unless ``text_from`` (then the second row's
+    tokens from there on are text: a packed batch with a dense text path)."""
+    pattern = _videonsa()
+    gen = torch.Generator().manual_seed(seed)
+    batch, kv_heads, group = 2, 2, 7
     types = torch.ones(batch, length, dtype=torch.long)
     if text_from is not None:
         types[1, text_from:] = 0
