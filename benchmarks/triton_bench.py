@@ -109,6 +109,25 @@ def kernel_breakdown(fn):
     return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 
 
+def compiled_resources(name: str) -> list[dict]:
+    """Registers, spilled bytes, shared memory and launch options of every compiled
+    specialisation of kernel ``name`` (forward or backward module) so far: a
+    variant's cap or pipeline depth shows in what ptxas made of it. Empty where
+    this triton keeps its caches elsewhere."""
+    from nsaflex.kernels import backward as bwd_mod
+    from nsaflex.kernels import forward as fwd_mod
+
+    kernel = getattr(fwd_mod, name, None) or getattr(bwd_mod, name, None)
+    rows = []
+    for entry in getattr(kernel, "device_caches", {}).values():
+        for compiled in (entry[0] if isinstance(entry, tuple) else entry).values():
+            meta = compiled.metadata
+            rows.append({"regs": getattr(compiled, "n_regs", None), "spill": getattr(compiled, "n_spills", None),
+                         "shared": getattr(meta, "shared", None), "stages": getattr(meta, "num_stages", None),
+                         "maxnreg": getattr(meta, "maxnreg", None)})
+    return rows
+
+
 def spy_forward(pattern, cfg, q, k, v, gates, types):
     """The forward kernels' residuals (block lists, tile unions) for one call."""
     with ops.record_forward() as seen, torch.no_grad():
@@ -268,6 +287,7 @@ def run_tile_variants(pattern, L, results, variants, inputs=("video", "random"),
                     kern = kernel_breakdown(fwd)
                 row["slc_win_ms"] = sum(t for n, t in kern.items() if "slc_win_kernel" in n)
                 row["kernels_fwd_ms"] = {n: t for n, t in kern.items() if t >= 0.05}
+                row["slc_win_compiled"] = compiled_resources("slc_win_kernel")
                 if not backward:
                     results.append(row)
                     print(json.dumps(row), flush=True)
