@@ -828,26 +828,6 @@ def _union_lists(sel_seq, U, UM, UC, prog, ssh, sst, hk, t0, length, r,
 
 
 @triton.jit
-def tile_union_kernel(SEL, U, UM, UC, STARTS, LENS, ssb, ssh, sst, n_tiles,
-                      G: tl.constexpr, GR: tl.constexpr, BT: tl.constexpr, R: tl.constexpr, W: tl.constexpr,
-                      HEAD_SCORING: tl.constexpr, U_LOG: tl.constexpr, ROW_LOG: tl.constexpr):
-    """The union lists of slc_win_kernel's row tiles (grid and lists as there),
-    built ahead of it (``KernelConfig.union_pass``): the sort then runs in small
-    programs many to an SM instead of in the prologue of programs that hold a
-    matrix kernel's registers and shared memory."""
-    pid_t = tl.program_id(0)
-    b = tl.program_id(1)
-    hk = tl.program_id(2)
-    length = tl.load(LENS + b)
-    t0 = pid_t * BT
-    if t0 < length:
-        start = tl.load(STARTS + b).to(tl.int64)
-        prog = (b * tl.num_programs(2) + hk) * n_tiles + pid_t
-        _union_lists(SEL + b.to(tl.int64) * ssb + start * sst, U, UM, UC, prog, ssh, sst, hk, t0, length,
-                     tl.arange(0, R), G, GR, BT, W, HEAD_SCORING, U_LOG, ROW_LOG, True)
-
-
-@triton.jit
 def _row_limit(bits, hit_row, valid, t):
     """[R] causal limit of each row for a union block with row mask ``bits``:
     the row's position ``t`` where its bit is set (and the row is real), else
@@ -946,16 +926,14 @@ def slc_win_kernel(
     GI_CMP: tl.constexpr, GI_SLC: tl.constexpr, GI_WIN: tl.constexpr,
     LS: tl.constexpr, BS: tl.constexpr, W: tl.constexpr, HEAD_SCORING: tl.constexpr,
     WIN: tl.constexpr, BKW: tl.constexpr, SAVE: tl.constexpr, U_LOG: tl.constexpr, ROW_LOG: tl.constexpr,
-    PAIR: tl.constexpr, TMA: tl.constexpr, ROW_MASKS: tl.constexpr, BUILD_UNION: tl.constexpr,
+    PAIR: tl.constexpr, TMA: tl.constexpr, ROW_MASKS: tl.constexpr,
 ):
     """Output strides follow q's layout (OUT, OC, OS, OW share q's strides).
     Rows: :func:`_tile_rows` (``BT`` tokens, ``GR`` rows per token, ``R`` rows).
     ``PAIR``: two union blocks per step (see :func:`_union_step`). ``TMA``: key
     and value blocks arrive through tensor descriptors (no per-element
     addresses in registers; not with ``PAIR``). ``ROW_MASKS``: union blocks that
-    end before the tile's first token are masked per row (see the loop).
-    ``BUILD_UNION``: the tile's union list is built here, else read from
-    :func:`tile_union_kernel`'s buffers."""
+    end before the tile's first token are masked per row (see the loop)."""
     pid_t = tl.program_id(0)
     b = tl.program_id(1)
     hk = tl.program_id(2)
@@ -980,7 +958,7 @@ def slc_win_kernel(
             prog = (b * tl.num_programs(2) + hk) * n_tiles + pid_t
             count, ubase, umbase, hit_row = _union_lists(
                 SEL + bb * ssb + start * sst, U, UM, UC, prog, ssh, sst, hk, t0, length, r,
-                G, GR, BT, W, HEAD_SCORING, U_LOG, ROW_LOG, BUILD_UNION)
+                G, GR, BT, W, HEAD_SCORING, U_LOG, ROW_LOG, True)
             kdesc = _sequence_desc(kbase, length, skt, BS, D, TMA)
             vdesc = _sequence_desc(vbase, length, skt, BS, D, TMA)
             m = tl.full([R], float("-inf"), tl.float32)

@@ -106,13 +106,12 @@ class KernelConfig:
     # cap that ptxas cannot meet (D = 256; 256-key selection blocks).
     maxnreg_lse: int = 128
     maxnreg_score: int = 128
-    # Register cap of slc_win_kernel (0: none; 255 a thread on triton 3.6). Two 4-warp
-    # programs share an SM uncapped; at 168 with one pipeline stage (49 KB of shared
-    # memory) three fit, which run 59's latency-bound profile asked for.
+    # Register cap of slc_win_kernel (0: none; 244 a thread on triton 3.6). Two 4-warp
+    # programs share an SM uncapped; capped with one pipeline stage (49 KB of shared
+    # memory) three (168) or four (128) fit. H200, run 61, 128K video, alternating:
+    # slc_win 30.4 / 30.6 ms (defaults), 29.9 / 30.6 (168), 28.4 / 30.1 (128); one
+    # stage uncapped 38.4: no gain beyond the run-to-run spread.
     maxnreg_select: int = 0
-    # Build the selection tiles' union lists in tile_union_kernel ahead of slc_win_kernel
-    # instead of in its prologue.
-    union_pass: bool = False
     lse_block: int = 64  # compressed tokens per lse-pass step (power of two, >= 16); run 45: 128 took 26.5 ms against 5.3
     num_stages_dkv: int = 2  # bwd_cmp_dkv_kernel and bwd_win_dkv_kernel (run 20: 12.3 + 4.0 ms vs 14.9 + 5.7 with 3)
     num_stages_slc_dkv: int = 3  # run 20: 2 stages measured the same (30.0 ms)
@@ -442,11 +441,6 @@ def _forward(q, k, v, kc, vc, gates, lay: SeqLayout, cfg: KernelConfig, save: bo
     grid3 = (n_t3, B, Hkv)
     if cfg.has_slc:
         U, UM, UC = tiles.union_buffers(B * Hkv * n_t3, tiles.sel_rows, lay.max_len, cfg.slc_block, dev)
-        if cfg.union_pass:
-            _launch(fwd.tile_union_kernel, grid3, sel, U, UM, UC, lay.starts, lay.lens, *_qs(sel, P), n_t3,
-                    G=G, GR=tiles.GR, BT=tiles.bt_sel, R=tiles.rows_sel, W=tiles.width, HEAD_SCORING=cfg.head_scoring,
-                    U_LOG=tiles.union_log(tiles.sel_rows), ROW_LOG=tiles.row_log(tiles.sel_rows),
-                    num_warps=cfg.num_warps_select, num_stages=1)
     else:
         U = UM = UC = dummy_i
     o_s = torch.empty_like(q, dtype=torch.float32) if (save and cfg.has_slc) else None
@@ -469,7 +463,6 @@ def _forward(q, k, v, kc, vc, gates, lay: SeqLayout, cfg: KernelConfig, save: bo
         LS=cfg.slc_block, BS=cfg.slc_tile, W=tiles.width, HEAD_SCORING=cfg.head_scoring,
         WIN=cfg.window, BKW=64, SAVE=save, U_LOG=tiles.union_log(tiles.sel_rows),
         ROW_LOG=tiles.row_log(tiles.sel_rows), PAIR=cfg.pair_blocks, TMA=tma, ROW_MASKS=cfg.row_masks,
-        BUILD_UNION=not (cfg.has_slc and cfg.union_pass),
         num_warps=cfg.num_warps_select, num_stages=cfg.num_stages, maxnreg=cfg.maxnreg_select,
     )
     res.update(oc=oc, lse_c=lse_c, sel=sel, U=U, UM=UM, UC=UC, o_s=o_s, o_w=o_w, lse_s=lse_s, lse_w=lse_w)
