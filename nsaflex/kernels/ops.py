@@ -87,7 +87,6 @@ class KernelConfig:
     score_tokens: int = 16
     num_warps_select: int = 4
     num_warps_score: int = 8
-    num_stages: int = 3  # software pipelining of slc_win_kernel's loads (H200, run 18: 3 stages 37.1 ms vs 2 stages 40.1 at 128K video)
     # Pipeline depth of the other kernels (3 is Triton's default). Shared memory
     # decides how many programs share an SM: bwd_dq with 2 stages fits two per SM
     # and ran 52.9 ms against 65.3 with 3 (H200, run 19, 128K video).
@@ -106,12 +105,18 @@ class KernelConfig:
     # cap that ptxas cannot meet (D = 256; 256-key selection blocks).
     maxnreg_lse: int = 128
     maxnreg_score: int = 128
-    # Register cap of slc_win_kernel (0: none; 244 a thread on triton 3.6). Two 4-warp
-    # programs share an SM uncapped; capped with one pipeline stage (49 KB of shared
-    # memory) three (168) or four (128) fit. H200, run 61, 128K video, alternating:
-    # slc_win 30.4 / 30.6 ms (defaults), 29.9 / 30.6 (168), 28.4 / 30.1 (128); one
-    # stage uncapped 38.4: no gain beyond the run-to-run spread.
-    maxnreg_select: int = 0
+    # slc_win_kernel's software pipelining of its loads and its register cap (ptxas
+    # maxnreg; 0: none): for inference, and (``_save``) for the training forward and
+    # tiles wider than measured (:meth:`select_launch`). Uncapped (244 registers a
+    # thread on triton 3.6 at D = 128) two 4-warp programs share an SM; 3 stages then
+    # ran 37.1 ms against 40.1 with 2 (H200, run 18, 128K video). Capped with one
+    # stage (49 KB of shared memory) three (168) or four (128) fit. Run 61, 128K
+    # video, alternating: slc_win 30.4 / 30.6 ms (uncapped, 3 stages), 29.9 / 30.6
+    # (168), 28.4 / 30.1 (128); one stage uncapped 38.4.
+    num_stages: int = 1
+    maxnreg_select: int = 128
+    num_stages_save: int = 3
+    maxnreg_select_save: int = 0
     lse_block: int = 64  # compressed tokens per lse-pass step (power of two, >= 16); run 45: 128 took 26.5 ms against 5.3
     num_stages_dkv: int = 2  # bwd_cmp_dkv_kernel and bwd_win_dkv_kernel (run 20: 12.3 + 4.0 ms vs 14.9 + 5.7 with 3)
     num_stages_slc_dkv: int = 3  # run 20: 2 stages measured the same (30.0 ms)
@@ -134,6 +139,15 @@ class KernelConfig:
     topn_chunk: int = 16384  # tokens per query chunk (buffer [B, Hsel, chunk, L / l'])
     topn_buffer_bytes: int = 1 << 30  # the chunk shrinks so that the buffer stays under this
     score_blocks: int | None = None  # blocks per score-loop step of the two-step paths (None: ~64 compressed tokens)
+
+    def select_launch(self, save: bool, dim: int) -> tuple[int, int]:
+        """(pipeline stages, register cap) of slc_win_kernel: the inference pair
+        where its accumulators are at most the measured [64, 128] and key steps
+        at most 64 wide (a wider tile under the cap would spill its
+        accumulators), else the ``_save`` pair."""
+        if save or dim * self.slc_tile > 128 * 64:
+            return self.num_stages_save, self.maxnreg_select_save
+        return self.num_stages, self.maxnreg_select
 
     @property
     def slc_tile(self) -> int:
@@ -451,6 +465,7 @@ def _forward(q, k, v, kc, vc, gates, lay: SeqLayout, cfg: KernelConfig, save: bo
     sel_ = sel if sel is not None else dummy_i
     ss = _qs(sel, P) if sel is not None else (0, 0, 0)
     tma = tma_ready(cfg.tma and not cfg.pair_blocks, k, v)  # a pair step gathers two blocks: pointer loads
+    select_stages, select_cap = cfg.select_launch(save, D)
     _launch(fwd.slc_win_kernel, grid3,
         q, k, v, oc if oc is not None else q, gates, sel_, U, UM, UC, out,
         o_s if o_s is not None else out, o_w if o_w is not None else out,
@@ -463,7 +478,7 @@ def _forward(q, k, v, kc, vc, gates, lay: SeqLayout, cfg: KernelConfig, save: bo
         LS=cfg.slc_block, BS=cfg.slc_tile, W=tiles.width, HEAD_SCORING=cfg.head_scoring,
         WIN=cfg.window, BKW=64, SAVE=save, U_LOG=tiles.union_log(tiles.sel_rows),
         ROW_LOG=tiles.row_log(tiles.sel_rows), PAIR=cfg.pair_blocks, TMA=tma, ROW_MASKS=cfg.row_masks,
-        num_warps=cfg.num_warps_select, num_stages=cfg.num_stages, maxnreg=cfg.maxnreg_select,
+        num_warps=cfg.num_warps_select, num_stages=select_stages, maxnreg=select_cap,
     )
     res.update(oc=oc, lse_c=lse_c, sel=sel, U=U, UM=UM, UC=UC, o_s=o_s, o_w=o_w, lse_s=lse_s, lse_w=lse_w)
     for seen in _RECORDERS:
