@@ -145,7 +145,7 @@ class KernelConfig:
         where its accumulators are at most the measured [64, 128] and key steps
         at most 64 wide (a wider tile under the cap would spill its
         accumulators), else the ``_save`` pair."""
-        if save or dim * self.slc_tile > 128 * 64:
+        if save or dim > 128 or self.slc_tile > 64:
             return self.num_stages_save, self.maxnreg_select_save
         return self.num_stages, self.maxnreg_select
 
