@@ -205,13 +205,14 @@ def test_union_blocks_before_the_tile_masked_per_row(scoring):
         assert torch.equal(a, b), name
 
 
-@pytest.mark.parametrize("dim,block,train,expected", [
-    (16, 4, False, (1, 128)),  # inference: capped, one stage (four programs an SM at D = 128)
-    (16, 4, True, (3, 0)),  # the training forward keeps its registers and three stages
-    (256, 4, False, (3, 0)),  # an accumulator wider than measured would spill under the cap
-    (16, 128, False, (3, 0)),  # so would key steps wider than 64 columns
+@pytest.mark.parametrize("dtype,dim,block,train,expected", [
+    (torch.bfloat16, 16, 4, False, (1, 128)),  # inference: capped, one stage (four programs an SM at D = 128)
+    (torch.bfloat16, 16, 4, True, (3, 0)),  # the training forward keeps its registers and three stages
+    (torch.bfloat16, 256, 4, False, (3, 0)),  # an accumulator wider than measured would spill under the cap
+    (torch.bfloat16, 16, 128, False, (3, 0)),  # so would key steps wider than 64 columns
+    (torch.float32, 16, 4, False, (3, 0)),  # and 32-bit tiles (unmeasured; twice the shared memory)
 ])
-def test_selection_launch_options(monkeypatch, dim, block, train, expected):
+def test_selection_launch_options(monkeypatch, dtype, dim, block, train, expected):
     """slc_win_kernel is launched with the pipeline depth and register cap that
     ``KernelConfig.select_launch`` gives the call: the capped single-stage launch
     only for inference at the measured geometry."""
@@ -229,7 +230,7 @@ def test_selection_launch_options(monkeypatch, dim, block, train, expected):
     pattern = dataclasses.replace(VIDEONSA_SMALL, compression=Compression(block=block, stride=block),
                                   selection=Selection(block=block, count=2, forced=("current",)))
     length = 2 * block + 3
-    q, k, v, gates, types, pooler = make_inputs(pattern, (1, 1, 2, length, dim), 7, None, grad=train)
+    q, k, v, gates, types, pooler = make_inputs(pattern, (1, 1, 2, length, dim), 7, None, dtype=dtype, grad=train)
     with torch.set_grad_enabled(train):
         _build_with(pattern, {})(q, k, v, gates, types, pooler)
     assert launched == [expected]

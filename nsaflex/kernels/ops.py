@@ -112,7 +112,10 @@ class KernelConfig:
     # ran 37.1 ms against 40.1 with 2 (H200, run 18, 128K video). Capped with one
     # stage (49 KB of shared memory) three (168) or four (128) fit. Run 61, 128K
     # video, alternating: slc_win 30.4 / 30.6 ms (uncapped, 3 stages), 29.9 / 30.6
-    # (168), 28.4 / 30.1 (128); one stage uncapped 38.4.
+    # (168), 28.4 / 30.1 (128); one stage uncapped 38.4. Run 63, forward at 128K
+    # video, five times each in turn: 40.2-40.8 ms at 128 with one stage (the
+    # inference default since), 41.8-42.7 uncapped with three. In training the cap
+    # made slc_win slower (runs 61, 66).
     num_stages: int = 1
     maxnreg_select: int = 128
     num_stages_save: int = 3
@@ -140,12 +143,13 @@ class KernelConfig:
     topn_buffer_bytes: int = 1 << 30  # the chunk shrinks so that the buffer stays under this
     score_blocks: int | None = None  # blocks per score-loop step of the two-step paths (None: ~64 compressed tokens)
 
-    def select_launch(self, save: bool, dim: int) -> tuple[int, int]:
+    def select_launch(self, save: bool, dim: int, element_size: int) -> tuple[int, int]:
         """(pipeline stages, register cap) of slc_win_kernel: the inference pair
-        where its accumulators are at most the measured [64, 128] and key steps
-        at most 64 wide (a wider tile under the cap would spill its
-        accumulators), else the ``_save`` pair."""
-        if save or dim > 128 or self.slc_tile > 64:
+        where the tiles are at most the measured ones (16-bit q, k, v; head dim
+        up to 128; key steps up to 64 columns: larger tiles would spill more
+        under the cap and take more shared memory a stage), else the ``_save``
+        pair."""
+        if save or element_size > 2 or dim > 128 or self.slc_tile > 64:
             return self.num_stages_save, self.maxnreg_select_save
         return self.num_stages, self.maxnreg_select
 
@@ -465,7 +469,7 @@ def _forward(q, k, v, kc, vc, gates, lay: SeqLayout, cfg: KernelConfig, save: bo
     sel_ = sel if sel is not None else dummy_i
     ss = _qs(sel, P) if sel is not None else (0, 0, 0)
     tma = tma_ready(cfg.tma and not cfg.pair_blocks, k, v)  # a pair step gathers two blocks: pointer loads
-    select_stages, select_cap = cfg.select_launch(save, D)
+    select_stages, select_cap = cfg.select_launch(save, D, q.element_size())
     _launch(fwd.slc_win_kernel, grid3,
         q, k, v, oc if oc is not None else q, gates, sel_, U, UM, UC, out,
         o_s if o_s is not None else out, o_w if o_w is not None else out,
