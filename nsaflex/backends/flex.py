@@ -27,7 +27,8 @@ BlockMask (tile lists + mask_mod) is evaluated densely with plain torch ops,
 ``[B, Hq, L, L]`` scores as eager FlexAttention would, which autograd
 differentiates; float64 always takes that path, and so do key tiles below
 ``MIN_CPU_COMPILED_KV_BLOCK`` (torch 2.13's compiled CPU kernel is wrong for key
-tiles of 8). ``NSAFLEX_FLEX_MODE=eager|compiled`` forces one or the other.
+tiles of 8) and key counts it gets wrong (:func:`cpu_compiled_wrong`).
+``NSAFLEX_FLEX_MODE=eager|compiled`` forces one or the other.
 """
 
 from __future__ import annotations
@@ -65,6 +66,19 @@ RECOMPILE_LIMIT = 64
 
 # Compilations per branch wrapper (counted by the compile backend; tests read it).
 COMPILE_COUNTS: collections.Counter[str] = collections.Counter()
+# Compiled calls on CPU that ran the dense evaluation instead (cpu_compiled_wrong), per branch.
+CPU_DENSE_FALLBACKS: collections.Counter[str] = collections.Counter()
+
+
+def cpu_compiled_wrong(kv_length: int, kv_block: int) -> bool:
+    """Whether torch's compiled CPU FlexAttention gets ``kv_length`` keys wrong:
+    fewer keys than one key tile, and an odd multiple of 8 of them (8, 24, 40,
+    ... below the tile). Measured on torch 2.13 (AVX2 host, 2026-12-02) against
+    SDPA with a causal and with an all-true mask, head dim 16: NaN or wrong rows
+    for exactly those counts among 1-40, 48-72 and 88 keys in 16- to 128-key
+    tiles, whatever the query count; right for 8 keys at head dims 32 and 64,
+    and for key counts of a tile or more."""
+    return kv_length < kv_block and kv_length % 16 == 8
 
 
 # --- one compiled entry point per branch ------------------------------------------------
@@ -189,6 +203,9 @@ def _run_flex(branch: str, q, k, v, mask: "_Mask", compiled: bool, tiling: "_Til
     kernel_options = tiling.options
     if torch.compiler.is_compiling():  # inside the user's own torch.compile region
         return _ENTRY[branch](q, k, v, mask.block_mask(True), scale, kernel_options)
+    if compiled and q.device.type == "cpu" and cpu_compiled_wrong(k.shape[2], tiling.kv_block):
+        CPU_DENSE_FALLBACKS[branch] += 1
+        compiled = False
     if compiled:
         with _recompile_room():
             compiled_branch = _compiled(branch, tiling.small_backward_tiles)
