@@ -74,10 +74,10 @@ def cpu_compiled_wrong(kv_length: int, kv_block: int) -> bool:
     """Whether torch's compiled CPU FlexAttention gets ``kv_length`` keys wrong:
     fewer keys than one key tile, and an odd multiple of 8 of them (8, 24, 40,
     ... below the tile). Measured on torch 2.13 (AVX2 host, 2026-12-02) against
-    SDPA with a causal and with an all-true mask, head dim 16: NaN or wrong rows
-    for exactly those counts among 1-40, 48-72 and 88 keys in 16- to 128-key
-    tiles, whatever the query count; right for 8 keys at head dims 32 and 64,
-    and for key counts of a tile or more."""
+    SDPA, head dim 16, 16- to 128-key tiles (causal: 1-40, 48, 56, 64, 72 and
+    96 keys; all-true: 88, 136 and 152 keys, and query counts unequal to the
+    key counts): NaN or wrong rows for exactly those counts, whatever the query
+    count; right for 8 keys at head dims 32 and 64."""
     return kv_length < kv_block and kv_length % 16 == 8
 
 
