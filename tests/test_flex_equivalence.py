@@ -167,8 +167,9 @@ def test_compiled_cpu_key_counts_torch_gets_wrong(length, blocks):
     """Key counts that torch's compiled CPU FlexAttention gets wrong (an odd
     multiple of 8, fewer than one key tile: NaN or rows off by ~20 %, found by
     the compiled property test) run the dense evaluation instead, and the output
-    matches the reference. The first case is that test's failing draw: window
-    only, 3 rows, 3 heads, head dim 16, 8 tokens."""
+    matches the reference. The first case is a draw of that test that failed
+    (found by drawing its cases, 2026-12-02): window only, 3 rows, 3 heads,
+    head dim 16, 8 tokens."""
     from nsaflex.spec import Gate, Pattern, Window
 
     pattern = Pattern(name="window-only", window=Window(size=32), gate=Gate(kind="mlp"))
