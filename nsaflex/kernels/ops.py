@@ -87,9 +87,10 @@ class KernelConfig:
     score_tokens: int = 16
     num_warps_select: int = 4
     num_warps_score: int = 8
-    # Pipeline depth of the other kernels (3 is Triton's default). Shared memory
-    # decides how many programs share an SM: bwd_dq with 2 stages fits two per SM
-    # and ran 52.9 ms against 65.3 with 3 (H200, run 19, 128K video).
+    # Pipeline depth of the kernels other than slc_win_kernel (its own is below; 3 is
+    # Triton's default). Shared memory decides how many programs share an SM: bwd_dq
+    # with 2 stages fits two per SM and ran 52.9 ms against 65.3 with 3 (H200, run 19,
+    # 128K video).
     num_stages_dq: int = 2
     num_stages_lse: int = 2  # 128K video: 3.10 ms against 3.33 with 3 (run 40, descriptor loads; run 37: 3.49 against 3.74)
     num_stages_score: int = 2  # with tma_score (run 53); 3 with pointer loads (run 37)
