@@ -344,6 +344,27 @@ def test_row_masked_union_blocks_are_bit_identical(dtype, dim):
         assert torch.equal(a, b), (name, float((a.float() - b.float()).abs().max()))
 
 
+@pytest.mark.parametrize("dtype,dim", [(torch.bfloat16, 128), (torch.float32, 64)])
+def test_split_selection_steps_agree(dtype, dim):
+    """Inference with each 64-key selection block taken in 2 or 4 steps (32 or
+    16 columns; ``select_split``, at the launch's pipeline depth and at 2)
+    gives the output of one step a block: relative 1e-5 in fp32, 1e-2 in
+    bf16 (the reference comparisons' tolerances; the sums group differently)."""
+    from nsaflex.backends import triton as backend
+    from nsaflex.kernels import ops
+
+    pattern, inputs, types, _ = _videonsa_inputs(dtype, dim, None)
+    tol = 1e-5 if dtype == torch.float32 else BF16_TOL
+    with torch.no_grad():
+        whole = backend._sparse_forward(pattern, ops.make_config(pattern), *inputs, types, None)
+        for split in (2, 4):
+            for stages in ({}, {"num_stages": 2, "num_stages_save": 2}):
+                cfg = ops.make_config(pattern, select_split=split, **stages)
+                got = backend._sparse_forward(pattern, cfg, *inputs, types, None)
+                assert torch.isfinite(got).all(), (split, stages)
+                assert rel(got, whole) < tol, (split, stages, rel(got, whole))
+
+
 def test_hybrid_gradients_are_bit_reproducible():
     """Two forward+backward runs of a packed hybrid batch (the second row's last
     1,300 tokens are text, served by SDPA) give identical outputs and

@@ -121,6 +121,11 @@ class KernelConfig:
     maxnreg_select: int = 128
     num_stages_save: int = 3
     maxnreg_select_save: int = 0
+    # Steps per selection block in slc_win_kernel's inference launch (l' / this key
+    # columns a step; the window steps shrink alike): a pipeline stage's key and value
+    # buffers shrink with it, so that more stages fit beside the same number of
+    # programs per SM. Only where l' is a power of two of at least 16 x this.
+    select_split: int = 1
     lse_block: int = 64  # compressed tokens per lse-pass step (power of two, >= 16); run 45: 128 took 26.5 ms against 5.3
     num_stages_dkv: int = 2  # bwd_cmp_dkv_kernel and bwd_win_dkv_kernel (run 20: 12.3 + 4.0 ms vs 14.9 + 5.7 with 3)
     num_stages_slc_dkv: int = 3  # run 20: 2 stages measured the same (30.0 ms)
@@ -144,15 +149,23 @@ class KernelConfig:
     topn_buffer_bytes: int = 1 << 30  # the chunk shrinks so that the buffer stays under this
     score_blocks: int | None = None  # blocks per score-loop step of the two-step paths (None: ~64 compressed tokens)
 
-    def select_launch(self, save: bool, dim: int, element_size: int) -> tuple[int, int]:
-        """(pipeline stages, register cap) of slc_win_kernel: the inference pair
-        where the tiles are at most the measured ones (16-bit q, k, v; head dim
-        up to 128; key steps up to 64 columns: larger tiles would spill more
-        under the cap and take more shared memory a stage), else the ``_save``
-        pair."""
+    def select_launch(self, save: bool, dim: int, element_size: int) -> tuple[int, int, int]:
+        """(pipeline stages, register cap, steps per selection block) of
+        slc_win_kernel: the inference launch where the tiles are at most the
+        measured ones (16-bit q, k, v; head dim up to 128; key steps up to 64
+        columns: larger tiles would spill more under the cap and take more
+        shared memory a stage), else the ``_save`` pair. The split
+        (``select_split``) applies to inference only, where l' is a power of
+        two (no padding columns) that it divides into steps of 16 columns or
+        more, and not with ``pair_blocks``; elsewhere one step a block."""
+        split = self.select_split
+        if split < 1 or split & (split - 1):
+            raise ValueError(f"select_split = {split}: a power of two >= 1")
+        if save or self.pair_blocks or self.slc_tile != self.slc_block or self.slc_tile // split < 16:
+            split = 1
         if save or element_size > 2 or dim > 128 or self.slc_tile > 64:
-            return self.num_stages_save, self.maxnreg_select_save
-        return self.num_stages, self.maxnreg_select
+            return self.num_stages_save, self.maxnreg_select_save, split
+        return self.num_stages, self.maxnreg_select, split
 
     @property
     def slc_tile(self) -> int:
@@ -470,7 +483,7 @@ def _forward(q, k, v, kc, vc, gates, lay: SeqLayout, cfg: KernelConfig, save: bo
     sel_ = sel if sel is not None else dummy_i
     ss = _qs(sel, P) if sel is not None else (0, 0, 0)
     tma = tma_ready(cfg.tma and not cfg.pair_blocks, k, v)  # a pair step gathers two blocks: pointer loads
-    select_stages, select_cap = cfg.select_launch(save, D, q.element_size())
+    select_stages, select_cap, split = cfg.select_launch(save, D, q.element_size())
     _launch(fwd.slc_win_kernel, grid3,
         q, k, v, oc if oc is not None else q, gates, sel_, U, UM, UC, out,
         o_s if o_s is not None else out, o_w if o_w is not None else out,
@@ -480,9 +493,9 @@ def _forward(q, k, v, kc, vc, gates, lay: SeqLayout, cfg: KernelConfig, save: bo
         G=G, GR=tiles.GR, BT=tiles.bt_sel, R=tiles.rows_sel, D=D, IEEE=ieee,
         HAS_CMP=cfg.has_cmp, HAS_SLC=cfg.has_slc, HAS_WIN=cfg.has_win,
         GI_CMP=cfg.gate_index[0], GI_SLC=cfg.gate_index[1], GI_WIN=cfg.gate_index[2],
-        LS=cfg.slc_block, BS=cfg.slc_tile, W=tiles.width, HEAD_SCORING=cfg.head_scoring,
-        WIN=cfg.window, BKW=64, SAVE=save, U_LOG=tiles.union_log(tiles.sel_rows),
-        ROW_LOG=tiles.row_log(tiles.sel_rows), PAIR=cfg.pair_blocks, TMA=tma, ROW_MASKS=cfg.row_masks,
+        LS=cfg.slc_block, BS=cfg.slc_tile // split, W=tiles.width, HEAD_SCORING=cfg.head_scoring,
+        WIN=cfg.window, BKW=max(16, 64 // split), SAVE=save, U_LOG=tiles.union_log(tiles.sel_rows),
+        ROW_LOG=tiles.row_log(tiles.sel_rows), PAIR=cfg.pair_blocks, TMA=tma, ROW_MASKS=cfg.row_masks, SPLIT=split,
         num_warps=cfg.num_warps_select, num_stages=select_stages, maxnreg=select_cap,
     )
     res.update(oc=oc, lse_c=lse_c, sel=sel, U=U, UM=UM, UC=UC, o_s=o_s, o_w=o_w, lse_s=lse_s, lse_w=lse_w)
