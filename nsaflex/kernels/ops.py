@@ -146,7 +146,13 @@ class KernelConfig:
     topn_chain: int = 4
     topn_spread: int = 1 << 22
     topn_chunk: int = 16384  # tokens per query chunk (buffer [B, Hsel, chunk, L / l'])
-    topn_buffer_bytes: int = 1 << 30  # the chunk shrinks so that the buffer stays under this
+    topn_buffer_bytes: int = 1 << 30  # the chunk shrinks so that the buffers stay under this
+    # Chunk buffers of the two-step top-n (CUDA only; 1 elsewhere). With 2 the top-n of
+    # chunk c runs on a second stream beside the score pass of chunk c + 1 (each writes
+    # its own buffer; topn_buffer_bytes is shared between them): the score pass is bound
+    # by its loads, the top-n by integer instructions, and each leaves room on an SM for
+    # programs of the other.
+    topn_streams: int = 1
     score_blocks: int | None = None  # blocks per score-loop step of the two-step paths (None: ~64 compressed tokens)
 
     def select_launch(self, save: bool, dim: int, element_size: int) -> tuple[int, int, int]:
@@ -518,10 +524,12 @@ def _score_blocks(cfg: KernelConfig) -> int:
 
 
 def topn_chunk_tokens(cfg: KernelConfig, batch: int, n_sel_heads: int, max_len: int, score_tokens: int) -> tuple[int, int]:
-    """(query-chunk length, buffer row width) of the two-step top-n."""
+    """(query-chunk length, buffer row width) of the two-step top-n; each of
+    ``cfg.topn_streams`` buffers gets its share of ``topn_buffer_bytes``."""
     width = max(1, max_len // cfg.slc_block)
     elt = 4 if cfg.topn == "select" else 8
-    chunk = min(cfg.topn_chunk, cfg.topn_buffer_bytes // max(1, batch * n_sel_heads * width * elt))
+    share = cfg.topn_buffer_bytes // max(1, cfg.topn_streams)
+    chunk = min(cfg.topn_chunk, share // max(1, batch * n_sel_heads * width * elt))
     chunk = max(score_tokens, chunk // score_tokens * score_tokens)
     return min(chunk, triton.cdiv(max_len, score_tokens) * score_tokens), width
 
@@ -530,41 +538,79 @@ def _chunked_topn(score, sel, lay: SeqLayout, cfg: KernelConfig, tiles: "_Tiles"
     """Two-step top-n over query chunks: cmp_score_kernel writes the chunk's
     block scores (``[B, Hsel, chunk, t_end / l']``, never all of ``[L, L/l']``
     at once), then topn_select_kernel (or torch.topk on int64 keys) writes the
-    block lists."""
+    block lists. With ``cfg.topn_streams`` = 2 on CUDA, chunks alternate
+    between two buffers and the top-n runs on a side stream: chunk c's top-n
+    waits for its score pass, and the score pass that next writes the same
+    buffer waits for that top-n; the caller's stream waits for the last
+    top-n before it goes on."""
     B = lay.batch
     dev = sel.device
     chunk, width = topn_chunk_tokens(cfg, B, n_sel_heads, lay.max_len, tiles.bt_score)
     if cfg.topn not in ("select", "torch"):
         raise ValueError(f"topn = {cfg.topn!r}: 'select', 'torch' or 'fused'")
+    if cfg.topn_streams not in (1, 2):
+        raise ValueError(f"topn_streams = {cfg.topn_streams}: 1 or 2")
     dtype = torch.float32 if cfg.topn == "select" else torch.int64
-    flat = torch.empty(B * n_sel_heads * chunk * width, dtype=dtype, device=dev)
+    n_buffers = cfg.topn_streams if dev.type == "cuda" else 1
+    flats = [torch.empty(B * n_sel_heads * chunk * width, dtype=dtype, device=dev) for _ in range(n_buffers)]
+    main = torch.cuda.current_stream(dev) if n_buffers > 1 else None
+    side = _side_stream(dev) if n_buffers > 1 else None
+    read = [None] * n_buffers  # per buffer: the event after the top-n that last read it
     res["topn_chunk"] = chunk
     ss = _qs(sel, lay.packed)
-    for t_off in range(0, lay.max_len, chunk):
+    for i, t_off in enumerate(range(0, lay.max_len, chunk)):
         t_end = min(lay.max_len, t_off + chunk)
         jw = max(1, t_end // cfg.slc_block)  # candidates of tokens < t_end
-        buf = flat[: B * n_sel_heads * (t_end - t_off) * jw].view(B, n_sel_heads, t_end - t_off, jw)
+        slot = i % n_buffers
+        buf = flats[slot][: B * n_sel_heads * (t_end - t_off) * jw].view(B, n_sel_heads, t_end - t_off, jw)
+        if read[slot] is not None:
+            main.wait_event(read[slot])
         if cfg.topn == "torch":
             buf.fill_(-1)
         score(t_off, t_end, 1 if cfg.topn == "select" else 2, buf)
-        if cfg.topn == "select":
-            jp = next_pow2(jw)
-            rows = max(1, min(8, 1024 // jp))
-            fwd.topn_select_kernel[(triton.cdiv(t_end - t_off, rows * cfg.topn_chain), n_sel_heads, B)](
-                buf, sel, lay.starts, lay.lens, *buf.stride()[:3], *ss, t_off, t_end,
-                ROWS=rows, JP=jp, CHAIN=cfg.topn_chain, SPREAD=cfg.topn_spread, LS=cfg.slc_block, COUNT=cfg.count, FIRST=cfg.first, PREV=cfg.prev, CUR=cfg.cur,
-                NT=cfg.nt, num_warps=max(1, min(8, jp // (32 * cfg.topn_lane_scores))),
-            )
-        else:
-            kk = min(cfg.count, jw)
-            vals = torch.topk(buf, kk, dim=-1, largest=True, sorted=True).values
-            kp = next_pow2(kk)
-            rows = max(1, min(8, 256 // kp))
-            fwd.topk_write_kernel[(triton.cdiv(t_end - t_off, rows), n_sel_heads, B)](
-                vals, sel, lay.starts, lay.lens, *vals.stride()[:3], *ss, t_off, t_end, kk,
-                ROWS=rows, KP=kp, LS=cfg.slc_block, COUNT=cfg.count, FIRST=cfg.first, PREV=cfg.prev, CUR=cfg.cur,
-                NT=cfg.nt, num_warps=1,
-            )
+        if side is not None:
+            side.wait_stream(main)
+        with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+            _topn_chunk(buf, sel, ss, lay, cfg, n_sel_heads, t_off, t_end, jw)
+        if side is not None:
+            read[slot] = side.record_event()
+    if side is not None:
+        main.wait_stream(side)
+
+
+_SIDE_STREAMS: dict = {}
+
+
+def _side_stream(device: torch.device) -> "torch.cuda.Stream":
+    """One side stream per CUDA device (for the top-n, :func:`_chunked_topn`)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SIDE_STREAMS:
+        _SIDE_STREAMS[index] = torch.cuda.Stream(device=index)
+    return _SIDE_STREAMS[index]
+
+
+def _topn_chunk(buf, sel, ss, lay: SeqLayout, cfg: KernelConfig, n_sel_heads: int, t_off: int, t_end: int, jw: int):
+    """The block lists of tokens [t_off, t_end) from their block scores ``buf``
+    (``[B, Hsel, t_end - t_off, jw]``) on the current stream."""
+    B = lay.batch
+    if cfg.topn == "select":
+        jp = next_pow2(jw)
+        rows = max(1, min(8, 1024 // jp))
+        fwd.topn_select_kernel[(triton.cdiv(t_end - t_off, rows * cfg.topn_chain), n_sel_heads, B)](
+            buf, sel, lay.starts, lay.lens, *buf.stride()[:3], *ss, t_off, t_end,
+            ROWS=rows, JP=jp, CHAIN=cfg.topn_chain, SPREAD=cfg.topn_spread, LS=cfg.slc_block, COUNT=cfg.count, FIRST=cfg.first, PREV=cfg.prev, CUR=cfg.cur,
+            NT=cfg.nt, num_warps=max(1, min(8, jp // (32 * cfg.topn_lane_scores))),
+        )
+    else:
+        kk = min(cfg.count, jw)
+        vals = torch.topk(buf, kk, dim=-1, largest=True, sorted=True).values
+        kp = next_pow2(kk)
+        rows = max(1, min(8, 256 // kp))
+        fwd.topk_write_kernel[(triton.cdiv(t_end - t_off, rows), n_sel_heads, B)](
+            vals, sel, lay.starts, lay.lens, *vals.stride()[:3], *ss, t_off, t_end, kk,
+            ROWS=rows, KP=kp, LS=cfg.slc_block, COUNT=cfg.count, FIRST=cfg.first, PREV=cfg.prev, CUR=cfg.cur,
+            NT=cfg.nt, num_warps=1,
+        )
 
 
 def _multiprocessors(device: torch.device) -> int:
