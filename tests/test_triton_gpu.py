@@ -367,22 +367,23 @@ def test_split_selection_steps_agree(dtype, dim):
 
 @pytest.mark.parametrize("topn", ["select", "torch"])
 def test_topn_on_a_side_stream_is_bit_identical(topn):
-    """The two-step top-n on a side stream beside the next chunk's score pass
-    (``topn_streams=2``, two chunk buffers; 2K-token chunks so that a 6K
-    sequence takes three chunks, the first buffer written twice) selects the
-    same blocks and gives the same outputs and gradients as one stream."""
+    """The two-step top-n on its own stream beside the next chunk's score pass
+    (``topn_buffers`` 2 and 3; 2K-token chunks so that a 6K sequence takes
+    three chunks, with two buffers the first written twice) selects the same
+    blocks and gives the same outputs and gradients as one stream."""
     from nsaflex.kernels import ops
 
     pattern, inputs, types, grad_out = _videonsa_inputs(torch.bfloat16, 128, None, length=6000)
     results, selections = [], []
-    for streams in (1, 2):
-        cfg = ops.make_config(pattern, topn=topn, topn_chunk=2048, topn_streams=streams)
+    for buffers in (1, 2, 3):
+        cfg = ops.make_config(pattern, topn=topn, topn_chunk=2048, topn_buffers=buffers)
         with ops.record_forward() as seen:
             results.append(_forward_backward(pattern, cfg, inputs, types, grad_out))
         selections.append(seen["sel"].clone())
-    assert torch.equal(*selections)
-    for name, a, b in zip(("inference", "out", "dq", "dk", "dv", "dgates"), *results):
-        assert torch.equal(a, b), (name, float((a.float() - b.float()).abs().max()))
+    for other, sel in zip(results[1:], selections[1:]):
+        assert torch.equal(sel, selections[0])
+        for name, a, b in zip(("inference", "out", "dq", "dk", "dv", "dgates"), results[0], other):
+            assert torch.equal(a, b), (name, float((a.float() - b.float()).abs().max()))
 
 
 def test_hybrid_gradients_are_bit_reproducible():

@@ -269,21 +269,21 @@ def test_lengths_shorter_than_blocks(length, output_in_lse):
           output_in_lse=output_in_lse)
 
 
-def test_topn_streams_option():
-    """``topn_streams=2`` splits the top-n buffer bytes between two chunk
+def test_topn_buffers_option():
+    """``topn_buffers=2`` splits the top-n buffer bytes between two chunk
     buffers (so chunks halve when the bytes bind) and, on the CPU, runs on the
-    one stream there is: the same blocks as with one buffer. Any other count
-    is refused by name."""
+    one stream there is, equal to the reference. Counts outside 1-4 are
+    refused by name."""
     from nsaflex.kernels.ops import make_config, topn_chunk_tokens
 
     pattern = Pattern(name="s", compression=Compression(block=4, stride=4),
                       selection=Selection(block=4, count=3, forced=("current",)), gate=Gate(kind="mlp"))
     one = make_config(pattern, topn_buffer_bytes=1 << 20)
-    two = make_config(pattern, topn_buffer_bytes=1 << 20, topn_streams=2)
+    two = make_config(pattern, topn_buffer_bytes=1 << 20, topn_buffers=2)
     assert topn_chunk_tokens(two, 1, 1, 4096, 16)[0] * 2 == topn_chunk_tokens(one, 1, 1, 4096, 16)[0]
-    check(pattern, (1, 1, 2, 90, 16), 3, None, backward=False, topn_streams=2, topn_chunk=32)
-    with pytest.raises(ValueError, match="topn_streams = 3"):
-        check(pattern, (1, 1, 2, 90, 16), 3, None, backward=False, topn_streams=3)
+    check(pattern, (1, 1, 2, 90, 16), 3, None, backward=False, topn_buffers=2, topn_chunk=32)
+    with pytest.raises(ValueError, match="topn_buffers = 5"):
+        check(pattern, (1, 1, 2, 90, 16), 3, None, backward=False, topn_buffers=5)
 
 
 @pytest.mark.parametrize("output_in_lse", [False, True])

@@ -147,12 +147,13 @@ class KernelConfig:
     topn_spread: int = 1 << 22
     topn_chunk: int = 16384  # tokens per query chunk (buffer [B, Hsel, chunk, L / l'])
     topn_buffer_bytes: int = 1 << 30  # the chunk shrinks so that the buffers stay under this
-    # Chunk buffers of the two-step top-n (CUDA only; 1 elsewhere). With 2 the top-n of
-    # chunk c runs on a second stream beside the score pass of chunk c + 1 (each writes
-    # its own buffer; topn_buffer_bytes is shared between them): the score pass is bound
-    # by its loads, the top-n by integer instructions, and each leaves room on an SM for
-    # programs of the other.
-    topn_streams: int = 1
+    # Chunk buffers of the two-step top-n (CUDA only; 1 elsewhere; topn_buffer_bytes is
+    # shared between them). With 2 or more, the score passes run on a high-priority
+    # stream and the top-n on another, so that the top-n of chunk c runs beside the
+    # score pass of chunk c + 1: the score pass is bound by its loads, the top-n by
+    # integer instructions, and two score programs leave an SM room for a top-n one.
+    # The priority makes the GPU place the score pass's programs first.
+    topn_buffers: int = 1
     score_blocks: int | None = None  # blocks per score-loop step of the two-step paths (None: ~64 compressed tokens)
 
     def select_launch(self, save: bool, dim: int, element_size: int) -> tuple[int, int, int]:
@@ -525,10 +526,10 @@ def _score_blocks(cfg: KernelConfig) -> int:
 
 def topn_chunk_tokens(cfg: KernelConfig, batch: int, n_sel_heads: int, max_len: int, score_tokens: int) -> tuple[int, int]:
     """(query-chunk length, buffer row width) of the two-step top-n; each of
-    ``cfg.topn_streams`` buffers gets its share of ``topn_buffer_bytes``."""
+    ``cfg.topn_buffers`` buffers gets its share of ``topn_buffer_bytes``."""
     width = max(1, max_len // cfg.slc_block)
     elt = 4 if cfg.topn == "select" else 8
-    share = cfg.topn_buffer_bytes // max(1, cfg.topn_streams)
+    share = cfg.topn_buffer_bytes // max(1, cfg.topn_buffers)
     chunk = min(cfg.topn_chunk, share // max(1, batch * n_sel_heads * width * elt))
     chunk = max(score_tokens, chunk // score_tokens * score_tokens)
     return min(chunk, triton.cdiv(max_len, score_tokens) * score_tokens), width
@@ -538,23 +539,26 @@ def _chunked_topn(score, sel, lay: SeqLayout, cfg: KernelConfig, tiles: "_Tiles"
     """Two-step top-n over query chunks: cmp_score_kernel writes the chunk's
     block scores (``[B, Hsel, chunk, t_end / l']``, never all of ``[L, L/l']``
     at once), then topn_select_kernel (or torch.topk on int64 keys) writes the
-    block lists. With ``cfg.topn_streams`` = 2 on CUDA, chunks alternate
-    between two buffers and the top-n runs on a side stream: chunk c's top-n
-    waits for its score pass, and the score pass that next writes the same
-    buffer waits for that top-n; the caller's stream waits for the last
-    top-n before it goes on."""
+    block lists. With ``cfg.topn_buffers`` > 1 on CUDA, chunks take the
+    buffers in turn, the score passes run on a high-priority stream and the
+    top-n on another: chunk c's top-n waits for its score pass, the score pass
+    that next writes the same buffer waits for that top-n, and the caller's
+    stream waits for both streams before it goes on."""
     B = lay.batch
     dev = sel.device
     chunk, width = topn_chunk_tokens(cfg, B, n_sel_heads, lay.max_len, tiles.bt_score)
     if cfg.topn not in ("select", "torch"):
         raise ValueError(f"topn = {cfg.topn!r}: 'select', 'torch' or 'fused'")
-    if cfg.topn_streams not in (1, 2):
-        raise ValueError(f"topn_streams = {cfg.topn_streams}: 1 or 2")
+    if not 1 <= cfg.topn_buffers <= 4:
+        raise ValueError(f"topn_buffers = {cfg.topn_buffers}: 1 to 4")
     dtype = torch.float32 if cfg.topn == "select" else torch.int64
-    n_buffers = cfg.topn_streams if dev.type == "cuda" else 1
+    n_buffers = cfg.topn_buffers if dev.type == "cuda" else 1
     flats = [torch.empty(B * n_sel_heads * chunk * width, dtype=dtype, device=dev) for _ in range(n_buffers)]
-    main = torch.cuda.current_stream(dev) if n_buffers > 1 else None
-    side = _side_stream(dev) if n_buffers > 1 else None
+    caller = scoring = selecting = None
+    if n_buffers > 1:
+        caller = torch.cuda.current_stream(dev)
+        scoring, selecting = _topn_streams(dev)
+        scoring.wait_stream(caller)
     read = [None] * n_buffers  # per buffer: the event after the top-n that last read it
     res["topn_chunk"] = chunk
     ss = _qs(sel, lay.packed)
@@ -564,29 +568,33 @@ def _chunked_topn(score, sel, lay: SeqLayout, cfg: KernelConfig, tiles: "_Tiles"
         slot = i % n_buffers
         buf = flats[slot][: B * n_sel_heads * (t_end - t_off) * jw].view(B, n_sel_heads, t_end - t_off, jw)
         if read[slot] is not None:
-            main.wait_event(read[slot])
-        if cfg.topn == "torch":
-            buf.fill_(-1)
-        score(t_off, t_end, 1 if cfg.topn == "select" else 2, buf)
-        if side is not None:
-            side.wait_stream(main)
-        with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+            scoring.wait_event(read[slot])
+        with torch.cuda.stream(scoring) if scoring is not None else contextlib.nullcontext():
+            if cfg.topn == "torch":
+                buf.fill_(-1)
+            score(t_off, t_end, 1 if cfg.topn == "select" else 2, buf)
+        if selecting is not None:
+            selecting.wait_stream(scoring)
+        with torch.cuda.stream(selecting) if selecting is not None else contextlib.nullcontext():
             _topn_chunk(buf, sel, ss, lay, cfg, n_sel_heads, t_off, t_end, jw)
-        if side is not None:
-            read[slot] = side.record_event()
-    if side is not None:
-        main.wait_stream(side)
+        if selecting is not None:
+            read[slot] = selecting.record_event()
+    if caller is not None:
+        caller.wait_stream(scoring)
+        caller.wait_stream(selecting)
 
 
-_SIDE_STREAMS: dict = {}
+_TOPN_STREAMS: dict = {}
 
 
-def _side_stream(device: torch.device) -> "torch.cuda.Stream":
-    """One side stream per CUDA device (for the top-n, :func:`_chunked_topn`)."""
+def _topn_streams(device: torch.device) -> tuple["torch.cuda.Stream", "torch.cuda.Stream"]:
+    """(score-pass stream at high priority, top-n stream at the default one)
+    of a CUDA device, made once (:func:`_chunked_topn`)."""
     index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _SIDE_STREAMS:
-        _SIDE_STREAMS[index] = torch.cuda.Stream(device=index)
-    return _SIDE_STREAMS[index]
+    if index not in _TOPN_STREAMS:
+        # torch's priorities: -1 high, 0 (the default, also the caller's) low.
+        _TOPN_STREAMS[index] = (torch.cuda.Stream(device=index, priority=-1), torch.cuda.Stream(device=index))
+    return _TOPN_STREAMS[index]
 
 
 def _topn_chunk(buf, sel, ss, lay: SeqLayout, cfg: KernelConfig, n_sel_heads: int, t_off: int, t_end: int, jw: int):
