@@ -344,48 +344,6 @@ def test_row_masked_union_blocks_are_bit_identical(dtype, dim):
         assert torch.equal(a, b), (name, float((a.float() - b.float()).abs().max()))
 
 
-@pytest.mark.parametrize("dtype,dim", [(torch.bfloat16, 128), (torch.float32, 64)])
-def test_split_selection_steps_agree(dtype, dim):
-    """Inference with each 64-key selection block taken in 2 or 4 steps (32 or
-    16 columns; ``select_split``, at the launch's pipeline depth and at 2)
-    gives the output of one step a block: relative 1e-5 in fp32, 1e-2 in
-    bf16 (the reference comparisons' tolerances; the sums group differently)."""
-    from nsaflex.backends import triton as backend
-    from nsaflex.kernels import ops
-
-    pattern, inputs, types, _ = _videonsa_inputs(dtype, dim, None)
-    tol = 1e-5 if dtype == torch.float32 else BF16_TOL
-    with torch.no_grad():
-        whole = backend._sparse_forward(pattern, ops.make_config(pattern), *inputs, types, None)
-        for split in (2, 4):
-            for stages in ({}, {"num_stages": 2, "num_stages_save": 2}):
-                cfg = ops.make_config(pattern, select_split=split, **stages)
-                got = backend._sparse_forward(pattern, cfg, *inputs, types, None)
-                assert torch.isfinite(got).all(), (split, stages)
-                assert rel(got, whole) < tol, (split, stages, rel(got, whole))
-
-
-@pytest.mark.parametrize("topn", ["select", "torch"])
-def test_topn_on_a_side_stream_is_bit_identical(topn):
-    """The two-step top-n on its own stream beside the next chunk's score pass
-    (``topn_buffers`` 2 and 3; 2K-token chunks so that a 6K sequence takes
-    three chunks, with two buffers the first written twice) selects the same
-    blocks and gives the same outputs and gradients as one stream."""
-    from nsaflex.kernels import ops
-
-    pattern, inputs, types, grad_out = _videonsa_inputs(torch.bfloat16, 128, None, length=6000)
-    results, selections = [], []
-    for buffers in (1, 2, 3):
-        cfg = ops.make_config(pattern, topn=topn, topn_chunk=2048, topn_buffers=buffers)
-        with ops.record_forward() as seen:
-            results.append(_forward_backward(pattern, cfg, inputs, types, grad_out))
-        selections.append(seen["sel"].clone())
-    for other, sel in zip(results[1:], selections[1:]):
-        assert torch.equal(sel, selections[0])
-        for name, a, b in zip(("inference", "out", "dq", "dk", "dv", "dgates"), results[0], other):
-            assert torch.equal(a, b), (name, float((a.float() - b.float()).abs().max()))
-
-
 def test_hybrid_gradients_are_bit_reproducible():
     """Two forward+backward runs of a packed hybrid batch (the second row's last
     1,300 tokens are text, served by SDPA) give identical outputs and

@@ -205,24 +205,17 @@ def test_union_blocks_before_the_tile_masked_per_row(scoring):
         assert torch.equal(a, b), name
 
 
-@pytest.mark.parametrize("dtype,dim,block,train,split,expected", [
-    (torch.bfloat16, 16, 4, False, 1, (1, 128, 1)),  # inference: capped, one stage (four programs an SM at D = 128)
-    (torch.bfloat16, 16, 4, True, 1, (3, 0, 1)),  # the training forward keeps its registers and three stages
-    (torch.bfloat16, 256, 4, False, 1, (3, 0, 1)),  # an accumulator wider than measured would spill under the cap
-    (torch.bfloat16, 16, 128, False, 1, (3, 0, 1)),  # so would key steps wider than 64 columns
-    (torch.float32, 16, 4, False, 1, (3, 0, 1)),  # and 32-bit tiles (unmeasured; twice the shared memory)
-    (torch.bfloat16, 16, 32, False, 2, (1, 128, 2)),  # split steps: 16 columns of a 32-key block each
-    (torch.float32, 16, 64, False, 4, (3, 0, 4)),  # the split is a schedule choice, also outside the cap
-    (torch.bfloat16, 16, 32, True, 2, (3, 0, 1)),  # the training forward keeps one step a block (bwd_dq's)
-    (torch.bfloat16, 16, 16, False, 2, (1, 128, 1)),  # steps of 8 columns: fewer than a matrix product takes
-    (torch.bfloat16, 16, 24, False, 2, (1, 128, 1)),  # a block with padding columns
+@pytest.mark.parametrize("dtype,dim,block,train,expected", [
+    (torch.bfloat16, 16, 4, False, (1, 128)),  # inference: capped, one stage (four programs an SM at D = 128)
+    (torch.bfloat16, 16, 4, True, (3, 0)),  # the training forward keeps its registers and three stages
+    (torch.bfloat16, 256, 4, False, (3, 0)),  # an accumulator wider than measured would spill under the cap
+    (torch.bfloat16, 16, 128, False, (3, 0)),  # so would key steps wider than 64 columns
+    (torch.float32, 16, 4, False, (3, 0)),  # and 32-bit tiles (unmeasured; twice the shared memory)
 ])
-def test_selection_launch_options(monkeypatch, dtype, dim, block, train, split, expected):
-    """slc_win_kernel is launched with the pipeline depth, register cap and steps
-    per selection block that ``KernelConfig.select_launch`` gives the call: the
-    capped single-stage launch only for inference at the measured geometry; a
-    block split into steps only in inference and where the steps are whole
-    16-column parts of it."""
+def test_selection_launch_options(monkeypatch, dtype, dim, block, train, expected):
+    """slc_win_kernel is launched with the pipeline depth and register cap that
+    ``KernelConfig.select_launch`` gives the call: the capped single-stage launch
+    only for inference at the measured geometry."""
     from nsaflex.kernels import ops
 
     launched = []
@@ -230,7 +223,7 @@ def test_selection_launch_options(monkeypatch, dtype, dim, block, train, split, 
 
     def spy(kernel, grid, *args, **kwargs):
         if getattr(kernel, "__name__", "") == "slc_win_kernel":
-            launched.append((kwargs["num_stages"], kwargs["maxnreg"], kwargs["SPLIT"]))
+            launched.append((kwargs["num_stages"], kwargs["maxnreg"]))
         return launch(kernel, grid, *args, **kwargs)
 
     monkeypatch.setattr(ops, "_launch", spy)
@@ -239,27 +232,8 @@ def test_selection_launch_options(monkeypatch, dtype, dim, block, train, split, 
     length = 2 * block + 3
     q, k, v, gates, types, pooler = make_inputs(pattern, (1, 1, 2, length, dim), 7, None, dtype=dtype, grad=train)
     with torch.set_grad_enabled(train):
-        _build_with(pattern, {"select_split": split})(q, k, v, gates, types, pooler)
+        _build_with(pattern, {})(q, k, v, gates, types, pooler)
     assert launched == [expected]
-
-
-@pytest.mark.parametrize("row_masks", [True, False])
-def test_selection_blocks_split_into_steps(row_masks):
-    """Inference with each 32-key selection block taken in two 16-column steps
-    (blocks before the tile masked per row or per entry) equals the reference
-    (fp32: relative 1e-5) and the unsplit kernel to fp32 rounding (the online
-    softmax sums in another grouping; 1e-6 relative). 150 tokens over blocks
-    of 32: the last block is partial."""
-    split = 2
-    pattern = Pattern(name="split", compression=Compression(block=8, stride=8),
-                      selection=Selection(block=32, count=3, forced=("first", "current")),
-                      window=Window(size=20), gate=Gate(kind="linear"))
-    shape = (1, 1, 3, 150, 16)
-    check(pattern, shape, 6, None, backward=False, select_split=split, row_masks=row_masks)
-    q, k, v, gates, types, pooler = make_inputs(pattern, shape, 6, None)
-    whole = _build_with(pattern, {"row_masks": row_masks})(q, k, v, gates, types, pooler)
-    steps = _build_with(pattern, {"select_split": split, "row_masks": row_masks})(q, k, v, gates, types, pooler)
-    assert rel(steps, whole) < 1e-6, rel(steps, whole)
 
 
 @pytest.mark.parametrize("output_in_lse", [False, True])
@@ -267,23 +241,6 @@ def test_selection_blocks_split_into_steps(row_masks):
 def test_lengths_shorter_than_blocks(length, output_in_lse):
     check(VIDEONSA_SMALL, (1, 1, 7, length, 16), length, torch.ones(1, length, dtype=torch.long), backward=True,
           output_in_lse=output_in_lse)
-
-
-def test_topn_buffers_option():
-    """``topn_buffers=2`` splits the top-n buffer bytes between two chunk
-    buffers (so chunks halve when the bytes bind) and, on the CPU, runs on the
-    one stream there is, equal to the reference. Counts outside 1-4 are
-    refused by name."""
-    from nsaflex.kernels.ops import make_config, topn_chunk_tokens
-
-    pattern = Pattern(name="s", compression=Compression(block=4, stride=4),
-                      selection=Selection(block=4, count=3, forced=("current",)), gate=Gate(kind="mlp"))
-    one = make_config(pattern, topn_buffer_bytes=1 << 20)
-    two = make_config(pattern, topn_buffer_bytes=1 << 20, topn_buffers=2)
-    assert topn_chunk_tokens(two, 1, 1, 4096, 16)[0] * 2 == topn_chunk_tokens(one, 1, 1, 4096, 16)[0]
-    check(pattern, (1, 1, 2, 90, 16), 3, None, backward=False, topn_buffers=2, topn_chunk=32)
-    with pytest.raises(ValueError, match="topn_buffers = 5"):
-        check(pattern, (1, 1, 2, 90, 16), 3, None, backward=False, topn_buffers=5)
 
 
 @pytest.mark.parametrize("output_in_lse", [False, True])

@@ -118,11 +118,11 @@ def bwd_dq_kernel(
             # As in the forward (slc_win_kernel): the blocks that end before the tile's
             # first token, a prefix of the sorted list, are masked per row only (lse
             # +inf for a row that did not select the block: exp2(-inf) = 0).
-            n_whole = _num_whole(ubase, count, t0, LS, BS, U_LOG, ROW_MASKS and not PAIR, 1)
+            n_whole = _num_whole(ubase, count, t0, LS, BS, U_LOG, ROW_MASKS and not PAIR)
             for masked in tl.static_range(2):
                 for it in range(n_whole if masked else 0, count if masked else n_whole, 2 if PAIR else 1):
                     s_pos, kmask, mask, first_key = _union_keys(ubase, umbase, it, count, hit_row, t, valid, length,
-                                                                LS, BS, PAIR, masked == 1, 1)
+                                                                LS, BS, PAIR, masked == 1)
                     kk = _key_rows(kbase, kdesc, first_key, s_pos, kmask, skt, d, TMA)
                     vv = _key_rows(vbase, vdesc, first_key, s_pos, kmask, skt, d, TMA)
                     s = _dot(q, tl.trans(kk), IEEE) * scale_log2

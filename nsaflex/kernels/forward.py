@@ -837,15 +837,12 @@ def _row_limit(bits, hit_row, valid, t):
 
 @triton.jit
 def _union_step(ubase, umbase, it, count, hit_row, t, valid, length,
-                LS: tl.constexpr, BS: tl.constexpr, PAIR: tl.constexpr, SPLIT: tl.constexpr):
+                LS: tl.constexpr, BS: tl.constexpr, PAIR: tl.constexpr):
     """Keys of step ``it`` over a tile's union list ``ubase[:count]`` (row masks
     ``umbase[:count]``, see :func:`_tile_union`): one block (``PAIR`` false:
     ``BS`` columns) or the blocks ``it`` and ``it + 1`` side by side (``2 * BS``
     columns, the second empty past the list's end), so that a step's matrix
-    products are twice as wide. With ``SPLIT`` > 1 (not with ``PAIR``) a block
-    takes ``SPLIT`` steps of ``BS = LS / SPLIT`` columns: step ``it`` is part
-    ``it % SPLIT`` of block ``it // SPLIT``. ``hit_row`` [R]: each row's bit in
-    the masks.
+    products are twice as wide. ``hit_row`` [R]: each row's bit in the masks.
 
     Returns ``s_pos`` (key positions, [NK]), ``kmask`` (which keys to load, [NK]),
     ``mask`` ([R, NK]: the row selected the key's block, the key exists and is
@@ -870,43 +867,33 @@ def _union_step(ubase, umbase, it, count, hit_row, t, valid, length,
         mask = (s_pos[None, :] <= limit) & kmask[None, :]
         first = j0 * LS
     else:
-        s_pos, kmask, limit, first = _union_block(ubase, umbase, it, hit_row, t, valid, length, LS, BS, SPLIT)
+        s_pos, kmask, limit, first = _union_block(ubase, umbase, it, hit_row, t, valid, length, LS, BS)
         mask = s_pos[None, :] <= limit[:, None]
-        if BS * SPLIT != LS:
+        if BS != LS:
             mask = mask & (tl.arange(0, BS) < LS)[None, :]
     return s_pos, kmask, mask, first
 
 
 @triton.jit
-def _union_block(ubase, umbase, it, hit_row, t, valid, length, LS: tl.constexpr, BS: tl.constexpr,
-                 SPLIT: tl.constexpr):
-    """Step ``it`` over a tile's union list, ``BS`` columns of block
-    ``it // SPLIT`` from its column ``(it % SPLIT) * BS`` (``SPLIT`` = 1: the
-    whole block): key positions ``s_pos`` [BS], which of them to load
-    ``kmask``, each row's causal limit (:func:`_row_limit`: -1 for rows that
-    did not select the block) and the first key position."""
+def _union_block(ubase, umbase, it, hit_row, t, valid, length, LS: tl.constexpr, BS: tl.constexpr):
+    """Block ``it`` of a tile's union list: key positions ``s_pos`` [BS], which
+    of them to load ``kmask``, each row's causal limit (:func:`_row_limit`: -1
+    for rows that did not select the block) and the first key position."""
     offset = tl.arange(0, BS)
-    if SPLIT == 1:
-        blk = it
-        part = 0
-    else:
-        blk = it // SPLIT
-        part = (it % SPLIT) * BS
-    first = tl.load(ubase + blk) * LS + part
+    first = tl.load(ubase + it) * LS
     s_pos = first + offset
-    limit = _row_limit(tl.load(umbase + blk), hit_row, valid, t)
-    return s_pos, (part + offset < LS) & (s_pos < length), limit, first
+    limit = _row_limit(tl.load(umbase + it), hit_row, valid, t)
+    return s_pos, (offset < LS) & (s_pos < length), limit, first
 
 
 @triton.jit
-def _num_whole(ubase, count, t0, LS: tl.constexpr, BS: tl.constexpr, U_LOG: tl.constexpr, ON: tl.constexpr,
-               SPLIT: tl.constexpr):
+def _num_whole(ubase, count, t0, LS: tl.constexpr, BS: tl.constexpr, U_LOG: tl.constexpr, ON: tl.constexpr):
     """How many of a tile's sorted union blocks ``ubase[:count]`` end before
-    its first token ``t0`` (a prefix of the list): the blocks that need no
+    its first token ``t0`` (a prefix of the list): the steps that need no
     per-entry mask, since every row either selected the block or not. 0
-    unless ``ON`` and blocks exactly ``SPLIT`` steps wide (``BS * SPLIT ==
-    LS``; otherwise a step's extra columns need the mask)."""
-    if ON and BS * SPLIT == LS:
+    unless ``ON`` and blocks exactly one step wide (``BS == LS``; otherwise a
+    step's extra columns need the mask)."""
+    if ON and BS == LS:
         pos = tl.arange(0, 1 << U_LOG)
         bound = (t0 + 1) // LS
         blocks = tl.load(ubase + pos, mask=pos < count, other=bound)
@@ -917,15 +904,15 @@ def _num_whole(ubase, count, t0, LS: tl.constexpr, BS: tl.constexpr, U_LOG: tl.c
 
 @triton.jit
 def _union_keys(ubase, umbase, it, count, hit_row, t, valid, length,
-                LS: tl.constexpr, BS: tl.constexpr, PAIR: tl.constexpr, MASKED: tl.constexpr, SPLIT: tl.constexpr):
+                LS: tl.constexpr, BS: tl.constexpr, PAIR: tl.constexpr, MASKED: tl.constexpr):
     """Step ``it`` of a union loop: :func:`_union_step` (``mask`` [R, NK] per
     entry) where ``MASKED``, else the step's one block with ``mask`` [R]: the
     rows that selected it (the block lies wholly before the tile's tokens,
     see :func:`_num_whole`)."""
     if MASKED:
-        return _union_step(ubase, umbase, it, count, hit_row, t, valid, length, LS, BS, PAIR, SPLIT)
+        return _union_step(ubase, umbase, it, count, hit_row, t, valid, length, LS, BS, PAIR)
     else:
-        s_pos, kmask, limit, first = _union_block(ubase, umbase, it, hit_row, t, valid, length, LS, BS, SPLIT)
+        s_pos, kmask, limit, first = _union_block(ubase, umbase, it, hit_row, t, valid, length, LS, BS)
         return s_pos, kmask, limit >= 0, first
 
 
@@ -939,14 +926,11 @@ def slc_win_kernel(
     GI_CMP: tl.constexpr, GI_SLC: tl.constexpr, GI_WIN: tl.constexpr,
     LS: tl.constexpr, BS: tl.constexpr, W: tl.constexpr, HEAD_SCORING: tl.constexpr,
     WIN: tl.constexpr, BKW: tl.constexpr, SAVE: tl.constexpr, U_LOG: tl.constexpr, ROW_LOG: tl.constexpr,
-    PAIR: tl.constexpr, TMA: tl.constexpr, ROW_MASKS: tl.constexpr, SPLIT: tl.constexpr,
+    PAIR: tl.constexpr, TMA: tl.constexpr, ROW_MASKS: tl.constexpr,
 ):
     """Output strides follow q's layout (OUT, OC, OS, OW share q's strides).
     Rows: :func:`_tile_rows` (``BT`` tokens, ``GR`` rows per token, ``R`` rows).
-    ``PAIR``: two union blocks per step (see :func:`_union_step`). ``SPLIT``:
-    steps per union block (``BS = LS / SPLIT`` columns each; 1: one step a
-    block), so that a pipeline stage's key and value buffers take less shared
-    memory. ``TMA``: key
+    ``PAIR``: two union blocks per step (see :func:`_union_step`). ``TMA``: key
     and value blocks arrive through tensor descriptors (no per-element
     addresses in registers; not with ``PAIR``). ``ROW_MASKS``: union blocks that
     end before the tile's first token are masked per row (see the loop)."""
@@ -982,12 +966,11 @@ def slc_win_kernel(
             acc = tl.zeros([R, D], tl.float32)
             # Steps [0, n_whole) masked per row (_online_softmax_rows: no compare and
             # select per entry), then the rest per entry.
-            n_whole = _num_whole(ubase, count, t0, LS, BS, U_LOG, ROW_MASKS and not PAIR, SPLIT)
+            n_whole = _num_whole(ubase, count, t0, LS, BS, U_LOG, ROW_MASKS and not PAIR)
             for masked in tl.static_range(2):
-                for it in range(n_whole * SPLIT if masked else 0, count * SPLIT if masked else n_whole * SPLIT,
-                                2 if PAIR else 1):
+                for it in range(n_whole if masked else 0, count if masked else n_whole, 2 if PAIR else 1):
                     s_pos, kmask, mask, first_key = _union_keys(ubase, umbase, it, count, hit_row, t, valid, length,
-                                                                LS, BS, PAIR, masked == 1, SPLIT)
+                                                                LS, BS, PAIR, masked == 1)
                     kk = _key_rows(kbase, kdesc, first_key, s_pos, kmask, skt, d, TMA)
                     vv = _key_rows(vbase, vdesc, first_key, s_pos, kmask, skt, d, TMA)
                     s = _dot(q, tl.trans(kk), IEEE)

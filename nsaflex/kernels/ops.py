@@ -121,11 +121,6 @@ class KernelConfig:
     maxnreg_select: int = 128
     num_stages_save: int = 3
     maxnreg_select_save: int = 0
-    # Steps per selection block in slc_win_kernel's inference launch (l' / this key
-    # columns a step; the window steps shrink alike): a pipeline stage's key and value
-    # buffers shrink with it, so that more stages fit beside the same number of
-    # programs per SM. Only where l' is a power of two of at least 16 x this.
-    select_split: int = 1
     lse_block: int = 64  # compressed tokens per lse-pass step (power of two, >= 16); run 45: 128 took 26.5 ms against 5.3
     num_stages_dkv: int = 2  # bwd_cmp_dkv_kernel and bwd_win_dkv_kernel (run 20: 12.3 + 4.0 ms vs 14.9 + 5.7 with 3)
     num_stages_slc_dkv: int = 3  # run 20: 2 stages measured the same (30.0 ms)
@@ -146,33 +141,18 @@ class KernelConfig:
     topn_chain: int = 4
     topn_spread: int = 1 << 22
     topn_chunk: int = 16384  # tokens per query chunk (buffer [B, Hsel, chunk, L / l'])
-    topn_buffer_bytes: int = 1 << 30  # the chunk shrinks so that the buffers stay under this
-    # Chunk buffers of the two-step top-n (CUDA only; 1 elsewhere; topn_buffer_bytes is
-    # shared between them). With 2 or more, the score passes run on a high-priority
-    # stream and the top-n on another, so that the top-n of chunk c runs beside the
-    # score pass of chunk c + 1: the score pass is bound by its loads, the top-n by
-    # integer instructions, and two score programs leave an SM room for a top-n one.
-    # The priority makes the GPU place the score pass's programs first.
-    topn_buffers: int = 1
+    topn_buffer_bytes: int = 1 << 30  # the chunk shrinks so that the buffer stays under this
     score_blocks: int | None = None  # blocks per score-loop step of the two-step paths (None: ~64 compressed tokens)
 
-    def select_launch(self, save: bool, dim: int, element_size: int) -> tuple[int, int, int]:
-        """(pipeline stages, register cap, steps per selection block) of
-        slc_win_kernel: the inference launch where the tiles are at most the
-        measured ones (16-bit q, k, v; head dim up to 128; key steps up to 64
-        columns: larger tiles would spill more under the cap and take more
-        shared memory a stage), else the ``_save`` pair. The split
-        (``select_split``) applies to inference only, where l' is a power of
-        two (no padding columns) that it divides into steps of 16 columns or
-        more, and not with ``pair_blocks``; elsewhere one step a block."""
-        split = self.select_split
-        if split < 1 or split & (split - 1):
-            raise ValueError(f"select_split = {split}: a power of two >= 1")
-        if save or self.pair_blocks or self.slc_tile != self.slc_block or self.slc_tile // split < 16:
-            split = 1
+    def select_launch(self, save: bool, dim: int, element_size: int) -> tuple[int, int]:
+        """(pipeline stages, register cap) of slc_win_kernel: the inference pair
+        where the tiles are at most the measured ones (16-bit q, k, v; head dim
+        up to 128; key steps up to 64 columns: larger tiles would spill more
+        under the cap and take more shared memory a stage), else the ``_save``
+        pair."""
         if save or element_size > 2 or dim > 128 or self.slc_tile > 64:
-            return self.num_stages_save, self.maxnreg_select_save, split
-        return self.num_stages, self.maxnreg_select, split
+            return self.num_stages_save, self.maxnreg_select_save
+        return self.num_stages, self.maxnreg_select
 
     @property
     def slc_tile(self) -> int:
@@ -490,7 +470,7 @@ def _forward(q, k, v, kc, vc, gates, lay: SeqLayout, cfg: KernelConfig, save: bo
     sel_ = sel if sel is not None else dummy_i
     ss = _qs(sel, P) if sel is not None else (0, 0, 0)
     tma = tma_ready(cfg.tma and not cfg.pair_blocks, k, v)  # a pair step gathers two blocks: pointer loads
-    select_stages, select_cap, split = cfg.select_launch(save, D, q.element_size())
+    select_stages, select_cap = cfg.select_launch(save, D, q.element_size())
     _launch(fwd.slc_win_kernel, grid3,
         q, k, v, oc if oc is not None else q, gates, sel_, U, UM, UC, out,
         o_s if o_s is not None else out, o_w if o_w is not None else out,
@@ -500,9 +480,9 @@ def _forward(q, k, v, kc, vc, gates, lay: SeqLayout, cfg: KernelConfig, save: bo
         G=G, GR=tiles.GR, BT=tiles.bt_sel, R=tiles.rows_sel, D=D, IEEE=ieee,
         HAS_CMP=cfg.has_cmp, HAS_SLC=cfg.has_slc, HAS_WIN=cfg.has_win,
         GI_CMP=cfg.gate_index[0], GI_SLC=cfg.gate_index[1], GI_WIN=cfg.gate_index[2],
-        LS=cfg.slc_block, BS=cfg.slc_tile // split, W=tiles.width, HEAD_SCORING=cfg.head_scoring,
-        WIN=cfg.window, BKW=max(16, 64 // split), SAVE=save, U_LOG=tiles.union_log(tiles.sel_rows),
-        ROW_LOG=tiles.row_log(tiles.sel_rows), PAIR=cfg.pair_blocks, TMA=tma, ROW_MASKS=cfg.row_masks, SPLIT=split,
+        LS=cfg.slc_block, BS=cfg.slc_tile, W=tiles.width, HEAD_SCORING=cfg.head_scoring,
+        WIN=cfg.window, BKW=64, SAVE=save, U_LOG=tiles.union_log(tiles.sel_rows),
+        ROW_LOG=tiles.row_log(tiles.sel_rows), PAIR=cfg.pair_blocks, TMA=tma, ROW_MASKS=cfg.row_masks,
         num_warps=cfg.num_warps_select, num_stages=select_stages, maxnreg=select_cap,
     )
     res.update(oc=oc, lse_c=lse_c, sel=sel, U=U, UM=UM, UC=UC, o_s=o_s, o_w=o_w, lse_s=lse_s, lse_w=lse_w)
@@ -525,12 +505,10 @@ def _score_blocks(cfg: KernelConfig) -> int:
 
 
 def topn_chunk_tokens(cfg: KernelConfig, batch: int, n_sel_heads: int, max_len: int, score_tokens: int) -> tuple[int, int]:
-    """(query-chunk length, buffer row width) of the two-step top-n; each of
-    ``cfg.topn_buffers`` buffers gets its share of ``topn_buffer_bytes``."""
+    """(query-chunk length, buffer row width) of the two-step top-n."""
     width = max(1, max_len // cfg.slc_block)
     elt = 4 if cfg.topn == "select" else 8
-    share = cfg.topn_buffer_bytes // max(1, cfg.topn_buffers)
-    chunk = min(cfg.topn_chunk, share // max(1, batch * n_sel_heads * width * elt))
+    chunk = min(cfg.topn_chunk, cfg.topn_buffer_bytes // max(1, batch * n_sel_heads * width * elt))
     chunk = max(score_tokens, chunk // score_tokens * score_tokens)
     return min(chunk, triton.cdiv(max_len, score_tokens) * score_tokens), width
 
@@ -539,86 +517,41 @@ def _chunked_topn(score, sel, lay: SeqLayout, cfg: KernelConfig, tiles: "_Tiles"
     """Two-step top-n over query chunks: cmp_score_kernel writes the chunk's
     block scores (``[B, Hsel, chunk, t_end / l']``, never all of ``[L, L/l']``
     at once), then topn_select_kernel (or torch.topk on int64 keys) writes the
-    block lists. With ``cfg.topn_buffers`` > 1 on CUDA, chunks take the
-    buffers in turn, the score passes run on a high-priority stream and the
-    top-n on another: chunk c's top-n waits for its score pass, the score pass
-    that next writes the same buffer waits for that top-n, and the caller's
-    stream waits for both streams before it goes on."""
+    block lists."""
     B = lay.batch
     dev = sel.device
     chunk, width = topn_chunk_tokens(cfg, B, n_sel_heads, lay.max_len, tiles.bt_score)
     if cfg.topn not in ("select", "torch"):
         raise ValueError(f"topn = {cfg.topn!r}: 'select', 'torch' or 'fused'")
-    if not 1 <= cfg.topn_buffers <= 4:
-        raise ValueError(f"topn_buffers = {cfg.topn_buffers}: 1 to 4")
     dtype = torch.float32 if cfg.topn == "select" else torch.int64
-    n_buffers = cfg.topn_buffers if dev.type == "cuda" else 1
-    flats = [torch.empty(B * n_sel_heads * chunk * width, dtype=dtype, device=dev) for _ in range(n_buffers)]
-    caller = scoring = selecting = None
-    if n_buffers > 1:
-        caller = torch.cuda.current_stream(dev)
-        scoring, selecting = _topn_streams(dev)
-        scoring.wait_stream(caller)
-    read = [None] * n_buffers  # per buffer: the event after the top-n that last read it
+    flat = torch.empty(B * n_sel_heads * chunk * width, dtype=dtype, device=dev)
     res["topn_chunk"] = chunk
     ss = _qs(sel, lay.packed)
-    for i, t_off in enumerate(range(0, lay.max_len, chunk)):
+    for t_off in range(0, lay.max_len, chunk):
         t_end = min(lay.max_len, t_off + chunk)
         jw = max(1, t_end // cfg.slc_block)  # candidates of tokens < t_end
-        slot = i % n_buffers
-        buf = flats[slot][: B * n_sel_heads * (t_end - t_off) * jw].view(B, n_sel_heads, t_end - t_off, jw)
-        if read[slot] is not None:
-            scoring.wait_event(read[slot])
-        with torch.cuda.stream(scoring) if scoring is not None else contextlib.nullcontext():
-            if cfg.topn == "torch":
-                buf.fill_(-1)
-            score(t_off, t_end, 1 if cfg.topn == "select" else 2, buf)
-        if selecting is not None:
-            selecting.wait_stream(scoring)
-        with torch.cuda.stream(selecting) if selecting is not None else contextlib.nullcontext():
-            _topn_chunk(buf, sel, ss, lay, cfg, n_sel_heads, t_off, t_end, jw)
-        if selecting is not None:
-            read[slot] = selecting.record_event()
-    if caller is not None:
-        caller.wait_stream(scoring)
-        caller.wait_stream(selecting)
-
-
-_TOPN_STREAMS: dict = {}
-
-
-def _topn_streams(device: torch.device) -> tuple["torch.cuda.Stream", "torch.cuda.Stream"]:
-    """(score-pass stream at high priority, top-n stream at the default one)
-    of a CUDA device, made once (:func:`_chunked_topn`)."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _TOPN_STREAMS:
-        # torch's priorities: -1 high, 0 (the default, also the caller's) low.
-        _TOPN_STREAMS[index] = (torch.cuda.Stream(device=index, priority=-1), torch.cuda.Stream(device=index))
-    return _TOPN_STREAMS[index]
-
-
-def _topn_chunk(buf, sel, ss, lay: SeqLayout, cfg: KernelConfig, n_sel_heads: int, t_off: int, t_end: int, jw: int):
-    """The block lists of tokens [t_off, t_end) from their block scores ``buf``
-    (``[B, Hsel, t_end - t_off, jw]``) on the current stream."""
-    B = lay.batch
-    if cfg.topn == "select":
-        jp = next_pow2(jw)
-        rows = max(1, min(8, 1024 // jp))
-        fwd.topn_select_kernel[(triton.cdiv(t_end - t_off, rows * cfg.topn_chain), n_sel_heads, B)](
-            buf, sel, lay.starts, lay.lens, *buf.stride()[:3], *ss, t_off, t_end,
-            ROWS=rows, JP=jp, CHAIN=cfg.topn_chain, SPREAD=cfg.topn_spread, LS=cfg.slc_block, COUNT=cfg.count, FIRST=cfg.first, PREV=cfg.prev, CUR=cfg.cur,
-            NT=cfg.nt, num_warps=max(1, min(8, jp // (32 * cfg.topn_lane_scores))),
-        )
-    else:
-        kk = min(cfg.count, jw)
-        vals = torch.topk(buf, kk, dim=-1, largest=True, sorted=True).values
-        kp = next_pow2(kk)
-        rows = max(1, min(8, 256 // kp))
-        fwd.topk_write_kernel[(triton.cdiv(t_end - t_off, rows), n_sel_heads, B)](
-            vals, sel, lay.starts, lay.lens, *vals.stride()[:3], *ss, t_off, t_end, kk,
-            ROWS=rows, KP=kp, LS=cfg.slc_block, COUNT=cfg.count, FIRST=cfg.first, PREV=cfg.prev, CUR=cfg.cur,
-            NT=cfg.nt, num_warps=1,
-        )
+        buf = flat[: B * n_sel_heads * (t_end - t_off) * jw].view(B, n_sel_heads, t_end - t_off, jw)
+        if cfg.topn == "torch":
+            buf.fill_(-1)
+        score(t_off, t_end, 1 if cfg.topn == "select" else 2, buf)
+        if cfg.topn == "select":
+            jp = next_pow2(jw)
+            rows = max(1, min(8, 1024 // jp))
+            fwd.topn_select_kernel[(triton.cdiv(t_end - t_off, rows * cfg.topn_chain), n_sel_heads, B)](
+                buf, sel, lay.starts, lay.lens, *buf.stride()[:3], *ss, t_off, t_end,
+                ROWS=rows, JP=jp, CHAIN=cfg.topn_chain, SPREAD=cfg.topn_spread, LS=cfg.slc_block, COUNT=cfg.count, FIRST=cfg.first, PREV=cfg.prev, CUR=cfg.cur,
+                NT=cfg.nt, num_warps=max(1, min(8, jp // (32 * cfg.topn_lane_scores))),
+            )
+        else:
+            kk = min(cfg.count, jw)
+            vals = torch.topk(buf, kk, dim=-1, largest=True, sorted=True).values
+            kp = next_pow2(kk)
+            rows = max(1, min(8, 256 // kp))
+            fwd.topk_write_kernel[(triton.cdiv(t_end - t_off, rows), n_sel_heads, B)](
+                vals, sel, lay.starts, lay.lens, *vals.stride()[:3], *ss, t_off, t_end, kk,
+                ROWS=rows, KP=kp, LS=cfg.slc_block, COUNT=cfg.count, FIRST=cfg.first, PREV=cfg.prev, CUR=cfg.cur,
+                NT=cfg.nt, num_warps=1,
+            )
 
 
 def _multiprocessors(device: torch.device) -> int:
