@@ -181,7 +181,7 @@ def compile_all(items, arch=90):
             meta = compiled.metadata
             print(f"ok   {name:24s} shared={getattr(meta, 'shared', '?')} warps={opts.get('num_warps', 4)} "
                   f"{register_use(compiled.asm.get('ptx'), arch)} "
-                  f"{ {k: v for k, v in const.items() if k in ('BT', 'G', 'D', 'NT', 'BN', 'BS', 'PAIR', 'OWN_UNION', 'ATOMIC', 'TMA')} }"
+                  f"{ {k: v for k, v in const.items() if k in ('BT', 'G', 'D', 'NT', 'BN', 'BS', 'PAIR', 'OWN_UNION', 'ATOMIC', 'TMA', 'JP', 'JT')} }"
                   f"{note}", flush=True)
         except Exception as error:  # noqa: BLE001
             ok = False
@@ -235,8 +235,11 @@ if __name__ == "__main__":
     for module, name, sig, const, opts in list(items):
         if name == "topn_select_kernel":
             aligned = sorted(set(opts.get("aligned", [])) | {"sbb", "sbh", "sbt"})
-            for jp, rows, warps in ((256, 4, 1), (2048, 1, 4)):
-                items.append((module, name, sig, dict(const, JP=jp, ROWS=rows), dict(opts, num_warps=warps, aligned=aligned)))
+            # (head, tail) parts of a row as ops.topn_row_parts gives them: one part, or
+            # 1,024 + 256 / 512 for the chunks from 64K to 96K tokens
+            for jp, jt, rows, warps in ((256, 0, 4, 1), (2048, 0, 1, 4), (1024, 256, 1, 4), (1024, 512, 1, 4)):
+                items.append((module, name, sig, dict(const, JP=jp, ROWS=rows, JT=max(1, jt), TAIL=jt > 0),
+                              dict(opts, num_warps=warps, aligned=aligned)))
             break
     json.dump(items, open(path, "w"))
     env = dict(os.environ, TRITON_INTERPRET="0")

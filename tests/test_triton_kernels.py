@@ -417,8 +417,9 @@ def test_tied_scores_go_to_the_lower_index(config, scoring):
 @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
 @given(st.integers(1, 40), st.integers(1, 9), st.integers(0, 2**31 - 1), st.sampled_from((9, 1000)),
        st.sampled_from((1, 2)), st.sampled_from((1, 3, 4)), st.sampled_from((1, 1 << 16, 1 << 22, 1 << 31)),
-       st.sets(st.sampled_from(("first", "previous", "current"))))
-def test_top_n_search_picks_the_best_with_ties_to_the_lower_index(tokens, count, seed, levels, rows, chain, spread, forced):
+       st.sets(st.sampled_from(("first", "previous", "current"))), st.integers(0, 3))
+def test_top_n_search_picks_the_best_with_ties_to_the_lower_index(tokens, count, seed, levels, rows, chain, spread, forced,
+                                                                   head_shift):
     """topn_select_kernel alone, against a sort: token t's candidates are the
     blocks j <= t (one-token blocks); scores are multiples of 1/4 in [0, 2]
     (most rows tie, and the tie rule, the lower index, decides) or of 2/999
@@ -427,7 +428,10 @@ def test_top_n_search_picks_the_best_with_ties_to_the_lower_index(tokens, count,
     Programs of ``rows x chain`` tokens, each search after a row's first
     token started from a bracket of +- ``spread`` around the previous token's
     threshold: 1 almost always misses on one side, 2^31 covers everything;
-    the result must not depend on either."""
+    the result must not depend on either. Rows held in one part, or in a
+    head of ``width >> head_shift`` blocks and a power-of-two tail that
+    covers the rest (as :func:`topn_row_parts` gives for later chunks): ties
+    then straddle the two parts."""
     from nsaflex.kernels import forward as fwd
 
     gen = torch.Generator().manual_seed(seed)
@@ -443,10 +447,14 @@ def test_top_n_search_picks_the_best_with_ties_to_the_lower_index(tokens, count,
     nt = 16
     sel = torch.full((1, 1, tokens, nt + 4), -7, dtype=torch.int32, device=DEVICE)
     zero = torch.zeros(1, dtype=torch.int32, device=DEVICE)
+    width = max(2, 1 << (tokens - 1).bit_length())
+    head = max(1, width >> head_shift)
+    tail = 1 << (tokens - head - 1).bit_length() if tokens > head else 0
     fwd.topn_select_kernel[(-(-tokens // (rows * chain)), 1, 1)](
         scores, sel, zero, zero + tokens, *scores.stride()[:3], *sel.stride()[:3], 0, tokens,
-        ROWS=rows, JP=max(2, 1 << (tokens - 1).bit_length()), CHAIN=chain, SPREAD=spread, LS=1, COUNT=count,
-        FIRST="first" in forced, PREV="previous" in forced, CUR="current" in forced, NT=nt, num_warps=1,
+        ROWS=rows, JP=head, CHAIN=chain, SPREAD=spread, LS=1, COUNT=count,
+        FIRST="first" in forced, PREV="previous" in forced, CUR="current" in forced, NT=nt,
+        JT=max(1, tail), TAIL=tail > 0, num_warps=1,
     )
     for t in range(tokens):
         row = scores[0, 0, t, : t + 1].cpu()
@@ -458,6 +466,25 @@ def test_top_n_search_picks_the_best_with_ties_to_the_lower_index(tokens, count,
         assert got[:nt] == want + [-1] * (nt - len(want)), (t, got, want)
         assert sorted(b for b in got[nt:] if b >= 0) == sorted(forced_of[t]), (t, got, forced_of[t])
         assert got[nt + 3] == -1
+
+
+def test_topn_row_parts():
+    """The two-part rows of the top-n kernel cover the largest candidate count
+    with powers of two, narrower than one part or not at all: at l' = 64 and
+    16K-token chunks, 1,024-1,280 candidates take 1,024 + 256 and
+    1,536-1,792 one part of 2,048."""
+    from nsaflex.kernels.ops import next_pow2, topn_row_parts
+
+    assert topn_row_parts(1024, 1280) == (1024, 256)
+    assert topn_row_parts(1280, 1536) == (1024, 512)
+    assert topn_row_parts(1536, 1792) == (2048, 0)
+    assert topn_row_parts(0, 256) == (256, 0)
+    for least in range(0, 70):
+        for most in range(max(1, least), 140):
+            head, tail = topn_row_parts(least, most)
+            assert head & (head - 1) == 0 and tail & (tail - 1) == 0
+            assert head + tail >= most and head + tail <= next_pow2(most)
+            assert tail == 0 or head + tail < next_pow2(most)
 
 
 @pytest.mark.parametrize("topn", ["select", "torch"])

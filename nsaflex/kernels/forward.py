@@ -593,13 +593,23 @@ def _count_at_least(bits, probe):
 
 
 @triton.jit
+def _count_row(bits, bits_tail, probe, TAIL: tl.constexpr):
+    """:func:`_count_at_least` over a row held in two parts (the tail only
+    where ``TAIL``)."""
+    c = _count_at_least(bits, probe)
+    if TAIL:
+        c += _count_at_least(bits_tail, probe)
+    return c
+
+
+@triton.jit
 def topn_select_kernel(
     S, SEL, STARTS, LENS,
     sbb, sbh, sbt, ssb, ssh, sst,
     T_OFF, T_END,
     ROWS: tl.constexpr, JP: tl.constexpr, CHAIN: tl.constexpr, SPREAD: tl.constexpr,
     LS: tl.constexpr, COUNT: tl.constexpr, FIRST: tl.constexpr, PREV: tl.constexpr, CUR: tl.constexpr,
-    NT: tl.constexpr,
+    NT: tl.constexpr, JT: tl.constexpr, TAIL: tl.constexpr,
 ):
     """Exact top-(n - |forced|) of ``ROWS x CHAIN`` tokens' block scores (a
     query chunk's ``[B, Hsel, C, >= JW]`` fp32 buffer written by
@@ -620,6 +630,12 @@ def topn_select_kernel(
     counts check the bracket; where it fails, that side falls back to the
     whole range): the invariant, hence the result, is the same; only the
     number of steps falls.
+
+    A row is held as blocks ``[0, JP)`` and, where ``TAIL``, ``[JP, JP +
+    JT)``: powers of two that together cover the chunk's largest candidate
+    count. Past 64K tokens at l' = 64 a chunk's rows hold 1,024 to 2,048
+    candidates; one power-of-two width of 2,048 would spend every count and
+    scan on up to half a row of padding.
     """
     pid = tl.program_id(0)
     hs = tl.program_id(1)
@@ -630,6 +646,7 @@ def topn_select_kernel(
         start = tl.load(STARTS + b).to(tl.int64)
         bb = b.to(tl.int64)
         j = tl.arange(0, JP)
+        jt = JP + tl.arange(0, JT)
         guess = tl.full([ROWS], -1, tl.int32)  # the previous token's lo (-1: none yet)
         for step in range(CHAIN):
             ts = t0 + tl.arange(0, ROWS) * CHAIN + step
@@ -642,6 +659,11 @@ def topn_select_kernel(
             row = S + (bb * sbb + hs * sbh + (ts - T_OFF).to(tl.int64) * sbt)
             x = tl.load(row[:, None] + j[None, :], mask=(j[None, :] < n_cand[:, None]) & valid[:, None], other=-1.0)
             bits = x.to(tl.int32, bitcast=True)
+            bits_tail = bits  # unused without TAIL
+            if TAIL:
+                xt = tl.load(row[:, None] + jt[None, :], mask=(jt[None, :] < n_cand[:, None]) & valid[:, None],
+                             other=-1.0)
+                bits_tail = xt.to(tl.int32, bitcast=True)
             nforced = _num_forced(f0, f1, f2)
             k = COUNT - nforced
             forced_cand = _forced_candidate(f0, n_cand).to(tl.int32) + _forced_candidate(f1, n_cand).to(tl.int32) \
@@ -655,8 +677,8 @@ def topn_select_kernel(
                 # Bracket around the previous token's threshold (int64: no overflow near +inf).
                 g_lo = tl.maximum(guess.to(tl.int64) - SPREAD, 0).to(tl.int32)
                 g_hi = tl.minimum(guess.to(tl.int64) + SPREAD, 0x7F800001).to(tl.int32)
-                c_glo = _count_at_least(bits, g_lo)
-                c_ghi = _count_at_least(bits, g_hi)
+                c_glo = _count_row(bits, bits_tail, g_lo, TAIL)
+                c_ghi = _count_row(bits, bits_tail, g_hi, TAIL)
                 use = active & (guess >= 0)
                 fits_lo = use & (c_glo >= k)
                 lo = tl.where(fits_lo, g_lo, lo)
@@ -669,7 +691,7 @@ def topn_select_kernel(
             go = active & (hi - lo > 1) & (cnt_lo != k)
             while tl.max(go.to(tl.int32), axis=0) > 0:
                 mid = lo + (hi - lo) // 2
-                c = _count_at_least(bits, mid)
+                c = _count_row(bits, bits_tail, mid, TAIL)
                 up = go & (c >= k)
                 down = go & (c < k)
                 lo = tl.where(up, mid, lo)
@@ -681,18 +703,34 @@ def topn_select_kernel(
             # the k-th largest score itself (hi = lo + 1): all above it, then the
             # first r equal ones.
             pick = bits >= lo[:, None]
+            pick_tail = bits_tail >= lo[:, None]
             if tl.max((active & (cnt_lo != k)).to(tl.int32), axis=0) > 0:
                 # Ties at the threshold (rare for real scores): the prefix count
                 # over the row is paid only here.
                 above = bits > lo[:, None]
                 eq = bits == lo[:, None]
                 r = k - tl.sum(above.to(tl.int32), axis=1)
+                if TAIL:
+                    r -= tl.sum((bits_tail > lo[:, None]).to(tl.int32), axis=1)
                 rank = tl.cumsum(eq.to(tl.int32), axis=1)
                 pick = tl.where((cnt_lo == k)[:, None], pick, above | (eq & (rank <= r[:, None])))
+                if TAIL:
+                    # The tail's equal entries rank after all of the head's.
+                    eq_tail = bits_tail == lo[:, None]
+                    rank_tail = tl.cumsum(eq_tail.to(tl.int32), axis=1) + tl.sum(eq.to(tl.int32), axis=1)[:, None]
+                    pick_tail = tl.where((cnt_lo == k)[:, None], pick_tail,
+                                         (bits_tail > lo[:, None]) | (eq_tail & (rank_tail <= r[:, None])))
             chosen = tl.where(active[:, None], pick, (bits >= 0) & (k > 0)[:, None])
             slot = tl.cumsum(chosen.to(tl.int32), axis=1) - 1
             n_chosen = tl.sum(chosen.to(tl.int32), axis=1)
             sel_row = bb * ssb + hs * ssh + (start + ts) * sst
+            if TAIL:
+                # The tail's chosen blocks take the slots after the head's.
+                chosen_tail = tl.where(active[:, None], pick_tail, (bits_tail >= 0) & (k > 0)[:, None])
+                slot_tail = tl.cumsum(chosen_tail.to(tl.int32), axis=1) - 1 + n_chosen[:, None]
+                n_chosen += tl.sum(chosen_tail.to(tl.int32), axis=1)
+                tl.store(SEL + sel_row[:, None] + slot_tail, jt[None, :].to(tl.int32) + tl.zeros([ROWS, JT], tl.int32),
+                         mask=chosen_tail & valid[:, None])
             _write_block_list(SEL, sel_row, valid, slot, j[None, :].to(tl.int32) + tl.zeros([ROWS, JP], tl.int32),
                               chosen, n_chosen, f0, f1, f2, NT)
 

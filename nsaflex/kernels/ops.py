@@ -141,6 +141,11 @@ class KernelConfig:
     topn_chain: int = 4
     topn_spread: int = 1 << 22
     topn_chunk: int = 16384  # tokens per query chunk (buffer [B, Hsel, chunk, L / l'])
+    # topn_select_kernel holds a row as two power-of-two parts where that is narrower
+    # than one (:func:`topn_row_parts`): the rows of a 16K-token chunk past 64K tokens
+    # hold 1,024-2,048 candidates (l' = 64). H200, run 68: each such chunk's top-n took
+    # 0.64 ms whatever its candidate counts.
+    topn_parts: bool = True
     topn_buffer_bytes: int = 1 << 30  # the chunk shrinks so that the buffer stays under this
     score_blocks: int | None = None  # blocks per score-loop step of the two-step paths (None: ~64 compressed tokens)
 
@@ -513,6 +518,20 @@ def topn_chunk_tokens(cfg: KernelConfig, batch: int, n_sel_heads: int, max_len: 
     return min(chunk, triton.cdiv(max_len, score_tokens) * score_tokens), width
 
 
+def topn_row_parts(least: int, most: int) -> tuple[int, int]:
+    """(head, tail) widths in which topn_select_kernel holds a chunk's rows of
+    ``least`` to ``most`` candidate blocks: powers of two with head + tail >=
+    most (tail 0: one part), the head the largest power of two not above
+    ``least`` where two parts are narrower than ``next_pow2(most)``. E.g.
+    1,024-1,280 candidates: 1,024 + 256 instead of 2,048."""
+    width = next_pow2(max(1, most))
+    head = prev_pow2(max(1, least))
+    if head >= most:
+        return width, 0
+    tail = next_pow2(most - head)
+    return (head, tail) if head + tail < width else (width, 0)
+
+
 def _chunked_topn(score, sel, lay: SeqLayout, cfg: KernelConfig, tiles: "_Tiles", n_sel_heads: int, res: dict):
     """Two-step top-n over query chunks: cmp_score_kernel writes the chunk's
     block scores (``[B, Hsel, chunk, t_end / l']``, never all of ``[L, L/l']``
@@ -537,10 +556,11 @@ def _chunked_topn(score, sel, lay: SeqLayout, cfg: KernelConfig, tiles: "_Tiles"
         if cfg.topn == "select":
             jp = next_pow2(jw)
             rows = max(1, min(8, 1024 // jp))
+            head, tail = topn_row_parts((t_off + 1) // cfg.slc_block, jw) if cfg.topn_parts else (jp, 0)
             fwd.topn_select_kernel[(triton.cdiv(t_end - t_off, rows * cfg.topn_chain), n_sel_heads, B)](
                 buf, sel, lay.starts, lay.lens, *buf.stride()[:3], *ss, t_off, t_end,
-                ROWS=rows, JP=jp, CHAIN=cfg.topn_chain, SPREAD=cfg.topn_spread, LS=cfg.slc_block, COUNT=cfg.count, FIRST=cfg.first, PREV=cfg.prev, CUR=cfg.cur,
-                NT=cfg.nt, num_warps=max(1, min(8, jp // (32 * cfg.topn_lane_scores))),
+                ROWS=rows, JP=head, CHAIN=cfg.topn_chain, SPREAD=cfg.topn_spread, LS=cfg.slc_block, COUNT=cfg.count, FIRST=cfg.first, PREV=cfg.prev, CUR=cfg.cur,
+                NT=cfg.nt, JT=max(1, tail), TAIL=tail > 0, num_warps=max(1, min(8, jp // (32 * cfg.topn_lane_scores))),
             )
         else:
             kk = min(cfg.count, jw)
