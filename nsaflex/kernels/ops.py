@@ -144,7 +144,9 @@ class KernelConfig:
     # topn_select_kernel holds a row as two power-of-two parts where that is narrower
     # than one (:func:`topn_row_parts`): the rows of a 16K-token chunk past 64K tokens
     # hold 1,024-2,048 candidates (l' = 64). H200, run 68: each such chunk's top-n took
-    # 0.64 ms whatever its candidate counts.
+    # 0.64 ms whatever its candidate counts. Run 71 (128K video, alternating): the kernel
+    # ~5 % faster against the same row's lse pass (0.742-0.762 of it, against
+    # 0.782-0.804); the forward's difference stayed inside the run's spread.
     topn_parts: bool = True
     topn_buffer_bytes: int = 1 << 30  # the chunk shrinks so that the buffer stays under this
     score_blocks: int | None = None  # blocks per score-loop step of the two-step paths (None: ~64 compressed tokens)
