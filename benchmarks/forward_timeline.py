@@ -51,7 +51,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--length", default="128k")
     ap.add_argument("--inputs", default="video")
-    ap.add_argument("--config", default="", help="KernelConfig overrides, e.g. select_split=2,num_stages=2")
+    ap.add_argument("--config", default="", help="KernelConfig overrides, e.g. topn_parts=0,topn_chain=1")
     ap.add_argument("--json", default="")
     args = ap.parse_args()
     pattern = load_pattern("videonsa")
