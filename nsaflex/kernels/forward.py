@@ -603,6 +603,37 @@ def _count_row(bits, bits_tail, probe, TAIL: tl.constexpr):
 
 
 @triton.jit
+def _row_bits(row, cols, n_cand, valid):
+    """Block scores ``cols`` of each row (``row`` [ROWS]: the rows' pointers) as
+    int32 bits: candidates (``cols < n_cand``) as stored, the others -1.0's
+    bits, so that a negative value marks every non-candidate."""
+    x = tl.load(row[:, None] + cols[None, :], mask=(cols[None, :] < n_cand[:, None]) & valid[:, None], other=-1.0)
+    return x.to(tl.int32, bitcast=True)
+
+
+@triton.jit
+def _tie_pick(bits, lo, exact, r, eq_before):
+    """One part of a row at its threshold ``lo``: where ``exact`` (the count at
+    ``lo`` is k) the entries >= ``lo``; elsewhere those above it and the first
+    ``r`` equal to it, ``eq_before`` equal entries lying in earlier parts.
+    Returns (pick, equal entries in this part)."""
+    eq = bits == lo[:, None]
+    rank = tl.cumsum(eq.to(tl.int32), axis=1) + eq_before[:, None]
+    pick = tl.where(exact[:, None], bits >= lo[:, None], (bits > lo[:, None]) | (eq & (rank <= r[:, None])))
+    return pick, tl.sum(eq.to(tl.int32), axis=1)
+
+
+@triton.jit
+def _chosen_slots(bits, pick, active, k, first):
+    """Chosen blocks of one part of a row (``pick`` in searched rows; in the
+    others every candidate, where k > 0), their slots from ``first`` on, and
+    how many."""
+    chosen = tl.where(active[:, None], pick, (bits >= 0) & (k > 0)[:, None])
+    ones = chosen.to(tl.int32)
+    return chosen, tl.cumsum(ones, axis=1) - 1 + first[:, None], tl.sum(ones, axis=1)
+
+
+@triton.jit
 def topn_select_kernel(
     S, SEL, STARTS, LENS,
     sbb, sbh, sbt, ssb, ssh, sst,
@@ -657,13 +688,10 @@ def topn_select_kernel(
             # (written so by the score pass), blocks past n_cand load as -1: every
             # non-candidate has negative bits, so no mask is built per score.
             row = S + (bb * sbb + hs * sbh + (ts - T_OFF).to(tl.int64) * sbt)
-            x = tl.load(row[:, None] + j[None, :], mask=(j[None, :] < n_cand[:, None]) & valid[:, None], other=-1.0)
-            bits = x.to(tl.int32, bitcast=True)
-            bits_tail = bits  # unused without TAIL
+            bits = _row_bits(row, j, n_cand, valid)
+            bits_tail = bits  # stands in for the tail in _count_row's arguments without TAIL
             if TAIL:
-                xt = tl.load(row[:, None] + jt[None, :], mask=(jt[None, :] < n_cand[:, None]) & valid[:, None],
-                             other=-1.0)
-                bits_tail = xt.to(tl.int32, bitcast=True)
+                bits_tail = _row_bits(row, jt, n_cand, valid)
             nforced = _num_forced(f0, f1, f2)
             k = COUNT - nforced
             forced_cand = _forced_candidate(f0, n_cand).to(tl.int32) + _forced_candidate(f1, n_cand).to(tl.int32) \
@@ -702,33 +730,25 @@ def topn_select_kernel(
             # Rows whose count reached exactly k: the scores >= lo. Otherwise lo is
             # the k-th largest score itself (hi = lo + 1): all above it, then the
             # first r equal ones.
+            zero = tl.zeros([ROWS], tl.int32)
             pick = bits >= lo[:, None]
-            pick_tail = bits_tail >= lo[:, None]
+            if TAIL:
+                pick_tail = bits_tail >= lo[:, None]
             if tl.max((active & (cnt_lo != k)).to(tl.int32), axis=0) > 0:
                 # Ties at the threshold (rare for real scores): the prefix count
-                # over the row is paid only here.
-                above = bits > lo[:, None]
-                eq = bits == lo[:, None]
-                r = k - tl.sum(above.to(tl.int32), axis=1)
-                if TAIL:
-                    r -= tl.sum((bits_tail > lo[:, None]).to(tl.int32), axis=1)
-                rank = tl.cumsum(eq.to(tl.int32), axis=1)
-                pick = tl.where((cnt_lo == k)[:, None], pick, above | (eq & (rank <= r[:, None])))
+                # over the row is paid only here. Bits are integers: "> lo" is ">= lo + 1".
+                exact = cnt_lo == k
+                r = k - _count_row(bits, bits_tail, lo + 1, TAIL)
+                pick, n_eq = _tie_pick(bits, lo, exact, r, zero)
                 if TAIL:
                     # The tail's equal entries rank after all of the head's.
-                    eq_tail = bits_tail == lo[:, None]
-                    rank_tail = tl.cumsum(eq_tail.to(tl.int32), axis=1) + tl.sum(eq.to(tl.int32), axis=1)[:, None]
-                    pick_tail = tl.where((cnt_lo == k)[:, None], pick_tail,
-                                         (bits_tail > lo[:, None]) | (eq_tail & (rank_tail <= r[:, None])))
-            chosen = tl.where(active[:, None], pick, (bits >= 0) & (k > 0)[:, None])
-            slot = tl.cumsum(chosen.to(tl.int32), axis=1) - 1
-            n_chosen = tl.sum(chosen.to(tl.int32), axis=1)
+                    pick_tail, _ = _tie_pick(bits_tail, lo, exact, r, n_eq)
+            chosen, slot, n_chosen = _chosen_slots(bits, pick, active, k, zero)
             sel_row = bb * ssb + hs * ssh + (start + ts) * sst
             if TAIL:
                 # The tail's chosen blocks take the slots after the head's.
-                chosen_tail = tl.where(active[:, None], pick_tail, (bits_tail >= 0) & (k > 0)[:, None])
-                slot_tail = tl.cumsum(chosen_tail.to(tl.int32), axis=1) - 1 + n_chosen[:, None]
-                n_chosen += tl.sum(chosen_tail.to(tl.int32), axis=1)
+                chosen_tail, slot_tail, n_tail = _chosen_slots(bits_tail, pick_tail, active, k, n_chosen)
+                n_chosen += n_tail
                 tl.store(SEL + sel_row[:, None] + slot_tail, jt[None, :].to(tl.int32) + tl.zeros([ROWS, JT], tl.int32),
                          mask=chosen_tail & valid[:, None])
             _write_block_list(SEL, sel_row, valid, slot, j[None, :].to(tl.int32) + tl.zeros([ROWS, JP], tl.int32),
