@@ -53,7 +53,9 @@ class Recorder:
         return call
 
 
-def record(pattern, shape, dtype, **config):
+def record(pattern, shape, dtype, *, train=True, **config):
+    """Record the launches of one forward (and, where ``train``, its backward:
+    the forward then saves residuals, a launch of its own)."""
     from nsaflex.backends import triton as backend
     from nsaflex.backends.triton import BACKEND
     from nsaflex.kernels.ops import make_config
@@ -64,16 +66,17 @@ def record(pattern, shape, dtype, **config):
             if name.endswith("_kernel") and not isinstance(obj, Recorder):
                 setattr(mod, name, Recorder(obj))
     B, Hkv, G, L, D = shape
-    q = torch.randn(B, Hkv * G, L, D, dtype=dtype, requires_grad=True)
-    k = torch.randn(B, Hkv, L, D, dtype=dtype, requires_grad=True)
-    v = torch.randn(B, Hkv, L, D, dtype=dtype, requires_grad=True)
-    gates = torch.rand(B, Hkv * G, L, len(pattern.branches), dtype=dtype, requires_grad=True)
+    q = torch.randn(B, Hkv * G, L, D, dtype=dtype, requires_grad=train)
+    k = torch.randn(B, Hkv, L, D, dtype=dtype, requires_grad=train)
+    v = torch.randn(B, Hkv, L, D, dtype=dtype, requires_grad=train)
+    gates = torch.rand(B, Hkv * G, L, len(pattern.branches), dtype=dtype, requires_grad=train)
     types = torch.ones(B, L, dtype=torch.long) if pattern.hybrid is not None else None
     if config:
         out = backend._sparse_forward(pattern, make_config(pattern, **config), q, k, v, gates, types, None)
     else:
         out = BACKEND.build(pattern, None)(q, k, v, gates, types, None)
-    out.sum().backward()
+    if train:
+        out.sum().backward()
 
 
 def signatures():
@@ -127,7 +130,9 @@ def _specialize(value) -> tuple[str, str]:
 
 def register_use(ptx: str | None, arch: int) -> str:
     """Registers per thread and spilled bytes from ``ptxas -v`` (triton's own
-    ptxas): a kernel that spills runs far below its matrix rate."""
+    ptxas): a kernel that spills runs far below its matrix rate. "wgmma
+    serialised": ptxas waits after every asynchronous matrix product (C7512,
+    too few registers for their pipeline)."""
     import re
     import tempfile
 
@@ -150,7 +155,8 @@ def register_use(ptx: str | None, arch: int) -> str:
             return f"(ptxas: {error})"
     regs = re.search(r"Used (\d+) registers", result.stderr)
     spills = re.search(r"(\d+) bytes spill stores", result.stderr)
-    return f"regs={regs.group(1) if regs else '?'} spill={spills.group(1) if spills else '?'}"
+    serial = " wgmma serialised" if "wgmma.mma_async instructions are serialized" in result.stderr else ""
+    return f"regs={regs.group(1) if regs else '?'} spill={spills.group(1) if spills else '?'}{serial}"
 
 
 def compile_all(items, arch=90):
@@ -180,8 +186,9 @@ def compile_all(items, arch=90):
                 compiled = triton.compile(ASTSource(fn, sig, constexprs, attrs), target=target, options=opts)
             meta = compiled.metadata
             print(f"ok   {name:24s} shared={getattr(meta, 'shared', '?')} warps={opts.get('num_warps', 4)} "
+                  f"stages={opts.get('num_stages', 3)} cap={opts.get('maxnreg', 0)} "
                   f"{register_use(compiled.asm.get('ptx'), arch)} "
-                  f"{ {k: v for k, v in const.items() if k in ('BT', 'G', 'D', 'NT', 'BN', 'BS', 'PAIR', 'OWN_UNION', 'ATOMIC', 'TMA', 'JP', 'JT')} }"
+                  f"{ {k: v for k, v in const.items() if k in ('BT', 'G', 'D', 'NT', 'BN', 'BS', 'PAIR', 'OWN_UNION', 'ATOMIC', 'TMA', 'JP', 'JT', 'SAVE')} }"
                   f"{note}", flush=True)
         except Exception as error:  # noqa: BLE001
             ok = False
@@ -202,6 +209,10 @@ if __name__ == "__main__":
     full = "--small" not in sys.argv  # --small: only the small pattern below (tests/test_triton_compile.py)
     if full:
         record(videonsa, (1, 1, 7, 130, 128), torch.bfloat16)
+        # inference: slc_win_kernel's own launch (no residuals saved; KernelConfig.select_launch)
+        record(videonsa, (1, 1, 7, 130, 128), torch.bfloat16, train=False)
+        # the capped one-stage inference launch (the default before run 75: every wgmma serialised)
+        record(videonsa, (1, 1, 7, 130, 128), torch.bfloat16, train=False, num_stages=1, maxnreg_select=128)
         # the other top-n paths (the default is the two-step "select")
         record(videonsa, (1, 1, 7, 130, 128), torch.bfloat16, topn="torch")
         record(videonsa, (1, 1, 7, 130, 128), torch.bfloat16, topn="fused")

@@ -331,17 +331,20 @@ def _forward_backward(pattern, cfg, inputs, types, grad_out):
 def test_row_masked_union_blocks_are_bit_identical(dtype, dim):
     """``row_masks`` (union blocks that end before a tile's first token masked
     once per row, not per entry, in slc_win_kernel and bwd_dq_kernel) gives
-    the values that masking every entry gives: outputs and gradients equal bit
-    for bit (all tokens vision, so that no other path adds its own rounding;
-    l' = 64, so the per-row path runs)."""
+    the values that masking every entry gives, and loading each step's union
+    entry one step ahead (``prefetch_union``, ``prefetch_union_dq``) those of
+    loading it at the step:
+    outputs and gradients equal bit for bit (all tokens vision, so that no
+    other path adds its own rounding; l' = 64, so the per-row path runs)."""
     from nsaflex.kernels import ops
 
     pattern, inputs, types, grad_out = _videonsa_inputs(dtype, dim, None)
-    results = [_forward_backward(pattern, ops.make_config(pattern, row_masks=row_masks), inputs, types, grad_out)
-               for row_masks in (True, False)]
-    for name, a, b in zip(("inference", "out", "dq", "dk", "dv", "dgates"), *results):
-        assert torch.isfinite(a).all(), name
-        assert torch.equal(a, b), (name, float((a.float() - b.float()).abs().max()))
+    results = [_forward_backward(pattern, ops.make_config(pattern, **config), inputs, types, grad_out)
+               for config in ({}, {"row_masks": False}, {"prefetch_union": False, "prefetch_union_dq": True})]
+    for other in results[1:]:
+        for name, a, b in zip(("inference", "out", "dq", "dk", "dv", "dgates"), results[0], other):
+            assert torch.isfinite(a).all(), name
+            assert torch.equal(a, b), (name, float((a.float() - b.float()).abs().max()))
 
 
 def test_hybrid_gradients_are_bit_reproducible():

@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from nsaflex.kernels.forward import (
-    _dot, _first_visible, _key_rows, _num_visible, _num_whole, _sequence_desc, _tile_rows, _union_keys, _union_lists,
+    _dot, _first_visible, _key_rows, _num_visible, _num_whole, _sequence_desc, _tile_rows, _union_entry, _union_keys, _union_lists,
     _visible,
 )
 
@@ -41,7 +41,7 @@ def bwd_dq_kernel(
     CBLOCK: tl.constexpr, CSTRIDE: tl.constexpr, LEGACY: tl.constexpr, BN: tl.constexpr,
     LS: tl.constexpr, BS: tl.constexpr, W: tl.constexpr, HEAD_SCORING: tl.constexpr,
     WIN: tl.constexpr, BKW: tl.constexpr, PAIR: tl.constexpr, OWN_UNION: tl.constexpr, U_LOG: tl.constexpr,
-    ROW_LOG: tl.constexpr, TMA: tl.constexpr, ROW_MASKS: tl.constexpr,
+    ROW_LOG: tl.constexpr, TMA: tl.constexpr, ROW_MASKS: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     """Rows as the forward's selection kernel (:func:`_tile_rows`); ``TMA`` and
     ``ROW_MASKS`` as there (key, value and compressed blocks through tensor
@@ -120,8 +120,17 @@ def bwd_dq_kernel(
             # +inf for a row that did not select the block: exp2(-inf) = 0).
             n_whole = _num_whole(ubase, count, t0, LS, BS, U_LOG, ROW_MASKS and not PAIR)
             for masked in tl.static_range(2):
-                for it in range(n_whole if masked else 0, count if masked else n_whole, 2 if PAIR else 1):
-                    s_pos, kmask, mask, first_key = _union_keys(ubase, umbase, it, count, hit_row, t, valid, length,
+                it_first = n_whole if masked else 0
+                # The next step's list entry is loaded during this step (PREFETCH):
+                # the key block's copy cannot start before its index arrives.
+                n_j0, n_bits0, n_j1, n_bits1 = _union_entry(ubase, umbase, it_first, count, PAIR)
+                for it in range(it_first, count if masked else n_whole, 2 if PAIR else 1):
+                    if PREFETCH:
+                        j0, bits0, j1, bits1 = n_j0, n_bits0, n_j1, n_bits1
+                        n_j0, n_bits0, n_j1, n_bits1 = _union_entry(ubase, umbase, it + (2 if PAIR else 1), count, PAIR)
+                    else:
+                        j0, bits0, j1, bits1 = _union_entry(ubase, umbase, it, count, PAIR)
+                    s_pos, kmask, mask, first_key = _union_keys(j0, bits0, j1, bits1, hit_row, t, valid, length,
                                                                 LS, BS, PAIR, masked == 1)
                     kk = _key_rows(kbase, kdesc, first_key, s_pos, kmask, skt, d, TMA)
                     vv = _key_rows(vbase, vdesc, first_key, s_pos, kmask, skt, d, TMA)

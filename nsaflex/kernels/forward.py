@@ -894,13 +894,33 @@ def _row_limit(bits, hit_row, valid, t):
 
 
 @triton.jit
-def _union_step(ubase, umbase, it, count, hit_row, t, valid, length,
+def _union_entry(ubase, umbase, it, count, PAIR: tl.constexpr):
+    """Entry ``it`` of a tile's union list ``ubase[:count]`` (row masks
+    ``umbase[:count]``, see :func:`_tile_union`) and, where ``PAIR``, entry
+    ``it + 1``: block indices ``j0, j1`` and row masks ``bits0, bits1``. An
+    entry past the list reads as block -1 with no rows (``PAIR`` false: the
+    second pair repeats the first)."""
+    here = it < count
+    j0 = tl.load(ubase + it, mask=here, other=-1)
+    bits0 = tl.load(umbase + it, mask=here, other=0)
+    if PAIR:
+        second = it + 1 < count
+        j1 = tl.load(ubase + it + 1, mask=second, other=-1)
+        bits1 = tl.load(umbase + it + 1, mask=second, other=0)
+    else:
+        j1 = j0
+        bits1 = bits0
+    return j0, bits0, j1, bits1
+
+
+@triton.jit
+def _union_step(j0, bits0, j1, bits1, hit_row, t, valid, length,
                 LS: tl.constexpr, BS: tl.constexpr, PAIR: tl.constexpr):
-    """Keys of step ``it`` over a tile's union list ``ubase[:count]`` (row masks
-    ``umbase[:count]``, see :func:`_tile_union`): one block (``PAIR`` false:
-    ``BS`` columns) or the blocks ``it`` and ``it + 1`` side by side (``2 * BS``
-    columns, the second empty past the list's end), so that a step's matrix
-    products are twice as wide. ``hit_row`` [R]: each row's bit in the masks.
+    """Keys of one step of a union loop over the entries ``j0, bits0`` (and
+    ``j1, bits1``) of :func:`_union_entry`: one block (``PAIR`` false: ``BS``
+    columns) or two blocks side by side (``2 * BS`` columns, the second empty
+    past the list's end), so that a step's matrix products are twice as wide.
+    ``hit_row`` [R]: each row's bit in the masks.
 
     Returns ``s_pos`` (key positions, [NK]), ``kmask`` (which keys to load, [NK]),
     ``mask`` ([R, NK]: the row selected the key's block, the key exists and is
@@ -912,11 +932,6 @@ def _union_step(ubase, umbase, it, count, hit_row, t, valid, length,
         col = tl.arange(0, 2 * BS)
         second = col >= BS
         offset = tl.where(second, col - BS, col)
-        has_second = it + 1 < count
-        j0 = tl.load(ubase + it)
-        j1 = tl.load(ubase + it + 1, mask=has_second, other=-1)
-        bits0 = tl.load(umbase + it)
-        bits1 = tl.load(umbase + it + 1, mask=has_second, other=0)
         jj = tl.where(second, j1, j0)
         s_pos = jj * LS + offset
         kmask = (offset < LS) & (s_pos < length) & (jj >= 0)
@@ -925,7 +940,7 @@ def _union_step(ubase, umbase, it, count, hit_row, t, valid, length,
         mask = (s_pos[None, :] <= limit) & kmask[None, :]
         first = j0 * LS
     else:
-        s_pos, kmask, limit, first = _union_block(ubase, umbase, it, hit_row, t, valid, length, LS, BS)
+        s_pos, kmask, limit, first = _union_block(j0, bits0, hit_row, t, valid, length, LS, BS)
         mask = s_pos[None, :] <= limit[:, None]
         if BS != LS:
             mask = mask & (tl.arange(0, BS) < LS)[None, :]
@@ -933,14 +948,15 @@ def _union_step(ubase, umbase, it, count, hit_row, t, valid, length,
 
 
 @triton.jit
-def _union_block(ubase, umbase, it, hit_row, t, valid, length, LS: tl.constexpr, BS: tl.constexpr):
-    """Block ``it`` of a tile's union list: key positions ``s_pos`` [BS], which
-    of them to load ``kmask``, each row's causal limit (:func:`_row_limit`: -1
-    for rows that did not select the block) and the first key position."""
+def _union_block(j, bits, hit_row, t, valid, length, LS: tl.constexpr, BS: tl.constexpr):
+    """Union block ``j`` with row mask ``bits``: key positions ``s_pos`` [BS],
+    which of them to load ``kmask``, each row's causal limit
+    (:func:`_row_limit`: -1 for rows that did not select the block) and the
+    first key position."""
     offset = tl.arange(0, BS)
-    first = tl.load(ubase + it) * LS
+    first = j * LS
     s_pos = first + offset
-    limit = _row_limit(tl.load(umbase + it), hit_row, valid, t)
+    limit = _row_limit(bits, hit_row, valid, t)
     return s_pos, (offset < LS) & (s_pos < length), limit, first
 
 
@@ -961,16 +977,16 @@ def _num_whole(ubase, count, t0, LS: tl.constexpr, BS: tl.constexpr, U_LOG: tl.c
 
 
 @triton.jit
-def _union_keys(ubase, umbase, it, count, hit_row, t, valid, length,
+def _union_keys(j0, bits0, j1, bits1, hit_row, t, valid, length,
                 LS: tl.constexpr, BS: tl.constexpr, PAIR: tl.constexpr, MASKED: tl.constexpr):
-    """Step ``it`` of a union loop: :func:`_union_step` (``mask`` [R, NK] per
-    entry) where ``MASKED``, else the step's one block with ``mask`` [R]: the
-    rows that selected it (the block lies wholly before the tile's tokens,
-    see :func:`_num_whole`)."""
+    """One step of a union loop (entries from :func:`_union_entry`):
+    :func:`_union_step` (``mask`` [R, NK] per entry) where ``MASKED``, else the
+    step's one block with ``mask`` [R]: the rows that selected it (the block
+    lies wholly before the tile's tokens, see :func:`_num_whole`)."""
     if MASKED:
-        return _union_step(ubase, umbase, it, count, hit_row, t, valid, length, LS, BS, PAIR)
+        return _union_step(j0, bits0, j1, bits1, hit_row, t, valid, length, LS, BS, PAIR)
     else:
-        s_pos, kmask, limit, first = _union_block(ubase, umbase, it, hit_row, t, valid, length, LS, BS)
+        s_pos, kmask, limit, first = _union_block(j0, bits0, hit_row, t, valid, length, LS, BS)
         return s_pos, kmask, limit >= 0, first
 
 
@@ -984,7 +1000,7 @@ def slc_win_kernel(
     GI_CMP: tl.constexpr, GI_SLC: tl.constexpr, GI_WIN: tl.constexpr,
     LS: tl.constexpr, BS: tl.constexpr, W: tl.constexpr, HEAD_SCORING: tl.constexpr,
     WIN: tl.constexpr, BKW: tl.constexpr, SAVE: tl.constexpr, U_LOG: tl.constexpr, ROW_LOG: tl.constexpr,
-    PAIR: tl.constexpr, TMA: tl.constexpr, ROW_MASKS: tl.constexpr,
+    PAIR: tl.constexpr, TMA: tl.constexpr, ROW_MASKS: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     """Output strides follow q's layout (OUT, OC, OS, OW share q's strides).
     Rows: :func:`_tile_rows` (``BT`` tokens, ``GR`` rows per token, ``R`` rows).
@@ -1026,8 +1042,17 @@ def slc_win_kernel(
             # select per entry), then the rest per entry.
             n_whole = _num_whole(ubase, count, t0, LS, BS, U_LOG, ROW_MASKS and not PAIR)
             for masked in tl.static_range(2):
-                for it in range(n_whole if masked else 0, count if masked else n_whole, 2 if PAIR else 1):
-                    s_pos, kmask, mask, first_key = _union_keys(ubase, umbase, it, count, hit_row, t, valid, length,
+                it_first = n_whole if masked else 0
+                # The next step's list entry is loaded during this step (PREFETCH):
+                # the key block's copy cannot start before its index arrives.
+                n_j0, n_bits0, n_j1, n_bits1 = _union_entry(ubase, umbase, it_first, count, PAIR)
+                for it in range(it_first, count if masked else n_whole, 2 if PAIR else 1):
+                    if PREFETCH:
+                        j0, bits0, j1, bits1 = n_j0, n_bits0, n_j1, n_bits1
+                        n_j0, n_bits0, n_j1, n_bits1 = _union_entry(ubase, umbase, it + (2 if PAIR else 1), count, PAIR)
+                    else:
+                        j0, bits0, j1, bits1 = _union_entry(ubase, umbase, it, count, PAIR)
+                    s_pos, kmask, mask, first_key = _union_keys(j0, bits0, j1, bits1, hit_row, t, valid, length,
                                                                 LS, BS, PAIR, masked == 1)
                     kk = _key_rows(kbase, kdesc, first_key, s_pos, kmask, skt, d, TMA)
                     vv = _key_rows(vbase, vdesc, first_key, s_pos, kmask, skt, d, TMA)

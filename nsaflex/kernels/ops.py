@@ -71,6 +71,16 @@ class KernelConfig:
     # block or not, so the mask acts on the row's max and exponent offset instead of a
     # compare and select per entry. Blocks exactly one step wide (l' = slc_tile) only.
     row_masks: bool = True
+    # The union loop of slc_win_kernel (prefetch_union) and of bwd_dq_kernel
+    # (prefetch_union_dq) loads the next step's list entry (block index and row mask)
+    # during this step, so that the copy of a key block does not wait on its index.
+    # H200, run 74, 128K video, alternating: slc_win in the training forward (3 stages,
+    # uncapped) 27.6 / 27.6 ms against 32.2 / 32.4: the pipeliner can now start a
+    # step's copies ahead; with one stage and the cap of 128 (the inference launch
+    # then) the forward did not change (41.2-41.8 against 40.9-41.8). bwd_dq (2 stages)
+    # got slower: 42.1 / 42.9 against 39.4 / 39.7, so it loads at the step.
+    prefetch_union: bool = True
+    prefetch_union_dq: bool = False
     # Key and value blocks through tensor descriptors (bulk copies, Hopper's TMA)
     # where the tensors allow it (:func:`tma_ready`), otherwise one address per
     # element: in slc_win_kernel and bwd_dq_kernel (tma), the lse pass (tma_lse)
@@ -115,10 +125,13 @@ class KernelConfig:
     # video, alternating: slc_win 30.4 / 30.6 ms (uncapped, 3 stages), 29.9 / 30.6
     # (168), 28.4 / 30.1 (128); one stage uncapped 38.4. Run 63, forward at 128K
     # video, five times each in turn: 40.2-40.8 ms at 128 with one stage (the
-    # inference default since), 41.8-42.7 uncapped with three. In training the cap
-    # made slc_win slower (runs 61, 66).
-    num_stages: int = 1
-    maxnreg_select: int = 128
+    # inference default then), 41.8-42.7 uncapped with three. In training the cap
+    # made slc_win slower (runs 61, 66). With the union entries loaded a step ahead
+    # (prefetch_union) three stages uncapped win for inference too (run 75, 128K video,
+    # alternating: forward 38.74 / 38.67 ms against 41.02 / 41.04 capped with one
+    # stage, 41.83 / 42.69 with two stages uncapped).
+    num_stages: int = 3
+    maxnreg_select: int = 0
     num_stages_save: int = 3
     maxnreg_select_save: int = 0
     lse_block: int = 64  # compressed tokens per lse-pass step (power of two, >= 16); run 45: 128 took 26.5 ms against 5.3
@@ -490,6 +503,7 @@ def _forward(q, k, v, kc, vc, gates, lay: SeqLayout, cfg: KernelConfig, save: bo
         LS=cfg.slc_block, BS=cfg.slc_tile, W=tiles.width, HEAD_SCORING=cfg.head_scoring,
         WIN=cfg.window, BKW=64, SAVE=save, U_LOG=tiles.union_log(tiles.sel_rows),
         ROW_LOG=tiles.row_log(tiles.sel_rows), PAIR=cfg.pair_blocks, TMA=tma, ROW_MASKS=cfg.row_masks,
+        PREFETCH=cfg.prefetch_union,
         num_warps=cfg.num_warps_select, num_stages=select_stages, maxnreg=select_cap,
     )
     res.update(oc=oc, lse_c=lse_c, sel=sel, U=U, UM=UM, UC=UC, o_s=o_s, o_w=o_w, lse_s=lse_s, lse_w=lse_w)
@@ -692,7 +706,7 @@ def _backward(do, q, k, v, kc, vc, gates, lay: SeqLayout, cfg: KernelConfig, res
         CBLOCK=cfg.cblock, CSTRIDE=cfg.cstride, LEGACY=cfg.legacy, BN=64,
         LS=cfg.slc_block, BS=cfg.slc_tile, W=tiles.width, HEAD_SCORING=cfg.head_scoring,
         WIN=cfg.window, BKW=64, PAIR=cfg.pair_blocks, OWN_UNION=own_union, U_LOG=tiles.union_log(tiles.dq_sel_rows),
-        ROW_LOG=tiles.row_log(tiles.dq_sel_rows), TMA=tma, ROW_MASKS=cfg.row_masks,
+        ROW_LOG=tiles.row_log(tiles.dq_sel_rows), TMA=tma, ROW_MASKS=cfg.row_masks, PREFETCH=cfg.prefetch_union_dq,
         num_warps=cfg.num_warps_select, num_stages=cfg.num_stages_dq,
     )
     dkc = dvc = None
