@@ -24,8 +24,8 @@ import triton
 import triton.language as tl
 
 from nsaflex.kernels.forward import (
-    _dot, _first_visible, _key_rows, _num_visible, _num_whole, _sequence_desc, _tile_rows, _union_entry, _union_keys, _union_lists,
-    _visible,
+    _dot, _first_visible, _key_rows, _num_visible, _num_whole, _sequence_desc, _tile_rows, _union_entry, _union_lists,
+    _union_step_loads, _visible,
 )
 
 
@@ -120,20 +120,11 @@ def bwd_dq_kernel(
             # +inf for a row that did not select the block: exp2(-inf) = 0).
             n_whole = _num_whole(ubase, count, t0, LS, BS, U_LOG, ROW_MASKS and not PAIR)
             for masked in tl.static_range(2):
-                it_first = n_whole if masked else 0
-                # The next step's list entry is loaded during this step (PREFETCH):
-                # the key block's copy cannot start before its index arrives.
-                n_j0, n_bits0, n_j1, n_bits1 = _union_entry(ubase, umbase, it_first, count, PAIR)
-                for it in range(it_first, count if masked else n_whole, 2 if PAIR else 1):
-                    if PREFETCH:
-                        j0, bits0, j1, bits1 = n_j0, n_bits0, n_j1, n_bits1
-                        n_j0, n_bits0, n_j1, n_bits1 = _union_entry(ubase, umbase, it + (2 if PAIR else 1), count, PAIR)
-                    else:
-                        j0, bits0, j1, bits1 = _union_entry(ubase, umbase, it, count, PAIR)
-                    s_pos, kmask, mask, first_key = _union_keys(j0, bits0, j1, bits1, hit_row, t, valid, length,
-                                                                LS, BS, PAIR, masked == 1)
-                    kk = _key_rows(kbase, kdesc, first_key, s_pos, kmask, skt, d, TMA)
-                    vv = _key_rows(vbase, vdesc, first_key, s_pos, kmask, skt, d, TMA)
+                ahead = _union_entry(ubase, umbase, n_whole if masked else 0, count, PAIR)
+                for it in range(n_whole if masked else 0, count if masked else n_whole, 2 if PAIR else 1):
+                    kk, vv, mask, ahead = _union_step_loads(ubase, umbase, it, count, ahead, hit_row, t, valid, length,
+                                                            kbase, kdesc, vbase, vdesc, skt, d, LS, BS, PAIR, masked == 1,
+                                                            TMA, PREFETCH)
                     s = _dot(q, tl.trans(kk), IEEE) * scale_log2
                     if masked:
                         p = tl.where(mask, tl.exp2(s - lse[:, None]), 0.0)

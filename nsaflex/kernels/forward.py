@@ -991,6 +991,28 @@ def _union_keys(j0, bits0, j1, bits1, hit_row, t, valid, length,
 
 
 @triton.jit
+def _union_step_loads(ubase, umbase, it, count, ahead, hit_row, t, valid, length, kbase, kdesc, vbase, vdesc, skt, d,
+                      LS: tl.constexpr, BS: tl.constexpr, PAIR: tl.constexpr, MASKED: tl.constexpr,
+                      TMA: tl.constexpr, PREFETCH: tl.constexpr):
+    """Step ``it`` of a union loop: its list entry, key rows ``kk``, value rows
+    ``vv`` and ``mask`` (:func:`_union_keys`). Where ``PREFETCH`` the entry is
+    ``ahead`` (a tuple from :func:`_union_entry`, loaded during the step before)
+    and the next step's is loaded here, so that the copy of a key block does not
+    wait on its index; otherwise it is loaded at the step. Returns (kk, vv,
+    mask, the entry for the next step)."""
+    if PREFETCH:
+        entry = ahead
+        ahead = _union_entry(ubase, umbase, it + (2 if PAIR else 1), count, PAIR)
+    else:
+        entry = _union_entry(ubase, umbase, it, count, PAIR)
+    s_pos, kmask, mask, first_key = _union_keys(entry[0], entry[1], entry[2], entry[3], hit_row, t, valid, length,
+                                                LS, BS, PAIR, MASKED)
+    kk = _key_rows(kbase, kdesc, first_key, s_pos, kmask, skt, d, TMA)
+    vv = _key_rows(vbase, vdesc, first_key, s_pos, kmask, skt, d, TMA)
+    return kk, vv, mask, ahead
+
+
+@triton.jit
 def slc_win_kernel(
     Q, K, V, OC, GATES, SEL, U, UM, UC, OUT, OS, OW, LSES, LSEW, STARTS, LENS,
     sqb, sqh, sqt, skb, skh, skt, sgb, sgh, sgt, sgc, ssb, ssh, sst, slb, slh, slt,
@@ -1042,20 +1064,11 @@ def slc_win_kernel(
             # select per entry), then the rest per entry.
             n_whole = _num_whole(ubase, count, t0, LS, BS, U_LOG, ROW_MASKS and not PAIR)
             for masked in tl.static_range(2):
-                it_first = n_whole if masked else 0
-                # The next step's list entry is loaded during this step (PREFETCH):
-                # the key block's copy cannot start before its index arrives.
-                n_j0, n_bits0, n_j1, n_bits1 = _union_entry(ubase, umbase, it_first, count, PAIR)
-                for it in range(it_first, count if masked else n_whole, 2 if PAIR else 1):
-                    if PREFETCH:
-                        j0, bits0, j1, bits1 = n_j0, n_bits0, n_j1, n_bits1
-                        n_j0, n_bits0, n_j1, n_bits1 = _union_entry(ubase, umbase, it + (2 if PAIR else 1), count, PAIR)
-                    else:
-                        j0, bits0, j1, bits1 = _union_entry(ubase, umbase, it, count, PAIR)
-                    s_pos, kmask, mask, first_key = _union_keys(j0, bits0, j1, bits1, hit_row, t, valid, length,
-                                                                LS, BS, PAIR, masked == 1)
-                    kk = _key_rows(kbase, kdesc, first_key, s_pos, kmask, skt, d, TMA)
-                    vv = _key_rows(vbase, vdesc, first_key, s_pos, kmask, skt, d, TMA)
+                ahead = _union_entry(ubase, umbase, n_whole if masked else 0, count, PAIR)
+                for it in range(n_whole if masked else 0, count if masked else n_whole, 2 if PAIR else 1):
+                    kk, vv, mask, ahead = _union_step_loads(ubase, umbase, it, count, ahead, hit_row, t, valid, length,
+                                                            kbase, kdesc, vbase, vdesc, skt, d, LS, BS, PAIR, masked == 1,
+                                                            TMA, PREFETCH)
                     s = _dot(q, tl.trans(kk), IEEE)
                     if masked:
                         m, alpha, p = _online_softmax(m, tl.where(mask, s, float("-inf")), scale_log2)
