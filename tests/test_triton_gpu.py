@@ -333,9 +333,9 @@ def test_row_masked_union_blocks_are_bit_identical(dtype, dim):
     once per row, not per entry, in slc_win_kernel and bwd_dq_kernel) gives
     the values that masking every entry gives, and loading each step's union
     entry one step ahead (``prefetch_union``, ``prefetch_union_dq``) those of
-    loading it at the step:
-    outputs and gradients equal bit for bit (all tokens vision, so that no
-    other path adds its own rounding; l' = 64, so the per-row path runs)."""
+    loading it at the step: outputs and gradients equal bit for bit (all
+    tokens vision, so that no other path adds its own rounding; l' = 64, so
+    the per-row path runs)."""
     from nsaflex.kernels import ops
 
     pattern, inputs, types, grad_out = _videonsa_inputs(dtype, dim, None)
