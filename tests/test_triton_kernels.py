@@ -444,6 +444,7 @@ def test_top_n_search_picks_the_best_with_ties_to_the_lower_index(tokens, count,
     covers the rest (as :func:`topn_row_parts` gives for later chunks): ties
     then straddle the two parts."""
     from nsaflex.kernels import forward as fwd
+    from nsaflex.kernels.ops import next_pow2
 
     gen = torch.Generator().manual_seed(seed)
     scores = torch.randint(0, levels, (1, 1, tokens, tokens), generator=gen) * (2 / (levels - 1))
@@ -458,9 +459,9 @@ def test_top_n_search_picks_the_best_with_ties_to_the_lower_index(tokens, count,
     nt = 16
     sel = torch.full((1, 1, tokens, nt + 4), -7, dtype=torch.int32, device=DEVICE)
     zero = torch.zeros(1, dtype=torch.int32, device=DEVICE)
-    width = max(2, 1 << (tokens - 1).bit_length())
+    width = max(2, next_pow2(tokens))
     head = max(1, width >> head_shift)
-    tail = 1 << (tokens - head - 1).bit_length() if tokens > head else 0
+    tail = next_pow2(tokens - head) if tokens > head else 0
     fwd.topn_select_kernel[(-(-tokens // (rows * chain)), 1, 1)](
         scores, sel, zero, zero + tokens, *scores.stride()[:3], *sel.stride()[:3], 0, tokens,
         ROWS=rows, JP=head, CHAIN=chain, SPREAD=spread, LS=1, COUNT=count,

@@ -977,36 +977,29 @@ def _num_whole(ubase, count, t0, LS: tl.constexpr, BS: tl.constexpr, U_LOG: tl.c
 
 
 @triton.jit
-def _union_keys(j0, bits0, j1, bits1, hit_row, t, valid, length,
-                LS: tl.constexpr, BS: tl.constexpr, PAIR: tl.constexpr, MASKED: tl.constexpr):
-    """One step of a union loop (entries from :func:`_union_entry`):
-    :func:`_union_step` (``mask`` [R, NK] per entry) where ``MASKED``, else the
-    step's one block with ``mask`` [R]: the rows that selected it (the block
-    lies wholly before the tile's tokens, see :func:`_num_whole`)."""
-    if MASKED:
-        return _union_step(j0, bits0, j1, bits1, hit_row, t, valid, length, LS, BS, PAIR)
-    else:
-        s_pos, kmask, limit, first = _union_block(j0, bits0, hit_row, t, valid, length, LS, BS)
-        return s_pos, kmask, limit >= 0, first
-
-
-@triton.jit
 def _union_step_loads(ubase, umbase, it, count, ahead, hit_row, t, valid, length, kbase, kdesc, vbase, vdesc, skt, d,
                       LS: tl.constexpr, BS: tl.constexpr, PAIR: tl.constexpr, MASKED: tl.constexpr,
                       TMA: tl.constexpr, PREFETCH: tl.constexpr):
     """Step ``it`` of a union loop: its list entry, key rows ``kk``, value rows
-    ``vv`` and ``mask`` (:func:`_union_keys`). Where ``PREFETCH`` the entry is
-    ``ahead`` (a tuple from :func:`_union_entry`, loaded during the step before)
-    and the next step's is loaded here, so that the copy of a key block does not
-    wait on its index; otherwise it is loaded at the step. Returns (kk, vv,
-    mask, the entry for the next step)."""
+    ``vv`` and ``mask``: [R, NK] per entry where ``MASKED``
+    (:func:`_union_step`), else [R], the rows that selected the step's one
+    block (it lies wholly before the tile's tokens, see :func:`_num_whole`).
+    Where ``PREFETCH`` the entry is ``ahead`` (a tuple from
+    :func:`_union_entry`, loaded during the step before) and the next step's
+    is loaded here, so that the copy of a key block does not wait on its
+    index; otherwise it is loaded at the step. Returns (kk, vv, mask, the
+    entry for the next step)."""
     if PREFETCH:
         entry = ahead
         ahead = _union_entry(ubase, umbase, it + (2 if PAIR else 1), count, PAIR)
     else:
         entry = _union_entry(ubase, umbase, it, count, PAIR)
-    s_pos, kmask, mask, first_key = _union_keys(entry[0], entry[1], entry[2], entry[3], hit_row, t, valid, length,
-                                                LS, BS, PAIR, MASKED)
+    if MASKED:
+        s_pos, kmask, mask, first_key = _union_step(entry[0], entry[1], entry[2], entry[3], hit_row, t, valid, length,
+                                                    LS, BS, PAIR)
+    else:
+        s_pos, kmask, limit, first_key = _union_block(entry[0], entry[1], hit_row, t, valid, length, LS, BS)
+        mask = limit >= 0
     kk = _key_rows(kbase, kdesc, first_key, s_pos, kmask, skt, d, TMA)
     vv = _key_rows(vbase, vdesc, first_key, s_pos, kmask, skt, d, TMA)
     return kk, vv, mask, ahead
