@@ -16,8 +16,9 @@ import sys
 import click
 import torch
 
-from nsaflex.bench import BASELINES, DTYPES, INPUTS, PASSES, BenchOptions, pyplot, run_bench, write_plot
+from nsaflex.bench import BASELINES, DTYPES, INPUTS, PASSES, BenchOptions, check_writable, failures, pyplot, run_bench, write_plot
 from nsaflex.cli.common import LENGTHS, load_pattern_arg, out_console
+from nsaflex.errors import NsaflexError
 
 CPU_LENGTHS = (512, 1024)
 GPU_LENGTHS = (8192, 32768, 65536, 131072)
@@ -76,8 +77,12 @@ def command(pattern_arg, lengths, backends, baselines, heads, dim, dtype, batch,
             text_tokens, check_length, warmup, rep, breakdown, deterministic, json_path, plot_path):
     """Time PATTERN's compiled backends against dense and peer baselines."""
     pattern, path = load_pattern_arg(pattern_arg)
+    # Output paths and matplotlib are checked before the run, not after it.
+    if json_path:
+        check_writable(json_path, "--json")
     if plot_path:
-        pyplot()  # a missing matplotlib is reported before the run, not after it
+        check_writable(plot_path, "--plot")
+        pyplot()
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
@@ -115,3 +120,7 @@ def command(pattern_arg, lengths, backends, baselines, heads, dim, dtype, batch,
     if plot_path:
         write_plot(document, plot_path)
         console.print(f"wrote {plot_path}")
+    failed = failures(document)
+    if failed:
+        raise NsaflexError(f"{len(failed)} of the run's measurements failed (the figures that were measured are written):\n"
+                           + "\n".join(f"  {line}" for line in failed))

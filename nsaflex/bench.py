@@ -26,9 +26,16 @@ repeated), ``cudnn`` (SDPA's cuDNN backend), ``flex-dense`` (FlexAttention,
 causal BlockMask) and ``fla`` (fla-core's ``parallel_nsa``, VideoNSA's kernel:
 compression + selection only; it needs query heads per kv head to be a power of
 two of at least 16, so heads are padded as VideoNSA does, and the table says so).
-Unknown or unavailable backends and baselines are reported and skipped; the rest runs.
-When nothing is left to run, :func:`run_bench` raises :class:`NsaflexError`
-naming each refused name and why (``nsaflex bench`` exits 2).
+What it refuses before measuring anything, with an :class:`~nsaflex.errors.InputError`
+(``nsaflex bench`` exits 2): an unknown backend or baseline name (a typo would
+otherwise time the rest and exit 0), a length whose inputs alone exceed the
+device's memory, and a ``--json`` path that cannot be written (the run's figures
+would be lost after it). A known baseline that cannot run here (cuDNN on a CPU,
+fla-core not installed) is reported and skipped; when nothing is left to run,
+:func:`run_bench` raises :class:`NsaflexError` naming each refused name and why.
+A configuration that fails while measuring is recorded and the rest runs;
+:func:`failures` lists such failures so the command line can exit 2 after
+writing everything.
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ import importlib.metadata
 import importlib.util
 import json
 import math
+import os
 import platform
 import statistics
 import time
@@ -49,7 +57,7 @@ from typing import Any, Callable
 import torch
 
 from nsaflex.backends.base import REGISTRY
-from nsaflex.errors import NsaflexError, did_you_mean
+from nsaflex.errors import InputError, NsaflexError, did_you_mean
 from nsaflex.spec import Model, Pattern
 
 BASELINES = ("sdpa", "cudnn", "flex-dense", "fla")
@@ -414,21 +422,12 @@ def run_bench(options: BenchOptions, console=None, *, progress: bool = True, jso
 
     pattern = _bench_pattern(options)
     device = options.device
+    check_options(options, pattern)
+    if json_path:
+        check_writable(json_path, "--json")
     skipped: list[dict[str, str]] = []
-    backends: list[str] = []
-    for name in options.backends:
-        if name not in REGISTRY:
-            hint = did_you_mean(name, REGISTRY)
-            skipped.append({"name": name, "reason": f"unknown backend (known: {', '.join(REGISTRY)})" + (f"; {hint}" if hint else "")})
-        else:
-            backends.append(name)
-    baselines: list[str] = []
-    for name in options.baselines:
-        if name not in BASELINES:
-            hint = did_you_mean(name, BASELINES)
-            skipped.append({"name": name, "reason": f"unknown baseline (known: {', '.join(BASELINES)})" + (f"; {hint}" if hint else "")})
-        else:
-            baselines.append(name)
+    backends = list(options.backends)
+    baselines = list(options.baselines)
 
     compiled: dict[str, Any] = {}
     for name in backends:
@@ -495,6 +494,81 @@ def run_bench(options: BenchOptions, console=None, *, progress: bool = True, jso
     if console is not None:
         print_tables(document, console)
     return document
+
+
+def _unknown_names(names: tuple[str, ...], known, what: str) -> list[str]:
+    """'NAME: unknown WHAT (known: ...); did you mean ...?' for each unknown name."""
+    lines = []
+    for name in names:
+        if name not in known:
+            hint = did_you_mean(name, known)
+            lines.append(f"{name}: unknown {what} (known: {', '.join(known)})" + (f"; {hint}" if hint else ""))
+    return lines
+
+
+def input_bytes(options: BenchOptions, length: int) -> int:
+    """Bytes of q, k, v and the output at ``length`` ([B, H, L, D] each, kv
+    heads for k and v): a lower bound on what one configuration allocates."""
+    element = torch.empty((), dtype=options.dtype).element_size()
+    return options.batch * length * options.dim * element * (2 * options.query_heads + 2 * options.kv_heads)
+
+
+def device_memory_bytes(device: str) -> int | None:
+    """Total memory of the CUDA device, or the machine's physical memory for
+    the CPU; None when it cannot be read."""
+    if device == "cuda":
+        return torch.cuda.get_device_properties(0).total_memory
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not a POSIX sysconf
+        return None
+
+
+def check_options(options: BenchOptions, pattern: Pattern) -> None:
+    """Refuse, before anything runs, what would only fail later: unknown
+    backend or baseline names (InputError naming each, with a did-you-mean
+    hint) and lengths whose inputs alone exceed the device's memory."""
+    unknown = _unknown_names(options.backends, tuple(REGISTRY), "backend")
+    unknown += _unknown_names(options.baselines, BASELINES, "baseline")
+    if unknown:
+        raise InputError("--backends/--baselines", "registered backends and known baselines",
+                         "\n" + "\n".join(f"  {line}" for line in unknown))
+    memory = device_memory_bytes(options.device)
+    if memory is not None and options.lengths:
+        longest = max(options.lengths)
+        needed = input_bytes(options, longest)
+        if needed > memory:
+            raise InputError("--lengths", f"lengths whose q, k, v and output fit the {options.device} memory "
+                             f"({memory / 2**30:.1f} GiB)", f"{longest:,} tokens, which need {needed / 2**30:,.1f} GiB")
+
+
+def check_writable(path: str, option: str) -> None:
+    """Refuse an output path whose folder is missing or not writable, or that
+    is a folder itself (InputError), before a run whose figures it would lose."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise InputError(option, "a file path", f"{path!r}, a folder")
+    if not os.path.isdir(folder):
+        raise InputError(option, "a path in an existing folder", f"{path!r} (no folder {folder!r})")
+    if not os.access(folder, os.W_OK):
+        raise InputError(option, "a path in a writable folder", f"{path!r} ({folder!r} is not writable)")
+
+
+def failures(document: dict[str, Any]) -> list[str]:
+    """'L=... pass inputs name: error' for each configuration that failed while
+    measuring, each requested backend that did not compile and each failed spot
+    check (a baseline that cannot run here is skipped, not failed)."""
+    lines = [f"L={row['length']} {row['passes']} {row['inputs']} {row['name']}: {row['error']}"
+             for row in document["results"] if row.get("error") and not row["error"].startswith("skipped")]
+    requested = set(document["config"]["backends"])
+    lines += [f"{item['name']}: {item['reason']}" for item in document["skipped"] if item["name"] in requested]
+    for name, check in document["checks"].items():
+        if "error" in check:
+            lines.append(f"check {name}: {check['error']}")
+        elif check.get("ok") is False:
+            lines.append(f"check {name}: relative error {check['relative_error']:.2e} against the float64 reference "
+                         f"(tolerance {check['tolerance']:.0e})")
+    return lines
 
 
 def _refuse_empty_run(options: BenchOptions, pattern: Pattern, compiled: dict[str, Any], baselines: list[str],

@@ -24,11 +24,9 @@ def runner(monkeypatch):
 def test_bench_cpu_smoke_writes_every_figure(runner, tmp_path):
     path = tmp_path / "bench.json"
     result = runner("qblock-small", "--device", "cpu", "--lengths", "200,300", "--heads", "4/2", "--dim", "16", "--dtype", "fp32",
-                    "--pass", "fwd,fwd+bwd", "--inputs", "random,video", "--backends", "flex,nope", "--baselines", "sdpa,cudnn,fla,bogus",
+                    "--pass", "fwd,fwd+bwd", "--inputs", "random,video", "--backends", "flex", "--baselines", "sdpa,cudnn,fla",
                     "--check-length", "40", "--rep", "1", "--breakdown", "--json", str(path))
     assert result.exit_code == 0, result.output
-    assert "unknown backend" in result.output and "nope" in result.output
-    assert "unknown baseline" in result.output and "bogus" in result.output
     assert "cuDNN attention needs CUDA" in result.output
     document = json.loads(path.read_text())
     assert document["environment"]["torch"] == torch.__version__ and "triton" in document["environment"]
@@ -56,27 +54,75 @@ def test_bench_rejects_bad_options(runner):
 
 
 @pytest.mark.parametrize(("args", "fragments"), [
-    (("--backends", "bogus", "--baselines", "none"), ("unknown backend", "bogus")),
+    (("--backends", "nope"), ("nope: unknown backend",)),
     (("--backends", "flx", "--baselines", "cudnn,nope"),
-     ("flx: unknown backend", "did you mean 'flex'", "cudnn: cuDNN attention needs CUDA", "nope: unknown baseline")),
-    (("--backends", "", "--baselines", "none"), ("no backend or baseline was requested",)),
+     ("flx: unknown backend", "did you mean 'flex'", "nope: unknown baseline")),
 ])
-def test_bench_with_nothing_to_run_says_why_and_fails(runner, tmp_path, args, fragments):
+def test_bench_refuses_unknown_names_before_running(runner, tmp_path, monkeypatch, args, fragments):
+    import nsaflex
+
+    compiled = []
+    monkeypatch.setattr(nsaflex, "compile", lambda *a, **kw: compiled.append(a))
     path = tmp_path / "bench.json"
-    result = runner("window", "--device", "cpu", "--lengths", "64", *args, "--json", str(path))
+    result = runner("window", "--device", "cpu", "--lengths", "64", "--heads", "2/1", "--dim", "8", "--dtype", "fp32",
+                    "--rep", "1", *args, "--json", str(path))
     assert result.exit_code == 2, result.output
-    assert "nothing to run" in result.output and "Traceback" not in result.output
+    assert "Traceback" not in result.output
     for fragment in fragments:
         assert fragment in result.output, (fragment, result.output)
+    assert not compiled and not path.exists()
+
+
+def test_bench_refuses_lengths_past_the_device_memory(runner, tmp_path):
+    path = tmp_path / "bench.json"
+    result = runner("window", "--device", "cpu", "--lengths", "64,99999999999k", "--heads", "2/1", "--dim", "8",
+                    "--dtype", "fp32", "--backends", "flex", "--baselines", "sdpa", "--rep", "1", "--json", str(path))
+    assert result.exit_code == 2, result.output
+    assert "--lengths" in result.output and "GiB" in result.output and "Traceback" not in result.output
     assert not path.exists()
 
 
-def test_bench_with_only_a_baseline_left_warns_and_runs_it(runner, tmp_path):
+@pytest.mark.parametrize("option", ["--json", "--plot"])
+def test_bench_refuses_an_unwritable_output_path_before_running(runner, tmp_path, monkeypatch, option):
+    import nsaflex
+
+    compiled = []
+    monkeypatch.setattr(nsaflex, "compile", lambda *a, **kw: compiled.append(a))
+    for path in (tmp_path / "missing" / "x.out", tmp_path):
+        result = runner("window", "--device", "cpu", "--lengths", "64", "--heads", "2/1", "--dim", "8", "--dtype", "fp32",
+                        "--backends", "flex", "--baselines", "sdpa", "--rep", "1", option, str(path))
+        assert result.exit_code == 2, result.output
+        assert option in result.output and "Traceback" not in result.output
+    assert not compiled
+
+
+def test_bench_with_a_failed_measurement_writes_the_rest_and_fails(runner, tmp_path, monkeypatch):
+    def broken(name, *args, **kwargs):
+        raise RuntimeError("kernel exploded")
+
+    monkeypatch.setattr(bench, "_measure_backend", broken)
     path = tmp_path / "bench.json"
     result = runner("window", "--device", "cpu", "--lengths", "64", "--heads", "2/1", "--dim", "8", "--dtype", "fp32",
-                    "--backends", "bogus", "--baselines", "sdpa,cudnn", "--rep", "1", "--json", str(path))
+                    "--backends", "reference", "--baselines", "sdpa", "--check-length", "0", "--rep", "1", "--json", str(path))
+    assert result.exit_code == 2, result.output
+    assert "1 of the run's measurements failed" in result.output and "kernel exploded" in result.output
+    rows = {row["name"]: row for row in json.loads(path.read_text())["results"]}
+    assert rows["sdpa"]["median_ms"] > 0 and "kernel exploded" in rows["reference"]["error"]
+
+
+def test_bench_with_nothing_to_run_says_why_and_fails(runner, tmp_path):
+    path = tmp_path / "bench.json"
+    result = runner("window", "--device", "cpu", "--lengths", "64", "--backends", "", "--baselines", "none", "--json", str(path))
+    assert result.exit_code == 2, result.output
+    assert "nothing to run" in result.output and "no backend or baseline was requested" in result.output
+    assert "Traceback" not in result.output and not path.exists()
+
+
+def test_bench_with_a_baseline_that_cannot_run_here_skips_it_and_runs_the_rest(runner, tmp_path):
+    path = tmp_path / "bench.json"
+    result = runner("window", "--device", "cpu", "--lengths", "64", "--heads", "2/1", "--dim", "8", "--dtype", "fp32",
+                    "--backends", "", "--baselines", "sdpa,cudnn", "--rep", "1", "--json", str(path))
     assert result.exit_code == 0, result.output
-    assert "skipped bogus: unknown backend" in result.output
     rows = {row["name"]: row for row in json.loads(path.read_text())["results"]}
     assert rows["sdpa"]["median_ms"] > 0 and rows["cudnn"]["error"].startswith("skipped")
 
@@ -202,3 +248,4 @@ def test_plot_writes_a_png(tmp_path):
                             for n in (1024, 2048)], "environment": {"device": "cpu"}, "config": {"pattern": "x"}}
     bench.write_plot(document, str(tmp_path / "p.png"))
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+
