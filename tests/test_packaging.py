@@ -177,3 +177,13 @@ def test_ci_refuses_a_readme_without_markers(tmp_path: Path) -> None:
     (tmp_path / "README.md").write_text("# nothing here\n<!-- setup -->\n```sh\necho a\necho b\n```\n<!-- /setup -->\n")
     done = subprocess.run(["bash", str(tmp_path / ".ci" / "run"), "--print"], capture_output=True, text=True, timeout=60)
     assert done.returncode != 0 and "exactly one command" in done.stderr
+
+
+def test_the_test_extra_installs_what_the_suite_imports() -> None:
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    names = {requirement.split(">")[0].split("=")[0].split("[")[0].strip() for requirement in extras["test"]}
+    # matplotlib: tests/test_bench.py writes a plot; pytest-xdist: the README's `-n 2`.
+    assert {"pytest", "hypothesis", "pytest-xdist", "matplotlib"} <= names
+    # `pip install 'nsaflex[plot]'`, as the --plot error says, keeps working for users.
+    assert any(requirement.startswith("matplotlib") for requirement in extras["plot"])
