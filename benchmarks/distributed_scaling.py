@@ -3,7 +3,10 @@
 Run with torchrun on one host, e.g.
 
     NCCL_NVLS_ENABLE=0 torchrun --standalone --nproc_per_node 2 \\
-        benchmarks/distributed_scaling.py --pattern videonsa --lengths 131072,262144 --json out.json
+        benchmarks/distributed_scaling.py --pattern videonsa --lengths 131072,262144 \\
+        --json benchmarks/results/distributed-2gpu.json
+
+and ``python benchmarks/results.py`` renders the record into RESULTS.md.
 
 Each rank holds a contiguous shard of the sequence (B = 1, 28 query heads,
 4 kv heads, D = 128, bf16, all-vision tokens). Rank 0 prints and writes the
@@ -15,9 +18,12 @@ rank. Compare runs with different --nproc_per_node made on the same machine.
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
+import shlex
 import statistics
+import sys
 
 import torch
 import torch.distributed as dist
@@ -100,6 +106,8 @@ def main() -> None:
             "device": torch.cuda.get_device_name(),
             "torch": torch.__version__,
             "world": world,
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "command": "torchrun --nproc_per_node " + str(world) + " benchmarks/distributed_scaling.py " + " ".join(map(shlex.quote, sys.argv[1:])),
             "rows": rows,
         }
         with open(args.json, "w") as handle:

@@ -243,9 +243,84 @@ def test_selection_overlap():
 
 
 def test_plot_writes_a_png(tmp_path):
-    pytest.importorskip("matplotlib")
+    # matplotlib is in the test extra: no skip, so CI runs the PNG writer.
     document = {"results": [{"name": "flex", "passes": "fwd", "inputs": "video", "kind": "backend", "length": n, "median_ms": n / 1000}
                             for n in (1024, 2048)], "environment": {"device": "cpu"}, "config": {"pattern": "x"}}
     bench.write_plot(document, str(tmp_path / "p.png"))
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
 
+
+# --- benchmarks/results.py: RESULTS.md and README's table from the committed JSON ---------------
+
+
+@pytest.fixture(scope="module")
+def results_script():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "results.py"
+    spec = importlib.util.spec_from_file_location("benchmark_results", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_results_md_and_readme_table_are_what_the_json_generates(results_script):
+    assert results_script.RESULTS_MD.read_text() == results_script.render_results(), "run python benchmarks/results.py"
+    readme = results_script.README.read_text()
+    assert readme == results_script.with_readme_block(readme, results_script.readme_block()), "run python benchmarks/results.py"
+    assert results_script.main(["--check"]) == 0
+
+
+def _bench_document(label: str | None, scale: float) -> dict:
+    rows = []
+    for length in (8192, 131072):
+        for passes in ("fwd", "fwd+bwd"):
+            base = length / 1000.0 * (3.0 if passes == "fwd+bwd" else 1.0)
+            rows.append({"length": length, "inputs": "any", "passes": passes, "kind": "baseline", "name": "cudnn",
+                         "median_ms": base, "ratios": {}, "error": None})
+            rows.append({"length": length, "inputs": "video", "passes": passes, "kind": "backend", "name": "triton",
+                         "median_ms": base / 4 * scale, "ratios": {"cudnn": 4 / scale}, "error": None})
+    document = {"complete": True, "command": "nsaflex bench videonsa --backends triton --baselines cudnn",
+                "environment": {"date": "2026-12-07T10:00:00+00:00", "device": "cuda", "gpu": "GPU", "torch": "2", "triton": "3"},
+                "config": {"pattern": "videonsa", "batch": 1, "query_heads": 28, "kv_heads": 4, "dim": 128, "dtype": "bfloat16",
+                           "backends": ["triton"], "baselines": ["cudnn"]},
+                "results": rows, "checks": {}, "skipped": []}
+    if label is not None:
+        document["label"] = label
+    return document
+
+
+@pytest.mark.parametrize("layout", ["documents", "rows"])
+def test_results_renders_a_two_label_comparison_side_by_side(results_script, tmp_path, layout):
+    old, new = _bench_document("7414dbb", 1.0), _bench_document("new", 0.98)
+    if layout == "documents":
+        record = [old, new]
+    else:  # one document whose rows carry their label
+        record = {**old, "results": [{**row, "label": d["label"]} for d in (old, new) for row in d["results"]]}
+        del record["label"]
+    (tmp_path / "compare.json").write_text(json.dumps(record))
+    text = results_script.render_results(tmp_path)
+    assert "## Comparisons measured in one run" in text and "## Kernel benchmarks" not in text
+    header = next(line for line in text.splitlines() if line.startswith("| L |"))
+    assert "7414dbb ms | new ms | new / 7414dbb" in header
+    row = next(line for line in text.splitlines() if line.startswith("| 128K | video | fwd | triton"))
+    assert row.split("|")[-2].strip() == "0.980"
+    baseline = next(line for line in text.splitlines() if line.startswith("| 128K | any | fwd+bwd | cudnn"))
+    assert baseline.split("|")[-2].strip() == "1.000"
+
+
+def test_results_renders_bench_gpu_tests_and_notes(results_script, tmp_path):
+    (tmp_path / "bench.json").write_text(json.dumps(_bench_document(None, 1.0)))
+    (tmp_path / "gpu.json").write_text(json.dumps({"record": "gpu-tests", "command": "pytest -q tests", "device": "GPU",
+                                                   "date": "2026-12-07", "passed": 41, "failed": 1, "deselected": 2}))
+    (tmp_path / "notes.md").write_text("- a figure kept by hand\n")
+    text = results_script.render_results(tmp_path)
+    assert "| 128K | 131 | 32.8 (x4.00) | 393 | 98.3 (x4.00) |" in text
+    assert "**41 passed, 1 failed, 2 deselected**" in text and "pytest -q tests" in text
+    assert text.rstrip().endswith("- a figure kept by hand")
+    block = results_script.readme_block(tmp_path)
+    assert "| 8K | 8.19 | 2.05 (x4.00) | 24.6 | 6.14 (x4.00) |" in block
+    (tmp_path / "stray.json").write_text(json.dumps({"something": "else"}))
+    with pytest.raises(ValueError, match="stray.json"):
+        results_script.render_results(tmp_path)
