@@ -20,7 +20,11 @@ absolute and above what was allocated before them (weights, inputs).
 Results go to ``--json`` after every measurement (so a run cut short keeps
 what it measured) and a Markdown table to ``--md``.
 
-    PYTHONPATH=. python benchmarks/adapter_layer.py --json benchmarks/adapter-h100.json --md benchmarks/adapter-h100.md
+    python benchmarks/adapter_layer.py --json adapter.json --md adapter.md
+
+(from an installed checkout: ``pip install -e .``). Its figures are carried by
+hand in ``benchmarks/results/notes.md``, which ``benchmarks/results.py`` copies
+into ``benchmarks/RESULTS.md``.
 
 ``--backends auto flex`` (the default) measures the backend ``auto`` picks, then
 FlexAttention if ``auto`` picked another one.

@@ -4,8 +4,11 @@ See :mod:`nsaflex.bench` for what is measured and how. Examples::
 
     nsaflex bench videonsa-qblock --lengths 8k,32k,64k,128k --backends flex \\
         --baselines sdpa,cudnn,flex-dense,fla --pass fwd,fwd+bwd --inputs video,random \\
-        --json benchmarks/run.json --plot benchmarks/run.png
+        --json run.json --plot run.png
     nsaflex bench window --device cpu --lengths 512 --heads 4/2 --dim 32 --dtype fp32
+
+A record for ``benchmarks/RESULTS.md``: ``--json benchmarks/results/NAME.json``,
+then ``python benchmarks/results.py``.
 """
 
 from __future__ import annotations
