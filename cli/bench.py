@@ -71,7 +71,8 @@ def _heads(text: str) -> tuple[int, int]:
               help="Length of the correctness spot check against the float64 reference (0: none).")
 @click.option("--warmup", type=click.IntRange(1), default=25, show_default=True, help="Warm-up per measurement (ms).")
 @click.option("--rep", type=click.IntRange(1), default=100, show_default=True, help="Timed repetitions per measurement (ms).")
-@click.option("--breakdown", is_flag=True, help="Also time the stages of one forward call (flex: scores, tile lists, each branch).")
+@click.option("--breakdown", is_flag=True,
+              help="Also profile one call: each kernel's device time (CPU: each operator's), and the flex backend's forward stages.")
 @click.option("--deterministic/--atomic", default=True, show_default=True,
               help="--atomic: gradients accumulated with atomics where a backend has them (Triton: the selection branch's dk, dv).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write every figure and the environment here.")

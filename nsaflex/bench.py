@@ -17,6 +17,9 @@ baseline, and records:
 * peak device memory (CUDA);
 * a correctness spot check of each backend against the float64 reference at a
   small length;
+* with ``breakdown``: the device time of each kernel one call launches
+  (``torch.profiler``; on the CPU each operator's own time), and for the flex
+  backend the stages of one forward call;
 * for selection patterns, per input kind: the mean Jaccard overlap of the
   selections of neighbouring queries and the union of selected blocks a query
   tile of 128 queries runs (and what the backend itself reports, for flex).
@@ -67,6 +70,9 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 BACKWARD_FACTOR = 3.5
 CHECK_TOLERANCE = {torch.bfloat16: 3e-2, torch.float16: 5e-3, torch.float32: 1e-4}
 UNION_TILE = 128
+#: Kernels a breakdown names, longest first; the rest are summed as OTHER_KERNELS.
+BREAKDOWN_KERNELS = 8
+OTHER_KERNELS = "other kernels"
 #: Longest sequence the dense SDPA baseline runs on the CPU (its math backend keeps L x L scores).
 CPU_SDPA_LIMIT = 8192
 #: Distributions that install the ``fla`` module (the ``fla`` baseline's kernel), newest name first.
@@ -114,6 +120,7 @@ class Row:
     check: dict[str, Any] | None = None
     selection: dict[str, Any] | None = None
     breakdown: dict[str, float] | None = None
+    kernels: dict[str, float] | None = None
     note: str = ""
     error: str | None = None
 
@@ -229,6 +236,36 @@ def time_ms(fn: Callable[[], Any], device: str, warmup_ms: int, rep_ms: int) -> 
         fn()
         times.append(time.perf_counter() - start)
     return 1000.0 * statistics.median(times)
+
+
+def longest(times: dict[str, float], keep: int = BREAKDOWN_KERNELS) -> dict[str, float]:
+    """The ``keep`` longest positive times, longest first, and the sum of the
+    rest under OTHER_KERNELS (absent when nothing is left over)."""
+    ordered = sorted(((name, ms) for name, ms in times.items() if ms > 0), key=lambda item: -item[1])
+    out = dict(ordered[:keep])
+    rest = sum(ms for _, ms in ordered[keep:])
+    if rest > 0:
+        out[OTHER_KERNELS] = rest
+    return out
+
+
+def kernel_times(fn: Callable[[], Any], device: str) -> dict[str, float]:
+    """Milliseconds of each kernel one call of ``fn`` runs, by name (see
+    :func:`longest`): CUDA kernels' device time from ``torch.profiler``; on the
+    CPU each operator's own (self) time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device == "cuda"
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as profiler:
+        fn()
+        if cuda:
+            torch.cuda.synchronize()
+    # Operators have no self device time on CUDA: their kernels carry it.
+    attribute = "self_device_time_total" if cuda else "self_cpu_time_total"
+    totals: dict[str, float] = {}
+    for event in profiler.key_averages():
+        totals[event.key] = totals.get(event.key, 0.0) + getattr(event, attribute) / 1000.0
+    return longest(totals)
 
 
 def peak_mib(fn: Callable[[], Any], device: str) -> float | None:
@@ -658,6 +695,8 @@ def _measure_backend(name, attn, options: BenchOptions, pattern: Pattern, length
             row.breakdown = dict(kernel.stats.get("timings_ms", {}))
         finally:
             kernel.profile = False
+    if options.breakdown:
+        row.kernels = kernel_times(fn, options.device)
     stats = getattr(kernel, "stats", None)
     if isinstance(stats, dict) and "selection" in stats:
         row.selection = dict(stats["selection"])
@@ -767,6 +806,17 @@ def print_tables(document: dict[str, Any], console) -> None:
             split.add_row(str(row["length"]), row["inputs"], row["passes"], row["name"],
                           *[_fmt(row["breakdown"].get(name)) for name in names])
         console.print(split)
+    profiled = [row for row in document["results"] if row.get("kernels")]
+    if profiled:
+        kernels = Table(title="kernels of one call (ms; --breakdown)", title_justify="left")
+        for column in ("L", "inputs", "pass", "name", "kernel", "ms", "share"):
+            kernels.add_column(column, justify="right" if column in ("L", "ms", "share") else "left")
+        for row in profiled:
+            total = sum(row["kernels"].values())
+            for kernel, ms in row["kernels"].items():
+                kernels.add_row(str(row["length"]), row["inputs"], row["passes"], row["name"], kernel[:70], _fmt(ms),
+                                f"{ms / total:.0%}")
+        console.print(kernels)
     for item in document["skipped"]:
         console.print(f"[yellow]skipped {item['name']}: {item['reason']}[/]")
 

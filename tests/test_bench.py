@@ -40,6 +40,8 @@ def test_bench_cpu_smoke_writes_every_figure(runner, tmp_path):
     assert {"selection: scores + top-n", "selection: flex", "window: flex", "compression: flex"} <= set(stages)
     assert all(value >= 0 for value in stages.values())
     assert "forward stages" in result.output
+    assert "kernels of one call" in result.output
+    assert all(r["kernels"] and all(ms > 0 for ms in r["kernels"].values()) for r in flex_rows)
     assert document["checks"]["flex"]["ok"]
     assert {item["inputs"] for item in document["selection"]} == {"random", "video"}
     assert all(0.0 <= item["mean_jaccard_neighbours"] <= 1.0 for item in document["selection"])
@@ -125,6 +127,29 @@ def test_bench_with_a_baseline_that_cannot_run_here_skips_it_and_runs_the_rest(r
     assert result.exit_code == 0, result.output
     rows = {row["name"]: row for row in json.loads(path.read_text())["results"]}
     assert rows["sdpa"]["median_ms"] > 0 and rows["cudnn"]["error"].startswith("skipped")
+
+
+def test_breakdown_names_the_longest_kernels_and_sums_the_rest():
+    times = {f"k{i}": float(i) for i in range(12)}  # k0 takes no time and is left out
+    kept = bench.longest(times, keep=3)
+    assert list(kept) == ["k11", "k10", "k9", bench.OTHER_KERNELS]
+    assert kept[bench.OTHER_KERNELS] == sum(range(1, 9))
+    assert bench.OTHER_KERNELS not in bench.longest({"a": 1.0, "b": 0.0}, keep=3)
+
+
+def test_breakdown_profiles_a_backend_without_stages(runner, tmp_path):
+    path = tmp_path / "bench.json"
+    result = runner("window", "--device", "cpu", "--lengths", "64", "--heads", "2/1", "--dim", "8", "--dtype", "fp32",
+                    "--backends", "reference", "--baselines", "none", "--pass", "fwd,fwd+bwd", "--check-length", "0",
+                    "--rep", "1", "--breakdown", "--json", str(path))
+    assert result.exit_code == 0, result.output
+    rows = json.loads(path.read_text())["results"]
+    assert [row["passes"] for row in rows] == ["fwd", "fwd+bwd"]
+    for row in rows:
+        assert 0 < len(row["kernels"]) <= bench.BREAKDOWN_KERNELS + 1 and row["breakdown"] is None
+        named = [ms for kernel, ms in row["kernels"].items() if kernel != bench.OTHER_KERNELS]
+        assert named == sorted(named, reverse=True) and all(ms > 0 for ms in row["kernels"].values())
+    assert "kernels of one call" in result.output
 
 
 def test_bench_atomic_flag_reaches_the_compile_and_the_record(runner, tmp_path, monkeypatch):
