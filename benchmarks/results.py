@@ -147,13 +147,15 @@ def bench_table(document: dict[str, Any]) -> list[str]:
 
 
 def bench_notes(document: dict[str, Any]) -> list[str]:
-    """Each name's note (e.g. how a baseline was run), failed rows, spot checks
-    and skipped names, as list items."""
+    """Each name's note (e.g. how a baseline was run), failed rows, skipped
+    baselines and spot checks, as list items."""
     notes = {row["name"]: row["note"] for row in document["results"] if row.get("note")}
     lines = [f"- {name}: {note}" for name, note in notes.items()]
     lines += [f"- failed: L={row['length']} {row['passes']} {row['inputs']} {row['name']}: {row['error']}"
              for row in document["results"] if row.get("error") and not row["error"].startswith("skipped")]
-    lines += [f"- skipped {item['name']}: {item['reason']}" for item in document.get("skipped", [])]
+    skipped = {(row["name"], row["error"].removeprefix("skipped: ")) for row in document["results"]
+               if (row.get("error") or "").startswith("skipped")}
+    lines += [f"- {name} skipped: {reason}" for name, reason in sorted(skipped)]
     for name, check in document.get("checks", {}).items():
         if "relative_error" in check:
             verdict = "ok" if check.get("ok") else "FAILED"

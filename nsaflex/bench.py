@@ -31,11 +31,12 @@ compression + selection only; it needs query heads per kv head to be a power of
 two of at least 16, so heads are padded as VideoNSA does, and the table says so).
 What it refuses before measuring anything, with an :class:`~nsaflex.errors.InputError`
 (``nsaflex bench`` exits 2): an unknown backend or baseline name (a typo would
-otherwise time the rest and exit 0), a length whose inputs alone exceed the
-device's memory, and a ``--json`` path that cannot be written (the run's figures
-would be lost after it). A known baseline that cannot run here (cuDNN on a CPU,
-fla-core not installed) is reported and skipped; when nothing is left to run,
-:func:`run_bench` raises :class:`NsaflexError` naming each refused name and why.
+otherwise time the rest and exit 0), a backend that cannot serve the pattern
+here, a length whose inputs alone exceed the device's memory, and a ``--json``
+path that cannot be written (the run's figures would be lost after it). A known
+baseline that cannot run here (cuDNN on a CPU, fla-core not installed) is
+reported in its rows and skipped; when nothing is left to run, :func:`run_bench`
+raises :class:`NsaflexError` naming each refused baseline and why.
 A configuration that fails while measuring is recorded and the rest runs;
 :func:`failures` lists such failures so the command line can exit 2 after
 writing everything.
@@ -462,21 +463,20 @@ def run_bench(options: BenchOptions, console=None, *, progress: bool = True, jso
     check_options(options, pattern)
     if json_path:
         check_writable(json_path, "--json")
-    skipped: list[dict[str, str]] = []
     backends = list(options.backends)
     baselines = list(options.baselines)
 
     compiled: dict[str, Any] = {}
+    refused: list[str] = []
     for name in backends:
         try:
             compiled[name] = nsaflex.compile(pattern, backend=name, device=device, head_dim=options.dim,
                                              deterministic=options.deterministic).to(device)
         except NsaflexError as error:
-            skipped.append({"name": name, "reason": str(error)})
-    _refuse_empty_run(options, pattern, compiled, baselines, skipped)
-    if console is not None:
-        for item in skipped:
-            console.print(f"[yellow]skipped {item['name']}: {item['reason']}[/]")
+            refused.append(f"  {name}: {error}")
+    if refused:
+        raise InputError("--backends", f"backends that serve {pattern.name!r} on {device}", "\n" + "\n".join(refused))
+    _refuse_empty_run(options, pattern, compiled, baselines)
 
     rows: list[Row] = []
     structures: list[dict[str, Any]] = []
@@ -524,8 +524,8 @@ def run_bench(options: BenchOptions, console=None, *, progress: bool = True, jso
                     rows.append(Row(length, inputs, passes, kind, name, error=message))
             bar.advance(task)
             if json_path:
-                write_json(_document(options, pattern, rows, structures, checks, skipped, baseline_times, complete=False), json_path)
-    document = _document(options, pattern, rows, structures, checks, skipped, baseline_times, complete=True)
+                write_json(_document(options, pattern, rows, structures, checks, baseline_times, complete=False), json_path)
+    document = _document(options, pattern, rows, structures, checks, baseline_times, complete=True)
     if json_path:
         write_json(document, json_path)
     if console is not None:
@@ -554,7 +554,7 @@ def device_memory_bytes(device: str) -> int | None:
     """Total memory of the CUDA device, or the machine's physical memory for
     the CPU; None when it cannot be read."""
     if device == "cuda":
-        return torch.cuda.get_device_properties(0).total_memory
+        return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):  # not a POSIX sysconf
@@ -593,12 +593,10 @@ def check_writable(path: str, option: str) -> None:
 
 def failures(document: dict[str, Any]) -> list[str]:
     """'L=... pass inputs name: error' for each configuration that failed while
-    measuring, each requested backend that did not compile and each failed spot
-    check (a baseline that cannot run here is skipped, not failed)."""
+    measuring and each failed spot check (a baseline that cannot run here is
+    skipped, not failed)."""
     lines = [f"L={row['length']} {row['passes']} {row['inputs']} {row['name']}: {row['error']}"
              for row in document["results"] if row.get("error") and not row["error"].startswith("skipped")]
-    requested = set(document["config"]["backends"])
-    lines += [f"{item['name']}: {item['reason']}" for item in document["skipped"] if item["name"] in requested]
     for name, check in document["checks"].items():
         if "error" in check:
             lines.append(f"check {name}: {check['error']}")
@@ -608,14 +606,13 @@ def failures(document: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _refuse_empty_run(options: BenchOptions, pattern: Pattern, compiled: dict[str, Any], baselines: list[str],
-                      skipped: list[dict[str, str]]) -> None:
-    """Raise NsaflexError naming every refused backend and baseline and why when
-    no backend compiled and no baseline can run any configuration: a run of
-    nothing would otherwise print an empty table and exit 0."""
+def _refuse_empty_run(options: BenchOptions, pattern: Pattern, compiled: dict[str, Any], baselines: list[str]) -> None:
+    """Raise NsaflexError naming every refused baseline and why when no backend
+    was requested and no baseline can run any configuration: a run of nothing
+    would otherwise print an empty table and exit 0."""
     if compiled:
         return
-    refused = [f"{item['name']}: {item['reason']}" for item in skipped]
+    refused = []
     for name in baselines:
         reasons = [baseline_skip_reason(name, options, pattern, length, passes)
                    for length in options.lengths for passes in options.passes]
@@ -624,11 +621,11 @@ def _refuse_empty_run(options: BenchOptions, pattern: Pattern, compiled: dict[st
         refused.append(f"{name}: " + "; ".join(dict.fromkeys(r for r in reasons if r is not None)))
     if not refused:
         raise NsaflexError("nothing to run: no backend or baseline was requested (--backends, --baselines)")
-    raise NsaflexError("nothing to run: every requested backend and baseline was refused:\n"
+    raise NsaflexError("nothing to run: every requested baseline was refused:\n"
                        + "\n".join(f"  {line}" for line in refused))
 
 
-def _document(options, pattern, rows, structures, checks, skipped, baseline_times, *, complete: bool) -> dict[str, Any]:
+def _document(options, pattern, rows, structures, checks, baseline_times, *, complete: bool) -> dict[str, Any]:
     device = options.device
     for row in rows:
         if row.median_ms:
@@ -662,7 +659,6 @@ def _document(options, pattern, rows, structures, checks, skipped, baseline_time
         "results": [row.to_dict() for row in rows],
         "selection": structures,
         "checks": checks,
-        "skipped": skipped,
     }
 
 
@@ -817,8 +813,6 @@ def print_tables(document: dict[str, Any], console) -> None:
                 kernels.add_row(str(row["length"]), row["inputs"], row["passes"], row["name"], kernel[:70], _fmt(ms),
                                 f"{ms / total:.0%}")
         console.print(kernels)
-    for item in document["skipped"]:
-        console.print(f"[yellow]skipped {item['name']}: {item['reason']}[/]")
 
 
 def pyplot():

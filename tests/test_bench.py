@@ -75,6 +75,16 @@ def test_bench_refuses_unknown_names_before_running(runner, tmp_path, monkeypatc
     assert not compiled and not path.exists()
 
 
+def test_bench_refuses_a_backend_that_cannot_serve_the_pattern_before_running(runner, tmp_path):
+    path = tmp_path / "bench.json"
+    # The triton backend serves no query-block selection (and needs CUDA or the interpreter).
+    result = runner("qblock-small", "--device", "cpu", "--lengths", "64", "--heads", "2/1", "--dim", "16", "--dtype", "fp32",
+                    "--backends", "flex,triton", "--baselines", "sdpa", "--rep", "1", "--json", str(path))
+    assert result.exit_code == 2, result.output
+    assert "--backends" in result.output and "triton:" in result.output and "Traceback" not in result.output
+    assert not path.exists()
+
+
 def test_bench_refuses_lengths_past_the_device_memory(runner, tmp_path):
     path = tmp_path / "bench.json"
     result = runner("window", "--device", "cpu", "--lengths", "64,99999999999k", "--heads", "2/1", "--dim", "8",
@@ -208,7 +218,6 @@ def test_union_columns_say_what_they_divide_and_the_tile():
         "checks": {},
         "selection": [{"length": 256, "inputs": "random", "granularity": "token", "count": 8, "mean_jaccard_neighbours": 0.5,
                        "query_tile": bench.UNION_TILE, "tile_mean_union_blocks": 20.0, "tile_union_over_selected": 2.5}],
-        "skipped": [],
     }
     console = Console(file=io.StringIO(), width=400, highlight=False)
     bench.print_tables(document, console)
@@ -310,7 +319,7 @@ def _bench_document(label: str | None, scale: float) -> dict:
                 "environment": {"date": "2026-12-07T10:00:00+00:00", "device": "cuda", "gpu": "GPU", "torch": "2", "triton": "3"},
                 "config": {"pattern": "videonsa", "batch": 1, "query_heads": 28, "kv_heads": 4, "dim": 128, "dtype": "bfloat16",
                            "backends": ["triton"], "baselines": ["cudnn"]},
-                "results": rows, "checks": {}, "skipped": []}
+                "results": rows, "checks": {}}
     if label is not None:
         document["label"] = label
     return document
