@@ -460,15 +460,14 @@ def run_bench(options: BenchOptions, console=None, *, progress: bool = True, jso
 
     pattern = _bench_pattern(options)
     device = options.device
-    check_options(options, pattern)
+    check_options(options)
     if json_path:
         check_writable(json_path, "--json")
-    backends = list(options.backends)
     baselines = list(options.baselines)
 
     compiled: dict[str, Any] = {}
     refused: list[str] = []
-    for name in backends:
+    for name in options.backends:
         try:
             compiled[name] = nsaflex.compile(pattern, backend=name, device=device, head_dim=options.dim,
                                              deterministic=options.deterministic).to(device)
@@ -561,7 +560,7 @@ def device_memory_bytes(device: str) -> int | None:
         return None
 
 
-def check_options(options: BenchOptions, pattern: Pattern) -> None:
+def check_options(options: BenchOptions) -> None:
     """Refuse, before anything runs, what would only fail later: unknown
     backend or baseline names (InputError naming each, with a did-you-mean
     hint) and lengths whose inputs alone exceed the device's memory."""
@@ -572,11 +571,11 @@ def check_options(options: BenchOptions, pattern: Pattern) -> None:
                          "\n" + "\n".join(f"  {line}" for line in unknown))
     memory = device_memory_bytes(options.device)
     if memory is not None and options.lengths:
-        longest = max(options.lengths)
-        needed = input_bytes(options, longest)
+        longest_length = max(options.lengths)
+        needed = input_bytes(options, longest_length)
         if needed > memory:
             raise InputError("--lengths", f"lengths whose q, k, v and output fit the {options.device} memory "
-                             f"({memory / 2**30:.1f} GiB)", f"{longest:,} tokens, which need {needed / 2**30:,.1f} GiB")
+                             f"({memory / 2**30:.1f} GiB)", f"{longest_length:,} tokens, which need {needed / 2**30:,.1f} GiB")
 
 
 def check_writable(path: str, option: str) -> None:
