@@ -16,7 +16,8 @@ How it plugs in (transformers 5.x; 4.57 works the same way):
   silently dropping the padding mask), and sets ``_attn_implementation`` on the
   *text* config only, so the vision tower keeps its own attention. The mask
   function returns an :class:`NsaflexMask`: which keys are real (the 2-D padding
-  mask) plus the mask the model's original implementation would have built.
+  mask) plus the mask the model's original implementation builds, built when a
+  layer hands a call to that implementation.
 * Token classes come from the model call: a forward pre-hook on
   ``Qwen2_5_VLModel`` reads ``mm_token_type_ids`` (0 text; image 1 and video 2
   are vision; any other value is refused) or, without them, the image / video
