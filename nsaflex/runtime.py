@@ -49,6 +49,17 @@ class CompiledAttention(nn.Module):
         any_heads = dataclasses.replace(self.pattern.model, query_heads=None, kv_heads=None)
         self._any_heads_pattern = dataclasses.replace(self.pattern, model=any_heads)
 
+    def __getstate__(self) -> dict:
+        # The kernel is a closure (or holds per-shape mask caches): pickles and
+        # copies rebuild it from the plan instead.
+        state = super().__getstate__()
+        state.pop("_kernel", None)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self._kernel = get_backend(self.plan.backend).build(self.pattern, self.plan)
+
     @property
     def backend(self) -> str:
         return self.plan.backend

@@ -1,10 +1,12 @@
 """The Qwen2.5-VL adapter under sequence parallelism (gloo, 2 CPU processes):
 each rank runs the model on its shard of the sequence with the shard's
 position ids; the logits and the gradients of the gate parameters equal the
-single-process run (float64 model, reference backend: reorderings only)."""
+single-process run (float64 model, reference backend: reorderings only). A
+deep copy of the sharded model shares its process group and runs the same."""
 
 from __future__ import annotations
 
+import copy
 import os
 import socket
 
@@ -45,13 +47,17 @@ def _worker(rank: int, world: int, port: int, results: dict) -> None:
     try:
         model, pattern, ids, mm, positions = _setup()
         apply(model, pattern, backend="reference", process_group=dist.group.WORLD)
+        twin = copy.deepcopy(model)  # a process group cannot be copied: the copy must share it
         shard = torch.tensor_split(torch.arange(LENGTH), world)[rank]
-        out = model(input_ids=ids[:, shard], mm_token_type_ids=mm[:, shard], position_ids=positions[:, shard], use_cache=False)
+        inputs = dict(input_ids=ids[:, shard], mm_token_type_ids=mm[:, shard], position_ids=positions[:, shard], use_cache=False)
+        out = model(**inputs)
+        with torch.no_grad():
+            twin_logits = twin(**inputs).logits
         out.logits.sum().backward()
         grads = _gate_grads(model)
         for tensor in grads.values():
             dist.all_reduce(tensor)  # each rank's gates saw its own tokens only
-        results[rank] = (out.logits.detach(), grads)
+        results[rank] = (out.logits.detach(), grads, twin_logits)
     finally:
         dist.destroy_process_group()
 
@@ -66,6 +72,7 @@ def test_sharded_model_matches_single_process():
     out.logits.sum().backward()
     expected = _gate_grads(model)
     sharded = torch.cat([results[0][0], results[1][0]], dim=1)
+    assert all(torch.equal(results[rank][2], results[rank][0]) for rank in (0, 1))
     assert (sharded - out.logits.detach()).abs().max().item() <= TOLERANCE
     for name, grad in expected.items():
         assert (results[0][1][name] - grad).abs().max().item() <= TOLERANCE * max(1.0, grad.abs().max().item()), name

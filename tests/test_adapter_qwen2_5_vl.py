@@ -1,16 +1,32 @@
 """The Qwen2.5-VL adapter on tiny random models (no downloads): prefill logits
 against the unpatched model and a from-scratch float64 evaluation, padding,
-token classes, gates in the state dict, training, and refused inputs."""
+token classes, gates in the state dict, training, refused inputs, the handle's
+lifetime, and copies and pickles of a patched model."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import io
+import os
+import pickle
+import warnings
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 from nsaflex.adapters import qwen2_5_vl as adapter_module
-from nsaflex.adapters.qwen2_5_vl import AdapterError, applied, apply, get_adapter, load_videonsa_gates, remove
+from nsaflex.adapters.qwen2_5_vl import (
+    AdapterError,
+    StaleAdapterWarning,
+    applied,
+    apply,
+    get_adapter,
+    load_videonsa_gates,
+    remove,
+)
 from nsaflex.errors import BackendUnavailable, NsaflexError, PatternError
 from nsaflex.reference_release import release_pattern
 from nsaflex.spec import Compression, Gate, Hybrid, LayerOverride, Model, Pattern, Selection, Window
@@ -20,6 +36,7 @@ from tests.adapter_support import (
     position_ids_from_mask,
     scratch_logits,
     small_pattern,
+    takes_mm_token_type_ids,
     tiny_model,
 )
 
@@ -46,10 +63,12 @@ def randomise_gates(adapter, seed=0, scale=0.5):
 
 
 def model_fingerprint(model):
-    """What apply() may touch: state dict keys, hooks, attention implementation."""
+    """What apply() may touch: state dict keys, hooks, attention implementation,
+    the adapter's attributes on modules."""
     text = model.model.language_model
     hooks = sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules())
-    return (tuple(model.state_dict().keys()), hooks, text.config._attn_implementation)
+    attributes = sorted(name for m in model.modules() for name in vars(m) if name.startswith("_nsaflex"))
+    return (tuple(model.state_dict().keys()), hooks, text.config._attn_implementation, attributes)
 
 
 # --- equality with the unpatched model ----------------------------------------------------
@@ -444,3 +463,181 @@ def test_context_manager_restores_on_error():
 def test_errors_are_project_errors():
     assert issubclass(AdapterError, NsaflexError)
     assert adapter_module.ATTN_NAME == "nsaflex"
+
+
+# --- mm_token_type_ids values ---------------------------------------------------------------------
+
+
+@given(
+    st.integers(1, 3).flatmap(
+        lambda batch: st.integers(1, 12).flatmap(
+            lambda length: st.lists(
+                st.lists(st.integers(-3, 6), min_size=length, max_size=length), min_size=batch, max_size=batch
+            )
+        )
+    )
+)
+def test_token_classes_refuse_values_other_than_text_image_video(rows):
+    """0 text, 1 image, 2 video: any other value is refused, naming every one found."""
+    mm = torch.tensor(rows)
+    bad = sorted({value for row in rows for value in row if value not in (0, 1, 2)})
+    if bad:
+        with pytest.raises(AdapterError, match=r"^mm_token_type_ids: expected 0 \(text\), 1 \(image\) or 2 \(video\)") as raised:
+            adapter_module._token_classes(None, mm, None)
+        assert str(raised.value).endswith(f"found values {bad}")
+    else:
+        assert torch.equal(adapter_module._token_classes(None, mm, None), (mm != 0).long())
+
+
+def test_model_call_with_unknown_token_type_is_refused():
+    model = tiny_model()
+    ids, mask, mm = make_batch(SPANS, LENGTHS, 36)
+    with applied(model, small_pattern(), backend="reference"):
+        expected = logits(model, ids, mask, mm)
+        wrong = mm.clone()
+        wrong[0, -3] = 3  # no such class: not "vision" by being nonzero
+        with pytest.raises(AdapterError, match=r"mm_token_type_ids: .*found values \[3\]"):
+            logits(model, ids, mask, wrong)
+        with pytest.raises(AdapterError, match=r"mm_token_type_ids: expected an integer tensor.*found torch\.float32"):
+            logits(model, ids, mask, mm.float())
+        # the refusal changed nothing
+        assert torch.equal(logits(model, ids, mask, mm), expected)
+
+
+# --- the handle acts only while it is the model's adapter -------------------------------------------
+
+
+def test_stale_handle_leaves_the_reapplied_adapter_in_place():
+    model = tiny_model()
+    unpatched = model_fingerprint(model)
+    ids, mask, mm = make_batch(SPANS, LENGTHS, 36)
+    old = apply(model, small_pattern(), backend="reference")
+    remove(model)
+    new = apply(model, small_pattern(), backend="reference")
+    randomise_gates(new)
+    patched = logits(model, ids, mask, mm)
+    before = model_fingerprint(model)
+    with pytest.warns(StaleAdapterWarning, match="no longer the model's adapter.*left as it is"):
+        old.remove()
+    assert get_adapter(model) is new and new.active and not old.active
+    assert model_fingerprint(model) == before
+    assert torch.equal(logits(model, ids, mask, mm), patched)
+    assert list(old.gate_parameters()) == []
+    new.remove()
+    assert model_fingerprint(model) == unpatched
+
+
+def test_second_remove_is_silent_and_a_stale_context_exit_warns():
+    model = tiny_model()
+    adapter = apply(model, small_pattern(), backend="reference")
+    adapter.remove()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        adapter.remove()  # nothing applied: nothing to do, nothing to say
+    with pytest.warns(StaleAdapterWarning):
+        with applied(model, small_pattern(), backend="reference"):
+            remove(model)
+            newer = apply(model, small_pattern(), backend="reference")
+    assert get_adapter(model) is newer
+    assert model.config.text_config._attn_implementation == "nsaflex"
+
+
+# --- copies and pickles of a patched model ------------------------------------------------------------
+
+
+def copy_cases():
+    return {
+        "reference-mlp-pooling": ("reference", small_pattern(compression=Compression(block=4, stride=2, pooling="mlp"))),
+        "flex": ("flex", small_pattern()),
+        "triton": ("triton", small_pattern()),
+    }
+
+
+def patched_for_copy(case, monkeypatch):
+    backend, pattern = copy_cases()[case]
+    if backend == "triton" and not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the triton backend on CPU runs under TRITON_INTERPRET=1")
+    monkeypatch.setenv("NSAFLEX_FLEX_MODE", "eager")  # no torch.compile on a shared CPU
+    model = tiny_model()
+    adapter = apply(model, pattern, backend=backend)
+    randomise_gates(adapter, seed=5)
+    if adapter.layers[0].compiled.pooler is not None:
+        with torch.no_grad():
+            for layer in adapter.layers:
+                for parameter in layer.compiled.pooler.parameters():
+                    parameter.add_(0.1 * torch.randn(parameter.shape, generator=torch.Generator().manual_seed(2)))
+    return model, adapter
+
+
+def assert_independent(model, twin, ids, mask, mm, expected):
+    """``twin`` carries its own adapter: removing it leaves ``model`` patched, and back."""
+    unpatched = model_fingerprint(tiny_model())
+    assert get_adapter(twin) is not None and get_adapter(twin) is not get_adapter(model)
+    remove(twin)
+    assert model_fingerprint(twin) == unpatched
+    assert torch.equal(logits(model, ids, mask, mm), expected)
+    assert not torch.allclose(real(logits(twin, ids, mask, mm), mask), real(expected, mask))
+    apply(twin, get_adapter(model).pattern, backend="reference")
+    remove(model)
+    assert model_fingerprint(model) == unpatched
+    assert get_adapter(twin) is not None and twin.config.text_config._attn_implementation == "nsaflex"
+
+
+@pytest.mark.parametrize("case", list(copy_cases()))
+def test_deepcopy_of_patched_model_runs_and_is_independent(case, monkeypatch):
+    model, _ = patched_for_copy(case, monkeypatch)
+    ids, mask, mm = make_batch(SPANS, LENGTHS, 36)
+    expected = logits(model, ids, mask, mm)
+    twin = copy.deepcopy(model)
+    assert torch.equal(logits(twin, ids, mask, mm), expected)
+    assert_independent(model, twin, ids, mask, mm, expected)
+
+
+# torch.save pickles: one case of it is enough (the interpreted triton kernels are slow on CPU)
+@pytest.mark.parametrize(
+    "how, case", [("pickle", case) for case in copy_cases()] + [("torch.save", "reference-mlp-pooling")]
+)
+def test_pickled_patched_model_loads_and_runs(how, case, monkeypatch):
+    model, _ = patched_for_copy(case, monkeypatch)
+    ids, mask, mm = make_batch(SPANS, LENGTHS, 36)
+    expected = logits(model, ids, mask, mm)
+    if how == "pickle":
+        twin = pickle.loads(pickle.dumps(model))
+    else:
+        buffer = io.BytesIO()
+        torch.save(model, buffer)
+        buffer.seek(0)
+        twin = torch.load(buffer, weights_only=False)
+    assert torch.equal(logits(twin, ids, mask, mm), expected)
+    assert_independent(model, twin, ids, mask, mm, expected)
+
+
+def test_copy_of_patched_model_generates_the_same_tokens():
+    """Prefill and decode over the KV cache run on the copy as on the original."""
+    model = tiny_model()
+    randomise_gates(apply(model, small_pattern(), backend="reference"), seed=4)
+    ids, mask, mm = make_batch(SPANS[:2], LENGTHS[:2], 34)
+    kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False)
+    if takes_mm_token_type_ids(model):
+        kwargs["mm_token_type_ids"] = mm
+    expected = model.generate(**kwargs)
+    twin = copy.deepcopy(model)
+    assert torch.equal(twin.generate(**kwargs), expected)
+    assert torch.equal(model.generate(**kwargs), expected)
+
+
+class UncopyableGroup:
+    """Stands in for a torch.distributed process group, which cannot be copied or pickled."""
+
+    def __reduce_ex__(self, protocol):
+        raise TypeError("cannot pickle 'ProcessGroup' object")
+
+
+def test_copy_of_sequence_parallel_model_shares_its_process_group_and_pickle_is_refused():
+    model = tiny_model()
+    group = UncopyableGroup()
+    apply(model, small_pattern(), backend="reference", process_group=group)
+    twin = copy.deepcopy(model)
+    assert get_adapter(twin).process_group is group
+    with pytest.raises(AdapterError, match=r"^process_group: expected None to pickle.*found UncopyableGroup"):
+        pickle.dumps(model)

@@ -16,12 +16,13 @@ How it plugs in (transformers 5.x; 4.57 works the same way):
   silently dropping the padding mask), and sets ``_attn_implementation`` on the
   *text* config only, so the vision tower keeps its own attention. The mask
   function returns an :class:`NsaflexMask`: which keys are real (the 2-D padding
-  mask) plus the mask the model's original implementation would have built.
+  mask) plus the mask the model's original implementation builds, built when a
+  layer hands a call to that implementation.
 * Token classes come from the model call: a forward pre-hook on
-  ``Qwen2_5_VLModel`` reads ``mm_token_type_ids`` (image 1 and video 2 are
-  vision) or, without them, the image / video token ids in ``input_ids``. The
-  classes of cached tokens are kept on the transformers cache object, so decode
-  steps know them.
+  ``Qwen2_5_VLModel`` reads ``mm_token_type_ids`` (0 text; image 1 and video 2
+  are vision; any other value is refused) or, without them, the image / video
+  token ids in ``input_ids``. The classes of cached tokens are kept on the
+  transformers cache object, so decode steps know them.
 * Gates: each decoder layer's ``self_attn`` gets the gate network of its
   (override-resolved) pattern, registered as ``self_attn.g_proj_1`` /
   ``self_attn.g_proj_2`` (``mlp``, VideoNSA's names and layout) or
@@ -54,15 +55,25 @@ all beams of a prompt share their token classes (generated tokens are text).
 
 ``mode="videonsa_release"`` runs :mod:`nsaflex.reference_release` (the
 released VideoNSA code's numerics) on the reference backend, prefill and decode.
+
+Where the adapter lives. Everything it adds is on the model's own modules: the
+handle on ``Qwen2_5_VLModel`` and its text model (``_nsaflex_adapter``), each
+layer's state on its ``self_attn`` (``_nsaflex_layer``), the gates and compiled
+attention as submodules, and forward hooks that are module-level functions
+reading those attributes. So ``copy.deepcopy(model)``, ``pickle`` and
+``torch.save(model)`` carry a working adapter of their own (see
+:meth:`Qwen25VLAdapter.__deepcopy__`), and a handle acts on the model only
+while it is the model's adapter (:meth:`Qwen25VLAdapter.remove`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import re
 import sys
-import weakref
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
@@ -89,6 +100,11 @@ from nsaflex.tensor_memo import remembered
 
 ATTN_NAME = "nsaflex"
 MODES = ("faithful", "videonsa_release")
+_TOKEN_TYPES = "0 (text), 1 (image) or 2 (video)"  # the values of mm_token_type_ids
+
+# Where the adapter's state lives on the patched modules.
+_ADAPTER_ATTRIBUTE = "_nsaflex_adapter"  # on Qwen2_5_VLModel and its text model
+_LAYER_ATTRIBUTE = "_nsaflex_layer"  # on each decoder layer's self_attn
 
 
 class AdapterError(InputError):
@@ -100,23 +116,53 @@ class AdapterError(InputError):
         return self.argument
 
 
+class StaleAdapterWarning(UserWarning):
+    """``remove()`` through a handle that is no longer the model's adapter: the
+    model has been patched again since, and that adapter is left in place."""
+
+
 class NsaflexMask:
     """What the registered mask function hands the attention: ``valid``
-    ``[B, S]`` bool (True = real token; ``None`` = no padding) and ``original``,
-    the mask the model's original implementation builds."""
+    ``[B, S]`` bool (True = real token; ``None`` = no padding) and, through
+    :meth:`original`, the mask the model's original implementation builds.
 
-    __slots__ = ("valid", "original")
+    The original mask is built on first use, once per implementation, from the
+    mask call's arguments: the mask function cannot tell which model calls it
+    (transformers hands it only the config), the attention module can."""
 
-    def __init__(self, valid: torch.Tensor | None, original: Any) -> None:
+    __slots__ = ("valid", "_given", "_arguments", "_built")
+
+    def __init__(
+        self,
+        valid: torch.Tensor | None,
+        original: Any = None,
+        *,
+        arguments: tuple[tuple, dict[str, Any]] | None = None,
+    ) -> None:
         self.valid = valid
-        self.original = original
+        self._given = original
+        self._arguments = arguments  # (args, kwargs) of the mask call; None: ``original`` is given
+        self._built: dict[str | None, Any] = {}
+
+    def original(self, implementation: str | None) -> Any:
+        """The mask ``implementation``'s mask function builds for this call (the
+        given one when the mask was not built by the registered function)."""
+        if self._arguments is None:
+            return self._given
+        if implementation not in self._built:
+            from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+            try:
+                function = ALL_MASK_ATTENTION_FUNCTIONS[implementation]
+            except KeyError:
+                function = None
+            args, kwargs = self._arguments
+            self._built[implementation] = None if function is None else function(*args, **kwargs)
+        return self._built[implementation]
 
 
-# --- registries ------------------------------------------------------------------------
+# --- transformers interfaces and hooks -----------------------------------------------------
 
-_ADAPTERS: "weakref.WeakKeyDictionary[nn.Module, Qwen25VLAdapter]" = weakref.WeakKeyDictionary()
-_LAYERS: "weakref.WeakKeyDictionary[nn.Module, _Layer]" = weakref.WeakKeyDictionary()
-_BY_CONFIG: dict[int, "Qwen25VLAdapter"] = {}
 _REGISTERED = False
 
 
@@ -133,14 +179,6 @@ def _register_interfaces() -> None:
 
 
 def _mask_entry(*args: Any, **kwargs: Any) -> NsaflexMask:
-    config = kwargs.get("config")
-    adapter = _BY_CONFIG.get(id(config))
-    if adapter is None:
-        raise AdapterError(
-            "attention mask",
-            "a model patched with nsaflex.adapters.qwen2_5_vl.apply",
-            f"a config with _attn_implementation {ATTN_NAME!r} but no adapter",
-        )
     mask_function = kwargs.get("mask_function")
     name = getattr(mask_function, "__name__", None)
     if mask_function is not None and name != "causal_mask_function":
@@ -150,22 +188,13 @@ def _mask_entry(*args: Any, **kwargs: Any) -> NsaflexMask:
             f"a custom or packed-sequence mask function ({name or type(mask_function).__name__}); "
             "pass an attention_mask instead of packed position_ids",
         )
-    original = None
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
-
-    try:
-        original_function = ALL_MASK_ATTENTION_FUNCTIONS[adapter.original_impl]
-    except KeyError:
-        original_function = None
-    if original_function is not None:
-        original = original_function(*args, **kwargs)
     attention_mask = kwargs.get("attention_mask")
     valid = None
     if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
         valid = attention_mask.to(torch.bool)
         if bool(valid.all()):
             valid = None
-    return NsaflexMask(valid, original)
+    return NsaflexMask(valid, arguments=(args, kwargs))
 
 
 def _attention_entry(
@@ -179,14 +208,35 @@ def _attention_entry(
     sliding_window: int | None = None,
     **kwargs: Any,
 ):
-    layer = _LAYERS.get(module)
+    layer = getattr(module, _LAYER_ATTRIBUTE, None)
     if layer is None:
         raise AdapterError(
             "attention module",
             "a decoder attention of a model patched with nsaflex.adapters.qwen2_5_vl.apply",
-            type(module).__name__,
+            f"{type(module).__name__} without an adapter, under a config whose _attn_implementation is {ATTN_NAME!r}",
         )
     return layer.adapter._attend(layer, module, query, key, value, attention_mask, dropout, scaling, sliding_window, kwargs)
+
+
+# The hooks are module-level functions reading the adapter off the module they
+# run on, so copies and pickles of a patched model reach their own adapter.
+
+
+def _model_call_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+    getattr(module, _ADAPTER_ATTRIBUTE)._on_model_call(args, kwargs)
+
+
+def _text_call_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+    getattr(module, _ADAPTER_ATTRIBUTE)._on_text_call(args, kwargs)
+
+
+def _after_text_call_hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+    getattr(module, _ADAPTER_ATTRIBUTE)._after_text_call(output)
+
+
+def _capture_hidden_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+    """The attention's input hidden state, which the layer's gates read."""
+    getattr(module, _LAYER_ATTRIBUTE).hidden = args[0] if args else kwargs.get("hidden_states")
 
 
 # --- per-call state ----------------------------------------------------------------------
@@ -225,11 +275,22 @@ class _Layer:
     def dense(self) -> bool:
         return self.pattern.dense
 
+    def __getstate__(self) -> dict[str, Any]:
+        # The captured hidden state belongs to a forward in flight, not to the layer.
+        return {**self.__dict__, "hidden": None}
+
 
 def _token_classes(input_ids: Any, mm_token_type_ids: Any, config: Any) -> torch.Tensor | None:
     """``[B, q]`` long, 1 for vision tokens, from ``mm_token_type_ids`` (0 text,
-    1 image, 2 video) or the image / video token ids in ``input_ids``."""
+    1 image, 2 video; any other value raises :class:`AdapterError` naming the
+    values found) or the image / video token ids in ``input_ids``."""
     if isinstance(mm_token_type_ids, torch.Tensor):
+        if mm_token_type_ids.is_floating_point() or mm_token_type_ids.is_complex():
+            raise AdapterError("mm_token_type_ids", f"an integer tensor of {_TOKEN_TYPES}", str(mm_token_type_ids.dtype))
+        unknown = (mm_token_type_ids < 0) | (mm_token_type_ids > 2)
+        if bool(unknown.any()):
+            values = torch.unique(mm_token_type_ids[unknown]).tolist()
+            raise AdapterError("mm_token_type_ids", f"{_TOKEN_TYPES} at every position", f"values {values}")
         return (mm_token_type_ids != 0).long()
     if isinstance(input_ids, torch.Tensor) and input_ids.dim() == 2:
         vision = torch.zeros_like(input_ids, dtype=torch.bool)
@@ -268,7 +329,13 @@ def _find_cache(output: Any) -> Any:
 
 class Qwen25VLAdapter:
     """The handle :func:`apply` returns: the per-layer patterns, gates and
-    attention modules, and :meth:`remove`."""
+    attention modules, and :meth:`remove`.
+
+    The handle acts on the model only while it is the model's adapter
+    (:attr:`active`): from :func:`apply` until :meth:`remove`. A copy of the
+    model (``copy.deepcopy``, ``pickle``, ``torch.save``) carries its own
+    adapter over the copied modules, which :func:`get_adapter` returns; the two
+    are independent."""
 
     def __init__(
         self,
@@ -297,9 +364,43 @@ class Qwen25VLAdapter:
         self._hooks: list[Any] = []
         self._pending: torch.Tensor | None = None
         self._call = _CallState()
-        self._active = False
+
+    # -- copies ------------------------------------------------------------------------
+    def _lasting_state(self) -> dict[str, Any]:
+        """The attributes without the state of a forward in flight (token
+        classes waiting for the text model, the current call)."""
+        return {**self.__dict__, "_pending": None, "_call": _CallState()}
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> "Qwen25VLAdapter":
+        """``copy.deepcopy`` of the patched model reaches the adapter through the
+        modules it patched: the copy is an adapter over the copied modules (the
+        memo maps them), its gates and compiled attention the copied
+        submodules. A sequence-parallel process group is shared, not copied:
+        it names the processes, which the copy runs in too."""
+        if self.process_group is not None:
+            memo[id(self.process_group)] = self.process_group
+        twin = type(self).__new__(type(self))
+        memo[id(self)] = twin
+        twin.__dict__.update(copy.deepcopy(self._lasting_state(), memo))
+        return twin
+
+    def __getstate__(self) -> dict[str, Any]:
+        """What ``pickle`` / ``torch.save`` of the patched model keep of the adapter."""
+        if self.process_group is not None:
+            raise AdapterError(
+                "process_group",
+                "None to pickle a patched model (a process group does not travel between processes: "
+                "remove() the adapter, save the model, and apply it again with the loading process's group)",
+                type(self.process_group).__name__,
+            )
+        return self._lasting_state()
 
     # -- properties ------------------------------------------------------------------
+    @property
+    def active(self) -> bool:
+        """Whether this handle is the model's adapter (applied, not removed since)."""
+        return getattr(self.base, _ADAPTER_ATTRIBUTE, None) is self
+
     @property
     def needs_token_classes(self) -> bool:
         return self.mode == "videonsa_release" or self.pattern.hybrid is not None
@@ -334,11 +435,11 @@ class Qwen25VLAdapter:
     # -- installing -------------------------------------------------------------------
     def _install(self) -> None:
         self.original_impl = self.config._attn_implementation
-        self._hooks.append(self.base.register_forward_pre_hook(self._on_model_call, with_kwargs=True))
-        self._hooks.append(self.text_model.register_forward_pre_hook(self._on_text_call, with_kwargs=True))
-        self._hooks.append(self.text_model.register_forward_hook(self._after_text_call, with_kwargs=True))
+        self._hooks.append(self.base.register_forward_pre_hook(_model_call_hook, with_kwargs=True))
+        self._hooks.append(self.text_model.register_forward_pre_hook(_text_call_hook, with_kwargs=True))
+        self._hooks.append(self.text_model.register_forward_hook(_after_text_call_hook, with_kwargs=True))
         for layer in self.layers:
-            self._hooks.append(layer.attention.register_forward_pre_hook(self._capture_hidden(layer), with_kwargs=True))
+            self._hooks.append(layer.attention.register_forward_pre_hook(_capture_hidden_hook, with_kwargs=True))
             added = []
             if layer.gate is not None:
                 for name, linear in layer.gate.linears().items():
@@ -348,15 +449,37 @@ class Qwen25VLAdapter:
                 layer.attention.add_module(ATTN_NAME, layer.compiled)
                 added.append(ATTN_NAME)
             layer.added = tuple(added)
-            _LAYERS[layer.attention] = layer
-        _ADAPTERS[self.base] = self
-        _BY_CONFIG[id(self.config)] = self
+            setattr(layer.attention, _LAYER_ATTRIBUTE, layer)
+        setattr(self.text_model, _ADAPTER_ATTRIBUTE, self)
+        setattr(self.base, _ADAPTER_ATTRIBUTE, self)
         self.config._attn_implementation = ATTN_NAME
-        self._active = True
 
     def remove(self) -> None:
         """Undo :func:`apply`: the model is as it was (the gate networks stay
-        available on this handle's layers)."""
+        available on this handle's layers).
+
+        Acts only while this handle is the model's adapter. Once it is not, it
+        leaves the model alone: a second ``remove()`` does nothing (as for
+        torch's hook handles), and if the model has been patched again since
+        (``remove(model)`` then ``apply(model, ...)``), the newer adapter stays
+        and :class:`StaleAdapterWarning` says so. It warns rather than raises
+        because a stale ``remove()`` typically runs in cleanup code (the exit
+        of :func:`applied`), where an exception would hide the one being handled."""
+        if not self.active:
+            current = getattr(self.base, _ADAPTER_ATTRIBUTE, None)
+            if current is not None:
+                warnings.warn(
+                    "nsaflex.adapters.qwen2_5_vl: remove() through a handle that is no longer the model's adapter "
+                    "(the model was patched again after this adapter was removed); the model's current adapter "
+                    "is left as it is (remove it with qwen2_5_vl.remove(model) or through its own handle)",
+                    StaleAdapterWarning,
+                    stacklevel=2,
+                )
+            return
+        self._uninstall()
+
+    def _uninstall(self) -> None:
+        """Take out whatever this adapter installed (also after a partial install)."""
         for handle in self._hooks:
             handle.remove()
         self._hooks.clear()
@@ -365,23 +488,22 @@ class Qwen25VLAdapter:
                 layer.attention._modules.pop(name, None)
             layer.added = ()
             layer.hidden = None
-            if _LAYERS.get(layer.attention) is layer:
-                del _LAYERS[layer.attention]
-        if _ADAPTERS.get(self.base) is self:
-            del _ADAPTERS[self.base]
-        if _BY_CONFIG.get(id(self.config)) is self:
-            del _BY_CONFIG[id(self.config)]
+            if vars(layer.attention).get(_LAYER_ATTRIBUTE) is layer:
+                delattr(layer.attention, _LAYER_ATTRIBUTE)
+        for module in (self.base, self.text_model):
+            if vars(module).get(_ADAPTER_ATTRIBUTE) is self:
+                delattr(module, _ADAPTER_ATTRIBUTE)
         if self.original_impl is not None and self.config._attn_implementation == ATTN_NAME:
             self.config._attn_implementation = self.original_impl
         self._call = _CallState()
-        self._active = False
+        self._pending = None
 
     # -- hooks ------------------------------------------------------------------------
-    def _on_model_call(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+    def _on_model_call(self, args: tuple, kwargs: dict) -> None:
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         self._pending = _token_classes(input_ids, kwargs.get("mm_token_type_ids"), self.base.config)
 
-    def _on_text_call(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+    def _on_text_call(self, args: tuple, kwargs: dict) -> None:
         embeds = kwargs.get("inputs_embeds")
         ids = kwargs.get("input_ids", args[0] if args else None)
         reference = embeds if isinstance(embeds, torch.Tensor) else ids
@@ -413,7 +535,7 @@ class Qwen25VLAdapter:
         decode = stored.decode if (stored is not None and past > 0) else {}
         self._call = _CallState(types=types, past=past, batch=batch, q_len=q_len, decode=decode, cache=cache)
 
-    def _after_text_call(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+    def _after_text_call(self, output: Any) -> None:
         cache = _find_cache(output)
         if cache is None:
             cache = self._call.cache
@@ -423,12 +545,6 @@ class Qwen25VLAdapter:
         if _cache_length(cache) != call.past + call.q_len:
             return
         object.__setattr__(cache, "_nsaflex_state", _CacheState(call.types, call.decode))
-
-    def _capture_hidden(self, layer: _Layer):
-        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            layer.hidden = args[0] if args else kwargs.get("hidden_states")
-
-        return hook
 
     # -- attention --------------------------------------------------------------------
     def _original_function(self, module: nn.Module):
@@ -449,7 +565,7 @@ class Qwen25VLAdapter:
 
         def delegate():
             return self._original_function(module)(
-                module, query, key, value, mask.original,
+                module, query, key, value, mask.original(self.original_impl),
                 dropout=dropout, scaling=scaling, sliding_window=sliding_window, **kwargs,
             )
 
@@ -748,7 +864,7 @@ def apply(
     in every case the model is left as it was.
     """
     base, text_model = _resolve_model(model)
-    if base in _ADAPTERS:
+    if get_adapter(base) is not None:
         raise AdapterError("model", "a model nsaflex is not applied to yet (call remove() first)", "an already patched model")
     if mode not in MODES:
         raise AdapterError("mode", f"one of {', '.join(repr(m) for m in MODES)}", mode)
@@ -813,15 +929,14 @@ def apply(
     try:
         adapter._install()
     except Exception:
-        adapter.remove()
+        adapter._uninstall()
         raise
     return adapter
 
 
 def remove(model: nn.Module) -> None:
     """Undo :func:`apply` on ``model``."""
-    base, _ = _resolve_model(model)
-    adapter = _ADAPTERS.get(base)
+    adapter = get_adapter(model)
     if adapter is None:
         raise AdapterError("model", "a model patched with apply()", "a model nsaflex is not applied to")
     adapter.remove()
@@ -830,7 +945,7 @@ def remove(model: nn.Module) -> None:
 def get_adapter(model: nn.Module) -> Qwen25VLAdapter | None:
     """The adapter applied to ``model``, or ``None``."""
     base, _ = _resolve_model(model)
-    return _ADAPTERS.get(base)
+    return getattr(base, _ADAPTER_ATTRIBUTE, None)
 
 
 @contextlib.contextmanager
@@ -923,6 +1038,7 @@ __all__ = [
     "MODES",
     "NsaflexMask",
     "Qwen25VLAdapter",
+    "StaleAdapterWarning",
     "applied",
     "apply",
     "get_adapter",
