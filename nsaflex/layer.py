@@ -145,6 +145,15 @@ class SparseAttentionLayer(nn.Module):
         for argument, flag in (("qkv_bias", qkv_bias), ("o_bias", o_bias)):
             if not isinstance(flag, bool):
                 raise InputError(argument, "True or False", flag)
+        if isinstance(init_std, bool) or not isinstance(init_std, (int, float)) or not init_std > 0:
+            raise InputError("init_std", "a number > 0", init_std)
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise InputError("dtype", "a floating torch dtype (torch.float32, torch.bfloat16, ...) or None", dtype)
+        if device is not None:
+            try:
+                device = torch.device(device)
+            except (RuntimeError, TypeError):
+                raise InputError("device", "a torch device ('cpu', 'cuda', 'cuda:1', ...) or None", device) from None
 
         base = pattern if isinstance(pattern, Pattern) else load_pattern(pattern)
         base = self._sized(base, hidden_size, num_heads, num_kv_heads, head_dim)
@@ -174,7 +183,7 @@ class SparseAttentionLayer(nn.Module):
             base,
             backend,
             layer=layer_idx,
-            device=None if device is None else torch.device(device).type,
+            device=None if device is None else device.type,
             head_dim=head_dim,
             deterministic=deterministic,
         )

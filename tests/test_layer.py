@@ -187,6 +187,9 @@ def test_gates_of_the_wrong_width_name_the_layer():
         ({"pattern": small_pattern(layers=OVERRIDES)}, InputError,
          r"^layer_idx: expected a decoder layer index: pattern 'small' has per-layer overrides \(at layers \[1, 2\]\), found None$"),
         ({"layer_idx": -1}, InputError, r"^layer_idx: expected an integer >= 0, found -1$"),
+        ({"init_std": 0}, InputError, r"^init_std: expected a number > 0, found 0$"),
+        ({"dtype": torch.int64}, InputError, r"^dtype: expected a floating torch dtype"),
+        ({"device": "gpu"}, InputError, r"^device: expected a torch device"),
         ({"backend": "flexx"}, nsaflex.BackendUnavailable, r"flexx"),
     ],
 )
@@ -256,5 +259,4 @@ def test_trains_from_scratch():
         loss.backward()
         optimiser.step()
         losses.append(loss.item())
-    print(losses)
     assert losses[-1] < 0.6 * losses[0], losses
