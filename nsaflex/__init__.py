@@ -5,6 +5,8 @@ runtime callable -> adapters / CLI.
 """
 
 from nsaflex.errors import BackendUnavailable, InputError, NsaflexError, PatternError
+from nsaflex.gates import GateNetwork
+from nsaflex.layer import SparseAttentionLayer
 from nsaflex.loader import dump_pattern, load_pattern, loads_pattern, pattern_from_dict
 from nsaflex.plan import Plan, make_plan
 from nsaflex.runtime import CompiledAttention, compile
@@ -31,6 +33,7 @@ __all__ = [
     "Budget",
     "Compression",
     "Gate",
+    "GateNetwork",
     "Hybrid",
     "InputError",
     "LayerOverride",
@@ -39,6 +42,7 @@ __all__ = [
     "Pattern",
     "PatternError",
     "Selection",
+    "SparseAttentionLayer",
     "Window",
     "dump_pattern",
     "load_pattern",

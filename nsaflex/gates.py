@@ -47,7 +47,17 @@ GATE_PARAMETER_NAMES: dict[str, tuple[str, ...]] = {
 
 
 class GateNetwork(nn.Module):
-    """The gate of one layer: hidden states ``[B, L, hidden]`` to gate values.
+    """The gate of one layer: hidden states ``[B, L, hidden]`` to gate values
+    ``[B, Hq, L, nb]``, public as ``nsaflex.GateNetwork``.
+
+    ``gates[b, h, t, j] = sigmoid(z[b, t, h * nb + j] / temperature)`` with
+    ``z = g_proj_2(gelu(g_proj_1(x)))`` (``mlp``) or ``z = g_proj(x)``
+    (``linear``), ``z`` of width ``Hq * nb``, head-major; ``constant`` gates
+    repeat the pattern's values. Column ``j`` is the ``j``-th branch present in
+    the order compression, selection, window, so ``nb`` is the branch count of
+    the layer's *resolved* pattern: an override that removes a branch leaves
+    ``nb - 1`` columns, a dense layer has no gate (:func:`gate_for_pattern`).
+    The output is the ``gates`` argument of a compiled attention.
 
     Args:
         gate: the pattern's ``gate`` section.

@@ -46,9 +46,12 @@ def check_inputs(
     v: object,
     gates: object = None,
     token_types: object = None,
+    *,
+    layer: int | None = None,
 ) -> Shapes:
     """Validate ``q [B, Hq, L, D]``, ``k, v [B, Hkv, L, D]``, ``gates
-    [B, Hq, L, nb]`` and ``token_types [B, L]`` for ``pattern``."""
+    [B, Hq, L, nb]`` and ``token_types [B, L]`` for ``pattern`` (resolved for
+    decoder layer ``layer`` when given, which error messages then name)."""
     for name, tensor in (("q", q), ("k", k), ("v", v)):
         if not isinstance(tensor, torch.Tensor):
             raise InputError(name, "a torch.Tensor", type(tensor).__name__)
@@ -92,8 +95,16 @@ def check_inputs(
             raise InputError("gates", "a torch.Tensor", type(gates).__name__)
         expected = (batch, query_heads, length, branches)
         if tuple(gates.shape) != expected:
-            order = ", ".join(pattern.branches) or "no branches"
-            raise InputError("gates", f"shape [{', '.join(map(str, expected))}] ([B, Hq, L, branches: {order}])", _shape(gates))
+            order = ", ".join(pattern.branches) or "none"
+            # Per-layer overrides change the branch count, so say whose branches these are.
+            owner = f"layer {layer}" if layer is not None else f"pattern {pattern.name!r}"
+            found = _shape(gates) + (f" (width {gates.shape[-1]})" if gates.dim() else "")
+            raise InputError(
+                "gates",
+                f"shape [{', '.join(map(str, expected))}] ([B, Hq, L, branches]; {owner} has {branches} "
+                f"branch{'' if branches == 1 else 'es'}: {order}; per-layer overrides change the count)",
+                found,
+            )
         if not gates.is_floating_point():
             raise InputError("gates", "a floating dtype", str(gates.dtype))
         if gates.device != q.device:

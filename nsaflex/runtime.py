@@ -72,7 +72,7 @@ class CompiledAttention(nn.Module):
         gates: torch.Tensor | None = None,
         token_types: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        check_inputs(self.pattern, q, k, v, gates, token_types)
+        check_inputs(self.pattern, q, k, v, gates, token_types, layer=self.plan.layer)
         if self.pooler is not None and self.pooler.head_dim != q.shape[-1]:
             raise InputError("q", f"head dim {self.pooler.head_dim} (the compression MLP's)", q.shape[-1])
         return self._kernel(q, k, v, gates, token_types, self.pooler)
@@ -88,7 +88,7 @@ class CompiledAttention(nn.Module):
         """Like ``forward`` on a subset of whole GQA groups: the pattern's
         ``model.query_heads``/``kv_heads`` are not enforced (sequence-parallel
         ranks each run some of the heads); everything else is checked."""
-        check_inputs(self._any_heads_pattern, q, k, v, gates, token_types)
+        check_inputs(self._any_heads_pattern, q, k, v, gates, token_types, layer=self.plan.layer)
         return self._kernel(q, k, v, gates, token_types, self.pooler)
 
     def extra_repr(self) -> str:
