@@ -17,6 +17,7 @@ from pathlib import Path
 import click
 from rich.console import Console
 
+from nsaflex.bench import check_writable
 from nsaflex.cli.common import err_console, format_length, load_pattern_arg, out_console, parse_length
 from nsaflex.errors import InputError
 from nsaflex.show import (
@@ -119,6 +120,8 @@ def command(
     if out_dir is not None:
         pyplot()  # a missing matplotlib is reported before the work
         out_dir = _output_dir(out_dir)
+    if json_target not in (None, "-"):
+        check_writable(json_target, "--json")  # after --out, which may make its folder
     try:
         given = load_inputs(tensors_path) if tensors_path is not None else (inputs or "random")
         masks = attended_masks(pattern, length, layer=layer, inputs=given, head=head, row=row,

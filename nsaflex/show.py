@@ -33,7 +33,7 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from rich.text import Text
@@ -52,6 +52,9 @@ from nsaflex.reference import (
     window_mask,
 )
 from nsaflex.spec import Pattern
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 __all__ = [
     "BRANCH_COLOURS",
@@ -375,10 +378,12 @@ def _panel_title(name: str, pattern: Pattern | None) -> str:
         return f"window (w={pattern.window.size})"
     if name == "dense":
         return "dense (text)" if pattern.hybrid is not None and not pattern.dense else "dense"
+    if name == "combined" and len(pattern.branches) > 1:
+        return "combined (overlaps mix colours)"
     return name
 
 
-def pyplot():
+def pyplot() -> Any:
     """matplotlib's pyplot on the Agg backend (files only); NsaflexError when it is missing."""
     if importlib.util.find_spec("matplotlib") is None:
         raise NsaflexError("PNG pictures need matplotlib, which is not installed: pip install 'nsaflex[plot]'")
@@ -396,7 +401,7 @@ def plot_masks(
     *,
     pattern: Pattern | None = None,
     title: str = "",
-):
+) -> Figure:
     """One panel per mask, side by side (query rows down, key columns across),
     each in its branch's colour; ``combined`` mixes the colours of the branches
     covering each cell. Masks longer than :data:`PNG_TILES` are averaged over
@@ -550,7 +555,7 @@ def plot_budget(
     layer: int | None = None,
     lengths: Sequence[int] | None = None,
     mark: int | None = None,
-):
+) -> Figure:
     """Keys per query (left) and attended fraction (right) against ``L``, one
     line per branch in its colour plus selection + window (black, dashed) and,
     for keys per query, dense causal attention's ``(L + 1) / 2`` (dotted).

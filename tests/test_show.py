@@ -247,7 +247,7 @@ def test_compression_and_selection_png_pixels(tmp_path) -> None:
     figure = plot_masks(masks, path, pattern=pattern)
     image = imread(path)
     assert [axis.get_title().split("\n")[0] for axis in figure.axes] == [
-        "compression (l=4, d=4)", "selection (l'=4, n=2)", "combined"]
+        "compression (l=4, d=4)", "selection (l'=4, n=2)", "combined (overlaps mix colours)"]
     compression, selection = branch_colour("compression"), branch_colour("selection")
     # Compression: query 7 sees blocks 0 and 1, not block 2.
     for key, colour in ((0, compression), (7, compression), (8, WHITE)):
@@ -381,6 +381,7 @@ def test_patterns_lists_the_bundled_patterns() -> None:
         (("show", "window", "--length", "16", "--head", "9"), ("--head: expected a query head index in 0..3",)),
         (("show", "window", "--tensors", "missing.pt"), ("--tensors: expected an existing file written by torch.save",)),
         (("show", "window", "--tensors", "x.pt", "--inputs", "video"), ("--inputs: expected no --inputs with --tensors",)),
+        (("show", "window", "--json", "no/such/folder/counts.json"), ("--json: expected a path in an existing folder",)),
     ],
 )
 def test_bad_command_lines(args, fragments) -> None:
