@@ -305,8 +305,11 @@ def attended_masks(
     row_k = k[row, kv_head : kv_head + 1][:, index].double().cpu()
     row_v = v[row, kv_head : kv_head + 1][:, index].double().cpu()
     for name, compact in _sparse_masks(row_q, row_k, row_v, resolved, head - kv_head * group, seed).items():
+        # Columns then rows: a 2-d advanced index would build [T, T] int64 index tensors.
+        columns = torch.zeros(compact.shape[0], length, dtype=torch.bool)
+        columns[:, index] = compact
         full = torch.zeros(length, length, dtype=torch.bool)
-        full[index[:, None], index[None, :]] = compact
+        full[index] = columns
         masks[name] = full & sparse_query[:, None]
     if not bool(sparse_query.all()):
         masks["dense"] = causal & ~sparse_query[:, None]

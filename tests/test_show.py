@@ -200,7 +200,8 @@ def test_counts_match_the_budget(data) -> None:
     (they do not depend on the data); hybrid patterns on all-vision input."""
     pattern = data.draw(patterns(small=True, allow_mlp_pooling=False, allow_model=False, allow_layers=False), label="pattern")
     length = data.draw(lengths_for(pattern, max_length=48), label="length")
-    counts = mask_counts(attended_masks(pattern, length, text_tokens=0 if pattern.hybrid else None, seed=length))
+    kind = data.draw(st.sampled_from(("random", "video")), label="inputs")
+    counts = mask_counts(attended_masks(pattern, length, inputs=kind, text_tokens=0 if pattern.hybrid else None, seed=length))
     expected = count_attended_pairs(pattern, length)
     for name in ("selection", "window"):
         if name in expected:
@@ -355,6 +356,25 @@ def test_show_terminal_picture_and_tensors(tmp_path) -> None:
     assert counts["selection"]["pairs"] == int(attended_masks(loads_pattern(SELECTION4), inputs=inputs)["selection"].sum())
 
 
+def test_show_hybrid_tensors_with_token_types(tmp_path) -> None:
+    pattern_file = tmp_path / "hybrid4.yaml"
+    pattern_file.write_text(HYBRID)
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 16, 4, generator=generator) for _ in range(3))
+    types = torch.tensor([[1] * 16, [0] * 6 + [1] * 10])
+    torch.save({"q": q, "k": k, "v": v, "token_types": types}, tmp_path / "qkv.pt")
+    result = run("show", str(pattern_file), "--tensors", str(tmp_path / "qkv.pt"), "--row", "1", "--head", "1", "--json", "-")
+    assert result.exit_code == 0, result.output
+    counts = json.loads(result.stdout)["branches"]
+    assert counts["dense"]["pairs"] == 6 * 7 // 2  # the six text queries, dense and causal
+    expected = attended_masks(loads_pattern(HYBRID), inputs=ShowInputs(q, k, v, types, "t"), row=1, head=1)
+    assert counts == mask_counts(expected)
+    missing_types = tmp_path / "no-types.pt"
+    torch.save({"q": q, "k": k, "v": v}, missing_types)
+    assert_clean_failure(run("show", str(pattern_file), "--tensors", str(missing_types)),
+                         "token_types: expected a [B, L] tensor of token classes")
+
+
 def test_patterns_lists_the_bundled_patterns() -> None:
     result = run("patterns", "--json", "-")
     assert result.exit_code == 0, result.output
@@ -382,6 +402,7 @@ def test_patterns_lists_the_bundled_patterns() -> None:
         (("show", "window", "--tensors", "missing.pt"), ("--tensors: expected an existing file written by torch.save",)),
         (("show", "window", "--tensors", "x.pt", "--inputs", "video"), ("--inputs: expected no --inputs with --tensors",)),
         (("show", "window", "--json", "no/such/folder/counts.json"), ("--json: expected a path in an existing folder",)),
+        (("show", "window", "--text-tokens", "3"), ("--text-tokens: expected 0: the pattern has no hybrid section",)),
     ],
 )
 def test_bad_command_lines(args, fragments) -> None:
