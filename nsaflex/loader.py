@@ -426,7 +426,7 @@ def load_pattern(path: str | os.PathLike[str]) -> Pattern:
             candidate = bundled[name]
         else:
             raise PatternError(
-                "", "an existing pattern file or a bundled pattern name", str(path),
+                "", f"an existing pattern file or a bundled pattern name ({', '.join(bundled)})", str(path),
                 source=str(path), hint=did_you_mean(Path(name).stem, bundled),
             )
     try:
