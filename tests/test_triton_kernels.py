@@ -536,6 +536,28 @@ def test_refuses_bad_tensors_before_launch():
         BACKEND.build(head, None)(q, k, v, torch.rand(1, 65, 8, 3), types, None)
 
 
+def test_refuses_offsets_past_32_bits_inside_a_group_before_launch():
+    """Rows are addressed as a 64-bit base (batch, the group's first head, the
+    sequence's first token) plus 32-bit offsets: a group whose heads and tokens
+    span 2^31 elements or more is refused before any kernel runs (meta
+    tensors: nothing is allocated, so a launch would fail differently)."""
+    from nsaflex.kernels import ops
+
+    def attempt(length):
+        q = torch.empty(1, 28, length, 128, device="meta")
+        k = torch.empty(1, 4, length, 128, device="meta")
+        lens = torch.full((1,), length, dtype=torch.int32, device="meta")
+        lay = ops.SeqLayout(lens, lens, lens, lens, length, 0, False)
+        cfg = ops.make_config(dataclasses.replace(VIDEONSA_SMALL, hybrid=None))
+        ops.nsa_attention(q, k, k, None, None, torch.empty(1, 28, length, 3, device="meta"), lay, cfg)
+
+    with pytest.raises(InputError, match="32-bit offsets inside a group"):
+        attempt(2**31 // (8 * 128))
+    with pytest.raises(Exception) as raised:  # one token fewer passes the check and reaches the kernels
+        attempt(2**31 // (8 * 128) - 1)
+    assert not isinstance(raised.value, InputError)
+
+
 def test_cpu_without_interpreter_is_unsupported(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     assert "CUDA" in BACKEND.unsupported(VIDEONSA_SMALL, "cpu")

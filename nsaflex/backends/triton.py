@@ -162,7 +162,7 @@ def _sparse_forward(pattern, cfg, q, k, v, gates, token_types, pooler, launch=No
         if layout.max_length == 0:
             sparse = torch.zeros_like(q)
             return combine(sparse, text_dense_attention(q, k, v, ~layout.sparse_queries), layout)
-        qs = pack_varlen(q, layout)[None]
+        qs = pack_varlen(q, layout)[None].contiguous()
         ks = pack_varlen(k, layout)[None].contiguous()
         vs = pack_varlen(v, layout)[None].contiguous()
         gs = pack_varlen(gates, layout)[None]

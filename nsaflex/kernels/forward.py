@@ -1,30 +1,28 @@
 """Forward Triton kernels for token-level NSA.
 
 Row tiles: a program owns ``BT`` consecutive tokens of one sequence and the
-``G`` query heads of one kv head, laid out as ``R = BT * GP`` rows (row ``r`` is
-token ``t0 + r // GP``, head ``r % GP``; ``GP`` is ``G`` rounded up to a power
-of two, the padding rows are masked, never stored). The heads of a GQA group
-share every key they read, so one tile fills the matrix units with several
-tokens' group heads. The selection kernel, ``bwd_dq_kernel`` and the lse pass
-may instead pack the rows densely (:func:`_tile_rows`, ``GR = G``): ``R // G``
-tokens per tile, so for G = 7 a 64-row tile holds 9 tokens' heads and one
-padding row instead of 8 tokens' heads and 8 padding rows. The score pass
-orders the rows of each 16-row slab by head bits (:func:`_score_rows`), which
-makes its sum over a token's heads cheaper.
+``G`` query heads of one kv head. The heads of a GQA group share every key
+they read, so one tile fills the matrix units with several tokens' group
+heads. The selection kernel, ``bwd_dq_kernel`` and the lse pass pack the rows
+densely (:func:`_tile_rows`, ``GR = G``): ``R // G`` tokens per tile, so for
+G = 7 a 64-row tile holds 9 tokens' heads and one padding row. The score pass
+and the dk, dv kernels give every token ``GP`` rows (``G`` rounded up to a
+power of two, the padding rows masked, never stored); the score pass orders
+the rows of each 16-row slab by head bits (:func:`_score_rows`), which makes
+its sum over a token's heads cheaper.
 
 Kernels:
 
 * :func:`cmp_lse_kernel` (pass 1): log-sum-exp (base 2) of every row over its
-  visible compressed tokens and (``OUT``, the default) the compression output,
-  flash-style.
+  visible compressed tokens and the compression output, flash-style.
 * :func:`cmp_score_kernel` (pass 2): recomputes the normalised probabilities
-  from the saved log-sum-exp (accumulating the compression output when pass 1
-  did not), maps the (group-summed) probabilities to selection-block scores
-  (NSA Eq. 9, as a small exact matmul with the Eq. 9 band matrix, carried
-  across chunks) and either writes them per query chunk for
-  :func:`topn_select_kernel` or keeps a running top-n per selecting row
-  (bitonic merge of packed ``score bits << 32 | ~index`` keys: ties to the
-  lower index); no ``[L, L/d]`` tensor is written.
+  from the saved log-sum-exp, maps the (group-summed) probabilities to
+  selection-block scores (NSA Eq. 9, as a small exact matmul with the Eq. 9
+  band matrix, carried across chunks) and writes them per query chunk; no
+  ``[L, L/d]`` tensor is written.
+* :func:`topn_select_kernel`: the exact top-n of each token's block scores
+  (a bisection over the score bits, ties to the lower index), written as the
+  block lists.
 * :func:`slc_win_kernel`: selection attention over the union of the tile's
   selected blocks (per-row hit masks), the sliding window, and the gated
   combination with the compression output: only the final output is written
@@ -32,7 +30,8 @@ Kernels:
 
 Sequences are addressed as ``base + b * stride_b + (start[b] + t) * stride_t``:
 ``start`` is 0 for ``[B, H, L, D]`` tensors and ``cu_seqlens[b]`` for packed
-varlen tensors (``stride_b = 0``).
+varlen tensors (``stride_b = 0``). Batch, head-group and first-row offsets are
+64-bit (:func:`_rows_at`); offsets within a group's rows stay 32-bit.
 """
 
 from __future__ import annotations
@@ -126,6 +125,61 @@ def _online_softmax_rows(m, s, scale, sel):
 
 
 @triton.jit
+def _accumulate(acc, acc_l, alpha, p, vv, IEEE: tl.constexpr):
+    """The streaming softmax's sums after one block: ``acc_l = acc_l * alpha +
+    rowsum(p)`` and ``acc = acc * alpha + p @ vv``."""
+    acc_l = acc_l * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + _dot(p.to(vv.dtype), vv, IEEE)
+    return acc, acc_l
+
+
+@triton.jit
+def _finish_branch(out, acc, acc_l, m, gate, valid, O, LSE, q_base, row_off, lse_off, d, SAVE: tl.constexpr):
+    """The end of one branch of :func:`slc_win_kernel`: its output ``o = acc /
+    acc_l`` added to ``out`` with the rows' ``gate`` [R]; where ``SAVE`` (a
+    backward follows) ``o`` into ``O`` (q's layout) and its log-sum-exp
+    ``m + log2(acc_l)`` (0 where nothing is visible) into ``LSE``."""
+    o = acc / tl.where(acc_l > 0, acc_l, 1.0)[:, None]
+    out += gate[:, None] * o
+    if SAVE:
+        tl.store(O + q_base + row_off[:, None] + d[None, :], o.to(O.dtype.element_ty), mask=valid[:, None])
+        tl.store(LSE + lse_off, tl.where(acc_l > 0, m + tl.log2(acc_l), 0.0), mask=valid)
+    return out
+
+
+@triton.jit
+def _program_tile(LENS, BT: tl.constexpr):
+    """A program of a row-tile grid ``(tiles, B, Hkv)``: (tile index, sequence
+    ``b``, kv head ``hk``, the sequence's length, the tile's first token)."""
+    pid_t = tl.program_id(0)
+    b = tl.program_id(1)
+    return pid_t, b, tl.program_id(2), tl.load(LENS + b), pid_t * BT
+
+
+@triton.jit
+def _query_tile(Q, STARTS, b, hk, t0, length, sqb, sqh, sqt,
+                G: tl.constexpr, GR: tl.constexpr, BT: tl.constexpr, R: tl.constexpr, D: tl.constexpr):
+    """The set-up of a row tile (:func:`_tile_rows`) of the selection kernel and
+    ``bwd_dq``: (the sequence's first row ``start``, r, t, g, valid, head ``h``
+    [R], ``d``, the rows' place :func:`_rows_at` in q's layout ``q_base,
+    row_off``, and the query rows ``q`` [R, D])."""
+    start = tl.load(STARTS + b).to(tl.int64)
+    r, t, g, valid = _tile_rows(t0, length, G, GR, BT, R)
+    d = tl.arange(0, D)
+    q_base, row_off = _rows_at(b, hk, start, g, t, sqb, sqh, sqt, G)
+    q = tl.load(Q + q_base + row_off[:, None] + d[None, :], mask=valid[:, None], other=0.0)
+    return start, r, t, g, valid, hk * G + g, d, q_base, row_off, q
+
+
+@triton.jit
+def _key_value_rows(K, V, off, d, mask):
+    """Rows ``off`` [N] (with ``mask``; the others read as zeros) of the key and
+    the value tensor: ([N, D], [N, D])."""
+    kk = tl.load(K + off[:, None] + d[None, :], mask=mask[:, None], other=0.0)
+    return kk, tl.load(V + off[:, None] + d[None, :], mask=mask[:, None], other=0.0)
+
+
+@triton.jit
 def _key_rows(base, desc, s0, s_pos, kmask, stride, d, TMA: tl.constexpr):
     """Rows ``s_pos`` (``s0 + arange``) of a key or value sequence: through the
     tensor descriptor ``desc`` (one bulk copy, rows past the sequence read as
@@ -173,6 +227,17 @@ def _visible(i, t, n_cmp, CBLOCK: tl.constexpr, CSTRIDE: tl.constexpr, LEGACY: t
 
 
 @triton.jit
+def _visible_span(t0, t_last, n_cmp, CBLOCK: tl.constexpr, CSTRIDE: tl.constexpr, LEGACY: tl.constexpr):
+    """Compressed tokens ``[lo, hi)`` that some row of tokens ``t0 .. t_last``
+    sees (:func:`_visible`): causal, everything up to the last token's; legacy,
+    everything from the first token's on."""
+    if LEGACY:
+        return _first_visible(t0, CBLOCK, CSTRIDE), n_cmp
+    else:
+        return 0, _num_visible(t_last, n_cmp, CBLOCK, CSTRIDE)
+
+
+@triton.jit
 def _eq9_count(s, A: tl.constexpr, BB: tl.constexpr):
     """Number of (m, n), m < A, n < BB with m + n = s."""
     hi = tl.minimum(s, A - 1)
@@ -205,6 +270,20 @@ def _forced_candidate(f, n_cand):
 
 
 @triton.jit
+def _rows_at(b, hk, start, g, t, sb, sh, st, G: tl.constexpr):
+    """Where rows (head ``hk * G + g``, token ``start + t``; ``g, t`` [R]) of
+    sequence ``b`` lie in a ``[B, H, T, ...]`` tensor of strides ``sb, sh,
+    st``: (base, offsets). The base (batch, the group's first head, the
+    sequence's first token) is 64-bit: a head times the head stride passes
+    2^31 in long sequences (head 27 of q [1, 28, 1M, 128] starts at element
+    3.5 G). The rows' offsets from it stay 32-bit, as registers in the loops
+    want (``G`` x head stride + length x token stride < 2^31 is checked
+    before launch)."""
+    base = b.to(tl.int64) * sb + (hk * G).to(tl.int64) * sh + start * st
+    return base, g * sh + t * st
+
+
+@triton.jit
 def _tile_rows(t0, length, G: tl.constexpr, GR: tl.constexpr, BT: tl.constexpr, R: tl.constexpr):
     """Rows of a tile of ``BT`` tokens from ``t0``: row ``r`` is head ``r % GR``
     of token ``t0 + r // GR``. ``GR = G`` packs the group's heads densely (9
@@ -233,16 +312,15 @@ def _lse_step(q, t, valid, i0, hi, n_cmp, kbase, kdesc, vbase, vdesc, skt, d, m,
         vis = _visible(i, t, n_cmp, CBLOCK, CSTRIDE, LEGACY) & valid[:, None]
         s = tl.where(vis, s, float("-inf"))
     m, alpha, p = _online_softmax(m, s, scale_log2)
-    acc_l = acc_l * alpha + tl.sum(p, axis=1)
     vc = _key_rows(vbase, vdesc, i0, i, i < hi, skt, d, TMA)
-    acc = acc * alpha[:, None] + _dot(p.to(vc.dtype), vc, IEEE)
+    acc, acc_l = _accumulate(acc, acc_l, alpha, p, vc, IEEE)
     return m, acc_l, acc
 
 
 @triton.jit
 def cmp_lse_kernel(
     Q, KC, VC, LSE, OC, STARTS, LENS, CSTARTS, CLENS,
-    sqb, sqh, sqt, skb, skh, skt, slb, slh, slt, sob, soh, sot,
+    sqb, sqh, sqt, skb, skh, skt, slb, slh, slt,
     scale_log2,
     G: tl.constexpr, GR: tl.constexpr, BT: tl.constexpr, R: tl.constexpr, BN: tl.constexpr, D: tl.constexpr,
     CBLOCK: tl.constexpr, CSTRIDE: tl.constexpr, LEGACY: tl.constexpr, IEEE: tl.constexpr, TMA: tl.constexpr,
@@ -250,18 +328,14 @@ def cmp_lse_kernel(
     """Log-sum-exp (base 2) of every row over its visible compressed tokens,
     ``lse = log2 sum_i exp2(s_i)`` with ``s_i = q . kc_i * log2(e) / sqrt(D)``,
     into ``LSE [B, H, T]`` (0 where nothing is visible), and the compression
-    output ``o = sum_i exp2(s_i - lse) vc_i`` into ``OC [B, H, T, D]`` (fp32
+    output ``o = sum_i exp2(s_i - lse) vc_i`` into ``OC [B, H, T, D]`` (q's strides; fp32
     when a backward follows, else q's dtype), accumulated flash-style (running
     max, rescaled sums), so that the score pass needs no values. H200, 128K
     video: the two passes 10.6 ms against 12.3 with the output in the score pass.
 
     Rows: :func:`_tile_rows` (``BT`` tokens, ``GR`` rows per token, ``R`` rows).
     ``TMA``: compressed keys (and values) through tensor descriptors (:func:`_sequence_desc`)."""
-    pid_t = tl.program_id(0)
-    b = tl.program_id(1)
-    hk = tl.program_id(2)
-    length = tl.load(LENS + b)
-    t0 = pid_t * BT
+    pid_t, b, hk, length, t0 = _program_tile(LENS, BT)
     if t0 < length:
         start = tl.load(STARTS + b).to(tl.int64)
         cstart = tl.load(CSTARTS + b).to(tl.int64)
@@ -270,20 +344,16 @@ def cmp_lse_kernel(
         h = hk * G + g
         d = tl.arange(0, D)
         bb = b.to(tl.int64)
-        q = tl.load(Q + bb * sqb + h[:, None] * sqh + (start + t)[:, None] * sqt + d[None, :], mask=valid[:, None], other=0.0)
+        q_base, q_rows = _rows_at(b, hk, start, g, t, sqb, sqh, sqt, G)
+        q = tl.load(Q + q_base + q_rows[:, None] + d[None, :], mask=valid[:, None], other=0.0)
         t_last = tl.minimum(t0 + BT, length) - 1
-        if LEGACY:
-            lo = _first_visible(t0, CBLOCK, CSTRIDE)
-            hi = n_cmp
-        else:
-            lo = 0
-            hi = _num_visible(t_last, n_cmp, CBLOCK, CSTRIDE)
+        lo, hi = _visible_span(t0, t_last, n_cmp, CBLOCK, CSTRIDE, LEGACY)
         m = tl.full([R], float("-inf"), tl.float32)
         acc_l = tl.zeros([R], tl.float32)
         acc = tl.zeros([R, D], tl.float32)
-        kbase = KC + bb * skb + hk * skh + cstart * skt
+        kbase = KC + bb * skb + hk.to(tl.int64) * skh + cstart * skt
         kdesc = _sequence_desc(kbase, n_cmp, skt, BN, D, TMA)
-        vbase = VC + bb * skb + hk * skh + cstart * skt
+        vbase = VC + bb * skb + hk.to(tl.int64) * skh + cstart * skt
         vdesc = _sequence_desc(vbase, n_cmp, skt, BN, D, TMA)
         # Chunks every row of the tile sees whole (causal: the tile's first token sees
         # them) need no per-element mask; rows past the end or padding heads compute
@@ -295,10 +365,10 @@ def cmp_lse_kernel(
                 m, acc_l, acc = _lse_step(q, t, valid, i0, hi, n_cmp, kbase, kdesc, vbase, vdesc, skt, d, m, acc_l,
                                           acc, scale_log2, BN, CBLOCK, CSTRIDE, LEGACY, IEEE, TMA, masked == 1)
         lse = tl.where(acc_l > 0, m + tl.log2(acc_l), 0.0)
-        tl.store(LSE + bb * slb + h * slh + (start + t) * slt, lse, mask=valid)
+        lse_base, lse_rows = _rows_at(b, hk, start, g, t, slb, slh, slt, G)
+        tl.store(LSE + lse_base + lse_rows, lse, mask=valid)
         o = acc / tl.where(acc_l > 0, acc_l, 1.0)[:, None]
-        tl.store(OC + bb * sob + h[:, None] * soh + (start + t)[:, None] * sot + d[None, :],
-                 o.to(OC.dtype.element_ty), mask=valid[:, None])
+        tl.store(OC + q_base + q_rows[:, None] + d[None, :], o.to(OC.dtype.element_ty), mask=valid[:, None])
 
 
 @triton.jit
@@ -411,13 +481,14 @@ def cmp_score_kernel(
         h = hk * G + g
         d = tl.arange(0, D)
         bb = b.to(tl.int64)
-        q = tl.load(Q + bb * sqb + h[:, None] * sqh + (start + t)[:, None] * sqt + d[None, :], mask=valid[:, None], other=0.0)
+        q_base, q_rows = _rows_at(b, hk, start, g, t, sqb, sqh, sqt, G)
+        q = tl.load(Q + q_base + q_rows[:, None] + d[None, :], mask=valid[:, None], other=0.0)
         lse = tl.load(LSE + bb * slb + h * slh + (start + t) * slt, mask=valid, other=0.0)
         # Padding heads and rows past the end have q = 0, so s = 0: an lse of +inf
         # makes their p = exp2(s - lse) zero where the loop applies no mask.
         lse = tl.where(valid, lse, float("inf"))
         t_last = tl.minimum(t0 + BT, length) - 1
-        kbase = KC + bb * skb + hk * skh + cstart * skt
+        kbase = KC + bb * skb + hk.to(tl.int64) * skh + cstart * skt
         kdesc = _sequence_desc(kbase, n_cmp, skt, BN, D, TMA)
         # Selecting rows: one per token (group scoring) or one per row (head scoring).
         if HEAD_SCORING:
@@ -536,7 +607,7 @@ def topn_select_kernel(
 ):
     """Exact top-(n - |forced|) of ``ROWS x CHAIN`` tokens' block scores (a
     query chunk's ``[B, Hsel, C, >= JW]`` fp32 buffer written by
-    ``cmp_score_kernel`` with TOPN=1: scores >= +0 for the candidate blocks
+    ``cmp_score_kernel``: scores >= +0 for the candidate blocks
     ``j < (t + 1) // LS``, negative for the forced ones among them), written
     as the block lists of ``SEL``.
 
@@ -561,7 +632,7 @@ def topn_select_kernel(
     scan on up to half a row of padding.
     """
     pid = tl.program_id(0)
-    hs = tl.program_id(1)
+    hs = tl.program_id(1).to(tl.int64)  # head x head stride passes 2^31 in long sequences
     b = tl.program_id(2)
     length = tl.minimum(tl.load(LENS + b), T_END)
     t0 = T_OFF + pid * (ROWS * CHAIN)
@@ -664,7 +735,7 @@ def _tile_keys(sel_base, ssh, sst, t0, length, G: tl.constexpr, GR: tl.constexpr
         tok = e // GR
         g = e % GR
         ok = (g < G) & (e < SR) & (t0 + tok < length)
-        ptr = sel_base + g * ssh + (t0 + tok) * sst + col
+        ptr = sel_base + g.to(tl.int64) * ssh + (t0 + tok) * sst + col
     else:
         ok = (e < SR) & (t0 + e < length)
         ptr = sel_base + (t0 + e) * sst + col
@@ -726,7 +797,7 @@ def _union_lists(sel_seq, U, UM, UC, prog, ssh, sst, hk, t0, length, r,
     base, ``hit_row`` [R]: each matrix row's bit in the row masks)."""
     if HEAD_SCORING:
         SR: tl.constexpr = BT * GR
-        sel_base = sel_seq + (hk * G) * ssh
+        sel_base = sel_seq + (hk * G).to(tl.int64) * ssh
         hit_row = r
     else:
         SR: tl.constexpr = BT
@@ -740,6 +811,24 @@ def _union_lists(sel_seq, U, UM, UC, prog, ssh, sst, hk, t0, length, r,
     ubase = U + prog.to(tl.int64) * (1 << U_LOG)
     umbase = UM + prog.to(tl.int64) * (1 << U_LOG)
     return count, ubase, umbase, hit_row
+
+
+@triton.jit
+def _union_setup(SEL, U, UM, UC, b, hk, pid_t, n_tiles, start, ssb, ssh, sst, t0, length, r, kbase, vbase, skt,
+                 G: tl.constexpr, GR: tl.constexpr, BT: tl.constexpr, D: tl.constexpr, W: tl.constexpr,
+                 LS: tl.constexpr, BS: tl.constexpr, HEAD_SCORING: tl.constexpr, U_LOG: tl.constexpr,
+                 ROW_LOG: tl.constexpr, TMA: tl.constexpr, BUILD: tl.constexpr):
+    """The set-up of a union loop of :func:`slc_win_kernel` (``BUILD``: it
+    writes the tile's union list) and ``bwd_dq_kernel`` (it reads it back):
+    (count, list base, row-mask base, each row's bit ``hit_row``, key and
+    value descriptors, the steps ``n_whole`` that need no per-entry mask)."""
+    prog = (b * tl.num_programs(2) + hk) * n_tiles + pid_t
+    count, ubase, umbase, hit_row = _union_lists(
+        SEL + b.to(tl.int64) * ssb + start * sst, U, UM, UC, prog, ssh, sst, hk, t0, length, r,
+        G, GR, BT, W, HEAD_SCORING, U_LOG, ROW_LOG, BUILD)
+    kdesc = _sequence_desc(kbase, length, skt, BS, D, TMA)
+    vdesc = _sequence_desc(vbase, length, skt, BS, D, TMA)
+    return count, ubase, umbase, hit_row, kdesc, vdesc, _num_whole(ubase, count, t0, LS, BS, U_LOG)
 
 
 @triton.jit
@@ -839,33 +928,22 @@ def slc_win_kernel(
     ``TMA``: key and value blocks arrive through tensor descriptors (no
     per-element addresses in registers). Union blocks that end before the
     tile's first token are masked per row (see the loop)."""
-    pid_t = tl.program_id(0)
-    b = tl.program_id(1)
-    hk = tl.program_id(2)
-    length = tl.load(LENS + b)
-    t0 = pid_t * BT
+    pid_t, b, hk, length, t0 = _program_tile(LENS, BT)
     if t0 < length:
-        start = tl.load(STARTS + b).to(tl.int64)
-        r, t, g, valid = _tile_rows(t0, length, G, GR, BT, R)
-        h = hk * G + g
-        d = tl.arange(0, D)
+        start, r, t, g, valid, h, d, q_base, row_off, q = _query_tile(Q, STARTS, b, hk, t0, length, sqb, sqh, sqt,
+                                                                      G, GR, BT, R, D)
         bb = b.to(tl.int64)
-        row_off = bb * sqb + h * sqh + (start + t) * sqt
-        q = tl.load(Q + row_off[:, None] + d[None, :], mask=valid[:, None], other=0.0)
-        kbase = K + bb * skb + hk * skh + start * skt
-        vbase = V + bb * skb + hk * skh + start * skt
+        kbase = K + bb * skb + hk.to(tl.int64) * skh + start * skt
+        vbase = V + bb * skb + hk.to(tl.int64) * skh + start * skt
         gate_off = bb * sgb + h * sgh + (start + t) * sgt
         lse_off = bb * slb + h * slh + (start + t) * slt
         # Branches finish one after another so at most two [R, D] accumulators
         # are live: the running output and the branch in progress.
         out = tl.zeros([R, D], tl.float32)
         if HAS_SLC:
-            prog = (b * tl.num_programs(2) + hk) * n_tiles + pid_t
-            count, ubase, umbase, hit_row = _union_lists(
-                SEL + bb * ssb + start * sst, U, UM, UC, prog, ssh, sst, hk, t0, length, r,
-                G, GR, BT, W, HEAD_SCORING, U_LOG, ROW_LOG, True)
-            kdesc = _sequence_desc(kbase, length, skt, BS, D, TMA)
-            vdesc = _sequence_desc(vbase, length, skt, BS, D, TMA)
+            count, ubase, umbase, hit_row, kdesc, vdesc, n_whole = _union_setup(
+                SEL, U, UM, UC, b, hk, pid_t, n_tiles, start, ssb, ssh, sst, t0, length, r, kbase, vbase, skt,
+                G, GR, BT, D, W, LS, BS, HEAD_SCORING, U_LOG, ROW_LOG, TMA, True)
             m = tl.full([R], float("-inf"), tl.float32)
             acc_l = tl.zeros([R], tl.float32)
             acc = tl.zeros([R, D], tl.float32)
@@ -874,7 +952,6 @@ def slc_win_kernel(
             # The next step's entry is loaded during this one (a step's key copies then
             # need not wait on its index): H200, 128K video, training forward, slc_win
             # 27.6 ms against 32.2 loading at the step.
-            n_whole = _num_whole(ubase, count, t0, LS, BS, U_LOG)
             for masked in tl.static_range(2):
                 ahead = _union_entry(ubase, umbase, n_whole if masked else 0, count)
                 for it in range(n_whole if masked else 0, count if masked else n_whole):
@@ -886,14 +963,9 @@ def slc_win_kernel(
                         m, alpha, p = _online_softmax(m, tl.where(mask, s, float("-inf")), scale_log2)
                     else:
                         m, alpha, p = _online_softmax_rows(m, s, scale_log2, mask)
-                    acc_l = acc_l * alpha + tl.sum(p, axis=1)
-                    acc = acc * alpha[:, None] + _dot(p.to(vv.dtype), vv, IEEE)
-            o_s = acc / tl.where(acc_l > 0, acc_l, 1.0)[:, None]
-            gs = tl.load(GATES + gate_off + GI_SLC * sgc, mask=valid, other=0.0).to(tl.float32)
-            out += gs[:, None] * o_s
-            if SAVE:
-                tl.store(OS + row_off[:, None] + d[None, :], o_s.to(OS.dtype.element_ty), mask=valid[:, None])
-                tl.store(LSES + lse_off, tl.where(acc_l > 0, m + tl.log2(acc_l), 0.0), mask=valid)
+                    acc, acc_l = _accumulate(acc, acc_l, alpha, p, vv, IEEE)
+            gate = tl.load(GATES + gate_off + GI_SLC * sgc, mask=valid, other=0.0).to(tl.float32)
+            out = _finish_branch(out, acc, acc_l, m, gate, valid, OS, LSES, q_base, row_off, lse_off, d, SAVE)
         if HAS_WIN:
             t_last = tl.minimum(t0 + BT, length) - 1
             lo = tl.maximum(t0 - WIN + 1, 0)
@@ -910,16 +982,11 @@ def slc_win_kernel(
                 mask = valid[:, None] & (s_pos[None, :] <= t[:, None]) & (s_pos[None, :] > t[:, None] - WIN)
                 s = tl.where(mask, _dot(q, tl.trans(kk), IEEE), float("-inf"))
                 m, alpha, p = _online_softmax(m, s, scale_log2)
-                acc_l = acc_l * alpha + tl.sum(p, axis=1)
-                acc = acc * alpha[:, None] + _dot(p.to(vv.dtype), vv, IEEE)
-            o_w = acc / tl.where(acc_l > 0, acc_l, 1.0)[:, None]
-            gw = tl.load(GATES + gate_off + GI_WIN * sgc, mask=valid, other=0.0).to(tl.float32)
-            out += gw[:, None] * o_w
-            if SAVE:
-                tl.store(OW + row_off[:, None] + d[None, :], o_w.to(OW.dtype.element_ty), mask=valid[:, None])
-                tl.store(LSEW + lse_off, tl.where(acc_l > 0, m + tl.log2(acc_l), 0.0), mask=valid)
+                acc, acc_l = _accumulate(acc, acc_l, alpha, p, vv, IEEE)
+            gate = tl.load(GATES + gate_off + GI_WIN * sgc, mask=valid, other=0.0).to(tl.float32)
+            out = _finish_branch(out, acc, acc_l, m, gate, valid, OW, LSEW, q_base, row_off, lse_off, d, SAVE)
         if HAS_CMP:
-            oc = tl.load(OC + row_off[:, None] + d[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
+            oc = tl.load(OC + q_base + row_off[:, None] + d[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
             gc = tl.load(GATES + gate_off + GI_CMP * sgc, mask=valid, other=0.0).to(tl.float32)
             out += gc[:, None] * oc
-        tl.store(OUT + row_off[:, None] + d[None, :], out.to(OUT.dtype.element_ty), mask=valid[:, None])
+        tl.store(OUT + q_base + row_off[:, None] + d[None, :], out.to(OUT.dtype.element_ty), mask=valid[:, None])

@@ -97,13 +97,14 @@ def launch_choices(head_dim: int, group: int) -> Launch:
     """The launch of one call from what decides it: the head dim (the widths
     of the [rows, D] tiles) and the GQA group (the rows per token).
 
-    Measured where the Triton backend is tuned (H200 and H100, Qwen2.5-VL's
-    28/4 heads, D = 128, bf16, 128K video tokens); other geometries keep these
-    values, and :func:`_launch` lowers a pipeline depth or drops a register
-    cap that a kernel's resources cannot meet. The inference and the training
-    forward launch slc_win_kernel alike: with each step's union entry loaded a
-    step ahead, three stages uncapped won both (forward 38.7 ms against 41.0
-    with one stage under a cap of 128 registers)."""
+    Tuned on Qwen2.5-VL's geometry (28/4 heads, D = 128, bf16); the figures
+    beside each choice are H200 timings at 128K video tokens of the kernel
+    the choice affects. Other geometries keep these values, and
+    :func:`_launch` lowers a pipeline depth or drops a register cap that a
+    kernel's resources cannot meet. The inference and the training forward
+    launch slc_win_kernel alike: with each step's union entry loaded a step
+    ahead, three stages uncapped won both (forward 38.7 ms against 41.0 with
+    one stage under a cap of 128 registers)."""
     return Launch(
         # 64-row tiles (9 tokens x 7 heads for G = 7); rows packed densely over the group
         # ran bwd_dq 49.8 ms against 54.6 and slc_win 36.5 against 37.5 (8 x 8 rows, one idle).
@@ -141,7 +142,7 @@ def unsupported_reason(pattern: Pattern) -> str | None:
             return f"selection.block = {sel.block} > 256 (one kv block must fit a register tile)"
         cfg = make_config(pattern)
         if cfg.nt > 128:
-            return f"selection.count = {sel.count}: the running top-n keeps at most 128 free slots"
+            return f"selection.count = {sel.count}: a block list keeps at most 128 free slots"
         if cfg.eq9_a * cfg.nt > 1024:
             return "compression.stride too small for selection.block (more than 1024 compressed tokens per score chunk)"
     return None
@@ -375,7 +376,7 @@ def _forward(q, k, v, kc, vc, gates, lay: SeqLayout, cfg: KernelConfig, launch: 
             tma = lay.min_cmp > 0 and tma_ready(kc, vc)
             _launch(fwd.cmp_lse_kernel, (triton.cdiv(lay.max_len, tiles.bt_lse), B, Hkv),
                 q, kc, vc, lse_c, oc, lay.starts, lay.lens, lay.cstarts, lay.clens,
-                *_qs(q, P), *_qs(kc, P), *_qs(lse_c, P), *_qs(oc, P), scale_log2,
+                *_qs(q, P), *_qs(kc, P), *_qs(lse_c, P), scale_log2,
                 G=G, GR=G, BT=tiles.bt_lse, R=tiles.rows_lse, BN=launch.lse_block, D=D, CBLOCK=cfg.cblock,
                 CSTRIDE=cfg.cstride, LEGACY=cfg.legacy, IEEE=ieee, TMA=tma,
                 num_warps=launch.score_warps, num_stages=launch.lse_stages, maxnreg=launch.lse_cap,
@@ -509,7 +510,7 @@ def _cmp_dkv_splits(max_len: int, programs_per_split: int, device: torch.device)
     leave SMs idle: about four programs per SM, down to 512 queries a split.
     At 16K (4 compressed tiles x 4 kv heads) one split per 4,096 queries made 64
     programs for the H200's 132 SMs: 1.16 ms for four products over the scores
-    that the forward's lse pass covers with one in 0.12 ms (run 24)."""
+    that the forward's lse pass covers with one in 0.12 ms."""
     splits = max(1, min(32, triton.cdiv(max_len, 4096)))
     fill = triton.cdiv(4 * _multiprocessors(device), max(1, programs_per_split))
     return max(splits, min(fill, max(1, triton.cdiv(max_len, 512))))
@@ -632,8 +633,6 @@ def _backward(do, q, k, v, kc, vc, gates, lay: SeqLayout, cfg: KernelConfig, res
         alloc = torch.empty if cfg.has_win else torch.zeros
         dk = alloc(k.shape, dtype=torch.float32, device=dev)
         dv = alloc(k.shape, dtype=torch.float32, device=dev)
-        if not k.is_contiguous():
-            raise AssertionError("k must be contiguous")
     if cfg.has_win:
         BK = 64
         _launch(bwd.bwd_win_dkv_kernel, (triton.cdiv(lay.max_len, BK), B, Hkv),
@@ -692,8 +691,21 @@ class _NSAFunction(torch.autograd.Function):
 def nsa_attention(q, k, v, kc, vc, gates, lay: SeqLayout, cfg: KernelConfig, launch: Launch | None = None) -> torch.Tensor:
     """Gated NSA output over the sparse sequences in ``lay`` (autograd-aware);
     ``launch`` None: :func:`launch_choices` for q's head dim and group."""
+    # Batch, group and first-row bases are 64-bit in the kernels; what is added to
+    # them per row or per step stays 32-bit (registers in the hot loops): a row's
+    # place within its group's heads and its sequence (keys: within the sequence;
+    # k's rows are as wide as q's). q [1, 28, L, 128]: up to 2,097,151 tokens.
+    group = q.shape[1] // k.shape[1]
+    within_group = group * q.stride(1) + lay.max_len * q.stride(2)
+    if within_group >= 2**31:
+        raise InputError("q", "fewer than 2^31 elements from a group's first head to its last row (query heads per "
+                         "kv head x head stride + tokens x token stride) for the triton backend (32-bit offsets "
+                         "inside a group)", f"{group} x {q.stride(1)} + {lay.max_len} x {q.stride(2)} = {within_group}")
+    if not (q.is_contiguous() and k.is_contiguous() and v.is_contiguous()):
+        # the outputs, dq and dO take q's strides inside the kernels (and dk, dv k's)
+        raise AssertionError("q, k and v must be contiguous")
     if launch is None:
-        launch = launch_choices(q.shape[-1], q.shape[1] // k.shape[1])
+        launch = launch_choices(q.shape[-1], group)
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (q, k, v, kc, vc, gates)
     )
