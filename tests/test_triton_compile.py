@@ -4,7 +4,7 @@ The interpreter (how CI runs the kernels) accepts programs the GPU compiler
 refuses, e.g. matrix products with fewer than 16 columns; this test records the
 launches of a small pattern's forward and backward under the interpreter and
 compiles each one with ``triton.compile`` for ``GPUTarget('cuda', 90, 32)``
-(``benchmarks/triton_compile_check.py --small``)."""
+(``tests/triton_compile_check.py --small``)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 triton = pytest.importorskip("triton")
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "triton_compile_check.py"
+SCRIPT = Path(__file__).resolve().parent / "triton_compile_check.py"
 
 
 def _has_nvidia_backend() -> bool:

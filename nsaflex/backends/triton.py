@@ -58,7 +58,7 @@ class TritonBackend:
         return unsupported_reason(pattern)
 
     def describe(self, pattern: Pattern, device: str) -> tuple[BranchPlan, ...]:
-        from nsaflex.kernels.ops import make_config
+        from nsaflex.kernels.ops import launch_choices, make_config
 
         if pattern.dense:
             return (BranchPlan("dense", self.name, "torch SDPA (causal)", "is_causal"),)
@@ -73,21 +73,16 @@ class TritonBackend:
                 ("pooling in torch ahead of the kernels",),
             ))
         if cfg.has_slc:
-            if cfg.topn == "fused":
-                topn = "running top-n in cmp_score_kernel"
-                notes: tuple[str, ...] = ("no [L, L/l'] tensor is written",)
-            else:
-                topn = ("cmp_score_kernel writes a query chunk's block scores, then "
-                        + ("topn_select_kernel (exact bisection over the score bits)" if cfg.topn == "select"
-                           else "torch.topk over packed int64 keys"))
-                notes = (f"block scores (Eq. 9, {'head' if cfg.head_scoring else 'group'}-summed) written per query chunk "
-                         f"of up to {cfg.topn_chunk} tokens ([B, Hsel, chunk, t_end / l'], under "
-                         f"{cfg.topn_buffer_bytes >> 20} MiB); the compression probabilities [L, L/d] are never written",)
+            topn = "cmp_score_kernel writes a query chunk's block scores, then topn_select_kernel (exact bisection over the score bits)"
+            launch = launch_choices(HEAD_DIMS[0], 1)  # the chunk bounds do not depend on the head dim or group
+            notes = (f"block scores (Eq. 9, {'head' if cfg.head_scoring else 'group'}-summed) written per query chunk "
+                     f"of up to {launch.topn_chunk} tokens ([B, Hsel, chunk, t_end / l'], under "
+                     f"{launch.topn_buffer_bytes >> 20} MiB); the compression probabilities [L, L/d] are never written",)
             plans.append(BranchPlan(
                 "selection", self.name, f"{topn}; slc_win_kernel over the tile's union of blocks",
                 "per-token block lists (int32 [B, H, L, n+4]) with per-row hit masks",
                 {"block": cfg.slc_block, "count": cfg.count, "scoring": "head" if cfg.head_scoring else "group",
-                 "eq9": [cfg.eq9_a, cfg.eq9_b], "top_slots": cfg.nt, "topn": cfg.topn},
+                 "eq9": [cfg.eq9_a, cfg.eq9_b], "top_slots": cfg.nt},
                 notes,
             ))
         if cfg.has_win:
@@ -135,7 +130,11 @@ def _dense(q, k, v):
     )
 
 
-def _sparse_forward(pattern, cfg, q, k, v, gates, token_types, pooler):
+def _sparse_forward(pattern, cfg, q, k, v, gates, token_types, pooler, launch=None):
+    """The sparse branches of ``pattern`` (``cfg``: its KernelConfig; ``launch``:
+    the kernels' Launch, None for :func:`nsaflex.kernels.ops.launch_choices`),
+    q ``[B, Hq, L, D]``, k, v ``[B, Hkv, L, D]``, with the text queries of a
+    hybrid pattern on the dense path."""
     from nsaflex.kernels.ops import SeqLayout, nsa_attention
 
     batch, _, length, _ = q.shape
@@ -163,7 +162,7 @@ def _sparse_forward(pattern, cfg, q, k, v, gates, token_types, pooler):
         if layout.max_length == 0:
             sparse = torch.zeros_like(q)
             return combine(sparse, text_dense_attention(q, k, v, ~layout.sparse_queries), layout)
-        qs = pack_varlen(q, layout)[None]
+        qs = pack_varlen(q, layout)[None].contiguous()
         ks = pack_varlen(k, layout)[None].contiguous()
         vs = pack_varlen(v, layout)[None].contiguous()
         gs = pack_varlen(gates, layout)[None]
@@ -191,7 +190,7 @@ def _sparse_forward(pattern, cfg, q, k, v, gates, token_types, pooler):
         packed = True
     min_cmp = n_cmp if layout.identity else min(counts)
     lay = SeqLayout(starts, lens, cstarts, clens, max_len, max_cmp, packed, min_cmp)
-    out = nsa_attention(qs, ks, vs, kc, vc, gs, lay, cfg)
+    out = nsa_attention(qs, ks, vs, kc, vc, gs, lay, cfg, launch)
     if layout.identity and not layout.has_text:
         return out
     if packed:

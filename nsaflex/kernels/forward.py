@@ -1,30 +1,28 @@
 """Forward Triton kernels for token-level NSA.
 
 Row tiles: a program owns ``BT`` consecutive tokens of one sequence and the
-``G`` query heads of one kv head, laid out as ``R = BT * GP`` rows (row ``r`` is
-token ``t0 + r // GP``, head ``r % GP``; ``GP`` is ``G`` rounded up to a power
-of two, the padding rows are masked, never stored). The heads of a GQA group
-share every key they read, so one tile fills the matrix units with several
-tokens' group heads. The selection kernel, ``bwd_dq_kernel`` and the lse pass
-may instead pack the rows densely (:func:`_tile_rows`, ``GR = G``): ``R // G``
-tokens per tile, so for G = 7 a 64-row tile holds 9 tokens' heads and one
-padding row instead of 8 tokens' heads and 8 padding rows. The score pass
-orders the rows of each 16-row slab by head bits (:func:`_score_rows`), which
-makes its sum over a token's heads cheaper.
+``G`` query heads of one kv head. The heads of a GQA group share every key
+they read, so one tile fills the matrix units with several tokens' group
+heads. The selection kernel, ``bwd_dq_kernel`` and the lse pass pack the rows
+densely (:func:`_tile_rows`, ``GR = G``): ``R // G`` tokens per tile, so for
+G = 7 a 64-row tile holds 9 tokens' heads and one padding row. The score pass
+and the dk, dv kernels give every token ``GP`` rows (``G`` rounded up to a
+power of two, the padding rows masked, never stored); the score pass orders
+the rows of each 16-row slab by head bits (:func:`_score_rows`), which makes
+its sum over a token's heads cheaper.
 
 Kernels:
 
 * :func:`cmp_lse_kernel` (pass 1): log-sum-exp (base 2) of every row over its
-  visible compressed tokens and (``OUT``, the default) the compression output,
-  flash-style.
+  visible compressed tokens and the compression output, flash-style.
 * :func:`cmp_score_kernel` (pass 2): recomputes the normalised probabilities
-  from the saved log-sum-exp (accumulating the compression output when pass 1
-  did not), maps the (group-summed) probabilities to selection-block scores
-  (NSA Eq. 9, as a small exact matmul with the Eq. 9 band matrix, carried
-  across chunks) and either writes them per query chunk for
-  :func:`topn_select_kernel` or keeps a running top-n per selecting row
-  (bitonic merge of packed ``score bits << 32 | ~index`` keys: ties to the
-  lower index); no ``[L, L/d]`` tensor is written.
+  from the saved log-sum-exp, maps the (group-summed) probabilities to
+  selection-block scores (NSA Eq. 9, as a small exact matmul with the Eq. 9
+  band matrix, carried across chunks) and writes them per query chunk; no
+  ``[L, L/d]`` tensor is written.
+* :func:`topn_select_kernel`: the exact top-n of each token's block scores
+  (a bisection over the score bits, ties to the lower index), written as the
+  block lists.
 * :func:`slc_win_kernel`: selection attention over the union of the tile's
   selected blocks (per-row hit masks), the sliding window, and the gated
   combination with the compression output: only the final output is written
@@ -32,7 +30,8 @@ Kernels:
 
 Sequences are addressed as ``base + b * stride_b + (start[b] + t) * stride_t``:
 ``start`` is 0 for ``[B, H, L, D]`` tensors and ``cu_seqlens[b]`` for packed
-varlen tensors (``stride_b = 0``).
+varlen tensors (``stride_b = 0``). Batch, head-group and first-row offsets are
+64-bit (:func:`_rows_at`); offsets within a group's rows stay 32-bit.
 """
 
 from __future__ import annotations
@@ -126,6 +125,61 @@ def _online_softmax_rows(m, s, scale, sel):
 
 
 @triton.jit
+def _accumulate(acc, acc_l, alpha, p, vv, IEEE: tl.constexpr):
+    """The streaming softmax's sums after one block: ``acc_l = acc_l * alpha +
+    rowsum(p)`` and ``acc = acc * alpha + p @ vv``."""
+    acc_l = acc_l * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + _dot(p.to(vv.dtype), vv, IEEE)
+    return acc, acc_l
+
+
+@triton.jit
+def _finish_branch(out, acc, acc_l, m, gate, valid, O, LSE, q_base, row_off, lse_off, d, SAVE: tl.constexpr):
+    """The end of one branch of :func:`slc_win_kernel`: its output ``o = acc /
+    acc_l`` added to ``out`` with the rows' ``gate`` [R]; where ``SAVE`` (a
+    backward follows) ``o`` into ``O`` (q's layout) and its log-sum-exp
+    ``m + log2(acc_l)`` (0 where nothing is visible) into ``LSE``."""
+    o = acc / tl.where(acc_l > 0, acc_l, 1.0)[:, None]
+    out += gate[:, None] * o
+    if SAVE:
+        tl.store(O + q_base + row_off[:, None] + d[None, :], o.to(O.dtype.element_ty), mask=valid[:, None])
+        tl.store(LSE + lse_off, tl.where(acc_l > 0, m + tl.log2(acc_l), 0.0), mask=valid)
+    return out
+
+
+@triton.jit
+def _program_tile(LENS, BT: tl.constexpr):
+    """A program of a row-tile grid ``(tiles, B, Hkv)``: (tile index, sequence
+    ``b``, kv head ``hk``, the sequence's length, the tile's first token)."""
+    pid_t = tl.program_id(0)
+    b = tl.program_id(1)
+    return pid_t, b, tl.program_id(2), tl.load(LENS + b), pid_t * BT
+
+
+@triton.jit
+def _query_tile(Q, STARTS, b, hk, t0, length, sqb, sqh, sqt,
+                G: tl.constexpr, GR: tl.constexpr, BT: tl.constexpr, R: tl.constexpr, D: tl.constexpr):
+    """The set-up of a row tile (:func:`_tile_rows`) of the selection kernel and
+    ``bwd_dq``: (the sequence's first row ``start``, r, t, g, valid, head ``h``
+    [R], ``d``, the rows' place :func:`_rows_at` in q's layout ``q_base,
+    row_off``, and the query rows ``q`` [R, D])."""
+    start = tl.load(STARTS + b).to(tl.int64)
+    r, t, g, valid = _tile_rows(t0, length, G, GR, BT, R)
+    d = tl.arange(0, D)
+    q_base, row_off = _rows_at(b, hk, start, g, t, sqb, sqh, sqt, G)
+    q = tl.load(Q + q_base + row_off[:, None] + d[None, :], mask=valid[:, None], other=0.0)
+    return start, r, t, g, valid, hk * G + g, d, q_base, row_off, q
+
+
+@triton.jit
+def _key_value_rows(K, V, off, d, mask):
+    """Rows ``off`` [N] (with ``mask``; the others read as zeros) of the key and
+    the value tensor: ([N, D], [N, D])."""
+    kk = tl.load(K + off[:, None] + d[None, :], mask=mask[:, None], other=0.0)
+    return kk, tl.load(V + off[:, None] + d[None, :], mask=mask[:, None], other=0.0)
+
+
+@triton.jit
 def _key_rows(base, desc, s0, s_pos, kmask, stride, d, TMA: tl.constexpr):
     """Rows ``s_pos`` (``s0 + arange``) of a key or value sequence: through the
     tensor descriptor ``desc`` (one bulk copy, rows past the sequence read as
@@ -173,23 +227,22 @@ def _visible(i, t, n_cmp, CBLOCK: tl.constexpr, CSTRIDE: tl.constexpr, LEGACY: t
 
 
 @triton.jit
+def _visible_span(t0, t_last, n_cmp, CBLOCK: tl.constexpr, CSTRIDE: tl.constexpr, LEGACY: tl.constexpr):
+    """Compressed tokens ``[lo, hi)`` that some row of tokens ``t0 .. t_last``
+    sees (:func:`_visible`): causal, everything up to the last token's; legacy,
+    everything from the first token's on."""
+    if LEGACY:
+        return _first_visible(t0, CBLOCK, CSTRIDE), n_cmp
+    else:
+        return 0, _num_visible(t_last, n_cmp, CBLOCK, CSTRIDE)
+
+
+@triton.jit
 def _eq9_count(s, A: tl.constexpr, BB: tl.constexpr):
     """Number of (m, n), m < A, n < BB with m + n = s."""
     hi = tl.minimum(s, A - 1)
     lo = tl.maximum(s - BB + 1, 0)
     return tl.where((s >= 0) & (s <= A + BB - 2), hi - lo + 1, 0).to(tl.float32)
-
-
-@triton.jit
-def _merge_top(top, keys, SR: tl.constexpr, NT: tl.constexpr, NT_LOG: tl.constexpr):
-    """Largest NT of two [SR, NT] int64 key sets, sorted descending."""
-    x = tl.join(top, keys)
-    x = tl.reshape(x, [SR, 2 * NT])
-    x = _sort_last(x, NT_LOG + 1, True)
-    x = tl.reshape(x, [SR, 2, NT])
-    x = tl.permute(x, [0, 2, 1])
-    first, second = tl.split(x)
-    return first
 
 
 @triton.jit
@@ -217,6 +270,20 @@ def _forced_candidate(f, n_cand):
 
 
 @triton.jit
+def _rows_at(b, hk, start, g, t, sb, sh, st, G: tl.constexpr):
+    """Where rows (head ``hk * G + g``, token ``start + t``; ``g, t`` [R]) of
+    sequence ``b`` lie in a ``[B, H, T, ...]`` tensor of strides ``sb, sh,
+    st``: (base, offsets). The base (batch, the group's first head, the
+    sequence's first token) is 64-bit: a head times the head stride passes
+    2^31 in long sequences (head 27 of q [1, 28, 1M, 128] starts at element
+    3.5 G). The rows' offsets from it stay 32-bit, as registers in the loops
+    want (``G`` x head stride + length x token stride < 2^31 is checked
+    before launch)."""
+    base = b.to(tl.int64) * sb + (hk * G).to(tl.int64) * sh + start * st
+    return base, g * sh + t * st
+
+
+@triton.jit
 def _tile_rows(t0, length, G: tl.constexpr, GR: tl.constexpr, BT: tl.constexpr, R: tl.constexpr):
     """Rows of a tile of ``BT`` tokens from ``t0``: row ``r`` is head ``r % GR``
     of token ``t0 + r // GR``. ``GR = G`` packs the group's heads densely (9
@@ -234,9 +301,9 @@ def _tile_rows(t0, length, G: tl.constexpr, GR: tl.constexpr, BT: tl.constexpr, 
 @triton.jit
 def _lse_step(q, t, valid, i0, hi, n_cmp, kbase, kdesc, vbase, vdesc, skt, d, m, acc_l, acc, scale_log2,
               BN: tl.constexpr, CBLOCK: tl.constexpr, CSTRIDE: tl.constexpr, LEGACY: tl.constexpr,
-              IEEE: tl.constexpr, TMA: tl.constexpr, OUT: tl.constexpr, MASKED: tl.constexpr):
+              IEEE: tl.constexpr, TMA: tl.constexpr, MASKED: tl.constexpr):
     """One step of :func:`cmp_lse_kernel` over compressed tokens ``i0 .. i0 + BN``:
-    the running max ``m``, sum ``acc_l`` and (``OUT``) output ``acc``. ``MASKED``:
+    the running max ``m``, sum ``acc_l`` and output ``acc``. ``MASKED``:
     apply the visibility rule per element (off where every row sees the chunk whole)."""
     i = i0 + tl.arange(0, BN)
     kc = _key_rows(kbase, kdesc, i0, i, i < hi, skt, d, TMA)
@@ -245,38 +312,30 @@ def _lse_step(q, t, valid, i0, hi, n_cmp, kbase, kdesc, vbase, vdesc, skt, d, m,
         vis = _visible(i, t, n_cmp, CBLOCK, CSTRIDE, LEGACY) & valid[:, None]
         s = tl.where(vis, s, float("-inf"))
     m, alpha, p = _online_softmax(m, s, scale_log2)
-    acc_l = acc_l * alpha + tl.sum(p, axis=1)
-    if OUT:
-        vc = _key_rows(vbase, vdesc, i0, i, i < hi, skt, d, TMA)
-        acc = acc * alpha[:, None] + _dot(p.to(vc.dtype), vc, IEEE)
+    vc = _key_rows(vbase, vdesc, i0, i, i < hi, skt, d, TMA)
+    acc, acc_l = _accumulate(acc, acc_l, alpha, p, vc, IEEE)
     return m, acc_l, acc
 
 
 @triton.jit
 def cmp_lse_kernel(
     Q, KC, VC, LSE, OC, STARTS, LENS, CSTARTS, CLENS,
-    sqb, sqh, sqt, skb, skh, skt, slb, slh, slt, sob, soh, sot,
+    sqb, sqh, sqt, skb, skh, skt, slb, slh, slt,
     scale_log2,
     G: tl.constexpr, GR: tl.constexpr, BT: tl.constexpr, R: tl.constexpr, BN: tl.constexpr, D: tl.constexpr,
     CBLOCK: tl.constexpr, CSTRIDE: tl.constexpr, LEGACY: tl.constexpr, IEEE: tl.constexpr, TMA: tl.constexpr,
-    OUT: tl.constexpr,
 ):
     """Log-sum-exp (base 2) of every row over its visible compressed tokens,
     ``lse = log2 sum_i exp2(s_i)`` with ``s_i = q . kc_i * log2(e) / sqrt(D)``,
-    into ``LSE [B, H, T]`` (0 where nothing is visible).
-
-    ``OUT``: also the compression output ``o = sum_i exp2(s_i - lse) vc_i``
-    into ``OC [B, H, T, D]`` (fp32 when a backward follows, else q's dtype),
-    accumulated flash-style (running max, rescaled sums), so that the score
-    pass needs no values.
+    into ``LSE [B, H, T]`` (0 where nothing is visible), and the compression
+    output ``o = sum_i exp2(s_i - lse) vc_i`` into ``OC [B, H, T, D]`` (q's strides; fp32
+    when a backward follows, else q's dtype), accumulated flash-style (running
+    max, rescaled sums), so that the score pass needs no values. H200, 128K
+    video: the two passes 10.6 ms against 12.3 with the output in the score pass.
 
     Rows: :func:`_tile_rows` (``BT`` tokens, ``GR`` rows per token, ``R`` rows).
     ``TMA``: compressed keys (and values) through tensor descriptors (:func:`_sequence_desc`)."""
-    pid_t = tl.program_id(0)
-    b = tl.program_id(1)
-    hk = tl.program_id(2)
-    length = tl.load(LENS + b)
-    t0 = pid_t * BT
+    pid_t, b, hk, length, t0 = _program_tile(LENS, BT)
     if t0 < length:
         start = tl.load(STARTS + b).to(tl.int64)
         cstart = tl.load(CSTARTS + b).to(tl.int64)
@@ -285,25 +344,17 @@ def cmp_lse_kernel(
         h = hk * G + g
         d = tl.arange(0, D)
         bb = b.to(tl.int64)
-        q = tl.load(Q + bb * sqb + h[:, None] * sqh + (start + t)[:, None] * sqt + d[None, :], mask=valid[:, None], other=0.0)
+        q_base, q_rows = _rows_at(b, hk, start, g, t, sqb, sqh, sqt, G)
+        q = tl.load(Q + q_base + q_rows[:, None] + d[None, :], mask=valid[:, None], other=0.0)
         t_last = tl.minimum(t0 + BT, length) - 1
-        if LEGACY:
-            lo = _first_visible(t0, CBLOCK, CSTRIDE)
-            hi = n_cmp
-        else:
-            lo = 0
-            hi = _num_visible(t_last, n_cmp, CBLOCK, CSTRIDE)
+        lo, hi = _visible_span(t0, t_last, n_cmp, CBLOCK, CSTRIDE, LEGACY)
         m = tl.full([R], float("-inf"), tl.float32)
         acc_l = tl.zeros([R], tl.float32)
         acc = tl.zeros([R, D], tl.float32)
-        kbase = KC + bb * skb + hk * skh + cstart * skt
+        kbase = KC + bb * skb + hk.to(tl.int64) * skh + cstart * skt
         kdesc = _sequence_desc(kbase, n_cmp, skt, BN, D, TMA)
-        if OUT:
-            vbase = VC + bb * skb + hk * skh + cstart * skt
-            vdesc = _sequence_desc(vbase, n_cmp, skt, BN, D, TMA)
-        else:
-            vbase = kbase
-            vdesc = kdesc
+        vbase = VC + bb * skb + hk.to(tl.int64) * skh + cstart * skt
+        vdesc = _sequence_desc(vbase, n_cmp, skt, BN, D, TMA)
         # Chunks every row of the tile sees whole (causal: the tile's first token sees
         # them) need no per-element mask; rows past the end or padding heads compute
         # finite garbage there that is never stored.
@@ -312,13 +363,12 @@ def cmp_lse_kernel(
         for masked in tl.static_range(2):
             for i0 in range(mid if masked else lo, hi if masked else mid, BN):
                 m, acc_l, acc = _lse_step(q, t, valid, i0, hi, n_cmp, kbase, kdesc, vbase, vdesc, skt, d, m, acc_l,
-                                          acc, scale_log2, BN, CBLOCK, CSTRIDE, LEGACY, IEEE, TMA, OUT, masked == 1)
+                                          acc, scale_log2, BN, CBLOCK, CSTRIDE, LEGACY, IEEE, TMA, masked == 1)
         lse = tl.where(acc_l > 0, m + tl.log2(acc_l), 0.0)
-        tl.store(LSE + bb * slb + h * slh + (start + t) * slt, lse, mask=valid)
-        if OUT:
-            o = acc / tl.where(acc_l > 0, acc_l, 1.0)[:, None]
-            tl.store(OC + bb * sob + h[:, None] * soh + (start + t)[:, None] * sot + d[None, :],
-                     o.to(OC.dtype.element_ty), mask=valid[:, None])
+        lse_base, lse_rows = _rows_at(b, hk, start, g, t, slb, slh, slt, G)
+        tl.store(LSE + lse_base + lse_rows, lse, mask=valid)
+        o = acc / tl.where(acc_l > 0, acc_l, 1.0)[:, None]
+        tl.store(OC + q_base + q_rows[:, None] + d[None, :], o.to(OC.dtype.element_ty), mask=valid[:, None])
 
 
 @triton.jit
@@ -362,18 +412,17 @@ def _group_sum(p, BT: tl.constexpr, GP: tl.constexpr, BN: tl.constexpr, PERM: tl
 
 
 @triton.jit
-def _score_step(c, q, lse, t, valid, n_cmp, kbase, kdesc, vbase, vdesc, skt, d, acc, top, carry,
-                m_self, m_next, jl, n_cand, valid_s, f0, f1, f2, SBUF, sb_row, JW, scale_log2,
-                BT: tl.constexpr, GP: tl.constexpr, BN: tl.constexpr, NT: tl.constexpr, NT_LOG: tl.constexpr,
-                SR: tl.constexpr, A: tl.constexpr, BB: tl.constexpr, CBLOCK: tl.constexpr, CSTRIDE: tl.constexpr,
-                LEGACY: tl.constexpr, IEEE: tl.constexpr, TMA: tl.constexpr, PV: tl.constexpr,
-                HEAD_SCORING: tl.constexpr, TOPN: tl.constexpr, INSERT_MAX: tl.constexpr, PERM: tl.constexpr,
-                MASKED: tl.constexpr):
+def _score_step(c, q, lse, t, valid, n_cmp, kbase, kdesc, skt, d, carry, m_self, m_next, jl, n_cand, valid_s,
+                SBUF, sb_row, scale_log2, BT: tl.constexpr, GP: tl.constexpr, BN: tl.constexpr, NT: tl.constexpr,
+                A: tl.constexpr, BB: tl.constexpr, CBLOCK: tl.constexpr, CSTRIDE: tl.constexpr,
+                LEGACY: tl.constexpr, IEEE: tl.constexpr, TMA: tl.constexpr, HEAD_SCORING: tl.constexpr,
+                PERM: tl.constexpr, MASKED: tl.constexpr):
     """Chunk ``c`` of :func:`cmp_score_kernel`'s scoring loop (compressed tokens
-    ``c * BN ..``, blocks ``c * NT ..``): probabilities, (PV) the output, the
-    block scores and what ``TOPN`` makes of them. Returns (acc, top, carry).
-    ``MASKED``: apply the visibility rule per element (off where every row sees
-    the chunk whole; padding rows have lse = +inf, so p = 0 there)."""
+    ``c * BN ..``, blocks ``c * NT ..``): probabilities, the block scores of the
+    candidate blocks (+0 for -0) into the chunk's buffer. Returns the Eq. 9
+    carry into the next chunk. ``MASKED``: apply the visibility rule per
+    element (off where every row sees the chunk whole; padding rows have
+    lse = +inf, so p = 0 there)."""
     i = c * BN + tl.arange(0, BN)
     kc = _key_rows(kbase, kdesc, c * BN, i, i < n_cmp, skt, d, TMA)
     s = _dot(q, tl.trans(kc), IEEE)
@@ -381,9 +430,6 @@ def _score_step(c, q, lse, t, valid, n_cmp, kbase, kdesc, vbase, vdesc, skt, d, 
     if MASKED:
         vis = _visible(i, t, n_cmp, CBLOCK, CSTRIDE, LEGACY) & valid[:, None]
         p = tl.where(vis, p, 0.0)
-    if PV:
-        vc = _key_rows(vbase, vdesc, c * BN, i, i < n_cmp, skt, d, TMA)
-        acc += _dot(p.to(vc.dtype), vc, IEEE)
     if HEAD_SCORING:
         ps = p
     else:
@@ -394,71 +440,31 @@ def _score_step(c, q, lse, t, valid, n_cmp, kbase, kdesc, vbase, vdesc, skt, d, 
         bs = tl.dot(ps, m_self, input_precision="ieee") + carry
         carry = tl.dot(ps, m_next, input_precision="ieee")
     j = c * NT + jl
-    if TOPN == 1:
-        # Raw block scores of the candidate blocks (+0 for -0).
-        put = (j[None, :] < n_cand[:, None]) & valid_s[:, None]
-        tl.store(SBUF + sb_row[:, None] + j[None, :], tl.where(bs > 0, bs, 0.0), mask=put)
-    else:
-        cand = (j[None, :] < n_cand[:, None]) & valid_s[:, None]
-        cand = cand & (j[None, :] != f0[:, None]) & (j[None, :] != f1[:, None]) & (j[None, :] != f2[:, None])
-        bits = bs.to(tl.int32, bitcast=True)
-        bits = tl.where(bits < 0, 0, bits).to(tl.int64)
-        keys = (bits << 32) | (0x7FFFFFFF - j).to(tl.int64)[None, :]
-        keys = tl.where(cand, keys, -1)
-        if TOPN == 2:
-            put = (j[None, :] < JW) & valid_s[:, None]
-            tl.store(SBUF + sb_row[:, None] + j[None, :], keys, mask=put)
-        else:
-            # Running top-NT (unsorted): few new keys beat a row's current
-            # minimum once the first chunks are in, so insert those one by
-            # one (replace the row's minimum); sort-merge when many do.
-            thr = tl.min(top, axis=1)
-            n_beat = tl.max(tl.sum((keys > thr[:, None]).to(tl.int32), axis=1))
-            if n_beat > INSERT_MAX:
-                top = _merge_top(top, keys, SR, NT, NT_LOG)
-            else:
-                for _ in range(0, n_beat):
-                    x = tl.max(tl.where(keys > thr[:, None], keys, -1), axis=1)
-                    keys = tl.where(keys == x[:, None], -1, keys)
-                    slot = tl.argmin(top, axis=1)
-                    put = (x > thr)[:, None] & (jl[None, :] == slot[:, None])
-                    top = tl.where(put, x[:, None], top)
-                    thr = tl.min(top, axis=1)
-    return acc, top, carry
+    put = (j[None, :] < n_cand[:, None]) & valid_s[:, None]
+    tl.store(SBUF + sb_row[:, None] + j[None, :], tl.where(bs > 0, bs, 0.0), mask=put)
+    return carry
 
 
 @triton.jit
 def cmp_score_kernel(
-    Q, KC, VC, LSE, OC, SEL, SBUF, STARTS, LENS, CSTARTS, CLENS,
-    sqb, sqh, sqt, skb, skh, skt, slb, slh, slt, sob, soh, sot, ssb, ssh, sst, sbb, sbh, sbt,
-    scale_log2, T_OFF, T_END, JW,
+    Q, KC, LSE, SBUF, STARTS, LENS, CSTARTS, CLENS,
+    sqb, sqh, sqt, skb, skh, skt, slb, slh, slt, sbb, sbh, sbt,
+    scale_log2, T_OFF, T_END,
     G: tl.constexpr, GP: tl.constexpr, BT: tl.constexpr, D: tl.constexpr,
-    CBLOCK: tl.constexpr, CSTRIDE: tl.constexpr, LEGACY: tl.constexpr, IEEE: tl.constexpr,
-    SCORE: tl.constexpr, BN: tl.constexpr,
-    LS: tl.constexpr, COUNT: tl.constexpr, FIRST: tl.constexpr, PREV: tl.constexpr, CUR: tl.constexpr,
-    HEAD_SCORING: tl.constexpr, NT: tl.constexpr, A: tl.constexpr, BB: tl.constexpr, NT_LOG: tl.constexpr,
-    INSERT_MAX: tl.constexpr, TOPN: tl.constexpr, TMA: tl.constexpr, PV: tl.constexpr,
+    CBLOCK: tl.constexpr, CSTRIDE: tl.constexpr, LEGACY: tl.constexpr, IEEE: tl.constexpr, BN: tl.constexpr,
+    LS: tl.constexpr, FIRST: tl.constexpr, PREV: tl.constexpr, CUR: tl.constexpr,
+    HEAD_SCORING: tl.constexpr, NT: tl.constexpr, A: tl.constexpr, BB: tl.constexpr, TMA: tl.constexpr,
 ):
-    """Compression output (when PV; otherwise the lse pass wrote it) and (when
-    SCORE) the token-level block scores, from probabilities recomputed with
-    the lse pass's log-sum-exp: ``p_i = exp2(s_i - lse)``.
+    """Token-level block scores from probabilities recomputed with the lse
+    pass's log-sum-exp: ``p_i = exp2(s_i - lse)``, (group-summed, then) mapped
+    to selection blocks by NSA Eq. 9. The loop walks block chunks of NT blocks;
+    its compressed chunk is [A*jc0, A*jc0 + A*NT) (A = l'/d), so BN = A*NT.
 
-    With SCORE the loop walks block chunks of NT blocks; its compressed chunk
-    is [A*jc0, A*jc0 + A*NT) (A = l'/d), so BN must equal A*NT.
-
-    The program covers tokens ``T_OFF + pid * BT ...`` below ``T_END`` (a query
-    chunk; 0 and the length for the whole sequence). ``TOPN`` says what
-    becomes of the block scores:
-
-    * 0: a running top-n in the kernel, block lists written to ``SEL``;
-    * 1: the block scores (fp32, clamped at +0) of the candidate blocks
-      ``j < (t + 1) // LS`` written to ``SBUF[b, hs, t - T_OFF, j]`` (a query
-      chunk's buffer), the forced blocks among them as -1 (so that
-      :func:`topn_select_kernel` tells candidates by their sign); nothing
-      else of the row is written;
-    * 2: packed ``score bits << 32 | ~j`` int64 keys (-1 for non-candidate
-      and forced blocks) for ``j < JW`` covered by the loop written to
-      ``SBUF`` (pre-filled with -1 by the caller, for ``torch.topk``).
+    The program covers tokens ``T_OFF + pid * BT ...`` below ``T_END`` (a
+    query chunk). The block scores (fp32, clamped at +0) of the candidate
+    blocks ``j < (t + 1) // LS`` are written to ``SBUF[b, hs, t - T_OFF, j]``,
+    the forced blocks among them as -1 (so that :func:`topn_select_kernel`
+    tells candidates by their sign); nothing else of the row is written.
     """
     pid_t = tl.program_id(0)
     b = tl.program_id(1)
@@ -470,102 +476,59 @@ def cmp_score_kernel(
         cstart = tl.load(CSTARTS + b).to(tl.int64)
         n_cmp = tl.load(CLENS + b)
         R: tl.constexpr = BT * GP
-        PERM: tl.constexpr = SCORE and (not HEAD_SCORING) and GP >= 2 and GP <= 8 and R % 16 == 0
+        PERM: tl.constexpr = (not HEAD_SCORING) and GP >= 2 and GP <= 8 and R % 16 == 0
         t, g, valid = _score_rows(t0, length, G, GP, R, PERM)
         h = hk * G + g
         d = tl.arange(0, D)
         bb = b.to(tl.int64)
-        q = tl.load(Q + bb * sqb + h[:, None] * sqh + (start + t)[:, None] * sqt + d[None, :], mask=valid[:, None], other=0.0)
+        q_base, q_rows = _rows_at(b, hk, start, g, t, sqb, sqh, sqt, G)
+        q = tl.load(Q + q_base + q_rows[:, None] + d[None, :], mask=valid[:, None], other=0.0)
         lse = tl.load(LSE + bb * slb + h * slh + (start + t) * slt, mask=valid, other=0.0)
         # Padding heads and rows past the end have q = 0, so s = 0: an lse of +inf
         # makes their p = exp2(s - lse) zero where the loop applies no mask.
         lse = tl.where(valid, lse, float("inf"))
         t_last = tl.minimum(t0 + BT, length) - 1
-        kbase = KC + bb * skb + hk * skh + cstart * skt
-        vbase = VC + bb * skb + hk * skh + cstart * skt
+        kbase = KC + bb * skb + hk.to(tl.int64) * skh + cstart * skt
         kdesc = _sequence_desc(kbase, n_cmp, skt, BN, D, TMA)
-        if PV:
-            vdesc = _sequence_desc(vbase, n_cmp, skt, BN, D, TMA)
+        # Selecting rows: one per token (group scoring) or one per row (head scoring).
+        if HEAD_SCORING:
+            ts = t
+            valid_s = valid
+            hs = h
         else:
-            vdesc = kdesc  # not read
-        acc = tl.zeros([R, D], tl.float32)
-        if SCORE:
-            # Selecting rows: one per token (group scoring) or one per row (head scoring).
-            if HEAD_SCORING:
-                SR: tl.constexpr = R
-                ts = t
-                valid_s = valid
-            else:
-                SR: tl.constexpr = BT
-                ts = t0 + tl.arange(0, BT)
-                valid_s = ts < length
-            f0, f1, f2 = _forced(ts, LS, FIRST, PREV, CUR)
-            n_cand = (ts + 1) // LS  # complete blocks ending at or before ts
-            if HEAD_SCORING:
-                hs = h
-            else:
-                hs = hk
-            sb_row = bb * sbb + hs * sbh + (ts - T_OFF).to(tl.int64) * sbt
-            top = tl.full([SR, NT], -1, tl.int64)
-            jl = tl.arange(0, NT)
-            il = tl.arange(0, BN)
-            m_self = _eq9_count(A * jl[None, :] - il[:, None], A, BB)
-            m_next = _eq9_count(A * (jl[None, :] + NT) - il[:, None], A, BB)
-            carry = tl.zeros([SR, NT], tl.float32)
-            jc_last = (t_last + 1) // LS
-            if LEGACY:
-                n_iter = tl.maximum(tl.cdiv(n_cmp, BN), tl.cdiv(jc_last, NT))
-            else:
-                n_iter = tl.maximum(tl.cdiv(_num_visible(t_last, n_cmp, CBLOCK, CSTRIDE), BN), tl.cdiv(jc_last, NT))
-            # Chunks that every row sees whole (causal: the tile's first token sees
-            # them) skip the per-element visibility mask: two loops, unrolled at
-            # compile time, [0, n_full) unmasked, then [n_full, n_iter) masked.
-            n_full = 0 if LEGACY else tl.minimum(_num_visible(t0, n_cmp, CBLOCK, CSTRIDE) // BN, n_iter)
-            for masked in tl.static_range(2):
-                for c in range(n_full if masked else 0, n_iter if masked else n_full):
-                    acc, top, carry = _score_step(
-                        c, q, lse, t, valid, n_cmp, kbase, kdesc, vbase, vdesc, skt, d, acc, top, carry,
-                        m_self, m_next, jl, n_cand, valid_s, f0, f1, f2, SBUF, sb_row, JW, scale_log2,
-                        BT, GP, BN, NT, NT_LOG, SR, A, BB, CBLOCK, CSTRIDE, LEGACY, IEEE, TMA, PV,
-                        HEAD_SCORING, TOPN, INSERT_MAX, PERM, masked == 1)
-            if TOPN == 1:
-                # Forced blocks among the candidates read -1 for topn_select_kernel
-                # (one comparison there marks candidates). The loop's stores to these
-                # entries came from other threads of the program: a barrier first.
-                tl.debug_barrier()
-                sb_ptr = SBUF + sb_row
-                tl.store(sb_ptr + f0, -1.0, mask=_forced_candidate(f0, n_cand) & valid_s)
-                tl.store(sb_ptr + f1, -1.0, mask=_forced_candidate(f1, n_cand) & valid_s)
-                tl.store(sb_ptr + f2, -1.0, mask=_forced_candidate(f2, n_cand) & valid_s)
-            if TOPN == 0:
-                top = _sort_last(top, NT_LOG, True)
-                nforced = _num_forced(f0, f1, f2)
-                nfree = COUNT - nforced
-                chosen = (jl[None, :] < nfree[:, None]) & (top >= 0)
-                jsel = tl.where(chosen, 0x7FFFFFFF - (top & 0xFFFFFFFF), -1).to(tl.int32)
-                sbase = SEL + bb * ssb + hs * ssh + (start + ts) * sst
-                tl.store(sbase[:, None] + jl[None, :], jsel, mask=valid_s[:, None])
-                tl.store(sbase + NT, f0, mask=valid_s)
-                tl.store(sbase + NT + 1, f1, mask=valid_s)
-                tl.store(sbase + NT + 2, f2, mask=valid_s)
-                tl.store(sbase + NT + 3, tl.full(ts.shape, -1, tl.int32), mask=valid_s)
-        elif PV:
-            if LEGACY:
-                lo = _first_visible(t0, CBLOCK, CSTRIDE)
-                hi = n_cmp
-            else:
-                lo = 0
-                hi = _num_visible(t_last, n_cmp, CBLOCK, CSTRIDE)
-            for i0 in range(lo, hi, BN):
-                i = i0 + tl.arange(0, BN)
-                kc = _key_rows(kbase, kdesc, i0, i, i < hi, skt, d, TMA)
-                vc = _key_rows(vbase, vdesc, i0, i, i < hi, skt, d, TMA)
-                s = _dot(q, tl.trans(kc), IEEE) * scale_log2
-                vis = _visible(i, t, n_cmp, CBLOCK, CSTRIDE, LEGACY) & valid[:, None]
-                p = tl.where(vis, tl.exp2(s - lse[:, None]), 0.0)
-                acc += _dot(p.to(vc.dtype), vc, IEEE)
-        if PV:
-            tl.store(OC + bb * sob + h[:, None] * soh + (start + t)[:, None] * sot + d[None, :], acc.to(OC.dtype.element_ty), mask=valid[:, None])
+            ts = t0 + tl.arange(0, BT)
+            valid_s = ts < length
+            hs = hk
+        f0, f1, f2 = _forced(ts, LS, FIRST, PREV, CUR)
+        n_cand = (ts + 1) // LS  # complete blocks ending at or before ts
+        sb_row = bb * sbb + hs * sbh + (ts - T_OFF).to(tl.int64) * sbt
+        jl = tl.arange(0, NT)
+        il = tl.arange(0, BN)
+        m_self = _eq9_count(A * jl[None, :] - il[:, None], A, BB)
+        m_next = _eq9_count(A * (jl[None, :] + NT) - il[:, None], A, BB)
+        carry = tl.zeros([R if HEAD_SCORING else BT, NT], tl.float32)
+        jc_last = (t_last + 1) // LS
+        if LEGACY:
+            n_iter = tl.maximum(tl.cdiv(n_cmp, BN), tl.cdiv(jc_last, NT))
+        else:
+            n_iter = tl.maximum(tl.cdiv(_num_visible(t_last, n_cmp, CBLOCK, CSTRIDE), BN), tl.cdiv(jc_last, NT))
+        # Chunks that every row sees whole (causal: the tile's first token sees
+        # them) skip the per-element visibility mask: two loops, unrolled at
+        # compile time, [0, n_full) unmasked, then [n_full, n_iter) masked.
+        n_full = 0 if LEGACY else tl.minimum(_num_visible(t0, n_cmp, CBLOCK, CSTRIDE) // BN, n_iter)
+        for masked in tl.static_range(2):
+            for c in range(n_full if masked else 0, n_iter if masked else n_full):
+                carry = _score_step(c, q, lse, t, valid, n_cmp, kbase, kdesc, skt, d, carry, m_self, m_next, jl,
+                                    n_cand, valid_s, SBUF, sb_row, scale_log2, BT, GP, BN, NT, A, BB, CBLOCK, CSTRIDE,
+                                    LEGACY, IEEE, TMA, HEAD_SCORING, PERM, masked == 1)
+        # Forced blocks among the candidates read -1 for topn_select_kernel (one
+        # comparison there marks candidates). The loop's stores to these entries
+        # came from other threads of the program: a barrier first.
+        tl.debug_barrier()
+        sb_ptr = SBUF + sb_row
+        tl.store(sb_ptr + f0, -1.0, mask=_forced_candidate(f0, n_cand) & valid_s)
+        tl.store(sb_ptr + f1, -1.0, mask=_forced_candidate(f1, n_cand) & valid_s)
+        tl.store(sb_ptr + f2, -1.0, mask=_forced_candidate(f2, n_cand) & valid_s)
 
 
 @triton.jit
@@ -644,7 +607,7 @@ def topn_select_kernel(
 ):
     """Exact top-(n - |forced|) of ``ROWS x CHAIN`` tokens' block scores (a
     query chunk's ``[B, Hsel, C, >= JW]`` fp32 buffer written by
-    ``cmp_score_kernel`` with TOPN=1: scores >= +0 for the candidate blocks
+    ``cmp_score_kernel``: scores >= +0 for the candidate blocks
     ``j < (t + 1) // LS``, negative for the forced ones among them), written
     as the block lists of ``SEL``.
 
@@ -669,7 +632,7 @@ def topn_select_kernel(
     scan on up to half a row of padding.
     """
     pid = tl.program_id(0)
-    hs = tl.program_id(1)
+    hs = tl.program_id(1).to(tl.int64)  # head x head stride passes 2^31 in long sequences
     b = tl.program_id(2)
     length = tl.minimum(tl.load(LENS + b), T_END)
     t0 = T_OFF + pid * (ROWS * CHAIN)
@@ -756,41 +719,6 @@ def topn_select_kernel(
 
 
 @triton.jit
-def topk_write_kernel(
-    VALS, SEL, STARTS, LENS,
-    svb, svh, svt, ssb, ssh, sst,
-    T_OFF, T_END, K,
-    ROWS: tl.constexpr, KP: tl.constexpr,
-    LS: tl.constexpr, COUNT: tl.constexpr, FIRST: tl.constexpr, PREV: tl.constexpr, CUR: tl.constexpr,
-    NT: tl.constexpr,
-):
-    """Block lists from ``torch.topk`` of the packed int64 keys (``VALS [B,
-    Hsel, C, K]`` sorted descending): the first ``n - |forced|`` non-negative
-    keys of each row, decoded to block indices."""
-    pid = tl.program_id(0)
-    hs = tl.program_id(1)
-    b = tl.program_id(2)
-    length = tl.minimum(tl.load(LENS + b), T_END)
-    t0 = T_OFF + pid * ROWS
-    if t0 < length:
-        start = tl.load(STARTS + b).to(tl.int64)
-        bb = b.to(tl.int64)
-        ts = t0 + tl.arange(0, ROWS)
-        valid = ts < length
-        f0, f1, f2 = _forced(ts, LS, FIRST, PREV, CUR)
-        nforced = _num_forced(f0, f1, f2)
-        kk = tl.arange(0, KP)
-        row = bb * svb + hs * svh + (ts - T_OFF).to(tl.int64) * svt
-        key = tl.load(VALS + row[:, None] + kk[None, :], mask=(kk[None, :] < K) & valid[:, None], other=-1)
-        chosen = (kk[None, :] < (COUNT - nforced)[:, None]) & (key >= 0)
-        jsel = (0x7FFFFFFF - (key & 0xFFFFFFFF)).to(tl.int32)
-        n_chosen = tl.sum(chosen.to(tl.int32), axis=1)
-        sel_row = bb * ssb + hs * ssh + (start + ts) * sst
-        _write_block_list(SEL, sel_row, valid, kk[None, :] + tl.zeros([ROWS, KP], tl.int32), jsel,
-                          chosen, n_chosen, f0, f1, f2, NT)
-
-
-@triton.jit
 def _tile_keys(sel_base, ssh, sst, t0, length, G: tl.constexpr, GR: tl.constexpr, SR: tl.constexpr,
                W: tl.constexpr, HEAD_SCORING: tl.constexpr, U_LOG: tl.constexpr, ROW_LOG: tl.constexpr):
     """[2**U_LOG] sort keys ``block << ROW_LOG | e`` of a tile's block lists
@@ -807,7 +735,7 @@ def _tile_keys(sel_base, ssh, sst, t0, length, G: tl.constexpr, GR: tl.constexpr
         tok = e // GR
         g = e % GR
         ok = (g < G) & (e < SR) & (t0 + tok < length)
-        ptr = sel_base + g * ssh + (t0 + tok) * sst + col
+        ptr = sel_base + g.to(tl.int64) * ssh + (t0 + tok) * sst + col
     else:
         ok = (e < SR) & (t0 + e < length)
         ptr = sel_base + (t0 + e) * sst + col
@@ -869,7 +797,7 @@ def _union_lists(sel_seq, U, UM, UC, prog, ssh, sst, hk, t0, length, r,
     base, ``hit_row`` [R]: each matrix row's bit in the row masks)."""
     if HEAD_SCORING:
         SR: tl.constexpr = BT * GR
-        sel_base = sel_seq + (hk * G) * ssh
+        sel_base = sel_seq + (hk * G).to(tl.int64) * ssh
         hit_row = r
     else:
         SR: tl.constexpr = BT
@@ -886,6 +814,24 @@ def _union_lists(sel_seq, U, UM, UC, prog, ssh, sst, hk, t0, length, r,
 
 
 @triton.jit
+def _union_setup(SEL, U, UM, UC, b, hk, pid_t, n_tiles, start, ssb, ssh, sst, t0, length, r, kbase, vbase, skt,
+                 G: tl.constexpr, GR: tl.constexpr, BT: tl.constexpr, D: tl.constexpr, W: tl.constexpr,
+                 LS: tl.constexpr, BS: tl.constexpr, HEAD_SCORING: tl.constexpr, U_LOG: tl.constexpr,
+                 ROW_LOG: tl.constexpr, TMA: tl.constexpr, BUILD: tl.constexpr):
+    """The set-up of a union loop of :func:`slc_win_kernel` (``BUILD``: it
+    writes the tile's union list) and ``bwd_dq_kernel`` (it reads it back):
+    (count, list base, row-mask base, each row's bit ``hit_row``, key and
+    value descriptors, the steps ``n_whole`` that need no per-entry mask)."""
+    prog = (b * tl.num_programs(2) + hk) * n_tiles + pid_t
+    count, ubase, umbase, hit_row = _union_lists(
+        SEL + b.to(tl.int64) * ssb + start * sst, U, UM, UC, prog, ssh, sst, hk, t0, length, r,
+        G, GR, BT, W, HEAD_SCORING, U_LOG, ROW_LOG, BUILD)
+    kdesc = _sequence_desc(kbase, length, skt, BS, D, TMA)
+    vdesc = _sequence_desc(vbase, length, skt, BS, D, TMA)
+    return count, ubase, umbase, hit_row, kdesc, vdesc, _num_whole(ubase, count, t0, LS, BS, U_LOG)
+
+
+@triton.jit
 def _row_limit(bits, hit_row, valid, t):
     """[R] causal limit of each row for a union block with row mask ``bits``:
     the row's position ``t`` where its bit is set (and the row is real), else
@@ -894,65 +840,23 @@ def _row_limit(bits, hit_row, valid, t):
 
 
 @triton.jit
-def _union_entry(ubase, umbase, it, count, PAIR: tl.constexpr):
+def _union_entry(ubase, umbase, it, count):
     """Entry ``it`` of a tile's union list ``ubase[:count]`` (row masks
-    ``umbase[:count]``, see :func:`_tile_union`) and, where ``PAIR``, entry
-    ``it + 1``: block indices ``j0, j1`` and row masks ``bits0, bits1``. An
-    entry past the list reads as block -1 with no rows (``PAIR`` false: the
-    second pair repeats the first)."""
+    ``umbase[:count]``, see :func:`_tile_union`): block index ``j`` and row mask
+    ``bits``. An entry past the list reads as block -1 with no rows."""
     here = it < count
-    j0 = tl.load(ubase + it, mask=here, other=-1)
-    bits0 = tl.load(umbase + it, mask=here, other=0)
-    if PAIR:
-        second = it + 1 < count
-        j1 = tl.load(ubase + it + 1, mask=second, other=-1)
-        bits1 = tl.load(umbase + it + 1, mask=second, other=0)
-    else:
-        j1 = j0
-        bits1 = bits0
-    return j0, bits0, j1, bits1
-
-
-@triton.jit
-def _union_step(j0, bits0, j1, bits1, hit_row, t, valid, length,
-                LS: tl.constexpr, BS: tl.constexpr, PAIR: tl.constexpr):
-    """Keys of one step of a union loop over the entries ``j0, bits0`` (and
-    ``j1, bits1``) of :func:`_union_entry`: one block (``PAIR`` false: ``BS``
-    columns) or two blocks side by side (``2 * BS`` columns, the second empty
-    past the list's end), so that a step's matrix products are twice as wide.
-    ``hit_row`` [R]: each row's bit in the masks.
-
-    Returns ``s_pos`` (key positions, [NK]), ``kmask`` (which keys to load, [NK]),
-    ``mask`` ([R, NK]: the row selected the key's block, the key exists and is
-    causal for the row) and ``first`` (the step's first key position, where a
-    descriptor load starts). A row that did not select the block gets the causal
-    limit -1, so one comparison per entry does all of it: for a real row,
-    ``s_pos <= t`` also keeps the key inside the sequence."""
-    if PAIR:
-        col = tl.arange(0, 2 * BS)
-        second = col >= BS
-        offset = tl.where(second, col - BS, col)
-        jj = tl.where(second, j1, j0)
-        s_pos = jj * LS + offset
-        kmask = (offset < LS) & (s_pos < length) & (jj >= 0)
-        limit = tl.where(second[None, :], _row_limit(bits1, hit_row, valid, t)[:, None],
-                         _row_limit(bits0, hit_row, valid, t)[:, None])
-        mask = (s_pos[None, :] <= limit) & kmask[None, :]
-        first = j0 * LS
-    else:
-        s_pos, kmask, limit, first = _union_block(j0, bits0, hit_row, t, valid, length, LS, BS)
-        mask = s_pos[None, :] <= limit[:, None]
-        if BS != LS:
-            mask = mask & (tl.arange(0, BS) < LS)[None, :]
-    return s_pos, kmask, mask, first
+    j = tl.load(ubase + it, mask=here, other=-1)
+    bits = tl.load(umbase + it, mask=here, other=0)
+    return j, bits
 
 
 @triton.jit
 def _union_block(j, bits, hit_row, t, valid, length, LS: tl.constexpr, BS: tl.constexpr):
-    """Union block ``j`` with row mask ``bits``: key positions ``s_pos`` [BS],
-    which of them to load ``kmask``, each row's causal limit
-    (:func:`_row_limit`: -1 for rows that did not select the block) and the
-    first key position."""
+    """Union block ``j`` with row mask ``bits`` (``hit_row`` [R]: each row's bit
+    in the masks): key positions ``s_pos`` [BS], which of them to load
+    ``kmask``, each row's causal limit (:func:`_row_limit`: -1 for rows that
+    did not select the block) and the first key position (where a
+    descriptor load starts)."""
     offset = tl.arange(0, BS)
     first = j * LS
     s_pos = first + offset
@@ -961,13 +865,13 @@ def _union_block(j, bits, hit_row, t, valid, length, LS: tl.constexpr, BS: tl.co
 
 
 @triton.jit
-def _num_whole(ubase, count, t0, LS: tl.constexpr, BS: tl.constexpr, U_LOG: tl.constexpr, ON: tl.constexpr):
+def _num_whole(ubase, count, t0, LS: tl.constexpr, BS: tl.constexpr, U_LOG: tl.constexpr):
     """How many of a tile's sorted union blocks ``ubase[:count]`` end before
     its first token ``t0`` (a prefix of the list): the steps that need no
     per-entry mask, since every row either selected the block or not. 0
-    unless ``ON`` and blocks exactly one step wide (``BS == LS``; otherwise a
+    unless blocks are exactly one step wide (``BS == LS``; otherwise a
     step's extra columns need the mask)."""
-    if ON and BS == LS:
+    if BS == LS:
         pos = tl.arange(0, 1 << U_LOG)
         bound = (t0 + 1) // LS
         blocks = tl.load(ubase + pos, mask=pos < count, other=bound)
@@ -978,27 +882,29 @@ def _num_whole(ubase, count, t0, LS: tl.constexpr, BS: tl.constexpr, U_LOG: tl.c
 
 @triton.jit
 def _union_step_loads(ubase, umbase, it, count, ahead, hit_row, t, valid, length, kbase, kdesc, vbase, vdesc, skt, d,
-                      LS: tl.constexpr, BS: tl.constexpr, PAIR: tl.constexpr, MASKED: tl.constexpr,
-                      TMA: tl.constexpr, PREFETCH: tl.constexpr):
+                      LS: tl.constexpr, BS: tl.constexpr, MASKED: tl.constexpr, TMA: tl.constexpr,
+                      PREFETCH: tl.constexpr):
     """Step ``it`` of a union loop: its list entry, key rows ``kk``, value rows
-    ``vv`` and ``mask``: [R, NK] per entry where ``MASKED``
-    (:func:`_union_step`), else [R], the rows that selected the step's one
-    block (it lies wholly before the tile's tokens, see :func:`_num_whole`).
-    Where ``PREFETCH`` the entry is ``ahead`` (a tuple from
-    :func:`_union_entry`, loaded during the step before) and the next step's
-    is loaded here, so that the copy of a key block does not wait on its
-    index; otherwise it is loaded at the step. Returns (kk, vv, mask, the
-    entry for the next step)."""
+    ``vv`` and ``mask``: [R, BS] per entry where ``MASKED`` (the row selected
+    the key's block, the key exists and is causal for the row: a row that did
+    not select the block has the limit -1, so one comparison per entry does
+    all of it), else [R], the rows that selected the step's block (it lies
+    wholly before the tile's tokens, see :func:`_num_whole`). Where
+    ``PREFETCH`` the entry is ``ahead`` (loaded during the step before) and
+    the next step's is loaded here, so that the copy of a key block does not
+    wait on its index; otherwise it is loaded at the step. Returns (kk, vv,
+    mask, the entry for the next step)."""
     if PREFETCH:
         entry = ahead
-        ahead = _union_entry(ubase, umbase, it + (2 if PAIR else 1), count, PAIR)
+        ahead = _union_entry(ubase, umbase, it + 1, count)
     else:
-        entry = _union_entry(ubase, umbase, it, count, PAIR)
+        entry = _union_entry(ubase, umbase, it, count)
+    s_pos, kmask, limit, first_key = _union_block(entry[0], entry[1], hit_row, t, valid, length, LS, BS)
     if MASKED:
-        s_pos, kmask, mask, first_key = _union_step(entry[0], entry[1], entry[2], entry[3], hit_row, t, valid, length,
-                                                    LS, BS, PAIR)
+        mask = s_pos[None, :] <= limit[:, None]
+        if BS != LS:
+            mask = mask & (tl.arange(0, BS) < LS)[None, :]
     else:
-        s_pos, kmask, limit, first_key = _union_block(entry[0], entry[1], hit_row, t, valid, length, LS, BS)
         mask = limit >= 0
     kk = _key_rows(kbase, kdesc, first_key, s_pos, kmask, skt, d, TMA)
     vv = _key_rows(vbase, vdesc, first_key, s_pos, kmask, skt, d, TMA)
@@ -1015,66 +921,51 @@ def slc_win_kernel(
     GI_CMP: tl.constexpr, GI_SLC: tl.constexpr, GI_WIN: tl.constexpr,
     LS: tl.constexpr, BS: tl.constexpr, W: tl.constexpr, HEAD_SCORING: tl.constexpr,
     WIN: tl.constexpr, BKW: tl.constexpr, SAVE: tl.constexpr, U_LOG: tl.constexpr, ROW_LOG: tl.constexpr,
-    PAIR: tl.constexpr, TMA: tl.constexpr, ROW_MASKS: tl.constexpr, PREFETCH: tl.constexpr,
+    TMA: tl.constexpr,
 ):
     """Output strides follow q's layout (OUT, OC, OS, OW share q's strides).
     Rows: :func:`_tile_rows` (``BT`` tokens, ``GR`` rows per token, ``R`` rows).
-    ``PAIR``: two union blocks per step (see :func:`_union_step`). ``TMA``: key
-    and value blocks arrive through tensor descriptors (no per-element
-    addresses in registers; not with ``PAIR``). ``ROW_MASKS``: union blocks that
-    end before the tile's first token are masked per row (see the loop)."""
-    pid_t = tl.program_id(0)
-    b = tl.program_id(1)
-    hk = tl.program_id(2)
-    length = tl.load(LENS + b)
-    t0 = pid_t * BT
+    ``TMA``: key and value blocks arrive through tensor descriptors (no
+    per-element addresses in registers). Union blocks that end before the
+    tile's first token are masked per row (see the loop)."""
+    pid_t, b, hk, length, t0 = _program_tile(LENS, BT)
     if t0 < length:
-        start = tl.load(STARTS + b).to(tl.int64)
-        r, t, g, valid = _tile_rows(t0, length, G, GR, BT, R)
-        h = hk * G + g
-        d = tl.arange(0, D)
+        start, r, t, g, valid, h, d, q_base, row_off, q = _query_tile(Q, STARTS, b, hk, t0, length, sqb, sqh, sqt,
+                                                                      G, GR, BT, R, D)
         bb = b.to(tl.int64)
-        row_off = bb * sqb + h * sqh + (start + t) * sqt
-        q = tl.load(Q + row_off[:, None] + d[None, :], mask=valid[:, None], other=0.0)
-        kbase = K + bb * skb + hk * skh + start * skt
-        vbase = V + bb * skb + hk * skh + start * skt
+        kbase = K + bb * skb + hk.to(tl.int64) * skh + start * skt
+        vbase = V + bb * skb + hk.to(tl.int64) * skh + start * skt
         gate_off = bb * sgb + h * sgh + (start + t) * sgt
         lse_off = bb * slb + h * slh + (start + t) * slt
         # Branches finish one after another so at most two [R, D] accumulators
         # are live: the running output and the branch in progress.
         out = tl.zeros([R, D], tl.float32)
         if HAS_SLC:
-            prog = (b * tl.num_programs(2) + hk) * n_tiles + pid_t
-            count, ubase, umbase, hit_row = _union_lists(
-                SEL + bb * ssb + start * sst, U, UM, UC, prog, ssh, sst, hk, t0, length, r,
-                G, GR, BT, W, HEAD_SCORING, U_LOG, ROW_LOG, True)
-            kdesc = _sequence_desc(kbase, length, skt, BS, D, TMA)
-            vdesc = _sequence_desc(vbase, length, skt, BS, D, TMA)
+            count, ubase, umbase, hit_row, kdesc, vdesc, n_whole = _union_setup(
+                SEL, U, UM, UC, b, hk, pid_t, n_tiles, start, ssb, ssh, sst, t0, length, r, kbase, vbase, skt,
+                G, GR, BT, D, W, LS, BS, HEAD_SCORING, U_LOG, ROW_LOG, TMA, True)
             m = tl.full([R], float("-inf"), tl.float32)
             acc_l = tl.zeros([R], tl.float32)
             acc = tl.zeros([R, D], tl.float32)
             # Steps [0, n_whole) masked per row (_online_softmax_rows: no compare and
             # select per entry), then the rest per entry.
-            n_whole = _num_whole(ubase, count, t0, LS, BS, U_LOG, ROW_MASKS and not PAIR)
+            # The next step's entry is loaded during this one (a step's key copies then
+            # need not wait on its index): H200, 128K video, training forward, slc_win
+            # 27.6 ms against 32.2 loading at the step.
             for masked in tl.static_range(2):
-                ahead = _union_entry(ubase, umbase, n_whole if masked else 0, count, PAIR)
-                for it in range(n_whole if masked else 0, count if masked else n_whole, 2 if PAIR else 1):
+                ahead = _union_entry(ubase, umbase, n_whole if masked else 0, count)
+                for it in range(n_whole if masked else 0, count if masked else n_whole):
                     kk, vv, mask, ahead = _union_step_loads(ubase, umbase, it, count, ahead, hit_row, t, valid, length,
-                                                            kbase, kdesc, vbase, vdesc, skt, d, LS, BS, PAIR, masked == 1,
-                                                            TMA, PREFETCH)
+                                                            kbase, kdesc, vbase, vdesc, skt, d, LS, BS, masked == 1,
+                                                            TMA, True)
                     s = _dot(q, tl.trans(kk), IEEE)
                     if masked:
                         m, alpha, p = _online_softmax(m, tl.where(mask, s, float("-inf")), scale_log2)
                     else:
                         m, alpha, p = _online_softmax_rows(m, s, scale_log2, mask)
-                    acc_l = acc_l * alpha + tl.sum(p, axis=1)
-                    acc = acc * alpha[:, None] + _dot(p.to(vv.dtype), vv, IEEE)
-            o_s = acc / tl.where(acc_l > 0, acc_l, 1.0)[:, None]
-            gs = tl.load(GATES + gate_off + GI_SLC * sgc, mask=valid, other=0.0).to(tl.float32)
-            out += gs[:, None] * o_s
-            if SAVE:
-                tl.store(OS + row_off[:, None] + d[None, :], o_s.to(OS.dtype.element_ty), mask=valid[:, None])
-                tl.store(LSES + lse_off, tl.where(acc_l > 0, m + tl.log2(acc_l), 0.0), mask=valid)
+                    acc, acc_l = _accumulate(acc, acc_l, alpha, p, vv, IEEE)
+            gate = tl.load(GATES + gate_off + GI_SLC * sgc, mask=valid, other=0.0).to(tl.float32)
+            out = _finish_branch(out, acc, acc_l, m, gate, valid, OS, LSES, q_base, row_off, lse_off, d, SAVE)
         if HAS_WIN:
             t_last = tl.minimum(t0 + BT, length) - 1
             lo = tl.maximum(t0 - WIN + 1, 0)
@@ -1091,16 +982,11 @@ def slc_win_kernel(
                 mask = valid[:, None] & (s_pos[None, :] <= t[:, None]) & (s_pos[None, :] > t[:, None] - WIN)
                 s = tl.where(mask, _dot(q, tl.trans(kk), IEEE), float("-inf"))
                 m, alpha, p = _online_softmax(m, s, scale_log2)
-                acc_l = acc_l * alpha + tl.sum(p, axis=1)
-                acc = acc * alpha[:, None] + _dot(p.to(vv.dtype), vv, IEEE)
-            o_w = acc / tl.where(acc_l > 0, acc_l, 1.0)[:, None]
-            gw = tl.load(GATES + gate_off + GI_WIN * sgc, mask=valid, other=0.0).to(tl.float32)
-            out += gw[:, None] * o_w
-            if SAVE:
-                tl.store(OW + row_off[:, None] + d[None, :], o_w.to(OW.dtype.element_ty), mask=valid[:, None])
-                tl.store(LSEW + lse_off, tl.where(acc_l > 0, m + tl.log2(acc_l), 0.0), mask=valid)
+                acc, acc_l = _accumulate(acc, acc_l, alpha, p, vv, IEEE)
+            gate = tl.load(GATES + gate_off + GI_WIN * sgc, mask=valid, other=0.0).to(tl.float32)
+            out = _finish_branch(out, acc, acc_l, m, gate, valid, OW, LSEW, q_base, row_off, lse_off, d, SAVE)
         if HAS_CMP:
-            oc = tl.load(OC + row_off[:, None] + d[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
+            oc = tl.load(OC + q_base + row_off[:, None] + d[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
             gc = tl.load(GATES + gate_off + GI_CMP * sgc, mask=valid, other=0.0).to(tl.float32)
             out += gc[:, None] * oc
-        tl.store(OUT + row_off[:, None] + d[None, :], out.to(OUT.dtype.element_ty), mask=valid[:, None])
+        tl.store(OUT + q_base + row_off[:, None] + d[None, :], out.to(OUT.dtype.element_ty), mask=valid[:, None])

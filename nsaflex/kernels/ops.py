@@ -37,7 +37,8 @@ def prev_pow2(n: int) -> int:
 
 @dataclass(frozen=True)
 class KernelConfig:
-    """The constants the kernels specialise on (one pattern)."""
+    """The constants the kernels specialise on, derived from one pattern
+    (:func:`make_config`), and the one user choice, ``atomic``."""
 
     has_cmp: bool
     has_slc: bool
@@ -56,123 +57,7 @@ class KernelConfig:
     eq9_a: int = 1
     eq9_b: int = 1
     window: int = 1
-    atomic: bool = False  # backward: fp32 atomics for the selection's dk, dv (not bit-reproducible)
-    # tile choices (benchmarks vary them)
-    select_tokens: int | None = None  # rows of the selection/window kernel = this x GP (None: 64 // GP)
-    dq_tokens: int | None = None  # rows of bwd_dq = this x GP (None: select_tokens); tiles of another size get their own union lists
-    # Rows of the selection kernel, bwd_dq and the lse pass packed densely over the group's G heads
-    # (R // G tokens per R rows: 9 x 7 of 64 for G = 7) instead of GP = next_pow2(G)
-    # rows per token (8 x 8, one head row in eight idle). H200, run 28, 128K video:
-    # bwd_dq 49.8 ms against 54.6, slc_win 36.5 against 37.5 (inference).
-    dense_rows: bool = True
-    pair_blocks: bool = False  # two union blocks per step of the selection loops (2 * l' key columns per product)
-    # Union blocks that end before a tile's first token (a prefix of the sorted union)
-    # masked per row in slc_win_kernel and bwd_dq_kernel: a row either selected the
-    # block or not, so the mask acts on the row's max and exponent offset instead of a
-    # compare and select per entry. Blocks exactly one step wide (l' = slc_tile) only.
-    row_masks: bool = True
-    # The union loop of slc_win_kernel (prefetch_union) and of bwd_dq_kernel
-    # (prefetch_union_dq) loads the next step's list entry (block index and row mask)
-    # during this step, so that the copy of a key block does not wait on its index.
-    # H200, run 74, 128K video, alternating: slc_win in the training forward (3 stages,
-    # uncapped) 27.6 / 27.6 ms against 32.2 / 32.4: the pipeliner can now start a
-    # step's copies ahead; with one stage and the cap of 128 (the inference launch
-    # then) the forward did not change (41.2-41.8 against 40.9-41.8). bwd_dq (2 stages)
-    # got slower: 42.1 / 42.9 against 39.4 / 39.7, so it loads at the step.
-    prefetch_union: bool = True
-    prefetch_union_dq: bool = False
-    # Key and value blocks through tensor descriptors (bulk copies, Hopper's TMA)
-    # where the tensors allow it (:func:`tma_ready`), otherwise one address per
-    # element: in slc_win_kernel and bwd_dq_kernel (tma), the lse pass (tma_lse)
-    # and the score pass (tma_score). H200, run 39, 128K video, in one run: fwd
-    # 46.7 / fwd+bwd 154.9 ms with slc_win, bwd_dq and the lse pass on, 55.1 / 162.8
-    # with none (slc_win 29.1 against 37.7 ms, bwd_dq 44.2 against 50.1, lse 3.4
-    # against 3.7); the score pass on too: 11.2 ms against 9.2. Since the score pass
-    # loads no values and masks little (run 50) it is bound by its LSU wavefronts
-    # (run 52: 78 %), which descriptors relieve: about 5 % of the pass with 2 stages
-    # (runs 53-54, alternating in one run: 3.17-3.45 ms against 3.44-3.54).
-    tma: bool = True
-    tma_lse: bool = True
-    tma_score: bool = True
-    score_tokens: int = 16
-    num_warps_select: int = 4
-    num_warps_score: int = 8
-    # Pipeline depth of the kernels other than slc_win_kernel (its own is below; 3 is
-    # Triton's default). Shared memory decides how many programs share an SM: bwd_dq
-    # with 2 stages fits two per SM and ran 52.9 ms against 65.3 with 3 (H200, run 19,
-    # 128K video).
-    num_stages_dq: int = 2
-    num_stages_lse: int = 2  # 128K video: 3.10 ms against 3.33 with 3 (run 40, descriptor loads; run 37: 3.49 against 3.74)
-    num_stages_score: int = 2  # with tma_score (run 53); 3 with pointer loads (run 37)
-    # Which compression pass computes the branch output: the lse pass, flash-style
-    # (online softmax with rescaled sums; the score pass then loads no values and
-    # keeps no output accumulator, and does not run at all without selection), or
-    # the score pass from the lse pass's normalised probabilities. H200, run 45,
-    # 128K video: the two passes 10.6 ms against 12.3, with the caps below.
-    output_in_lse: bool = True
-    # Register caps (ptxas maxnreg; 0: none) of the compression passes: at 128 a thread,
-    # two 8-warp programs share an SM (uncapped: 192 registers on triton 3.6 in the lse
-    # pass, one program). Run 44: lse pass 5.57 ms capped against 6.82. _launch drops a
-    # cap that ptxas cannot meet (D = 256; 256-key selection blocks).
-    maxnreg_lse: int = 128
-    maxnreg_score: int = 128
-    # slc_win_kernel's software pipelining of its loads and its register cap (ptxas
-    # maxnreg; 0: none): for inference, and (``_save``) for the training forward and
-    # tiles wider than measured (:meth:`select_launch`). Uncapped (244 registers a
-    # thread on triton 3.6 at D = 128) two 4-warp programs share an SM; 3 stages then
-    # ran 37.1 ms against 40.1 with 2 (H200, run 18, 128K video). Capped with one
-    # stage (49 KB of shared memory) three (168) or four (128) fit. Run 61, 128K
-    # video, alternating: slc_win 30.4 / 30.6 ms (uncapped, 3 stages), 29.9 / 30.6
-    # (168), 28.4 / 30.1 (128); one stage uncapped 38.4. Run 63, forward at 128K
-    # video, five times each in turn: 40.2-40.8 ms at 128 with one stage (the
-    # inference default then), 41.8-42.7 uncapped with three. In training the cap
-    # made slc_win slower (runs 61, 66). With the union entries loaded a step ahead
-    # (prefetch_union) three stages uncapped win for inference too (run 75, 128K video,
-    # alternating: forward 38.74 / 38.67 ms against 41.02 / 41.04 capped with one
-    # stage, 41.83 / 42.69 with two stages uncapped).
-    num_stages: int = 3
-    maxnreg_select: int = 0
-    num_stages_save: int = 3
-    maxnreg_select_save: int = 0
-    lse_block: int = 64  # compressed tokens per lse-pass step (power of two, >= 16); run 45: 128 took 26.5 ms against 5.3
-    num_stages_dkv: int = 2  # bwd_cmp_dkv_kernel and bwd_win_dkv_kernel (run 20: 12.3 + 4.0 ms vs 14.9 + 5.7 with 3)
-    num_stages_slc_dkv: int = 3  # run 20: 2 stages measured the same (30.0 ms)
-    insert_max: int = 4  # fused top-n: insert up to this many new keys one by one, else sort-merge (H100: 4 < 8 < 16)
-    # Top-n: "select" (block scores of a query chunk written to a buffer, then
-    # topn_select_kernel, an exact bisection per token), "torch" (packed int64 keys to a
-    # buffer, then torch.topk), or "fused" (the running top-n inside
-    # cmp_score_kernel; no buffer).
-    topn: str = "select"
-    # topn_select_kernel's warps per row: enough that each lane holds this many of
-    # the row's scores (one warp up to 32 x this many candidates)
-    topn_lane_scores: int = 16  # H200, run 34, 128K: 4.92 ms (16) against 5.42 (32), 7.15 (64), 6.14 (8)
-    # topn_select_kernel: consecutive tokens a row walks, each search starting from a
-    # bracket of +- topn_spread (in float bits; 2^22 is half a binade) around the
-    # previous token's threshold. 16K video block scores (benchmarks/topn_search_steps.py):
-    # 8.3 counts a token at a chain of 4 against 12.8 from the whole range; H200, run 46,
-    # 128K video: 4.71 ms against 4.83 / 4.98 (chain 1), 4.76 at a chain of 8.
-    topn_chain: int = 4
-    topn_spread: int = 1 << 22
-    topn_chunk: int = 16384  # tokens per query chunk (buffer [B, Hsel, chunk, L / l'])
-    # topn_select_kernel holds a row as two power-of-two parts where that is narrower
-    # than one (:func:`topn_row_parts`): the rows of a 16K-token chunk past 64K tokens
-    # hold 1,024-2,048 candidates (l' = 64). H200, run 68: each such chunk's top-n took
-    # 0.64 ms whatever its candidate counts. Run 71 (128K video, alternating): the kernel
-    # ~5 % faster against the same row's lse pass (0.742-0.762 of it, against
-    # 0.782-0.804); the forward's difference stayed inside the run's spread.
-    topn_parts: bool = True
-    topn_buffer_bytes: int = 1 << 30  # the chunk shrinks so that the buffer stays under this
-    score_blocks: int | None = None  # blocks per score-loop step of the two-step paths (None: ~64 compressed tokens)
-
-    def select_launch(self, save: bool, dim: int, element_size: int) -> tuple[int, int]:
-        """(pipeline stages, register cap) of slc_win_kernel: the inference pair
-        where the tiles are at most the measured ones (16-bit q, k, v; head dim
-        up to 128; key steps up to 64 columns: larger tiles would spill more
-        under the cap and take more shared memory a stage), else the ``_save``
-        pair."""
-        if save or element_size > 2 or dim > 128 or self.slc_tile > 64:
-            return self.num_stages_save, self.maxnreg_select_save
-        return self.num_stages, self.maxnreg_select
+    atomic: bool = False  # backward: fp32 atomics for the selection's dk, dv (the plan's deterministic=False)
 
     @property
     def slc_tile(self) -> int:
@@ -180,6 +65,71 @@ class KernelConfig:
         the 16 columns a matrix product takes on the GPU (the interpreter takes 8, so
         only a GPU compile catches it; the padding columns are masked off)."""
         return max(16, next_pow2(self.slc_block))
+
+
+@dataclass(frozen=True)
+class Launch:
+    """How the kernels are launched (:func:`launch_choices`): tile sizes,
+    warps, pipeline stages and register caps (ptxas maxnreg; 0: none)."""
+
+    select_tokens: int  # tokens of a slc_win_kernel / bwd_dq_kernel tile (before the 64-row bound of _Tiles)
+    select_warps: int
+    select_stages: int  # slc_win_kernel
+    select_cap: int
+    dq_stages: int
+    lse_block: int  # compressed tokens per lse-pass step (a power of two, >= 16)
+    lse_stages: int
+    lse_cap: int
+    score_tokens: int  # tokens of a score-pass tile
+    score_warps: int  # the lse and the score pass
+    score_stages: int
+    score_cap: int
+    dkv_stages: int  # bwd_cmp_dkv_kernel and bwd_win_dkv_kernel
+    slc_dkv_stages: int
+    topn_lane_scores: int  # topn_select_kernel: warps per row such that each lane holds this many scores
+    topn_chain: int  # topn_select_kernel: consecutive tokens a row walks
+    topn_spread: int  # their search's bracket around the previous threshold (float bits)
+    topn_chunk: int  # tokens per query chunk of the block-score buffer
+    topn_buffer_bytes: int  # the chunk shrinks so that the buffer stays under this
+
+
+def launch_choices(head_dim: int, group: int) -> Launch:
+    """The launch of one call from what decides it: the head dim (the widths
+    of the [rows, D] tiles) and the GQA group (the rows per token).
+
+    Tuned on Qwen2.5-VL's geometry (28/4 heads, D = 128, bf16); the figures
+    beside each choice are H200 timings at 128K video tokens of the kernel
+    the choice affects. Other geometries keep these values, and
+    :func:`_launch` lowers a pipeline depth or drops a register cap that a
+    kernel's resources cannot meet. The inference and the training forward
+    launch slc_win_kernel alike: with each step's union entry loaded a step
+    ahead, three stages uncapped won both (forward 38.7 ms against 41.0 with
+    one stage under a cap of 128 registers)."""
+    return Launch(
+        # 64-row tiles (9 tokens x 7 heads for G = 7); rows packed densely over the group
+        # ran bwd_dq 49.8 ms against 54.6 and slc_win 36.5 against 37.5 (8 x 8 rows, one idle).
+        select_tokens=max(1, 64 // next_pow2(group)),
+        select_warps=4,  # one warpgroup per 64-row tile
+        select_stages=3,  # two 4-warp programs an SM (244 registers a thread uncapped): 37.1 ms against 40.1 with 2
+        select_cap=0,  # a cap of 128 with one stage: forward 41.0 ms against 38.7 uncapped with three
+        dq_stages=2,  # two programs an SM fit in shared memory: bwd_dq 52.9 ms against 65.3 with 3
+        lse_block=64,  # 128 compressed tokens a step: 26.5 ms against 5.3
+        lse_stages=2,  # 3.10 ms against 3.33 with 3
+        # Two 8-warp programs an SM at 128 registers a thread (uncapped: 192, one program):
+        # lse pass 5.57 ms against 6.82. A [128, 256] fp32 accumulator needs more than 128.
+        lse_cap=128 if head_dim <= 128 else 0,
+        score_tokens=16,  # 16 tokens x GP rows: the score pass's group sum stays inside 16-row slabs
+        score_warps=8,
+        score_stages=2,  # with descriptor loads: 3.17-3.45 ms against 3.44-3.54 with 3
+        score_cap=128,  # as the lse pass (two programs an SM)
+        dkv_stages=2,  # bwd_cmp_dkv 12.3 + bwd_win_dkv 4.0 ms against 14.9 + 5.7 with 3
+        slc_dkv_stages=3,  # 2 stages measured the same (30.0 ms)
+        topn_lane_scores=16,  # 4.92 ms against 5.42 (32), 7.15 (64), 6.14 (8)
+        topn_chain=4,  # 4.71 ms against 4.83 (chain 1), 4.76 (chain 8)
+        topn_spread=1 << 22,  # half a binade: a chain's next threshold lies inside it for most tokens
+        topn_chunk=16384,  # a 16K chunk's buffer at 128K: 4 heads x 16K x 2K scores = 512 MiB
+        topn_buffer_bytes=1 << 30,
+    )
 
 
 def unsupported_reason(pattern: Pattern) -> str | None:
@@ -192,7 +142,7 @@ def unsupported_reason(pattern: Pattern) -> str | None:
             return f"selection.block = {sel.block} > 256 (one kv block must fit a register tile)"
         cfg = make_config(pattern)
         if cfg.nt > 128:
-            return f"selection.count = {sel.count}: the running top-n keeps at most 128 free slots"
+            return f"selection.count = {sel.count}: a block list keeps at most 128 free slots"
         if cfg.eq9_a * cfg.nt > 1024:
             return "compression.stride too small for selection.block (more than 1024 compressed tokens per score chunk)"
     return None
@@ -246,15 +196,14 @@ def _gs(x: torch.Tensor, packed: bool) -> tuple[int, int, int, int]:
     return (0 if packed else x.stride(0), x.stride(1), x.stride(2), x.stride(3))
 
 
-def tma_ready(asked: bool, *tensors: torch.Tensor) -> bool:
-    """Whether a kernel's key/value loads may go through tensor descriptors:
-    ``asked`` (one of the config's ``tma*`` fields) and every tensor's base and
-    leading strides 16-byte aligned with a contiguous last dimension of at
-    least 16 bytes (what a descriptor requires; a kernel reads each sequence
-    from ``base + row offsets``, so the row offsets inherit the alignment from
-    the strides)."""
-    if not asked:
-        return False
+def tma_ready(*tensors: torch.Tensor) -> bool:
+    """Whether a kernel's key/value loads may go through tensor descriptors
+    (bulk copies, Hopper's TMA) instead of one address per element: every
+    tensor's base and leading strides 16-byte aligned with a contiguous last
+    dimension of at least 16 bytes (what a descriptor requires; a kernel reads
+    each sequence from ``base + row offsets``, so the row offsets inherit the
+    alignment from the strides). H200, 128K video: forward 46.7 ms and
+    forward+backward 154.9 with descriptors against 55.1 and 162.8 without."""
     for x in tensors:
         size = x.element_size()
         if x.stride(-1) != 1 or x.shape[-1] * size < 16 or x.data_ptr() % 16:
@@ -332,35 +281,28 @@ def _launch(kernel, grid, *args, num_stages: int, maxnreg: int | None = None, **
 
 class _Tiles:
     """Tile sizes of one launch. The selection kernel and ``bwd_dq`` run ``rows_sel``
-    / ``rows_dq`` matrix rows (a power of two), holding ``bt_sel`` / ``bt_dq``
-    tokens: ``rows // G`` with dense rows, ``rows // GP`` otherwise."""
+    matrix rows (a power of two) holding ``bt_sel = rows_sel // G`` tokens, the
+    group's heads packed densely (:func:`forward._tile_rows`)."""
 
-    def __init__(self, cfg: KernelConfig, group: int):
+    def __init__(self, cfg: KernelConfig, launch: Launch, group: int):
         self.G = group
         self.GP = next_pow2(group)
-        self.GR = group if cfg.dense_rows else self.GP
         # A union's row masks have 64 bits: at most 64 selecting rows per tile (tokens,
-        # or token-head rows for head scoring), whatever select_tokens / dq_tokens ask;
-        # and a tile's rows (base x GP) are a power of two.
-        most = max(1, 64 // self.GP if cfg.head_scoring else 64 * self.GR // self.GP)
-
-        def base(asked: int) -> int:
-            return prev_pow2(min(max(asked, -(-16 // self.GP)), most))
-
-        base_sel = base(cfg.select_tokens or 64 // self.GP)
-        base_dq = base(cfg.dq_tokens or base_sel)
-        self.rows_sel, self.rows_dq = base_sel * self.GP, base_dq * self.GP
-        self.bt_sel, self.bt_dq = self.rows_sel // self.GR, self.rows_dq // self.GR
-        self.bt_score = max(cfg.score_tokens, -(-16 // self.GP))
+        # or token-head rows for head scoring), whatever select_tokens asks; and a
+        # tile's rows (base x GP) are a power of two.
+        most = max(1, 64 // self.GP if cfg.head_scoring else 64 * group // self.GP)
+        base = prev_pow2(min(max(launch.select_tokens, -(-16 // self.GP)), most))
+        self.rows_sel = base * self.GP
+        self.bt_sel = self.rows_sel // group
+        self.bt_score = max(launch.score_tokens, -(-16 // self.GP))
         # The lse pass has no per-token group sum, so it packs its rows as the selection kernel does.
         self.rows_lse = self.bt_score * self.GP
-        self.bt_lse = self.rows_lse // self.GR
+        self.bt_lse = self.rows_lse // group
         # The dk, dv kernels keep GP rows per token: packed densely they ran 7-12 %
-        # slower (H200, run 28) although they take 11 % fewer steps.
+        # slower (H200, 128K video) although they take 11 % fewer steps.
         self.bt_kv = max(64 // self.GP, -(-16 // self.GP))
         self.width = cfg.nt + 4
-        self.sel_rows = self.bt_sel * self.GR if cfg.head_scoring else self.bt_sel
-        self.dq_sel_rows = self.bt_dq * self.GR if cfg.head_scoring else self.bt_dq
+        self.sel_rows = self.bt_sel * group if cfg.head_scoring else self.bt_sel
 
     def union_log(self, sel_rows: int) -> int:
         """log2 of a union list's capacity: the ``sel_rows x width`` list slots
@@ -403,10 +345,10 @@ def record_forward() -> Iterator[dict]:
         _RECORDERS.remove(seen)
 
 
-def _forward(q, k, v, kc, vc, gates, lay: SeqLayout, cfg: KernelConfig, save: bool):
+def _forward(q, k, v, kc, vc, gates, lay: SeqLayout, cfg: KernelConfig, launch: Launch, save: bool):
     Bv, Hq, Tv, D = q.shape
     Hkv = k.shape[1]
-    tiles = _Tiles(cfg, Hq // Hkv)
+    tiles = _Tiles(cfg, launch, Hq // Hkv)
     G, GP = tiles.G, tiles.GP
     B = lay.batch
     dev = q.device
@@ -416,7 +358,7 @@ def _forward(q, k, v, kc, vc, gates, lay: SeqLayout, cfg: KernelConfig, save: bo
     P = lay.packed
     out = torch.empty_like(q)
     lse_shape = (Bv, Hq, Tv)
-    res: dict = {"tiles": tiles}
+    res: dict = {"tiles": tiles, "launch": launch}
     oc = lse_c = sel = None
     dummy_i = torch.zeros(1, dtype=torch.int32, device=dev)
     dummy_f = torch.zeros(1, dtype=torch.float32, device=dev)
@@ -425,57 +367,43 @@ def _forward(q, k, v, kc, vc, gates, lay: SeqLayout, cfg: KernelConfig, save: bo
         # Branch outputs are kept in fp32: the backward's delta = rowsum(dO * O_b) of a
         # bf16-rounded O_b is off by ~2^-9 |O_b|, which dq then carries as delta * (the
         # attention-weighted mean key); where keys or values share a large common part
-        # (pooled tokens from a fresh MLP) that was 1e-2 of dq on an H200 (run 23).
+        # (pooled tokens from a fresh MLP) that was 1e-2 of dq on an H200.
         # Without a backward the output is rounded to q's dtype anyway: the branch
         # output is kept in that dtype (half the bytes written and read back).
         oc = torch.empty_like(q, dtype=torch.float32 if save else q.dtype)
-        if cfg.has_slc:
-            hs = Hq if cfg.head_scoring else Hkv
-            sel = torch.empty((Bv, hs, Tv, tiles.width), dtype=torch.int32, device=dev)
-        # The score loop reads compressed rows even where a sequence has none (its
-        # steps also write block scores), and a descriptor cannot be empty. Each
-        # pass needs aligned rows only of what it loads: values in one of them.
-        lse_loads, score_loads = ((kc, vc), (kc,)) if cfg.output_in_lse else ((kc,), (kc, vc))
-        tma_lse = lay.min_cmp > 0 and tma_ready(cfg.tma_lse, *lse_loads)
-        tma_score = lay.min_cmp > 0 and tma_ready(cfg.tma_score, *score_loads)
         if lay.max_cmp > 0:
+            # A descriptor cannot be empty: every sequence needs a compressed token.
+            tma = lay.min_cmp > 0 and tma_ready(kc, vc)
             _launch(fwd.cmp_lse_kernel, (triton.cdiv(lay.max_len, tiles.bt_lse), B, Hkv),
                 q, kc, vc, lse_c, oc, lay.starts, lay.lens, lay.cstarts, lay.clens,
-                *_qs(q, P), *_qs(kc, P), *_qs(lse_c, P), *_qs(oc, P), scale_log2,
-                G=G, GR=tiles.GR, BT=tiles.bt_lse, R=tiles.rows_lse, BN=cfg.lse_block, D=D, CBLOCK=cfg.cblock, CSTRIDE=cfg.cstride,
-                LEGACY=cfg.legacy, IEEE=ieee, TMA=tma_lse,
-                OUT=cfg.output_in_lse, num_warps=cfg.num_warps_score, num_stages=cfg.num_stages_lse,
-                maxnreg=cfg.maxnreg_lse,
+                *_qs(q, P), *_qs(kc, P), *_qs(lse_c, P), scale_log2,
+                G=G, GR=G, BT=tiles.bt_lse, R=tiles.rows_lse, BN=launch.lse_block, D=D, CBLOCK=cfg.cblock,
+                CSTRIDE=cfg.cstride, LEGACY=cfg.legacy, IEEE=ieee, TMA=tma,
+                num_warps=launch.score_warps, num_stages=launch.lse_stages, maxnreg=launch.lse_cap,
             )
         else:
             lse_c.zero_()
-            if cfg.output_in_lse:
-                oc.zero_()
-        kc_ = kc if lay.max_cmp > 0 else q  # any valid pointer; no compressed token is read
-        vc_ = vc if lay.max_cmp > 0 else q
-        sel_ = sel if sel is not None else dummy_i
-        ss = _qs(sel, P) if sel is not None else (0, 0, 0)
+            oc.zero_()
+        if cfg.has_slc:
+            hs = Hq if cfg.head_scoring else Hkv
+            sel = torch.empty((Bv, hs, Tv, tiles.width), dtype=torch.int32, device=dev)
+            # The score loop reads compressed rows even where a sequence has none (its
+            # steps also write block scores), and a descriptor cannot be empty.
+            kc_ = kc if lay.max_cmp > 0 else q  # any valid pointer; no compressed token is read
+            tma = lay.min_cmp > 0 and tma_ready(kc)
+            nt = _score_blocks(cfg)
 
-        def score(t_off: int, t_end: int, mode: int, buf):
-            n_tc = triton.cdiv(t_end - t_off, tiles.bt_score)
-            nt = cfg.nt if mode == 0 else _score_blocks(cfg)
-            bs_ = buf.stride()[:3] if buf is not None else (0, 0, 0)
-            _launch(fwd.cmp_score_kernel, (n_tc, B, Hkv),
-                q, kc_, vc_, lse_c, oc, sel_, buf if buf is not None else dummy_f, lay.starts, lay.lens, lay.cstarts, lay.clens,
-                *_qs(q, P), *_qs(kc_, P), *_qs(lse_c, P), *_qs(oc, P), *ss, *bs_,
-                scale_log2, t_off, t_end, buf.shape[-1] if buf is not None else 0,
-                G=G, GP=GP, BT=tiles.bt_score, D=D, CBLOCK=cfg.cblock, CSTRIDE=cfg.cstride, LEGACY=cfg.legacy,
-                IEEE=ieee, SCORE=cfg.has_slc, BN=(cfg.eq9_a * nt if cfg.has_slc else 64),
-                LS=cfg.slc_block, COUNT=cfg.count, FIRST=cfg.first, PREV=cfg.prev, CUR=cfg.cur,
-                HEAD_SCORING=cfg.head_scoring, NT=nt, A=cfg.eq9_a, BB=cfg.eq9_b, NT_LOG=nt.bit_length() - 1,
-                INSERT_MAX=cfg.insert_max, TOPN=mode, TMA=tma_score, PV=not cfg.output_in_lse,
-                num_warps=cfg.num_warps_score, num_stages=cfg.num_stages_score, maxnreg=cfg.maxnreg_score,
-            )
+            def score(t_off: int, t_end: int, buf: torch.Tensor) -> None:
+                _launch(fwd.cmp_score_kernel, (triton.cdiv(t_end - t_off, tiles.bt_score), B, Hkv),
+                    q, kc_, lse_c, buf, lay.starts, lay.lens, lay.cstarts, lay.clens,
+                    *_qs(q, P), *_qs(kc_, P), *_qs(lse_c, P), *buf.stride()[:3], scale_log2, t_off, t_end,
+                    G=G, GP=GP, BT=tiles.bt_score, D=D, CBLOCK=cfg.cblock, CSTRIDE=cfg.cstride, LEGACY=cfg.legacy,
+                    IEEE=ieee, BN=cfg.eq9_a * nt, LS=cfg.slc_block, FIRST=cfg.first, PREV=cfg.prev, CUR=cfg.cur,
+                    HEAD_SCORING=cfg.head_scoring, NT=nt, A=cfg.eq9_a, BB=cfg.eq9_b, TMA=tma,
+                    num_warps=launch.score_warps, num_stages=launch.score_stages, maxnreg=launch.score_cap,
+                )
 
-        if cfg.has_slc and cfg.topn != "fused":
-            _chunked_topn(score, sel, lay, cfg, tiles, hs, res)
-        elif cfg.has_slc or not cfg.output_in_lse:  # the fused top-n, or the output alone
-            score(0, lay.max_len, 0, None)
+            _chunked_topn(score, sel, lay, cfg, launch, tiles, hs, res)
     n_t3 = triton.cdiv(lay.max_len, tiles.bt_sel)
     grid3 = (n_t3, B, Hkv)
     if cfg.has_slc:
@@ -489,22 +417,19 @@ def _forward(q, k, v, kc, vc, gates, lay: SeqLayout, cfg: KernelConfig, save: bo
     lse_like = lse_c if lse_c is not None else (lse_s if lse_s is not None else (lse_w if lse_w is not None else torch.empty(lse_shape, dtype=torch.float32, device=dev)))
     sel_ = sel if sel is not None else dummy_i
     ss = _qs(sel, P) if sel is not None else (0, 0, 0)
-    tma = tma_ready(cfg.tma and not cfg.pair_blocks, k, v)  # a pair step gathers two blocks: pointer loads
-    select_stages, select_cap = cfg.select_launch(save, D, q.element_size())
     _launch(fwd.slc_win_kernel, grid3,
         q, k, v, oc if oc is not None else q, gates, sel_, U, UM, UC, out,
         o_s if o_s is not None else out, o_w if o_w is not None else out,
         lse_s if lse_s is not None else dummy_f, lse_w if lse_w is not None else dummy_f,
         lay.starts, lay.lens,
         *_qs(q, P), *_qs(k, P), *_gs(gates, P), *ss, *_qs(lse_like, P), scale_log2, n_t3,
-        G=G, GR=tiles.GR, BT=tiles.bt_sel, R=tiles.rows_sel, D=D, IEEE=ieee,
+        G=G, GR=G, BT=tiles.bt_sel, R=tiles.rows_sel, D=D, IEEE=ieee,
         HAS_CMP=cfg.has_cmp, HAS_SLC=cfg.has_slc, HAS_WIN=cfg.has_win,
         GI_CMP=cfg.gate_index[0], GI_SLC=cfg.gate_index[1], GI_WIN=cfg.gate_index[2],
         LS=cfg.slc_block, BS=cfg.slc_tile, W=tiles.width, HEAD_SCORING=cfg.head_scoring,
         WIN=cfg.window, BKW=64, SAVE=save, U_LOG=tiles.union_log(tiles.sel_rows),
-        ROW_LOG=tiles.row_log(tiles.sel_rows), PAIR=cfg.pair_blocks, TMA=tma, ROW_MASKS=cfg.row_masks,
-        PREFETCH=cfg.prefetch_union,
-        num_warps=cfg.num_warps_select, num_stages=select_stages, maxnreg=select_cap,
+        ROW_LOG=tiles.row_log(tiles.sel_rows), TMA=tma_ready(k, v),
+        num_warps=launch.select_warps, num_stages=launch.select_stages, maxnreg=launch.select_cap,
     )
     res.update(oc=oc, lse_c=lse_c, sel=sel, U=U, UM=UM, UC=UC, o_s=o_s, o_w=o_w, lse_s=lse_s, lse_w=lse_w)
     for seen in _RECORDERS:
@@ -513,23 +438,20 @@ def _forward(q, k, v, kc, vc, gates, lay: SeqLayout, cfg: KernelConfig, save: bo
 
 
 def _score_blocks(cfg: KernelConfig) -> int:
-    """Blocks per step of the score loop when it only writes block scores:
-    about 64 compressed tokens (the lse pass's step), a power of two, long
-    enough that the Eq. 9 carry reaches only the next step."""
-    if cfg.score_blocks:
-        nb = cfg.score_blocks
-    else:
-        nb = next_pow2(max(1, 64 // cfg.eq9_a))
+    """Blocks per step of the score loop: about 64 compressed tokens (the lse
+    pass's step), a power of two, long enough that the Eq. 9 carry reaches
+    only the next step."""
+    nb = next_pow2(max(1, 64 // cfg.eq9_a))
     while cfg.eq9_a * nb < cfg.eq9_a + cfg.eq9_b - 2:
         nb *= 2
     return nb
 
 
-def topn_chunk_tokens(cfg: KernelConfig, batch: int, n_sel_heads: int, max_len: int, score_tokens: int) -> tuple[int, int]:
+def topn_chunk_tokens(cfg: KernelConfig, launch: Launch, batch: int, n_sel_heads: int, max_len: int,
+                      score_tokens: int) -> tuple[int, int]:
     """(query-chunk length, buffer row width) of the two-step top-n."""
     width = max(1, max_len // cfg.slc_block)
-    elt = 4 if cfg.topn == "select" else 8
-    chunk = min(cfg.topn_chunk, cfg.topn_buffer_bytes // max(1, batch * n_sel_heads * width * elt))
+    chunk = min(launch.topn_chunk, launch.topn_buffer_bytes // max(1, batch * n_sel_heads * width * 4))
     chunk = max(score_tokens, chunk // score_tokens * score_tokens)
     return min(chunk, triton.cdiv(max_len, score_tokens) * score_tokens), width
 
@@ -539,7 +461,8 @@ def topn_row_parts(least: int, most: int) -> tuple[int, int]:
     ``least`` to ``most`` candidate blocks: powers of two with head + tail >=
     most (tail 0: one part), the head the largest power of two not above
     ``least`` where two parts are narrower than ``next_pow2(most)``. E.g.
-    1,024-1,280 candidates: 1,024 + 256 instead of 2,048."""
+    1,024-1,280 candidates: 1,024 + 256 instead of 2,048. H200, 128K video:
+    the kernel ~5 % faster (0.742-0.762 of the lse pass, against 0.782-0.804)."""
     width = next_pow2(max(1, most))
     head = prev_pow2(max(1, least))
     if head >= most:
@@ -548,46 +471,30 @@ def topn_row_parts(least: int, most: int) -> tuple[int, int]:
     return (head, tail) if head + tail < width else (width, 0)
 
 
-def _chunked_topn(score, sel, lay: SeqLayout, cfg: KernelConfig, tiles: "_Tiles", n_sel_heads: int, res: dict):
+def _chunked_topn(score, sel, lay: SeqLayout, cfg: KernelConfig, launch: Launch, tiles: "_Tiles", n_sel_heads: int,
+                  res: dict) -> None:
     """Two-step top-n over query chunks: cmp_score_kernel writes the chunk's
     block scores (``[B, Hsel, chunk, t_end / l']``, never all of ``[L, L/l']``
-    at once), then topn_select_kernel (or torch.topk on int64 keys) writes the
-    block lists."""
+    at once), then topn_select_kernel writes the block lists."""
     B = lay.batch
-    dev = sel.device
-    chunk, width = topn_chunk_tokens(cfg, B, n_sel_heads, lay.max_len, tiles.bt_score)
-    if cfg.topn not in ("select", "torch"):
-        raise ValueError(f"topn = {cfg.topn!r}: 'select', 'torch' or 'fused'")
-    dtype = torch.float32 if cfg.topn == "select" else torch.int64
-    flat = torch.empty(B * n_sel_heads * chunk * width, dtype=dtype, device=dev)
+    chunk, width = topn_chunk_tokens(cfg, launch, B, n_sel_heads, lay.max_len, tiles.bt_score)
+    flat = torch.empty(B * n_sel_heads * chunk * width, dtype=torch.float32, device=sel.device)
     res["topn_chunk"] = chunk
     ss = _qs(sel, lay.packed)
     for t_off in range(0, lay.max_len, chunk):
         t_end = min(lay.max_len, t_off + chunk)
         jw = max(1, t_end // cfg.slc_block)  # candidates of tokens < t_end
         buf = flat[: B * n_sel_heads * (t_end - t_off) * jw].view(B, n_sel_heads, t_end - t_off, jw)
-        if cfg.topn == "torch":
-            buf.fill_(-1)
-        score(t_off, t_end, 1 if cfg.topn == "select" else 2, buf)
-        if cfg.topn == "select":
-            jp = next_pow2(jw)
-            rows = max(1, min(8, 1024 // jp))
-            head, tail = topn_row_parts((t_off + 1) // cfg.slc_block, jw) if cfg.topn_parts else (jp, 0)
-            fwd.topn_select_kernel[(triton.cdiv(t_end - t_off, rows * cfg.topn_chain), n_sel_heads, B)](
-                buf, sel, lay.starts, lay.lens, *buf.stride()[:3], *ss, t_off, t_end,
-                ROWS=rows, JP=head, CHAIN=cfg.topn_chain, SPREAD=cfg.topn_spread, LS=cfg.slc_block, COUNT=cfg.count, FIRST=cfg.first, PREV=cfg.prev, CUR=cfg.cur,
-                NT=cfg.nt, JT=max(1, tail), TAIL=tail > 0, num_warps=max(1, min(8, jp // (32 * cfg.topn_lane_scores))),
-            )
-        else:
-            kk = min(cfg.count, jw)
-            vals = torch.topk(buf, kk, dim=-1, largest=True, sorted=True).values
-            kp = next_pow2(kk)
-            rows = max(1, min(8, 256 // kp))
-            fwd.topk_write_kernel[(triton.cdiv(t_end - t_off, rows), n_sel_heads, B)](
-                vals, sel, lay.starts, lay.lens, *vals.stride()[:3], *ss, t_off, t_end, kk,
-                ROWS=rows, KP=kp, LS=cfg.slc_block, COUNT=cfg.count, FIRST=cfg.first, PREV=cfg.prev, CUR=cfg.cur,
-                NT=cfg.nt, num_warps=1,
-            )
+        score(t_off, t_end, buf)
+        jp = next_pow2(jw)
+        rows = max(1, min(8, 1024 // jp))
+        head, tail = topn_row_parts((t_off + 1) // cfg.slc_block, jw)
+        fwd.topn_select_kernel[(triton.cdiv(t_end - t_off, rows * launch.topn_chain), n_sel_heads, B)](
+            buf, sel, lay.starts, lay.lens, *buf.stride()[:3], *ss, t_off, t_end,
+            ROWS=rows, JP=head, CHAIN=launch.topn_chain, SPREAD=launch.topn_spread, LS=cfg.slc_block,
+            COUNT=cfg.count, FIRST=cfg.first, PREV=cfg.prev, CUR=cfg.cur, NT=cfg.nt, JT=max(1, tail), TAIL=tail > 0,
+            num_warps=max(1, min(8, jp // (32 * launch.topn_lane_scores))),
+        )
 
 
 def _multiprocessors(device: torch.device) -> int:
@@ -603,7 +510,7 @@ def _cmp_dkv_splits(max_len: int, programs_per_split: int, device: torch.device)
     leave SMs idle: about four programs per SM, down to 512 queries a split.
     At 16K (4 compressed tiles x 4 kv heads) one split per 4,096 queries made 64
     programs for the H200's 132 SMs: 1.16 ms for four products over the scores
-    that the forward's lse pass covers with one in 0.12 ms (run 24)."""
+    that the forward's lse pass covers with one in 0.12 ms."""
     splits = max(1, min(32, triton.cdiv(max_len, 4096)))
     fill = triton.cdiv(4 * _multiprocessors(device), max(1, programs_per_split))
     return max(splits, min(fill, max(1, triton.cdiv(max_len, 512))))
@@ -666,6 +573,7 @@ def _backward(do, q, k, v, kc, vc, gates, lay: SeqLayout, cfg: KernelConfig, res
     Bv, Hq, Tv, D = q.shape
     Hkv = k.shape[1]
     tiles: _Tiles = res["tiles"]
+    launch: Launch = res["launch"]
     G = tiles.G
     B = lay.batch
     dev = q.device
@@ -679,35 +587,28 @@ def _backward(do, q, k, v, kc, vc, gates, lay: SeqLayout, cfg: KernelConfig, res
     dg = torch.empty((Bv, Hq, Tv, nb), dtype=torch.float32, device=dev)
     delta = torch.empty((3, Bv, Hq, Tv), dtype=torch.float32, device=dev)
     dummy_i = torch.zeros(1, dtype=torch.int32, device=dev)
-    n_tq = triton.cdiv(lay.max_len, tiles.bt_dq)
+    n_tq = triton.cdiv(lay.max_len, tiles.bt_sel)
     oc, lse_c, sel = res["oc"], res["lse_c"], res["sel"]
-    own_union = cfg.has_slc and tiles.bt_dq != tiles.bt_sel
-    if own_union:
-        U, UM, UC = tiles.union_buffers(B * Hkv * n_tq, tiles.dq_sel_rows, lay.max_len, cfg.slc_block, dev)
-    else:
-        U, UM, UC = res["U"], res["UM"], res["UC"]
     any_lse = delta[0]
     kc_ = kc if (kc is not None and lay.max_cmp > 0) else k
     vc_ = vc if (vc is not None and lay.max_cmp > 0) else v
     ss = _qs(sel, P) if sel is not None else (0, 0, 0)
-    tma = tma_ready(cfg.tma and not cfg.pair_blocks, k, v, kc_, vc_)
     _launch(bwd.bwd_dq_kernel, (n_tq, B, Hkv),
         q, k, v, kc_, vc_, do, gates,
         oc if oc is not None else q, res["o_s"] if res["o_s"] is not None else q, res["o_w"] if res["o_w"] is not None else q,
         lse_c if lse_c is not None else any_lse, res["lse_s"] if res["lse_s"] is not None else any_lse,
         res["lse_w"] if res["lse_w"] is not None else any_lse,
-        sel if sel is not None else dummy_i, U, UM, UC, dq, dg, delta,
+        sel if sel is not None else dummy_i, res["U"], res["UM"], res["UC"], dq, dg, delta,
         lay.starts, lay.lens, lay.cstarts, lay.clens,
         *_qs(q, P), *_qs(k, P), *_qs(kc_, P), *_gs(gates, P), *_qs(dg, P), *ss, *_qs(any_lse, P), delta.stride(0),
         scale_log2, scale, n_tq,
-        G=G, GR=tiles.GR, BT=tiles.bt_dq, R=tiles.rows_dq, D=D, IEEE=ieee,
+        G=G, GR=G, BT=tiles.bt_sel, R=tiles.rows_sel, D=D, IEEE=ieee,
         HAS_CMP=cfg.has_cmp, HAS_SLC=cfg.has_slc, HAS_WIN=cfg.has_win,
         GI_CMP=cfg.gate_index[0], GI_SLC=cfg.gate_index[1], GI_WIN=cfg.gate_index[2],
         CBLOCK=cfg.cblock, CSTRIDE=cfg.cstride, LEGACY=cfg.legacy, BN=64,
         LS=cfg.slc_block, BS=cfg.slc_tile, W=tiles.width, HEAD_SCORING=cfg.head_scoring,
-        WIN=cfg.window, BKW=64, PAIR=cfg.pair_blocks, OWN_UNION=own_union, U_LOG=tiles.union_log(tiles.dq_sel_rows),
-        ROW_LOG=tiles.row_log(tiles.dq_sel_rows), TMA=tma, ROW_MASKS=cfg.row_masks, PREFETCH=cfg.prefetch_union_dq,
-        num_warps=cfg.num_warps_select, num_stages=cfg.num_stages_dq,
+        WIN=cfg.window, BKW=64, U_LOG=tiles.union_log(tiles.sel_rows), ROW_LOG=tiles.row_log(tiles.sel_rows),
+        TMA=tma_ready(k, v, kc_, vc_), num_warps=launch.select_warps, num_stages=launch.dq_stages,
     )
     dkc = dvc = None
     if cfg.has_cmp and kc is not None and lay.max_cmp > 0:
@@ -721,7 +622,7 @@ def _backward(do, q, k, v, kc, vc, gates, lay: SeqLayout, cfg: KernelConfig, res
             scale_log2, scale, Hkv,
             G=G, GP=tiles.GP, BT=tiles.bt_kv, D=D, IEEE=ieee, GI_CMP=cfg.gate_index[0],
             CBLOCK=cfg.cblock, CSTRIDE=cfg.cstride, LEGACY=cfg.legacy, BNC=BNC,
-            num_stages=cfg.num_stages_dkv,
+            num_stages=launch.dkv_stages,
         )
         dkc = dkp.sum(0).to(kc.dtype)
         dvc = dvp.sum(0).to(vc.dtype)
@@ -732,15 +633,13 @@ def _backward(do, q, k, v, kc, vc, gates, lay: SeqLayout, cfg: KernelConfig, res
         alloc = torch.empty if cfg.has_win else torch.zeros
         dk = alloc(k.shape, dtype=torch.float32, device=dev)
         dv = alloc(k.shape, dtype=torch.float32, device=dev)
-        if not k.is_contiguous():
-            raise AssertionError("k must be contiguous")
     if cfg.has_win:
         BK = 64
         _launch(bwd.bwd_win_dkv_kernel, (triton.cdiv(lay.max_len, BK), B, Hkv),
             q, k, v, do, gates, res["lse_w"], delta[2], dk, dv, lay.starts, lay.lens,
             *_qs(q, P), *_qs(k, P), *_gs(gates, P), *_qs(any_lse, P), scale_log2, scale,
             G=G, GP=tiles.GP, BT=tiles.bt_kv, D=D, IEEE=ieee, GI_WIN=cfg.gate_index[2], WIN=cfg.window, BK=BK,
-            num_stages=cfg.num_stages_dkv,
+            num_stages=launch.dkv_stages,
         )
     if cfg.has_slc:
         n_blocks = triton.cdiv(lay.max_len, cfg.slc_block)
@@ -760,7 +659,7 @@ def _backward(do, q, k, v, kc, vc, gates, lay: SeqLayout, cfg: KernelConfig, res
                 lay.starts, lay.lens,
                 *_qs(q, P), *_qs(k, P), *_gs(gates, P), *_qs(any_lse, P), scale_log2, scale, Hkv, n_blocks,
                 G=G, GP=tiles.GP, BT=tiles.bt_kv, D=D, IEEE=ieee, GI_SLC=cfg.gate_index[1], LS=cfg.slc_block, BS=BS,
-                HEAD_SCORING=cfg.head_scoring, ATOMIC=cfg.atomic, num_stages=cfg.num_stages_slc_dkv,
+                HEAD_SCORING=cfg.head_scoring, ATOMIC=cfg.atomic, num_stages=launch.slc_dkv_stages,
             )
             if not cfg.atomic:
                 bwd.reduce_slc_kernel[(key_seg.shape[0] - 1,)](
@@ -775,8 +674,8 @@ def _backward(do, q, k, v, kc, vc, gates, lay: SeqLayout, cfg: KernelConfig, res
 
 class _NSAFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, kc, vc, gates, lay, cfg):
-        out, res = _forward(q, k, v, kc, vc, gates, lay, cfg, save=True)
+    def forward(ctx, q, k, v, kc, vc, gates, lay, cfg, launch):
+        out, res = _forward(q, k, v, kc, vc, gates, lay, cfg, launch, save=True)
         ctx.lay, ctx.cfg, ctx.res = lay, cfg, res
         ctx.save_for_backward(q, k, v, kc, vc, gates)
         return out
@@ -786,15 +685,31 @@ class _NSAFunction(torch.autograd.Function):
         q, k, v, kc, vc, gates = ctx.saved_tensors
         need_gates = ctx.needs_input_grad[5]
         dq, dk, dv, dkc, dvc, dg = _backward(do, q, k, v, kc, vc, gates, ctx.lay, ctx.cfg, ctx.res, need_gates)
-        return dq, dk, dv, dkc, dvc, dg, None, None
+        return dq, dk, dv, dkc, dvc, dg, None, None, None
 
 
-def nsa_attention(q, k, v, kc, vc, gates, lay: SeqLayout, cfg: KernelConfig) -> torch.Tensor:
-    """Gated NSA output over the sparse sequences in ``lay`` (autograd-aware)."""
+def nsa_attention(q, k, v, kc, vc, gates, lay: SeqLayout, cfg: KernelConfig, launch: Launch | None = None) -> torch.Tensor:
+    """Gated NSA output over the sparse sequences in ``lay`` (autograd-aware);
+    ``launch`` None: :func:`launch_choices` for q's head dim and group."""
+    # Batch, group and first-row bases are 64-bit in the kernels; what is added to
+    # them per row or per step stays 32-bit (registers in the hot loops): a row's
+    # place within its group's heads and its sequence (keys: within the sequence;
+    # k's rows are as wide as q's). q [1, 28, L, 128]: up to 2,097,151 tokens.
+    group = q.shape[1] // k.shape[1]
+    within_group = group * q.stride(1) + lay.max_len * q.stride(2)
+    if within_group >= 2**31:
+        raise InputError("q", "fewer than 2^31 elements from a group's first head to its last row (query heads per "
+                         "kv head x head stride + tokens x token stride) for the triton backend (32-bit offsets "
+                         "inside a group)", f"{group} x {q.stride(1)} + {lay.max_len} x {q.stride(2)} = {within_group}")
+    if not (q.is_contiguous() and k.is_contiguous() and v.is_contiguous()):
+        # the outputs, dq and dO take q's strides inside the kernels (and dk, dv k's)
+        raise AssertionError("q, k and v must be contiguous")
+    if launch is None:
+        launch = launch_choices(q.shape[-1], group)
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (q, k, v, kc, vc, gates)
     )
     if needs_grad:
-        return _NSAFunction.apply(q, k, v, kc, vc, gates, lay, cfg)
-    out, _ = _forward(q, k, v, kc, vc, gates, lay, cfg, save=False)
+        return _NSAFunction.apply(q, k, v, kc, vc, gates, lay, cfg, launch)
+    out, _ = _forward(q, k, v, kc, vc, gates, lay, cfg, launch, save=False)
     return out

@@ -1,7 +1,11 @@
 """Compile every Triton kernel for sm_90 without a GPU (catches front-end and
 lowering errors before device time is spent).
 
-    python benchmarks/triton_compile_check.py            # [--all: more patterns; --small: only the small one]
+    python tests/triton_compile_check.py            # [--all: more patterns; --small: only the small one]
+
+With ``NSAFLEX_COMPILE_DUMP=DIR`` each compiled kernel's cubin is written to
+``DIR/<kernel>-<n>.cubin`` (read it with ``cuobjdump -sass``) to compare the
+generated code of two versions.
 
 Records each launch's arguments by running the videonsa-class forward and
 backward on CPU under TRITON_INTERPRET=1 (tiny shapes), with the real tile
@@ -53,12 +57,13 @@ class Recorder:
         return call
 
 
-def record(pattern, shape, dtype, *, train=True, **config):
+def record(pattern, shape, dtype, *, train=True, pointers=False, atomic=False):
     """Record the launches of one forward (and, where ``train``, its backward:
-    the forward then saves residuals, a launch of its own)."""
+    the forward then saves residuals, a launch of its own); ``pointers``: key
+    blocks through per-element pointers (the fallback where tensor descriptors
+    cannot serve); ``atomic``: the plan's ``deterministic=False``."""
     from nsaflex.backends import triton as backend
-    from nsaflex.backends.triton import BACKEND
-    from nsaflex.kernels.ops import make_config
+    from nsaflex.kernels import ops
 
     for mod in (fwd, bwd):
         for name in dir(mod):
@@ -71,12 +76,15 @@ def record(pattern, shape, dtype, *, train=True, **config):
     v = torch.randn(B, Hkv, L, D, dtype=dtype, requires_grad=train)
     gates = torch.rand(B, Hkv * G, L, len(pattern.branches), dtype=dtype, requires_grad=train)
     types = torch.ones(B, L, dtype=torch.long) if pattern.hybrid is not None else None
-    if config:
-        out = backend._sparse_forward(pattern, make_config(pattern, **config), q, k, v, gates, types, None)
-    else:
-        out = BACKEND.build(pattern, None)(q, k, v, gates, types, None)
-    if train:
-        out.sum().backward()
+    tma_ready = ops.tma_ready
+    if pointers:
+        ops.tma_ready = lambda *tensors: False
+    try:
+        out = backend._sparse_forward(pattern, ops.make_config(pattern, atomic=atomic), q, k, v, gates, types, None)
+        if train:
+            out.sum().backward()
+    finally:
+        ops.tma_ready = tma_ready
 
 
 def signatures():
@@ -185,10 +193,16 @@ def compile_all(items, arch=90):
                 note = f" (maxnreg {opts.pop('maxnreg')} dropped: ptxas cannot meet it)"
                 compiled = triton.compile(ASTSource(fn, sig, constexprs, attrs), target=target, options=opts)
             meta = compiled.metadata
+            dump = os.environ.get("NSAFLEX_COMPILE_DUMP")
+            if dump:
+                os.makedirs(dump, exist_ok=True)
+                index = sum(1 for f in os.listdir(dump) if f.startswith(name + "-"))
+                with open(os.path.join(dump, f"{name}-{index}.cubin"), "wb") as handle:
+                    handle.write(compiled.asm["cubin"])
             print(f"ok   {name:24s} shared={getattr(meta, 'shared', '?')} warps={opts.get('num_warps', 4)} "
                   f"stages={opts.get('num_stages', 3)} cap={opts.get('maxnreg', 0)} "
                   f"{register_use(compiled.asm.get('ptx'), arch)} "
-                  f"{ {k: v for k, v in const.items() if k in ('BT', 'G', 'D', 'NT', 'BN', 'BS', 'PAIR', 'OWN_UNION', 'ATOMIC', 'TMA', 'JP', 'JT', 'SAVE')} }"
+                  f"{ {k: v for k, v in const.items() if k in ('BT', 'G', 'D', 'NT', 'BN', 'BS', 'ATOMIC', 'TMA', 'JP', 'JT', 'SAVE')} }"
                   f"{note}", flush=True)
         except Exception as error:  # noqa: BLE001
             ok = False
@@ -209,21 +223,13 @@ if __name__ == "__main__":
     full = "--small" not in sys.argv  # --small: only the small pattern below (tests/test_triton_compile.py)
     if full:
         record(videonsa, (1, 1, 7, 130, 128), torch.bfloat16)
-        # inference: slc_win_kernel's own launch (no residuals saved; KernelConfig.select_launch)
+        # inference (no residuals saved: the branch outputs stay in registers)
         record(videonsa, (1, 1, 7, 130, 128), torch.bfloat16, train=False)
-        # the capped one-stage inference launch (the default before run 75: every wgmma serialised)
-        record(videonsa, (1, 1, 7, 130, 128), torch.bfloat16, train=False, num_stages=1, maxnreg_select=128)
-        # the other top-n paths (the default is the two-step "select")
-        record(videonsa, (1, 1, 7, 130, 128), torch.bfloat16, topn="torch")
-        record(videonsa, (1, 1, 7, 130, 128), torch.bfloat16, topn="fused")
-        # the schedule variants: two union blocks per step, bwd_dq on its own 4-token tiles
-        record(videonsa, (1, 1, 7, 130, 128), torch.bfloat16, pair_blocks=True, dq_tokens=4)
         # the non-deterministic backward: atomic dk, dv (deterministic=False)
         record(videonsa, (1, 1, 7, 130, 128), torch.bfloat16, atomic=True)
         # per-element pointer loads where descriptors cannot serve (misaligned tensors)
-        record(videonsa, (1, 1, 7, 130, 128), torch.bfloat16, tma=False, tma_lse=False)
+        record(videonsa, (1, 1, 7, 130, 128), torch.bfloat16, pointers=True)
     if "--all" in sys.argv:
-        record(videonsa, (1, 1, 7, 130, 128), torch.bfloat16, select_tokens=4)
         # head dim 256: the lse pass's [128, 256] output accumulator does not fit its register cap
         record(videonsa, (1, 1, 7, 130, 256), torch.bfloat16)
     if "--all" in sys.argv:
