@@ -27,6 +27,7 @@ __all__ = [
     "out_console",
     "parse_length",
     "parse_lengths",
+    "printable",
     "report_error",
 ]
 
@@ -88,11 +89,18 @@ def err_console() -> Console:
     return Console(stderr=True, highlight=False, soft_wrap=True)
 
 
+def printable(text: object) -> str:
+    """``str(text)`` with lone surrogates written as ``\\udcff`` escapes. A
+    path given on the command line in bytes that are not UTF-8 arrives with
+    such surrogates, which a UTF-8 stream refuses to write."""
+    return str(text).encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def report_error(error: NsaflexError) -> None:
     """Print an nsaflex error in red, without a traceback. For a
     :class:`~nsaflex.errors.PatternError` the message carries
     ``file:line:column: key.path: expected ..., found ...``."""
-    err_console().print(f"[bold red]error:[/] [red]{escape(str(error))}[/]")
+    err_console().print(f"[bold red]error:[/] [red]{escape(printable(error))}[/]")
 
 
 def load_pattern_arg(value: str) -> tuple[Pattern, Path]:

@@ -54,6 +54,16 @@ _LIST_FIELDS = {"forced", "values", "at", "remove"}
 
 Marks = dict[str, tuple[int, int]]
 
+# Stated limits on hostile input, each far above any real pattern (the bundled
+# ones are under 2 KB, 200 nodes and one level of extends) and low enough that
+# refusing takes well under a second:
+#: Largest pattern: bytes of a file, characters of a text; checked before parsing.
+MAX_PATTERN_SIZE = 256 * 1024
+#: Most YAML nodes in a pattern, checked while composing and again with aliases expanded.
+MAX_YAML_NODES = 20_000
+#: Most files in an ``extends`` chain, the extending file included.
+MAX_EXTENDS_CHAIN = 32
+
 
 def bundled_patterns() -> dict[str, Path]:
     """Bundled pattern names (file stem) and their paths."""
@@ -72,8 +82,9 @@ class _Builder:
 
     Refuses what ``yaml.compose`` accepts but a pattern cannot be: scalars whose
     tag cannot be constructed (``!!int abc``, ``2020-13-45``, ``!foo 1``),
+    text with lone surrogates (``"\\ud800"``: no UTF-8 can print it),
     recursive aliases (``&a [*a]``) and alias bombs (more than
-    :data:`_MAX_NODES` nodes once aliases are expanded).
+    :data:`MAX_YAML_NODES` nodes once aliases are expanded).
     """
 
     def __init__(self, marks: Marks, source: str) -> None:
@@ -91,15 +102,22 @@ class _Builder:
 
     def scalar(self, node: yaml.Node, path: str) -> Any:
         try:
-            return self.constructor.construct_object(node, deep=True)
+            value = self.constructor.construct_object(node, deep=True)
         except Exception as error:  # ConstructorError, or ValueError/KeyError of a bad tagged scalar
             problem = getattr(error, "problem", None) or str(error) or type(error).__name__
             raise self.error(node, path, f"a valid YAML scalar ({node.tag})", str(problem).strip()) from None
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as error:
+                found = f"{value!r} (U+{ord(value[error.start]):04X} at index {error.start})"
+                raise self.error(node, path, "text without lone surrogates (text UTF-8 can encode)", found) from None
+        return value
 
     def build(self, node: yaml.Node, path: str) -> Any:
         self.count += 1
-        if self.count > _MAX_NODES:
-            raise self.error(node, path, f"at most {_MAX_NODES} YAML nodes (aliases expanded)", "more")
+        if self.count > MAX_YAML_NODES:
+            raise self.error(node, path, f"at most {MAX_YAML_NODES} YAML nodes (aliases expanded)", "more")
         self.marks[path] = (node.start_mark.line + 1, node.start_mark.column + 1)
         if isinstance(node, (yaml.MappingNode, yaml.SequenceNode)):
             if id(node) in self.active:
@@ -128,14 +146,49 @@ class _Builder:
         return out
 
 
-_MAX_NODES = 100_000
+class _TooManyNodes(Exception):
+    def __init__(self, mark: yaml.Mark) -> None:
+        super().__init__(mark)
+        self.mark = mark
+
+
+class _CountingLoader(yaml.SafeLoader):
+    """A SafeLoader that stops composing after :data:`MAX_YAML_NODES` nodes,
+    before a huge document has been read whole."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self.nodes_composed = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: object) -> yaml.Node:
+        self.nodes_composed += 1
+        if self.nodes_composed > MAX_YAML_NODES:
+            raise _TooManyNodes(self.peek_event().start_mark)
+        return super().compose_node(parent, index)
+
+
+def _position_of(text: str, offset: int) -> tuple[int, int]:
+    """1-based line and column of character ``offset`` of ``text``."""
+    line_start = text.rfind("\n", 0, offset) + 1
+    return text.count("\n", 0, offset) + 1, offset - line_start + 1
 
 
 def _compose(text: str, source: str) -> tuple[Any, Marks]:
+    if len(text) > MAX_PATTERN_SIZE:
+        line, column = _position_of(text, MAX_PATTERN_SIZE)
+        raise PatternError(
+            "", f"a pattern of at most {MAX_PATTERN_SIZE} characters", f"{len(text)} characters",
+            source=source, line=line, column=column,
+        )
     loader = None
     try:
-        loader = yaml.SafeLoader(text)  # the reader checks every character here
+        loader = _CountingLoader(text)  # the reader checks every character here
         node = loader.get_single_node()
+    except _TooManyNodes as error:
+        raise PatternError(
+            "", f"at most {MAX_YAML_NODES} YAML nodes", "more",
+            source=source, line=error.mark.line + 1, column=error.mark.column + 1,
+        ) from None
     except (ValueError, OverflowError) as error:
         # The scanner lets a few of these out, e.g. chr() of an escape
         # beyond U+10FFFF in a double-quoted scalar ("\U00110000").
@@ -157,9 +210,7 @@ def _compose(text: str, source: str) -> tuple[Any, Marks]:
         ) from None
     except yaml.reader.ReaderError as error:
         # A character YAML does not allow; the reader gives its offset only.
-        before = text[: error.position]
-        line = before.count("\n") + 1
-        column = error.position - (before.rfind("\n") + 1) + 1
+        line, column = _position_of(text, error.position)
         char = error.character
         found = f"character U+{char:04X}" if isinstance(char, int) else f"character {char!r}"
         raise PatternError(
@@ -274,11 +325,16 @@ def _load_document(text: str, source: str, chain: tuple[str, ...]) -> tuple[dict
             "extends", "no cycle of extends", " -> ".join([*chain, str(parent_path)]),
             source=source, line=line, column=column,
         )
-    try:
-        parent_text = parent_path.read_text()
-    except (OSError, UnicodeDecodeError) as error:
+    if len(chain) >= MAX_EXTENDS_CHAIN:
         raise PatternError(
-            "extends", "a readable UTF-8 pattern file", f"{parent_path}: {error}",
+            "extends", f"a chain of at most {MAX_EXTENDS_CHAIN} files", _chain_text([*chain, str(parent_path)]),
+            source=source, line=line, column=column,
+        )
+    try:
+        parent_text = _read_pattern_file(parent_path)
+    except OSError as error:
+        raise PatternError(
+            "extends", "a readable pattern file", f"{parent_path}: {error}",
             source=source, line=line, column=column,
         ) from None
     parent, _, _ = _load_document(parent_text, str(parent_path), (*chain, str(parent_path)))
@@ -289,6 +345,34 @@ def _load_document(text: str, source: str, chain: tuple[str, ...]) -> tuple[dict
     for key in merged:
         marks.setdefault(key, (line, column) if line is not None else (1, 1))
     return merged, marks, source
+
+
+def _chain_text(chain: list[str]) -> str:
+    """An extends chain for a message, its middle left out when long."""
+    if len(chain) <= 6:
+        return " -> ".join(chain)
+    return " -> ".join([*chain[:3], f"... ({len(chain) - 5} more)", *chain[-2:]]) + f" ({len(chain)} files)"
+
+
+def _read_pattern_file(path: Path) -> str:
+    """The text of a pattern file, refused with its position when it is larger
+    than :data:`MAX_PATTERN_SIZE` bytes (read no further) or not UTF-8 (the
+    line and column of the first bad byte). OSError passes through."""
+    with open(path, "rb") as file:
+        data = file.read(MAX_PATTERN_SIZE + 1)
+    if len(data) > MAX_PATTERN_SIZE:
+        raise PatternError("", f"a pattern file of at most {MAX_PATTERN_SIZE} bytes", "a larger file", source=str(path))
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        # Everything before error.start decoded, so the column counts characters.
+        line_start = data.rfind(b"\n", 0, error.start) + 1
+        column = len(data[line_start : error.start].decode("utf-8")) + 1
+        bad = " ".join(f"0x{byte:02X}" for byte in data[error.start : error.end])
+        raise PatternError(
+            "", "UTF-8 text", f"byte {bad} at offset {error.start} ({error.reason})",
+            source=str(path), line=data.count(b"\n", 0, error.start) + 1, column=column,
+        ) from None
 
 
 # -- dict -> dataclasses ------------------------------------------------------------
@@ -311,11 +395,7 @@ def _section(cls: type, data: Any, path: str) -> Any:
     names = _field_names(cls)
     _check_keys(data, names, path, f"'{path}'")
     kwargs = {k: tuple(v) if k in _LIST_FIELDS and isinstance(v, list) else v for k, v in data.items()}
-    required = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
-    for name in required:
-        if name not in kwargs:
-            raise PatternError(_join(path, name), f"a value for the required key {name!r}", "nothing")
-    try:
+    try:  # a missing required key is the constructor's PatternError too
         return cls(**kwargs)
     except PatternError as error:
         raise _relocate(error, path, cls) from None
@@ -430,9 +510,9 @@ def load_pattern(path: str | os.PathLike[str]) -> Pattern:
                 source=str(path), hint=did_you_mean(Path(name).stem, bundled),
             )
     try:
-        text = candidate.read_text()
-    except (OSError, UnicodeDecodeError) as error:
-        raise PatternError("", "a readable UTF-8 text file", str(error), source=str(path)) from None
+        text = _read_pattern_file(candidate)
+    except OSError as error:
+        raise PatternError("", "a readable pattern file", str(error), source=str(path)) from None
     return loads_pattern(text, str(candidate))
 
 
