@@ -16,6 +16,8 @@ from nsaflex.loader import bundled_patterns, load_pattern
 from nsaflex.spec import Pattern
 
 __all__ = [
+    "FOLDER",
+    "FolderType",
     "LENGTHS",
     "LengthsType",
     "err_console",
@@ -77,6 +79,27 @@ class LengthsType(click.ParamType):
 
 
 LENGTHS = LengthsType()
+
+
+class FolderType(click.Path):
+    """A folder to write into (``--emit DIR``): an existing or new directory,
+    not a file. Refuses, as a usage error, what click's Path lets through to a
+    traceback or to a surprise: a NUL byte (no path can hold one) and the empty
+    string (which would mean the current folder)."""
+
+    def __init__(self) -> None:
+        super().__init__(file_okay=False, dir_okay=True, path_type=Path)
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        text = value if isinstance(value, str) else str(value)
+        if not text:
+            self.fail("expected a folder path; found an empty string", param, ctx)
+        if "\x00" in text:
+            self.fail(f"expected a folder path; found {text!r}, which holds a NUL byte", param, ctx)
+        return super().convert(value, param, ctx)
+
+
+FOLDER = FolderType()
 
 
 def out_console() -> Console:

@@ -20,6 +20,7 @@ from rich.text import Text
 
 from nsaflex.budget import BudgetAnalysis, BudgetFigures, analyse
 from nsaflex.cli.common import (
+    FOLDER,
     LENGTHS,
     format_count,
     format_fraction,
@@ -52,7 +53,7 @@ DEVICES = ("cpu", "cuda")
 @click.option(
     "--emit",
     "emit_dir",
-    type=click.Path(file_okay=False, dir_okay=True, path_type=Path),
+    type=FOLDER,
     default=None,
     metavar="DIR",
     help="Also write a generated Python module for the pattern into DIR.",

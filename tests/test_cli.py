@@ -337,6 +337,16 @@ def test_emit_write_failure_names_the_path(tmp_path: Path) -> None:
     assert_clean_failure(run("compile", "window", "--emit", str(target)), "Invalid value for '--emit'", "cannot write")
 
 
+@pytest.mark.parametrize(("value", "fragment"), [("a\x00b", "which holds a NUL byte"), ("", "found an empty string")])
+def test_emit_folder_values_click_lets_through(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, value: str,
+                                               fragment: str) -> None:
+    """A NUL byte (a ValueError in os.stat) and the empty string (the current
+    folder) are usage errors of --emit."""
+    monkeypatch.chdir(tmp_path)
+    assert_clean_failure(run("compile", "window", "--emit", value), "Invalid value for '--emit'", fragment)
+    assert not list(tmp_path.iterdir())
+
+
 def test_non_utf8_file_is_located(tmp_path: Path) -> None:
     path = tmp_path / "latin1.yaml"
     path.write_bytes(b"name: x\n# caf\xe9\nwindow: {size: 4}\n")
