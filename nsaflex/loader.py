@@ -82,6 +82,7 @@ class _Builder:
 
     Refuses what ``yaml.compose`` accepts but a pattern cannot be: scalars whose
     tag cannot be constructed (``!!int abc``, ``2020-13-45``, ``!foo 1``),
+    tagged mappings and lists (``!!set``, ``!!omap``, ``!!python/object/new:...``),
     text with lone surrogates (``"\\ud800"``: no UTF-8 can print it),
     recursive aliases (``&a [*a]``) and alias bombs (more than
     :data:`MAX_YAML_NODES` nodes once aliases are expanded).
@@ -120,6 +121,13 @@ class _Builder:
             raise self.error(node, path, f"at most {MAX_YAML_NODES} YAML nodes (aliases expanded)", "more")
         self.marks[path] = (node.start_mark.line + 1, node.start_mark.column + 1)
         if isinstance(node, (yaml.MappingNode, yaml.SequenceNode)):
+            plain = yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG if isinstance(node, yaml.MappingNode) else (
+                yaml.resolver.BaseResolver.DEFAULT_SEQUENCE_TAG)
+            if node.tag != plain:
+                # A tagged collection (!!set, !!omap, !!python/object/new:...) would otherwise be
+                # read as a plain one, its tag silently dropped.
+                what = "mapping" if isinstance(node, yaml.MappingNode) else "list"
+                raise self.error(node, path, f"a plain YAML {what} (no tag)", f"the tag {node.tag}")
             if id(node) in self.active:
                 raise self.error(node, path, "no recursive aliases", "an alias to an enclosing node")
             self.active.add(id(node))
