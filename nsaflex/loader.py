@@ -57,12 +57,23 @@ Marks = dict[str, tuple[int, int]]
 # Stated limits on hostile input, each far above any real pattern (the bundled
 # ones are under 2 KB, 200 nodes and one level of extends) and low enough that
 # refusing takes well under a second:
-#: Largest pattern: bytes of a file, characters of a text; checked before parsing.
+# The size limits hold for a pattern and the files it extends together, so
+# that a chain of files each just under them cannot multiply the work.
+#: Largest pattern: bytes of a file, characters of texts; checked before parsing.
 MAX_PATTERN_SIZE = 256 * 1024
 #: Most YAML nodes in a pattern, checked while composing and again with aliases expanded.
 MAX_YAML_NODES = 20_000
 #: Most files in an ``extends`` chain, the extending file included.
 MAX_EXTENDS_CHAIN = 32
+
+
+@dataclasses.dataclass
+class _Allowance:
+    """What is left of the size limits for the rest of an extends chain."""
+
+    characters: int = MAX_PATTERN_SIZE
+    nodes_composed: int = MAX_YAML_NODES
+    nodes_built: int = MAX_YAML_NODES
 
 
 def bundled_patterns() -> dict[str, Path]:
@@ -85,15 +96,16 @@ class _Builder:
     tagged mappings and lists (``!!set``, ``!!omap``, ``!!python/object/new:...``),
     text with lone surrogates (``"\\ud800"``: no UTF-8 can print it),
     recursive aliases (``&a [*a]``) and alias bombs (more than
-    :data:`MAX_YAML_NODES` nodes once aliases are expanded).
+    :data:`MAX_YAML_NODES` nodes once aliases are expanded, in the whole
+    extends chain).
     """
 
-    def __init__(self, marks: Marks, source: str) -> None:
+    def __init__(self, marks: Marks, source: str, allowance: _Allowance) -> None:
         self.marks = marks
         self.source = source
         self.constructor = yaml.constructor.SafeConstructor()
         self.active: set[int] = set()
-        self.count = 0
+        self.allowance = allowance
 
     def error(self, node: yaml.Node, path: str, expected: str, found: str) -> PatternError:
         return PatternError(
@@ -116,9 +128,10 @@ class _Builder:
         return value
 
     def build(self, node: yaml.Node, path: str) -> Any:
-        self.count += 1
-        if self.count > MAX_YAML_NODES:
-            raise self.error(node, path, f"at most {MAX_YAML_NODES} YAML nodes (aliases expanded)", "more")
+        self.allowance.nodes_built -= 1
+        if self.allowance.nodes_built < 0:
+            raise self.error(node, path, f"at most {MAX_YAML_NODES} YAML nodes (aliases expanded, extends included)",
+                             "more")
         self.marks[path] = (node.start_mark.line + 1, node.start_mark.column + 1)
         if isinstance(node, (yaml.MappingNode, yaml.SequenceNode)):
             plain = yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG if isinstance(node, yaml.MappingNode) else (
@@ -161,16 +174,16 @@ class _TooManyNodes(Exception):
 
 
 class _CountingLoader(yaml.SafeLoader):
-    """A SafeLoader that stops composing after :data:`MAX_YAML_NODES` nodes,
+    """A SafeLoader that stops composing once the allowance of nodes is spent,
     before a huge document has been read whole."""
 
-    def __init__(self, stream: str) -> None:
+    def __init__(self, stream: str, allowance: _Allowance) -> None:
         super().__init__(stream)
-        self.nodes_composed = 0
+        self.allowance = allowance
 
     def compose_node(self, parent: yaml.Node | None, index: object) -> yaml.Node:
-        self.nodes_composed += 1
-        if self.nodes_composed > MAX_YAML_NODES:
+        self.allowance.nodes_composed -= 1
+        if self.allowance.nodes_composed < 0:
             raise _TooManyNodes(self.peek_event().start_mark)
         return super().compose_node(parent, index)
 
@@ -181,20 +194,23 @@ def _position_of(text: str, offset: int) -> tuple[int, int]:
     return text.count("\n", 0, offset) + 1, offset - line_start + 1
 
 
-def _compose(text: str, source: str) -> tuple[Any, Marks]:
-    if len(text) > MAX_PATTERN_SIZE:
-        line, column = _position_of(text, MAX_PATTERN_SIZE)
+def _compose(text: str, source: str, allowance: _Allowance) -> tuple[Any, Marks]:
+    if len(text) > allowance.characters:
+        line, column = _position_of(text, allowance.characters)
+        found = f"{len(text)} characters" + (
+            "" if allowance.characters == MAX_PATTERN_SIZE else f" here, {allowance.characters} left by the extending files")
         raise PatternError(
-            "", f"a pattern of at most {MAX_PATTERN_SIZE} characters", f"{len(text)} characters",
+            "", f"a pattern of at most {MAX_PATTERN_SIZE} characters, extends included", found,
             source=source, line=line, column=column,
         )
+    allowance.characters -= len(text)
     loader = None
     try:
-        loader = _CountingLoader(text)  # the reader checks every character here
+        loader = _CountingLoader(text, allowance)  # the reader checks every character here
         node = loader.get_single_node()
     except _TooManyNodes as error:
         raise PatternError(
-            "", f"at most {MAX_YAML_NODES} YAML nodes", "more",
+            "", f"at most {MAX_YAML_NODES} YAML nodes, extends included", "more",
             source=source, line=error.mark.line + 1, column=error.mark.column + 1,
         ) from None
     except (ValueError, OverflowError) as error:
@@ -235,7 +251,7 @@ def _compose(text: str, source: str) -> tuple[Any, Marks]:
     if node is None:
         raise PatternError("", "a mapping of pattern sections", "an empty document", source=source, line=1, column=1)
     try:
-        data = _Builder(marks, source).build(node, "")
+        data = _Builder(marks, source, allowance).build(node, "")
     except RecursionError:
         raise _too_deep(text, source) from None
     return data, marks
@@ -300,13 +316,16 @@ def _resolve_extends_target(target: str, source: str) -> Path:
     )
 
 
-def _load_document(text: str, source: str, chain: tuple[str, ...]) -> tuple[dict[str, Any], Marks, str]:
-    """The merged mapping of a document and its ``extends`` chain.
+def _load_document(
+    text: str, source: str, chain: tuple[str, ...], allowance: _Allowance
+) -> tuple[dict[str, Any], Marks, str]:
+    """The merged mapping of a document and its ``extends`` chain
+    (``allowance``: what the documents already read left of the size limits).
 
     Returns the data, the marks of the *extending* document (errors in
     inherited keys point at the ``extends`` line) and the source name.
     """
-    data, marks = _compose(text, source)
+    data, marks = _compose(text, source, allowance)
     if not isinstance(data, dict):
         line, column = marks.get("", (None, None))
         raise PatternError("", "a mapping of pattern sections", type(data).__name__, source=source, line=line, column=column)
@@ -345,7 +364,7 @@ def _load_document(text: str, source: str, chain: tuple[str, ...]) -> tuple[dict
             "extends", "a readable pattern file", f"{parent_path}: {error}",
             source=source, line=line, column=column,
         ) from None
-    parent, _, _ = _load_document(parent_text, str(parent_path), (*chain, str(parent_path)))
+    parent, _, _ = _load_document(parent_text, str(parent_path), (*chain, str(parent_path)), allowance)
     parent.pop("name", None)  # the child is a new pattern; an unnamed child gets its file's name
     parent.pop("description", None)
     merged = _deep_merge(parent, data)
@@ -493,7 +512,7 @@ def _chain_key(source: str) -> str:
 
 def loads_pattern(text: str, source: str = "<string>") -> Pattern:
     """Parse a pattern from YAML text (``source`` names it in errors)."""
-    data, marks, source = _load_document(text, source, (_chain_key(source),))
+    data, marks, source = _load_document(text, source, (_chain_key(source),), _Allowance())
     default_name = Path(source).stem if not source.startswith("<") else None
     try:
         return pattern_from_dict(data, default_name=default_name)

@@ -450,7 +450,7 @@ def test_alias_bomb_is_refused_quickly() -> None:
     rows = ["a0: &a0 [1, 1, 1, 1, 1, 1, 1, 1, 1]"]
     rows += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 9)]
     error = refuse("name: x\n" + "\n".join(rows) + "\nwindow: {size: 2}\n")
-    assert error.expected == f"at most {MAX_YAML_NODES} YAML nodes (aliases expanded)"
+    assert error.expected == f"at most {MAX_YAML_NODES} YAML nodes (aliases expanded, extends included)"
 
 
 @pytest.mark.parametrize("opener", ["[", "{a: ", "- ", "compact"])
@@ -824,7 +824,7 @@ def _refused_quickly(text: str, seconds: float = 5.0) -> PatternError:
 def test_oversized_text_is_refused_before_parsing() -> None:
     text = "name: x\nwindow: {size: 4}\nmodel:\n" + "".join(f"  k{i}: 1\n" for i in range(200_000))
     error = _refused_quickly(text, seconds=1.0)
-    assert (error.key_path, error.expected) == ("", f"a pattern of at most {MAX_PATTERN_SIZE} characters")
+    assert (error.key_path, error.expected) == ("", f"a pattern of at most {MAX_PATTERN_SIZE} characters, extends included")
     assert error.found == f"{len(text)} characters"
 
 
@@ -845,7 +845,7 @@ def test_too_many_nodes_are_refused_while_composing() -> None:
     text = "name: x\nwindow: {size: 4}\nmodel: {" + ", ".join(f"k{i}: 1" for i in range(rows)) + "}\n"
     assert len(text) <= MAX_PATTERN_SIZE
     error = _refused_quickly(text)
-    assert (error.expected, error.line) == (f"at most {MAX_YAML_NODES} YAML nodes", 3)
+    assert (error.expected, error.line) == (f"at most {MAX_YAML_NODES} YAML nodes, extends included", 3)
 
 
 def test_many_layer_overrides_are_refused_quickly() -> None:
@@ -853,13 +853,40 @@ def test_many_layer_overrides_are_refused_quickly() -> None:
     limits, not validated and planned one by one."""
     text = "name: x\nwindow: {size: 4}\nlayers:\n" + "".join(f"  - {{at: [{i}], dense: true}}\n" for i in range(20_000))
     error = _refused_quickly(text)
-    assert error.expected in (f"a pattern of at most {MAX_PATTERN_SIZE} characters", f"at most {MAX_YAML_NODES} YAML nodes")
+    assert error.expected in (f"a pattern of at most {MAX_PATTERN_SIZE} characters, extends included", f"at most {MAX_YAML_NODES} YAML nodes, extends included")
     # Under those limits, more than MAX_LAYER_OVERRIDES overrides are refused by the pattern itself.
     text = "name: x\nwindow: {size: 4}\nlayers:\n" + "".join(f"- {{at: [{i}], dense: true}}\n"
                                                              for i in range(MAX_LAYER_OVERRIDES + 1))
     error = _refused_quickly(text)
     assert (error.key_path, error.expected, error.found) == (
         "layers", f"at most {MAX_LAYER_OVERRIDES} layer overrides", MAX_LAYER_OVERRIDES + 1)
+
+
+def test_size_limits_hold_for_a_chain_together(tmp_path: Path) -> None:
+    """A chain of files each under the size limits is refused once together
+    they pass them: the limits bound the work of the whole load. Here each
+    file holds 3/8 of the node limit (in a layers list, which is only checked
+    once merged)."""
+    at = ", ".join(str(i) for i in range(3 * MAX_YAML_NODES // 8))
+    for i in range(4):
+        target = f"extends: p{i + 1}.yaml\n" if i < 3 else "window: {size: 4}\n"
+        (tmp_path / f"p{i}.yaml").write_text(f"name: p{i}\n{target}layers:\n  - {{at: [{at}], dense: true}}\n")
+    start = time.perf_counter()
+    with pytest.raises(PatternError) as info:
+        load_pattern(tmp_path / "p0.yaml")
+    assert time.perf_counter() - start < 5.0
+    assert info.value.expected == f"at most {MAX_YAML_NODES} YAML nodes, extends included"
+    assert info.value.source == str(tmp_path / "p2.yaml")
+    # The same file loads on its own.
+    assert len(load_pattern(tmp_path / "p3.yaml").layers) == 1
+    # Characters too: a long description in each file.
+    for i in range(4):
+        target = f"extends: q{i + 1}.yaml\n" if i < 3 else "window: {size: 4}\n"
+        (tmp_path / f"q{i}.yaml").write_text(f"{target}description: {'x' * (MAX_PATTERN_SIZE // 3)}\n")
+    with pytest.raises(PatternError) as info:
+        load_pattern(tmp_path / "q0.yaml")
+    assert info.value.expected == f"a pattern of at most {MAX_PATTERN_SIZE} characters, extends included"
+    assert info.value.source == str(tmp_path / "q2.yaml") and "left by the extending files" in info.value.found
 
 
 def test_layer_override_limit_holds_in_python() -> None:

@@ -11,9 +11,9 @@
   hostile options exits 0 or 2, never with a traceback, and ``--emit`` writes
   only inside its folder.
 
-Examples are bounded (``max_examples``) so the file runs in well under a
-minute on one core; tests/test_dsl_errors.py holds the text-level mutation
-properties and the exact messages.
+Examples are bounded so the file runs in well under a minute on one core
+(``NSAFLEX_FUZZ_EXAMPLES=2000`` runs a longer search); tests/test_dsl_errors.py
+holds the text-level mutation properties and the exact messages.
 """
 
 from __future__ import annotations
@@ -36,7 +36,8 @@ from nsaflex.loader import bundled_patterns
 
 BUNDLED = bundled_patterns()
 BUNDLED_DATA = {name: yaml.safe_load(path.read_text(encoding="utf-8")) for name, path in BUNDLED.items()}
-FUZZ = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+EXAMPLES = int(os.environ.get("NSAFLEX_FUZZ_EXAMPLES", "40"))
+FUZZ = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 _serial = itertools.count()
 
 
@@ -303,7 +304,7 @@ def pattern_args(draw: Any, folder: Path) -> str:
     return str(path)
 
 
-@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(FUZZ, max_examples=max(1, EXAMPLES * 3 // 4))
 @given(st.data())
 def test_cli_compile_exits_0_or_2(tmp_path_factory: pytest.TempPathFactory, data: st.DataObject) -> None:
     """Any PATTERN argument and options: exit 0, or 2 with a message; never a
