@@ -45,11 +45,19 @@ def _describe(value: object) -> str:
     return f"{value!r} ({type(value).__name__})"
 
 
+#: Largest size, count, length or layer index a pattern may give (2**31 - 1).
+#: Larger values describe no real sequence or model and overflow the int64
+#: tensors and 32-bit kernel arguments that positions are computed in.
+MAX_INT = 2**31 - 1
+
+
 def _positive_int(path: str, value: object, *, minimum: int = 1) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise PatternError(path, f"an integer >= {minimum}", _describe(value))
     if value < minimum:
         raise PatternError(path, f"an integer >= {minimum}", value)
+    if value > MAX_INT:
+        raise PatternError(path, f"an integer <= {MAX_INT} (2**31 - 1)", value)
 
 
 def _optional_positive_int(path: str, value: object) -> None:

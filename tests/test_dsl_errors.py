@@ -35,7 +35,7 @@ from nsaflex import (
     pattern_from_dict,
 )
 from nsaflex.loader import MAX_EXTENDS_CHAIN, MAX_PATTERN_SIZE, MAX_YAML_NODES, bundled_patterns, load_pattern
-from nsaflex.spec import BRANCH_ORDER, MAX_LAYER_OVERRIDES, Hybrid, Model
+from nsaflex.spec import BRANCH_ORDER, MAX_INT, MAX_LAYER_OVERRIDES, Hybrid, Model
 
 from strategies import patterns
 
@@ -887,6 +887,33 @@ def test_size_limits_hold_for_a_chain_together(tmp_path: Path) -> None:
         load_pattern(tmp_path / "q0.yaml")
     assert info.value.expected == f"a pattern of at most {MAX_PATTERN_SIZE} characters, extends included"
     assert info.value.source == str(tmp_path / "q2.yaml") and "left by the extending files" in info.value.found
+
+
+@pytest.mark.parametrize(
+    ("text", "key_path"),
+    [
+        ("name: x\nwindow: {size: BIG}\n", "window.size"),
+        ("name: x\ncompression: {block: BIG, stride: 1}\n", "compression.block"),
+        ("name: x\ncompression: {block: 4, stride: 4}\nselection: {block: 4, count: BIG}\n", "selection.count"),
+        ("name: x\nwindow: {size: 4}\nmodel: {head_dim: BIG}\n", "model.head_dim"),
+        ("name: x\nwindow: {size: 4}\nbudget: {max_attended_fraction: 1.0, at_length: BIG}\n", "budget.at_length"),
+        ("name: x\nwindow: {size: 4}\nlayers: [{at: [BIG], dense: true}]\n", "layers[0].at[0]"),
+    ],
+)
+@pytest.mark.parametrize("big", [MAX_INT + 1, 10**30])
+def test_sizes_past_int32_are_refused(text: str, key_path: str, big: int) -> None:
+    """Sizes, counts, lengths and layer indices past 2**31 - 1 describe no real
+    sequence and overflow the tensors positions are computed in (a window of
+    10**30 gave OverflowError from every backend): refused where they stand."""
+    error = refuse(text.replace("BIG", str(big)))
+    assert (error.key_path, error.expected, error.found) == (key_path, f"an integer <= {MAX_INT} (2**31 - 1)", big)
+    loads_pattern(text.replace("BIG", str(MAX_INT)), SOURCE)  # the largest value is a pattern
+
+
+def test_layer_beyond_int32_is_refused_in_for_layer() -> None:
+    with pytest.raises(PatternError) as info:
+        loads_pattern("name: x\nwindow: {size: 4}\n").for_layer(MAX_INT + 1)
+    assert info.value.key_path == "layer"
 
 
 def test_layer_override_limit_holds_in_python() -> None:
