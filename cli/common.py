@@ -112,11 +112,18 @@ def err_console() -> Console:
     return Console(stderr=True, highlight=False, soft_wrap=True)
 
 
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
 def printable(text: object) -> str:
-    """``str(text)`` with lone surrogates written as ``\\udcff`` escapes. A
-    path given on the command line in bytes that are not UTF-8 arrives with
-    such surrogates, which a UTF-8 stream refuses to write."""
-    return str(text).encode("utf-8", "backslashreplace").decode("utf-8")
+    """``str(text)`` safe to print on a terminal: lone surrogates written as
+    ``\\udcff`` and control characters other than newline and tab as
+    ``\\x1b``. A path given in bytes that are not UTF-8 arrives with such
+    surrogates, which a UTF-8 stream refuses to write; a pattern's name,
+    description or keys may hold escape sequences (YAML's ``"\\e[2J"``) that
+    would drive the terminal."""
+    text = str(text).encode("utf-8", "backslashreplace").decode("utf-8")
+    return _CONTROL.sub(lambda match: f"\\x{ord(match.group()):02x}", text)
 
 
 def report_error(error: NsaflexError) -> None:

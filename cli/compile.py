@@ -144,12 +144,12 @@ def command(
 def _header(pattern: Pattern, resolved: Pattern, source: Path, layer: int | None) -> Text:
     text = Text()
     text.append("pattern ", style="bold")
-    text.append(pattern.name, style="bold cyan")
+    text.append(printable(pattern.name), style="bold cyan")
     if layer is not None:
         text.append(f" (layer {layer})", style="bold")
     text.append(f"  {printable(source)}\n", style="dim")
     if pattern.description:
-        text.append(f"  {pattern.description}\n")
+        text.append(f"  {printable(pattern.description)}\n")
     if resolved.dense:
         text.append("  dense causal attention in this layer\n")
     else:

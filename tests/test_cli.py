@@ -374,6 +374,20 @@ def test_undecodable_path_argument_prints(tmp_path: Path) -> None:
     assert "\\udcff.yamldir" in result.output
 
 
+def test_escape_sequences_from_a_pattern_do_not_reach_the_terminal(tmp_path: Path) -> None:
+    """Name, description and keys may hold control characters (YAML's "\\e"):
+    printed as escapes, on success and in errors."""
+    path = _write(tmp_path, 'name: "x\\e[31mRED"\ndescription: "d\\e]0;title\\a\\r"\nwindow: {size: 4}\n')
+    result = run("compile", path)
+    assert result.exit_code == 0, result.output
+    assert "\x1b" not in result.output and "\x07" not in result.output and "\r" not in result.output
+    assert "x\\x1b[31mRED" in result.output and "d\\x1b]0;title\\x07\\x0d" in result.output
+    path = _write(tmp_path, 'name: x\nwindow: {"s\\e[2Jize": 4}\n', "key.yaml")
+    result = run("compile", path)
+    assert_clean_failure(result, "found s\\x1b[2Jize")
+    assert "\x1b" not in result.output
+
+
 def test_real_process_exit_status_and_red_message(tmp_path: Path) -> None:
     """The console entry point: status 2, red (under FORCE_COLOR), no traceback."""
     path = _write(tmp_path, "name: bad\nwindow:\n  size: -1\n")
