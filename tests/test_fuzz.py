@@ -8,8 +8,8 @@
   in the file that holds the problem; a pattern that loads round-trips; no
   YAML tag constructs an object (a tag that would run a command leaves no trace).
 * The command line: ``nsaflex compile`` on such files and bundled names with
-  hostile options exits 0 or 2, never with a traceback, and ``--emit`` writes
-  only inside its folder.
+  hostile options exits 0 or 2, never with a traceback, prints no control
+  character, and ``--emit`` writes only inside its folder.
 
 Examples are bounded so the file runs in well under a minute on one core
 (``NSAFLEX_FUZZ_EXAMPLES=2000`` runs a longer search); tests/test_dsl_errors.py
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -253,6 +254,8 @@ def assert_exit_0_or_2(result: click.testing.Result) -> None:
     assert result.exit_code in (0, 2), (result.exit_code, repr(result.exception), result.output[-2000:])
     assert "Traceback" not in result.output
     assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    # Whatever a hostile file holds, no control character reaches the terminal.
+    assert not re.search(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]", result.output), repr(result.output[-2000:])
     if result.exit_code == 2:
         assert "error:" in result.output or "Error:" in result.output, result.output[-2000:]
 
