@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from nsaflex.errors import PatternError, did_you_mean
+from nsaflex.errors import PatternError, describe_value, did_you_mean
 from nsaflex.spec import (
     BRANCH_ORDER,
     Budget,
@@ -389,6 +389,11 @@ def _read_pattern_file(path: Path) -> str:
         data = file.read(MAX_PATTERN_SIZE + 1)
     if len(data) > MAX_PATTERN_SIZE:
         raise PatternError("", f"a pattern file of at most {MAX_PATTERN_SIZE} bytes", "a larger file", source=str(path))
+    return _decode(data, str(path))
+
+
+def _decode(data: bytes, source: str) -> str:
+    """``data`` as UTF-8, refused at the line and column of the first bad byte."""
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as error:
@@ -398,15 +403,18 @@ def _read_pattern_file(path: Path) -> str:
         bad = " ".join(f"0x{byte:02X}" for byte in data[error.start : error.end])
         raise PatternError(
             "", "UTF-8 text", f"byte {bad} at offset {error.start} ({error.reason})",
-            source=str(path), line=data.count(b"\n", 0, error.start) + 1, column=column,
+            source=source, line=data.count(b"\n", 0, error.start) + 1, column=column,
         ) from None
 
 
 # -- dict -> dataclasses ------------------------------------------------------------
+
 def _check_keys(data: Any, allowed: tuple[str, ...], path: str, what: str) -> None:
     if not isinstance(data, dict):
         raise PatternError(path, f"a mapping ({what})", f"{data!r} ({type(data).__name__})")
     for key in data:
+        if not isinstance(key, str):
+            raise PatternError(path, "string keys", describe_value(key))
         if key not in allowed:
             raise PatternError(
                 _join(path, key), f"a key of {what}: {', '.join(allowed)}", key,
@@ -510,8 +518,15 @@ def _chain_key(source: str) -> str:
         return os.path.abspath(source)
 
 
-def loads_pattern(text: str, source: str = "<string>") -> Pattern:
-    """Parse a pattern from YAML text (``source`` names it in errors)."""
+def loads_pattern(text: str | bytes, source: str = "<string>") -> Pattern:
+    """Parse a pattern from YAML text (``source`` names it in errors); bytes
+    are read as UTF-8."""
+    if not isinstance(source, str):
+        raise PatternError("", "a source name (str) for the pattern text", describe_value(source))
+    if isinstance(text, (bytes, bytearray)):
+        text = _decode(bytes(text), source)
+    if not isinstance(text, str):
+        raise PatternError("", "YAML text (str or bytes)", describe_value(text), source=source)
     data, marks, source = _load_document(text, source, (_chain_key(source),), _Allowance())
     default_name = Path(source).stem if not source.startswith("<") else None
     try:
@@ -525,6 +540,10 @@ def loads_pattern(text: str, source: str = "<string>") -> Pattern:
 
 def load_pattern(path: str | os.PathLike[str]) -> Pattern:
     """Load and validate a pattern file, or a bundled pattern by name (``videonsa``)."""
+    if isinstance(path, bytes):
+        path = os.fsdecode(path)
+    if not isinstance(path, (str, os.PathLike)):
+        raise PatternError("", "a pattern file path or a bundled pattern name", describe_value(path))
     candidate = Path(path)
     if not candidate.is_file():
         bundled = bundled_patterns()

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from nsaflex.errors import InputError
+from nsaflex.errors import InputError, describe_value
 from nsaflex.spec import Compression
 
 #: Largest head dim the pooling MLP is built for. Attention heads in use are
@@ -33,7 +33,7 @@ def check_head_dim(head_dim: object, argument: str = "head_dim") -> int:
     """``head_dim`` if it is an int in ``[1, MAX_HEAD_DIM]`` (not a bool);
     InputError naming ``argument`` otherwise."""
     if isinstance(head_dim, bool) or not isinstance(head_dim, int):
-        raise InputError(argument, f"an int in [1, {MAX_HEAD_DIM}]", f"{head_dim!r} ({type(head_dim).__name__})")
+        raise InputError(argument, f"an int in [1, {MAX_HEAD_DIM}]", describe_value(head_dim))
     if not 1 <= head_dim <= MAX_HEAD_DIM:
         raise InputError(argument, f"an int in [1, {MAX_HEAD_DIM}]", head_dim)
     return head_dim

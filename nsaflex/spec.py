@@ -25,7 +25,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
 
-from nsaflex.errors import PatternError, did_you_mean, one_of
+from nsaflex.errors import PatternError, describe_value, did_you_mean, one_of
 
 BRANCH_ORDER: tuple[str, ...] = ("compression", "selection", "window")
 POOLINGS: tuple[str, ...] = ("mean", "mlp")
@@ -41,10 +41,6 @@ VISION_KEYS: tuple[str, ...] = ("vision", "all")
 MAX_LAYER_OVERRIDES = 1024
 
 
-def _describe(value: object) -> str:
-    return f"{value!r} ({type(value).__name__})"
-
-
 #: Largest size, count, length or layer index a pattern may give (2**31 - 1).
 #: Larger values describe no real sequence or model and overflow the int64
 #: tensors and 32-bit kernel arguments that positions are computed in.
@@ -53,7 +49,7 @@ MAX_INT = 2**31 - 1
 
 def _positive_int(path: str, value: object, *, minimum: int = 1) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise PatternError(path, f"an integer >= {minimum}", _describe(value))
+        raise PatternError(path, f"an integer >= {minimum}", describe_value(value))
     if value < minimum:
         raise PatternError(path, f"an integer >= {minimum}", value)
     if value > MAX_INT:
@@ -67,18 +63,18 @@ def _optional_positive_int(path: str, value: object) -> None:
 
 def _real(path: str, value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise PatternError(path, "a finite number", _describe(value))
+        raise PatternError(path, "a finite number", describe_value(value))
     try:
         finite = math.isfinite(value)
     except OverflowError:  # an int too large for a float
         finite = False
     if not finite:
-        raise PatternError(path, "a finite number", _describe(value))
+        raise PatternError(path, "a finite number", describe_value(value))
 
 
 def _choice(path: str, value: object, choices: tuple[str, ...]) -> None:
     if not isinstance(value, str) or value not in choices:
-        raise PatternError(path, one_of(choices), _describe(value))
+        raise PatternError(path, one_of(choices), describe_value(value))
 
 
 def _utf8_text(path: str, value: str, what: str) -> None:
@@ -96,7 +92,7 @@ def _utf8_text(path: str, value: str, what: str) -> None:
 
 def _string_tuple(path: str, value: object, choices: tuple[str, ...]) -> None:
     if not isinstance(value, tuple):
-        raise PatternError(path, f"a list of {one_of(choices)}", _describe(value))
+        raise PatternError(path, f"a list of {one_of(choices)}", describe_value(value))
     for index, item in enumerate(value):
         _choice(f"{path}[{index}]", item, choices)
     if len(set(value)) != len(value):
@@ -424,18 +420,18 @@ class LayerOverride(_Section):
             if isinstance(getattr(self, name), list):
                 object.__setattr__(self, name, tuple(getattr(self, name)))
         if not isinstance(self.at, tuple) or not self.at:
-            raise PatternError("at", "a non-empty list of layer indices", _describe(self.at))
+            raise PatternError("at", "a non-empty list of layer indices", describe_value(self.at))
         for index, layer in enumerate(self.at):
             _positive_int(f"at[{index}]", layer, minimum=0)
         if len(set(self.at)) != len(self.at):
             raise PatternError("at", "no repeated layer indices", list(self.at))
         if not isinstance(self.dense, bool):
-            raise PatternError("dense", "true or false", _describe(self.dense))
+            raise PatternError("dense", "true or false", describe_value(self.dense))
         _string_tuple("remove", self.remove, BRANCH_ORDER)
         for name, cls in (("compression", Compression), ("selection", Selection), ("window", Window)):
             value = getattr(self, name)
             if value is not None and not isinstance(value, cls):
-                raise PatternError(name, f"a {cls.__name__} section", _describe(value))
+                raise PatternError(name, f"a {cls.__name__} section", describe_value(value))
             if value is not None and name in self.remove:
                 raise PatternError("remove", f"not to remove {name!r}, which this override also sets", list(self.remove))
         changes = self.remove or any(getattr(self, n) is not None for n in BRANCH_ORDER)
@@ -473,17 +469,17 @@ class Pattern(_Section):
         if isinstance(self.layers, list):
             object.__setattr__(self, "layers", tuple(self.layers))
         if not isinstance(self.layers, tuple):
-            raise PatternError("layers", "a list of LayerOverride", _describe(self.layers))
+            raise PatternError("layers", "a list of LayerOverride", describe_value(self.layers))
         if len(self.layers) > MAX_LAYER_OVERRIDES:
             raise PatternError("layers", f"at most {MAX_LAYER_OVERRIDES} layer overrides", len(self.layers))
         if not isinstance(self.name, str) or not self.name:
-            raise PatternError("name", "a non-empty string", _describe(self.name))
+            raise PatternError("name", "a non-empty string", describe_value(self.name))
         _utf8_text("name", self.name, "a name")
         if not isinstance(self.description, str):
-            raise PatternError("description", "a string", _describe(self.description))
+            raise PatternError("description", "a string", describe_value(self.description))
         _utf8_text("description", self.description, "a description")
         if not isinstance(self.dense, bool):
-            raise PatternError("dense", "true or false", _describe(self.dense))
+            raise PatternError("dense", "true or false", describe_value(self.dense))
         for name, cls in (
             ("compression", Compression),
             ("selection", Selection),
@@ -493,10 +489,10 @@ class Pattern(_Section):
         ):
             value = getattr(self, name)
             if value is not None and not isinstance(value, cls):
-                raise PatternError(name, f"a {cls.__name__} section or nothing", _describe(value))
+                raise PatternError(name, f"a {cls.__name__} section or nothing", describe_value(value))
         for name, cls in (("gate", Gate), ("model", Model)):
             if not isinstance(getattr(self, name), cls):
-                raise PatternError(name, f"a {cls.__name__} section", _describe(getattr(self, name)))
+                raise PatternError(name, f"a {cls.__name__} section", describe_value(getattr(self, name)))
         self._check_branches()
         self._check_layers()
         self._check_budget()
@@ -529,7 +525,7 @@ class Pattern(_Section):
         seen: dict[int, int] = {}
         for position, override in enumerate(self.layers):
             if not isinstance(override, LayerOverride):
-                raise PatternError(f"layers[{position}]", "a LayerOverride", _describe(override))
+                raise PatternError(f"layers[{position}]", "a LayerOverride", describe_value(override))
             for layer in override.at:
                 if layer in seen:
                     raise PatternError(

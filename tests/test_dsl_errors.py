@@ -916,6 +916,31 @@ def test_layer_beyond_int32_is_refused_in_for_layer() -> None:
     assert info.value.key_path == "layer"
 
 
+@pytest.mark.parametrize(
+    ("call", "expected"),
+    [
+        (lambda: loads_pattern(None), "YAML text (str or bytes)"),  # type: ignore[arg-type]
+        (lambda: loads_pattern(123), "YAML text (str or bytes)"),  # type: ignore[arg-type]
+        (lambda: loads_pattern("name: x\n", source=3), "a source name (str) for the pattern text"),  # type: ignore[arg-type]
+        (lambda: loads_pattern(b"name: x\n\xff"), "UTF-8 text"),
+        (lambda: load_pattern(None), "a pattern file path or a bundled pattern name"),  # type: ignore[arg-type]
+        (lambda: load_pattern(123), "a pattern file path or a bundled pattern name"),  # type: ignore[arg-type]
+        (lambda: pattern_from_dict({"name": "x", "window": {"size": 4}, 3: 1}), "string keys"),
+        (lambda: pattern_from_dict({"name": "x", "window": {None: 4}}), "string keys"),
+    ],
+)
+def test_python_api_arguments_of_any_type(call: Any, expected: str) -> None:
+    """The loading functions take any argument without a TypeError from inside."""
+    with pytest.raises(PatternError) as info:
+        call()
+    assert info.value.expected == expected
+
+
+def test_bytes_are_read_as_utf8() -> None:
+    assert loads_pattern("name: \u00e9\nwindow: {size: 4}\n".encode()).name == "\u00e9"
+    assert load_pattern(b"window") == load_pattern("window")
+
+
 def test_layer_override_limit_holds_in_python() -> None:
     overrides = tuple(LayerOverride(at=(i,), dense=True) for i in range(MAX_LAYER_OVERRIDES + 1))
     with pytest.raises(PatternError) as info:
