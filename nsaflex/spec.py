@@ -126,7 +126,7 @@ def _checked_call(cls: _SectionType) -> _SectionType:
 
 
 def _call_error(cls: type, signature: inspect.Signature, args: tuple, kwargs: dict[str, Any]) -> PatternError:
-    fields = [p for p in signature.parameters.values()][1:]  # after self
+    fields = list(signature.parameters.values())[1:]  # after self
     names = [p.name for p in fields]
     section = getattr(cls, "SECTION", "")
 
