@@ -16,6 +16,8 @@ from nsaflex.loader import bundled_patterns, load_pattern
 from nsaflex.spec import Pattern
 
 __all__ = [
+    "FOLDER",
+    "FolderType",
     "LENGTHS",
     "LengthsType",
     "err_console",
@@ -27,6 +29,7 @@ __all__ = [
     "out_console",
     "parse_length",
     "parse_lengths",
+    "printable",
     "report_error",
 ]
 
@@ -78,6 +81,27 @@ class LengthsType(click.ParamType):
 LENGTHS = LengthsType()
 
 
+class FolderType(click.Path):
+    """A folder to write into (``--emit DIR``): an existing or new directory,
+    not a file. Refuses, as a usage error, what click's Path lets through to a
+    traceback or to a surprise: a NUL byte (no path can hold one) and the empty
+    string (which would mean the current folder)."""
+
+    def __init__(self) -> None:
+        super().__init__(file_okay=False, dir_okay=True, path_type=Path)
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        text = value if isinstance(value, str) else str(value)
+        if not text:
+            self.fail("expected a folder path; found an empty string", param, ctx)
+        if "\x00" in text:
+            self.fail(f"expected a folder path; found {text!r}, which holds a NUL byte", param, ctx)
+        return super().convert(value, param, ctx)
+
+
+FOLDER = FolderType()
+
+
 def out_console() -> Console:
     """Rich console on the current stdout (looked up at call time: click's test
     runner swaps the streams)."""
@@ -88,11 +112,25 @@ def err_console() -> Console:
     return Console(stderr=True, highlight=False, soft_wrap=True)
 
 
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def printable(text: object) -> str:
+    """``str(text)`` safe to print on a terminal: lone surrogates written as
+    ``\\udcff`` and control characters other than newline and tab as
+    ``\\x1b``. A path given in bytes that are not UTF-8 arrives with such
+    surrogates, which a UTF-8 stream refuses to write; a pattern's name,
+    description or keys may hold escape sequences (YAML's ``"\\e[2J"``) that
+    would drive the terminal."""
+    text = str(text).encode("utf-8", "backslashreplace").decode("utf-8")
+    return _CONTROL.sub(lambda match: f"\\x{ord(match.group()):02x}", text)
+
+
 def report_error(error: NsaflexError) -> None:
     """Print an nsaflex error in red, without a traceback. For a
     :class:`~nsaflex.errors.PatternError` the message carries
     ``file:line:column: key.path: expected ..., found ...``."""
-    err_console().print(f"[bold red]error:[/] [red]{escape(str(error))}[/]")
+    err_console().print(f"[bold red]error:[/] [red]{escape(printable(error))}[/]")
 
 
 def load_pattern_arg(value: str) -> tuple[Pattern, Path]:

@@ -20,6 +20,7 @@ from rich.text import Text
 
 from nsaflex.budget import BudgetAnalysis, BudgetFigures, analyse
 from nsaflex.cli.common import (
+    FOLDER,
     LENGTHS,
     format_count,
     format_fraction,
@@ -27,8 +28,10 @@ from nsaflex.cli.common import (
     format_quantity,
     load_pattern_arg,
     out_console,
+    printable,
 )
 from nsaflex.codegen import DEFAULT_LENGTHS, emit_module
+from nsaflex.errors import PatternError
 from nsaflex.spec import Pattern
 
 BACKENDS = ("auto", "reference", "flex", "triton")
@@ -50,7 +53,7 @@ DEVICES = ("cpu", "cuda")
 @click.option(
     "--emit",
     "emit_dir",
-    type=click.Path(file_okay=False, dir_okay=True, path_type=Path),
+    type=FOLDER,
     default=None,
     metavar="DIR",
     help="Also write a generated Python module for the pattern into DIR.",
@@ -98,8 +101,12 @@ def command(
             emitted = emit_module(
                 pattern, emit_dir, backend=backend, device=device, layer=layer, lengths=lengths, plan=plan, command_args=args
             )
+        except PatternError as error:
+            raise error.located(str(source), None, None) from None
         except OSError as error:
-            raise click.FileError(str(emit_dir), hint=error.strerror or str(error)) from None
+            # Name the path that failed (the folder, or the file in it), and exit 2 as for any bad argument.
+            where = error.filename if error.filename is not None else emit_dir
+            raise click.BadParameter(f"cannot write {where}: {error.strerror or error}", param_hint="'--emit'") from None
 
     if as_json:
         payload = {
@@ -128,7 +135,7 @@ def command(
     for line in analysis.describe():
         console.print(Text(f"  {line}", style="dim"))
     if emitted is not None:
-        console.print(Text.assemble(("wrote ", "green"), str(emitted)))
+        console.print(Text.assemble(("wrote ", "green"), printable(emitted)))
 
 
 # --- rendering ------------------------------------------------------------------------------------
@@ -137,12 +144,12 @@ def command(
 def _header(pattern: Pattern, resolved: Pattern, source: Path, layer: int | None) -> Text:
     text = Text()
     text.append("pattern ", style="bold")
-    text.append(pattern.name, style="bold cyan")
+    text.append(printable(pattern.name), style="bold cyan")
     if layer is not None:
         text.append(f" (layer {layer})", style="bold")
-    text.append(f"  {source}\n", style="dim")
+    text.append(f"  {printable(source)}\n", style="dim")
     if pattern.description:
-        text.append(f"  {pattern.description}\n")
+        text.append(f"  {printable(pattern.description)}\n")
     if resolved.dense:
         text.append("  dense causal attention in this layer\n")
     else:

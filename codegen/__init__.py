@@ -19,18 +19,26 @@ import keyword
 import pprint
 import re
 import string
+import sys
 from collections.abc import Iterable
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from nsaflex.errors import PatternError
 from nsaflex.loader import dump_pattern
 from nsaflex.spec import Pattern
 
-__all__ = ["DEFAULT_LENGTHS", "emit_module", "module_name", "render_module", "template"]
+__all__ = ["DEFAULT_LENGTHS", "MAX_MODULE_NAME", "REQUIRED_MODULES", "emit_module", "module_name", "render_module", "template"]
 
 TEMPLATE_NAME = "module.py.tmpl"
 DEFAULT_LENGTHS: tuple[int, ...] = (8192, 32768, 131072)
+#: Longest module name :func:`emit_module` writes (file names stop at 255 bytes).
+MAX_MODULE_NAME = 100
+#: Top-level modules an emitted file must not be named after: from its folder
+#: it would be imported in their place (the module itself imports nsaflex,
+#: which imports these).
+REQUIRED_MODULES = frozenset({"nsaflex", "torch", "triton", "sympy", "transformers", "rich", "click", "yaml"})
 
 
 def template(name: str = TEMPLATE_NAME) -> string.Template:
@@ -46,6 +54,24 @@ def module_name(pattern: Pattern, layer: int | None = None) -> str:
         name = f"nsa_{name}"
     if layer is not None:
         name += f"_layer{layer}"
+    return name
+
+
+def _emitted_module_name(pattern: Pattern, layer: int | None) -> str:
+    """:func:`module_name`, refused (PatternError on ``name``) when too long for
+    a file name or when the file would shadow a module it needs."""
+    name = module_name(pattern, layer)
+    if len(name) > MAX_MODULE_NAME:
+        raise PatternError(
+            "name", f"a name giving a module name of at most {MAX_MODULE_NAME} characters (for --emit)",
+            f"{len(name)} characters: {name[:40]}...",
+        )
+    if name in REQUIRED_MODULES or name in sys.stdlib_module_names:
+        owner = "nsaflex needs" if name in REQUIRED_MODULES else "of the standard library"
+        raise PatternError(
+            "name", f"a name whose module {name}.py does not shadow the module {name!r} {owner} (rename the pattern)",
+            pattern.name,
+        )
     return name
 
 
@@ -155,12 +181,16 @@ def emit_module(
     plan: Any = None,
     command_args: str = "",
 ) -> Path:
-    """Write the generated module into ``directory`` (created if missing); its path."""
+    """Write the generated module into ``directory`` (created if missing); its path.
+
+    Raises PatternError when the pattern's name gives no usable module name
+    (see :func:`_emitted_module_name`); nothing is written then.
+    """
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / f"{module_name(pattern, layer)}.py"
+    path = directory / f"{_emitted_module_name(pattern, layer)}.py"
     source = render_module(
         pattern, backend=backend, device=device, layer=layer, lengths=lengths, plan=plan, command_args=command_args
     )
+    directory.mkdir(parents=True, exist_ok=True)
     path.write_text(source, encoding="utf-8")
     return path

@@ -104,6 +104,11 @@ def did_you_mean(word: str, choices: Iterable[str]) -> str | None:
     return f"did you mean {matches[0]!r}?" if matches else None
 
 
+def describe_value(value: object) -> str:
+    """A found value for a message, with its type: ``'16' (str)``."""
+    return f"{value!r} ({type(value).__name__})"
+
+
 def one_of(choices: Sequence[str]) -> str:
     """'one of a, b, c' for an expected-value text."""
     return "one of " + ", ".join(repr(c) for c in choices)

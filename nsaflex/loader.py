@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from nsaflex.errors import PatternError, did_you_mean
+from nsaflex.errors import PatternError, describe_value, did_you_mean
 from nsaflex.spec import (
     BRANCH_ORDER,
     Budget,
@@ -54,6 +54,27 @@ _LIST_FIELDS = {"forced", "values", "at", "remove"}
 
 Marks = dict[str, tuple[int, int]]
 
+# Stated limits on hostile input, each far above any real pattern (the bundled
+# ones are under 2 KB, 200 nodes and one level of extends) and low enough that
+# refusing takes well under a second:
+# The size limits hold for a pattern and the files it extends together, so
+# that a chain of files each just under them cannot multiply the work.
+#: Largest pattern: bytes of a file, characters of texts; checked before parsing.
+MAX_PATTERN_SIZE = 256 * 1024
+#: Most YAML nodes in a pattern, checked while composing and again with aliases expanded.
+MAX_YAML_NODES = 20_000
+#: Most files in an ``extends`` chain, the extending file included.
+MAX_EXTENDS_CHAIN = 32
+
+
+@dataclasses.dataclass
+class _Allowance:
+    """What is left of the size limits for the rest of an extends chain."""
+
+    characters: int = MAX_PATTERN_SIZE
+    nodes_composed: int = MAX_YAML_NODES
+    nodes_built: int = MAX_YAML_NODES
+
 
 def bundled_patterns() -> dict[str, Path]:
     """Bundled pattern names (file stem) and their paths."""
@@ -72,16 +93,19 @@ class _Builder:
 
     Refuses what ``yaml.compose`` accepts but a pattern cannot be: scalars whose
     tag cannot be constructed (``!!int abc``, ``2020-13-45``, ``!foo 1``),
+    tagged mappings and lists (``!!set``, ``!!omap``, ``!!python/object/new:...``),
+    text with lone surrogates (``"\\ud800"``: no UTF-8 can print it),
     recursive aliases (``&a [*a]``) and alias bombs (more than
-    :data:`_MAX_NODES` nodes once aliases are expanded).
+    :data:`MAX_YAML_NODES` nodes once aliases are expanded, in the whole
+    extends chain).
     """
 
-    def __init__(self, marks: Marks, source: str) -> None:
+    def __init__(self, marks: Marks, source: str, allowance: _Allowance) -> None:
         self.marks = marks
         self.source = source
         self.constructor = yaml.constructor.SafeConstructor()
         self.active: set[int] = set()
-        self.count = 0
+        self.allowance = allowance
 
     def error(self, node: yaml.Node, path: str, expected: str, found: str) -> PatternError:
         return PatternError(
@@ -91,17 +115,32 @@ class _Builder:
 
     def scalar(self, node: yaml.Node, path: str) -> Any:
         try:
-            return self.constructor.construct_object(node, deep=True)
+            value = self.constructor.construct_object(node, deep=True)
         except Exception as error:  # ConstructorError, or ValueError/KeyError of a bad tagged scalar
             problem = getattr(error, "problem", None) or str(error) or type(error).__name__
             raise self.error(node, path, f"a valid YAML scalar ({node.tag})", str(problem).strip()) from None
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as error:
+                found = f"{value!r} (U+{ord(value[error.start]):04X} at index {error.start})"
+                raise self.error(node, path, "text without lone surrogates (text UTF-8 can encode)", found) from None
+        return value
 
     def build(self, node: yaml.Node, path: str) -> Any:
-        self.count += 1
-        if self.count > _MAX_NODES:
-            raise self.error(node, path, f"at most {_MAX_NODES} YAML nodes (aliases expanded)", "more")
+        self.allowance.nodes_built -= 1
+        if self.allowance.nodes_built < 0:
+            raise self.error(node, path, f"at most {MAX_YAML_NODES} YAML nodes (aliases expanded, extends included)",
+                             "more")
         self.marks[path] = (node.start_mark.line + 1, node.start_mark.column + 1)
         if isinstance(node, (yaml.MappingNode, yaml.SequenceNode)):
+            plain = yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG if isinstance(node, yaml.MappingNode) else (
+                yaml.resolver.BaseResolver.DEFAULT_SEQUENCE_TAG)
+            if node.tag != plain:
+                # A tagged collection (!!set, !!omap, !!python/object/new:...) would otherwise be
+                # read as a plain one, its tag silently dropped.
+                what = "mapping" if isinstance(node, yaml.MappingNode) else "list"
+                raise self.error(node, path, f"a plain YAML {what} (no tag)", f"the tag {node.tag}")
             if id(node) in self.active:
                 raise self.error(node, path, "no recursive aliases", "an alias to an enclosing node")
             self.active.add(id(node))
@@ -128,14 +167,52 @@ class _Builder:
         return out
 
 
-_MAX_NODES = 100_000
+class _TooManyNodes(Exception):
+    def __init__(self, mark: yaml.Mark) -> None:
+        super().__init__(mark)
+        self.mark = mark
 
 
-def _compose(text: str, source: str) -> tuple[Any, Marks]:
+class _CountingLoader(yaml.SafeLoader):
+    """A SafeLoader that stops composing once the allowance of nodes is spent,
+    before a huge document has been read whole."""
+
+    def __init__(self, stream: str, allowance: _Allowance) -> None:
+        super().__init__(stream)
+        self.allowance = allowance
+
+    def compose_node(self, parent: yaml.Node | None, index: object) -> yaml.Node:
+        self.allowance.nodes_composed -= 1
+        if self.allowance.nodes_composed < 0:
+            raise _TooManyNodes(self.peek_event().start_mark)
+        return super().compose_node(parent, index)
+
+
+def _position_of(text: str, offset: int) -> tuple[int, int]:
+    """1-based line and column of character ``offset`` of ``text``."""
+    line_start = text.rfind("\n", 0, offset) + 1
+    return text.count("\n", 0, offset) + 1, offset - line_start + 1
+
+
+def _compose(text: str, source: str, allowance: _Allowance) -> tuple[Any, Marks]:
+    if len(text) > allowance.characters:
+        line, column = _position_of(text, allowance.characters)
+        found = f"{len(text)} characters" + (
+            "" if allowance.characters == MAX_PATTERN_SIZE else f" here, {allowance.characters} left by the extending files")
+        raise PatternError(
+            "", f"a pattern of at most {MAX_PATTERN_SIZE} characters, extends included", found,
+            source=source, line=line, column=column,
+        )
+    allowance.characters -= len(text)
     loader = None
     try:
-        loader = yaml.SafeLoader(text)  # the reader checks every character here
+        loader = _CountingLoader(text, allowance)  # the reader checks every character here
         node = loader.get_single_node()
+    except _TooManyNodes as error:
+        raise PatternError(
+            "", f"at most {MAX_YAML_NODES} YAML nodes, extends included", "more",
+            source=source, line=error.mark.line + 1, column=error.mark.column + 1,
+        ) from None
     except (ValueError, OverflowError) as error:
         # The scanner lets a few of these out, e.g. chr() of an escape
         # beyond U+10FFFF in a double-quoted scalar ("\U00110000").
@@ -157,9 +234,7 @@ def _compose(text: str, source: str) -> tuple[Any, Marks]:
         ) from None
     except yaml.reader.ReaderError as error:
         # A character YAML does not allow; the reader gives its offset only.
-        before = text[: error.position]
-        line = before.count("\n") + 1
-        column = error.position - (before.rfind("\n") + 1) + 1
+        line, column = _position_of(text, error.position)
         char = error.character
         found = f"character U+{char:04X}" if isinstance(char, int) else f"character {char!r}"
         raise PatternError(
@@ -176,7 +251,7 @@ def _compose(text: str, source: str) -> tuple[Any, Marks]:
     if node is None:
         raise PatternError("", "a mapping of pattern sections", "an empty document", source=source, line=1, column=1)
     try:
-        data = _Builder(marks, source).build(node, "")
+        data = _Builder(marks, source, allowance).build(node, "")
     except RecursionError:
         raise _too_deep(text, source) from None
     return data, marks
@@ -241,13 +316,16 @@ def _resolve_extends_target(target: str, source: str) -> Path:
     )
 
 
-def _load_document(text: str, source: str, chain: tuple[str, ...]) -> tuple[dict[str, Any], Marks, str]:
-    """The merged mapping of a document and its ``extends`` chain.
+def _load_document(
+    text: str, source: str, chain: tuple[str, ...], allowance: _Allowance
+) -> tuple[dict[str, Any], Marks, str]:
+    """The merged mapping of a document and its ``extends`` chain
+    (``allowance``: what the documents already read left of the size limits).
 
     Returns the data, the marks of the *extending* document (errors in
     inherited keys point at the ``extends`` line) and the source name.
     """
-    data, marks = _compose(text, source)
+    data, marks = _compose(text, source, allowance)
     if not isinstance(data, dict):
         line, column = marks.get("", (None, None))
         raise PatternError("", "a mapping of pattern sections", type(data).__name__, source=source, line=line, column=column)
@@ -274,14 +352,19 @@ def _load_document(text: str, source: str, chain: tuple[str, ...]) -> tuple[dict
             "extends", "no cycle of extends", " -> ".join([*chain, str(parent_path)]),
             source=source, line=line, column=column,
         )
-    try:
-        parent_text = parent_path.read_text()
-    except (OSError, UnicodeDecodeError) as error:
+    if len(chain) >= MAX_EXTENDS_CHAIN:
         raise PatternError(
-            "extends", "a readable UTF-8 pattern file", f"{parent_path}: {error}",
+            "extends", f"a chain of at most {MAX_EXTENDS_CHAIN} files", _chain_text([*chain, str(parent_path)]),
+            source=source, line=line, column=column,
+        )
+    try:
+        parent_text = _read_pattern_file(parent_path)
+    except OSError as error:
+        raise PatternError(
+            "extends", "a readable pattern file", f"{parent_path}: {error}",
             source=source, line=line, column=column,
         ) from None
-    parent, _, _ = _load_document(parent_text, str(parent_path), (*chain, str(parent_path)))
+    parent, _, _ = _load_document(parent_text, str(parent_path), (*chain, str(parent_path)), allowance)
     parent.pop("name", None)  # the child is a new pattern; an unnamed child gets its file's name
     parent.pop("description", None)
     merged = _deep_merge(parent, data)
@@ -291,11 +374,47 @@ def _load_document(text: str, source: str, chain: tuple[str, ...]) -> tuple[dict
     return merged, marks, source
 
 
+def _chain_text(chain: list[str]) -> str:
+    """An extends chain for a message, its middle left out when long."""
+    if len(chain) <= 6:
+        return " -> ".join(chain)
+    return " -> ".join([*chain[:3], f"... ({len(chain) - 5} more)", *chain[-2:]]) + f" ({len(chain)} files)"
+
+
+def _read_pattern_file(path: Path) -> str:
+    """The text of a pattern file, refused with its position when it is larger
+    than :data:`MAX_PATTERN_SIZE` bytes (read no further) or not UTF-8 (the
+    line and column of the first bad byte). OSError passes through."""
+    with open(path, "rb") as file:
+        data = file.read(MAX_PATTERN_SIZE + 1)
+    if len(data) > MAX_PATTERN_SIZE:
+        raise PatternError("", f"a pattern file of at most {MAX_PATTERN_SIZE} bytes", "a larger file", source=str(path))
+    return _decode(data, str(path))
+
+
+def _decode(data: bytes, source: str) -> str:
+    """``data`` as UTF-8, refused at the line and column of the first bad byte."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        # Everything before error.start decoded, so the column counts characters.
+        line_start = data.rfind(b"\n", 0, error.start) + 1
+        column = len(data[line_start : error.start].decode("utf-8")) + 1
+        bad = " ".join(f"0x{byte:02X}" for byte in data[error.start : error.end])
+        raise PatternError(
+            "", "UTF-8 text", f"byte {bad} at offset {error.start} ({error.reason})",
+            source=source, line=data.count(b"\n", 0, error.start) + 1, column=column,
+        ) from None
+
+
 # -- dict -> dataclasses ------------------------------------------------------------
+
 def _check_keys(data: Any, allowed: tuple[str, ...], path: str, what: str) -> None:
     if not isinstance(data, dict):
         raise PatternError(path, f"a mapping ({what})", f"{data!r} ({type(data).__name__})")
     for key in data:
+        if not isinstance(key, str):
+            raise PatternError(path, "string keys", describe_value(key))
         if key not in allowed:
             raise PatternError(
                 _join(path, key), f"a key of {what}: {', '.join(allowed)}", key,
@@ -311,11 +430,7 @@ def _section(cls: type, data: Any, path: str) -> Any:
     names = _field_names(cls)
     _check_keys(data, names, path, f"'{path}'")
     kwargs = {k: tuple(v) if k in _LIST_FIELDS and isinstance(v, list) else v for k, v in data.items()}
-    required = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
-    for name in required:
-        if name not in kwargs:
-            raise PatternError(_join(path, name), f"a value for the required key {name!r}", "nothing")
-    try:
+    try:  # a missing required key is the constructor's PatternError too
         return cls(**kwargs)
     except PatternError as error:
         raise _relocate(error, path, cls) from None
@@ -403,9 +518,16 @@ def _chain_key(source: str) -> str:
         return os.path.abspath(source)
 
 
-def loads_pattern(text: str, source: str = "<string>") -> Pattern:
-    """Parse a pattern from YAML text (``source`` names it in errors)."""
-    data, marks, source = _load_document(text, source, (_chain_key(source),))
+def loads_pattern(text: str | bytes, source: str = "<string>") -> Pattern:
+    """Parse a pattern from YAML text (``source`` names it in errors); bytes
+    are read as UTF-8."""
+    if not isinstance(source, str):
+        raise PatternError("", "a source name (str) for the pattern text", describe_value(source))
+    if isinstance(text, (bytes, bytearray)):
+        text = _decode(bytes(text), source)
+    if not isinstance(text, str):
+        raise PatternError("", "YAML text (str or bytes)", describe_value(text), source=source)
+    data, marks, source = _load_document(text, source, (_chain_key(source),), _Allowance())
     default_name = Path(source).stem if not source.startswith("<") else None
     try:
         return pattern_from_dict(data, default_name=default_name)
@@ -418,6 +540,10 @@ def loads_pattern(text: str, source: str = "<string>") -> Pattern:
 
 def load_pattern(path: str | os.PathLike[str]) -> Pattern:
     """Load and validate a pattern file, or a bundled pattern by name (``videonsa``)."""
+    if isinstance(path, bytes):
+        path = os.fsdecode(path)
+    if not isinstance(path, (str, os.PathLike)):
+        raise PatternError("", "a pattern file path or a bundled pattern name", describe_value(path))
     candidate = Path(path)
     if not candidate.is_file():
         bundled = bundled_patterns()
@@ -430,9 +556,9 @@ def load_pattern(path: str | os.PathLike[str]) -> Pattern:
                 source=str(path), hint=did_you_mean(Path(name).stem, bundled),
             )
     try:
-        text = candidate.read_text()
-    except (OSError, UnicodeDecodeError) as error:
-        raise PatternError("", "a readable UTF-8 text file", str(error), source=str(path)) from None
+        text = _read_pattern_file(candidate)
+    except OSError as error:
+        raise PatternError("", "a readable pattern file", str(error), source=str(path)) from None
     return loads_pattern(text, str(candidate))
 
 

@@ -97,7 +97,7 @@ def make_plan(pattern: Pattern, backend: str = "auto", device: str | None = None
               deterministic: bool = True) -> Plan:
     """Lower ``pattern`` (resolved for ``layer`` when given) for ``device``
     (``deterministic``: see :class:`Plan`)."""
-    if backend != "auto" and backend not in REGISTRY:
+    if not isinstance(backend, str) or (backend != "auto" and backend not in REGISTRY):
         get_backend(backend)  # raises with a did-you-mean
     device = _normalise_device(device)
     resolved = pattern.for_layer(layer) if layer is not None else pattern

@@ -18,7 +18,25 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from nsaflex.errors import InputError, describe_value
 from nsaflex.spec import Compression
+
+#: Largest head dim the pooling MLP is built for. Attention heads in use are
+#: 64 to 256 wide; the bound refuses a typo before it allocates
+#: ``block * head_dim * hidden`` weights.
+MAX_HEAD_DIM = 1024
+#: Most weights one pooling MLP (keys or values) may hold: 2**28, 1 GiB in fp32.
+MAX_POOLING_WEIGHTS = 2**28
+
+
+def check_head_dim(head_dim: object, argument: str = "head_dim") -> int:
+    """``head_dim`` if it is an int in ``[1, MAX_HEAD_DIM]`` (not a bool);
+    InputError naming ``argument`` otherwise."""
+    if isinstance(head_dim, bool) or not isinstance(head_dim, int):
+        raise InputError(argument, f"an int in [1, {MAX_HEAD_DIM}]", describe_value(head_dim))
+    if not 1 <= head_dim <= MAX_HEAD_DIM:
+        raise InputError(argument, f"an int in [1, {MAX_HEAD_DIM}]", head_dim)
+    return head_dim
 
 
 def block_windows(x: torch.Tensor, block: int, stride: int) -> torch.Tensor:
@@ -59,12 +77,21 @@ class MLPPooling(nn.Module):
 
     def __init__(self, compression: Compression, head_dim: int, *, dtype: torch.dtype | None = None, device=None) -> None:
         super().__init__()
+        check_head_dim(head_dim)
         self.block = compression.block
         self.stride = compression.stride
         self.head_dim = head_dim
         hidden = compression.mlp_hidden or head_dim
         factory = {"dtype": dtype, "device": device}
         flat = compression.block * head_dim
+        weights = (flat + 1) * hidden + (hidden + 1) * head_dim + flat
+        if weights > MAX_POOLING_WEIGHTS:
+            raise InputError(
+                "compression",
+                f"a pooling MLP of at most {MAX_POOLING_WEIGHTS} weights (block {compression.block} x head dim "
+                f"{head_dim} x hidden {hidden})",
+                weights,
+            )
         for name in ("key", "value"):
             self.register_parameter(f"{name}_position", nn.Parameter(torch.zeros(compression.block, head_dim, **factory)))
             self.add_module(f"{name}_fc1", nn.Linear(flat, hidden, **factory))

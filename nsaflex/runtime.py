@@ -19,7 +19,7 @@ from nsaflex.errors import InputError, PatternError
 from nsaflex.inputs import check_inputs
 from nsaflex.loader import load_pattern
 from nsaflex.plan import Plan, make_plan
-from nsaflex.pooling import MLPPooling
+from nsaflex.pooling import MLPPooling, check_head_dim
 from nsaflex.spec import Pattern
 
 
@@ -37,9 +37,11 @@ class CompiledAttention(nn.Module):
         self.pattern = plan.pattern
         self.plan = plan
         self.pooler: MLPPooling | None = None
+        if head_dim is not None:
+            check_head_dim(head_dim)  # also where no MLP needs it: a bad value is a mistake either way
         compression = self.pattern.compression
         if compression is not None and compression.pooling == "mlp" and not self.pattern.dense:
-            dim = head_dim or self.pattern.model.head_dim
+            dim = head_dim if head_dim is not None else self.pattern.model.head_dim
             if dim is None:
                 raise PatternError("model.head_dim", "a head dim (or compile(..., head_dim=...)) for mlp pooling", None)
             self.pooler = MLPPooling(compression, dim)

@@ -19,11 +19,13 @@ The meaning of every field is fixed by :mod:`nsaflex.reference`.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
 import math
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
-from nsaflex.errors import PatternError, one_of
+from nsaflex.errors import PatternError, describe_value, did_you_mean, one_of
 
 BRANCH_ORDER: tuple[str, ...] = ("compression", "selection", "window")
 POOLINGS: tuple[str, ...] = ("mean", "mlp")
@@ -33,17 +35,25 @@ FORCED_BLOCKS: tuple[str, ...] = ("first", "previous", "current")
 GRANULARITIES: tuple[str, ...] = ("token", "query_block")
 GATE_KINDS: tuple[str, ...] = ("mlp", "linear", "constant")
 VISION_KEYS: tuple[str, ...] = ("vision", "all")
+#: Most per-layer overrides a pattern may have. Models have at most a few
+#: hundred decoder layers; the cap keeps validation and planning (one sub-plan
+#: per override) fast on hostile input.
+MAX_LAYER_OVERRIDES = 1024
 
 
-def _describe(value: object) -> str:
-    return f"{value!r} ({type(value).__name__})"
+#: Largest size, count, length or layer index a pattern may give (2**31 - 1).
+#: Larger values describe no real sequence or model and overflow the int64
+#: tensors and 32-bit kernel arguments that positions are computed in.
+MAX_INT = 2**31 - 1
 
 
 def _positive_int(path: str, value: object, *, minimum: int = 1) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise PatternError(path, f"an integer >= {minimum}", _describe(value))
+        raise PatternError(path, f"an integer >= {minimum}", describe_value(value))
     if value < minimum:
         raise PatternError(path, f"an integer >= {minimum}", value)
+    if value > MAX_INT:
+        raise PatternError(path, f"an integer <= {MAX_INT} (2**31 - 1)", value)
 
 
 def _optional_positive_int(path: str, value: object) -> None:
@@ -53,27 +63,87 @@ def _optional_positive_int(path: str, value: object) -> None:
 
 def _real(path: str, value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise PatternError(path, "a finite number", _describe(value))
+        raise PatternError(path, "a finite number", describe_value(value))
     try:
         finite = math.isfinite(value)
     except OverflowError:  # an int too large for a float
         finite = False
     if not finite:
-        raise PatternError(path, "a finite number", _describe(value))
+        raise PatternError(path, "a finite number", describe_value(value))
 
 
 def _choice(path: str, value: object, choices: tuple[str, ...]) -> None:
     if not isinstance(value, str) or value not in choices:
-        raise PatternError(path, one_of(choices), _describe(value))
+        raise PatternError(path, one_of(choices), describe_value(value))
+
+
+def _utf8_text(path: str, value: str, what: str) -> None:
+    """Refuse text that cannot be written out: a lone surrogate (``"\\ud800"``
+    in YAML, or from Python) has no UTF-8 encoding, so printing or emitting the
+    pattern would fail far from here."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise PatternError(
+            path, f"{what} without lone surrogates (text UTF-8 can encode)",
+            f"{value!r} (U+{ord(value[error.start]):04X} at index {error.start})",
+        ) from None
 
 
 def _string_tuple(path: str, value: object, choices: tuple[str, ...]) -> None:
     if not isinstance(value, tuple):
-        raise PatternError(path, f"a list of {one_of(choices)}", _describe(value))
+        raise PatternError(path, f"a list of {one_of(choices)}", describe_value(value))
     for index, item in enumerate(value):
         _choice(f"{path}[{index}]", item, choices)
     if len(set(value)) != len(value):
         raise PatternError(path, "no repeated entries", list(value))
+
+
+_SectionType = TypeVar("_SectionType", bound=type)
+
+
+def _checked_call(cls: _SectionType) -> _SectionType:
+    """Make a bad call of a section constructor (a required field missing, an
+    unknown or repeated keyword, too many positional values) a PatternError
+    naming the section and field, not the dataclass's plain TypeError. Wraps
+    the generated ``__init__``; a successful call pays nothing."""
+    init = cls.__init__
+    signature = inspect.signature(init)
+
+    @functools.wraps(init)
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        try:
+            init(self, *args, **kwargs)
+        except TypeError:
+            try:
+                signature.bind(self, *args, **kwargs)
+            except TypeError:
+                raise _call_error(cls, signature, args, kwargs) from None
+            raise  # the call was well formed: a TypeError from the checks is a bug
+
+    cls.__init__ = __init__  # type: ignore[misc]
+    return cls
+
+
+def _call_error(cls: type, signature: inspect.Signature, args: tuple, kwargs: dict[str, Any]) -> PatternError:
+    fields = list(signature.parameters.values())[1:]  # after self
+    names = [p.name for p in fields]
+    section = getattr(cls, "SECTION", "")
+
+    def path(key: str) -> str:
+        return f"{section}.{key}" if section else key
+
+    if len(args) > len(fields):
+        plural = "s" if len(fields) != 1 else ""
+        return PatternError(section, f"at most {len(fields)} positional argument{plural} for {cls.__name__}", len(args))
+    by_position = names[: len(args)]
+    for key in kwargs:
+        if key not in names:
+            return PatternError(path(key), f"a field of {cls.__name__}: {', '.join(names)}", key, hint=did_you_mean(key, names))
+        if key in by_position:
+            return PatternError(path(key), f"one value for {cls.__name__} field {key!r}", "a value by position and by name")
+    missing = [p.name for p in fields if p.default is p.empty and p.name not in by_position and p.name not in kwargs]
+    return PatternError(path(missing[0]), f"a value for the required key {missing[0]!r} of {cls.__name__}", "nothing")
 
 
 class _Section:
@@ -99,6 +169,7 @@ class _Section:
         return out
 
 
+@_checked_call
 @dataclass(frozen=True)
 class Compression(_Section):
     """Compression branch: attend to pooled blocks of keys and values.
@@ -145,6 +216,7 @@ class Compression(_Section):
         return (length - self.block) // self.stride + 1
 
 
+@_checked_call
 @dataclass(frozen=True)
 class Selection(_Section):
     """Selection branch: attend to the full tokens of the top-``count`` blocks.
@@ -205,6 +277,7 @@ class Selection(_Section):
         return self.block * self.count
 
 
+@_checked_call
 @dataclass(frozen=True)
 class Window(_Section):
     """Sliding-window branch: query ``t`` attends keys ``t - size < s <= t``."""
@@ -216,6 +289,7 @@ class Window(_Section):
         _positive_int(self._path("size"), self.size)
 
 
+@_checked_call
 @dataclass(frozen=True)
 class Gate(_Section):
     """How branch outputs mix: ``out = sum_b gate_b * branch_b``.
@@ -254,6 +328,7 @@ class Gate(_Section):
             raise PatternError(self._path("values"), "no values unless kind is 'constant'", self.values)
 
 
+@_checked_call
 @dataclass(frozen=True)
 class Hybrid(_Section):
     """Token classes: text queries attend densely and causally to every key;
@@ -271,6 +346,7 @@ class Hybrid(_Section):
         _choice(self._path("vision_keys"), self.vision_keys, VISION_KEYS)
 
 
+@_checked_call
 @dataclass(frozen=True)
 class Model(_Section):
     """Optional model shape the pattern is meant for (checked where given)."""
@@ -293,6 +369,7 @@ class Model(_Section):
             )
 
 
+@_checked_call
 @dataclass(frozen=True)
 class Budget(_Section):
     """Constraints the pattern must meet.
@@ -323,6 +400,7 @@ class Budget(_Section):
             raise PatternError(self._path("at_length"), "no at_length without max_attended_fraction", self.at_length)
 
 
+@_checked_call
 @dataclass(frozen=True)
 class LayerOverride(_Section):
     """Per-layer changes. ``dense`` makes every query attend densely and
@@ -342,18 +420,18 @@ class LayerOverride(_Section):
             if isinstance(getattr(self, name), list):
                 object.__setattr__(self, name, tuple(getattr(self, name)))
         if not isinstance(self.at, tuple) or not self.at:
-            raise PatternError("at", "a non-empty list of layer indices", _describe(self.at))
+            raise PatternError("at", "a non-empty list of layer indices", describe_value(self.at))
         for index, layer in enumerate(self.at):
             _positive_int(f"at[{index}]", layer, minimum=0)
         if len(set(self.at)) != len(self.at):
             raise PatternError("at", "no repeated layer indices", list(self.at))
         if not isinstance(self.dense, bool):
-            raise PatternError("dense", "true or false", _describe(self.dense))
+            raise PatternError("dense", "true or false", describe_value(self.dense))
         _string_tuple("remove", self.remove, BRANCH_ORDER)
         for name, cls in (("compression", Compression), ("selection", Selection), ("window", Window)):
             value = getattr(self, name)
             if value is not None and not isinstance(value, cls):
-                raise PatternError(name, f"a {cls.__name__} section", _describe(value))
+                raise PatternError(name, f"a {cls.__name__} section", describe_value(value))
             if value is not None and name in self.remove:
                 raise PatternError("remove", f"not to remove {name!r}, which this override also sets", list(self.remove))
         changes = self.remove or any(getattr(self, n) is not None for n in BRANCH_ORDER)
@@ -363,6 +441,7 @@ class LayerOverride(_Section):
             raise PatternError("", "dense: true, a branch section or remove", "an override that changes nothing")
 
 
+@_checked_call
 @dataclass(frozen=True)
 class Pattern(_Section):
     """A hybrid sparse-attention pattern.
@@ -390,13 +469,17 @@ class Pattern(_Section):
         if isinstance(self.layers, list):
             object.__setattr__(self, "layers", tuple(self.layers))
         if not isinstance(self.layers, tuple):
-            raise PatternError("layers", "a list of LayerOverride", _describe(self.layers))
+            raise PatternError("layers", "a list of LayerOverride", describe_value(self.layers))
+        if len(self.layers) > MAX_LAYER_OVERRIDES:
+            raise PatternError("layers", f"at most {MAX_LAYER_OVERRIDES} layer overrides", len(self.layers))
         if not isinstance(self.name, str) or not self.name:
-            raise PatternError("name", "a non-empty string", _describe(self.name))
+            raise PatternError("name", "a non-empty string", describe_value(self.name))
+        _utf8_text("name", self.name, "a name")
         if not isinstance(self.description, str):
-            raise PatternError("description", "a string", _describe(self.description))
+            raise PatternError("description", "a string", describe_value(self.description))
+        _utf8_text("description", self.description, "a description")
         if not isinstance(self.dense, bool):
-            raise PatternError("dense", "true or false", _describe(self.dense))
+            raise PatternError("dense", "true or false", describe_value(self.dense))
         for name, cls in (
             ("compression", Compression),
             ("selection", Selection),
@@ -406,10 +489,10 @@ class Pattern(_Section):
         ):
             value = getattr(self, name)
             if value is not None and not isinstance(value, cls):
-                raise PatternError(name, f"a {cls.__name__} section or nothing", _describe(value))
+                raise PatternError(name, f"a {cls.__name__} section or nothing", describe_value(value))
         for name, cls in (("gate", Gate), ("model", Model)):
             if not isinstance(getattr(self, name), cls):
-                raise PatternError(name, f"a {cls.__name__} section", _describe(getattr(self, name)))
+                raise PatternError(name, f"a {cls.__name__} section", describe_value(getattr(self, name)))
         self._check_branches()
         self._check_layers()
         self._check_budget()
@@ -442,7 +525,7 @@ class Pattern(_Section):
         seen: dict[int, int] = {}
         for position, override in enumerate(self.layers):
             if not isinstance(override, LayerOverride):
-                raise PatternError(f"layers[{position}]", "a LayerOverride", _describe(override))
+                raise PatternError(f"layers[{position}]", "a LayerOverride", describe_value(override))
             for layer in override.at:
                 if layer in seen:
                     raise PatternError(

@@ -310,6 +310,84 @@ def test_bugs_keep_their_traceback(monkeypatch: pytest.MonkeyPatch) -> None:
     assert result.exit_code == 1 and isinstance(result.exception, RuntimeError)
 
 
+def test_lone_surrogate_in_name(tmp_path: Path) -> None:
+    path = _write(tmp_path, 'name: "a\\ud800b"\nwindow: {size: 4}\n')
+    assert_clean_failure(run("compile", path), f"{path}:1:7: name: expected text without lone surrogates")
+    assert_clean_failure(run("compile", path, "--emit", str(tmp_path / "out")), f"{path}:1:7: name:")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("name", "fragment"),
+    [("a" * 300, "name: expected a name giving a module name of at most 100 characters (for --emit)"),
+     ("nsaflex", "name: expected a name whose module nsaflex.py does not shadow the module 'nsaflex'")],
+)
+def test_emit_refuses_unusable_names(tmp_path: Path, name: str, fragment: str) -> None:
+    """The error blames the pattern's name (in its file), not the folder."""
+    path = _write(tmp_path, f"name: {name}\nwindow: {{size: 4}}\n")
+    assert_clean_failure(run("compile", path, "--emit", str(tmp_path / "out")), f"{path}: {fragment}")
+    assert not (tmp_path / "out").exists()
+
+
+def test_emit_write_failure_names_the_path(tmp_path: Path) -> None:
+    """A folder that cannot be made (here: under a regular file) is a bad
+    --emit value: exit 2, naming the path that failed."""
+    (tmp_path / "file").write_text("")
+    target = tmp_path / "file" / "sub"
+    assert_clean_failure(run("compile", "window", "--emit", str(target)), "Invalid value for '--emit'", "cannot write")
+
+
+@pytest.mark.parametrize(("value", "fragment"), [("a\x00b", "which holds a NUL byte"), ("", "found an empty string")])
+def test_emit_folder_values_click_lets_through(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, value: str,
+                                               fragment: str) -> None:
+    """A NUL byte (a ValueError in os.stat) and the empty string (the current
+    folder) are usage errors of --emit."""
+    monkeypatch.chdir(tmp_path)
+    assert_clean_failure(run("compile", "window", "--emit", value), "Invalid value for '--emit'", fragment)
+    assert not list(tmp_path.iterdir())
+
+
+def test_non_utf8_file_is_located(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes(b"name: x\n# caf\xe9\nwindow: {size: 4}\n")
+    assert_clean_failure(run("compile", str(path)), f"{path}:2:6: <document>: expected UTF-8 text, found byte 0xE9")
+
+
+def test_long_extends_chain(tmp_path: Path) -> None:
+    for i in range(999):
+        (tmp_path / f"p{i}.yaml").write_text(f"extends: p{i + 1}.yaml\n")
+    (tmp_path / "p999.yaml").write_text("name: base\nwindow: {size: 4}\n")
+    assert_clean_failure(run("compile", str(tmp_path / "p0.yaml")), "extends: expected a chain of at most 32 files")
+
+
+def test_undecodable_path_argument_prints(tmp_path: Path) -> None:
+    """A path in bytes that are not UTF-8 (decoded with surrogates, as Python
+    does for argv) is shown with escapes, on success and on failure."""
+    raw = os.fsdecode(os.fsencode(str(tmp_path)) + b"/\xff.yaml")
+    Path(raw).write_text("name: x\nwindow: {size: 4}\ngate: {kind: constant, values: [1.0]}\n")
+    result = run("compile", raw)
+    assert result.exit_code == 0, repr(result.exception)
+    assert "\\udcff.yaml" in result.output
+    assert_clean_failure(run("compile", raw + "x"), "\\udcff.yamlx")
+    result = run("compile", "window", "--emit", raw + "dir")
+    assert result.exit_code == 0, repr(result.exception)
+    assert "\\udcff.yamldir" in result.output
+
+
+def test_escape_sequences_from_a_pattern_do_not_reach_the_terminal(tmp_path: Path) -> None:
+    """Name, description and keys may hold control characters (YAML's "\\e"):
+    printed as escapes, on success and in errors."""
+    path = _write(tmp_path, 'name: "x\\e[31mRED"\ndescription: "d\\e]0;title\\a\\r"\nwindow: {size: 4}\n')
+    result = run("compile", path)
+    assert result.exit_code == 0, result.output
+    assert "\x1b" not in result.output and "\x07" not in result.output and "\r" not in result.output
+    assert "x\\x1b[31mRED" in result.output and "d\\x1b]0;title\\x07\\x0d" in result.output
+    path = _write(tmp_path, 'name: x\nwindow: {"s\\e[2Jize": 4}\n', "key.yaml")
+    result = run("compile", path)
+    assert_clean_failure(result, "found s\\x1b[2Jize")
+    assert "\x1b" not in result.output
+
+
 def test_real_process_exit_status_and_red_message(tmp_path: Path) -> None:
     """The console entry point: status 2, red (under FORCE_COLOR), no traceback."""
     path = _write(tmp_path, "name: bad\nwindow:\n  size: -1\n")

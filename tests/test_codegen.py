@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 import nsaflex
-from nsaflex import Compression, Gate, LayerOverride, Model, Pattern, Selection, Window
+from nsaflex import Compression, Gate, LayerOverride, Model, Pattern, PatternError, Selection, Window
 from nsaflex.budget import analyse
-from nsaflex.codegen import DEFAULT_LENGTHS, emit_module, module_name, render_module, template
+from nsaflex.codegen import DEFAULT_LENGTHS, MAX_MODULE_NAME, emit_module, module_name, render_module, template
 from nsaflex.loader import bundled_patterns
 from nsaflex.plan import make_plan
 
@@ -121,3 +121,31 @@ def test_any_valid_pattern_embeds() -> None:
         assert ns["BUDGET"][1000] == analyse(pattern, layer=layer).evaluate(1000).to_dict()
 
     check()
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("a" * 300, "a name giving a module name of at most 100 characters (for --emit)"),
+        ("nsaflex", "a name whose module nsaflex.py does not shadow the module 'nsaflex' nsaflex needs (rename the pattern)"),
+        ("torch", "a name whose module torch.py does not shadow the module 'torch' nsaflex needs (rename the pattern)"),
+        ("json", "a name whose module json.py does not shadow the module 'json' of the standard library (rename the pattern)"),
+    ],
+)
+def test_emit_refuses_unusable_module_names(tmp_path: Path, name: str, expected: str) -> None:
+    """A name whose module file is too long to create, or would be imported in
+    place of a module the generated code needs, is refused naming the pattern's
+    name, and nothing is written."""
+    pattern = Pattern(name=name, window=Window(4), gate=Gate("constant", values=(1.0,)))
+    with pytest.raises(PatternError) as info:
+        emit_module(pattern, tmp_path / "out", backend="reference", lengths=(64,))
+    assert (info.value.key_path, info.value.expected) == ("name", expected)
+    assert not (tmp_path / "out").exists()
+
+
+def test_emit_module_name_limit_counts_the_layer_suffix(tmp_path: Path) -> None:
+    pattern = Pattern(name="a" * (MAX_MODULE_NAME - 2), window=Window(4), gate=Gate("constant", values=(1.0,)),
+                      layers=(LayerOverride(at=(7,), dense=True),))
+    assert emit_module(pattern, tmp_path, backend="reference", lengths=(64,)).name == "a" * (MAX_MODULE_NAME - 2) + ".py"
+    with pytest.raises(PatternError):
+        emit_module(pattern, tmp_path, backend="reference", layer=7, lengths=(64,))

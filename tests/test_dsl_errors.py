@@ -12,6 +12,8 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import re
+import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -32,8 +34,8 @@ from nsaflex import (
     loads_pattern,
     pattern_from_dict,
 )
-from nsaflex.loader import bundled_patterns
-from nsaflex.spec import BRANCH_ORDER
+from nsaflex.loader import MAX_EXTENDS_CHAIN, MAX_PATTERN_SIZE, MAX_YAML_NODES, bundled_patterns, load_pattern
+from nsaflex.spec import BRANCH_ORDER, MAX_INT, MAX_LAYER_OVERRIDES, Hybrid, Model
 
 from strategies import patterns
 
@@ -431,6 +433,9 @@ def test_did_you_mean_examples(text: str, key_path: str, suggestion: str) -> Non
          "ValueError: chr() arg not in range(0x110000)"),
         ("name: x\nwindow: {size: !!python/name:os.system ''}\n", 2, 16,
          "a valid YAML scalar (tag:yaml.org,2002:python/name:os.system)", "could not determine a constructor"),
+        ("name: x\nwindow: !!set {size: 4}\n", 2, 9, "a plain YAML mapping (no tag)", "the tag tag:yaml.org,2002:set"),
+        ("name: x\nwindow: {size: !!python/object/apply:os.system [echo]}\n", 2, 16, "a plain YAML list (no tag)",
+         "the tag tag:yaml.org,2002:python/object/apply:os.system"),
         ("name: x\nwindow: {size: 4}\n---\nname: y\n", 3, 1, "valid YAML",
          "another document (expected a single document in the stream)"),
     ],
@@ -445,15 +450,18 @@ def test_alias_bomb_is_refused_quickly() -> None:
     rows = ["a0: &a0 [1, 1, 1, 1, 1, 1, 1, 1, 1]"]
     rows += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 9)]
     error = refuse("name: x\n" + "\n".join(rows) + "\nwindow: {size: 2}\n")
-    assert error.expected == "at most 100000 YAML nodes (aliases expanded)"
+    assert error.expected == f"at most {MAX_YAML_NODES} YAML nodes (aliases expanded, extends included)"
 
 
-@pytest.mark.parametrize("opener", ["[", "{a: ", "- "])
+@pytest.mark.parametrize("opener", ["[", "{a: ", "- ", "compact"])
 def test_deep_nesting_is_refused(opener: str) -> None:
     """Nesting deeper than Python's recursion allows is refused (not a
     RecursionError), at the line where it gets too deep."""
     if opener == "- ":
-        text = "name: x\nwindow:\n" + "".join("  " * i + "-\n" for i in range(3000))
+        # Indented block nesting grows as depth squared: 450 levels stay under MAX_PATTERN_SIZE.
+        text = "name: x\nwindow:\n" + "".join("  " * i + "-\n" for i in range(450))
+    elif opener == "compact":
+        text = "name: x\nwindow:\n" + "- " * 3000 + "1\n"
     else:
         text = "name: x\nwindow: " + opener * 3000 + "\n"
     error = refuse(text)
@@ -673,3 +681,269 @@ def test_selection_without_compression(pattern: Pattern, with_window: bool) -> N
     error, _ = _yaml_and_api(yaml.safe_dump(tree, sort_keys=False),
                              lambda: dataclasses.replace(pattern, compression=None, window=window))
     assert (error.key_path, error.found) == ("selection", "no compression section")
+
+
+# -- hostile input: text, encodings, sizes, chains ------------------------------------------------------
+@pytest.mark.parametrize(
+    ("text", "key_path", "line", "column"),
+    [
+        ('name: "a\\ud800b"\nwindow: {size: 4}\n', "name", 1, 7),
+        ('name: x\ndescription: "\\udfff"\nwindow: {size: 4}\n', "description", 2, 14),
+        ('name: x\nwindow: {size: 4}\nmodel: {"\\udcff": 1}\n', "model", 3, 9),
+        ('name: x\nextends: "\\ud800"\n', "extends", 2, 10),
+    ],
+)
+def test_lone_surrogates_are_refused_where_they_stand(text: str, key_path: str, line: int, column: int) -> None:
+    """A lone surrogate (a YAML escape UTF-8 cannot encode) is refused at its
+    node: printing or emitting it would fail later, far from the file."""
+    error = refuse(text)
+    assert (error.key_path, error.line, error.column) == (key_path, line, column)
+    assert error.expected == "text without lone surrogates (text UTF-8 can encode)"
+    str(error).encode("utf-8")  # the message itself prints
+
+
+@pytest.mark.parametrize("field", ["name", "description"])
+def test_lone_surrogates_are_refused_from_python(field: str) -> None:
+    kwargs = {"name": "x", field: "a\udc80"}
+    with pytest.raises(PatternError) as info:
+        Pattern(window=Window(4), **kwargs)
+    assert info.value.key_path == field and "U+DC80 at index 1" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("build", "key_path", "expected", "found"),
+    [
+        (lambda: Compression(block=4), "compression.stride",
+         "a value for the required key 'stride' of Compression", "nothing"),
+        (lambda: Compression(), "compression.block", "a value for the required key 'block' of Compression", "nothing"),
+        (lambda: Selection(block=4), "selection.count", "a value for the required key 'count' of Selection", "nothing"),
+        (lambda: Window(), "window.size", "a value for the required key 'size' of Window", "nothing"),
+        (lambda: LayerOverride(dense=True), "at", "a value for the required key 'at' of LayerOverride", "nothing"),
+        (lambda: Pattern(window=Window(4)), "name", "a value for the required key 'name' of Pattern", "nothing"),
+        (lambda: Window(sise=4), "window.sise", "a field of Window: size", "sise"),
+        (lambda: Gate(kind="mlp", temprature=2.0), "gate.temprature",
+         "a field of Gate: kind, temperature, bias, values", "temprature"),
+        (lambda: Compression(4, 4, block=4), "compression.block", "one value for Compression field 'block'",
+         "a value by position and by name"),
+        (lambda: Window(4, 5), "window", "at most 1 positional argument for Window", 2),
+        (lambda: Hybrid(vision="all"), "hybrid.vision", "a field of Hybrid: vision_keys", "vision"),
+        (lambda: Model(heads=4), "model.heads",
+         "a field of Model: query_heads, kv_heads, head_dim, hidden_size, num_layers", "heads"),
+        (lambda: Budget(at=4), "budget.at", "a field of Budget: max_keys_per_query, max_attended_fraction, at_length",
+         "at"),
+    ],
+)
+def test_section_constructors_name_a_missing_or_unknown_field(build: Any, key_path: str, expected: str,
+                                                              found: object) -> None:
+    """A bad call of a section constructor is a PatternError naming the section
+    and the field (not the dataclass's plain TypeError), as the YAML form is."""
+    with pytest.raises(PatternError) as info:
+        build()
+    assert (info.value.key_path, info.value.expected, info.value.found) == (key_path, expected, found)
+
+
+def test_misspelt_constructor_keyword_gets_did_you_mean() -> None:
+    with pytest.raises(PatternError) as info:
+        Selection(block=4, cuont=2)
+    assert info.value.hint == "did you mean 'count'?"
+
+
+def test_missing_required_key_reads_the_same_in_yaml() -> None:
+    error = refuse("name: x\ncompression:\n  block: 4\n")
+    assert (error.key_path, error.expected, error.line) == (
+        "compression.stride", "a value for the required key 'stride' of Compression", 2)
+
+
+def test_type_errors_inside_a_valid_call_are_not_renamed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only a malformed call becomes a PatternError: a TypeError raised by the
+    checks of a well-formed call is a bug and keeps its type."""
+    def broken(self: Window) -> None:
+        raise TypeError("a bug in the checks")
+
+    monkeypatch.setattr(Window, "__post_init__", broken)
+    with pytest.raises(TypeError, match="a bug in the checks"):
+        Window(4)
+
+
+@pytest.mark.parametrize(
+    ("data", "line", "column", "found"),
+    [
+        (b"name: x\n# caf\xe9\nwindow: {size: 4}\n", 2, 6, "byte 0xE9 at offset 13 (invalid continuation byte)"),
+        (b"\xff\xfen\x00a\x00", 1, 1, "byte 0xFF at offset 0 (invalid start byte)"),
+        ("name: \u00e9t\u00e9\nwindow: {size: 4}\ndescription: ab\u20ac".encode() + b"\xe2\x82\n", 3, 17,
+         "byte 0xE2 0x82 at offset 48 (invalid continuation byte)"),
+    ],
+)
+def test_non_utf8_files_are_located(tmp_path: Path, data: bytes, line: int, column: int, found: str) -> None:
+    """A file that is not UTF-8 is refused at the line and column of its first
+    bad byte (columns count characters), with the byte and its offset."""
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes(data)
+    with pytest.raises(PatternError) as info:
+        load_pattern(path)
+    assert (info.value.source, info.value.line, info.value.column) == (str(path), line, column)
+    assert (info.value.expected, info.value.found) == ("UTF-8 text", found)
+
+
+def test_non_utf8_extends_parent_is_located_in_the_parent(tmp_path: Path) -> None:
+    (tmp_path / "base.yaml").write_bytes(b"name: base\nwindow: {size: 4}\n\x80\n")
+    (tmp_path / "child.yaml").write_text("extends: base\n")
+    with pytest.raises(PatternError) as info:
+        load_pattern(tmp_path / "child.yaml")
+    assert (info.value.source, info.value.line, info.value.column) == (str(tmp_path / "base.yaml"), 3, 1)
+
+
+def test_long_extends_chain_is_refused_naming_the_chain(tmp_path: Path) -> None:
+    """An extends chain longer than MAX_EXTENDS_CHAIN files is refused as such,
+    at the extends line where it passes the limit, with the chain named (not
+    as YAML nesting, however long the chain)."""
+    files = 1000
+    for i in range(files - 1):
+        (tmp_path / f"p{i}.yaml").write_text(f"# link {i}\nextends: p{i + 1}.yaml\n")
+    (tmp_path / f"p{files - 1}.yaml").write_text("name: base\nwindow: {size: 4}\n")
+    with pytest.raises(PatternError) as info:
+        load_pattern(tmp_path / "p0.yaml")
+    error = info.value
+    last = MAX_EXTENDS_CHAIN - 1
+    assert (error.key_path, error.expected) == ("extends", f"a chain of at most {MAX_EXTENDS_CHAIN} files")
+    assert (error.source, error.line, error.column) == (str(tmp_path / f"p{last}.yaml"), 2, 1)
+    assert str(error.found).startswith(f"{tmp_path / 'p0.yaml'} -> {tmp_path / 'p1.yaml'} -> ")
+    assert str(error.found).endswith(f"-> {tmp_path / f'p{last + 1}.yaml'} ({MAX_EXTENDS_CHAIN + 1} files)")
+    # A chain at the limit loads.
+    (tmp_path / f"p{last}.yaml").write_text("name: end\nwindow: {size: 8}\n")
+    assert load_pattern(tmp_path / "p0.yaml").window == Window(8)
+
+
+def _refused_quickly(text: str, seconds: float = 5.0) -> PatternError:
+    start = time.perf_counter()
+    error = refuse(text)
+    assert time.perf_counter() - start < seconds, "a hostile size must be refused before the work it would cost"
+    return error
+
+
+def test_oversized_text_is_refused_before_parsing() -> None:
+    text = "name: x\nwindow: {size: 4}\nmodel:\n" + "".join(f"  k{i}: 1\n" for i in range(200_000))
+    error = _refused_quickly(text, seconds=1.0)
+    assert (error.key_path, error.expected) == ("", f"a pattern of at most {MAX_PATTERN_SIZE} characters, extends included")
+    assert error.found == f"{len(text)} characters"
+
+
+def test_oversized_file_is_refused_unread(tmp_path: Path) -> None:
+    path = tmp_path / "big.yaml"
+    with open(path, "w") as file:
+        file.write("name: x\nwindow: {size: 4}\n")
+        file.truncate(50 * MAX_PATTERN_SIZE)  # a sparse file, zeros past the text
+    with pytest.raises(PatternError) as info:
+        load_pattern(path)
+    assert info.value.expected == f"a pattern file of at most {MAX_PATTERN_SIZE} bytes"
+
+
+def test_too_many_nodes_are_refused_while_composing() -> None:
+    """Within the size limit, a document of more than MAX_YAML_NODES nodes stops
+    at the node past the limit."""
+    rows = MAX_YAML_NODES // 2 + 10
+    text = "name: x\nwindow: {size: 4}\nmodel: {" + ", ".join(f"k{i}: 1" for i in range(rows)) + "}\n"
+    assert len(text) <= MAX_PATTERN_SIZE
+    error = _refused_quickly(text)
+    assert (error.expected, error.line) == (f"at most {MAX_YAML_NODES} YAML nodes, extends included", 3)
+
+
+def test_many_layer_overrides_are_refused_quickly() -> None:
+    """20,000 layer overrides (each a dense layer) are refused by the size
+    limits, not validated and planned one by one."""
+    text = "name: x\nwindow: {size: 4}\nlayers:\n" + "".join(f"  - {{at: [{i}], dense: true}}\n" for i in range(20_000))
+    error = _refused_quickly(text)
+    assert error.expected in (f"a pattern of at most {MAX_PATTERN_SIZE} characters, extends included", f"at most {MAX_YAML_NODES} YAML nodes, extends included")
+    # Under those limits, more than MAX_LAYER_OVERRIDES overrides are refused by the pattern itself.
+    text = "name: x\nwindow: {size: 4}\nlayers:\n" + "".join(f"- {{at: [{i}], dense: true}}\n"
+                                                             for i in range(MAX_LAYER_OVERRIDES + 1))
+    error = _refused_quickly(text)
+    assert (error.key_path, error.expected, error.found) == (
+        "layers", f"at most {MAX_LAYER_OVERRIDES} layer overrides", MAX_LAYER_OVERRIDES + 1)
+
+
+def test_size_limits_hold_for_a_chain_together(tmp_path: Path) -> None:
+    """A chain of files each under the size limits is refused once together
+    they pass them: the limits bound the work of the whole load. Here each
+    file holds 3/8 of the node limit (in a layers list, which is only checked
+    once merged)."""
+    at = ", ".join(str(i) for i in range(3 * MAX_YAML_NODES // 8))
+    for i in range(4):
+        target = f"extends: p{i + 1}.yaml\n" if i < 3 else "window: {size: 4}\n"
+        (tmp_path / f"p{i}.yaml").write_text(f"name: p{i}\n{target}layers:\n  - {{at: [{at}], dense: true}}\n")
+    start = time.perf_counter()
+    with pytest.raises(PatternError) as info:
+        load_pattern(tmp_path / "p0.yaml")
+    assert time.perf_counter() - start < 5.0
+    assert info.value.expected == f"at most {MAX_YAML_NODES} YAML nodes, extends included"
+    assert info.value.source == str(tmp_path / "p2.yaml")
+    # The same file loads on its own.
+    assert len(load_pattern(tmp_path / "p3.yaml").layers) == 1
+    # Characters too: a long description in each file.
+    for i in range(4):
+        target = f"extends: q{i + 1}.yaml\n" if i < 3 else "window: {size: 4}\n"
+        (tmp_path / f"q{i}.yaml").write_text(f"{target}description: {'x' * (MAX_PATTERN_SIZE // 3)}\n")
+    with pytest.raises(PatternError) as info:
+        load_pattern(tmp_path / "q0.yaml")
+    assert info.value.expected == f"a pattern of at most {MAX_PATTERN_SIZE} characters, extends included"
+    assert info.value.source == str(tmp_path / "q2.yaml") and "left by the extending files" in info.value.found
+
+
+@pytest.mark.parametrize(
+    ("text", "key_path"),
+    [
+        ("name: x\nwindow: {size: BIG}\n", "window.size"),
+        ("name: x\ncompression: {block: BIG, stride: 1}\n", "compression.block"),
+        ("name: x\ncompression: {block: 4, stride: 4}\nselection: {block: 4, count: BIG}\n", "selection.count"),
+        ("name: x\nwindow: {size: 4}\nmodel: {head_dim: BIG}\n", "model.head_dim"),
+        ("name: x\nwindow: {size: 4}\nbudget: {max_attended_fraction: 1.0, at_length: BIG}\n", "budget.at_length"),
+        ("name: x\nwindow: {size: 4}\nlayers: [{at: [BIG], dense: true}]\n", "layers[0].at[0]"),
+    ],
+)
+@pytest.mark.parametrize("big", [MAX_INT + 1, 10**30])
+def test_sizes_past_int32_are_refused(text: str, key_path: str, big: int) -> None:
+    """Sizes, counts, lengths and layer indices past 2**31 - 1 describe no real
+    sequence and overflow the tensors positions are computed in (a window of
+    10**30 gave OverflowError from every backend): refused where they stand."""
+    error = refuse(text.replace("BIG", str(big)))
+    assert (error.key_path, error.expected, error.found) == (key_path, f"an integer <= {MAX_INT} (2**31 - 1)", big)
+    loads_pattern(text.replace("BIG", str(MAX_INT)), SOURCE)  # the largest value is a pattern
+
+
+def test_layer_beyond_int32_is_refused_in_for_layer() -> None:
+    with pytest.raises(PatternError) as info:
+        loads_pattern("name: x\nwindow: {size: 4}\n").for_layer(MAX_INT + 1)
+    assert info.value.key_path == "layer"
+
+
+@pytest.mark.parametrize(
+    ("call", "expected"),
+    [
+        (lambda: loads_pattern(None), "YAML text (str or bytes)"),  # type: ignore[arg-type]
+        (lambda: loads_pattern(123), "YAML text (str or bytes)"),  # type: ignore[arg-type]
+        (lambda: loads_pattern("name: x\n", source=3), "a source name (str) for the pattern text"),  # type: ignore[arg-type]
+        (lambda: loads_pattern(b"name: x\n\xff"), "UTF-8 text"),
+        (lambda: load_pattern(None), "a pattern file path or a bundled pattern name"),  # type: ignore[arg-type]
+        (lambda: load_pattern(123), "a pattern file path or a bundled pattern name"),  # type: ignore[arg-type]
+        (lambda: pattern_from_dict({"name": "x", "window": {"size": 4}, 3: 1}), "string keys"),
+        (lambda: pattern_from_dict({"name": "x", "window": {None: 4}}), "string keys"),
+    ],
+)
+def test_python_api_arguments_of_any_type(call: Any, expected: str) -> None:
+    """The loading functions take any argument without a TypeError from inside."""
+    with pytest.raises(PatternError) as info:
+        call()
+    assert info.value.expected == expected
+
+
+def test_bytes_are_read_as_utf8() -> None:
+    assert loads_pattern("name: \u00e9\nwindow: {size: 4}\n".encode()).name == "\u00e9"
+    assert load_pattern(b"window") == load_pattern("window")
+
+
+def test_layer_override_limit_holds_in_python() -> None:
+    overrides = tuple(LayerOverride(at=(i,), dense=True) for i in range(MAX_LAYER_OVERRIDES + 1))
+    with pytest.raises(PatternError) as info:
+        Pattern(name="x", window=Window(4), layers=overrides)
+    assert info.value.key_path == "layers"
+    assert len(Pattern(name="x", window=Window(4), layers=overrides[:-1]).layers) == MAX_LAYER_OVERRIDES

@@ -80,8 +80,8 @@ class Backend(Protocol):
 
 def get_backend(name: str) -> Backend:
     """The backend registered under ``name``."""
-    if name not in REGISTRY:
-        hint = did_you_mean(name, REGISTRY)
+    if not isinstance(name, str) or name not in REGISTRY:
+        hint = did_you_mean(name, REGISTRY) if isinstance(name, str) else f"a backend name is a str, not {type(name).__name__}"
         raise BackendUnavailable(f"backend: expected one of {', '.join(REGISTRY)} or 'auto', found {name!r}" + (f" ({hint})" if hint else ""))
     try:
         module = importlib.import_module(REGISTRY[name])
