@@ -6,7 +6,7 @@ runtime callable -> adapters / CLI.
 
 from nsaflex.errors import BackendUnavailable, InputError, NsaflexError, PatternError
 from nsaflex.loader import dump_pattern, load_pattern, loads_pattern, pattern_from_dict
-from nsaflex.plan import Plan, make_plan
+from nsaflex.plan import Plan, PlanOptions, make_plan
 from nsaflex.runtime import CompiledAttention, compile
 from nsaflex.spec import (
     Budget,
@@ -26,6 +26,7 @@ __all__ = [
     "BackendUnavailable",
     "CompiledAttention",
     "Plan",
+    "PlanOptions",
     "compile",
     "make_plan",
     "Budget",

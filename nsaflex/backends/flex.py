@@ -28,20 +28,19 @@ BlockMask (tile lists + mask_mod) is evaluated densely with plain torch ops,
 differentiates; float64 always takes that path, and so do key tiles below
 ``MIN_CPU_COMPILED_KV_BLOCK`` (torch 2.13's compiled CPU kernel is wrong for key
 tiles of 8) and key counts it gets wrong (:func:`cpu_compiled_wrong`).
-``NSAFLEX_FLEX_MODE=eager|compiled`` forces one or the other.
+The plan option ``flex_mode`` (``eager`` or ``compiled``) forces one or the other.
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
-import os
 from typing import Any, NamedTuple
 
 import torch
 
 from nsaflex.backends.base import BranchPlan
-from nsaflex.errors import InputError
+from nsaflex.errors import InputError, one_of
 from nsaflex.hybrid import combine, gather_padded, scatter_padded, sparse_layout, text_dense_attention
 from nsaflex.pooling import MLPPooling, compress, softmax_scale
 from nsaflex.spec import Pattern
@@ -61,6 +60,7 @@ MIN_CUDA_HEAD_DIM = 16
 # with a mask that keeps every pair; measured on an AVX2 host, 2026-12-01), so key
 # tiles below this run the eager evaluation on CPU.
 MIN_CPU_COMPILED_KV_BLOCK = 16
+FLEX_MODES = ("auto", "eager", "compiled")
 MASK_CACHE_SIZE = 32
 RECOMPILE_LIMIT = 64
 
@@ -170,15 +170,10 @@ def _with_small_backward_tiles(inner_compile):
     return compile_inner
 
 
-def dynamic_lengths() -> bool:
-    """``NSAFLEX_FLEX_DYNAMIC=1``: compile with automatic dynamic shapes (a second
-    length recompiles once into a length-generic kernel; later lengths reuse it).
-    Default: static shapes, one compile per branch and length."""
-    return os.environ.get("NSAFLEX_FLEX_DYNAMIC", "0").strip().lower() in ("1", "true", "yes")
-
-
-def _compiled(branch: str, small_backward_tiles: bool = False):
-    dynamic = dynamic_lengths()
+def _compiled(branch: str, small_backward_tiles: bool = False, dynamic: bool = False):
+    """The compiled entry of ``branch``; ``dynamic``: automatic dynamic shapes (a
+    second length recompiles once into a length-generic kernel; later lengths
+    reuse it) instead of one static compile per length."""
     key = branch + (":dynamic" if dynamic else "") + (":small-backward" if small_backward_tiles else "")
     if key not in _COMPILED:
         _COMPILED[key] = torch.compile(_ENTRY[branch], dynamic=None if dynamic else False,
@@ -198,7 +193,7 @@ def _recompile_room():
         yield
 
 
-def _run_flex(branch: str, q, k, v, mask: "_Mask", compiled: bool, tiling: "_Tiling"):
+def _run_flex(branch: str, q, k, v, mask: "_Mask", compiled: bool, tiling: "_Tiling", dynamic: bool = False):
     scale = softmax_scale(q.shape[-1])
     kernel_options = tiling.options
     if torch.compiler.is_compiling():  # inside the user's own torch.compile region
@@ -208,7 +203,7 @@ def _run_flex(branch: str, q, k, v, mask: "_Mask", compiled: bool, tiling: "_Til
         compiled = False
     if compiled:
         with _recompile_room():
-            compiled_branch = _compiled(branch, tiling.small_backward_tiles)
+            compiled_branch = _compiled(branch, tiling.small_backward_tiles, dynamic)
             return compiled_branch(q, k, v, mask.block_mask(mask.compute_q_blocks), scale, kernel_options)
     return dense_block_mask_attention(q, k, v, mask.tiles, mask.mask_mod, scale)
 
@@ -308,10 +303,12 @@ class FlexKernel:
 
     Args:
         pattern: the pattern (resolved for its layer).
-        mode: ``auto`` (default; ``NSAFLEX_FLEX_MODE`` overrides), ``eager`` or ``compiled``.
+        mode: ``auto`` (default), ``eager`` or ``compiled`` (the plan option ``flex_mode``).
         q_block, kv_block: force the tile sizes (tests; CPU).
         score_dtype: dtype in which selection scores are ranked (default: see
-            :func:`nsaflex.scoring.default_score_dtype`).
+            :func:`nsaflex.scoring.default_score_dtype`; the plan option ``score_dtype``).
+        scoring_kernel: ``auto``, ``triton`` or ``torch`` (:func:`nsaflex.scoring.select`'s ``kernel``).
+        dynamic: compile with automatic dynamic shapes (the plan option ``flex_dynamic``).
         narrow: on CUDA forward, keep selection tile lists ``O(L/B x n)`` wide.
     """
 
@@ -319,17 +316,21 @@ class FlexKernel:
         self,
         pattern: Pattern,
         *,
-        mode: str | None = None,
+        mode: str = "auto",
         q_block: int | None = None,
         kv_block: int | None = None,
         score_dtype: torch.dtype | None = None,
         narrow: bool = True,
         chunk: int | None = None,
+        scoring_kernel: str = "auto",
+        dynamic: bool = False,
     ) -> None:
         self.pattern = pattern
-        self.mode = mode or os.environ.get("NSAFLEX_FLEX_MODE", "auto")
-        if self.mode not in ("auto", "eager", "compiled"):
-            raise ValueError(f"mode: expected 'auto', 'eager' or 'compiled', found {self.mode!r}")
+        self.mode = mode
+        if self.mode not in FLEX_MODES:
+            raise InputError("mode", one_of(FLEX_MODES), self.mode)
+        self.scoring_kernel = scoring_kernel
+        self.dynamic = dynamic
         self.blocks = (q_block, kv_block)
         self.score_dtype = score_dtype
         self.narrow = narrow
@@ -461,7 +462,7 @@ class FlexKernel:
 
         key = ("dense", str(q.device), length, q_block, kv_block)
         mask = self._cached(key, lambda: _Mask(causal_tiles(length, q_block, kv_block, q.device), causal_mask_mod()))
-        return _run_flex("dense", q, k, v, mask, compiled, tiling)
+        return _run_flex("dense", q, k, v, mask, compiled, tiling, self.dynamic)
 
     # -- sparse branches ---------------------------------------------------------------------------
     def _branches(self, qs, ks, vs, pooler, lengths, compiled, needs_grad) -> dict[str, torch.Tensor]:
@@ -496,12 +497,12 @@ class FlexKernel:
 
                 mask = self._cached(key, build)
                 self._mark("compression: pooling + mask", device)
-                outputs["compression"] = _run_flex("compression", qs, compressed_k, compressed_v, mask, compiled, tiling)
+                outputs["compression"] = _run_flex("compression", qs, compressed_k, compressed_v, mask, compiled, tiling, self.dynamic)
                 self._mark("compression: flex", device)
         if pattern.selection is not None:
             assert compressed_k is not None
             mask, tiling = self.selection_mask(qs, compressed_k, lengths, compiled, needs_grad)
-            outputs["selection"] = _run_flex("selection", qs, ks, vs, mask, compiled, tiling)
+            outputs["selection"] = _run_flex("selection", qs, ks, vs, mask, compiled, tiling, self.dynamic)
             self._mark("selection: flex", device)
         if pattern.window is not None:
             size = pattern.window.size
@@ -510,7 +511,7 @@ class FlexKernel:
             key = ("window", str(device), length, size, q_block, kv_block)
             mask = self._cached(key, lambda: _Mask(fm.window_tiles(length, size, q_block, kv_block, device), fm.window_mask_mod(size)))
             self._mark("window: mask", device)
-            outputs["window"] = _run_flex("window", qs, ks, vs, mask, compiled, tiling)
+            outputs["window"] = _run_flex("window", qs, ks, vs, mask, compiled, tiling, self.dynamic)
             self._mark("window: flex", device)
         return outputs
 
@@ -528,7 +529,7 @@ class FlexKernel:
         device = qs.device
         result = scoring.select(
             qs, compressed_k, pattern.compression, selection, lengths,
-            score_dtype=self.score_dtype, chunk=self.chunk,
+            score_dtype=self.score_dtype, chunk=self.chunk, kernel=self.scoring_kernel,
         )
         self.last_selection = result
         self._mark("selection: scores + top-n", device)
@@ -632,7 +633,12 @@ class FlexBackend:
         return tuple(plans)
 
     def build(self, pattern: Pattern, plan: Any) -> FlexKernel:
-        return FlexKernel(pattern)
+        options = getattr(plan, "options", None)
+        if options is None:
+            return FlexKernel(pattern)
+        score_dtype = None if options.score_dtype == "auto" else getattr(torch, options.score_dtype)
+        return FlexKernel(pattern, mode=options.flex_mode, score_dtype=score_dtype,
+                          scoring_kernel=options.scoring_kernel, dynamic=options.flex_dynamic)
 
 
 BACKEND = FlexBackend()
