@@ -87,20 +87,32 @@ def cpu_compiled_wrong(kv_length: int, kv_block: int) -> bool:
 # each other's entries.
 
 
+def _nan_shows(score, b, h, q_idx, kv_idx):
+    """``score_mod``: NaN scores become ``+inf``. The kernel's row maximum skips
+    NaN, so a row whose every visible score is NaN (a NaN query, a NaN key seen
+    alone) would come out as an empty row, zeros; ``+inf`` makes it NaN as the
+    reference's softmax does. Masked scores are still dropped by the mask."""
+    return torch.where(torch.isnan(score), float("inf"), score)
+
+
 def _flex_compression(q, k, v, block_mask, scale, kernel_options):
-    return _flex_attention(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=True, kernel_options=kernel_options)
+    return _flex_attention(q, k, v, score_mod=_nan_shows, block_mask=block_mask, scale=scale, enable_gqa=True,
+                           kernel_options=kernel_options)
 
 
 def _flex_selection(q, k, v, block_mask, scale, kernel_options):
-    return _flex_attention(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=True, kernel_options=kernel_options)
+    return _flex_attention(q, k, v, score_mod=_nan_shows, block_mask=block_mask, scale=scale, enable_gqa=True,
+                           kernel_options=kernel_options)
 
 
 def _flex_window(q, k, v, block_mask, scale, kernel_options):
-    return _flex_attention(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=True, kernel_options=kernel_options)
+    return _flex_attention(q, k, v, score_mod=_nan_shows, block_mask=block_mask, scale=scale, enable_gqa=True,
+                           kernel_options=kernel_options)
 
 
 def _flex_dense(q, k, v, block_mask, scale, kernel_options):
-    return _flex_attention(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=True, kernel_options=kernel_options)
+    return _flex_attention(q, k, v, score_mod=_nan_shows, block_mask=block_mask, scale=scale, enable_gqa=True,
+                           kernel_options=kernel_options)
 
 
 _ENTRY = {"compression": _flex_compression, "selection": _flex_selection, "window": _flex_window, "dense": _flex_dense}
@@ -214,6 +226,7 @@ def dense_block_mask_attention(q, k, v, tiles, mask_mod, scale: float) -> torch.
     and dtype. Pairs: full tiles, and partial tiles where ``mask_mod`` holds.
     Rows with no key give zeros."""
     from nsaflex.backends.flex_masks import effective_mask
+    from nsaflex.reference import masked_product, masked_softmax
 
     batch, query_heads, _, _ = q.shape
     group = query_heads // k.shape[1]
@@ -222,10 +235,7 @@ def dense_block_mask_attention(q, k, v, tiles, mask_mod, scale: float) -> torch.
     keys = k.to(work).repeat_interleave(group, dim=1)
     values = v.to(work).repeat_interleave(group, dim=1)
     scores = torch.matmul(q.to(work), keys.transpose(-1, -2)) * scale
-    scores = scores.masked_fill(~allowed, float("-inf"))
-    has_key = allowed.any(dim=-1, keepdim=True)
-    probabilities = torch.softmax(scores.masked_fill(~has_key, 0.0), dim=-1) * has_key
-    return torch.matmul(probabilities, values).to(q.dtype)
+    return masked_product(masked_softmax(scores, allowed), values, allowed).to(q.dtype)
 
 
 class _Mask:
