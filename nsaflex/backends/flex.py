@@ -133,7 +133,7 @@ def gated_sum(gates: torch.Tensor, outputs: tuple[torch.Tensor, ...], work: torc
 def _compiled_mix():
     """:func:`gated_sum` as one fused elementwise kernel. Eager, it makes a float32
     copy of every branch output and a pass per product and sum: 17.7 ms of a
-    70 ms forward at 128K on an H100 (benchmarks/flex-h100-2026-11-25.md, run 3).
+    70 ms forward at 128K (H100).
     Length-generic (``dynamic=True``): a new length does not recompile it."""
     if "mix" not in _COMPILED:
         _COMPILED["mix"] = torch.compile(gated_sum, dynamic=True, backend=_counting_backend("mix"))
@@ -161,7 +161,7 @@ def _with_small_backward_tiles(inner_compile):
     D = 128 (64 x 128 and 128 x 64 tiles) and drops it for 64 x 64 BlockMasks
     (``NoValidChoicesError``). ``max_autotune`` has fitting ones but times every
     candidate on made-up block indices: 3.6 s per forward call at 128K, over 3
-    minutes of compiling (H200, runs 9-10b). One configuration means no timing.
+    minutes of compiling (H200). One configuration means no timing.
     """
     import dataclasses
 
@@ -290,7 +290,7 @@ def _block_sizes(pattern: Pattern, branch: str, device: torch.device, needs_grad
         return _Tiling(q_block, kv_block)
     # 4 warps and 2 stages: 11.7 ms for videonsa-qblock's selection at 128K on an
     # H100, against 16.3 ms (4 warps, 3 stages) and 22.7 ms with flex's default for
-    # 64 x 64 tiles (benchmarks/flex-h100-2026-11-25.md, run 5).
+    # 64 x 64 tiles.
     forward = {"BLOCK_M": CUDA_SMALL_BLOCK, "BLOCK_N": CUDA_SMALL_BLOCK, "num_warps": 4, "num_stages": 2}
     if not needs_grad:
         return _Tiling(q_block, kv_block, forward)
@@ -299,8 +299,8 @@ def _block_sizes(pattern: Pattern, branch: str, device: torch.device, needs_grad
         # measured there; torch's default backward tiles 128 x 128.
         return _Tiling(DEFAULT_BLOCK, DEFAULT_BLOCK)
     # With gradients the same tiles (128 x 128 ones ran the union of two 64-query
-    # units' blocks, all partial: 134 ms forward + 300 ms backward at 128K, run 5;
-    # 16K forward+backward 47.9 ms against 21.5 on 64 x 64 tiles, H200 run 10b).
+    # units' blocks, all partial: 134 ms forward + 300 ms backward at 128K on an H100;
+    # 16K forward+backward 47.9 ms against 21.5 on 64 x 64 tiles on an H200).
     options = {f"fwd_{name}": value for name, value in forward.items()}
     return _Tiling(q_block, kv_block, options, small_backward_tiles=True)
 
