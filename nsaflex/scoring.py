@@ -17,9 +17,11 @@ an empty slot) where ``Hs`` is ``Hkv`` (``scoring: group``) or ``Hq``
 blocks (``-1`` where absent or repeated), the rest the ranked candidates.
 
 Precision: the ranking is decided in ``score_dtype``. float64 reproduces the
-reference's choice exactly on float32 inputs; float32 (the default on CUDA)
-can differ where two blocks' scores agree to about 1e-7. Ties that are exact
-in float32 go to the lower index, as in the reference.
+reference's choice exactly on float32 inputs; float32 (the default on CUDA, and
+the Triton backend's kernels) sums in its own order and can choose differently
+where two blocks' float64 scores are nearer than :func:`tie_tolerance` (large
+logits make many probabilities round to the same float32, often 0). Ties that
+are exact go to the lower index, as in the reference.
 
 On CUDA with float32 ranking the scores come from the Triton kernels of
 :mod:`nsaflex.kernels.tile_scores` (log-sum-exp pass, then probabilities summed
@@ -52,6 +54,22 @@ def default_score_dtype(device: torch.device | str, dtype: torch.dtype) -> torch
     if dtype == torch.float64 or torch.device(device).type == "cpu":
         return torch.float64
     return torch.float32
+
+
+# Relative precision of float32 block scores: unit roundoff 2^-24, times 2^8 for
+# the softmax's exp and normalisation and the sums over group heads, Eq. 9 terms
+# and query tiles (each a few roundings).
+TIE_RELATIVE = 2.0**-16
+
+
+def tie_tolerance(top_score: float, max_logit: float) -> float:
+    """The score gap below which float32 backends may rank two blocks either way:
+    ``2^-16 * (1 + max_logit) * top_score``, where ``top_score`` is the unit's
+    largest block score and ``max_logit`` its largest ``|q . K_i| / sqrt(D)``
+    (exp carries the logit's absolute rounding into a relative error of the
+    probability). Blocks whose float64 scores differ by more are ranked alike by
+    every backend; the outputs then agree within the dtype's tolerance."""
+    return TIE_RELATIVE * (1.0 + max_logit) * top_score
 
 
 def eq9_offsets(compression: Compression, selection: Selection) -> list[tuple[int, int]]:
