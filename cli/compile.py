@@ -9,6 +9,7 @@ tables; ``--emit DIR`` also writes a stand-alone Python module for the pattern
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -205,6 +206,9 @@ def _plan_table(plan: Any) -> Table:
     captions = []
     if not getattr(plan, "deterministic", True):
         captions.append("gradients: not bit-reproducible (atomic accumulation where the backend has it)")
+    options = getattr(plan, "options", None)
+    if options is not None:
+        captions.append("options: " + ", ".join(f"{name} {value}" for name, value in dataclasses.asdict(options).items()))
     reasons = getattr(plan, "reasons", ())
     if reasons:
         captions.append("passed over: " + "; ".join(f"{name}: {why}" for name, why in reasons))

@@ -8,7 +8,7 @@ from nsaflex.errors import BackendUnavailable, InputError, NsaflexError, Pattern
 from nsaflex.gates import GateNetwork
 from nsaflex.layer import SparseAttentionLayer
 from nsaflex.loader import dump_pattern, load_pattern, loads_pattern, pattern_from_dict
-from nsaflex.plan import Plan, make_plan
+from nsaflex.plan import Plan, PlanOptions, make_plan
 from nsaflex.runtime import CompiledAttention, compile
 from nsaflex.spec import (
     Budget,
@@ -28,6 +28,7 @@ __all__ = [
     "BackendUnavailable",
     "CompiledAttention",
     "Plan",
+    "PlanOptions",
     "compile",
     "make_plan",
     "Budget",

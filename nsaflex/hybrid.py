@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch.nn import functional as F
 
+from nsaflex.pooling import softmax_scale
 from nsaflex.spec import Pattern
 from nsaflex.tensor_memo import remembered
 
@@ -118,7 +119,8 @@ def gather_padded(x: torch.Tensor, layout: SparseLayout) -> torch.Tensor:
     index = index.expand(batch, heads, layout.max_length, *x.shape[3:])
     gathered = torch.gather(x, 2, index)
     valid = padding_mask(layout).view(batch, 1, -1, *([1] * (x.dim() - 3)))
-    return gathered * valid.to(gathered.dtype)
+    # where, not a product: padding entries copy position 0, which may hold inf or NaN.
+    return torch.where(valid, gathered, torch.zeros_like(gathered))
 
 
 def scatter_padded(y: torch.Tensor, layout: SparseLayout, length: int) -> torch.Tensor:
@@ -128,7 +130,7 @@ def scatter_padded(y: torch.Tensor, layout: SparseLayout, length: int) -> torch.
         return y
     batch, heads, _, dim = y.shape
     valid = padding_mask(layout)[:, None, :, None]
-    y = y * valid.to(y.dtype)
+    y = torch.where(valid, y, torch.zeros_like(y))
     index = layout.positions[:, None, :, None].expand(batch, heads, layout.max_length, dim)
     # Padding entries point at position 0 with zero values: scatter_add leaves it unchanged.
     return y.new_zeros(batch, heads, length, dim).scatter_add(2, index, y)
@@ -238,11 +240,21 @@ def text_dense_attention(
 
     Text queries are few in video inputs, so they are gathered and attend to
     all keys through SDPA with an explicit causal mask ``[B, 1, Nt, L]``:
-    ``O(Nt * L)`` work instead of ``O(L^2)``.
+    ``O(Nt * L)`` work instead of ``O(L^2)``. SDPA adds its mask to the scores
+    (``-inf + inf = NaN``) and multiplies masked probabilities into the values
+    (``0 * inf = NaN``), so where q, k or v hold a non-finite value the same
+    attention runs as explicit masked softmax (:func:`nsaflex.reference.masked_softmax`
+    and :func:`~nsaflex.reference.masked_product`, chunks of text queries): each
+    non-finite value reaches only the queries that see it.
     """
     batch, query_heads, length, dim = q.shape
     counts = text_queries.sum(dim=1)
-    most = int(counts.max().item()) if batch else 0
+    # Any inf or NaN makes the sum non-finite (a float32 overflow of finite values
+    # only sends the call down the exact path); no [B, H, L, D] bool tensor is made.
+    finite = torch.isfinite(sum(x.sum(dtype=torch.float32 if x.dtype != torch.float64 else x.dtype) for x in (q, k, v)))
+    # One host read for both (the text path reads the count anyway).
+    most, all_finite = (int(x) for x in torch.stack([counts.max() if batch else counts.new_zeros(()),
+                                                     finite.to(counts.dtype)]).tolist())
     out = q.new_zeros(q.shape)
     if most == 0:
         return out
@@ -252,13 +264,38 @@ def text_dense_attention(
     text_q = torch.gather(q, 2, index)
     keys = torch.arange(length, device=q.device)
     mask = (keys[None, None, :] <= order[:, :, None]) & valid[:, :, None]  # [B, Nt, L]
-    # Padding rows see key 0 only (their output is dropped below) so no row is fully masked.
-    mask = mask | (~valid[:, :, None] & (keys == 0)[None, None, :])
     group = query_heads // k.shape[1]
-    text_out = _masked_attention(text_q, k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1),
-                                 mask[:, None])
-    text_out = text_out * valid[:, None, :, None].to(text_out.dtype)
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    if all_finite:
+        # Padding rows see key 0 only (their output is dropped below) so no row is fully masked.
+        mask = mask | (~valid[:, :, None] & (keys == 0)[None, None, :])
+        text_out = _masked_attention(text_q, k, v, mask[:, None])
+    else:
+        text_out = _exact_masked_attention(text_q, k, v, mask[:, None])
+    text_out = torch.where(valid[:, None, :, None], text_out, torch.zeros_like(text_out))
     return out.scatter_add(2, index, text_out)
+
+
+# Scores held at once by the explicit (non-finite input) text attention.
+EXACT_CHUNK_ELEMENTS = 1 << 24
+
+
+def _exact_masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``softmax(q k^T / sqrt(D)) v`` over ``mask [B, 1, Nt, L]`` (q ``[B, H, Nt, D]``,
+    k, v ``[B, H, L, D]``) in explicit ops that keep non-finite values to the rows
+    that see them, in chunks of queries; float32 for half inputs."""
+    from nsaflex.reference import masked_product, masked_softmax
+
+    work = torch.float64 if q.dtype == torch.float64 else torch.float32
+    batch, heads, rows, dim = q.shape
+    chunk = max(1, EXACT_CHUNK_ELEMENTS // max(1, batch * heads * k.shape[2]))
+    keys, values = k.to(work), v.to(work)
+    pieces = []
+    for start in range(0, rows, chunk):
+        part = mask[:, :, start : start + chunk].expand(batch, heads, -1, -1)
+        scores = q[:, :, start : start + chunk].to(work) @ keys.transpose(-1, -2) * softmax_scale(dim)
+        pieces.append(masked_product(masked_softmax(scores, part), values, part))
+    return torch.cat(pieces, dim=2).to(q.dtype)
 
 
 def combine(sparse: torch.Tensor, text: torch.Tensor | None, layout: SparseLayout) -> torch.Tensor:

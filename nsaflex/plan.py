@@ -10,14 +10,57 @@ the backend's ``build``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from nsaflex.backends.base import REGISTRY, BranchPlan, get_backend
-from nsaflex.errors import BackendUnavailable
+from nsaflex.errors import BackendUnavailable, InputError, did_you_mean, one_of
 from nsaflex.spec import Pattern
 
 AUTO_ORDER = {"cuda": ("triton", "flex", "reference"), "cpu": ("flex", "reference")}
+
+# option -> its allowed values, the first being the default.
+OPTION_CHOICES: dict[str, tuple[Any, ...]] = {
+    "scoring_kernel": ("auto", "triton", "torch"),
+    "score_dtype": ("auto", "float32", "float64"),
+    "flex_mode": ("auto", "eager", "compiled"),
+    "flex_dynamic": (False, True),
+}
+
+
+@dataclass(frozen=True)
+class PlanOptions:
+    """Choices that change which kernels run, or the last bits of the numbers,
+    for the backends that read them (the others ignore them).
+
+    Attributes:
+        scoring_kernel: how the flex backend computes selection scores: ``auto``
+            (the Triton scoring kernels on CUDA with float32 ranking, torch
+            elsewhere), ``triton`` (always; on CPU under ``TRITON_INTERPRET=1``;
+            a kernel failure raises instead of falling back) or ``torch``.
+        score_dtype: precision in which the flex backend ranks selection scores:
+            ``auto`` (float64 on CPU and for float64 inputs, the reference's choice
+            exactly; float32 on CUDA), ``float32`` or ``float64``.
+        flex_mode: how the flex backend runs FlexAttention: ``auto`` (compiled
+            except float64 inputs and CPU calls that need gradients, which take
+            the dense evaluation), ``eager`` (always the dense evaluation) or
+            ``compiled``.
+        flex_dynamic: compile the flex branches with automatic dynamic shapes (a
+            second length recompiles once into a length-generic kernel) instead of
+            one static compile per branch and length.
+    """
+
+    scoring_kernel: str = "auto"
+    score_dtype: str = "auto"
+    flex_mode: str = "auto"
+    flex_dynamic: bool = False
+
+    def __post_init__(self) -> None:
+        for name, allowed in OPTION_CHOICES.items():
+            value = getattr(self, name)
+            # bool is checked by type: 1 == True would pass a membership test.
+            if type(value) is not type(allowed[0]) or value not in allowed:
+                raise InputError(name, one_of(allowed), value)
 
 
 @dataclass(frozen=True)
@@ -37,6 +80,7 @@ class Plan:
             atomics instead of reducing per-segment partials in order (the order
             of additions, and so the last bits, vary; measured no faster at 128K);
             the other backends are deterministic either way.
+        options: the :class:`PlanOptions` (kernel and precision choices).
     """
 
     pattern: Pattern
@@ -47,6 +91,7 @@ class Plan:
     layers: tuple[tuple[tuple[int, ...], "Plan"], ...] = ()
     layer: int | None = None
     deterministic: bool = True
+    options: PlanOptions = PlanOptions()
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable form."""
@@ -58,6 +103,7 @@ class Plan:
             "branches": [branch.to_dict() for branch in self.branches],
             "passed_over": {name: reason for name, reason in self.reasons},
             "deterministic": self.deterministic,
+            "options": asdict(self.options),
             "layers": [{"at": list(at), "plan": plan.to_dict()} for at, plan in self.layers],
         }
 
@@ -94,9 +140,11 @@ def choose_backend(pattern: Pattern, backend: str, device: str) -> tuple[str, tu
 
 
 def make_plan(pattern: Pattern, backend: str = "auto", device: str | None = None, *, layer: int | None = None,
-              deterministic: bool = True) -> Plan:
+              deterministic: bool = True, options: PlanOptions | None = None, **option_values: Any) -> Plan:
     """Lower ``pattern`` (resolved for ``layer`` when given) for ``device``
-    (``deterministic``: see :class:`Plan`)."""
+    (``deterministic``: see :class:`Plan`). Options come as a :class:`PlanOptions`
+    or as its fields by name (``make_plan(p, "flex", flex_mode="eager")``)."""
+    options = plan_options(options, **option_values)
     if not isinstance(backend, str) or (backend != "auto" and backend not in REGISTRY):
         get_backend(backend)  # raises with a did-you-mean
     device = _normalise_device(device)
@@ -106,7 +154,21 @@ def make_plan(pattern: Pattern, backend: str = "auto", device: str | None = None
     sub_plans = ()
     if layer is None and pattern.layers:
         sub_plans = tuple(
-            (override.at, make_plan(pattern, backend, device, layer=override.at[0], deterministic=deterministic))
+            (override.at, make_plan(pattern, backend, device, layer=override.at[0], deterministic=deterministic,
+                                    options=options))
             for override in pattern.layers
         )
-    return Plan(resolved, name, device, branches, reasons, sub_plans, layer, deterministic)
+    return Plan(resolved, name, device, branches, reasons, sub_plans, layer, deterministic, options)
+
+
+def plan_options(options: PlanOptions | None = None, **values: Any) -> PlanOptions:
+    """``options`` (default: all defaults) with the fields named in ``values``
+    replaced; an unknown name or a value outside its choices raises InputError."""
+    if options is not None and not isinstance(options, PlanOptions):
+        raise InputError("options", "a PlanOptions", options)
+    for name in values:
+        if name not in OPTION_CHOICES:
+            hint = did_you_mean(name, OPTION_CHOICES)
+            raise InputError("option", "one of " + ", ".join(OPTION_CHOICES) + (f" ({hint})" if hint else ""), name)
+    base = asdict(options) if options is not None else {}
+    return PlanOptions(**{**base, **values})

@@ -96,18 +96,51 @@ def masked_attention(
     ``q [Hq, T, D]``, ``k, v [Hkv, S, D]`` (query head ``h`` reads kv head
     ``h // G``), ``mask`` broadcastable to ``[Hq, T, S]``. Returns the output
     ``[Hq, T, D]`` and the probabilities ``[Hq, T, S]``; rows with no visible
-    key give zero output and zero probabilities.
+    key give zero output and zero probabilities. Non-finite inputs reach only
+    the rows that see them (:func:`masked_softmax`, :func:`masked_product`).
     """
     group = q.shape[0] // k.shape[0]
     k = k.repeat_interleave(group, dim=0)
     v = v.repeat_interleave(group, dim=0)
     scores = torch.einsum("htd,hsd->hts", q, k) * softmax_scale(q.shape[-1])
     mask = mask.expand_as(scores)
-    scores = scores.masked_fill(~mask, float("-inf"))
-    has_key = mask.any(dim=-1, keepdim=True)
-    # A fully masked row would be NaN; give it zero probabilities instead.
-    probabilities = torch.softmax(scores.masked_fill(~has_key, 0.0), dim=-1) * has_key
-    return torch.einsum("hts,hsd->htd", probabilities, v), probabilities
+    probabilities = masked_softmax(scores, mask)
+    return masked_product(probabilities, v, mask), probabilities
+
+
+def masked_softmax(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``softmax`` over the last dim of ``scores [..., T, S]`` restricted to the
+    bool ``mask [..., T, S]``.
+
+    A key whose score is ``-inf`` gets probability 0, as a masked key does, and
+    a row with no other key gets zero probabilities (as a row with no visible
+    key): what the tiled kernels do, which cannot tell the two apart. NaN and
+    ``+inf`` scores make their row NaN; masked scores never reach a row."""
+    live = mask & (scores != float("-inf"))
+    has_key = live.any(dim=-1, keepdim=True)
+    scores = scores.masked_fill(~live, float("-inf"))
+    # A row with no live key would be NaN; give it zero probabilities instead.
+    return torch.softmax(scores.masked_fill(~has_key, 0.0), dim=-1) * has_key
+
+
+def masked_product(probabilities: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``probabilities [..., T, S] @ v [..., S, D]`` in which a masked pair adds
+    nothing even where ``v`` is inf or NaN (a plain product adds ``0 * inf = NaN``).
+
+    The finite part of ``v`` goes through one matmul; the key rows holding a
+    non-finite value (few) add their terms over the pairs ``mask`` keeps."""
+    finite = torch.isfinite(v)
+    out = probabilities @ torch.where(finite, v, torch.zeros_like(v))
+    bad_keys = (~finite).any(dim=-1)
+    while bad_keys.dim() > 1:
+        bad_keys = bad_keys.any(dim=0)
+    index = torch.nonzero(bad_keys).flatten()
+    if index.numel() == 0:
+        return out
+    kept = torch.where(finite, torch.zeros_like(v), v).index_select(-2, index)  # [..., S', D]
+    pairs = mask.expand(*probabilities.shape).index_select(-1, index)  # [..., T, S']
+    terms = probabilities.index_select(-1, index)[..., None] * kept[..., None, :, :]  # [..., T, S', D]
+    return out + torch.where(pairs[..., None], terms, torch.zeros_like(terms)).sum(dim=-2)
 
 
 # --- selection ------------------------------------------------------------------------

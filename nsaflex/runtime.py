@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from typing import Any
 
 import torch
 from torch import nn
@@ -105,6 +106,7 @@ def compile(
     device: str | None = None,
     head_dim: int | None = None,
     deterministic: bool = True,
+    **options: Any,
 ) -> CompiledAttention:
     """Compile a pattern (object, file path or bundled name) into an attention module.
 
@@ -114,10 +116,13 @@ def compile(
     ``deterministic=False`` allows atomic (faster, not bit-reproducible)
     gradient accumulation where a backend has it (Triton: the selection
     branch's dk and dv); the plan records the choice.
+    ``options``: kernel and precision choices by name (``scoring_kernel``,
+    ``score_dtype``, ``flex_mode``, ``flex_dynamic``; see
+    :class:`nsaflex.plan.PlanOptions`), recorded in the plan.
     """
     if not isinstance(pattern, Pattern):
         pattern = load_pattern(pattern)
     if not isinstance(deterministic, bool):
         raise InputError("deterministic", "True or False", deterministic)
-    plan = make_plan(pattern, backend, device, layer=layer, deterministic=deterministic)
+    plan = make_plan(pattern, backend, device, layer=layer, deterministic=deterministic, **options)
     return CompiledAttention(pattern, plan, head_dim)

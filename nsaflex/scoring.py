@@ -17,15 +17,18 @@ an empty slot) where ``Hs`` is ``Hkv`` (``scoring: group``) or ``Hq``
 blocks (``-1`` where absent or repeated), the rest the ranked candidates.
 
 Precision: the ranking is decided in ``score_dtype``. float64 reproduces the
-reference's choice exactly on float32 inputs; float32 (the default on CUDA)
-can differ where two blocks' scores agree to about 1e-7. Ties that are exact
-in float32 go to the lower index, as in the reference.
+reference's choice exactly on float32 inputs; float32 (the default on CUDA, and
+the Triton backend's kernels) sums in its own order and can choose differently
+where two blocks' float64 scores are nearer than :func:`tie_tolerance` (large
+logits make many probabilities round to the same float32, often 0). Ties that
+are exact go to the lower index, as in the reference.
 
 On CUDA with float32 ranking the scores come from the Triton kernels of
 :mod:`nsaflex.kernels.tile_scores` (log-sum-exp pass, then probabilities summed
 over the group heads and the query tile in registers: no ``[c, N]`` logits in
-memory); ``NSAFLEX_SCORING_KERNEL=0`` keeps the torch path, ``=1`` forces the
-kernels (on CPU under ``TRITON_INTERPRET=1``). CPU defaults are unchanged.
+memory); ``select(..., kernel="torch")`` keeps the torch path, ``"triton"`` forces
+the kernels (on CPU under ``TRITON_INTERPRET=1``); the plan option
+``scoring_kernel`` (:class:`nsaflex.plan.PlanOptions`) chooses for the flex backend.
 """
 
 from __future__ import annotations
@@ -35,25 +38,38 @@ from dataclasses import dataclass
 
 import torch
 
+from nsaflex.errors import BackendUnavailable, InputError, one_of
 from nsaflex.pooling import softmax_scale
 from nsaflex.spec import Compression, Selection
 
+SCORING_KERNELS = ("auto", "triton", "torch")
 # Number of query rows (times query heads and compressed tokens) held at once.
 DEFAULT_CHUNK_ELEMENTS = 1 << 27
 
 
 def default_score_dtype(device: torch.device | str, dtype: torch.dtype) -> torch.dtype:
     """float64 on CPU and for float64 inputs (exact agreement with the
-    reference), float32 on CUDA; ``NSAFLEX_SCORE_DTYPE=float32|float64``
-    overrides."""
-    forced = os.environ.get("NSAFLEX_SCORE_DTYPE", "").strip().lower()
-    if forced in ("float32", "fp32"):
-        return torch.float32
-    if forced in ("float64", "fp64", "double"):
-        return torch.float64
+    reference), float32 on CUDA (the plan option ``score_dtype`` overrides it
+    for the flex backend)."""
     if dtype == torch.float64 or torch.device(device).type == "cpu":
         return torch.float64
     return torch.float32
+
+
+# Relative precision of float32 block scores: unit roundoff 2^-24, times 2^8 for
+# the softmax's exp and normalisation and the sums over group heads, Eq. 9 terms
+# and query tiles (each a few roundings).
+TIE_RELATIVE = 2.0**-16
+
+
+def tie_tolerance(top_score: float, max_logit: float) -> float:
+    """The score gap below which float32 backends may rank two blocks either way:
+    ``2^-16 * (1 + max_logit) * top_score``, where ``top_score`` is the unit's
+    largest block score and ``max_logit`` its largest ``|q . K_i| / sqrt(D)``
+    (exp carries the logit's absolute rounding into a relative error of the
+    probability). Blocks whose float64 scores differ by more are ranked alike by
+    every backend; the outputs then agree within the dtype's tolerance."""
+    return TIE_RELATIVE * (1.0 + max_logit) * top_score
 
 
 def eq9_offsets(compression: Compression, selection: Selection) -> list[tuple[int, int]]:
@@ -192,6 +208,7 @@ def select(
     *,
     score_dtype: torch.dtype | None = None,
     chunk: int | None = None,
+    kernel: str = "auto",
 ) -> SelectionResult:
     """The selection of every unit of the sparse sequences ``q [B, Hq, L, D]``
     against compressed keys ``[B, Hkv, N, D]`` (no gradient).
@@ -199,7 +216,12 @@ def select(
     ``lengths [B]``: real length of each (padded) row; units that start past it
     select nothing, queries past it add nothing to a tile's scores, and
     ``videonsa_legacy`` visibility stops at the row's own compressed tokens.
+    ``kernel``: ``auto`` (the Triton scoring kernels on CUDA with float32
+    ranking), ``triton`` (always, also on CPU under ``TRITON_INTERPRET=1``;
+    errors raise) or ``torch`` (never).
     """
+    if kernel not in SCORING_KERNELS:
+        raise InputError("kernel", one_of(SCORING_KERNELS), kernel)
     batch, query_heads, length, dim = q.shape
     kv_heads = compressed_k.shape[1]
     group = query_heads // kv_heads
@@ -207,11 +229,11 @@ def select(
     device = q.device
     if score_dtype is None:
         score_dtype = default_score_dtype(device, q.dtype)
-    if _use_kernel(q, compressed_k, score_dtype):
+    if _use_kernel(q, compressed_k, score_dtype, kernel):
         try:
             return _select_kernel(q, compressed_k, compression, selection, lengths, chunk)
         except Exception as error:  # pragma: no cover - depends on the toolchain
-            if _kernel_mode() == "1":
+            if kernel == "triton":
                 raise
             import warnings
 
@@ -280,26 +302,27 @@ KERNEL_CHUNK_ELEMENTS = 1 << 28
 _KERNEL: dict[str, bool] = {}
 
 
-def _kernel_mode() -> str:
-    """``NSAFLEX_SCORING_KERNEL``: ``auto`` (default: CUDA with float32 ranking),
-    ``1`` (always, also on CPU under ``TRITON_INTERPRET=1``; errors raise), ``0`` (never)."""
-    value = os.environ.get("NSAFLEX_SCORING_KERNEL", "auto").strip().lower()
-    return {"1": "1", "true": "1", "yes": "1", "on": "1", "0": "0", "false": "0", "no": "0", "off": "0"}.get(value, "auto")
-
-
-def _use_kernel(q: torch.Tensor, compressed_k: torch.Tensor, score_dtype: torch.dtype) -> bool:
-    mode = _kernel_mode()
-    if mode == "0" or compressed_k.shape[2] == 0 or q.shape[2] == 0:
+def _use_kernel(q: torch.Tensor, compressed_k: torch.Tensor, score_dtype: torch.dtype, mode: str = "auto") -> bool:
+    """Whether :func:`select` scores with the Triton kernels (``mode``: see its
+    ``kernel``); ``triton`` where they cannot serve raises BackendUnavailable."""
+    if mode == "torch" or compressed_k.shape[2] == 0 or q.shape[2] == 0:
         return False
     if mode == "auto" and (q.device.type != "cuda" or score_dtype != torch.float32 or _KERNEL.get("failed")):
         return False
+    reason = _kernel_unsupported(q, compressed_k)
+    if reason is not None and mode == "triton":
+        raise BackendUnavailable(f"scoring_kernel 'triton' cannot score here: {reason}")
+    return reason is None
+
+
+def _kernel_unsupported(q: torch.Tensor, compressed_k: torch.Tensor) -> str | None:
     if q.device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
-        return False
+        return f"the Triton scoring kernels need a CUDA device (on {q.device.type} only under TRITON_INTERPRET=1)"
     try:
         from nsaflex.kernels import tile_scores
-    except Exception:  # pragma: no cover - no triton
-        return False
-    return tile_scores.supported(q, compressed_k) is None
+    except ImportError as error:  # pragma: no cover - triton is a dependency
+        return f"triton cannot be imported: {error}"
+    return tile_scores.supported(q, compressed_k)
 
 
 def _select_kernel(q, compressed_k, compression: Compression, selection: Selection, lengths, chunk) -> SelectionResult:
@@ -390,9 +413,9 @@ _POST: dict[str, object] = {}
 
 def _post_function(device):
     """The chunk post-processing: ``torch.compile``d on CUDA (one fused pass over
-    the logits instead of several; ``NSAFLEX_COMPILE_SCORING=0`` turns it off),
-    plain elsewhere. A failed compile falls back to the plain function."""
-    if torch.device(device).type != "cuda" or os.environ.get("NSAFLEX_COMPILE_SCORING", "1") == "0":
+    the logits instead of several), plain elsewhere. A failed compile falls back
+    to the plain function."""
+    if torch.device(device).type != "cuda":
         return _chunk_scores
     if "fn" not in _POST:
         compiled = torch.compile(_chunk_scores, dynamic=False)

@@ -14,8 +14,8 @@ kernels::
 
     NSAFLEX_TEST_DEVICE=cuda pytest tests/test_flex_equivalence.py tests/test_flex_runtime.py
 
-(bf16 by default there; ``NSAFLEX_TEST_DTYPE=float32 NSAFLEX_SCORE_DTYPE=float64``
-for fp32 with exact selection ranking; ``NSAFLEX_TEST_EXAMPLES=N`` draws per
+(bf16 by default there; ``NSAFLEX_TEST_DTYPE=float32 NSAFLEX_TEST_SCORE_DTYPE=float64``
+for fp32 with exact selection ranking, the plan option ``score_dtype``; ``NSAFLEX_TEST_EXAMPLES=N`` draws per
 property, default 6 on CUDA and 40 on CPU; tolerances follow the dtype).
 """
 
@@ -39,6 +39,8 @@ DTYPE = getattr(torch, os.environ.get("NSAFLEX_TEST_DTYPE", "bfloat16" if DEVICE
 EXAMPLES = int(os.environ.get("NSAFLEX_TEST_EXAMPLES", "6" if DEVICE == "cuda" else "40"))
 TOLERANCE = {torch.float32: 1e-5 if DEVICE == "cpu" else 1e-4, torch.bfloat16: 3e-2, torch.float16: 5e-3}[DTYPE]
 GRAD_TOLERANCE = {torch.float32: 1e-5 if DEVICE == "cpu" else 1e-4, torch.bfloat16: 6e-2, torch.float16: 1e-2}[DTYPE]
+# The plan option score_dtype of every compiled attention here ("auto": the device's default).
+SCORE_DTYPE = os.environ.get("NSAFLEX_TEST_SCORE_DTYPE", "auto")
 MAX_LENGTH = int(os.environ.get("NSAFLEX_TEST_MAX_LENGTH", "48"))
 # Draws through the compiled kernels on CPU (each one compiles, ~10 s on 2 cores).
 COMPILED_EXAMPLES = int(os.environ.get("NSAFLEX_TEST_COMPILED_EXAMPLES", "4"))
@@ -88,7 +90,7 @@ def cases(draw, **pattern_options):
     if resolved.branches and resolved.gate.kind != "constant":
         gates = torch.rand(batch, heads, length, len(resolved.branches), generator=generator)
     types = draw(token_types(batch, length)) if resolved.hybrid is not None else None
-    attn = nsaflex.compile(pattern, backend="flex", layer=layer, device=DEVICE, head_dim=dim)
+    attn = nsaflex.compile(pattern, backend="flex", layer=layer, device=DEVICE, head_dim=dim, score_dtype=SCORE_DTYPE)
     if attn.pooler is not None:
         torch.manual_seed(seed)
         attn.pooler.reset_parameters()
@@ -299,7 +301,7 @@ def test_compiled_kernels_match_reference(name):
     on CPU so the tile lists matter."""
     spec, batch, kv_heads, group, length, dim, rows = COMPILED_CASES[name]
     pattern = nsaflex.pattern_from_dict(spec)
-    attn = nsaflex.compile(pattern, backend="flex", device=DEVICE, head_dim=dim).to(DEVICE)
+    attn = nsaflex.compile(pattern, backend="flex", device=DEVICE, head_dim=dim, score_dtype=SCORE_DTYPE).to(DEVICE)
     if DEVICE == "cpu":
         attn._kernel.mode = "compiled"
         attn._kernel.blocks = (16, flex.MIN_CPU_COMPILED_KV_BLOCK)

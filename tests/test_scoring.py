@@ -135,8 +135,6 @@ def test_bitmap_holds_exactly_the_selection():
 
 
 @pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
-def test_default_score_dtype(device, monkeypatch):
-    monkeypatch.delenv("NSAFLEX_SCORE_DTYPE", raising=False)
+def test_default_score_dtype(device):
     assert scoring.default_score_dtype(device, torch.float32) == (torch.float64 if device == "cpu" else torch.float32)
-    monkeypatch.setenv("NSAFLEX_SCORE_DTYPE", "float32")
-    assert scoring.default_score_dtype(device, torch.float32) == torch.float32
+    assert scoring.default_score_dtype(device, torch.float64) == torch.float64

@@ -133,19 +133,11 @@ def _assert_same_or_tied(got, expected, scores, tolerance=1e-5):
 def test_kernel_selection_matches_torch_scoring(case, chunk):
     compression, selection, shape = case
     q, compressed_k, lengths = _inputs(compression, shape)
-    old = os.environ.get("NSAFLEX_SCORING_KERNEL")
-    try:
-        os.environ["NSAFLEX_SCORING_KERNEL"] = "1"
-        unit = selection.query_block or 1
-        got = scoring.select(q, compressed_k, compression, selection, lengths, chunk=None if chunk is None else chunk * unit)
-        os.environ["NSAFLEX_SCORING_KERNEL"] = "0"
-        expected = scoring.select(q.cpu().double(), compressed_k.cpu().double(), compression, selection, lengths.cpu(),
-                                  score_dtype=torch.float64)
-    finally:
-        if old is None:
-            os.environ.pop("NSAFLEX_SCORING_KERNEL", None)
-        else:
-            os.environ["NSAFLEX_SCORING_KERNEL"] = old
+    unit = selection.query_block or 1
+    got = scoring.select(q, compressed_k, compression, selection, lengths, chunk=None if chunk is None else chunk * unit,
+                         kernel="triton")
+    expected = scoring.select(q.cpu().double(), compressed_k.cpu().double(), compression, selection, lengths.cpu(),
+                              score_dtype=torch.float64, kernel="torch")
     assert got.indices.shape == expected.indices.shape and got.unit == expected.unit and got.per_head == expected.per_head
     scores = _tile_scores64(q, compressed_k, compression, selection, lengths)
     _assert_same_or_tied(got.indices.cpu(), expected.indices, scores)
@@ -157,12 +149,7 @@ def test_half_inputs_rank_like_their_float64_values(dtype):
     selection = Selection(block=16, count=3, forced=("current",), scoring="group", granularity="query_block", query_block=16)
     shape = dict(kv_heads=2, group=7, length=100, dim=32, padded=True, seed=5)
     q, compressed_k, lengths = _inputs(compression, shape, dtype)
-    old = os.environ.get("NSAFLEX_SCORING_KERNEL")
-    os.environ["NSAFLEX_SCORING_KERNEL"] = "1"
-    try:
-        got = scoring.select(q, compressed_k, compression, selection, lengths)
-    finally:
-        os.environ.pop("NSAFLEX_SCORING_KERNEL") if old is None else os.environ.__setitem__("NSAFLEX_SCORING_KERNEL", old)
+    got = scoring.select(q, compressed_k, compression, selection, lengths, kernel="triton")
     expected = scoring.select(q.cpu().double(), compressed_k.cpu().double(), compression, selection, lengths.cpu(),
                               score_dtype=torch.float64)
     _assert_same_or_tied(got.indices.cpu(), expected.indices, _tile_scores64(q, compressed_k, compression, selection, lengths))
@@ -174,8 +161,7 @@ def test_layout_sums_tiles_in_the_kernel_when_it_can():
     assert tile_scores.score_layout(4, 4, True, 3)[2] == 0  # odd tiles: per-query rows, summed by the caller
 
 
-def test_cpu_default_stays_on_torch_float64(monkeypatch):
-    monkeypatch.delenv("NSAFLEX_SCORING_KERNEL", raising=False)
+def test_cpu_default_stays_on_torch_float64():
     q, k = torch.randn(1, 2, 32, 16), torch.randn(1, 1, 4, 16)
     assert not scoring._use_kernel(q, k, scoring.default_score_dtype("cpu", q.dtype))
 
@@ -191,12 +177,7 @@ def test_videonsa_geometry(granularity):
                           granularity=granularity, query_block=block if granularity == "query_block" else None)
     shape = dict(kv_heads=4, group=7, length=4096 if cuda else 200, dim=128 if cuda else 32, padded=True, seed=11)
     q, compressed_k, lengths = _inputs(compression, shape, torch.bfloat16 if cuda else torch.float32)
-    old = os.environ.get("NSAFLEX_SCORING_KERNEL")
-    os.environ["NSAFLEX_SCORING_KERNEL"] = "1"
-    try:
-        got = scoring.select(q, compressed_k, compression, selection, lengths)
-    finally:
-        os.environ.pop("NSAFLEX_SCORING_KERNEL") if old is None else os.environ.__setitem__("NSAFLEX_SCORING_KERNEL", old)
+    got = scoring.select(q, compressed_k, compression, selection, lengths, kernel="triton")
     expected = scoring.select(q.cpu().double(), compressed_k.cpu().double(), compression, selection, lengths.cpu(),
                               score_dtype=torch.float64)
     _assert_same_or_tied(got.indices.cpu(), expected.indices, _tile_scores64(q, compressed_k, compression, selection, lengths))

@@ -28,20 +28,19 @@ BlockMask (tile lists + mask_mod) is evaluated densely with plain torch ops,
 differentiates; float64 always takes that path, and so do key tiles below
 ``MIN_CPU_COMPILED_KV_BLOCK`` (torch 2.13's compiled CPU kernel is wrong for key
 tiles of 8) and key counts it gets wrong (:func:`cpu_compiled_wrong`).
-``NSAFLEX_FLEX_MODE=eager|compiled`` forces one or the other.
+The plan option ``flex_mode`` (``eager`` or ``compiled``) forces one or the other.
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
-import os
 from typing import Any, NamedTuple
 
 import torch
 
 from nsaflex.backends.base import BranchPlan
-from nsaflex.errors import InputError
+from nsaflex.errors import InputError, one_of
 from nsaflex.hybrid import combine, gather_padded, scatter_padded, sparse_layout, text_dense_attention
 from nsaflex.pooling import MLPPooling, compress, softmax_scale
 from nsaflex.spec import Pattern
@@ -61,6 +60,7 @@ MIN_CUDA_HEAD_DIM = 16
 # with a mask that keeps every pair; measured on an AVX2 host, 2026-12-01), so key
 # tiles below this run the eager evaluation on CPU.
 MIN_CPU_COMPILED_KV_BLOCK = 16
+FLEX_MODES = ("auto", "eager", "compiled")
 MASK_CACHE_SIZE = 32
 RECOMPILE_LIMIT = 64
 
@@ -87,20 +87,32 @@ def cpu_compiled_wrong(kv_length: int, kv_block: int) -> bool:
 # each other's entries.
 
 
+def _nan_shows(score, b, h, q_idx, kv_idx):
+    """``score_mod``: NaN scores become ``+inf``. The kernel's row maximum skips
+    NaN, so a row whose every visible score is NaN (a NaN query, a NaN key seen
+    alone) would come out as an empty row, zeros; ``+inf`` makes it NaN as the
+    reference's softmax does. Masked scores are still dropped by the mask."""
+    return torch.where(torch.isnan(score), float("inf"), score)
+
+
 def _flex_compression(q, k, v, block_mask, scale, kernel_options):
-    return _flex_attention(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=True, kernel_options=kernel_options)
+    return _flex_attention(q, k, v, score_mod=_nan_shows, block_mask=block_mask, scale=scale, enable_gqa=True,
+                           kernel_options=kernel_options)
 
 
 def _flex_selection(q, k, v, block_mask, scale, kernel_options):
-    return _flex_attention(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=True, kernel_options=kernel_options)
+    return _flex_attention(q, k, v, score_mod=_nan_shows, block_mask=block_mask, scale=scale, enable_gqa=True,
+                           kernel_options=kernel_options)
 
 
 def _flex_window(q, k, v, block_mask, scale, kernel_options):
-    return _flex_attention(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=True, kernel_options=kernel_options)
+    return _flex_attention(q, k, v, score_mod=_nan_shows, block_mask=block_mask, scale=scale, enable_gqa=True,
+                           kernel_options=kernel_options)
 
 
 def _flex_dense(q, k, v, block_mask, scale, kernel_options):
-    return _flex_attention(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=True, kernel_options=kernel_options)
+    return _flex_attention(q, k, v, score_mod=_nan_shows, block_mask=block_mask, scale=scale, enable_gqa=True,
+                           kernel_options=kernel_options)
 
 
 _ENTRY = {"compression": _flex_compression, "selection": _flex_selection, "window": _flex_window, "dense": _flex_dense}
@@ -121,7 +133,7 @@ def gated_sum(gates: torch.Tensor, outputs: tuple[torch.Tensor, ...], work: torc
 def _compiled_mix():
     """:func:`gated_sum` as one fused elementwise kernel. Eager, it makes a float32
     copy of every branch output and a pass per product and sum: 17.7 ms of a
-    70 ms forward at 128K on an H100 (benchmarks/flex-h100-2026-11-25.md, run 3).
+    70 ms forward at 128K (H100).
     Length-generic (``dynamic=True``): a new length does not recompile it."""
     if "mix" not in _COMPILED:
         _COMPILED["mix"] = torch.compile(gated_sum, dynamic=True, backend=_counting_backend("mix"))
@@ -149,7 +161,7 @@ def _with_small_backward_tiles(inner_compile):
     D = 128 (64 x 128 and 128 x 64 tiles) and drops it for 64 x 64 BlockMasks
     (``NoValidChoicesError``). ``max_autotune`` has fitting ones but times every
     candidate on made-up block indices: 3.6 s per forward call at 128K, over 3
-    minutes of compiling (H200, runs 9-10b). One configuration means no timing.
+    minutes of compiling (H200). One configuration means no timing.
     """
     import dataclasses
 
@@ -170,15 +182,10 @@ def _with_small_backward_tiles(inner_compile):
     return compile_inner
 
 
-def dynamic_lengths() -> bool:
-    """``NSAFLEX_FLEX_DYNAMIC=1``: compile with automatic dynamic shapes (a second
-    length recompiles once into a length-generic kernel; later lengths reuse it).
-    Default: static shapes, one compile per branch and length."""
-    return os.environ.get("NSAFLEX_FLEX_DYNAMIC", "0").strip().lower() in ("1", "true", "yes")
-
-
-def _compiled(branch: str, small_backward_tiles: bool = False):
-    dynamic = dynamic_lengths()
+def _compiled(branch: str, small_backward_tiles: bool = False, dynamic: bool = False):
+    """The compiled entry of ``branch``; ``dynamic``: automatic dynamic shapes (a
+    second length recompiles once into a length-generic kernel; later lengths
+    reuse it) instead of one static compile per length."""
     key = branch + (":dynamic" if dynamic else "") + (":small-backward" if small_backward_tiles else "")
     if key not in _COMPILED:
         _COMPILED[key] = torch.compile(_ENTRY[branch], dynamic=None if dynamic else False,
@@ -198,7 +205,7 @@ def _recompile_room():
         yield
 
 
-def _run_flex(branch: str, q, k, v, mask: "_Mask", compiled: bool, tiling: "_Tiling"):
+def _run_flex(branch: str, q, k, v, mask: "_Mask", compiled: bool, tiling: "_Tiling", dynamic: bool = False):
     scale = softmax_scale(q.shape[-1])
     kernel_options = tiling.options
     if torch.compiler.is_compiling():  # inside the user's own torch.compile region
@@ -208,7 +215,7 @@ def _run_flex(branch: str, q, k, v, mask: "_Mask", compiled: bool, tiling: "_Til
         compiled = False
     if compiled:
         with _recompile_room():
-            compiled_branch = _compiled(branch, tiling.small_backward_tiles)
+            compiled_branch = _compiled(branch, tiling.small_backward_tiles, dynamic)
             return compiled_branch(q, k, v, mask.block_mask(mask.compute_q_blocks), scale, kernel_options)
     return dense_block_mask_attention(q, k, v, mask.tiles, mask.mask_mod, scale)
 
@@ -219,6 +226,7 @@ def dense_block_mask_attention(q, k, v, tiles, mask_mod, scale: float) -> torch.
     and dtype. Pairs: full tiles, and partial tiles where ``mask_mod`` holds.
     Rows with no key give zeros."""
     from nsaflex.backends.flex_masks import effective_mask
+    from nsaflex.reference import masked_product, masked_softmax
 
     batch, query_heads, _, _ = q.shape
     group = query_heads // k.shape[1]
@@ -227,10 +235,7 @@ def dense_block_mask_attention(q, k, v, tiles, mask_mod, scale: float) -> torch.
     keys = k.to(work).repeat_interleave(group, dim=1)
     values = v.to(work).repeat_interleave(group, dim=1)
     scores = torch.matmul(q.to(work), keys.transpose(-1, -2)) * scale
-    scores = scores.masked_fill(~allowed, float("-inf"))
-    has_key = allowed.any(dim=-1, keepdim=True)
-    probabilities = torch.softmax(scores.masked_fill(~has_key, 0.0), dim=-1) * has_key
-    return torch.matmul(probabilities, values).to(q.dtype)
+    return masked_product(masked_softmax(scores, allowed), values, allowed).to(q.dtype)
 
 
 class _Mask:
@@ -285,7 +290,7 @@ def _block_sizes(pattern: Pattern, branch: str, device: torch.device, needs_grad
         return _Tiling(q_block, kv_block)
     # 4 warps and 2 stages: 11.7 ms for videonsa-qblock's selection at 128K on an
     # H100, against 16.3 ms (4 warps, 3 stages) and 22.7 ms with flex's default for
-    # 64 x 64 tiles (benchmarks/flex-h100-2026-11-25.md, run 5).
+    # 64 x 64 tiles.
     forward = {"BLOCK_M": CUDA_SMALL_BLOCK, "BLOCK_N": CUDA_SMALL_BLOCK, "num_warps": 4, "num_stages": 2}
     if not needs_grad:
         return _Tiling(q_block, kv_block, forward)
@@ -294,8 +299,8 @@ def _block_sizes(pattern: Pattern, branch: str, device: torch.device, needs_grad
         # measured there; torch's default backward tiles 128 x 128.
         return _Tiling(DEFAULT_BLOCK, DEFAULT_BLOCK)
     # With gradients the same tiles (128 x 128 ones ran the union of two 64-query
-    # units' blocks, all partial: 134 ms forward + 300 ms backward at 128K, run 5;
-    # 16K forward+backward 47.9 ms against 21.5 on 64 x 64 tiles, H200 run 10b).
+    # units' blocks, all partial: 134 ms forward + 300 ms backward at 128K on an H100;
+    # 16K forward+backward 47.9 ms against 21.5 on 64 x 64 tiles on an H200).
     options = {f"fwd_{name}": value for name, value in forward.items()}
     return _Tiling(q_block, kv_block, options, small_backward_tiles=True)
 
@@ -308,10 +313,12 @@ class FlexKernel:
 
     Args:
         pattern: the pattern (resolved for its layer).
-        mode: ``auto`` (default; ``NSAFLEX_FLEX_MODE`` overrides), ``eager`` or ``compiled``.
+        mode: ``auto`` (default), ``eager`` or ``compiled`` (the plan option ``flex_mode``).
         q_block, kv_block: force the tile sizes (tests; CPU).
         score_dtype: dtype in which selection scores are ranked (default: see
-            :func:`nsaflex.scoring.default_score_dtype`).
+            :func:`nsaflex.scoring.default_score_dtype`; the plan option ``score_dtype``).
+        scoring_kernel: ``auto``, ``triton`` or ``torch`` (:func:`nsaflex.scoring.select`'s ``kernel``).
+        dynamic: compile with automatic dynamic shapes (the plan option ``flex_dynamic``).
         narrow: on CUDA forward, keep selection tile lists ``O(L/B x n)`` wide.
     """
 
@@ -319,17 +326,21 @@ class FlexKernel:
         self,
         pattern: Pattern,
         *,
-        mode: str | None = None,
+        mode: str = "auto",
         q_block: int | None = None,
         kv_block: int | None = None,
         score_dtype: torch.dtype | None = None,
         narrow: bool = True,
         chunk: int | None = None,
+        scoring_kernel: str = "auto",
+        dynamic: bool = False,
     ) -> None:
         self.pattern = pattern
-        self.mode = mode or os.environ.get("NSAFLEX_FLEX_MODE", "auto")
-        if self.mode not in ("auto", "eager", "compiled"):
-            raise ValueError(f"mode: expected 'auto', 'eager' or 'compiled', found {self.mode!r}")
+        self.mode = mode
+        if self.mode not in FLEX_MODES:
+            raise InputError("mode", one_of(FLEX_MODES), self.mode)
+        self.scoring_kernel = scoring_kernel
+        self.dynamic = dynamic
         self.blocks = (q_block, kv_block)
         self.score_dtype = score_dtype
         self.narrow = narrow
@@ -461,7 +472,7 @@ class FlexKernel:
 
         key = ("dense", str(q.device), length, q_block, kv_block)
         mask = self._cached(key, lambda: _Mask(causal_tiles(length, q_block, kv_block, q.device), causal_mask_mod()))
-        return _run_flex("dense", q, k, v, mask, compiled, tiling)
+        return _run_flex("dense", q, k, v, mask, compiled, tiling, self.dynamic)
 
     # -- sparse branches ---------------------------------------------------------------------------
     def _branches(self, qs, ks, vs, pooler, lengths, compiled, needs_grad) -> dict[str, torch.Tensor]:
@@ -496,12 +507,12 @@ class FlexKernel:
 
                 mask = self._cached(key, build)
                 self._mark("compression: pooling + mask", device)
-                outputs["compression"] = _run_flex("compression", qs, compressed_k, compressed_v, mask, compiled, tiling)
+                outputs["compression"] = _run_flex("compression", qs, compressed_k, compressed_v, mask, compiled, tiling, self.dynamic)
                 self._mark("compression: flex", device)
         if pattern.selection is not None:
             assert compressed_k is not None
             mask, tiling = self.selection_mask(qs, compressed_k, lengths, compiled, needs_grad)
-            outputs["selection"] = _run_flex("selection", qs, ks, vs, mask, compiled, tiling)
+            outputs["selection"] = _run_flex("selection", qs, ks, vs, mask, compiled, tiling, self.dynamic)
             self._mark("selection: flex", device)
         if pattern.window is not None:
             size = pattern.window.size
@@ -510,7 +521,7 @@ class FlexKernel:
             key = ("window", str(device), length, size, q_block, kv_block)
             mask = self._cached(key, lambda: _Mask(fm.window_tiles(length, size, q_block, kv_block, device), fm.window_mask_mod(size)))
             self._mark("window: mask", device)
-            outputs["window"] = _run_flex("window", qs, ks, vs, mask, compiled, tiling)
+            outputs["window"] = _run_flex("window", qs, ks, vs, mask, compiled, tiling, self.dynamic)
             self._mark("window: flex", device)
         return outputs
 
@@ -528,7 +539,7 @@ class FlexKernel:
         device = qs.device
         result = scoring.select(
             qs, compressed_k, pattern.compression, selection, lengths,
-            score_dtype=self.score_dtype, chunk=self.chunk,
+            score_dtype=self.score_dtype, chunk=self.chunk, kernel=self.scoring_kernel,
         )
         self.last_selection = result
         self._mark("selection: scores + top-n", device)
@@ -632,7 +643,12 @@ class FlexBackend:
         return tuple(plans)
 
     def build(self, pattern: Pattern, plan: Any) -> FlexKernel:
-        return FlexKernel(pattern)
+        options = getattr(plan, "options", None)
+        if options is None:
+            return FlexKernel(pattern)
+        score_dtype = None if options.score_dtype == "auto" else getattr(torch, options.score_dtype)
+        return FlexKernel(pattern, mode=options.flex_mode, score_dtype=score_dtype,
+                          scoring_kernel=options.scoring_kernel, dynamic=options.flex_dynamic)
 
 
 BACKEND = FlexBackend()

@@ -100,6 +100,12 @@ class TritonBackend:
 
         def kernel(q, k, v, gates, token_types, pooler: MLPPooling | None):
             _check_tensors(q, k, v, cfg)
+            if q.device.type == "cpu" and q.dtype == torch.bfloat16:
+                # The interpreter keeps bf16 as uint16 bit patterns, and its tl.dot multiplies
+                # those integers (inf rows). float32 holds every bf16 value exactly and the
+                # GPU's bf16 dots accumulate in float32: within bf16 rounding of the GPU.
+                up = [None if t is None else t.float() if t.dtype == torch.bfloat16 else t for t in (q, k, v, gates)]
+                return kernel(*up, token_types, pooler).to(torch.bfloat16)
             if pattern.dense:
                 return _dense(q, k, v)
             return _sparse_forward(pattern, cfg, q, k, v, gates, token_types, pooler)
