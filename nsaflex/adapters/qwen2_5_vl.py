@@ -86,6 +86,7 @@ from typing import Any, Iterator
 
 import torch
 from torch import nn
+from torch.profiler import record_function
 
 from nsaflex.adapters.decode import (
     DecodeError,
@@ -108,6 +109,12 @@ from nsaflex.tensor_memo import remembered
 ATTN_NAME = "nsaflex"
 MODES = ("faithful", "videonsa_release")
 _TOKEN_TYPES = "0 (text), 1 (image) or 2 (video)"  # the values of mm_token_type_ids
+
+# Profiler ranges (torch.profiler.record_function; no cost without a profiler)
+# that benchmarks/model_bench.py reads for its per-stage breakdown.
+STAGE_GATES = "nsaflex.gates"  # the gate network on the attention input
+STAGE_ATTENTION = "nsaflex.attention"  # the compiled pattern: token-class packing, kernels, the text path
+STAGE_TEXT_PATH = "nsaflex.text_path"  # calls handed to the model's original attention (all-text queries, dense layers)
 
 # Where the adapter's state lives on the patched modules.
 _ADAPTER_ATTRIBUTE = "_nsaflex_adapter"  # on Qwen2_5_VLModel and its text model
@@ -571,10 +578,11 @@ class Qwen25VLAdapter:
             mask = NsaflexMask(_valid_from_mask(attention_mask, batch, kv_len), attention_mask)
 
         def delegate():
-            return self._original_function(module)(
-                module, query, key, value, mask.original(self.original_impl),
-                dropout=dropout, scaling=scaling, sliding_window=sliding_window, **kwargs,
-            )
+            with record_function(STAGE_TEXT_PATH):
+                return self._original_function(module)(
+                    module, query, key, value, mask.original(self.original_impl),
+                    dropout=dropout, scaling=scaling, sliding_window=sliding_window, **kwargs,
+                )
 
         hidden, layer.hidden = layer.hidden, None
         if self.process_group is not None:
@@ -625,18 +633,20 @@ class Qwen25VLAdapter:
             raise AdapterError("attention dropout", "0 (nsaflex attention has no dropout)", dropout)
         if hidden is None or tuple(hidden.shape[:2]) != (batch, q_len):
             raise AdapterError("hidden state", f"the attention input [{batch}, {q_len}, hidden] captured for the gates", "none")
-        gates = layer.gate(hidden) if layer.gate is not None else None
+        with record_function(STAGE_GATES):
+            gates = layer.gate(hidden) if layer.gate is not None else None
         key, value = key[:, :, :total], value[:, :, :total]
-        if past == 0:
-            if self.mode == "faithful":
-                out = self._prefill(layer, query, key, value, gates, types, valid)
+        with record_function(STAGE_ATTENTION):
+            if past == 0:
+                if self.mode == "faithful":
+                    out = self._prefill(layer, query, key, value, gates, types, valid)
+                else:
+                    out = self._prefill_release(layer, query, key, value, gates, types, valid)
             else:
-                out = self._prefill_release(layer, query, key, value, gates, types, valid)
-        else:
-            try:
-                out = self._decode(layer, query, key, value, gates, types, valid, past)
-            except DecodeError as error:
-                raise AdapterError("decode state", "state kept from the prefill of this cache", str(error)) from None
+                try:
+                    out = self._decode(layer, query, key, value, gates, types, valid, past)
+                except DecodeError as error:
+                    raise AdapterError("decode state", "state kept from the prefill of this cache", str(error)) from None
         return out.to(query.dtype).transpose(1, 2).contiguous(), None
 
     def _attend_sharded(self, layer, query, key, value, mask, hidden, dropout, scaling):
