@@ -77,11 +77,29 @@ MODULE_STAGES = {
     "norms": ("input_layernorm", "post_attention_layernorm"),
 }
 LAYER_RANGE = "model_bench.layer"
-# Kernel names inside the compiled attention: the sparse kernels (nsaflex's
-# Triton kernels end in ``_kernel``; FlexAttention's are Inductor templates or
-# named after it) and dense attention (the text path, SDPA's kernels).
-SPARSE_KERNEL_MARKS = ("_kernel", "flex", "triton_tem")
+# Kernel names inside the compiled attention: dense attention (the text path,
+# SDPA's kernels) and FlexAttention's (Inductor templates, or named after it);
+# nsaflex's own Triton kernels are found by name (sparse_kernel_names).
 DENSE_KERNEL_MARKS = ("flash", "fmha", "efficient_attention", "cudnn", "scaled_dot_product", "sdpa")
+FLEX_KERNEL_MARKS = ("flex_attention", "triton_tem")
+
+
+def sparse_kernel_names() -> frozenset[str]:
+    """The names of the Triton kernels in ``nsaflex.kernels`` (empty without triton)."""
+    try:
+        import importlib
+        import pkgutil
+
+        from triton.runtime.jit import JITFunction
+
+        import nsaflex.kernels as package
+    except ImportError:
+        return frozenset()
+    names = set()
+    for info in pkgutil.iter_modules(package.__path__):
+        module = importlib.import_module(f"{package.__name__}.{info.name}")
+        names.update(value.fn.__name__ for value in vars(module).values() if isinstance(value, JITFunction))
+    return frozenset(names)
 
 
 def parse_backends(text: str) -> list[str]:
@@ -146,13 +164,13 @@ def _time(event, cuda: bool) -> float:
     return (event.device_time_total if cuda else event.cpu_time_total) / 1e3
 
 
-def _kernel_kind(name: str) -> str:
+def _kernel_kind(name: str, sparse_names: frozenset[str] = frozenset()) -> str:
     lowered = name.lower()
     if any(mark in lowered for mark in DENSE_KERNEL_MARKS):
         return "text path"
-    if any(mark in lowered for mark in SPARSE_KERNEL_MARKS):
+    if any(mark in lowered for mark in FLEX_KERNEL_MARKS) or name.split("(")[0].split("<")[0].strip() in sparse_names:
         return "kernels"
-    return "token-class packing"
+    return "token-class packing"  # gathers, scatters, copies, index and elementwise work around the kernels
 
 
 def _attention_split(event, cuda: bool, backend: str) -> dict[str, float]:
@@ -166,6 +184,7 @@ def _attention_split(event, cuda: bool, backend: str) -> dict[str, float]:
     if not cuda and backend == "reference":
         split["kernels"] = event.cpu_time_total / 1e3
         return split
+    sparse_names = sparse_kernel_names() if backend == "triton" else frozenset()
 
     def walk(node, inherited: str | None):
         here = inherited
@@ -173,7 +192,7 @@ def _attention_split(event, cuda: bool, backend: str) -> dict[str, float]:
             here = _kernel_kind(node.name)
         if cuda:
             for kernel in node.kernels:
-                split[_kernel_kind(kernel.name)] += kernel.duration / 1e3
+                split[_kernel_kind(kernel.name, sparse_names)] += kernel.duration / 1e3
         else:
             split[here or "token-class packing"] += node.self_cpu_time_total / 1e3
         for child in node.cpu_children:

@@ -81,3 +81,18 @@ def test_bad_options_are_refused_before_running(argv, message, capsys, tmp_path)
         script.main(["--tiny", "--json", str(tmp_path / "out.json"), *argv])
     assert message in capsys.readouterr().err
     assert not (tmp_path / "out.json").exists()
+
+
+def test_kernels_are_told_apart_by_name():
+    """On CUDA the compiled attention's kernels are classed by name: nsaflex's
+    Triton kernels and FlexAttention's are the kernels, SDPA's the text path,
+    PyTorch's own (gathers, copies, elementwise) the packing around them."""
+    pytest.importorskip("triton")
+    script = load("model_bench")
+    names = script.sparse_kernel_names()
+    assert {"cmp_lse_kernel", "slc_win_kernel"} <= names
+    assert script._kernel_kind("slc_win_kernel", names) == "kernels"
+    assert script._kernel_kind("triton_tem_fused_flex_attention_0", names) == "kernels"
+    assert script._kernel_kind("void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<128>>(Flash_fwd_params)", names) == "text path"
+    assert script._kernel_kind("void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<float>>(int)", names) == "token-class packing"
+    assert script._kernel_kind("void at::native::index_elementwise_kernel<128, 4>(long)", names) == "token-class packing"
