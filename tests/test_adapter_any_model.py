@@ -13,6 +13,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 from nsaflex.adapters.qwen2_5_vl import AdapterError, apply, fit_pattern, get_adapter, model_shape
 from nsaflex.errors import InputError, PatternError
@@ -91,6 +93,29 @@ def test_bundled_pattern_fits_every_qwen2_5_vl_size(name, size):
     assert model_shape(config).head_dim == 128
     for layer in range(shape["num_hidden_layers"]):
         assert fitted.for_layer(layer).branches == load_pattern(name).for_layer(layer).branches
+
+
+@given(
+    name=st.sampled_from(BUNDLED),
+    kv_heads=st.integers(1, 16),
+    group=st.integers(1, 8),
+    head_dim=st.sampled_from([16, 64, 80, 128, 256]),
+    layers=st.integers(1, 96),
+    at=st.lists(st.integers(0, 100), min_size=1, max_size=4, unique=True),
+)
+def test_fit_pattern_takes_any_shape_and_refuses_only_overrides_past_the_layers(name, kv_heads, group, head_dim, layers, at):
+    heads = kv_heads * group
+    config = SimpleNamespace(num_attention_heads=heads, num_key_value_heads=kv_heads, hidden_size=heads * head_dim,
+                             head_dim=None, num_hidden_layers=layers)
+    pattern = dataclasses.replace(load_pattern(name), model=Model(), layers=(LayerOverride(at=tuple(at), dense=True),))
+    if max(at) >= layers:
+        with pytest.raises(PatternError, match=rf"layers\[0\]\.at: expected layer indices below {layers} .*found {next(i for i in at if i >= layers)}"):
+            fit_pattern(pattern, config)
+        return
+    fitted = fit_pattern(pattern, config)
+    assert fitted.model == Model(heads, kv_heads, head_dim, heads * head_dim, layers)
+    assert dataclasses.replace(fitted, model=Model()) == pattern
+    assert all(fitted.for_layer(layer).dense == (layer in at) for layer in range(layers))
 
 
 def test_an_override_past_the_models_layers_names_the_layer_and_the_count():
