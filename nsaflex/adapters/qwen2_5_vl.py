@@ -948,6 +948,11 @@ def apply(
     chosen_backend = backend
     adapter = Qwen25VLAdapter(model, base, text_model, pattern, backend, mode, layers, {})
     shared: dict[Pattern, CompiledAttention] = {}  # layers with the same pattern share kernels and mask caches
+    # Sequence-parallel ranks each run a subset of the heads (run_heads), which
+    # the backends check against the compiled pattern's model section.
+    compiled_pattern = pattern if process_group is None else dataclasses.replace(
+        pattern, model=dataclasses.replace(pattern.model, query_heads=None, kv_heads=None)
+    )
     for index, decoder_layer in enumerate(decoder_layers):
         attention = decoder_layer.self_attn
         resolved = pattern.for_layer(index)
@@ -956,7 +961,7 @@ def apply(
             learned = resolved.compression is not None and resolved.compression.pooling == "mlp"
             compiled = None if learned else shared.get(resolved)
             if compiled is None:
-                compiled = compile_pattern(pattern, backend, layer=index, device=device_kind, head_dim=head_dim)
+                compiled = compile_pattern(compiled_pattern, backend, layer=index, device=device_kind, head_dim=head_dim)
                 compiled.to(device=weight.device)
                 if not learned:
                     shared[resolved] = compiled
