@@ -138,9 +138,12 @@ def layer_ranges(layer: torch.nn.Module):
         module._model_bench_range.__exit__(None, None, None)
         del module._model_bench_range
 
+    def submodule(name: str) -> torch.nn.Module | None:
+        return getattr(layer.self_attn, name, None) or getattr(layer, name, None)
+
     groups = {LAYER_RANGE: [layer]}
     for stage, names in MODULE_STAGES.items():
-        groups[f"model_bench.{stage}"] = [module for name in names for module in [getattr(layer.self_attn, name, None) or getattr(layer, name, None)] if module is not None]
+        groups[f"model_bench.{stage}"] = [module for module in map(submodule, names) if module is not None]
     for name, modules in groups.items():
         for module in modules:
             handles.append(module.register_forward_pre_hook(enter(name)))
