@@ -79,7 +79,10 @@ from nsaflex.spec import Model  # noqa: E402
 IMAGE_TOKEN = 1000
 
 
-def build_model(tiny: bool, device: str, dtype: torch.dtype):
+def build_model(tiny: bool, device: str, dtype: torch.dtype, layers: int = 1):
+    """A random Qwen2.5-VL with the 7B text shape (``tiny``: hidden 128, 4/2
+    heads) and ``layers`` decoder layers, a 1024-token vocabulary and a
+    one-block vision tower."""
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     if tiny:
@@ -91,7 +94,7 @@ def build_model(tiny: bool, device: str, dtype: torch.dtype):
     config = Qwen2_5_VLConfig(
         text_config=dict(
             **text,
-            num_hidden_layers=1,
+            num_hidden_layers=layers,
             vocab_size=1024,
             max_position_embeddings=262144,
             rms_norm_eps=1e-6,
@@ -133,19 +136,10 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def measure(model, inputs, device: str, backward: bool, warmup: int, reps: int) -> dict:
-    base = model.model
-
-    def run():
-        if backward:
-            model.zero_grad(set_to_none=True)
-            out = base(**inputs).last_hidden_state
-            out.float().mean().backward()
-        else:
-            with torch.no_grad():
-                base(**inputs)
-
-    model.train(backward)
+def timed(run, device: str, warmup: int, reps: int) -> dict:
+    """Median ms of ``run()`` over ``reps`` calls after ``warmup`` calls
+    (CUDA events on the GPU); on CUDA the peak memory allocated during the
+    timed calls, absolute and above what was allocated before them, GiB."""
     compile_start = time.perf_counter()
     for _ in range(warmup):
         run()
@@ -173,6 +167,23 @@ def measure(model, inputs, device: str, backward: bool, warmup: int, reps: int) 
         peak = torch.cuda.max_memory_allocated()
         result["peak_gib"] = peak / 2**30
         result["peak_above_resident_gib"] = (peak - before) / 2**30
+    return result
+
+
+def measure(model, inputs, device: str, backward: bool, warmup: int, reps: int) -> dict:
+    base = model.model
+
+    def run():
+        if backward:
+            model.zero_grad(set_to_none=True)
+            out = base(**inputs).last_hidden_state
+            out.float().mean().backward()
+        else:
+            with torch.no_grad():
+                base(**inputs)
+
+    model.train(backward)
+    result = timed(run, device, warmup, reps)
     model.zero_grad(set_to_none=True)
     return result
 

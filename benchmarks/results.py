@@ -23,6 +23,10 @@ Each ``benchmarks/results/*.json`` is rendered by its shape:
   "deselected", "note"}`` (the counts pytest's summary line prints).
 * a **sequence-parallel record**: what ``benchmarks/distributed_scaling.py
   --json`` writes (``world`` and ``rows`` of fwd / fwd+bwd ms and peak GiB).
+* a **whole-model record**: what ``benchmarks/model_bench.py --json`` writes
+  (``"record": "model-bench"``): per pass (prefill, train) a row per length
+  with each configuration's median ms, its speed-up over the unpatched model
+  and its peak GiB; then the per-stage breakdown of one patched layer.
 
 ``benchmarks/results/notes.md``, when present, is copied in under its own
 heading: figures kept by hand (scripts whose output is no record kind above,
@@ -77,19 +81,19 @@ def table(header: list[str], rows: list[list[str]], right_from: int = 1) -> list
 
 
 def record_kind(record: Any) -> str:
-    """'comparison', 'bench', 'gpu-tests' or 'distributed' (ValueError otherwise)."""
+    """'comparison', 'bench', 'gpu-tests', 'distributed' or 'model-bench' (ValueError otherwise)."""
     if isinstance(record, list):
         if len(record) >= 2 and all(isinstance(d, dict) and "results" in d and "label" in d for d in record):
             return "comparison"
     elif isinstance(record, dict):
-        if record.get("record") == "gpu-tests":
-            return "gpu-tests"
+        if record.get("record") in ("gpu-tests", "model-bench"):
+            return record["record"]
         if "results" in record and "config" in record:
             labels = {row.get("label") for row in record["results"]}
             return "comparison" if None not in labels and len(labels) >= 2 else "bench"
         if "rows" in record and "world" in record:
             return "distributed"
-    raise ValueError("not a bench record, a comparison, a GPU test record or a sequence-parallel record")
+    raise ValueError("not a bench record, a comparison, a GPU test record, a sequence-parallel record or a whole-model record")
 
 
 def record_date(record: Any) -> str:
@@ -240,6 +244,72 @@ def render_distributed(name: str, record: dict[str, Any]) -> list[str]:
     return out + table(["L", "ranks", "shard", "fwd ms", "fwd+bwd ms", "peak GiB (max rank)"], body)
 
 
+# --- whole-model records --------------------------------------------------------------------------
+
+
+def model_bench_tables(record: dict[str, Any]) -> list[str]:
+    """Per pass, a row per length: each configuration's median ms (with the
+    unpatched model's time over it, ``x1.89``: 1.89 times as fast) and peak GiB."""
+    configs = record["configs"]
+    baseline = configs[0] if configs else None
+    rows = [row for row in record["rows"] if row.get("pass") in ("prefill", "train")]
+    by_key = {(row["pass"], row["length"], row["config"]): row for row in rows}
+    out: list[str] = []
+    for passes, title in (("prefill", "Time to first token (prefill)"), ("train", "Training step (forward + backward)")):
+        lengths = sorted({row["length"] for row in rows if row["pass"] == passes})
+        if not lengths:
+            continue
+        body = []
+        for length in lengths:
+            base = by_key.get((passes, length, baseline), {}).get("ms")
+            line = [length_label(length)]
+            for config in configs:
+                row = by_key.get((passes, length, config), {})
+                ms = row.get("ms")
+                cell = "-" if ms is None else number(ms)
+                if ms is not None and base and config != baseline:
+                    cell += f" (x{base / ms:.2f})"
+                line.append(cell)
+            line += [f"{by_key[(passes, length, c)]['peak_gib']:.1f}" if by_key.get((passes, length, c), {}).get("peak_gib") is not None
+                     else "-" for c in configs]
+            body.append(line)
+        header = ["L", *[f"{config} ms" for config in configs], *[f"{config} peak GiB" for config in configs]]
+        out += ["", title + (", gradient checkpointing" if passes == "train" and record.get("checkpointing") else "") + ":",
+                "", *table(header, body)]
+    return out
+
+
+def model_bench_breakdown(record: dict[str, Any]) -> list[str]:
+    """One column per profiled configuration: the stages of decoder layer 0, ms."""
+    entries = [entry for entry in record.get("breakdown", []) if entry.get("stages_ms")]
+    if not entries:
+        return []
+    stages = list(dict.fromkeys(name for entry in entries for name in entry["stages_ms"]))
+    body = [[name, *[number(entry["stages_ms"].get(name)) for entry in entries]] for name in stages]
+    lengths = ", ".join(sorted({length_label(entry["length"]) for entry in entries}))
+    clock = "CUDA device time" if record["environment"].get("gpu_memory_gib") else "CPU time"
+    return ["", f"One patched decoder layer (layer 0) in a profiled prefill at L = {lengths}, ms of {clock} by stage:", "",
+            *table(["stage", *[entry["config"] for entry in entries]], body)]
+
+
+def render_model_bench(name: str, record: dict[str, Any]) -> list[str]:
+    env, model = record["environment"], record["model"]
+    shape = (f"{model['shape']}: {model['layers']} layers, hidden {model['hidden']}, {model['query_heads']} query / "
+             f"{model['kv_heads']} kv heads, head dim {model['head_dim']}, MLP {model['mlp']}, {model['dtype']}, {model['weights']} weights")
+    versions = ", ".join(f"{key} {env[key]}" for key in ("torch", "triton", "transformers", "python") if env.get(key))
+    out = [f"### `{record['pattern']}` in the whole model on {env.get('device')}, {record_date(record)[:10]}", "",
+           f"Record: [`results/{name}`](results/{name}); medians in ms, the ratio is the unpatched model's time over the "
+           "configuration's (all measured in one run).", "",
+           f"- Model: {shape}", f"- Inputs: {record['text_tokens']} text tokens, the rest image tokens",
+           f"- Versions: {versions}", "", "```sh", record["command"], "```",
+           *model_bench_tables(record), *model_bench_breakdown(record)]
+    failed = [row for row in record["rows"] if row.get("error")]
+    notes = [f"- {row['config']} {row['pass']} L={row['length']}: {row['error']}" for row in failed]
+    if not record.get("complete", True):
+        notes.insert(0, "- the run stopped before its end: the tables hold what it measured")
+    return out + ([""] + notes if notes else [])
+
+
 # --- the documents --------------------------------------------------------------------------------
 
 SECTIONS = (
@@ -247,6 +317,7 @@ SECTIONS = (
     ("comparison", "Comparisons measured in one run", render_comparison),
     ("gpu-tests", "GPU test suite", render_gpu_tests),
     ("distributed", "Sequence parallelism (`benchmarks/distributed_scaling.py`)", render_distributed),
+    ("model-bench", "The whole model (`benchmarks/model_bench.py`)", render_model_bench),
 )
 
 

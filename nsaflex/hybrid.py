@@ -72,7 +72,7 @@ def _whole_rows(batch: int, length: int, device, sparse_queries: torch.Tensor, h
 
 
 def _token_layout(pattern: Pattern, token_types: torch.Tensor, batch: int, length: int, device) -> SparseLayout:
-    vision = token_types.to(device=device) == 1
+    vision = token_types.to(device=device) != 0  # 1 image, 2 video
     all_vision = bool(vision.all())  # a host synchronisation (one more for mixed rows' lengths)
     if pattern.hybrid.vision_keys == "all":
         return _whole_rows(batch, length, device, vision, not all_vision)

@@ -51,7 +51,10 @@ def check_inputs(
 ) -> Shapes:
     """Validate ``q [B, Hq, L, D]``, ``k, v [B, Hkv, L, D]``, ``gates
     [B, Hq, L, nb]`` and ``token_types [B, L]`` for ``pattern`` (resolved for
-    decoder layer ``layer`` when given, which error messages then name)."""
+    decoder layer ``layer`` when given, which error messages then name).
+
+    Token classes are those ``mm_token_type_ids`` writes: 0 text, 1 image and
+    2 video; images and video are both vision tokens."""
     for name, tensor in (("q", q), ("k", k), ("v", v)):
         if not isinstance(tensor, torch.Tensor):
             raise InputError(name, "a torch.Tensor", type(tensor).__name__)
@@ -116,7 +119,7 @@ def check_inputs(
         if token_types is not None:
             raise InputError("token_types", "None: the pattern has no hybrid section", _shape(token_types) if isinstance(token_types, torch.Tensor) else token_types)
     elif token_types is None:
-        raise InputError("token_types", "a [B, L] tensor of token classes (0 text, 1 vision) for a hybrid pattern", None)
+        raise InputError("token_types", "a [B, L] tensor of token classes (0 text; 1 image or 2 video: vision) for a hybrid pattern", None)
     if token_types is not None:
         if not isinstance(token_types, torch.Tensor):
             raise InputError("token_types", "a torch.Tensor", type(token_types).__name__)
@@ -126,14 +129,14 @@ def check_inputs(
             raise InputError("token_types", "an integer or bool tensor", str(token_types.dtype))
         if token_types.device != q.device:
             raise InputError("token_types", f"device {q.device} (as q)", str(token_types.device))
-        remembered(token_types, "token classes are 0 or 1", lambda: _check_token_values(token_types))
+        remembered(token_types, "token classes are 0, 1 or 2", lambda: _check_token_values(token_types))
     return Shapes(batch, query_heads, kv_heads, length, head_dim)
 
 
 def _check_token_values(token_types: torch.Tensor) -> bool:
-    if token_types.numel() and not bool(((token_types == 0) | (token_types == 1)).all()):
-        bad = token_types[(token_types != 0) & (token_types != 1)][0].item()
-        raise InputError("token_types", "values 0 (text) or 1 (vision)", bad)
+    unknown = (token_types < 0) | (token_types > 2)
+    if token_types.numel() and bool(unknown.any()):
+        raise InputError("token_types", "values 0 (text), 1 (image) or 2 (video)", token_types[unknown][0].item())
     return True
 
 

@@ -257,7 +257,7 @@ def sparse_row_indices(pattern: Pattern, token_types: torch.Tensor | None, lengt
     """Positions (in the full row) of the sparse sequence of one batch row."""
     if pattern.hybrid is not None and pattern.hybrid.vision_keys == "vision":
         assert token_types is not None
-        return torch.nonzero(token_types == 1).flatten()
+        return torch.nonzero(token_types != 0).flatten()  # 1 image, 2 video
     return torch.arange(length)
 
 
@@ -276,7 +276,7 @@ def reference_attention(
 
     ``gates [B, Hq, L, nb]`` in the order compression, selection, window of the
     branches present (``None`` for constant gates); ``token_types [B, L]``
-    (0 text, 1 vision) for hybrid patterns; ``pooler`` holds the parameters of
+    (0 text; 1 image or 2 video: vision) for hybrid patterns; ``pooler`` holds the parameters of
     ``pooling: mlp``. The result is float64 and differentiable with respect to
     every floating input (and the pooler's parameters).
 
@@ -311,7 +311,7 @@ def reference_attention(
         is_sparse_query = torch.zeros(length, dtype=torch.bool)
         is_sparse_query[index] = True
         if types is not None:
-            is_sparse_query &= types == 1
+            is_sparse_query &= types != 0
         sparse_full = torch.zeros_like(dense).index_copy(1, index, mixed)
         rows.append(torch.where(is_sparse_query[None, :, None], sparse_full, dense))
         selections.append(branch_outputs.get("selected_blocks"))

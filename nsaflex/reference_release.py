@@ -261,7 +261,7 @@ def release_attention(
 
     ``q [B, Hq, L, D]``, ``k, v [B, Hkv, L, D]`` without padding; ``gates
     [B, Hq, L, 3]`` sigmoid values in the order compression, selection, window
-    (or ``None`` for constant gates); ``token_types [B, L]`` (0 text, 1 vision).
+    (or ``None`` for constant gates); ``token_types [B, L]`` (0 text; 1 image or 2 video: vision).
     The pattern must pass :func:`check_release_pattern` (a dense layer gives
     dense causal attention).
     """
@@ -277,7 +277,7 @@ def release_attention(
     token_types = token_types.cpu()
     rows = []
     for b in range(batch):
-        vision = token_types[b] == 1
+        vision = token_types[b] != 0
         rows.append(release_row(q[b], k[b], v[b], pattern, gates[b] if gates is not None else None, vision))
     return torch.stack(rows)
 

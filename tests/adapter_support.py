@@ -142,6 +142,20 @@ def position_ids_from_mask(mask: torch.Tensor) -> torch.Tensor:
     return positions.masked_fill(mask == 0, 1)
 
 
+def randomise_gates(adapter, seed=0, scale=0.5) -> None:
+    """Gate and compression-MLP parameters drawn from N(0, scale^2), so the gates
+    differ between heads and branches."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in adapter.gate_parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * scale)
+
+
+def poolers_of(adapter) -> dict:
+    """Layer index -> the compression MLP of ``pooling: mlp`` (None otherwise)."""
+    return {layer.index: layer.compiled.pooler for layer in adapter.layers if layer.compiled is not None}
+
+
 # --- from-scratch evaluation ------------------------------------------------------------
 
 

@@ -21,6 +21,7 @@ from tests.adapter_support import (
     IMAGE,
     ScratchModel,
     make_batch,
+    poolers_of,
     scratch_generate,
     small_pattern,
     takes_mm_token_type_ids,
@@ -61,10 +62,6 @@ def randomise(adapter, seed=0):
     with torch.no_grad():
         for parameter in adapter.gate_parameters():
             parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.5)
-
-
-def poolers_of(adapter):
-    return {layer.index: layer.compiled.pooler for layer in adapter.layers if layer.compiled is not None}
 
 
 def generated(model, ids, mask, mm=None, steps=STEPS):

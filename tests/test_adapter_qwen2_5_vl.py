@@ -34,6 +34,7 @@ from tests.adapter_support import (
     IMAGE,
     make_batch,
     position_ids_from_mask,
+    randomise_gates,
     scratch_logits,
     small_pattern,
     takes_mm_token_type_ids,
@@ -53,13 +54,6 @@ def logits(model, ids, mask=None, mm=None, positions=None, **extra):
 
 def real(x, mask):
     return x[mask.bool()]
-
-
-def randomise_gates(adapter, seed=0, scale=0.5):
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for parameter in adapter.gate_parameters():
-            parameter.copy_(torch.randn(parameter.shape, generator=generator) * scale)
 
 
 def model_fingerprint(model):
@@ -352,22 +346,22 @@ def test_not_a_qwen_model():
 
 
 @pytest.mark.parametrize(
-    "model_section, key",
-    [
-        (Model(query_heads=28, kv_heads=4), "model.query_heads"),
-        (Model(kv_heads=4), "model.kv_heads"),
-        (Model(head_dim=128), "model.head_dim"),
-        (Model(num_layers=28), "model.num_layers"),
-    ],
+    "model_section",
+    [Model(query_heads=28, kv_heads=4), Model(kv_heads=4), Model(head_dim=128), Model(num_layers=28), Model()],
+    ids=["heads", "kv-heads", "head-dim", "layers", "none"],
 )
-def test_pattern_shape_disagreeing_with_model(model_section, key):
+def test_pattern_written_for_another_model_runs_with_this_models_shape(model_section):
+    """A pattern's model section describes the model it was written for; the
+    patched model's own shape replaces it."""
     model = tiny_model()
-    before = model_fingerprint(model)
-    with pytest.raises(PatternError, match=key.replace(".", r"\.")) as raised:
-        apply(model, small_pattern(model=model_section), backend="reference")
-    assert "the model's text_config" in str(raised.value)
-    assert model_fingerprint(model) == before
-    assert get_adapter(model) is None
+    adapter = apply(model, small_pattern(model=model_section), backend="reference")
+    assert adapter.pattern.model == Model(query_heads=4, kv_heads=2, head_dim=16, hidden_size=64, num_layers=2)
+    assert all(layer.pattern.model == adapter.pattern.model for layer in adapter.layers)
+    ids, mask, mm = make_batch(SPANS, LENGTHS, 36, left_pad=True)
+    positions = position_ids_from_mask(mask)
+    got = logits(model, ids, mask, mm, positions)
+    expected = scratch_logits(model, adapter.pattern, ids, mask, mm)
+    torch.testing.assert_close(real(got, mask), real(expected, mask).to(got.dtype), rtol=0, atol=ATOL)
 
 
 def test_layer_override_beyond_model():

@@ -358,3 +358,35 @@ def test_results_renders_bench_gpu_tests_and_notes(results_script, tmp_path):
     (tmp_path / "stray.json").write_text(json.dumps({"something": "else"}))
     with pytest.raises(ValueError, match="stray.json"):
         results_script.render_results(tmp_path)
+
+
+def test_results_renders_a_whole_model_record(results_script, tmp_path):
+    def row(passes, length, config, ms, peak):
+        return {"pass": passes, "length": length, "config": config, "backend": config.removeprefix("nsaflex-"), "ms": ms,
+                "ms_all": [ms], "peak_gib": peak}
+
+    record = {
+        "record": "model-bench", "command": "python benchmarks/model_bench.py --backends triton,flex --checkpointing",
+        "environment": {"device": "GPU", "gpu_memory_gib": 79.2, "torch": "2", "triton": "3", "transformers": "5",
+                        "date": "2026-12-07T10:00:00+00:00"},
+        "model": {"shape": "Qwen2.5-VL-7B text", "layers": 28, "hidden": 3584, "query_heads": 28, "kv_heads": 4, "head_dim": 128,
+                  "mlp": 18944, "dtype": "bfloat16", "weights": "random"},
+        "pattern": "videonsa", "text_tokens": 200, "checkpointing": True, "complete": False,
+        "configs": ["sdpa", "nsaflex-triton", "nsaflex-flex"],
+        "rows": [row("prefill", 131072, "sdpa", 9370.0, 30.5), row("prefill", 131072, "nsaflex-triton", 4960.0, 31.0),
+                 row("prefill", 131072, "nsaflex-flex", 6000.0, 33.25), row("train", 32768, "sdpa", 3000.0, 40.0),
+                 row("train", 32768, "nsaflex-triton", 2000.0, 42.0),
+                 {"pass": "train", "length": 32768, "config": "nsaflex-flex", "backend": "flex", "error": "OutOfMemoryError: CUDA"}],
+        "breakdown": [{"config": "nsaflex-triton", "backend": "triton", "length": 131072, "pass": "prefill",
+                       "stages_ms": {"projections": 40.0, "kernels": 38.0, "other": 2.5, "layer": 80.5}}],
+    }
+    (tmp_path / "model.json").write_text(json.dumps(record))
+    text = results_script.render_results(tmp_path)
+    assert "## The whole model (`benchmarks/model_bench.py`)" in text
+    assert "| 128K | 9370 | 4960 (x1.89) | 6000 (x1.56) | 30.5 | 31.0 | 33.2 |" in text
+    assert "Training step (forward + backward), gradient checkpointing:" in text
+    assert "| 32K | 3000 | 2000 (x1.50) | - | 40.0 | 42.0 | - |" in text
+    assert "- nsaflex-flex train L=32768: OutOfMemoryError: CUDA" in text
+    assert "- the run stopped before its end" in text
+    assert "at L = 128K, ms of CUDA device time by stage:" in text
+    assert "| kernels | 38.0 |" in text and "| layer | 80.5 |" in text

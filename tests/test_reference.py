@@ -334,8 +334,8 @@ def test_bad_inputs_name_the_argument():
         reference_attention(q, k, k, pattern, torch.rand(1, 4, 8, 2), torch.ones(1, 8, dtype=torch.long))
     with pytest.raises(InputError, match=r"^token_types: expected shape \[1, 8\]"):
         reference_attention(q, k, k, pattern, torch.rand(1, 4, 8, 1), torch.ones(1, 7, dtype=torch.long))
-    with pytest.raises(InputError, match=r"^token_types: expected values 0 \(text\) or 1 \(vision\), found 2"):
-        reference_attention(q, k, k, pattern, torch.rand(1, 4, 8, 1), torch.full((1, 8), 2))
+    with pytest.raises(InputError, match=r"^token_types: expected values 0 \(text\), 1 \(image\) or 2 \(video\), found 3"):
+        reference_attention(q, k, k, pattern, torch.rand(1, 4, 8, 1), torch.full((1, 8), 3))
     with pytest.raises(InputError, match=r"^v: expected the shape of k"):
         reference_attention(q, k, k[:, :, :4], pattern)
     with pytest.raises(InputError, match=r"^q: expected a 4-d tensor"):

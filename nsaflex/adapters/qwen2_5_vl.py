@@ -39,6 +39,12 @@ How it plugs in (transformers 5.x; 4.57 works the same way):
   implementation with its original mask, so text-only inputs give exactly the
   unpatched model's output.
 
+Model sizes. The pattern runs with the patched model's own heads, head dim,
+hidden size and layer count (:func:`fit_pattern` replaces its ``model``
+section), so the bundled patterns apply to every Qwen2.5-VL size; only a
+constraint that cannot hold for the model (an override of a layer it does not
+have, a head dim the backend does not serve) is refused.
+
 Padding. A padded row gives, at its real tokens, exactly what the row without
 padding gives (positions, blocks and windows count real tokens only; padding
 queries output zeros). Rows are compacted to their real tokens (moved to the
@@ -70,6 +76,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import os
 import re
 import sys
@@ -79,6 +86,7 @@ from typing import Any, Iterator
 
 import torch
 from torch import nn
+from torch.profiler import record_function
 
 from nsaflex.adapters.decode import (
     DecodeError,
@@ -95,12 +103,18 @@ from nsaflex.gates import GateNetwork, gate_for_pattern
 from nsaflex.loader import load_pattern
 from nsaflex.reference_release import check_release_pattern, padded_slots, release_attention
 from nsaflex.runtime import CompiledAttention, compile as compile_pattern
-from nsaflex.spec import Pattern
+from nsaflex.spec import Model, Pattern
 from nsaflex.tensor_memo import remembered
 
 ATTN_NAME = "nsaflex"
 MODES = ("faithful", "videonsa_release")
 _TOKEN_TYPES = "0 (text), 1 (image) or 2 (video)"  # the values of mm_token_type_ids
+
+# Profiler ranges (torch.profiler.record_function; no cost without a profiler)
+# that benchmarks/model_bench.py reads for its per-stage breakdown.
+STAGE_GATES = "nsaflex.gates"  # the gate network on the attention input
+STAGE_ATTENTION = "nsaflex.attention"  # the compiled pattern: token-class packing, kernels, the text path
+STAGE_TEXT_PATH = "nsaflex.text_path"  # calls handed to the model's original attention (all-text queries, dense layers)
 
 # Where the adapter's state lives on the patched modules.
 _ADAPTER_ATTRIBUTE = "_nsaflex_adapter"  # on Qwen2_5_VLModel and its text model
@@ -564,10 +578,11 @@ class Qwen25VLAdapter:
             mask = NsaflexMask(_valid_from_mask(attention_mask, batch, kv_len), attention_mask)
 
         def delegate():
-            return self._original_function(module)(
-                module, query, key, value, mask.original(self.original_impl),
-                dropout=dropout, scaling=scaling, sliding_window=sliding_window, **kwargs,
-            )
+            with record_function(STAGE_TEXT_PATH):
+                return self._original_function(module)(
+                    module, query, key, value, mask.original(self.original_impl),
+                    dropout=dropout, scaling=scaling, sliding_window=sliding_window, **kwargs,
+                )
 
         hidden, layer.hidden = layer.hidden, None
         if self.process_group is not None:
@@ -618,18 +633,20 @@ class Qwen25VLAdapter:
             raise AdapterError("attention dropout", "0 (nsaflex attention has no dropout)", dropout)
         if hidden is None or tuple(hidden.shape[:2]) != (batch, q_len):
             raise AdapterError("hidden state", f"the attention input [{batch}, {q_len}, hidden] captured for the gates", "none")
-        gates = layer.gate(hidden) if layer.gate is not None else None
+        with record_function(STAGE_GATES):
+            gates = layer.gate(hidden) if layer.gate is not None else None
         key, value = key[:, :, :total], value[:, :, :total]
-        if past == 0:
-            if self.mode == "faithful":
-                out = self._prefill(layer, query, key, value, gates, types, valid)
+        with record_function(STAGE_ATTENTION):
+            if past == 0:
+                if self.mode == "faithful":
+                    out = self._prefill(layer, query, key, value, gates, types, valid)
+                else:
+                    out = self._prefill_release(layer, query, key, value, gates, types, valid)
             else:
-                out = self._prefill_release(layer, query, key, value, gates, types, valid)
-        else:
-            try:
-                out = self._decode(layer, query, key, value, gates, types, valid, past)
-            except DecodeError as error:
-                raise AdapterError("decode state", "state kept from the prefill of this cache", str(error)) from None
+                try:
+                    out = self._decode(layer, query, key, value, gates, types, valid, past)
+                except DecodeError as error:
+                    raise AdapterError("decode state", "state kept from the prefill of this cache", str(error)) from None
         return out.to(query.dtype).transpose(1, 2).contiguous(), None
 
     def _attend_sharded(self, layer, query, key, value, mask, hidden, dropout, scaling):
@@ -802,30 +819,59 @@ def _resolve_model(model: Any) -> tuple[nn.Module, nn.Module]:
     return base, base.language_model
 
 
-def _check_pattern(pattern: Pattern, config: Any, mode: str) -> None:
+def model_shape(config: Any) -> Model:
+    """The ``model`` section of a Qwen2.5-VL text config: its query and kv
+    heads, head dim, hidden size and decoder layer count."""
     heads = config.num_attention_heads
-    kv_heads = config.num_key_value_heads
-    hidden = config.hidden_size
-    head_dim = getattr(config, "head_dim", None) or hidden // heads
-    layers = config.num_hidden_layers
-    actual = {
-        "query_heads": (heads, "num_attention_heads"),
-        "kv_heads": (kv_heads, "num_key_value_heads"),
-        "head_dim": (head_dim, "hidden_size / num_attention_heads"),
-        "hidden_size": (hidden, "hidden_size"),
-        "num_layers": (layers, "num_hidden_layers"),
-    }
-    for name, (value, source) in actual.items():
-        declared = getattr(pattern.model, name)
-        if declared is not None and declared != value:
-            raise PatternError(f"model.{name}", f"{value} (the model's text_config.{source})", declared)
+    return Model(
+        query_heads=heads,
+        kv_heads=config.num_key_value_heads,
+        head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
+        hidden_size=config.hidden_size,
+        num_layers=config.num_hidden_layers,
+    )
+
+
+def fit_pattern(pattern: Pattern, config: Any, mode: str = "faithful") -> Pattern:
+    """``pattern`` for the model of text config ``config``: its ``model``
+    section replaced by the model's shape (:func:`model_shape`) and the whole
+    pattern validated again for it.
+
+    A pattern's ``model`` section describes the model it was written for (what
+    budget analysis uses when no model is given); the model the adapter patches
+    has the last word. Refused, with :class:`~nsaflex.errors.PatternError`
+    naming the key and how to fix it, only where a constraint of the pattern
+    cannot hold for this model: a per-layer override ``at:`` a layer the model
+    does not have, a constraint the model's shape breaks, or (``videonsa_release``)
+    a layer the released code's numerics cannot run."""
+    shape = model_shape(config)
+    layers = shape.num_layers
     for position, override in enumerate(pattern.layers):
-        for layer in override.at:
-            if layer >= layers:
-                raise PatternError(f"layers[{position}].at", f"layer indices below {layers} (the model's num_hidden_layers)", layer)
+        beyond = [layer for layer in override.at if layer >= layers]
+        if beyond:
+            raise PatternError(
+                f"layers[{position}].at",
+                f"layer indices below {layers} (the model's text_config.num_hidden_layers: it has layers 0 to {layers - 1})",
+                beyond[0],
+                hint=f"pattern {pattern.name!r} overrides layer {beyond[0]}, which this {layers}-layer model does not have: "
+                f"drop {', '.join(map(str, beyond))} from layers[{position}].at, or write a pattern for this model "
+                f"that extends {pattern.name!r} with its own layers: section",
+            )
+    try:
+        fitted = dataclasses.replace(pattern, model=shape)
+    except PatternError as error:
+        raise PatternError(
+            error.key_path,
+            error.expected,
+            error.found,
+            hint=f"pattern {pattern.name!r} cannot hold for this model ({shape.query_heads} query / {shape.kv_heads} kv heads, "
+            f"head dim {shape.head_dim}, hidden {shape.hidden_size}, {layers} layers): change that key in a pattern "
+            f"that extends {pattern.name!r}" + (f"; {error.hint}" if error.hint else ""),
+        ) from None
     if mode == "videonsa_release":
         for layer in range(layers):
-            check_release_pattern(pattern, layer)
+            check_release_pattern(fitted, layer)
+    return fitted
 
 
 def apply(
@@ -858,10 +904,16 @@ def apply(
             training steps over unpadded sequences in ``faithful`` mode; decode
             steps and padding masks are refused with :class:`AdapterError`.
 
+    The pattern runs with the model's own shape (heads, head dim, hidden size,
+    layer count: :func:`fit_pattern` replaces its ``model`` section), so a
+    bundled pattern applies to every Qwen2.5-VL size.
+
     Raises :class:`AdapterError` (not a Qwen2.5-VL model, already patched,
-    bad checkpoint), :class:`~nsaflex.errors.PatternError` (pattern shape
-    disagrees with the model) or :class:`~nsaflex.errors.BackendUnavailable`;
-    in every case the model is left as it was.
+    bad checkpoint), :class:`~nsaflex.errors.PatternError` (a constraint of
+    the pattern that cannot hold for this model, e.g. an override of a layer
+    it does not have) or :class:`~nsaflex.errors.BackendUnavailable` (e.g. a
+    head dim the backend does not serve); in every case the model is left as
+    it was.
     """
     base, text_model = _resolve_model(model)
     if get_adapter(base) is not None:
@@ -875,7 +927,7 @@ def apply(
         raise AdapterError("text_config.use_sliding_window", "False (nsaflex patterns replace the sliding window)", True)
     if config._attn_implementation == ATTN_NAME:
         raise AdapterError("text_config._attn_implementation", "the model's own implementation", ATTN_NAME)
-    _check_pattern(pattern, config, mode)
+    pattern = fit_pattern(pattern, config, mode)
     if process_group is not None and mode != "faithful":
         raise AdapterError("process_group", "None in mode 'videonsa_release' (sequence parallelism runs faithful mode)", mode)
     if mode == "videonsa_release":
@@ -896,6 +948,11 @@ def apply(
     chosen_backend = backend
     adapter = Qwen25VLAdapter(model, base, text_model, pattern, backend, mode, layers, {})
     shared: dict[Pattern, CompiledAttention] = {}  # layers with the same pattern share kernels and mask caches
+    # Sequence-parallel ranks each run a subset of the heads (run_heads), which
+    # the backends check against the compiled pattern's model section.
+    compiled_pattern = pattern if process_group is None else dataclasses.replace(
+        pattern, model=dataclasses.replace(pattern.model, query_heads=None, kv_heads=None)
+    )
     for index, decoder_layer in enumerate(decoder_layers):
         attention = decoder_layer.self_attn
         resolved = pattern.for_layer(index)
@@ -904,7 +961,7 @@ def apply(
             learned = resolved.compression is not None and resolved.compression.pooling == "mlp"
             compiled = None if learned else shared.get(resolved)
             if compiled is None:
-                compiled = compile_pattern(pattern, backend, layer=index, device=device_kind, head_dim=head_dim)
+                compiled = compile_pattern(compiled_pattern, backend, layer=index, device=device_kind, head_dim=head_dim)
                 compiled.to(device=weight.device)
                 if not learned:
                     shared[resolved] = compiled
@@ -1041,7 +1098,9 @@ __all__ = [
     "StaleAdapterWarning",
     "applied",
     "apply",
+    "fit_pattern",
     "get_adapter",
     "load_videonsa_gates",
+    "model_shape",
     "remove",
 ]

@@ -55,6 +55,9 @@ class TritonBackend:
             return f"triton cannot be imported: {error}"
         if pattern.dense:
             return None
+        head_dim = pattern.model.head_dim
+        if head_dim is not None and head_dim not in HEAD_DIMS:
+            return f"head dim {head_dim} (pattern model.head_dim) is not one of the kernels' {HEAD_DIMS}"
         return unsupported_reason(pattern)
 
     def describe(self, pattern: Pattern, device: str) -> tuple[BranchPlan, ...]:
