@@ -4,10 +4,10 @@ selected block indices against the reference's wherever the scores are not
 (nearly) tied, and lengths whose tensors pass 2^31 elements. Skipped without
 CUDA.
 
-The GPU suite, one command (the CPU kernel tests run on the GPU too)::
+The GPU suite is the README's one command (section "Tests on a GPU"),
+which runs these tests with the rest::
 
-    NSAFLEX_TEST_DEVICE=cuda python -m pytest -q -p no:cacheprovider -m gpu \
-        tests/test_triton_gpu.py tests/test_triton_kernels.py
+    NSAFLEX_TEST_DEVICE=cuda HYPOTHESIS_PROFILE=gpu python -m pytest -q -p no:cacheprovider
 
 and, as part of it, out-of-bounds and misaligned accesses under
 compute-sanitizer at lengths that are not block multiples (forward and
