@@ -75,9 +75,6 @@ from nsaflex.spec import Model, Pattern
 BASELINES = ("sdpa", "cudnn", "flex-dense", "fla")
 PASSES = ("fwd", "fwd+bwd")
 INPUTS = ("random", "video")
-#: torch's spelling of each dtype a run takes, and the short one (``bf16``).
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32,
-          "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 BACKWARD_FACTOR = 3.5
 CHECK_TOLERANCE = {torch.bfloat16: 3e-2, torch.float16: 5e-3, torch.float32: 1e-4}
 UNION_TILE = 128
