@@ -5,7 +5,12 @@ See :mod:`nsaflex.bench` for what is measured and how. Examples::
     nsaflex bench videonsa-qblock --lengths 8k,32k,64k,128k --backends flex \\
         --baselines sdpa,cudnn,flex-dense,fla --pass fwd,fwd+bwd --inputs video,random \\
         --json run.json --plot run.png
-    nsaflex bench window --device cpu --lengths 512 --heads 4/2 --dim 32 --dtype fp32
+    nsaflex bench window --device cpu --lengths 512 --heads 4/2 --dim 32 --dtype float32
+
+Progress goes to standard error (``--quiet``: none): one line per finished
+configuration, and a note before each first call that may compile kernels.
+``--json FILE`` is rewritten after every configuration; ``--json -`` prints
+the document on standard output at the end, the tables then on standard error.
 
 A record for ``benchmarks/RESULTS.md``: ``--json benchmarks/results/NAME.json``,
 then ``python benchmarks/results.py``.
@@ -19,8 +24,19 @@ import sys
 import click
 import torch
 
-from nsaflex.bench import BASELINES, DTYPES, INPUTS, PASSES, BenchOptions, check_writable, failures, pyplot, run_bench, write_plot
-from nsaflex.cli.common import LENGTHS, load_pattern_arg, out_console
+from nsaflex.bench import BASELINES, INPUTS, PASSES, BenchOptions, check_writable, failures, pyplot, run_bench, write_plot
+from nsaflex.cli.common import (
+    DTYPE,
+    JSON_STDOUT,
+    LENGTHS,
+    check_json_target,
+    err_console,
+    human_console,
+    json_option,
+    load_pattern_arg,
+    printable,
+    write_json,
+)
 from nsaflex.errors import NsaflexError
 
 CPU_LENGTHS = (512, 1024)
@@ -58,7 +74,8 @@ def _heads(text: str) -> tuple[int, int]:
               help="Baselines: sdpa (flash), cudnn, flex-dense, fla (fla-core parallel_nsa); 'none' for none.")
 @click.option("--heads", default="28/4", show_default=True, help="Query heads / kv heads.")
 @click.option("--dim", type=click.IntRange(1), default=128, show_default=True, help="Head dim.")
-@click.option("--dtype", type=click.Choice(sorted(DTYPES)), default="bf16", show_default=True)
+@click.option("--dtype", type=DTYPE, default="bfloat16", show_default=True,
+              help="Inputs' dtype, as torch spells it or short: bfloat16 (bf16), float16 (fp16), float32 (fp32).")
 @click.option("--batch", type=click.IntRange(1), default=1, show_default=True)
 @click.option("--pass", "passes", default="fwd", show_default=True, help="fwd, fwd+bwd, or both comma-separated.")
 @click.option("--inputs", default="random", show_default=True,
@@ -75,14 +92,15 @@ def _heads(text: str) -> tuple[int, int]:
               help="Also profile one call: each kernel's device time (CPU: each operator's), and the flex backend's forward stages.")
 @click.option("--deterministic/--atomic", default=True, show_default=True,
               help="--atomic: gradients accumulated with atomics where a backend has them (Triton: the selection branch's dk, dv).")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write every figure and the environment here.")
+@json_option("every figure and the environment")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None, help="Write a PNG of time against length here.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress lines on standard error.")
 def command(pattern_arg, lengths, backends, baselines, heads, dim, dtype, batch, passes, inputs, device, layer,
-            text_tokens, check_length, warmup, rep, breakdown, deterministic, json_path, plot_path):
+            text_tokens, check_length, warmup, rep, breakdown, deterministic, json_target, plot_path, quiet):
     """Time PATTERN's compiled backends against dense and peer baselines."""
+    check_json_target(json_target)
     pattern, path = load_pattern_arg(pattern_arg)
-    # The plot's path and matplotlib are checked before the run, not after it
-    # (run_bench checks the JSON path).
+    # The plot's path and matplotlib are checked before the run, not after it.
     if plot_path:
         check_writable(plot_path, "--plot")
         pyplot()
@@ -99,7 +117,7 @@ def command(pattern_arg, lengths, backends, baselines, heads, dim, dtype, batch,
         query_heads=query_heads,
         kv_heads=kv_heads,
         dim=dim,
-        dtype=DTYPES[dtype],
+        dtype=dtype,
         batch=batch,
         passes=_choices(passes, PASSES, "--pass"),
         inputs=_choices(inputs, INPUTS, "--inputs"),
@@ -114,12 +132,15 @@ def command(pattern_arg, lengths, backends, baselines, heads, dim, dtype, batch,
         breakdown=breakdown,
         deterministic=deterministic,
     )
-    console = out_console()
+    console = human_console(json_target)
     if not console.is_terminal:
         console.width = max(console.width, 200)  # logs and pipes: keep table rows on one line
-    document = run_bench(options, console, progress=console.is_terminal, json_path=json_path)
-    if json_path:
-        console.print(f"wrote {json_path}")
+    json_path = json_target if json_target != JSON_STDOUT else None  # a file is rewritten as the run goes
+    document = run_bench(options, console, progress=None if quiet else err_console(), json_path=json_path)
+    if json_target == JSON_STDOUT:
+        write_json(document, json_target, console)
+    elif json_target is not None:
+        console.print(f"wrote {printable(json_target)}", soft_wrap=True, markup=False)  # run_bench wrote it
     if plot_path:
         write_plot(document, plot_path)
         console.print(f"wrote {plot_path}")

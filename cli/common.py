@@ -3,34 +3,45 @@ arguments, consoles, number formatting and error reporting."""
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import click
+import torch
 from rich.console import Console
 from rich.markup import escape
 
-from nsaflex.errors import NsaflexError
+from nsaflex.bench import check_writable
+from nsaflex.errors import InputError, NsaflexError
 from nsaflex.loader import bundled_patterns, load_pattern
 from nsaflex.spec import Pattern
 
 __all__ = [
+    "DTYPE",
+    "DTYPE_NAMES",
+    "DtypeType",
     "FOLDER",
     "FolderType",
+    "JSON_STDOUT",
     "LENGTHS",
     "LengthsType",
+    "check_json_target",
     "err_console",
     "format_count",
     "format_fraction",
     "format_quantity",
     "format_length",
+    "human_console",
+    "json_option",
     "load_pattern_arg",
     "out_console",
     "parse_length",
     "parse_lengths",
     "printable",
     "report_error",
+    "write_json",
 ]
 
 _LENGTH = re.compile(r"^(\d+(?:\.\d+)?)([km]?)$", re.IGNORECASE)
@@ -102,6 +113,41 @@ class FolderType(click.Path):
 FOLDER = FolderType()
 
 
+#: torch's name of each floating dtype the command line takes, by every name it
+#: accepts: torch's own spelling (``torch.bfloat16`` is ``bfloat16``) and the short one.
+DTYPE_NAMES: dict[str, str] = {
+    "float32": "float32",
+    "fp32": "float32",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+    "float16": "float16",
+    "fp16": "float16",
+}
+
+
+class DtypeType(click.ParamType):
+    """A click type for ``--dtype``: ``bfloat16`` or ``bf16``, ``float16`` or
+    ``fp16``, ``float32`` or ``fp32`` (any case, ``torch.`` prefix allowed);
+    converts to the ``torch.dtype``."""
+
+    name = "dtype"
+
+    def get_metavar(self, param: click.Parameter, ctx: click.Context | None = None) -> str:
+        return "[" + "|".join(DTYPE_NAMES) + "]"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, torch.dtype):
+            return value
+        text = str(value).strip().lower().removeprefix("torch.")
+        if text not in DTYPE_NAMES:
+            accepted = ", ".join(f"{name} ({short})" for name, short in (("bfloat16", "bf16"), ("float16", "fp16"), ("float32", "fp32")))
+            self.fail(f"expected one of {accepted}; found {value!r}", param, ctx)
+        return getattr(torch, DTYPE_NAMES[text])
+
+
+DTYPE = DtypeType()
+
+
 def out_console() -> Console:
     """Rich console on the current stdout (looked up at call time: click's test
     runner swaps the streams)."""
@@ -110,6 +156,68 @@ def out_console() -> Console:
 
 def err_console() -> Console:
     return Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+# --- --json: the same option in every subcommand ------------------------------------------------
+
+#: ``--json`` alone or ``--json -``: the JSON document goes to standard output.
+JSON_STDOUT = "-"
+_Command = TypeVar("_Command", bound=Callable[..., Any])
+
+
+def _json_target(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    if value is None or value == JSON_STDOUT:
+        return value
+    if not value or "\x00" in value:
+        raise click.BadParameter(f"expected a file path or '-' (standard output); found {value!r}", ctx, param)
+    return value
+
+
+def json_option(what: str) -> Callable[[_Command], _Command]:
+    """The ``--json [FILE|-]`` option of every subcommand, as ``json_target``:
+    write ``what`` as JSON to FILE, or to standard output for ``-`` (the
+    default when ``--json`` comes without a value). Subcommands check FILE
+    with :func:`check_json_target` before their work and write with
+    :func:`write_json`."""
+    return click.option(
+        "--json",
+        "json_target",
+        is_flag=False,
+        flag_value=JSON_STDOUT,
+        default=None,
+        metavar="[FILE|-]",
+        callback=_json_target,
+        help=f"Write {what} as JSON to FILE; '-' (or --json alone): to standard output, which then carries "
+        "nothing else.",
+    )
+
+
+def check_json_target(target: str | None) -> None:
+    """Refuse a ``--json`` FILE that cannot be written (InputError naming
+    ``--json``) before any work whose result it would lose."""
+    if target is not None and target != JSON_STDOUT:
+        check_writable(target, "--json")
+
+
+def human_console(json_target: str | None) -> Console:
+    """Where a subcommand's tables and messages go: standard output, or
+    standard error when the JSON document takes standard output."""
+    return err_console() if json_target == JSON_STDOUT else out_console()
+
+
+def write_json(document: Any, target: str, console: Console) -> None:
+    """Write ``document`` as JSON to the file ``target`` (and say so on
+    ``console``), or to standard output for ``-``. Values JSON has no type
+    for (sympy expressions, paths) are written as their ``str``."""
+    text = json.dumps(document, indent=1, default=str)
+    if target == JSON_STDOUT:
+        click.echo(text)
+        return
+    try:
+        Path(target).write_text(text + "\n")
+    except OSError as error:
+        raise InputError("--json", "a file that can be written", f"{target} ({error.strerror})") from None
+    console.print(f"wrote {printable(target)}", soft_wrap=True, markup=False)  # a path is neither cut nor markup
 
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")

@@ -2,34 +2,40 @@
 
 PATTERN is a YAML file or a bundled pattern name. ``--at`` picks the lengths of
 the budget table (default 8k, 32k, 128k and the pattern's
-``budget.at_length``); ``--json`` prints the plan and budget as JSON instead of
-tables; ``--emit DIR`` also writes a stand-alone Python module for the pattern
-(see :mod:`nsaflex.codegen`).
+``budget.at_length``); ``--json FILE`` also writes the plan and budget as
+JSON (``--json -`` or ``--json`` alone: to standard output, instead of the
+tables); ``--emit DIR`` also writes a stand-alone Python module for the pattern
+(see :mod:`nsaflex.codegen`). The plan table reads at 80 columns: one row per
+kernel, mask, constants and notes of each branch, wrapped at word boundaries.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any
 
 import click
 import sympy
+from rich import box
 from rich.table import Table
 from rich.text import Text
 
 from nsaflex.budget import BudgetAnalysis, BudgetFigures, analyse
 from nsaflex.cli.common import (
     FOLDER,
+    JSON_STDOUT,
     LENGTHS,
+    check_json_target,
     format_count,
     format_fraction,
     format_length,
     format_quantity,
+    json_option,
     load_pattern_arg,
     out_console,
     printable,
+    write_json,
 )
 from nsaflex.codegen import DEFAULT_LENGTHS, emit_module
 from nsaflex.errors import PatternError
@@ -50,7 +56,7 @@ DEVICES = ("cpu", "cuda")
     help="Lengths for the budget table, e.g. 65536,131072 or 8k,128k (k = 1024). "
     "Default: 8k,32k,128k and the pattern's budget.at_length.",
 )
-@click.option("--json", "as_json", is_flag=True, help="Print the plan and budget as JSON.")
+@json_option("the plan and budget")
 @click.option(
     "--emit",
     "emit_dir",
@@ -71,7 +77,7 @@ DEVICES = ("cpu", "cuda")
 def command(
     pattern_arg: str,
     lengths: tuple[int, ...] | None,
-    as_json: bool,
+    json_target: str | None,
     emit_dir: Path | None,
     backend: str,
     device: str,
@@ -81,6 +87,7 @@ def command(
     plan, and print the plan and its budget."""
     from nsaflex.plan import make_plan
 
+    check_json_target(json_target)
     pattern, source = load_pattern_arg(pattern_arg)
     if layer is not None and pattern.model.num_layers is not None and layer >= pattern.model.num_layers:
         raise click.BadParameter(
@@ -109,7 +116,8 @@ def command(
             where = error.filename if error.filename is not None else emit_dir
             raise click.BadParameter(f"cannot write {where}: {error.strerror or error}", param_hint="'--emit'") from None
 
-    if as_json:
+    console = out_console()
+    if json_target is not None:
         payload = {
             "pattern": pattern.name,
             "source": str(source),
@@ -122,10 +130,10 @@ def command(
             },
             "emitted": str(emitted) if emitted is not None else None,
         }
-        click.echo(json.dumps(payload, indent=2, default=str))
-        return
+        if json_target == JSON_STDOUT:
+            write_json(payload, json_target, console)
+            return
 
-    console = out_console()
     resolved = pattern.for_layer(layer) if layer is not None else pattern
     console.print(_header(pattern, resolved, source, layer))
     console.print(_plan_table(plan))
@@ -137,6 +145,8 @@ def command(
         console.print(Text(f"  {line}", style="dim"))
     if emitted is not None:
         console.print(Text.assemble(("wrote ", "green"), printable(emitted)))
+    if json_target is not None:
+        write_json(payload, json_target, console)
 
 
 # --- rendering ------------------------------------------------------------------------------------
@@ -187,22 +197,26 @@ def _constants(constants: dict[str, Any]) -> str:
             return ",".join(str(v) for v in value) or "-"
         return str(value)
 
-    return "\n".join(f"{k}={show(v)}" for k, v in constants.items())
+    return " ".join(f"{k}={show(v)}" for k, v in constants.items())
 
 
 def _plan_table(plan: Any) -> Table:
+    """One block of rows per branch (kernel, mask, constants, notes), the
+    values in one wide column: at 80 columns the values get 56 characters and
+    wrap between words, where five side-by-side columns would split words."""
     title = f"plan: backend {plan.backend} on {plan.device}"
-    table = Table(title=title, title_justify="left", show_lines=False)
-    for column in ("branch", "kernel", "mask", "constants", "notes"):
-        table.add_column(column, overflow="fold")
+    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    table.add_column("branch", no_wrap=True, style="bold")
+    table.add_column("", no_wrap=True, style="dim")
+    table.add_column("plan", overflow="fold")
     for branch in plan.branches:
-        table.add_row(
-            branch.branch,
-            f"{branch.kernel}" + (f" [{branch.backend}]" if branch.backend != plan.backend else ""),
-            branch.mask,
-            _constants(dict(branch.constants)),
-            "\n".join(branch.notes),
-        )
+        kernel = branch.kernel + (f" ({branch.backend} backend)" if branch.backend != plan.backend else "")
+        fields = [("kernel", kernel), ("mask", branch.mask), ("constants", _constants(dict(branch.constants))),
+                  *(("notes" if i == 0 else "", f"- {note}") for i, note in enumerate(branch.notes))]
+        fields = [(label, value) for label, value in fields if value]
+        for i, (label, value) in enumerate(fields):
+            # Text, not markup: kernels and masks hold brackets ("[B, H, L, L]").
+            table.add_row(Text(branch.branch if i == 0 else ""), Text(label), Text(value), end_section=i == len(fields) - 1)
     captions = []
     if not getattr(plan, "deterministic", True):
         captions.append("gradients: not bit-reproducible (atomic accumulation where the backend has it)")
@@ -234,7 +248,8 @@ def _budget_table(analysis: BudgetAnalysis, figures: list[BudgetFigures]) -> Tab
     table = Table(title=f"budget per batch row{note}", title_justify="left")
     table.add_column("quantity")
     for f in figures:
-        table.add_column(f"L = {format_length(f.length)}", justify="right")
+        # fold, not an ellipsis: a symbolic figure (no model section) may not fit its column
+        table.add_column(f"L = {format_length(f.length)}", justify="right", overflow="fold")
 
     def row(label: str, values: list[str], style: str | None = None) -> None:
         table.add_row(label, *values, style=style)

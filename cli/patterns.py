@@ -6,8 +6,16 @@ import click
 from rich import box
 from rich.table import Table
 
-from nsaflex.cli.common import err_console, format_fraction, format_length, out_console
-from nsaflex.cli.show import parse_length_option, write_json
+from nsaflex.cli.common import (
+    JSON_STDOUT,
+    check_json_target,
+    format_fraction,
+    format_length,
+    human_console,
+    json_option,
+    write_json,
+)
+from nsaflex.cli.show import parse_length_option
 from nsaflex.show import pattern_summaries
 
 __all__ = ["command"]
@@ -18,18 +26,17 @@ DEFAULT_AT = 131072
 @click.command("patterns")
 @click.option("--at", "length", callback=parse_length_option, default=str(DEFAULT_AT), metavar="L",
               help="Length of the attended fraction (default 128k).")
-@click.option("--json", "json_target", default=None, metavar="FILE",
-              help="Write the list as JSON to FILE ('-': standard output).")
+@json_option("the list")
 def command(length: int, json_target: str | None) -> None:
     """List the bundled patterns (usable by name wherever a PATTERN is asked
     for) with their branches, keys per query K_attn = l'n + w and attended
     fraction (hybrid patterns: all-vision input)."""
+    check_json_target(json_target)
     summaries = pattern_summaries(length)
-    console = err_console() if json_target == "-" else out_console()
-    if json_target is not None:
+    console = human_console(json_target)
+    if json_target == JSON_STDOUT:
         write_json(summaries, json_target, console)
-        if json_target == "-":
-            return
+        return
     table = Table(title=f"bundled patterns (attended fraction at L = {format_length(length)})", title_justify="left",
                   box=box.SIMPLE_HEAD, pad_edge=False)
     table.add_column("name", no_wrap=True)
@@ -45,3 +52,5 @@ def command(length: int, json_target: str | None) -> None:
     console.print(table)
     console.print("cmp = compression, slc = selection, win = window")
     console.print("* hybrid: text queries attend densely; the fraction is for all-vision input")
+    if json_target is not None:
+        write_json(summaries, json_target, console)

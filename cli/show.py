@@ -11,14 +11,19 @@ See :mod:`nsaflex.show` for what each panel shows.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import click
-from rich.console import Console
 
-from nsaflex.bench import check_writable
-from nsaflex.cli.common import err_console, format_length, load_pattern_arg, out_console, parse_length
+from nsaflex.cli.common import (
+    check_json_target,
+    format_length,
+    human_console,
+    json_option,
+    load_pattern_arg,
+    parse_length,
+    write_json,
+)
 from nsaflex.errors import InputError
 from nsaflex.show import (
     DEFAULT_LENGTH,
@@ -48,19 +53,6 @@ def parse_length_option(ctx: click.Context, param: click.Parameter, value: str |
         return parse_length(value)
     except ValueError as error:
         raise click.BadParameter(str(error), ctx, param) from None
-
-
-def write_json(document: Any, target: str, console: Console) -> None:
-    """Write ``document`` as JSON to the file ``target``, or to standard output for ``-``."""
-    text = json.dumps(document, indent=1)
-    if target == "-":
-        click.echo(text)
-        return
-    try:
-        Path(target).write_text(text + "\n")
-    except OSError as error:
-        raise InputError("--json", "a file that can be written", f"{target} ({error.strerror})") from None
-    console.print(f"wrote {target}")
 
 
 def _output_dir(out: Path) -> Path:
@@ -94,8 +86,7 @@ def _output_dir(out: Path) -> Path:
               help="Write PNGs into DIR: the masks and the budget against length.")
 @click.option("--terminal/--no-terminal", default=None,
               help="Draw the masks in the terminal (default: on, unless --json -).")
-@click.option("--json", "json_target", default=None, metavar="FILE",
-              help="Write the per-branch counts as JSON to FILE ('-': standard output).")
+@json_option("the per-branch counts")
 def command(
     pattern_arg: str,
     length: int | None,
@@ -114,14 +105,13 @@ def command(
     (query rows down, key columns across), and with --out its budget against length."""
     pattern, _ = load_pattern_arg(pattern_arg)
     # Human output goes to stderr when the JSON takes stdout.
-    console = err_console() if json_target == "-" else out_console()
+    console = human_console(json_target)
     if tensors_path is not None and inputs is not None:
         raise InputError("--inputs", "no --inputs with --tensors (the tensors are the inputs)", inputs)
     if out_dir is not None:
         pyplot()  # a missing matplotlib is reported before the work
         out_dir = _output_dir(out_dir)
-    if json_target not in (None, "-"):
-        check_writable(json_target, "--json")  # after --out, which may make its folder
+    check_json_target(json_target)  # after --out, which may make its folder
     try:
         given = load_inputs(tensors_path) if tensors_path is not None else (inputs or "random")
         masks = attended_masks(pattern, length, layer=layer, inputs=given, head=head, row=row,

@@ -40,6 +40,14 @@ raises :class:`NsaflexError` naming each refused baseline and why.
 A configuration that fails while measuring is recorded and the rest runs;
 :func:`failures` lists such failures so the command line can exit 2 after
 writing everything.
+
+While it runs, :func:`run_bench` reports on a progress console (standard
+error in ``nsaflex bench``; none with ``--quiet``): one line per finished
+configuration (its median, or why it failed or was skipped, and how long it
+took) under a progress bar on a terminal, and a note before the first call of
+each configuration whose kernels may compile (every backend but the float64
+reference, and the compiled baselines), which is where a run spends its first
+tens of seconds.
 """
 
 from __future__ import annotations
@@ -67,7 +75,6 @@ from nsaflex.spec import Model, Pattern
 BASELINES = ("sdpa", "cudnn", "flex-dense", "fla")
 PASSES = ("fwd", "fwd+bwd")
 INPUTS = ("random", "video")
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 BACKWARD_FACTOR = 3.5
 CHECK_TOLERANCE = {torch.bfloat16: 3e-2, torch.float16: 5e-3, torch.float32: 1e-4}
 UNION_TILE = 128
@@ -76,6 +83,10 @@ BREAKDOWN_KERNELS = 8
 OTHER_KERNELS = "other kernels"
 #: Longest sequence the dense SDPA baseline runs on the CPU (its math backend keeps L x L scores).
 CPU_SDPA_LIMIT = 8192
+#: Backends whose first call at a shape compiles nothing (the float64 reference runs torch operators).
+UNCOMPILED_BACKENDS = frozenset({"reference"})
+#: Baselines whose first call at a shape compiles kernels (torch.compile, Triton).
+COMPILED_BASELINES = frozenset({"flex-dense", "fla"})
 #: Distributions that install the ``fla`` module (the ``fla`` baseline's kernel), newest name first.
 FLA_DISTRIBUTIONS = ("fla-core", "flash-linear-attention")
 
@@ -451,9 +462,66 @@ def _bench_pattern(options: BenchOptions) -> Pattern:
     return dataclasses.replace(pattern, model=Model(), budget=None)
 
 
-def run_bench(options: BenchOptions, console=None, *, progress: bool = True, json_path: str | None = None) -> dict[str, Any]:
+class BenchProgress:
+    """What a run says while it runs, on ``console`` (``nsaflex bench``: standard
+    error): a progress bar when the console is a terminal, and on any console
+    one line per finished job, ``[3/12] flex L=512 fwd random: 1.23 ms (4.5 s)``,
+    and :meth:`compiling` notes before first calls that may compile. With
+    ``console=None`` it says nothing."""
+
+    def __init__(self, console, total: int) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.console = console
+        self.total = total
+        self.done = 0
+        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                            console=console, transient=True, disable=console is None or not console.is_terminal)
+        self.task = self.bar.add_task("bench", total=total)
+        self.started = time.perf_counter()
+
+    def __enter__(self) -> BenchProgress:
+        self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.bar.__exit__(*exc)
+
+    def say(self, line: str) -> None:
+        if self.console is not None:
+            # Above the bar while it shows; markup off: names and errors may hold brackets.
+            self.console.print(line, markup=False, highlight=False)
+
+    def start(self, label: str) -> None:
+        self.bar.update(self.task, description=label)
+        self.started = time.perf_counter()
+
+    def compiling(self, label: str, device: str) -> None:
+        """The note before a first call that may compile kernels."""
+        expected = "~10-40 s" if device == "cuda" else "up to a minute on a CPU"
+        self.say(f"{label}: compiling the kernels for this shape (first call; {expected}) ...")
+
+    def finish(self, label: str, outcome: str) -> None:
+        self.done += 1
+        self.bar.advance(self.task)
+        self.say(f"[{self.done}/{self.total}] {label}: {outcome} ({time.perf_counter() - self.started:.1f} s)")
+
+
+def _outcome(kind: str, result: Any) -> str:
+    """A finished job in a few words: its median, its check, or why it has none."""
+    if kind == "check":
+        if "relative_error" in result:
+            return ("ok" if result["ok"] else "FAILED") + f", relative error {result['relative_error']:.1e}"
+        return result.get("error") or result.get("skipped", "-")
+    if result.error:
+        return result.error if result.error.startswith("skipped") else f"failed: {result.error}"
+    return f"{_fmt(result.median_ms)} ms"
+
+
+def run_bench(options: BenchOptions, console=None, *, progress=None, json_path: str | None = None) -> dict[str, Any]:
     """Run every configuration; returns the JSON document (also printed as tables
-    when ``console``). With ``json_path`` the document so far is rewritten after
+    when ``console``). ``progress``: a rich console for :class:`BenchProgress`
+    (None: silent). With ``json_path`` the document so far is rewritten after
     every configuration, so an interrupted run keeps what it measured. Raises
     NsaflexError when no backend compiles and no baseline can run."""
     import nsaflex
@@ -481,35 +549,38 @@ def run_bench(options: BenchOptions, console=None, *, progress: bool = True, jso
     structures: list[dict[str, Any]] = []
     checks: dict[str, Any] = {}
     # Spot checks first: a run cut short by a time limit still has them.
-    jobs = [("check", name, 0, "fwd", "random") for name in compiled]
+    jobs = [("check", name, options.check_length, "fwd", "random") for name in compiled if options.check_length > 0]
+    if options.check_length <= 0:
+        checks = {name: {"skipped": "--check-length 0"} for name in compiled}
     for length in options.lengths:
         for passes in options.passes:
             jobs += [("baseline", name, length, passes, "random") for name in baselines]
             for kind in options.inputs:
                 jobs += [("backend", name, length, passes, kind) for name in compiled]
 
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                   console=console, transient=True, disable=not progress or console is None)
     baseline_times: dict[tuple[int, str], dict[str, float]] = {}
     seen_structure: set[tuple[int, str]] = set()
-    with bar:
-        task = bar.add_task("bench", total=len(jobs))
+    with BenchProgress(progress, len(jobs)) as report:
         for kind, name, length, passes, inputs in jobs:
-            bar.update(task, description=f"{name} {kind} L={length} {passes} {inputs}" if kind != "check" else f"check {name}")
+            label = f"check {name} L={length}" if kind == "check" else (
+                f"{name} L={length} {passes}" + (f" {inputs}" if kind == "backend" else ""))
+            report.start(label)
+            compiles = name in COMPILED_BASELINES if kind == "baseline" else name not in UNCOMPILED_BACKENDS
+            first_call = (lambda label=label: report.compiling(label, device)) if compiles else (lambda: None)
+            result: Any
             try:
                 if kind == "check":
-                    checks[name] = _spot_check(compiled[name], pattern, options)
+                    result = checks[name] = _spot_check(compiled[name], pattern, options, first_call)
                 elif kind == "baseline":
-                    row = _measure_baseline(name, options, pattern, length, passes)
-                    rows.append(row)
-                    if row.median_ms is not None:
-                        baseline_times.setdefault((length, passes), {})[name] = row.median_ms
+                    result = _measure_baseline(name, options, pattern, length, passes, first_call)
+                    rows.append(result)
+                    if result.median_ms is not None:
+                        baseline_times.setdefault((length, passes), {})[name] = result.median_ms
                 else:
-                    row, structure = _measure_backend(name, compiled[name], options, pattern, length, passes, inputs,
-                                                      want_structure=(length, inputs) not in seen_structure)
-                    rows.append(row)
+                    result, structure = _measure_backend(name, compiled[name], options, pattern, length, passes, inputs,
+                                                         want_structure=(length, inputs) not in seen_structure,
+                                                         first_call=first_call)
+                    rows.append(result)
                     if structure is not None:
                         seen_structure.add((length, inputs))
                         structures.append({"length": length, "inputs": inputs, **structure})
@@ -518,10 +589,11 @@ def run_bench(options: BenchOptions, console=None, *, progress: bool = True, jso
                     torch.cuda.empty_cache()
                 message = f"{type(error).__name__}: {error}"[:500]
                 if kind == "check":
-                    checks[name] = {"error": message}
+                    result = checks[name] = {"error": message}
                 else:
-                    rows.append(Row(length, inputs, passes, kind, name, error=message))
-            bar.advance(task)
+                    result = Row(length, inputs, passes, kind, name, error=message)
+                    rows.append(result)
+            report.finish(label, _outcome(kind, result))
             if json_path:
                 write_json(_document(options, pattern, rows, structures, checks, baseline_times, complete=False), json_path)
     document = _document(options, pattern, rows, structures, checks, baseline_times, complete=True)
@@ -661,21 +733,27 @@ def _document(options, pattern, rows, structures, checks, baseline_times, *, com
     }
 
 
-def _measure_baseline(name: str, options: BenchOptions, pattern: Pattern, length: int, passes: str) -> Row:
+def _measure_baseline(name: str, options: BenchOptions, pattern: Pattern, length: int, passes: str,
+                      first_call: Callable[[], None] = lambda: None) -> Row:
+    """Time baseline ``name``; ``first_call()`` runs just before its first call."""
     try:
         fn, note, pairs = baseline_runner(name, options, pattern, length, passes)
     except Skip as reason:
         return Row(length, "any", passes, "baseline", name, error=f"skipped: {reason}")
+    first_call()
     ms = time_ms(fn, options.device, options.warmup_ms, options.rep_ms)
     flops = flops_for(pairs, options.query_heads, options.dim, options.batch, passes)
     return Row(length, "any", passes, "baseline", name, ms, flops, flops / ms / 1e9, peak_mib(fn, options.device), note=note)
 
 
-def _measure_backend(name, attn, options: BenchOptions, pattern: Pattern, length: int, passes: str, inputs: str, *, want_structure: bool):
+def _measure_backend(name, attn, options: BenchOptions, pattern: Pattern, length: int, passes: str, inputs: str, *,
+                     want_structure: bool, first_call: Callable[[], None] = lambda: None):
+    """Time backend ``name`` (compiled as ``attn``); ``first_call()`` runs just before its first call."""
     grad = passes == "fwd+bwd"
     q, k, v, gates, types = make_inputs(options, pattern, length, inputs, requires_grad=grad)
     leaves = tuple(t for t in (q, k, v, gates) if t is not None) if grad else None
     fn = _runner(lambda: attn(q, k, v, gates, types), leaves)
+    first_call()
     fn()  # compile / warm up outside the timed region
     if options.device == "cuda":
         torch.cuda.synchronize()
@@ -705,14 +783,16 @@ def _measure_backend(name, attn, options: BenchOptions, pattern: Pattern, length
     return row, structure
 
 
-def _spot_check(attn, pattern: Pattern, options: BenchOptions) -> dict[str, Any]:
-    """Relative error against the float64 reference at ``check_length`` (random inputs)."""
+def _spot_check(attn, pattern: Pattern, options: BenchOptions, first_call: Callable[[], None] = lambda: None) -> dict[str, Any]:
+    """Relative error against the float64 reference at ``check_length`` (random
+    inputs); ``first_call()`` runs just before the backend's call."""
     from nsaflex.reference import reference_attention
 
     length = options.check_length
     if length <= 0:
         return {"skipped": "--check-length 0"}
     q, k, v, gates, types = make_inputs(options, pattern, length, "random", requires_grad=False, seed=options.seed + 1)
+    first_call()
     with torch.no_grad():
         out = attn(q, k, v, gates, types)
     pooler = attn.pooler.cpu() if getattr(attn, "pooler", None) is not None else None

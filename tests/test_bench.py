@@ -390,3 +390,73 @@ def test_results_renders_a_whole_model_record(results_script, tmp_path):
     assert "- the run stopped before its end" in text
     assert "at L = 128K, ms of CUDA device time by stage:" in text
     assert "| kernels | 38.0 |" in text and "| layer | 80.5 |" in text
+
+
+# --- dtype names, progress -------------------------------------------------------------------------
+
+#: The smallest run: the float64 reference backend on a tiny window pattern, no baseline, no spot check.
+TINY = ("window", "--device", "cpu", "--heads", "2/1", "--dim", "8", "--backends", "reference", "--baselines", "none",
+        "--check-length", "0", "--rep", "1")
+
+
+@pytest.mark.parametrize(("name", "recorded"), [
+    ("float32", "float32"), ("fp32", "float32"), ("bfloat16", "bfloat16"), ("bf16", "bfloat16"),
+    ("float16", "float16"), ("fp16", "float16"), ("torch.float32", "float32"), ("BF16", "bfloat16"),
+])
+def test_bench_takes_dtype_names_as_torch_spells_them_and_short(runner, name, recorded):
+    result = runner(*TINY, "--lengths", "64", "--dtype", name, "--quiet", "--json", "-")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["config"]["dtype"] == recorded
+
+
+@pytest.mark.parametrize("name", ["float64", "int8", "bf"])
+def test_bench_refuses_other_dtype_names_listing_the_accepted_ones(runner, name):
+    result = runner(*TINY, "--lengths", "64", "--dtype", name)
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "--dtype" in result.output and "bfloat16 (bf16)" in result.output and repr(name) in result.output
+
+
+def test_bench_reports_each_configuration_on_stderr_and_quiet_silences_it(runner):
+    args = (*TINY, "--lengths", "64,128", "--pass", "fwd,fwd+bwd", "--dtype", "float32")
+    result = runner(*args)
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.stderr.splitlines() if line.startswith("[")]
+    assert [line.split("]")[0] for line in lines] == [f"[{i}/4" for i in range(1, 5)]
+    assert "reference L=64 fwd random: " in lines[0] and lines[0].endswith(" s)") and " ms (" in lines[0]
+    assert "reference L=128 fwd+bwd random" in lines[3]
+    assert "nsaflex bench window" in result.stdout and "[1/4]" not in result.stdout
+    quiet = runner(*args, "--quiet")
+    assert quiet.exit_code == 0 and quiet.stderr == ""
+
+
+def test_bench_notes_before_each_first_call_that_may_compile(runner, monkeypatch):
+    """The note comes before the first call of each configuration of a
+    compiling backend (here the reference, counted as one) and of a compiled
+    baseline, and never for the reference or SDPA."""
+    events: list[str] = []
+    say = bench.BenchProgress.say
+    monkeypatch.setattr(bench.BenchProgress, "say", lambda self, line: (events.append(line), say(self, line)))
+    runner_of = bench._runner
+
+    def recorded_runner(call, grads):
+        fn = runner_of(call, grads)
+
+        def logged():
+            events.append("call")
+            return fn()
+        return logged
+
+    monkeypatch.setattr(bench, "_runner", recorded_runner)
+    args = (*TINY[:-6], "--baselines", "sdpa", "--check-length", "0", "--rep", "1", "--lengths", "64,128", "--dtype", "fp32")
+    result = runner(*args)
+    assert result.exit_code == 0, result.output
+    assert not any("compiling" in line for line in events)  # reference and SDPA compile nothing
+
+    events.clear()
+    monkeypatch.setattr(bench, "UNCOMPILED_BACKENDS", frozenset())
+    result = runner(*args)
+    assert result.exit_code == 0, result.output
+    notes = [i for i, event in enumerate(events) if "compiling the kernels for this shape (first call;" in event]
+    assert [events[i].split(":")[0] for i in notes] == ["reference L=64 fwd random", "reference L=128 fwd random"]
+    assert all(events[i + 1] == "call" for i in notes)
+    assert sum("compiling" in line for line in result.stderr.splitlines()) == 2

@@ -405,3 +405,78 @@ def test_real_process_exit_status_and_red_message(tmp_path: Path) -> None:
     assert f"{path}:3:3: window.size: expected an integer >= 1, found -1" in done.stderr.replace("\x1b[0m", "").replace(
         "\x1b[31m", ""
     )
+
+
+# --- conventions shared by every subcommand --------------------------------------------------------
+
+#: The smallest run of each subcommand (bench: the float64 reference, no baseline, one tiny length).
+SMALLEST_RUN = {
+    "compile": ("compile", "window", "--at", "4k"),
+    "bench": ("bench", "window", "--device", "cpu", "--lengths", "64", "--heads", "2/1", "--dim", "8", "--dtype", "fp32",
+              "--backends", "reference", "--baselines", "none", "--check-length", "0", "--rep", "1", "--quiet"),
+    "show": ("show", "window", "--length", "16"),
+    "patterns": ("patterns",),
+}
+
+
+def test_every_subcommand_has_a_smallest_run() -> None:
+    assert set(SMALLEST_RUN) == set(main.commands)
+
+
+@pytest.mark.parametrize("name", sorted(SMALLEST_RUN))
+def test_json_option_is_the_same_in_every_subcommand(name: str, tmp_path: Path) -> None:
+    """``--json FILE`` writes FILE and says so; ``--json -`` and ``--json`` alone
+    put the document, and nothing else, on standard output; a FILE that cannot
+    be written is refused (exit 2) before any work prints anything."""
+    args = SMALLEST_RUN[name]
+    assert "--json [FILE|-]" in run(name, "--help").output
+    for flag in (("--json", "-"), ("--json",)):
+        result = run(*args, *flag)
+        assert result.exit_code == 0, result.output
+        assert isinstance(json.loads(result.stdout), (dict, list))
+    path = tmp_path / f"{name}.json"
+    result = run(*args, "--json", str(path))
+    assert result.exit_code == 0, result.output
+    assert isinstance(json.loads(path.read_text()), (dict, list))
+    assert f"wrote {path}" in result.output
+    for bad in (tmp_path / "missing" / "x.json", tmp_path):
+        result = run(*args, "--json", str(bad))
+        assert_clean_failure(result, "--json")
+        assert result.stdout == ""
+    assert_clean_failure(run(*args, "--json", ""), "--json", "a file path or '-'")
+
+
+def test_compile_json_file_keeps_the_tables(tmp_path: Path) -> None:
+    path = tmp_path / "plan.json"
+    result = run("compile", "window", "--json", str(path), "--backend", "reference")
+    assert result.exit_code == 0, result.output
+    assert "plan: backend reference" in result.stdout and "attended fraction" in result.stdout
+    assert json.loads(path.read_text())["plan"]["backend"] == "reference"
+
+
+PLAN_CASES = [(name, backend, device) for name in BUNDLED for backend, device in (("auto", "cpu"), ("reference", "cpu"),
+                                                                                   ("triton", "cuda"))]
+
+
+@pytest.mark.parametrize(("name", "backend", "device"), PLAN_CASES)
+def test_plan_table_reads_at_80_columns(name: str, backend: str, device: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """At 80 columns no line is wider and every word of every branch's kernel,
+    mask, constants and notes is printed whole: wrapped between words, never
+    cut with an ellipsis nor split across lines."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # plan the compiled Triton kernels, as on a GPU host
+    try:
+        plan = nsaflex.make_plan(nsaflex.load_pattern(name), backend, device)
+    except BackendUnavailable:
+        pytest.skip(f"{backend} does not serve {name} on {device}")
+    result = CliRunner().invoke(main, ["compile", name, "--backend", backend, "--device", device], env={"COLUMNS": "80"})
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert max(len(line) for line in lines) <= 80
+    assert "…" not in result.stdout
+    printed = set(result.stdout.split())
+    for branch in plan.branches:
+        for word in " ".join((branch.kernel, branch.mask, *branch.notes)).split():
+            if len(word) <= 56:  # the value column's width at 80 columns
+                assert word in printed, (branch.branch, word)
+        for key in branch.constants:
+            assert any(token.startswith(f"{key}=") for token in printed), (branch.branch, key)
