@@ -57,7 +57,7 @@ def bwd_dq_kernel(
     Q, K, V, KC, VC, DO, GATES, OC, OS, OW, LSEC, LSES, LSEW, SEL, U, UM, UC, DQ, DG, DELTA,
     SEQ,
     sqb, sqh, sqt, skb, skh, skt, scb, sch, sct, sgb, sgh, sgt, sgc, sdgb, sdgh, sdgt, ssb, ssh, sst, slb, slh, slt, sdn,
-    scale_log2, scale,
+    scale_log2, scale, n_tiles,
     G: tl.constexpr, R: tl.constexpr, D: tl.constexpr,
     GI_CMP: tl.constexpr, GI_SLC: tl.constexpr, GI_WIN: tl.constexpr,
     CBLOCK: tl.constexpr, CSTRIDE: tl.constexpr, LEGACY: tl.constexpr,
@@ -116,7 +116,7 @@ def bwd_dq_kernel(
             gb, delta, lse = _branch_delta(OS, GATES, LSES, DG, DELTA + 1 * sdn, dof, q_base, row_off, d, gate_off,
                                            dg_off, lse_off, valid, GI_SLC, sgc)
             count, ubase, umbase, hit_row, kdesc, vdesc, n_whole = _union_setup(
-                SEL, U, UM, UC, b, hk, pid_t, tl.num_programs(0), start, ssb, ssh, sst, t0, length, r, kbase, vbase, skt,
+                SEL, U, UM, UC, b, hk, pid_t, n_tiles, start, ssb, ssh, sst, t0, length, r, kbase, vbase, skt,
                 G, G, BT, D, W, LS, BS, HEAD_SCORING, U_LOG, ROW_LOG, TMA, False)
             # As in the forward (slc_win_kernel): the blocks that end before the tile's
             # first token, a prefix of the sorted list, are masked per row only (lse

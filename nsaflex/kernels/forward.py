@@ -369,11 +369,7 @@ def cmp_lse_kernel(
 
     Rows: :func:`_tile_rows` (``BT`` tokens, ``GR`` rows per token, ``R`` rows).
     ``TMA``: compressed keys (and values) through tensor descriptors (:func:`_sequence_desc`)."""
-    pid_t = tl.program_id(0)
-    b = tl.program_id(1)
-    hk = tl.program_id(2)
-    length = _seq_field(SEQ, b, 1)
-    t0 = pid_t * BT
+    pid_t, b, hk, length, t0 = _program_tile(SEQ + 1, BT, 4)
     if t0 < length:
         start = _seq_field(SEQ, b, 0).to(tl.int64)
         cstart = _seq_field(SEQ, b, 2).to(tl.int64)

@@ -11,9 +11,10 @@ autograd, so the MLP's parameters train).
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -180,12 +181,14 @@ class SeqLayout:
     max_cmp: int
     packed: bool
     min_cmp: int = 0  # the fewest compressed tokens of any sequence (host int)
-    # [B, 4] int32: starts, lens, cstarts, clens side by side, one kernel argument
-    # for the four (forward._seq_field reads it)
-    table: torch.Tensor = field(init=False, repr=False)
 
-    def __post_init__(self) -> None:
-        self.table = torch.stack([self.starts, self.lens, self.cstarts, self.clens], dim=1).to(torch.int32).contiguous()
+    @functools.cached_property
+    def table(self) -> torch.Tensor:
+        """[B, 4] int32: starts, lens, cstarts, clens side by side, one kernel
+        argument for the four (``forward._seq_field`` reads it); zeros for the
+        compressed rows of a layout without them."""
+        fields = [x if x is not None else torch.zeros_like(self.lens) for x in (self.starts, self.lens, self.cstarts, self.clens)]
+        return torch.stack(fields, dim=1).to(torch.int32).contiguous()
 
     @property
     def batch(self) -> int:
@@ -609,7 +612,7 @@ def _backward(do, q, k, v, kc, vc, gates, lay: SeqLayout, cfg: KernelConfig, res
         sel if sel is not None else dummy_i, res["U"], res["UM"], res["UC"], dq, dg, delta,
         lay.table,
         *_qs(q, P), *_qs(k, P), *_qs(kc_, P), *_gs(gates, P), *_qs(dg, P), *ss, *_qs(any_lse, P), delta.stride(0),
-        scale_log2, scale,
+        scale_log2, scale, n_tq,
         G=G, R=tiles.rows_sel, D=D, **_gate_columns(cfg),
         CBLOCK=cfg.cblock, CSTRIDE=cfg.cstride, LEGACY=cfg.legacy,
         LS=cfg.slc_block, W=tiles.width, HEAD_SCORING=cfg.head_scoring, WIN=cfg.window,
