@@ -469,6 +469,33 @@ def test_topn_row_parts():
             assert tail == 0 or head + tail < next_pow2(most)
 
 
+@given(block=st.integers(1, 512), rows=st.integers(1, 448), width=st.integers(1, 140))
+def test_row_tile_constants_the_kernels_derive(block, rows, width):
+    """The selection kernel and bwd_dq derive their key tile and union-list
+    sizes from the pattern's constants (fewer launch arguments); those are the
+    sizes the host allocates for: the block padded to a power of two of at least
+    16 columns, a list of rows x width slots rounded up to a power of two, the
+    bits of a row index."""
+    from nsaflex.kernels import forward as fwd
+    from nsaflex.kernels.ops import next_pow2
+
+    assert fwd.key_tile(block) == max(16, next_pow2(block))
+    assert 1 << fwd.union_log(rows, width) == next_pow2(rows * width)
+    assert 1 << fwd.row_log(rows) == next_pow2(rows)
+
+
+def test_sequence_table_holds_the_layout():
+    """The [B, 4] int32 table the row-tile kernels read: starts, lengths,
+    compressed starts, compressed lengths per sequence."""
+    from nsaflex.kernels.ops import SeqLayout
+
+    starts, lens = torch.tensor([0, 5, 12], dtype=torch.int32), torch.tensor([5, 7, 3], dtype=torch.int32)
+    cstarts, clens = torch.tensor([0, 1, 3], dtype=torch.int32), torch.tensor([1, 2, 0], dtype=torch.int32)
+    table = SeqLayout(starts, lens, cstarts, clens, 7, 2, True).table
+    assert table.dtype == torch.int32 and table.is_contiguous()
+    assert table.tolist() == [[0, 5, 0, 1], [5, 7, 1, 2], [12, 3, 3, 0]]
+
+
 def test_two_step_top_n_edges():
     """Fewer candidates than free slots, no free slot at all (count = |forced|),
     every forced kind, legacy visibility, chunks of 16 tokens."""

@@ -23,8 +23,8 @@ import triton
 import triton.language as tl
 
 from nsaflex.kernels.forward import (
-    _dot, _key_rows, _key_value_rows, _program_tile, _query_tile, _sequence_desc, _tile_rows, _union_entry,
-    _union_setup, _union_step_loads, _visible, _visible_span,
+    _dot, _key_rows, _key_value_rows, _program_tile, _query_tile, _seq_field, _sequence_desc, _tile_rows, _union_entry,
+    _union_setup, _union_step_loads, _visible, _visible_span, key_tile, row_log, union_log,
 )
 
 
@@ -55,23 +55,33 @@ def _dq_step(dq, p, do, kk, vv, gb, delta, IEEE: tl.constexpr):
 @triton.jit
 def bwd_dq_kernel(
     Q, K, V, KC, VC, DO, GATES, OC, OS, OW, LSEC, LSES, LSEW, SEL, U, UM, UC, DQ, DG, DELTA,
-    STARTS, LENS, CSTARTS, CLENS,
+    SEQ,
     sqb, sqh, sqt, skb, skh, skt, scb, sch, sct, sgb, sgh, sgt, sgc, sdgb, sdgh, sdgt, ssb, ssh, sst, slb, slh, slt, sdn,
     scale_log2, scale, n_tiles,
-    G: tl.constexpr, GR: tl.constexpr, BT: tl.constexpr, R: tl.constexpr, D: tl.constexpr, IEEE: tl.constexpr,
-    HAS_CMP: tl.constexpr, HAS_SLC: tl.constexpr, HAS_WIN: tl.constexpr,
+    G: tl.constexpr, R: tl.constexpr, D: tl.constexpr,
     GI_CMP: tl.constexpr, GI_SLC: tl.constexpr, GI_WIN: tl.constexpr,
-    CBLOCK: tl.constexpr, CSTRIDE: tl.constexpr, LEGACY: tl.constexpr, BN: tl.constexpr,
-    LS: tl.constexpr, BS: tl.constexpr, W: tl.constexpr, HEAD_SCORING: tl.constexpr,
-    WIN: tl.constexpr, BKW: tl.constexpr, U_LOG: tl.constexpr, ROW_LOG: tl.constexpr, TMA: tl.constexpr,
+    CBLOCK: tl.constexpr, CSTRIDE: tl.constexpr, LEGACY: tl.constexpr,
+    LS: tl.constexpr, W: tl.constexpr, HEAD_SCORING: tl.constexpr,
+    WIN: tl.constexpr, TMA: tl.constexpr,
 ):
     """Rows and union lists as the forward's selection kernel (:func:`_tile_rows`);
     ``TMA`` as there (key, value and compressed blocks through tensor
-    descriptors)."""
-    pid_t, b, hk, length, t0 = _program_tile(LENS, BT)
+    descriptors); ``GI_*`` as there. ``SEQ``: the sequence table
+    (:func:`_seq_field`)."""
+    BT: tl.constexpr = R // G
+    BS: tl.constexpr = key_tile(LS)
+    IEEE: tl.constexpr = Q.dtype.element_ty == tl.float32
+    U_LOG: tl.constexpr = union_log(BT * G if HEAD_SCORING else BT, W)
+    ROW_LOG: tl.constexpr = row_log(BT * G if HEAD_SCORING else BT)
+    HAS_CMP: tl.constexpr = GI_CMP >= 0
+    HAS_SLC: tl.constexpr = GI_SLC >= 0
+    HAS_WIN: tl.constexpr = GI_WIN >= 0
+    BN: tl.constexpr = 64  # compressed keys per step
+    BKW: tl.constexpr = 64  # window keys per step
+    pid_t, b, hk, length, t0 = _program_tile(SEQ + 1, BT, 4)
     if t0 < length:
-        start, r, t, g, valid, h, d, q_base, row_off, q = _query_tile(Q, STARTS, b, hk, t0, length, sqb, sqh, sqt,
-                                                                      G, GR, BT, R, D)
+        start, r, t, g, valid, h, d, q_base, row_off, q = _query_tile(Q, SEQ, b, hk, t0, length, sqb, sqh, sqt,
+                                                                      G, G, BT, R, D, 4)
         bb = b.to(tl.int64)
         do = tl.load(DO + q_base + row_off[:, None] + d[None, :], mask=valid[:, None], other=0.0)
         dof = do.to(tl.float32)
@@ -81,8 +91,8 @@ def bwd_dq_kernel(
         t_last = tl.minimum(t0 + BT, length) - 1
         dq = tl.zeros([R, D], tl.float32)
         if HAS_CMP:
-            cstart = tl.load(CSTARTS + b).to(tl.int64)
-            n_cmp = tl.load(CLENS + b)
+            cstart = _seq_field(SEQ, b, 2).to(tl.int64)
+            n_cmp = _seq_field(SEQ, b, 3)
             gb, delta, lse = _branch_delta(OC, GATES, LSEC, DG, DELTA + 0 * sdn, dof, q_base, row_off, d, gate_off,
                                            dg_off, lse_off, valid, GI_CMP, sgc)
             lo, hi = _visible_span(t0, t_last, n_cmp, CBLOCK, CSTRIDE, LEGACY)
@@ -107,7 +117,7 @@ def bwd_dq_kernel(
                                            dg_off, lse_off, valid, GI_SLC, sgc)
             count, ubase, umbase, hit_row, kdesc, vdesc, n_whole = _union_setup(
                 SEL, U, UM, UC, b, hk, pid_t, n_tiles, start, ssb, ssh, sst, t0, length, r, kbase, vbase, skt,
-                G, GR, BT, D, W, LS, BS, HEAD_SCORING, U_LOG, ROW_LOG, TMA, False)
+                G, G, BT, D, W, LS, BS, HEAD_SCORING, U_LOG, ROW_LOG, TMA, False)
             # As in the forward (slc_win_kernel): the blocks that end before the tile's
             # first token, a prefix of the sorted list, are masked per row only (lse
             # +inf for a row that did not select the block: exp2(-inf) = 0). Each step

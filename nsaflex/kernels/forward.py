@@ -148,22 +148,56 @@ def _finish_branch(out, acc, acc_l, m, gate, valid, O, LSE, q_base, row_off, lse
 
 
 @triton.jit
-def _program_tile(LENS, BT: tl.constexpr):
+def _seq_field(SEQ, b, FIELD: tl.constexpr):
+    """Field ``FIELD`` of sequence ``b`` in the sequence table ``SEQ`` [B, 4]
+    int32 (``SeqLayout.table``): 0 its first row, 1 its length, 2 its first
+    compressed row, 3 its number of compressed tokens."""
+    return tl.load(SEQ + 4 * b + FIELD)
+
+
+@triton.constexpr_function
+def union_log(sel_rows, width):
+    """log2 of a union list's capacity: the ``sel_rows x width`` list slots
+    packed without padding (``_tile_keys``), rounded up to a power of two."""
+    return (max(1, sel_rows * width) - 1).bit_length()
+
+
+@triton.constexpr_function
+def key_tile(block):
+    """Key columns per selection step for blocks of ``block`` keys: the block
+    padded to a power of two and to the 16 columns a matrix product takes on
+    the GPU (the interpreter takes 8, so only a GPU compile catches it; the
+    padding columns are masked off)."""
+    return max(16, 1 << max(0, block - 1).bit_length())
+
+
+@triton.constexpr_function
+def row_log(sel_rows):
+    """log2 of the selecting rows of a tile: the bits of a row index in the
+    union's sort keys ``block << row_log | row`` (``_tile_union``)."""
+    return max(0, (sel_rows - 1).bit_length())
+
+
+@triton.jit
+def _program_tile(LENS, BT: tl.constexpr, SEQ_STRIDE: tl.constexpr):
     """A program of a row-tile grid ``(tiles, B, Hkv)``: (tile index, sequence
-    ``b``, kv head ``hk``, the sequence's length, the tile's first token)."""
+    ``b``, kv head ``hk``, the sequence's length, the tile's first token).
+    ``LENS``: the lengths, ``SEQ_STRIDE`` int32 apart (4 in the sequence
+    table, :func:`_seq_field`)."""
     pid_t = tl.program_id(0)
     b = tl.program_id(1)
-    return pid_t, b, tl.program_id(2), tl.load(LENS + b), pid_t * BT
+    return pid_t, b, tl.program_id(2), tl.load(LENS + SEQ_STRIDE * b), pid_t * BT
 
 
 @triton.jit
 def _query_tile(Q, STARTS, b, hk, t0, length, sqb, sqh, sqt,
-                G: tl.constexpr, GR: tl.constexpr, BT: tl.constexpr, R: tl.constexpr, D: tl.constexpr):
+                G: tl.constexpr, GR: tl.constexpr, BT: tl.constexpr, R: tl.constexpr, D: tl.constexpr,
+                SEQ_STRIDE: tl.constexpr):
     """The set-up of a row tile (:func:`_tile_rows`) of the selection kernel and
     ``bwd_dq``: (the sequence's first row ``start``, r, t, g, valid, head ``h``
     [R], ``d``, the rows' place :func:`_rows_at` in q's layout ``q_base,
     row_off``, and the query rows ``q`` [R, D])."""
-    start = tl.load(STARTS + b).to(tl.int64)
+    start = tl.load(STARTS + SEQ_STRIDE * b).to(tl.int64)
     r, t, g, valid = _tile_rows(t0, length, G, GR, BT, R)
     d = tl.arange(0, D)
     q_base, row_off = _rows_at(b, hk, start, g, t, sqb, sqh, sqt, G)
@@ -319,7 +353,7 @@ def _lse_step(q, t, valid, i0, hi, n_cmp, kbase, kdesc, vbase, vdesc, skt, d, m,
 
 @triton.jit
 def cmp_lse_kernel(
-    Q, KC, VC, LSE, OC, STARTS, LENS, CSTARTS, CLENS,
+    Q, KC, VC, LSE, OC, SEQ,
     sqb, sqh, sqt, skb, skh, skt, slb, slh, slt,
     scale_log2,
     G: tl.constexpr, GR: tl.constexpr, BT: tl.constexpr, R: tl.constexpr, BN: tl.constexpr, D: tl.constexpr,
@@ -335,11 +369,11 @@ def cmp_lse_kernel(
 
     Rows: :func:`_tile_rows` (``BT`` tokens, ``GR`` rows per token, ``R`` rows).
     ``TMA``: compressed keys (and values) through tensor descriptors (:func:`_sequence_desc`)."""
-    pid_t, b, hk, length, t0 = _program_tile(LENS, BT)
+    pid_t, b, hk, length, t0 = _program_tile(SEQ + 1, BT, 4)
     if t0 < length:
-        start = tl.load(STARTS + b).to(tl.int64)
-        cstart = tl.load(CSTARTS + b).to(tl.int64)
-        n_cmp = tl.load(CLENS + b)
+        start = _seq_field(SEQ, b, 0).to(tl.int64)
+        cstart = _seq_field(SEQ, b, 2).to(tl.int64)
+        n_cmp = _seq_field(SEQ, b, 3)
         r, t, g, valid = _tile_rows(t0, length, G, GR, BT, R)
         h = hk * G + g
         d = tl.arange(0, D)
@@ -447,7 +481,7 @@ def _score_step(c, q, lse, t, valid, n_cmp, kbase, kdesc, skt, d, carry, m_self,
 
 @triton.jit
 def cmp_score_kernel(
-    Q, KC, LSE, SBUF, STARTS, LENS, CSTARTS, CLENS,
+    Q, KC, LSE, SBUF, SEQ,
     sqb, sqh, sqt, skb, skh, skt, slb, slh, slt, sbb, sbh, sbt,
     scale_log2, T_OFF, T_END,
     G: tl.constexpr, GP: tl.constexpr, BT: tl.constexpr, D: tl.constexpr,
@@ -469,12 +503,12 @@ def cmp_score_kernel(
     pid_t = tl.program_id(0)
     b = tl.program_id(1)
     hk = tl.program_id(2)
-    length = tl.minimum(tl.load(LENS + b), T_END)
+    length = tl.minimum(_seq_field(SEQ, b, 1), T_END)
     t0 = T_OFF + pid_t * BT
     if t0 < length:
-        start = tl.load(STARTS + b).to(tl.int64)
-        cstart = tl.load(CSTARTS + b).to(tl.int64)
-        n_cmp = tl.load(CLENS + b)
+        start = _seq_field(SEQ, b, 0).to(tl.int64)
+        cstart = _seq_field(SEQ, b, 2).to(tl.int64)
+        n_cmp = _seq_field(SEQ, b, 3)
         R: tl.constexpr = BT * GP
         PERM: tl.constexpr = (not HEAD_SCORING) and GP >= 2 and GP <= 8 and R % 16 == 0
         t, g, valid = _score_rows(t0, length, G, GP, R, PERM)
@@ -916,22 +950,31 @@ def slc_win_kernel(
     Q, K, V, OC, GATES, SEL, U, UM, UC, OUT, OS, OW, LSES, LSEW, STARTS, LENS,
     sqb, sqh, sqt, skb, skh, skt, sgb, sgh, sgt, sgc, ssb, ssh, sst, slb, slh, slt,
     scale_log2, n_tiles,
-    G: tl.constexpr, GR: tl.constexpr, BT: tl.constexpr, R: tl.constexpr, D: tl.constexpr, IEEE: tl.constexpr,
-    HAS_CMP: tl.constexpr, HAS_SLC: tl.constexpr, HAS_WIN: tl.constexpr,
+    G: tl.constexpr, R: tl.constexpr, D: tl.constexpr,
     GI_CMP: tl.constexpr, GI_SLC: tl.constexpr, GI_WIN: tl.constexpr,
-    LS: tl.constexpr, BS: tl.constexpr, W: tl.constexpr, HEAD_SCORING: tl.constexpr,
-    WIN: tl.constexpr, BKW: tl.constexpr, SAVE: tl.constexpr, U_LOG: tl.constexpr, ROW_LOG: tl.constexpr,
-    TMA: tl.constexpr,
+    LS: tl.constexpr, W: tl.constexpr, HEAD_SCORING: tl.constexpr,
+    WIN: tl.constexpr, SAVE: tl.constexpr, TMA: tl.constexpr,
 ):
     """Output strides follow q's layout (OUT, OC, OS, OW share q's strides).
-    Rows: :func:`_tile_rows` (``BT`` tokens, ``GR`` rows per token, ``R`` rows).
+    ``GI_*``: each branch's gate column, -1 for a branch the pattern lacks.
+    Rows: :func:`_tile_rows` (``R // G`` tokens, ``G`` rows per token, ``R`` rows).
+    fp32 inputs multiply in IEEE fp32 (:func:`_dot`).
     ``TMA``: key and value blocks arrive through tensor descriptors (no
     per-element addresses in registers). Union blocks that end before the
     tile's first token are masked per row (see the loop)."""
-    pid_t, b, hk, length, t0 = _program_tile(LENS, BT)
+    BT: tl.constexpr = R // G
+    BS: tl.constexpr = key_tile(LS)
+    IEEE: tl.constexpr = Q.dtype.element_ty == tl.float32
+    U_LOG: tl.constexpr = union_log(BT * G if HEAD_SCORING else BT, W)
+    ROW_LOG: tl.constexpr = row_log(BT * G if HEAD_SCORING else BT)
+    HAS_CMP: tl.constexpr = GI_CMP >= 0
+    HAS_SLC: tl.constexpr = GI_SLC >= 0
+    HAS_WIN: tl.constexpr = GI_WIN >= 0
+    BKW: tl.constexpr = 64  # window keys per step
+    pid_t, b, hk, length, t0 = _program_tile(LENS, BT, 1)
     if t0 < length:
         start, r, t, g, valid, h, d, q_base, row_off, q = _query_tile(Q, STARTS, b, hk, t0, length, sqb, sqh, sqt,
-                                                                      G, GR, BT, R, D)
+                                                                      G, G, BT, R, D, 1)
         bb = b.to(tl.int64)
         kbase = K + bb * skb + hk.to(tl.int64) * skh + start * skt
         vbase = V + bb * skb + hk.to(tl.int64) * skh + start * skt
@@ -943,7 +986,7 @@ def slc_win_kernel(
         if HAS_SLC:
             count, ubase, umbase, hit_row, kdesc, vdesc, n_whole = _union_setup(
                 SEL, U, UM, UC, b, hk, pid_t, n_tiles, start, ssb, ssh, sst, t0, length, r, kbase, vbase, skt,
-                G, GR, BT, D, W, LS, BS, HEAD_SCORING, U_LOG, ROW_LOG, TMA, True)
+                G, G, BT, D, W, LS, BS, HEAD_SCORING, U_LOG, ROW_LOG, TMA, True)
             m = tl.full([R], float("-inf"), tl.float32)
             acc_l = tl.zeros([R], tl.float32)
             acc = tl.zeros([R, D], tl.float32)

@@ -11,6 +11,7 @@ autograd, so the MLP's parameters train).
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -61,10 +62,8 @@ class KernelConfig:
 
     @property
     def slc_tile(self) -> int:
-        """Key columns per selection step: the block padded to a power of two and to
-        the 16 columns a matrix product takes on the GPU (the interpreter takes 8, so
-        only a GPU compile catches it; the padding columns are masked off)."""
-        return max(16, next_pow2(self.slc_block))
+        """Key columns per selection step (:func:`forward.key_tile`; the row-tile kernels derive it likewise)."""
+        return fwd.key_tile(self.slc_block)
 
 
 @dataclass(frozen=True)
@@ -182,6 +181,14 @@ class SeqLayout:
     max_cmp: int
     packed: bool
     min_cmp: int = 0  # the fewest compressed tokens of any sequence (host int)
+
+    @functools.cached_property
+    def table(self) -> torch.Tensor:
+        """[B, 4] int32: starts, lens, cstarts, clens side by side, one kernel
+        argument for the four (``forward._seq_field`` reads it); zeros for the
+        compressed rows of a layout without them."""
+        fields = [x if x is not None else torch.zeros_like(self.lens) for x in (self.starts, self.lens, self.cstarts, self.clens)]
+        return torch.stack(fields, dim=1).to(torch.int32).contiguous()
 
     @property
     def batch(self) -> int:
@@ -305,15 +312,13 @@ class _Tiles:
         self.sel_rows = self.bt_sel * group if cfg.head_scoring else self.bt_sel
 
     def union_log(self, sel_rows: int) -> int:
-        """log2 of a union list's capacity: the ``sel_rows x width`` list slots
-        packed without padding (``_tile_keys``), rounded up to a power of two."""
-        return next_pow2(sel_rows * self.width).bit_length() - 1
+        """:func:`forward.union_log` at this launch's list width (the kernels derive it likewise)."""
+        return fwd.union_log(sel_rows, self.width)
 
     @staticmethod
     def row_log(sel_rows: int) -> int:
-        """log2 of the selecting rows of a tile: the bits of a row index in the
-        union's sort keys ``block << row_log | row`` (``_tile_union``)."""
-        return max(0, (sel_rows - 1).bit_length())
+        """:func:`forward.row_log`."""
+        return fwd.row_log(sel_rows)
 
     def union_buffers(self, programs: int, sel_rows: int, max_len: int, slc_block: int,
                       device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -375,7 +380,7 @@ def _forward(q, k, v, kc, vc, gates, lay: SeqLayout, cfg: KernelConfig, launch: 
             # A descriptor cannot be empty: every sequence needs a compressed token.
             tma = lay.min_cmp > 0 and tma_ready(kc, vc)
             _launch(fwd.cmp_lse_kernel, (triton.cdiv(lay.max_len, tiles.bt_lse), B, Hkv),
-                q, kc, vc, lse_c, oc, lay.starts, lay.lens, lay.cstarts, lay.clens,
+                q, kc, vc, lse_c, oc, lay.table,
                 *_qs(q, P), *_qs(kc, P), *_qs(lse_c, P), scale_log2,
                 G=G, GR=G, BT=tiles.bt_lse, R=tiles.rows_lse, BN=launch.lse_block, D=D, CBLOCK=cfg.cblock,
                 CSTRIDE=cfg.cstride, LEGACY=cfg.legacy, IEEE=ieee, TMA=tma,
@@ -395,7 +400,7 @@ def _forward(q, k, v, kc, vc, gates, lay: SeqLayout, cfg: KernelConfig, launch: 
 
             def score(t_off: int, t_end: int, buf: torch.Tensor) -> None:
                 _launch(fwd.cmp_score_kernel, (triton.cdiv(t_end - t_off, tiles.bt_score), B, Hkv),
-                    q, kc_, lse_c, buf, lay.starts, lay.lens, lay.cstarts, lay.clens,
+                    q, kc_, lse_c, buf, lay.table,
                     *_qs(q, P), *_qs(kc_, P), *_qs(lse_c, P), *buf.stride()[:3], scale_log2, t_off, t_end,
                     G=G, GP=GP, BT=tiles.bt_score, D=D, CBLOCK=cfg.cblock, CSTRIDE=cfg.cstride, LEGACY=cfg.legacy,
                     IEEE=ieee, BN=cfg.eq9_a * nt, LS=cfg.slc_block, FIRST=cfg.first, PREV=cfg.prev, CUR=cfg.cur,
@@ -423,18 +428,24 @@ def _forward(q, k, v, kc, vc, gates, lay: SeqLayout, cfg: KernelConfig, launch: 
         lse_s if lse_s is not None else dummy_f, lse_w if lse_w is not None else dummy_f,
         lay.starts, lay.lens,
         *_qs(q, P), *_qs(k, P), *_gs(gates, P), *ss, *_qs(lse_like, P), scale_log2, n_t3,
-        G=G, GR=G, BT=tiles.bt_sel, R=tiles.rows_sel, D=D, IEEE=ieee,
-        HAS_CMP=cfg.has_cmp, HAS_SLC=cfg.has_slc, HAS_WIN=cfg.has_win,
-        GI_CMP=cfg.gate_index[0], GI_SLC=cfg.gate_index[1], GI_WIN=cfg.gate_index[2],
-        LS=cfg.slc_block, BS=cfg.slc_tile, W=tiles.width, HEAD_SCORING=cfg.head_scoring,
-        WIN=cfg.window, BKW=64, SAVE=save, U_LOG=tiles.union_log(tiles.sel_rows),
-        ROW_LOG=tiles.row_log(tiles.sel_rows), TMA=tma_ready(k, v),
+        G=G, R=tiles.rows_sel, D=D, **_gate_columns(cfg),
+        LS=cfg.slc_block, W=tiles.width, HEAD_SCORING=cfg.head_scoring,
+        WIN=cfg.window, SAVE=save, TMA=tma_ready(k, v),
         num_warps=launch.select_warps, num_stages=launch.select_stages, maxnreg=launch.select_cap,
     )
     res.update(oc=oc, lse_c=lse_c, sel=sel, U=U, UM=UM, UC=UC, o_s=o_s, o_w=o_w, lse_s=lse_s, lse_w=lse_w)
     for seen in _RECORDERS:
         seen.update(res)
     return out, res
+
+
+def _gate_columns(cfg: KernelConfig) -> dict[str, int]:
+    """The row-tile kernels' ``GI_CMP``, ``GI_SLC``, ``GI_WIN``: each branch's
+    gate column, -1 for a branch the pattern lacks (the kernels read the
+    branch's presence from it)."""
+    present = (cfg.has_cmp, cfg.has_slc, cfg.has_win)
+    return {name: (column if has else -1)
+            for name, column, has in zip(("GI_CMP", "GI_SLC", "GI_WIN"), cfg.gate_index, present)}
 
 
 def _score_blocks(cfg: KernelConfig) -> int:
@@ -599,15 +610,12 @@ def _backward(do, q, k, v, kc, vc, gates, lay: SeqLayout, cfg: KernelConfig, res
         lse_c if lse_c is not None else any_lse, res["lse_s"] if res["lse_s"] is not None else any_lse,
         res["lse_w"] if res["lse_w"] is not None else any_lse,
         sel if sel is not None else dummy_i, res["U"], res["UM"], res["UC"], dq, dg, delta,
-        lay.starts, lay.lens, lay.cstarts, lay.clens,
+        lay.table,
         *_qs(q, P), *_qs(k, P), *_qs(kc_, P), *_gs(gates, P), *_qs(dg, P), *ss, *_qs(any_lse, P), delta.stride(0),
         scale_log2, scale, n_tq,
-        G=G, GR=G, BT=tiles.bt_sel, R=tiles.rows_sel, D=D, IEEE=ieee,
-        HAS_CMP=cfg.has_cmp, HAS_SLC=cfg.has_slc, HAS_WIN=cfg.has_win,
-        GI_CMP=cfg.gate_index[0], GI_SLC=cfg.gate_index[1], GI_WIN=cfg.gate_index[2],
-        CBLOCK=cfg.cblock, CSTRIDE=cfg.cstride, LEGACY=cfg.legacy, BN=64,
-        LS=cfg.slc_block, BS=cfg.slc_tile, W=tiles.width, HEAD_SCORING=cfg.head_scoring,
-        WIN=cfg.window, BKW=64, U_LOG=tiles.union_log(tiles.sel_rows), ROW_LOG=tiles.row_log(tiles.sel_rows),
+        G=G, R=tiles.rows_sel, D=D, **_gate_columns(cfg),
+        CBLOCK=cfg.cblock, CSTRIDE=cfg.cstride, LEGACY=cfg.legacy,
+        LS=cfg.slc_block, W=tiles.width, HEAD_SCORING=cfg.head_scoring, WIN=cfg.window,
         TMA=tma_ready(k, v, kc_, vc_), num_warps=launch.select_warps, num_stages=launch.dq_stages,
     )
     dkc = dvc = None
