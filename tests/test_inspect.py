@@ -31,9 +31,9 @@ from tests.adapter_support import ScratchModel, make_batch, randomise_gates, sma
 ATOL = 1e-6
 
 
-def _recorded(pattern):
+def _recorded(pattern, backend="reference"):
     model = tiny_model(layers=2, heads=4, kv_heads=2)
-    adapter = apply(model, pattern, backend="reference")
+    adapter = apply(model, pattern, backend=backend)
     randomise_gates(adapter, seed=3)
     ids, mask, mm = make_batch([[(3, 27)]], [34], 34, video=True)
     with torch.no_grad(), adapter.record() as rec:
@@ -77,6 +77,19 @@ def test_gate_means_and_sink_mass_equal_a_hand_computation():
         torch.testing.assert_close(record.sink(), expected, rtol=0, atol=ATOL)
         # the first block is forced: every vision query's slot holds it once
         assert torch.all(record.block_counts[:, 0] == int(vision.sum()))
+
+
+def test_flex_records_what_the_reference_records():
+    """The recorder reads each backend's own info: flex (float32) against the
+    reference (float64) within 1e-5 absolute on gates and sinks; the same counts."""
+    pattern = small_pattern()
+    _, want, _, _ = _recorded(pattern)
+    _, got, _, _ = _recorded(pattern, backend="flex")
+    for index, record in want.layers.items():
+        other = got.layers[index]
+        for name in ("gate_text", "gate_vision", "sink"):
+            torch.testing.assert_close(getattr(other, name)(), getattr(record, name)(), rtol=0, atol=1e-5, equal_nan=True)
+        assert torch.equal(other.block_counts, record.block_counts)
 
 
 def test_block_histogram_counts_slots():

@@ -29,11 +29,12 @@ REL = 1e-5
 LSE_ABS = 1e-5
 
 
-def _pattern(scoring: str = "group", hybrid: bool = False, gate: str = "mlp") -> Pattern:
+def _pattern(scoring: str = "group", hybrid: bool = False, gate: str = "mlp", query_block: bool = False) -> Pattern:
+    tiles = dict(granularity="query_block", query_block=4) if query_block else {}
     return Pattern(
         name="info",
         compression=Compression(block=4, stride=4),
-        selection=Selection(block=4, count=2, forced=("first",), scoring=scoring),
+        selection=Selection(block=4, count=2, forced=("first",), scoring=scoring, **tiles),
         window=Window(size=4),
         gate=Gate(kind="mlp") if gate == "mlp" else Gate(kind="constant", values=(0.2, 0.3, 0.5)),
         hybrid=Hybrid(vision_keys="vision") if hybrid else None,
@@ -67,7 +68,12 @@ def _compile(pattern: Pattern, backend: str, monkeypatch):
     return nsaflex.compile(pattern, backend=backend, device="cpu")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+# (backend, query_block): the triton kernels select per token only
+CASES = [("reference", False), ("flex", False), ("triton", False), ("reference", True), ("flex", True)]
+
+
+@pytest.mark.parametrize("hybrid", [False, True], ids=["whole-rows", "hybrid"])
+@pytest.mark.parametrize("backend,query_block", CASES, ids=[f"{b}{'-qblock' if t else ''}" for b, t in CASES])
 @settings(max_examples=3, deadline=None)
 @given(
     seed=st.integers(0, 2**16),
@@ -76,12 +82,12 @@ def _compile(pattern: Pattern, backend: str, monkeypatch):
     group=st.sampled_from([1, 2]),
     length=st.integers(5, 24),
     scoring=st.sampled_from(["group", "head"]),
-    hybrid=st.booleans(),
 )
-def test_info_equals_the_reference_per_branch(backend, seed, batch, kv_heads, group, length, scoring, hybrid):
+def test_info_equals_the_reference_per_branch(backend, query_block, hybrid, seed, batch, kv_heads, group, length,
+                                              scoring):
     monkeypatch = pytest.MonkeyPatch()
     try:
-        pattern = _pattern(scoring, hybrid)
+        pattern = _pattern(scoring, hybrid, query_block=query_block)
         q, k, v, gates, types = _inputs(seed, batch, kv_heads, group, length, hybrid)
         attn = _compile(pattern, backend, monkeypatch)
         out, info = attn(q, k, v, gates, types, return_info=True)
@@ -148,6 +154,19 @@ def test_scale_reaches_every_branch(backend, monkeypatch):
         _same_lse(lse[..., position], want["lse"][name])
     # a different scale is a different attention: the check above can fail
     assert _rel(out, reference_attention(q, k, v, pattern, gates)) > 1e-3
+
+
+def test_scale_in_bfloat16_is_within_bfloat16_rounding(monkeypatch):
+    """flex and triton fold the scale into q, rounded to bfloat16 (relative
+    2^-9 per element) on top of bf16's own rounding: 1e-2 as every bf16 test."""
+    pattern = _pattern()
+    q, k, v, gates, _ = _inputs(13, 1, 2, 2, 20, False)
+    want = reference_attention(q, k, v, pattern, gates, scale=0.3)
+    for backend in ("flex", "triton"):
+        got = _compile(pattern, backend, monkeypatch)(q.bfloat16(), k.bfloat16(), v.bfloat16(), gates.bfloat16(),
+                                                      scale=0.3)
+        assert got.dtype == torch.bfloat16
+        assert _rel(got, want) < 1e-2
 
 
 def test_default_scale_is_one_over_sqrt_d():
