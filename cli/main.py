@@ -29,7 +29,7 @@ from nsaflex.errors import NsaflexError
 __all__ = ["COMMAND_MODULES", "EXIT_USAGE", "NsaflexGroup", "main", "register_commands"]
 
 #: Modules of ``nsaflex.cli`` whose command is added to ``main``, in help order.
-COMMAND_MODULES: tuple[str, ...] = ("compile", "bench", "show", "patterns")
+COMMAND_MODULES: tuple[str, ...] = ("compile", "bench", "show", "patterns", "inspect")
 #: Exit status of bad input: usage errors and every NsaflexError.
 EXIT_USAGE = 2
 

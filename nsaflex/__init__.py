@@ -6,6 +6,7 @@ runtime callable -> adapters / CLI.
 
 from nsaflex.errors import BackendUnavailable, InputError, NsaflexError, PatternError
 from nsaflex.gates import GateNetwork
+from nsaflex.inspect import AttentionInfo
 from nsaflex.layer import SparseAttentionLayer
 from nsaflex.loader import dump_pattern, load_pattern, loads_pattern, pattern_from_dict
 from nsaflex.plan import Plan, PlanOptions, make_plan
@@ -25,6 +26,7 @@ from nsaflex.spec import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "AttentionInfo",
     "BackendUnavailable",
     "CompiledAttention",
     "Plan",

@@ -89,9 +89,10 @@ def eq9_matrix(num_compressed: int, num_blocks: int, compression: Compression, s
 
 
 def masked_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax attention restricted to ``mask``.
+    """Softmax attention restricted to ``mask``, scores ``q·k * scale``
+    (``scale`` None: ``1/sqrt(D)``).
 
     ``q [Hq, T, D]``, ``k, v [Hkv, S, D]`` (query head ``h`` reads kv head
     ``h // G``), ``mask`` broadcastable to ``[Hq, T, S]``. Returns the output
@@ -99,13 +100,26 @@ def masked_attention(
     key give zero output and zero probabilities. Non-finite inputs reach only
     the rows that see them (:func:`masked_softmax`, :func:`masked_product`).
     """
-    group = q.shape[0] // k.shape[0]
-    k = k.repeat_interleave(group, dim=0)
-    v = v.repeat_interleave(group, dim=0)
-    scores = torch.einsum("htd,hsd->hts", q, k) * softmax_scale(q.shape[-1])
+    v = v.repeat_interleave(q.shape[0] // k.shape[0], dim=0)
+    scores = masked_scores(q, k, scale)
     mask = mask.expand_as(scores)
     probabilities = masked_softmax(scores, mask)
     return masked_product(probabilities, v, mask), probabilities
+
+
+def masked_scores(q: torch.Tensor, k: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """Scores ``[Hq, T, S]`` = ``q·k * scale`` (``scale`` None: ``1/sqrt(D)``) of
+    ``q [Hq, T, D]`` against ``k [Hkv, S, D]``, query head ``h`` reading kv head ``h // G``."""
+    k = k.repeat_interleave(q.shape[0] // k.shape[0], dim=0)
+    return torch.einsum("htd,hsd->hts", q, k) * (softmax_scale(q.shape[-1]) if scale is None else scale)
+
+
+def masked_logsumexp(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """``[Hq, T]``: ``log sum_s exp(q_t·k_s * scale)`` (natural log) over the keys
+    ``mask`` keeps; ``-inf`` for a row that sees none (layouts as
+    :func:`masked_attention`)."""
+    scores = masked_scores(q, k, scale)
+    return torch.logsumexp(scores.masked_fill(~mask.expand_as(scores), float("-inf")), dim=-1)
 
 
 def masked_softmax(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -227,11 +241,16 @@ def sparse_branches(
     v: torch.Tensor,
     pattern: Pattern,
     pooler: MLPPooling | None = None,
+    scale: float | None = None,
+    lse: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Outputs ``[Hq, T, D]`` of every branch over one sparse sequence.
+    """Outputs ``[Hq, T, D]`` of every branch over one sparse sequence, scores
+    scaled by ``scale`` (None: ``1/sqrt(D)``).
 
     ``q [Hq, T, D]``, ``k, v [Hkv, T, D]``. Also returns the selection as
     ``"selected_blocks"`` ``[Hq, T, J]`` (bool) when the pattern selects.
+    A dict passed as ``lse`` receives each branch's log-sum-exp ``[Hq, T]``
+    (:func:`masked_logsumexp`).
     """
     length = q.shape[1]
     group = q.shape[0] // k.shape[0]
@@ -240,16 +259,23 @@ def sparse_branches(
     if pattern.compression is not None:
         compressed_k, compressed_v = compress(k[None], v[None], pattern.compression, pooler)
         visible = compression_visibility(length, pattern.compression)
-        outputs["compression"], probabilities = masked_attention(q, compressed_k[0], compressed_v[0], visible)
+        outputs["compression"], probabilities = masked_attention(q, compressed_k[0], compressed_v[0], visible, scale)
+        if lse is not None:
+            lse["compression"] = masked_logsumexp(q, compressed_k[0], visible, scale)
     if pattern.selection is not None:
         assert pattern.compression is not None and probabilities is not None
         scores = selection_scores(probabilities, pattern.compression, pattern.selection, length, group)
         blocks = selected_blocks(scores, pattern.selection)
         mask = selection_mask(blocks, pattern.selection.block, length)
-        outputs["selection"], _ = masked_attention(q, k, v, mask)
+        outputs["selection"], _ = masked_attention(q, k, v, mask, scale)
         outputs["selected_blocks"] = blocks
+        if lse is not None:
+            lse["selection"] = masked_logsumexp(q, k, mask, scale)
     if pattern.window is not None:
-        outputs["window"], _ = masked_attention(q, k, v, window_mask(length, pattern.window.size))
+        window = window_mask(length, pattern.window.size)
+        outputs["window"], _ = masked_attention(q, k, v, window, scale)
+        if lse is not None:
+            lse["window"] = masked_logsumexp(q, k, window, scale)
     return outputs
 
 
@@ -271,38 +297,72 @@ def reference_attention(
     pooler: MLPPooling | None = None,
     *,
     return_selection: bool = False,
+    scale: float | None = None,
+    return_branches: bool = False,
 ):
     """The exact output ``[B, Hq, L, D]`` of ``pattern``, computed in float64.
 
     ``gates [B, Hq, L, nb]`` in the order compression, selection, window of the
     branches present (``None`` for constant gates); ``token_types [B, L]``
     (0 text; 1 image or 2 video: vision) for hybrid patterns; ``pooler`` holds the parameters of
-    ``pooling: mlp``. The result is float64 and differentiable with respect to
+    ``pooling: mlp``; ``scale`` multiplies every score (None: ``1/sqrt(D)``).
+    The result is float64 and differentiable with respect to
     every floating input (and the pooler's parameters).
 
     With ``return_selection`` also returns a list (one entry per batch row) of
     the selected blocks ``[Hq, T, J]`` over that row's sparse sequence (or None).
+
+    With ``return_branches`` returns instead a dict of everything computed on
+    the way, in the API's layout (float64, full rows of length ``L``):
+
+    * ``out`` ``[B, Hq, L, D]``: the output;
+    * ``outputs`` ``{branch: [B, Hq, L, D]}`` and ``lse`` ``{branch: [B, Hq, L]}``
+      (natural log, ``-inf`` where nothing is visible): each branch on the sparse
+      queries; zeros and ``-inf`` on the text queries of a hybrid pattern,
+      which take the dense path;
+    * ``blocks`` ``[B, Hq, L, J]`` bool (``J = ceil(L / l')``) the selected
+      blocks, indices over the row's sparse sequence (None without selection);
+    * ``dense_output`` ``[B, Hq, L, D]`` and ``dense_lse`` ``[B, Hq, L]``: causal
+      attention over the whole row (the output of text queries and dense layers);
+    * ``sparse_queries`` ``[B, L]`` bool: queries whose output is the gated mix.
     """
+    values = _reference_rows(q, k, v, pattern, gates, token_types, pooler, scale, with_lse=return_branches)
+    if return_branches:
+        return values
+    out = values["out"]
+    return (out, values["selections"]) if return_selection else out
+
+
+def _reference_rows(q, k, v, pattern, gates, token_types, pooler, scale, with_lse: bool) -> dict:
     check_inputs(pattern, q, k, v, gates, token_types)
     if pattern.compression is not None and pattern.compression.pooling == "mlp" and not pattern.dense and pooler is None:
         raise ValueError("pattern uses mlp pooling: pass its MLPPooling module as pooler")
     q, k, v = q.double().cpu(), k.double().cpu(), v.double().cpu()
-    batch, _, length, _ = q.shape
+    batch, query_heads, length, dim = q.shape
     gates = resolve_gates(pattern, gates, q).double().cpu() if pattern.branches else None
     if token_types is not None:
         token_types = token_types.cpu()
+    causal = causal_mask(length)
+    num_blocks = -(-length // pattern.selection.block) if pattern.selection is not None else 0
 
-    rows = []
-    selections = []
+    rows, selections, dense_rows, dense_lse = [], [], [], []
+    branch_rows: dict[str, list] = {name: [] for name in pattern.branches}
+    lse_rows: dict[str, list] = {name: [] for name in pattern.branches}
+    block_rows, sparse_rows = [], []
     for b in range(batch):
-        dense, _ = masked_attention(q[b], k[b], v[b], causal_mask(length))
+        dense, _ = masked_attention(q[b], k[b], v[b], causal, scale)
+        dense_rows.append(dense)
+        if with_lse:
+            dense_lse.append(masked_logsumexp(q[b], k[b], causal, scale))
         if pattern.dense:
             rows.append(dense)
             selections.append(None)
+            sparse_rows.append(torch.zeros(length, dtype=torch.bool))
             continue
         types = token_types[b] if token_types is not None else None
         index = sparse_row_indices(pattern, types, length)
-        branch_outputs = sparse_branches(q[b][:, index], k[b][:, index], v[b][:, index], pattern, pooler)
+        lse: dict[str, torch.Tensor] | None = {} if with_lse else None
+        branch_outputs = sparse_branches(q[b][:, index], k[b][:, index], v[b][:, index], pattern, pooler, scale, lse)
         mixed = sum(
             gates[b][:, index, position, None] * branch_outputs[name]
             for position, name in enumerate(pattern.branches)
@@ -315,5 +375,30 @@ def reference_attention(
         sparse_full = torch.zeros_like(dense).index_copy(1, index, mixed)
         rows.append(torch.where(is_sparse_query[None, :, None], sparse_full, dense))
         selections.append(branch_outputs.get("selected_blocks"))
+        sparse_rows.append(is_sparse_query)
+        if not with_lse:
+            continue
+        assert lse is not None
+        keep = is_sparse_query[None, :, None]
+        for name in pattern.branches:
+            placed = torch.zeros_like(dense).index_copy(1, index, branch_outputs[name])
+            branch_rows[name].append(torch.where(keep, placed, torch.zeros_like(placed)))
+            placed_lse = torch.full((query_heads, length), float("-inf"), dtype=torch.float64).index_copy(1, index, lse[name])
+            lse_rows[name].append(torch.where(keep[..., 0], placed_lse, float("-inf")))
+        if pattern.selection is not None:
+            chosen = branch_outputs["selected_blocks"]
+            placed_blocks = torch.zeros(query_heads, length, num_blocks, dtype=torch.bool)
+            placed_blocks[:, index, : chosen.shape[-1]] = chosen
+            block_rows.append(placed_blocks & keep)
     out = torch.stack(rows)
-    return (out, selections) if return_selection else out
+    values: dict = {"out": out, "selections": selections}
+    if with_lse:
+        values.update(
+            outputs={name: torch.stack(branch_rows[name]) for name in pattern.branches} if not pattern.dense else {},
+            lse={name: torch.stack(lse_rows[name]) for name in pattern.branches} if not pattern.dense else {},
+            blocks=torch.stack(block_rows) if block_rows else None,
+            dense_output=torch.stack(dense_rows),
+            dense_lse=torch.stack(dense_lse),
+            sparse_queries=torch.stack(sparse_rows),
+        )
+    return values

@@ -9,6 +9,7 @@ model (see :mod:`nsaflex.gates` and the adapters).
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from typing import Any
 
@@ -17,7 +18,8 @@ from torch import nn
 
 from nsaflex.backends.base import get_backend
 from nsaflex.errors import InputError, PatternError
-from nsaflex.inputs import check_inputs
+from nsaflex.inputs import check_inputs, resolve_gates
+from nsaflex.inspect import AttentionInfo, block_lists, sorted_block_lists
 from nsaflex.loader import load_pattern
 from nsaflex.plan import Plan, make_plan
 from nsaflex.pooling import MLPPooling, check_head_dim
@@ -25,12 +27,30 @@ from nsaflex.spec import Pattern
 
 
 class CompiledAttention(nn.Module):
-    """``attn(q, k, v, gates=None, token_types=None) -> out``.
+    """``attn(q, k, v, gates=None, token_types=None, *, scale=None,
+    return_lse=False, return_info=False) -> out``.
 
     q ``[B, Hq, L, D]``, k and v ``[B, Hkv, L, D]``, gates ``[B, Hq, L, nb]`` in
     the order compression, selection, window (None for constant gates),
     token_types ``[B, L]`` (0 text, 1 vision; hybrid patterns only); out
     ``[B, Hq, L, D]`` in the dtype of q.
+
+    ``scale`` multiplies every score ``q·k`` (None: ``1/sqrt(D)``), as in
+    FlexAttention. The reference applies it exactly; flex and triton receive
+    ``q * (scale * sqrt(D))``, exact in float32 up to one rounding of q, and
+    in bfloat16/float16 one more rounding of q in its own dtype (relative
+    ``2^-9`` / ``2^-12`` per element).
+
+    NSA mixes several softmaxes, so there is no single log-sum-exp: with
+    ``return_lse=True`` the call returns ``(out, lse)`` with ``lse [B, Hq, L,
+    nb]`` each branch's (natural log, ``-inf`` where the branch sees no key;
+    :meth:`nsaflex.AttentionInfo.stacked_lse`), the dense path's in every
+    slot of text queries and dense layers (``nb = 1``). With
+    ``return_info=True`` it returns ``(out, info)``, an
+    :class:`nsaflex.AttentionInfo`; with both, ``(out, lse, info)``.
+    Both keep every branch's values (flex evaluates its block masks eagerly
+    for them), so they cost memory and time: meant for inspection, not
+    training.
     """
 
     def __init__(self, pattern: Pattern, plan: Plan, head_dim: int | None = None) -> None:
@@ -74,11 +94,53 @@ class CompiledAttention(nn.Module):
         v: torch.Tensor,
         gates: torch.Tensor | None = None,
         token_types: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+        *,
+        scale: float | None = None,
+        return_lse: bool = False,
+        return_info: bool = False,
+    ) -> Any:
         check_inputs(self.pattern, q, k, v, gates, token_types, layer=self.plan.layer)
         if self.pooler is not None and self.pooler.head_dim != q.shape[-1]:
             raise InputError("q", f"head dim {self.pooler.head_dim} (the compression MLP's)", q.shape[-1])
-        return self._kernel(q, k, v, gates, token_types, self.pooler)
+        for name, flag in (("return_lse", return_lse), ("return_info", return_info)):
+            if not isinstance(flag, bool):
+                raise InputError(name, "True or False", flag)
+        scale = _check_scale(scale)
+        collected: dict | None = {} if (return_lse or return_info) else None
+        kwargs: dict[str, Any] = {} if collected is None else {"info": collected}
+        if scale is not None and self.plan.backend == "reference":
+            kwargs["scale"] = scale
+        elif scale is not None:
+            # 1/sqrt(D) is built into the flex and triton paths: fold the ratio into q.
+            q = q * (scale * math.sqrt(q.shape[-1]))
+        out = self._kernel(q, k, v, gates, token_types, self.pooler, **kwargs)
+        if collected is None:
+            return out
+        info = self._info(collected, q, k, gates)
+        return (out,) + ((info.stacked_lse(),) if return_lse else ()) + ((info,) if return_info else ())
+
+    def _info(self, collected: dict, q: torch.Tensor, k: torch.Tensor, gates: torch.Tensor | None) -> AttentionInfo:
+        """The backend's collected values as an :class:`AttentionInfo`."""
+        pattern = self.pattern
+        blocks = collected.get("blocks")
+        if blocks is not None and pattern.selection is not None:
+            if blocks.dtype == torch.bool:  # the reference's [B, Hq, L, J]: one row per query head
+                if pattern.selection.scoring == "group":
+                    blocks = blocks[:, :: q.shape[1] // k.shape[1]]
+                blocks = block_lists(blocks, pattern.selection.count)
+            else:
+                blocks = sorted_block_lists(blocks, pattern.selection.count)
+        branches = tuple(pattern.branches) if not pattern.dense else ()
+        return AttentionInfo(
+            branches=branches,
+            outputs=dict(collected.get("outputs", {})),
+            lse=dict(collected.get("lse", {})),
+            gates=resolve_gates(pattern, gates, q) if branches else None,
+            selected_blocks=blocks,
+            dense_output=collected.get("dense_output"),
+            dense_lse=collected.get("dense_lse"),
+            sparse_queries=collected["sparse_queries"],
+        )
 
     def run_heads(
         self,
@@ -96,6 +158,15 @@ class CompiledAttention(nn.Module):
 
     def extra_repr(self) -> str:
         return f"pattern={self.pattern.name!r}, backend={self.plan.backend!r}, branches={self.pattern.branches}"
+
+
+def _check_scale(scale: Any) -> float | None:
+    """``scale`` as a float: None, or a finite positive number."""
+    if scale is None:
+        return None
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+        raise InputError("scale", "a finite positive float (or None for 1/sqrt(D))", scale)
+    return float(scale)
 
 
 def compile(

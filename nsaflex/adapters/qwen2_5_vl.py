@@ -101,6 +101,7 @@ from nsaflex.distributed import SequenceParallelAttention
 from nsaflex.errors import BackendUnavailable, InputError, PatternError
 from nsaflex.gates import GateNetwork, gate_for_pattern
 from nsaflex.loader import load_pattern
+from nsaflex.recorder import Recording
 from nsaflex.reference_release import check_release_pattern, padded_slots, release_attention
 from nsaflex.runtime import CompiledAttention, compile as compile_pattern
 from nsaflex.spec import Model, Pattern
@@ -378,12 +379,13 @@ class Qwen25VLAdapter:
         self._hooks: list[Any] = []
         self._pending: torch.Tensor | None = None
         self._call = _CallState()
+        self._recording: Recording | None = None
 
     # -- copies ------------------------------------------------------------------------
     def _lasting_state(self) -> dict[str, Any]:
         """The attributes without the state of a forward in flight (token
         classes waiting for the text model, the current call)."""
-        return {**self.__dict__, "_pending": None, "_call": _CallState()}
+        return {**self.__dict__, "_pending": None, "_call": _CallState(), "_recording": None}
 
     def __deepcopy__(self, memo: dict[int, Any]) -> "Qwen25VLAdapter":
         """``copy.deepcopy`` of the patched model reaches the adapter through the
@@ -408,6 +410,39 @@ class Qwen25VLAdapter:
                 type(self.process_group).__name__,
             )
         return self._lasting_state()
+
+    # -- recording -------------------------------------------------------------------
+    @contextlib.contextmanager
+    def record(self) -> Iterator[Recording]:
+        """``with adapter.record() as rec: model(**inputs)``: per layer and head,
+        the mean gate of each branch over text and vision tokens, each branch's
+        attention-sink mass and the selection-block histogram
+        (:mod:`nsaflex.recorder`) of the prefill calls made inside.
+
+        Recorded: faithful-mode prefills of unpadded rows (a padded batch or a
+        release-mode call raises an AdapterError); dense layers, decode steps
+        and hybrid calls with no vision query (the original attention) add
+        nothing. Each recorded layer runs its pattern with ``return_info``
+        (slower: meant for analysis)."""
+        if self.mode != "faithful":
+            raise AdapterError("recording", "an adapter applied in mode 'faithful'", self.mode)
+        if self._recording is not None:
+            raise AdapterError("recording", "one recording at a time", "a record() block already open")
+        self._recording = Recording()
+        try:
+            yield self._recording
+        finally:
+            self._recording = None
+
+    def _record(self, layer: "_Layer", q, k, v, gates, hybrid_types) -> torch.Tensor:
+        """The prefill of ``layer`` with its info added to the open recording."""
+        assert self._recording is not None and layer.compiled is not None
+        out, info = layer.compiled(q, k, v, gates, hybrid_types, return_info=True)
+        types = self._call.types
+        if types is None or tuple(types.shape) != (q.shape[0], q.shape[2]):
+            types = hybrid_types
+        self._recording.add(layer.index, layer.pattern, q, k, info, types, layer.compiled.pooler)
+        return out
 
     # -- properties ------------------------------------------------------------------
     @property
@@ -705,8 +740,13 @@ class Qwen25VLAdapter:
         attn = layer.compiled
         hybrid_types = types if pattern.hybrid is not None else None
         batch, _, length, _ = q.shape
-        if valid is None:
+        recording = getattr(self, "_recording", None)
+        if valid is None and recording is not None:
+            out = self._record(layer, q, k, v, gates, hybrid_types)
+        elif valid is None:
             out = attn(q, k, v, gates, hybrid_types)
+        elif recording is not None:
+            raise AdapterError("recording", "a batch without padding (attention_mask all ones)", "padded rows")
         elif _trailing_padding_safe(pattern):
             # Real tokens first, in order; padding at the end, as text.
             order = torch.argsort((~valid).to(torch.uint8), dim=1, stable=True)
@@ -739,6 +779,8 @@ class Qwen25VLAdapter:
         return out
 
     def _prefill_release(self, layer, q, k, v, gates, types, valid):
+        if getattr(self, "_recording", None) is not None:
+            raise AdapterError("recording", "an adapter applied in mode 'faithful'", self.mode)
         batch, heads, length, _ = q.shape
         slots = padded_slots(heads, k.shape[1])
         cache = self._call.decode.setdefault(layer.index, LayerDecodeCache())

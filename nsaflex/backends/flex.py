@@ -41,6 +41,7 @@ import torch
 
 from nsaflex.backends.base import BranchPlan
 from nsaflex.errors import InputError, one_of
+from nsaflex.inspect import causal_logsumexp, empty_branch_info, scatter_lse
 from nsaflex.hybrid import combine, gather_padded, scatter_padded, sparse_layout, text_dense_attention
 from nsaflex.pooling import MLPPooling, compress, softmax_scale
 from nsaflex.spec import Pattern
@@ -205,8 +206,16 @@ def _recompile_room():
         yield
 
 
-def _run_flex(branch: str, q, k, v, mask: "_Mask", compiled: bool, tiling: "_Tiling", dynamic: bool = False):
+def _run_flex(branch: str, q, k, v, mask: "_Mask", compiled: bool, tiling: "_Tiling", dynamic: bool = False,
+              lse: dict | None = None):
+    """One branch's output; a dict passed as ``lse`` receives its log-sum-exp
+    ``[B, Hq, L]`` under ``branch``, and the branch then runs through
+    :func:`dense_block_mask_attention` (the same tiles and mask_mod, evaluated
+    eagerly: inspection, not speed)."""
     scale = softmax_scale(q.shape[-1])
+    if lse is not None:
+        out, lse[branch] = dense_block_mask_attention(q, k, v, mask.tiles, mask.mask_mod, scale, return_lse=True)
+        return out
     kernel_options = tiling.options
     if torch.compiler.is_compiling():  # inside the user's own torch.compile region
         return _ENTRY[branch](q, k, v, mask.block_mask(True), scale, kernel_options)
@@ -220,11 +229,12 @@ def _run_flex(branch: str, q, k, v, mask: "_Mask", compiled: bool, tiling: "_Til
     return dense_block_mask_attention(q, k, v, mask.tiles, mask.mask_mod, scale)
 
 
-def dense_block_mask_attention(q, k, v, tiles, mask_mod, scale: float) -> torch.Tensor:
+def dense_block_mask_attention(q, k, v, tiles, mask_mod, scale: float, return_lse: bool = False):
     """What a BlockMask attends, evaluated densely with plain torch ops (as eager
     FlexAttention does: ``[B, Hq, Lq, Lkv]`` scores), differentiable on any device
     and dtype. Pairs: full tiles, and partial tiles where ``mask_mod`` holds.
-    Rows with no key give zeros."""
+    Rows with no key give zeros. ``return_lse``: also the rows' log-sum-exp
+    ``[B, Hq, Lq]`` (natural log, float32 or float64, ``-inf`` for rows with no key)."""
     from nsaflex.backends.flex_masks import effective_mask
     from nsaflex.reference import masked_product, masked_softmax
 
@@ -235,7 +245,10 @@ def dense_block_mask_attention(q, k, v, tiles, mask_mod, scale: float) -> torch.
     keys = k.to(work).repeat_interleave(group, dim=1)
     values = v.to(work).repeat_interleave(group, dim=1)
     scores = torch.matmul(q.to(work), keys.transpose(-1, -2)) * scale
-    return masked_product(masked_softmax(scores, allowed), values, allowed).to(q.dtype)
+    out = masked_product(masked_softmax(scores, allowed), values, allowed).to(q.dtype)
+    if not return_lse:
+        return out
+    return out, torch.logsumexp(scores.masked_fill(~allowed, float("-inf")), dim=-1)
 
 
 class _Mask:
@@ -414,7 +427,9 @@ class FlexKernel:
         return pooler is not None and any(p.requires_grad for p in pooler.parameters())
 
     # -- entry -------------------------------------------------------------------------------------
-    def __call__(self, q, k, v, gates, token_types, pooler):
+    def __call__(self, q, k, v, gates, token_types, pooler, *, info: dict | None = None):
+        """``info``: a dict that receives the per-branch values of
+        :class:`nsaflex.AttentionInfo` (full rows, float32)."""
         pattern = self.pattern
         batch, query_heads, length, dim = q.shape
         device = q.device
@@ -425,30 +440,44 @@ class FlexKernel:
         self.stats = {"compiled": compiled, "needs_grad": needs_grad}
         self._marks = []
         self._mark("start", device)
-        out = self._forward(q, k, v, gates, token_types, pooler, compiled, needs_grad)
+        if info is not None:
+            compiled = False  # the per-branch log-sum-exp comes from the eager evaluation of each mask
+        out = self._forward(q, k, v, gates, token_types, pooler, compiled, needs_grad, info)
         self._mark("mix", device)
         self._collect_marks(device)
         return out
 
-    def _forward(self, q, k, v, gates, token_types, pooler, compiled, needs_grad):
+    def _forward(self, q, k, v, gates, token_types, pooler, compiled, needs_grad, info=None):
         pattern = self.pattern
         batch, query_heads, length, dim = q.shape
         device = q.device
         if pattern.dense:
-            return self._dense(q, k, v, compiled, needs_grad)
+            out = self._dense(q, k, v, compiled, needs_grad)
+            if info is not None:
+                info.update(dense_output=out.float(), dense_lse=causal_logsumexp(q, k),
+                            sparse_queries=torch.zeros(batch, length, dtype=torch.bool, device=device))
+            return out
 
         layout = sparse_layout(pattern, token_types, batch, length, device)
         text = None
         if pattern.hybrid is not None and layout.has_text:
             text = text_dense_attention(q, k, v, ~layout.sparse_queries)
             self._mark("text", device)
+        if info is not None:
+            info.update(empty_branch_info(pattern, q, layout))
+            if text is not None:
+                info.update(dense_output=text.float(), dense_lse=causal_logsumexp(q, k))
         if layout.max_length == 0:
             return text if text is not None else _zeros_like_connected(q)
 
         qs, ks, vs = (gather_padded(t, layout) for t in (q, k, v))
         lengths = layout.lengths
         uniform = layout.identity or bool((lengths == layout.max_length).all())
-        outputs = self._branches(qs, ks, vs, pooler, lengths if not uniform else None, compiled, needs_grad)
+        lses: dict | None = {} if info is not None else None
+        outputs = self._branches(qs, ks, vs, pooler, lengths if not uniform else None, compiled, needs_grad, lses)
+        if info is not None:
+            assert lses is not None
+            self._branch_info(info, outputs, lses, layout, length)
 
         work = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
         if gates is None and any(0 < abs(value) < torch.finfo(work).tiny for value in pattern.gate.values or ()):
@@ -475,7 +504,23 @@ class FlexKernel:
         return _run_flex("dense", q, k, v, mask, compiled, tiling, self.dynamic)
 
     # -- sparse branches ---------------------------------------------------------------------------
-    def _branches(self, qs, ks, vs, pooler, lengths, compiled, needs_grad) -> dict[str, torch.Tensor]:
+    def _branch_info(self, info: dict, outputs: dict, lses: dict, layout, length: int) -> None:
+        """Scatter the padded per-branch values (``[B, Hq, Lmax, ...]``) into
+        ``info``'s full rows; text queries keep zeros, ``-inf`` and ``-1``."""
+        sparse = layout.sparse_queries[:, None, :]
+        for name in self.pattern.branches:
+            placed = scatter_padded(outputs[name].float(), layout, length)
+            info["outputs"][name] = torch.where(sparse[..., None], placed, torch.zeros_like(placed))
+            if name in lses:
+                info["lse"][name] = torch.where(sparse, scatter_lse(lses[name], layout, length), float("-inf"))
+        result = getattr(self, "last_selection", None)
+        if self.pattern.selection is not None and result is not None and "selection" in outputs:
+            lists = result.indices.long().repeat_interleave(result.unit, dim=2)[:, :, : layout.max_length]
+            placed = scatter_padded(lists + 1, layout, length) - 1
+            heads = placed.shape[1]
+            info["blocks"] = torch.where(sparse.expand(-1, heads, -1)[..., None], placed, -1)
+
+    def _branches(self, qs, ks, vs, pooler, lengths, compiled, needs_grad, lses: dict | None = None) -> dict[str, torch.Tensor]:
         from nsaflex.backends import flex_masks as fm
 
         pattern = self.pattern
@@ -489,6 +534,8 @@ class FlexKernel:
             num_compressed = compressed_k.shape[2]
             if num_compressed == 0:
                 outputs["compression"] = _zeros_like_connected(qs)
+                if lses is not None:
+                    lses["compression"] = torch.full(qs.shape[:3], float("-inf"), device=device)
             else:
                 tiling = _block_sizes(pattern, "compression", device, needs_grad, self.blocks)
                 q_block, kv_block = tiling.q_block, tiling.kv_block
@@ -507,12 +554,13 @@ class FlexKernel:
 
                 mask = self._cached(key, build)
                 self._mark("compression: pooling + mask", device)
-                outputs["compression"] = _run_flex("compression", qs, compressed_k, compressed_v, mask, compiled, tiling, self.dynamic)
+                outputs["compression"] = _run_flex("compression", qs, compressed_k, compressed_v, mask, compiled, tiling,
+                                                   self.dynamic, lses)
                 self._mark("compression: flex", device)
         if pattern.selection is not None:
             assert compressed_k is not None
             mask, tiling = self.selection_mask(qs, compressed_k, lengths, compiled, needs_grad)
-            outputs["selection"] = _run_flex("selection", qs, ks, vs, mask, compiled, tiling, self.dynamic)
+            outputs["selection"] = _run_flex("selection", qs, ks, vs, mask, compiled, tiling, self.dynamic, lses)
             self._mark("selection: flex", device)
         if pattern.window is not None:
             size = pattern.window.size
@@ -521,7 +569,7 @@ class FlexKernel:
             key = ("window", str(device), length, size, q_block, kv_block)
             mask = self._cached(key, lambda: _Mask(fm.window_tiles(length, size, q_block, kv_block, device), fm.window_mask_mod(size)))
             self._mark("window: mask", device)
-            outputs["window"] = _run_flex("window", qs, ks, vs, mask, compiled, tiling, self.dynamic)
+            outputs["window"] = _run_flex("window", qs, ks, vs, mask, compiled, tiling, self.dynamic, lses)
             self._mark("window: flex", device)
         return outputs
 

@@ -39,11 +39,30 @@ class ReferenceBackend:
             gates: torch.Tensor | None,
             token_types: torch.Tensor | None,
             pooler: MLPPooling | None,
+            *,
+            scale: float | None = None,
+            info: dict | None = None,
         ) -> torch.Tensor:
-            out = reference_attention(q, k, v, pattern, gates, token_types, pooler)
-            return out.to(dtype=q.dtype, device=q.device)
+            """``info``: a dict that receives :func:`reference_attention`'s
+            ``return_branches`` values (moved to q's device, float64 kept)."""
+            values = reference_attention(q, k, v, pattern, gates, token_types, pooler, scale=scale,
+                                         return_branches=info is not None)
+            if info is None:
+                return values.to(dtype=q.dtype, device=q.device)
+            info.update(_to_device(values, q.device))
+            return values["out"].to(dtype=q.dtype, device=q.device)
 
         return kernel
+
+
+def _to_device(values: dict, device: torch.device) -> dict:
+    moved: dict = {}
+    for key, value in values.items():
+        if isinstance(value, torch.Tensor):
+            moved[key] = value.to(device)
+        elif isinstance(value, dict):
+            moved[key] = {name: tensor.to(device) for name, tensor in value.items()}
+    return moved
 
 
 def _constants(pattern: Pattern, branch: str) -> dict[str, Any]:

@@ -28,6 +28,7 @@ from nsaflex.backends.base import BranchPlan
 from nsaflex.errors import InputError
 from nsaflex.hybrid import combine, pack_varlen, sparse_layout, text_dense_attention, unpack_varlen
 from nsaflex.inputs import resolve_gates
+from nsaflex.inspect import causal_logsumexp, empty_branch_info
 from nsaflex.pooling import MLPPooling, compress
 from nsaflex.spec import Pattern
 
@@ -101,17 +102,24 @@ class TritonBackend:
         deterministic = getattr(plan, "deterministic", True)
         cfg = None if pattern.dense else make_config(pattern, atomic=not deterministic)
 
-        def kernel(q, k, v, gates, token_types, pooler: MLPPooling | None):
+        def kernel(q, k, v, gates, token_types, pooler: MLPPooling | None, *, info: dict | None = None):
+            """``info``: a dict that receives the per-branch values of
+            :class:`nsaflex.AttentionInfo` (full rows, float32), read from
+            :func:`nsaflex.kernels.ops.record_forward`."""
             _check_tensors(q, k, v, cfg)
             if q.device.type == "cpu" and q.dtype == torch.bfloat16:
                 # The interpreter keeps bf16 as uint16 bit patterns, and its tl.dot multiplies
                 # those integers (inf rows). float32 holds every bf16 value exactly and the
                 # GPU's bf16 dots accumulate in float32: within bf16 rounding of the GPU.
                 up = [None if t is None else t.float() if t.dtype == torch.bfloat16 else t for t in (q, k, v, gates)]
-                return kernel(*up, token_types, pooler).to(torch.bfloat16)
+                return kernel(*up, token_types, pooler, info=info).to(torch.bfloat16)
             if pattern.dense:
-                return _dense(q, k, v)
-            return _sparse_forward(pattern, cfg, q, k, v, gates, token_types, pooler)
+                out = _dense(q, k, v)
+                if info is not None:
+                    info.update(dense_output=out.float(), dense_lse=causal_logsumexp(q, k),
+                                sparse_queries=torch.zeros(q.shape[0], q.shape[2], dtype=torch.bool, device=q.device))
+                return out
+            return _sparse_forward(pattern, cfg, q, k, v, gates, token_types, pooler, info=info)
 
         return kernel
 
@@ -139,11 +147,12 @@ def _dense(q, k, v):
     )
 
 
-def _sparse_forward(pattern, cfg, q, k, v, gates, token_types, pooler, launch=None):
+def _sparse_forward(pattern, cfg, q, k, v, gates, token_types, pooler, launch=None, info: dict | None = None):
     """The sparse branches of ``pattern`` (``cfg``: its KernelConfig; ``launch``:
     the kernels' Launch, None for :func:`nsaflex.kernels.ops.launch_choices`),
     q ``[B, Hq, L, D]``, k, v ``[B, Hkv, L, D]``, with the text queries of a
-    hybrid pattern on the dense path."""
+    hybrid pattern on the dense path. ``info``: see the kernel built by
+    :meth:`TritonBackend.build`."""
     from nsaflex.kernels.ops import SeqLayout, nsa_attention
 
     batch, _, length, _ = q.shape
@@ -153,6 +162,11 @@ def _sparse_forward(pattern, cfg, q, k, v, gates, token_types, pooler, launch=No
     c = pattern.compression
     # Every token vision (vision_keys: vision) gives an identity layout: the compacted
     # rows are the rows.
+    if info is not None:
+        info.update(empty_branch_info(pattern, q, layout))
+        if layout.has_text:
+            info.update(dense_output=text_dense_attention(q, k, v, ~layout.sparse_queries).float(),
+                        dense_lse=causal_logsumexp(q, k))
     if layout.identity:
         qs, ks, vs, gs = q.contiguous(), k.contiguous(), v.contiguous(), gates
         starts = torch.zeros(batch, dtype=torch.int32, device=device)
@@ -199,13 +213,77 @@ def _sparse_forward(pattern, cfg, q, k, v, gates, token_types, pooler, launch=No
         packed = True
     min_cmp = n_cmp if layout.identity else min(counts)
     lay = SeqLayout(starts, lens, cstarts, clens, max_len, max_cmp, packed, min_cmp)
-    out = nsa_attention(qs, ks, vs, kc, vc, gs, lay, cfg, launch)
+    if info is None:
+        out = nsa_attention(qs, ks, vs, kc, vc, gs, lay, cfg, launch)
+    else:
+        out, seen = _recorded_attention(qs, ks, vs, kc, vc, gs, lay, cfg, launch)
+        _branch_info(info, seen, pattern, layout, packed, length, q.shape[1] // k.shape[1])
     if layout.identity and not layout.has_text:
         return out
     if packed:
         out = unpack_varlen(out[0], layout, length)
     text = text_dense_attention(q, k, v, ~layout.sparse_queries) if layout.has_text else None
     return combine(out, text, layout)
+
+
+def _recorded_attention(qs, ks, vs, kc, vc, gs, lay, cfg, launch):
+    """:func:`nsaflex.kernels.ops.nsa_attention` and what its forward kept
+    (:func:`nsaflex.kernels.ops.record_forward`). The kernels keep the branch
+    outputs and log-sum-exps only when a backward follows: without one, a leaf
+    copy of q that asks for a gradient makes them, and the output is detached."""
+    from nsaflex.kernels.ops import nsa_attention, record_forward
+
+    tensors = (qs, ks, vs, kc, vc, gs)
+    with record_forward() as seen:
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+            out = nsa_attention(qs, ks, vs, kc, vc, gs, lay, cfg, launch)
+        else:
+            with torch.enable_grad():
+                leaf = qs.detach().requires_grad_()
+                out = nsa_attention(leaf, ks, vs, kc, vc, gs, lay, cfg, launch).detach()
+    return out, dict(seen)
+
+
+def _branch_info(info: dict, seen: dict, pattern: Pattern, layout, packed: bool, length: int, group: int) -> None:
+    """The kernels' residuals (``seen``: oc, lse_c, sel, o_s, o_w, lse_s, lse_w
+    over the sparse sequences, packed ``[1, H, total, ...]`` or whole rows) as
+    full-row info. The kernels' log-sum-exps are base 2 of ``log2(e) * q·k /
+    sqrt(D)``, and 0 where nothing is visible: here natural, and ``-inf`` there."""
+    def rows(x: torch.Tensor) -> torch.Tensor:
+        return unpack_varlen(x[0], layout, length) if packed else x
+
+    sparse = layout.sparse_queries[:, None, :]
+    names = {"compression": ("oc", "lse_c"), "selection": ("o_s", "lse_s"), "window": ("o_w", "lse_w")}
+    blocks = None
+    if pattern.selection is not None:
+        blocks = rows(seen["sel"].long() + 1) - 1  # unpacking fills zeros: -1 after the shift
+        blocks = torch.where(sparse[..., None], blocks, -1)
+        info["blocks"] = blocks
+    for name in pattern.branches:
+        out_key, lse_key = names[name]
+        info["outputs"][name] = torch.where(sparse[..., None], rows(seen[out_key].float()), 0.0)
+        lse = rows(seen[lse_key].float()[..., None])[..., 0] * math.log(2.0)
+        info["lse"][name] = torch.where(sparse & _sees_a_key(name, pattern, layout, blocks, group, lse.shape), lse,
+                                        float("-inf"))
+
+
+def _sees_a_key(name: str, pattern: Pattern, layout, blocks: torch.Tensor | None, group: int, shape) -> torch.Tensor:
+    """``[B, Hq, L]`` bool: whether the branch sees any key (sparse queries)."""
+    batch, query_heads, length = shape
+    if name == "window":  # a query always sees itself
+        return torch.ones(shape, dtype=torch.bool, device=layout.lengths.device)
+    if name == "selection":
+        assert blocks is not None
+        listed = (blocks >= 0).any(dim=-1)  # forced or chosen blocks hold keys at or before the query
+        return listed if listed.shape[1] == query_heads else listed.repeat_interleave(group, dim=1)
+    from nsaflex.reference import compression_visibility
+
+    seen = torch.zeros(batch, length, dtype=torch.bool)
+    positions = layout.positions.cpu()
+    for b, n in enumerate(layout.host_lengths):
+        if n > 0:
+            seen[b, positions[b, :n]] = compression_visibility(n, pattern.compression).any(dim=-1)
+    return seen[:, None, :].expand(shape).to(layout.lengths.device)
 
 
 BACKEND = TritonBackend()
