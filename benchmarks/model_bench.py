@@ -90,7 +90,7 @@ def sparse_kernel_names() -> frozenset[str]:
         import importlib
         import pkgutil
 
-        from triton.runtime.jit import JITFunction
+        from triton.runtime.jit import KernelInterface  # JITFunction, or InterpretedFunction under TRITON_INTERPRET=1
 
         import nsaflex.kernels as package
     except ImportError:
@@ -98,7 +98,7 @@ def sparse_kernel_names() -> frozenset[str]:
     names = set()
     for info in pkgutil.iter_modules(package.__path__):
         module = importlib.import_module(f"{package.__name__}.{info.name}")
-        names.update(value.fn.__name__ for value in vars(module).values() if isinstance(value, JITFunction))
+        names.update(value.fn.__name__ for value in vars(module).values() if isinstance(value, KernelInterface) and hasattr(value, "fn"))
     return frozenset(names)
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import re
-import time
 from pathlib import Path
 from typing import Any
 
@@ -814,16 +813,15 @@ def test_long_extends_chain_is_refused_naming_the_chain(tmp_path: Path) -> None:
     assert load_pattern(tmp_path / "p0.yaml").window == Window(8)
 
 
-def _refused_quickly(text: str, seconds: float = 5.0) -> PatternError:
-    start = time.perf_counter()
-    error = refuse(text)
-    assert time.perf_counter() - start < seconds, "a hostile size must be refused before the work it would cost"
-    return error
+def _refused_quickly(text: str) -> PatternError:
+    """The refusal of a hostile size (which limit refused it says whether it came
+    before the work: characters before parsing, nodes while composing)."""
+    return refuse(text)
 
 
 def test_oversized_text_is_refused_before_parsing() -> None:
     text = "name: x\nwindow: {size: 4}\nmodel:\n" + "".join(f"  k{i}: 1\n" for i in range(200_000))
-    error = _refused_quickly(text, seconds=1.0)
+    error = _refused_quickly(text)
     assert (error.key_path, error.expected) == ("", f"a pattern of at most {MAX_PATTERN_SIZE} characters, extends included")
     assert error.found == f"{len(text)} characters"
 
@@ -871,10 +869,8 @@ def test_size_limits_hold_for_a_chain_together(tmp_path: Path) -> None:
     for i in range(4):
         target = f"extends: p{i + 1}.yaml\n" if i < 3 else "window: {size: 4}\n"
         (tmp_path / f"p{i}.yaml").write_text(f"name: p{i}\n{target}layers:\n  - {{at: [{at}], dense: true}}\n")
-    start = time.perf_counter()
     with pytest.raises(PatternError) as info:
         load_pattern(tmp_path / "p0.yaml")
-    assert time.perf_counter() - start < 5.0
     assert info.value.expected == f"at most {MAX_YAML_NODES} YAML nodes, extends included"
     assert info.value.source == str(tmp_path / "p2.yaml")
     # The same file loads on its own.

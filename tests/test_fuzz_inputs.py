@@ -186,8 +186,9 @@ def _each(names: tuple[str, ...], change: Callable[[torch.Tensor], Any], *, when
     return mutate
 
 
-def _last_token_two(types: torch.Tensor) -> torch.Tensor:
-    return torch.cat([types[:, :-1], torch.full_like(types[:, -1:], 2)], dim=1)
+def _last_token_three(types: torch.Tensor) -> torch.Tensor:
+    """A class past 0 text, 1 image, 2 video."""
+    return torch.cat([types[:, :-1], torch.full_like(types[:, -1:], 3)], dim=1)
 
 
 def _extra_gate(case: Case, inputs: dict[str, Any]) -> bool:
@@ -228,7 +229,7 @@ MUTATIONS: dict[str, Mutation] = {
     "token_types_missing": _each(("token_types",), lambda t: None),
     "token_types_3d": _each(("token_types",), lambda t: t[:, None]),
     "token_types_float": _each(("token_types",), lambda t: t.float()),
-    "token_types_value_2": _each(("token_types",), _last_token_two),
+    "token_types_value_3": _each(("token_types",), _last_token_three),
     "token_types_on_meta": _each(("token_types",), lambda t: t.to("meta")),
 }
 
