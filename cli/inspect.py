@@ -16,8 +16,8 @@ from pathlib import Path
 
 import click
 
-from nsaflex.cli.common import err_console, out_console
-from nsaflex.cli.show import _output_dir, write_json
+from nsaflex.cli.common import check_json_target, human_console, json_option, write_json
+from nsaflex.cli.show import _output_dir
 from nsaflex.recorder import load_recording, plot_gates, plot_sinks
 
 __all__ = ["command"]
@@ -25,18 +25,19 @@ __all__ = ["command"]
 
 @click.command("inspect")
 @click.argument("recording", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--json", "json_target", default=None, metavar="FILE",
-              help="Write the per-layer statistics as JSON to FILE ('-': standard output).")
+@json_option("the per-layer statistics")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Folder for gates.png (mean gate per layer, vision vs text) and sinks.png (sink mass).")
 def command(recording: Path, json_target: str | None, out: Path | None) -> None:
     """Per-layer gate means, attention-sink mass and block histograms of a recording."""
+    if out is not None:
+        out = _output_dir(out)
+    check_json_target(json_target)  # after --out, which may make its folder
     data = load_recording(recording)
-    console = err_console() if json_target == "-" else out_console()
+    console = human_console(json_target)
     if json_target is not None:
         write_json(data, json_target, console)
     if out is not None:
-        out = _output_dir(out)
         plot_gates(data, out / "gates.png")
         plot_sinks(data, out / "sinks.png")
         console.print(f"wrote {out / 'gates.png'} and {out / 'sinks.png'}")

@@ -145,7 +145,7 @@ def load_recording(path: str | os.PathLike[str]) -> dict[str, Any]:
     if not os.path.exists(path):
         raise InputError("recording", "an existing .pt or .json file", path)
     if path.endswith(".pt"):
-        saved = torch.load(path, weights_only=False)
+        saved = torch.load(path, weights_only=True)  # tensors, numbers and names only: no code runs
         if not isinstance(saved, dict) or saved.get("format") != FORMAT:
             raise InputError("recording", f"a file saved by Recording.save ({FORMAT})", path)
         return Recording({i: LayerRecord(**fields) for i, fields in saved["layers"].items()}).to_dict()

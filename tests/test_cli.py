@@ -416,6 +416,7 @@ SMALLEST_RUN = {
               "--backends", "reference", "--baselines", "none", "--check-length", "0", "--rep", "1", "--quiet"),
     "show": ("show", "window", "--length", "16"),
     "patterns": ("patterns",),
+    "inspect": ("inspect", str(Path(__file__).parent / "data" / "tiny-recording.json")),
 }
 
 
