@@ -445,7 +445,7 @@ def test_yaml_syntax_errors(text: str, line: int, column: int, expected: str, fo
     assert error.found == found or (isinstance(error.found, str) and error.found.startswith(found))
 
 
-def test_alias_bomb_is_refused_quickly() -> None:
+def test_alias_bomb_isrefuse() -> None:
     rows = ["a0: &a0 [1, 1, 1, 1, 1, 1, 1, 1, 1]"]
     rows += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 9)]
     error = refuse("name: x\n" + "\n".join(rows) + "\nwindow: {size: 2}\n")
@@ -813,15 +813,9 @@ def test_long_extends_chain_is_refused_naming_the_chain(tmp_path: Path) -> None:
     assert load_pattern(tmp_path / "p0.yaml").window == Window(8)
 
 
-def _refused_quickly(text: str) -> PatternError:
-    """The refusal of a hostile size (which limit refused it says whether it came
-    before the work: characters before parsing, nodes while composing)."""
-    return refuse(text)
-
-
 def test_oversized_text_is_refused_before_parsing() -> None:
     text = "name: x\nwindow: {size: 4}\nmodel:\n" + "".join(f"  k{i}: 1\n" for i in range(200_000))
-    error = _refused_quickly(text)
+    error = refuse(text)
     assert (error.key_path, error.expected) == ("", f"a pattern of at most {MAX_PATTERN_SIZE} characters, extends included")
     assert error.found == f"{len(text)} characters"
 
@@ -842,22 +836,30 @@ def test_too_many_nodes_are_refused_while_composing() -> None:
     rows = MAX_YAML_NODES // 2 + 10
     text = "name: x\nwindow: {size: 4}\nmodel: {" + ", ".join(f"k{i}: 1" for i in range(rows)) + "}\n"
     assert len(text) <= MAX_PATTERN_SIZE
-    error = _refused_quickly(text)
+    error = refuse(text)
     assert (error.expected, error.line) == (f"at most {MAX_YAML_NODES} YAML nodes, extends included", 3)
 
 
-def test_many_layer_overrides_are_refused_quickly() -> None:
+def test_many_layer_overrides_arerefuse() -> None:
     """20,000 layer overrides (each a dense layer) are refused by the size
     limits, not validated and planned one by one."""
     text = "name: x\nwindow: {size: 4}\nlayers:\n" + "".join(f"  - {{at: [{i}], dense: true}}\n" for i in range(20_000))
-    error = _refused_quickly(text)
+    error = refuse(text)
     assert error.expected in (f"a pattern of at most {MAX_PATTERN_SIZE} characters, extends included", f"at most {MAX_YAML_NODES} YAML nodes, extends included")
     # Under those limits, more than MAX_LAYER_OVERRIDES overrides are refused by the pattern itself.
     text = "name: x\nwindow: {size: 4}\nlayers:\n" + "".join(f"- {{at: [{i}], dense: true}}\n"
                                                              for i in range(MAX_LAYER_OVERRIDES + 1))
-    error = _refused_quickly(text)
+    error = refuse(text)
     assert (error.key_path, error.expected, error.found) == (
         "layers", f"at most {MAX_LAYER_OVERRIDES} layer overrides", MAX_LAYER_OVERRIDES + 1)
+
+
+def _write_chain(folder: Path, prefix: str, body: str, files: int = 4) -> None:
+    """``{prefix}0.yaml`` extends ``{prefix}1.yaml`` ... up to the last, which
+    has a window; every file also holds ``body``."""
+    for i in range(files):
+        target = f"extends: {prefix}{i + 1}.yaml\n" if i < files - 1 else "window: {size: 4}\n"
+        (folder / f"{prefix}{i}.yaml").write_text(f"name: {prefix}{i}\n{target}{body}")
 
 
 def test_size_limits_hold_for_a_chain_together(tmp_path: Path) -> None:
@@ -866,9 +868,7 @@ def test_size_limits_hold_for_a_chain_together(tmp_path: Path) -> None:
     file holds 3/8 of the node limit (in a layers list, which is only checked
     once merged)."""
     at = ", ".join(str(i) for i in range(3 * MAX_YAML_NODES // 8))
-    for i in range(4):
-        target = f"extends: p{i + 1}.yaml\n" if i < 3 else "window: {size: 4}\n"
-        (tmp_path / f"p{i}.yaml").write_text(f"name: p{i}\n{target}layers:\n  - {{at: [{at}], dense: true}}\n")
+    _write_chain(tmp_path, "p", f"layers:\n  - {{at: [{at}], dense: true}}\n")
     with pytest.raises(PatternError) as info:
         load_pattern(tmp_path / "p0.yaml")
     assert info.value.expected == f"at most {MAX_YAML_NODES} YAML nodes, extends included"
@@ -876,9 +876,7 @@ def test_size_limits_hold_for_a_chain_together(tmp_path: Path) -> None:
     # The same file loads on its own.
     assert len(load_pattern(tmp_path / "p3.yaml").layers) == 1
     # Characters too: a long description in each file.
-    for i in range(4):
-        target = f"extends: q{i + 1}.yaml\n" if i < 3 else "window: {size: 4}\n"
-        (tmp_path / f"q{i}.yaml").write_text(f"{target}description: {'x' * (MAX_PATTERN_SIZE // 3)}\n")
+    _write_chain(tmp_path, "q", f"description: {'x' * (MAX_PATTERN_SIZE // 3)}\n")
     with pytest.raises(PatternError) as info:
         load_pattern(tmp_path / "q0.yaml")
     assert info.value.expected == f"a pattern of at most {MAX_PATTERN_SIZE} characters, extends included"
