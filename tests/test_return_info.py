@@ -59,7 +59,8 @@ def _same_lse(got: torch.Tensor, want: torch.Tensor) -> None:
     want = want.to(got.dtype)
     assert torch.equal(torch.isinf(got), torch.isinf(want))
     finite = torch.isfinite(want)
-    assert float((got[finite].double() - want[finite].double()).abs().max()) < LSE_ABS
+    if finite.any():  # a branch may see no key in any row (short rows, text rows)
+        assert float((got[finite].double() - want[finite].double()).abs().max()) < LSE_ABS
 
 
 def _compile(pattern: Pattern, backend: str, monkeypatch):

@@ -162,11 +162,11 @@ def _sparse_forward(pattern, cfg, q, k, v, gates, token_types, pooler, launch=No
     c = pattern.compression
     # Every token vision (vision_keys: vision) gives an identity layout: the compacted
     # rows are the rows.
+    text = text_dense_attention(q, k, v, ~layout.sparse_queries) if layout.has_text else None
     if info is not None:
         info.update(empty_branch_info(pattern, q, layout))
-        if layout.has_text:
-            info.update(dense_output=text_dense_attention(q, k, v, ~layout.sparse_queries).float(),
-                        dense_lse=causal_logsumexp(q, k))
+        if text is not None:
+            info.update(dense_output=text.float(), dense_lse=causal_logsumexp(q, k))
     if layout.identity:
         qs, ks, vs, gs = q.contiguous(), k.contiguous(), v.contiguous(), gates
         starts = torch.zeros(batch, dtype=torch.int32, device=device)
@@ -184,7 +184,7 @@ def _sparse_forward(pattern, cfg, q, k, v, gates, token_types, pooler, launch=No
     else:
         if layout.max_length == 0:
             sparse = torch.zeros_like(q)
-            return combine(sparse, text_dense_attention(q, k, v, ~layout.sparse_queries), layout)
+            return combine(sparse, text, layout)
         qs = pack_varlen(q, layout)[None].contiguous()
         ks = pack_varlen(k, layout)[None].contiguous()
         vs = pack_varlen(v, layout)[None].contiguous()
@@ -222,7 +222,6 @@ def _sparse_forward(pattern, cfg, q, k, v, gates, token_types, pooler, launch=No
         return out
     if packed:
         out = unpack_varlen(out[0], layout, length)
-    text = text_dense_attention(q, k, v, ~layout.sparse_queries) if layout.has_text else None
     return combine(out, text, layout)
 
 
