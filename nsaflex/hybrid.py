@@ -239,8 +239,10 @@ def text_dense_attention(
     zeros on the other rows.
 
     Text queries are few in video inputs, so they are gathered and attend to
-    all keys through SDPA with an explicit causal mask ``[B, 1, Nt, L]``:
-    ``O(Nt * L)`` work instead of ``O(L^2)``. SDPA adds its mask to the scores
+    all keys through SDPA with an explicit causal mask, the heads of a GQA
+    group folded into the query rows (``[B, Hkv, G * Nt, D]`` against the kv
+    heads' own k and v, mask ``[B, 1, G * Nt, L]``): ``O(Nt * L)`` work instead
+    of ``O(L^2)``. SDPA adds its mask to the scores
     (``-inf + inf = NaN``) and multiplies masked probabilities into the values
     (``0 * inf = NaN``), so where q, k or v hold a non-finite value the same
     attention runs as explicit masked softmax (:func:`nsaflex.reference.masked_softmax`
@@ -261,17 +263,21 @@ def text_dense_attention(
     order = torch.sort((~text_queries).to(torch.int8), dim=1, stable=True).indices[:, :most]
     valid = torch.arange(most, device=q.device)[None, :] < counts[:, None]
     index = order[:, None, :, None].expand(batch, query_heads, most, dim)
-    text_q = torch.gather(q, 2, index)
+    kv_heads = k.shape[1]
+    group = query_heads // kv_heads
+    # The G query heads of a kv head become G * Nt query rows of it (row g * Nt + t),
+    # so k and v are read as they are rather than repeated G times (at 128K and
+    # 28/4 heads a repeat writes 1.8 GB and keeps it for the backward).
+    text_q = torch.gather(q, 2, index).reshape(batch, kv_heads, group * most, dim)
     keys = torch.arange(length, device=q.device)
     mask = (keys[None, None, :] <= order[:, :, None]) & valid[:, :, None]  # [B, Nt, L]
-    group = query_heads // k.shape[1]
-    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
     if all_finite:
         # Padding rows see key 0 only (their output is dropped below) so no row is fully masked.
         mask = mask | (~valid[:, :, None] & (keys == 0)[None, None, :])
-        text_out = _masked_attention(text_q, k, v, mask[:, None])
+        text_out = _masked_attention(text_q, k, v, mask.repeat(1, group, 1)[:, None])
     else:
-        text_out = _exact_masked_attention(text_q, k, v, mask[:, None])
+        text_out = _exact_masked_attention(text_q, k, v, mask.repeat(1, group, 1)[:, None])
+    text_out = text_out.reshape(batch, query_heads, most, dim)
     text_out = torch.where(valid[:, None, :, None], text_out, torch.zeros_like(text_out))
     return out.scatter_add(2, index, text_out)
 
