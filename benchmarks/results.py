@@ -214,8 +214,13 @@ def render_comparison(name: str, record: Any) -> list[str]:
     document, rows = comparison_rows(record)
     labels = list(dict.fromkeys(row["label"] for row in rows))
     title = f"### {' against '.join(f'`{label}`' for label in labels)}: `{document['config']['pattern']}`, {record_date(record)[:10]}"
+    environment = describe_environment(document)
+    if isinstance(record, list) and len({doc.get("command") for doc in record}) > 1:
+        # The labels ran different commands (e.g. a baseline measured once): each one's, labelled.
+        commands = [f"# {doc['label']}\n{doc.get('command') or 'nsaflex bench'}" for doc in record]
+        environment = [*environment[: environment.index("```sh") + 1], "\n".join(commands), "```"]
     return [title, "", f"Record: [`results/{name}`](results/{name}); medians in ms, all labels measured in one run.", "",
-            *describe_environment(document), "", *comparison_table(record)]
+            *environment, "", *comparison_table(record)]
 
 
 # --- GPU tests and sequence parallelism -----------------------------------------------------------
