@@ -24,7 +24,7 @@ import triton.language as tl
 
 from nsaflex.kernels.forward import (
     _dot, _key_rows, _key_value_rows, _program_tile, _query_tile, _seq_field, _sequence_desc, _tile_rows, _union_entry,
-    _union_setup, _union_step_loads, _visible, _visible_span, key_tile, row_log, union_log,
+    _union_setup, _union_step_loads, _visible, _visible_span, key_tile,
 )
 
 
@@ -75,11 +75,6 @@ def bwd_dq_kernel(
     BT: tl.constexpr = R // G
     BS: tl.constexpr = key_tile(LS)
     IEEE: tl.constexpr = Q.dtype.element_ty == tl.float32
-    U_LOG: tl.constexpr = union_log(BT * G if HEAD_SCORING else BT, W)
-    ROW_LOG: tl.constexpr = row_log(BT * G if HEAD_SCORING else BT)
-    HAS_CMP: tl.constexpr = GI_CMP >= 0
-    HAS_SLC: tl.constexpr = GI_SLC >= 0
-    HAS_WIN: tl.constexpr = GI_WIN >= 0
     BN: tl.constexpr = 64  # compressed keys per step
     BKW: tl.constexpr = 64  # window keys per step
     OC, OS, OW = BRANCH_OUT
@@ -97,7 +92,7 @@ def bwd_dq_kernel(
         lse_off = bb * slse[0] + h * slse[1] + (start + t) * slse[2]
         t_last = tl.minimum(t0 + BT, length) - 1
         dq = tl.zeros([R, D], tl.float32)
-        if HAS_CMP:
+        if GI_CMP >= 0:
             cstart = _seq_field(SEQ, b, 2).to(tl.int64)
             n_cmp = _seq_field(SEQ, b, 3)
             gb, delta, lse = _branch_delta(OC, GATES, LSEC, DG, DELTA + 0 * sdn, dof, q_base, row_off, d, gate_off,
@@ -119,12 +114,12 @@ def bwd_dq_kernel(
                 dq = _dq_step(dq, p, do, kc, vc, gb, delta, IEEE)
         kbase = K + bb * sk[0] + hk.to(tl.int64) * sk[1] + start * sk[2]
         vbase = V + bb * sk[0] + hk.to(tl.int64) * sk[1] + start * sk[2]
-        if HAS_SLC:
+        if GI_SLC >= 0:
             gb, delta, lse = _branch_delta(OS, GATES, LSES, DG, DELTA + 1 * sdn, dof, q_base, row_off, d, gate_off,
                                            dg_off, lse_off, valid, GI_SLC, sg[3])
             count, ubase, umbase, hit_row, kdesc, vdesc, n_whole = _union_setup(
                 SEL, UNION, b, hk, pid_t, n_tiles, start, ss, t0, length, r, kbase, vbase, sk[2],
-                G, G, BT, D, W, LS, BS, HEAD_SCORING, U_LOG, ROW_LOG, TMA, False)
+                G, G, BT, D, W, LS, BS, HEAD_SCORING, TMA, False)
             # As in the forward (slc_win_kernel): the blocks that end before the tile's
             # first token, a prefix of the sorted list, are masked per row only (lse
             # +inf for a row that did not select the block: exp2(-inf) = 0). Each step
@@ -141,7 +136,7 @@ def bwd_dq_kernel(
                     else:
                         p = tl.exp2(s - tl.where(mask, lse, float("inf"))[:, None])
                     dq = _dq_step(dq, p, do, kk, vv, gb, delta, IEEE)
-        if HAS_WIN:
+        if GI_WIN >= 0:
             gb, delta, lse = _branch_delta(OW, GATES, LSEW, DG, DELTA + 2 * sdn, dof, q_base, row_off, d, gate_off,
                                            dg_off, lse_off, valid, GI_WIN, sg[3])
             lo = tl.maximum(t0 - WIN + 1, 0)

@@ -851,14 +851,17 @@ def _union_lists(sel_seq, U, UM, UC, prog, ssh, sst, hk, t0, length, r,
 @triton.jit
 def _union_setup(SEL, UNION, b, hk, pid_t, n_tiles, start, ss, t0, length, r, kbase, vbase, skt,
                  G: tl.constexpr, GR: tl.constexpr, BT: tl.constexpr, D: tl.constexpr, W: tl.constexpr,
-                 LS: tl.constexpr, BS: tl.constexpr, HEAD_SCORING: tl.constexpr, U_LOG: tl.constexpr,
-                 ROW_LOG: tl.constexpr, TMA: tl.constexpr, BUILD: tl.constexpr):
+                 LS: tl.constexpr, BS: tl.constexpr, HEAD_SCORING: tl.constexpr, TMA: tl.constexpr,
+                 BUILD: tl.constexpr):
     """The set-up of a union loop of :func:`slc_win_kernel` (``BUILD``: it
     writes the tile's union list) and ``bwd_dq_kernel`` (it reads it back):
     (count, list base, row-mask base, each row's bit ``hit_row``, key and
     value descriptors, the steps ``n_whole`` that need no per-entry mask).
     ``UNION``: (U, UM, UC) of :func:`_tile_union`; ``ss``: SEL's (batch, head,
     token) strides."""
+    SR: tl.constexpr = BT * G if HEAD_SCORING else BT  # selecting rows: token-heads, or tokens
+    U_LOG: tl.constexpr = union_log(SR, W)
+    ROW_LOG: tl.constexpr = row_log(SR)
     prog = (b * tl.num_programs(2) + hk) * n_tiles + pid_t
     count, ubase, umbase, hit_row = _union_lists(
         SEL + b.to(tl.int64) * ss[0] + start * ss[2], UNION[0], UNION[1], UNION[2], prog, ss[1], ss[2], hk, t0, length, r,
@@ -964,7 +967,8 @@ def slc_win_kernel(
     their column stride), ``ss`` of the block lists SEL, ``slse`` of the lse
     tensors. ``UNION``: the union lists, their row masks and counts (U, UM,
     UC of :func:`_tile_union`).
-    ``GI_*``: each branch's gate column, -1 for a branch the pattern lacks.
+    ``GI_*``: each branch's gate column, -1 for a branch the pattern lacks
+    (``GI_SLC >= 0``: the pattern selects).
     Rows: :func:`_tile_rows` (``R // G`` tokens, ``G`` rows per token, ``R`` rows).
     fp32 inputs multiply in IEEE fp32 (:func:`_dot`).
     ``TMA``: key and value blocks arrive through tensor descriptors (no
@@ -973,11 +977,6 @@ def slc_win_kernel(
     BT: tl.constexpr = R // G
     BS: tl.constexpr = key_tile(LS)
     IEEE: tl.constexpr = Q.dtype.element_ty == tl.float32
-    U_LOG: tl.constexpr = union_log(BT * G if HEAD_SCORING else BT, W)
-    ROW_LOG: tl.constexpr = row_log(BT * G if HEAD_SCORING else BT)
-    HAS_CMP: tl.constexpr = GI_CMP >= 0
-    HAS_SLC: tl.constexpr = GI_SLC >= 0
-    HAS_WIN: tl.constexpr = GI_WIN >= 0
     BKW: tl.constexpr = 64  # window keys per step
     pid_t, b, hk, length, t0 = _program_tile(LENS, BT, 1)
     if t0 < length:
@@ -991,10 +990,10 @@ def slc_win_kernel(
         # Branches finish one after another so at most two [R, D] accumulators
         # are live: the running output and the branch in progress.
         out = tl.zeros([R, D], tl.float32)
-        if HAS_SLC:
+        if GI_SLC >= 0:
             count, ubase, umbase, hit_row, kdesc, vdesc, n_whole = _union_setup(
                 SEL, UNION, b, hk, pid_t, n_tiles, start, ss, t0, length, r, kbase, vbase, sk[2],
-                G, G, BT, D, W, LS, BS, HEAD_SCORING, U_LOG, ROW_LOG, TMA, True)
+                G, G, BT, D, W, LS, BS, HEAD_SCORING, TMA, True)
             m = tl.full([R], float("-inf"), tl.float32)
             acc_l = tl.zeros([R], tl.float32)
             acc = tl.zeros([R, D], tl.float32)
@@ -1017,7 +1016,7 @@ def slc_win_kernel(
                     acc, acc_l = _accumulate(acc, acc_l, alpha, p, vv, IEEE)
             gate = tl.load(GATES + gate_off + GI_SLC * sg[3], mask=valid, other=0.0).to(tl.float32)
             out = _finish_branch(out, acc, acc_l, m, gate, valid, OS, LSES, q_base, row_off, lse_off, d, SAVE)
-        if HAS_WIN:
+        if GI_WIN >= 0:
             t_last = tl.minimum(t0 + BT, length) - 1
             lo = tl.maximum(t0 - WIN + 1, 0)
             kdesc_w = _sequence_desc(kbase, length, sk[2], BKW, D, TMA)
@@ -1036,7 +1035,7 @@ def slc_win_kernel(
                 acc, acc_l = _accumulate(acc, acc_l, alpha, p, vv, IEEE)
             gate = tl.load(GATES + gate_off + GI_WIN * sg[3], mask=valid, other=0.0).to(tl.float32)
             out = _finish_branch(out, acc, acc_l, m, gate, valid, OW, LSEW, q_base, row_off, lse_off, d, SAVE)
-        if HAS_CMP:
+        if GI_CMP >= 0:
             oc = tl.load(OC + q_base + row_off[:, None] + d[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
             gc = tl.load(GATES + gate_off + GI_CMP * sg[3], mask=valid, other=0.0).to(tl.float32)
             out += gc[:, None] * oc
