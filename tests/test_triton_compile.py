@@ -4,7 +4,10 @@ The interpreter (how CI runs the kernels) accepts programs the GPU compiler
 refuses, e.g. matrix products with fewer than 16 columns; this test records the
 launches of a small pattern's forward and backward under the interpreter and
 compiles each one with ``triton.compile`` for ``GPUTarget('cuda', 90, 32)``
-(``tests/triton_compile_check.py --small``)."""
+(``tests/triton_compile_check.py --small``).
+
+No kernel takes more than 40 parameters: strides travel as tuples
+(``SeqLayout.strides``), not as positional lists."""
 
 from __future__ import annotations
 
@@ -37,3 +40,16 @@ def test_kernels_compile_for_sm90(tmp_path):
     assert result.returncode == 0 and "FAIL" not in report, report[-4000:]
     compiled = {line.split()[1] for line in result.stdout.splitlines() if line.startswith("ok ")}
     assert {"slc_win_kernel", "bwd_dq_kernel", "bwd_slc_dkv_kernel", "cmp_lse_kernel"} <= compiled, compiled
+
+
+MOST_PARAMETERS = 40
+
+
+def test_no_kernel_takes_more_than_40_parameters():
+    from nsaflex.kernels import backward, forward
+
+    kernels = {name: obj for module in (forward, backward) for name, obj in vars(module).items()
+               if name.endswith("_kernel") and hasattr(obj, "arg_names")}
+    assert {"slc_win_kernel", "bwd_dq_kernel", "bwd_slc_dkv_kernel", "reduce_slc_kernel"} <= set(kernels)
+    counts = {name: len(kernel.arg_names) for name, kernel in kernels.items()}
+    assert max(counts.values()) <= MOST_PARAMETERS, counts

@@ -5,12 +5,23 @@ lowering errors before device time is spent).
 
 With ``NSAFLEX_COMPILE_DUMP=DIR`` each compiled kernel's cubin is written to
 ``DIR/<kernel>-<n>.cubin`` (read it with ``cuobjdump -sass``) to compare the
-generated code of two versions.
+generated code of two versions:
+
+    python tests/triton_compile_check.py --compare BEFORE_DIR AFTER_DIR
+
+disassembles each pair of cubins of the same name with triton's
+``cuobjdump`` and compares the instruction sequences with the kernel
+parameters' constant-bank offsets (``c[0x0][0x...]``) normalised: they move
+when parameters are reordered or grouped into tuples, and nothing else about
+the code does. Same sequence otherwise: the same code, the same speed.
 
 Records each launch's arguments by running the videonsa-class forward and
 backward on CPU under TRITON_INTERPRET=1 (tiny shapes), with the real tile
 constants of a 28/4-head, D=128 bf16 call, then compiles those signatures with
-``triton.compile`` for ``GPUTarget('cuda', 90, 32)``.
+``triton.compile`` for ``GPUTarget('cuda', 90, 32)``. Tuple arguments (stride
+groups) are recorded as the launcher specialises them, element by element: a
+signature of nested types, constants and 16-divisibility at paths such as
+``sq.2`` (element 2 of argument ``sq``).
 """
 
 from __future__ import annotations
@@ -20,7 +31,7 @@ import os
 import subprocess
 import sys
 
-if sys.argv[1:2] != ["--compile"]:
+if sys.argv[1:2] not in (["--compile"], ["--compare"]):
     os.environ["TRITON_INTERPRET"] = "1"
 
 import torch  # noqa: E402
@@ -33,6 +44,8 @@ RECORDED: list = []
 
 
 def _tname(x):
+    if isinstance(x, tuple):
+        return tuple(_tname(item) for item in x)
     if isinstance(x, torch.Tensor):
         return "*" + {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int32: "i32",
                       torch.int64: "i64"}[x.dtype]
@@ -106,13 +119,12 @@ def signatures():
                 const[name] = params[name]
                 continue
             kind, attr = _specialize(params[name])
-            if kind == "constexpr":  # an integer argument equal to 1, as the launcher specialises it
-                sig[name] = "constexpr"
-                const[name] = params[name]
-            else:
-                sig[name] = kind
-                if attr == "D":
-                    aligned.append(name)
+            sig[name] = kind
+            for path, leaf_kind, leaf_attr, value in _leaves(name, kind, attr, params[name]):
+                if leaf_kind == "constexpr":  # an integer equal to 1, as the launcher specialises it
+                    const[path] = value
+                elif leaf_attr == "D":
+                    aligned.append(path)
         opts["aligned"] = aligned
         key = json.dumps([fn.__module__, fn.__name__, sig, const, opts], sort_keys=True, default=str)
         if key not in seen:
@@ -121,11 +133,12 @@ def signatures():
     return out
 
 
-def _specialize(value) -> tuple[str, str]:
+def _specialize(value):
     """The launcher's specialisation of one argument: its type, and "D" when it is
     divisible by 16 (pointers: 16-byte aligned). Without the "D" attributes the
     compiler cannot vectorise a load whose offsets use a stride argument, so the
-    code it makes would not be the code a GPU launch runs."""
+    code it makes would not be the code a GPU launch runs. A tuple argument
+    gives a tuple of types and one of attributes, element by element."""
     try:
         from triton._C.libtriton import native_specialize_impl
         from triton.backends.compiler import BaseBackend
@@ -133,7 +146,73 @@ def _specialize(value) -> tuple[str, str]:
         kind, attr = native_specialize_impl(BaseBackend, value, False, True, True)
     except (ImportError, TypeError):  # a triton without this entry point (or another signature): types only
         return _tname(value), ""
-    return kind, attr or ""
+    return kind, attr
+
+
+def _leaves(name: str, kind, attr, value, path: str = ""):
+    """(path, type, attribute, value) of each scalar inside one argument: the
+    argument itself, or for a tuple each element, its path ``name.i``."""
+    if isinstance(kind, (tuple, list)):
+        for i, item in enumerate(kind):
+            yield from _leaves(name, item, attr[i] if isinstance(attr, (tuple, list)) else None, value[i],
+                               f"{path}.{i}")
+    else:
+        yield name + path, kind, attr or "", value
+
+
+def _path_key(names: list[str], path: str) -> tuple[int, ...]:
+    """The compiler's key of a recorded path: ``sq.2`` -> (index of sq, 2)."""
+    base, *rest = path.split(".")
+    return (names.index(base), *map(int, rest))
+
+
+def _as_tuples(kind):
+    """A recorded signature entry with JSON's lists back as tuples (how the compiler takes tuple arguments)."""
+    return tuple(_as_tuples(item) for item in kind) if isinstance(kind, list) else kind
+
+
+def sass(cubin: str) -> list[str]:
+    """The instructions of a cubin (triton's ``cuobjdump -sass``) without
+    addresses and encodings, and with every kernel-parameter operand
+    ``c[0x0][0x...]`` written ``c[0x0][PARAM]``: what stays the same when
+    only the order or grouping of the parameters changes."""
+    import re
+    import shutil
+
+    from triton.backends.nvidia import compiler as nvidia
+
+    tool = os.path.join(os.path.dirname(nvidia.__file__), "bin", "cuobjdump")
+    tool = tool if os.path.exists(tool) else shutil.which("cuobjdump")
+    text = subprocess.run([tool, "-sass", cubin], capture_output=True, text=True, check=True).stdout
+    lines = []
+    for line in text.splitlines():
+        match = re.match(r"\s*/\*[0-9a-f]{4,}\*/\s*(.*?)\s*;", line)
+        if match:
+            lines.append(re.sub(r"c\[0x0\]\[0x[0-9a-f]+\]", "c[0x0][PARAM]", match.group(1)))
+    return lines
+
+
+def compare_dumps(before: str, after: str) -> bool:
+    """Prints, per cubin of ``before`` (``NSAFLEX_COMPILE_DUMP`` directories),
+    whether ``after`` has the same instructions (:func:`sass`); True when all do."""
+    import difflib
+
+    same_all = True
+    names = sorted(set(os.listdir(before)) | set(os.listdir(after)))
+    for name in names:
+        if not (os.path.exists(os.path.join(before, name)) and os.path.exists(os.path.join(after, name))):
+            print(f"DIFF {name}: only in {'after' if os.path.exists(os.path.join(after, name)) else 'before'}")
+            same_all = False
+            continue
+        old, new = sass(os.path.join(before, name)), sass(os.path.join(after, name))
+        if old == new:
+            print(f"same {name}: {len(old)} instructions")
+            continue
+        same_all = False
+        diff = [line for line in difflib.unified_diff(old, new, lineterm="", n=0) if line[:1] in "+-"]
+        print(f"DIFF {name}: {len(old)} -> {len(new)} instructions, {len(diff) - 2} lines differ")
+        print("\n".join(diff[2:22]))
+    return same_all
 
 
 def register_use(ptx: str | None, arch: int) -> str:
@@ -179,9 +258,10 @@ def compile_all(items, arch=90):
     for module, name, sig, const, opts in items:
         fn = getattr(importlib.import_module(module), name)
         names = fn.arg_names
-        constexprs = {(names.index(k),): v for k, v in const.items()}
+        sig = {k: _as_tuples(v) for k, v in sig.items()}
+        constexprs = {_path_key(names, k): v for k, v in const.items()}
         opts = dict(opts)
-        attrs = {(names.index(k),): [["tt.divisibility", 16]] for k in opts.pop("aligned", [])}
+        attrs = {_path_key(names, k): [["tt.divisibility", 16]] for k in opts.pop("aligned", [])}
         try:
             note = ""
             try:
@@ -217,6 +297,8 @@ if __name__ == "__main__":
 
     videonsa = load_pattern("videonsa")
     videonsa = dataclasses.replace(videonsa, model=dataclasses.replace(videonsa.model, query_heads=None, kv_heads=None))
+    if sys.argv[1:2] == ["--compare"]:
+        sys.exit(0 if compare_dumps(sys.argv[2], sys.argv[3]) else 1)
     if sys.argv[1:2] == ["--compile"]:
         items = json.load(open(sys.argv[2]))
         sys.exit(0 if compile_all(items) else 1)

@@ -24,7 +24,7 @@ import triton.language as tl
 
 from nsaflex.kernels.forward import (
     _dot, _key_rows, _key_value_rows, _program_tile, _query_tile, _seq_field, _sequence_desc, _tile_rows, _union_entry,
-    _union_setup, _union_step_loads, _visible, _visible_span, key_tile, row_log, union_log,
+    _union_setup, _union_step_loads, _visible, _visible_span, key_tile,
 )
 
 
@@ -54,10 +54,10 @@ def _dq_step(dq, p, do, kk, vv, gb, delta, IEEE: tl.constexpr):
 
 @triton.jit
 def bwd_dq_kernel(
-    Q, K, V, KC, VC, DO, GATES, OC, OS, OW, LSEC, LSES, LSEW, SEL, U, UM, UC, DQ, DG, DELTA,
+    Q, K, V, KC, VC, DO, GATES, BRANCH_OUT, BRANCH_LSE, SEL, UNION, DQ, DG, DELTA,
     SEQ,
-    sqb, sqh, sqt, skb, skh, skt, scb, sch, sct, sgb, sgh, sgt, sgc, sdgb, sdgh, sdgt, ssb, ssh, sst, slb, slh, slt, sdn,
-    scale_log2, scale, n_tiles,
+    sq, sk, sc, sg, sdg, ss, slse, sdn,
+    scales, n_tiles,
     G: tl.constexpr, R: tl.constexpr, D: tl.constexpr,
     GI_CMP: tl.constexpr, GI_SLC: tl.constexpr, GI_WIN: tl.constexpr,
     CBLOCK: tl.constexpr, CSTRIDE: tl.constexpr, LEGACY: tl.constexpr,
@@ -67,57 +67,59 @@ def bwd_dq_kernel(
     """Rows and union lists as the forward's selection kernel (:func:`_tile_rows`);
     ``TMA`` as there (key, value and compressed blocks through tensor
     descriptors); ``GI_*`` as there. ``SEQ``: the sequence table
-    (:func:`_seq_field`)."""
+    (:func:`_seq_field`). ``BRANCH_OUT``, ``BRANCH_LSE``: the forward's saved
+    branch outputs (q's layout) and log-sum-exp, (compression, selection,
+    window). Stride tuples as ``slc_win_kernel``'s (batch, head, token), ``sc``
+    of the compressed keys and values, ``sdg`` of DG; ``sdn``: DELTA's branch
+    stride (DELTA [3, B, H, T], the lse layout). ``scales``: (scale_log2, scale)."""
     BT: tl.constexpr = R // G
     BS: tl.constexpr = key_tile(LS)
     IEEE: tl.constexpr = Q.dtype.element_ty == tl.float32
-    U_LOG: tl.constexpr = union_log(BT * G if HEAD_SCORING else BT, W)
-    ROW_LOG: tl.constexpr = row_log(BT * G if HEAD_SCORING else BT)
-    HAS_CMP: tl.constexpr = GI_CMP >= 0
-    HAS_SLC: tl.constexpr = GI_SLC >= 0
-    HAS_WIN: tl.constexpr = GI_WIN >= 0
     BN: tl.constexpr = 64  # compressed keys per step
     BKW: tl.constexpr = 64  # window keys per step
+    OC, OS, OW = BRANCH_OUT
+    LSEC, LSES, LSEW = BRANCH_LSE
+    scale_log2, scale = scales
     pid_t, b, hk, length, t0 = _program_tile(SEQ + 1, BT, 4)
     if t0 < length:
-        start, r, t, g, valid, h, d, q_base, row_off, q = _query_tile(Q, SEQ, b, hk, t0, length, sqb, sqh, sqt,
+        start, r, t, g, valid, h, d, q_base, row_off, q = _query_tile(Q, SEQ, b, hk, t0, length, sq,
                                                                       G, G, BT, R, D, 4)
         bb = b.to(tl.int64)
         do = tl.load(DO + q_base + row_off[:, None] + d[None, :], mask=valid[:, None], other=0.0)
         dof = do.to(tl.float32)
-        gate_off = bb * sgb + h * sgh + (start + t) * sgt
-        dg_off = bb * sdgb + h * sdgh + (start + t) * sdgt
-        lse_off = bb * slb + h * slh + (start + t) * slt
+        gate_off = bb * sg[0] + h * sg[1] + (start + t) * sg[2]
+        dg_off = bb * sdg[0] + h * sdg[1] + (start + t) * sdg[2]
+        lse_off = bb * slse[0] + h * slse[1] + (start + t) * slse[2]
         t_last = tl.minimum(t0 + BT, length) - 1
         dq = tl.zeros([R, D], tl.float32)
-        if HAS_CMP:
+        if GI_CMP >= 0:
             cstart = _seq_field(SEQ, b, 2).to(tl.int64)
             n_cmp = _seq_field(SEQ, b, 3)
             gb, delta, lse = _branch_delta(OC, GATES, LSEC, DG, DELTA + 0 * sdn, dof, q_base, row_off, d, gate_off,
-                                           dg_off, lse_off, valid, GI_CMP, sgc)
+                                           dg_off, lse_off, valid, GI_CMP, sg[3])
             lo, hi = _visible_span(t0, t_last, n_cmp, CBLOCK, CSTRIDE, LEGACY)
-            kbase = KC + bb * scb + hk.to(tl.int64) * sch + cstart * sct
-            vbase = VC + bb * scb + hk.to(tl.int64) * sch + cstart * sct
+            kbase = KC + bb * sc[0] + hk.to(tl.int64) * sc[1] + cstart * sc[2]
+            vbase = VC + bb * sc[0] + hk.to(tl.int64) * sc[1] + cstart * sc[2]
             # No step runs for a sequence without compressed tokens; a descriptor
             # cannot be empty, so it declares one row it never reads.
-            kdesc = _sequence_desc(kbase, tl.maximum(n_cmp, 1), sct, BN, D, TMA)
-            vdesc = _sequence_desc(vbase, tl.maximum(n_cmp, 1), sct, BN, D, TMA)
+            kdesc = _sequence_desc(kbase, tl.maximum(n_cmp, 1), sc[2], BN, D, TMA)
+            vdesc = _sequence_desc(vbase, tl.maximum(n_cmp, 1), sc[2], BN, D, TMA)
             for i0 in range(lo, hi, BN):
                 i = i0 + tl.arange(0, BN)
-                kc = _key_rows(kbase, kdesc, i0, i, i < hi, sct, d, TMA)
-                vc = _key_rows(vbase, vdesc, i0, i, i < hi, sct, d, TMA)
+                kc = _key_rows(kbase, kdesc, i0, i, i < hi, sc[2], d, TMA)
+                vc = _key_rows(vbase, vdesc, i0, i, i < hi, sc[2], d, TMA)
                 s = _dot(q, tl.trans(kc), IEEE) * scale_log2
                 vis = _visible(i, t, n_cmp, CBLOCK, CSTRIDE, LEGACY) & valid[:, None]
                 p = tl.where(vis, tl.exp2(s - lse[:, None]), 0.0)
                 dq = _dq_step(dq, p, do, kc, vc, gb, delta, IEEE)
-        kbase = K + bb * skb + hk.to(tl.int64) * skh + start * skt
-        vbase = V + bb * skb + hk.to(tl.int64) * skh + start * skt
-        if HAS_SLC:
+        kbase = K + bb * sk[0] + hk.to(tl.int64) * sk[1] + start * sk[2]
+        vbase = V + bb * sk[0] + hk.to(tl.int64) * sk[1] + start * sk[2]
+        if GI_SLC >= 0:
             gb, delta, lse = _branch_delta(OS, GATES, LSES, DG, DELTA + 1 * sdn, dof, q_base, row_off, d, gate_off,
-                                           dg_off, lse_off, valid, GI_SLC, sgc)
+                                           dg_off, lse_off, valid, GI_SLC, sg[3])
             count, ubase, umbase, hit_row, kdesc, vdesc, n_whole = _union_setup(
-                SEL, U, UM, UC, b, hk, pid_t, n_tiles, start, ssb, ssh, sst, t0, length, r, kbase, vbase, skt,
-                G, G, BT, D, W, LS, BS, HEAD_SCORING, U_LOG, ROW_LOG, TMA, False)
+                SEL, UNION, b, hk, pid_t, n_tiles, start, ss, t0, length, r, kbase, vbase, sk[2],
+                G, G, BT, D, W, LS, BS, HEAD_SCORING, TMA, False)
             # As in the forward (slc_win_kernel): the blocks that end before the tile's
             # first token, a prefix of the sorted list, are masked per row only (lse
             # +inf for a row that did not select the block: exp2(-inf) = 0). Each step
@@ -127,24 +129,24 @@ def bwd_dq_kernel(
             for masked in tl.static_range(2):
                 for it in range(n_whole if masked else 0, count if masked else n_whole):
                     kk, vv, mask, _ = _union_step_loads(ubase, umbase, it, count, unused, hit_row, t, valid, length,
-                                                        kbase, kdesc, vbase, vdesc, skt, d, LS, BS, masked == 1, TMA, False)
+                                                        kbase, kdesc, vbase, vdesc, sk[2], d, LS, BS, masked == 1, TMA, False)
                     s = _dot(q, tl.trans(kk), IEEE) * scale_log2
                     if masked:
                         p = tl.where(mask, tl.exp2(s - lse[:, None]), 0.0)
                     else:
                         p = tl.exp2(s - tl.where(mask, lse, float("inf"))[:, None])
                     dq = _dq_step(dq, p, do, kk, vv, gb, delta, IEEE)
-        if HAS_WIN:
+        if GI_WIN >= 0:
             gb, delta, lse = _branch_delta(OW, GATES, LSEW, DG, DELTA + 2 * sdn, dof, q_base, row_off, d, gate_off,
-                                           dg_off, lse_off, valid, GI_WIN, sgc)
+                                           dg_off, lse_off, valid, GI_WIN, sg[3])
             lo = tl.maximum(t0 - WIN + 1, 0)
-            kdesc_w = _sequence_desc(kbase, length, skt, BKW, D, TMA)
-            vdesc_w = _sequence_desc(vbase, length, skt, BKW, D, TMA)
+            kdesc_w = _sequence_desc(kbase, length, sk[2], BKW, D, TMA)
+            vdesc_w = _sequence_desc(vbase, length, sk[2], BKW, D, TMA)
             for s0 in range(lo, t_last + 1, BKW):
                 s_pos = s0 + tl.arange(0, BKW)
                 kmask = s_pos <= t_last
-                kk = _key_rows(kbase, kdesc_w, s0, s_pos, kmask, skt, d, TMA)
-                vv = _key_rows(vbase, vdesc_w, s0, s_pos, kmask, skt, d, TMA)
+                kk = _key_rows(kbase, kdesc_w, s0, s_pos, kmask, sk[2], d, TMA)
+                vv = _key_rows(vbase, vdesc_w, s0, s_pos, kmask, sk[2], d, TMA)
                 s = _dot(q, tl.trans(kk), IEEE) * scale_log2
                 mask = valid[:, None] & (s_pos[None, :] <= t[:, None]) & (s_pos[None, :] > t[:, None] - WIN)
                 p = tl.where(mask, tl.exp2(s - lse[:, None]), 0.0)
@@ -153,29 +155,30 @@ def bwd_dq_kernel(
 
 
 @triton.jit
-def _query_rows(Q, DO, LSE, DELTA, GATES, bb, h, start, t, valid, d, sqb, sqh, sqt, slb, slh, slt, sgb, sgh, sgt, sgc,
-                GI: tl.constexpr):
+def _query_rows(Q, DO, LSE, DELTA, GATES, bb, h, start, t, valid, d, sq, slse, sg, GI: tl.constexpr):
     """What the dk, dv kernels read of the rows (head ``h``, token ``start + t``,
     [R]; ``h`` 64-bit, so every offset is): q and dO [R, D], the branch's lse
-    and delta and its gate (column ``GI``) [R]."""
-    row_off = bb * sqb + h * sqh + (start + t) * sqt
-    lse_off = bb * slb + h * slh + (start + t) * slt
+    and delta and its gate (column ``GI``) [R]. ``sq``, ``slse``, ``sg``: the
+    (batch, head, token) strides of q (and dO), the lse and the gates (and
+    their column stride)."""
+    row_off = bb * sq[0] + h * sq[1] + (start + t) * sq[2]
+    lse_off = bb * slse[0] + h * slse[1] + (start + t) * slse[2]
     q = tl.load(Q + row_off[:, None] + d[None, :], mask=valid[:, None], other=0.0)
     do = tl.load(DO + row_off[:, None] + d[None, :], mask=valid[:, None], other=0.0)
     lse = tl.load(LSE + lse_off, mask=valid, other=0.0)
     delta = tl.load(DELTA + lse_off, mask=valid, other=0.0)
-    gb = tl.load(GATES + bb * sgb + h * sgh + (start + t) * sgt + GI * sgc, mask=valid, other=0.0).to(tl.float32)
+    gb = tl.load(GATES + bb * sg[0] + h * sg[1] + (start + t) * sg[2] + GI * sg[3], mask=valid, other=0.0).to(tl.float32)
     return q, do, lse, delta, gb
 
 
 @triton.jit
-def _kv_tile(K, V, bb, hk, first, pos, n, skb, skh, skt, D: tl.constexpr):
+def _kv_tile(K, V, bb, hk, first, pos, n, sk, D: tl.constexpr):
     """Rows ``first + pos`` [N] (those with ``pos < n``; 64-bit ``bb``, ``hk``,
     ``first``) of kv head ``hk``'s keys and values: (d, the rows' mask, their
     offsets, keys [N, D], values [N, D])."""
     d = tl.arange(0, D)
     mask = pos < n
-    off = bb * skb + hk * skh + (first + pos) * skt
+    off = bb * sk[0] + hk * sk[1] + (first + pos) * sk[2]
     kk, vv = _key_value_rows(K, V, off, d, mask)
     return d, mask, off, kk, vv
 
@@ -195,7 +198,7 @@ def _kv_tile_grads(q, do, lse, delta, gb, kk, vv, mask, dk, dv, scale_log2, IEEE
 @triton.jit
 def bwd_cmp_dkv_kernel(
     Q, KC, VC, DO, GATES, LSEC, DELTA, DKP, DVP, STARTS, LENS, CSTARTS, CLENS,
-    sqb, sqh, sqt, skb, skh, skt, sgb, sgh, sgt, sgc, slb, slh, slt, spn,
+    sq, sk, sg, slse, spn,
     scale_log2, scale, n_kv_heads,
     G: tl.constexpr, GP: tl.constexpr, BT: tl.constexpr, D: tl.constexpr, IEEE: tl.constexpr,
     GI_CMP: tl.constexpr, CBLOCK: tl.constexpr, CSTRIDE: tl.constexpr, LEGACY: tl.constexpr,
@@ -215,7 +218,7 @@ def bwd_cmp_dkv_kernel(
         cstart = tl.load(CSTARTS + b).to(tl.int64)
         bb = b.to(tl.int64)
         i = i0 + tl.arange(0, BNC)
-        d, imask, koff, kc, vc = _kv_tile(KC, VC, bb, hk, cstart, i, n_cmp, skb, skh, skt, D)
+        d, imask, koff, kc, vc = _kv_tile(KC, VC, bb, hk, cstart, i, n_cmp, sk, D)
         if LEGACY:
             t_lo = 0
             t_hi = tl.minimum(length, (tl.minimum(i0 + BNC, n_cmp) - 1) * CSTRIDE + CBLOCK)
@@ -231,7 +234,7 @@ def bwd_cmp_dkv_kernel(
         for tt in range(tt_lo, tt_hi):
             r, t, g, valid = _tile_rows(t_lo + tt * BT, t_hi, G, GP, BT, BT * GP)
             q, do, lse, delta, gb = _query_rows(Q, DO, LSEC, DELTA, GATES, bb, hk * G + g, start, t, valid, d,
-                                                sqb, sqh, sqt, slb, slh, slt, sgb, sgh, sgt, sgc, GI_CMP)
+                                                sq, slse, sg, GI_CMP)
             mask = _visible(i, t, n_cmp, CBLOCK, CSTRIDE, LEGACY) & valid[:, None] & imask[None, :]
             dk, dv = _kv_tile_grads(q, do, lse, delta, gb, kc, vc, mask, dk, dv, scale_log2, IEEE)
         poff = split.to(tl.int64) * spn + koff
@@ -242,7 +245,7 @@ def bwd_cmp_dkv_kernel(
 @triton.jit
 def bwd_win_dkv_kernel(
     Q, K, V, DO, GATES, LSEW, DELTA, DK, DV, STARTS, LENS,
-    sqb, sqh, sqt, skb, skh, skt, sgb, sgh, sgt, sgc, slb, slh, slt,
+    sq, sk, sg, slse,
     scale_log2, scale,
     G: tl.constexpr, GP: tl.constexpr, BT: tl.constexpr, D: tl.constexpr, IEEE: tl.constexpr,
     GI_WIN: tl.constexpr, WIN: tl.constexpr, BK: tl.constexpr,
@@ -257,14 +260,14 @@ def bwd_win_dkv_kernel(
         start = tl.load(STARTS + b).to(tl.int64)
         bb = b.to(tl.int64)
         s_pos = s0 + tl.arange(0, BK)
-        d, smask, koff, kk, vv = _kv_tile(K, V, bb, hk, start, s_pos, length, skb, skh, skt, D)
+        d, smask, koff, kk, vv = _kv_tile(K, V, bb, hk, start, s_pos, length, sk, D)
         t_hi = tl.minimum(length, s0 + BK - 1 + WIN)
         dk = tl.zeros([BK, D], tl.float32)
         dv = tl.zeros([BK, D], tl.float32)
         for t0 in range(s0, t_hi, BT):
             r, t, g, valid = _tile_rows(t0, t_hi, G, GP, BT, BT * GP)
             q, do, lse, delta, gb = _query_rows(Q, DO, LSEW, DELTA, GATES, bb, hk * G + g, start, t, valid, d,
-                                                sqb, sqh, sqt, slb, slh, slt, sgb, sgh, sgt, sgc, GI_WIN)
+                                                sq, slse, sg, GI_WIN)
             mask = valid[:, None] & (s_pos[None, :] <= t[:, None]) & (s_pos[None, :] > t[:, None] - WIN) & smask[None, :]
             dk, dv = _kv_tile_grads(q, do, lse, delta, gb, kk, vv, mask, dk, dv, scale_log2, IEEE)
         tl.store(DK + koff[:, None] + d[None, :], dk * scale, mask=smask[:, None])
@@ -274,7 +277,7 @@ def bwd_win_dkv_kernel(
 @triton.jit
 def bwd_slc_dkv_kernel(
     Q, K, V, DO, GATES, LSES, DELTA, ENT, SEG_KEY, SEG_START, SEG_END, DKP, DVP, DK, DV, STARTS, LENS,
-    sqb, sqh, sqt, skb, skh, skt, sgb, sgh, sgt, sgc, slb, slh, slt,
+    sq, sk, sg, slse,
     scale_log2, scale, n_kv_heads, n_blocks,
     G: tl.constexpr, GP: tl.constexpr, BT: tl.constexpr, D: tl.constexpr, IEEE: tl.constexpr,
     GI_SLC: tl.constexpr, LS: tl.constexpr, BS: tl.constexpr, HEAD_SCORING: tl.constexpr, ATOMIC: tl.constexpr,
@@ -301,7 +304,7 @@ def bwd_slc_dkv_kernel(
     # bool in the masks: Triton's interpreter refuses scalar bool masks.)
     live_rows = tl.where(e_lo < e_hi, BS, 0)
     smask = (sl < LS) & (s_pos < length) & (sl < live_rows)
-    koff = bb * skb + hk * skh + (start + s_pos) * skt
+    koff = bb * sk[0] + hk * sk[1] + (start + s_pos) * sk[2]
     kk, vv = _key_value_rows(K, V, koff, d, smask)
     R: tl.constexpr = BT * GP
     r = tl.arange(0, R)
@@ -324,7 +327,7 @@ def bwd_slc_dkv_kernel(
             t = tl.where(ent_r >= 0, ent_r, 0)
             valid = (ent_r >= 0) & (g < G)
         q, do, lse, delta, gb = _query_rows(Q, DO, LSES, DELTA, GATES, bb, hk * G + g, start, t, valid, d,
-                                            sqb, sqh, sqt, slb, slh, slt, sgb, sgh, sgt, sgc, GI_SLC)
+                                            sq, slse, sg, GI_SLC)
         mask = valid[:, None] & smask[None, :] & (s_pos[None, :] <= t[:, None])
         dk, dv = _kv_tile_grads(q, do, lse, delta, gb, kk, vv, mask, dk, dv, scale_log2, IEEE)
     if ATOMIC:
@@ -339,7 +342,7 @@ def bwd_slc_dkv_kernel(
 @triton.jit
 def reduce_slc_kernel(
     DKP, DVP, KEY_SEG, DK, DV, STARTS, LENS,
-    skb, skh, skt, n_kv_heads, n_blocks,
+    sk, n_kv_heads, n_blocks,
     D: tl.constexpr, LS: tl.constexpr, BS: tl.constexpr,
 ):
     """Adds the partials of one block's segments (in order) into DK, DV: one
@@ -359,7 +362,7 @@ def reduce_slc_kernel(
     s_pos = j * LS + sl
     # Blocks that no entry selected have no segments: leave them as they are.
     smask = (sl < tl.where(s_lo < s_hi, LS, 0)) & (s_pos < length)
-    koff = b.to(tl.int64) * skb + hk * skh + (start + s_pos) * skt
+    koff = b.to(tl.int64) * sk[0] + hk * sk[1] + (start + s_pos) * sk[2]
     dk = tl.load(DK + koff[:, None] + d[None, :], mask=smask[:, None], other=0.0)
     dv = tl.load(DV + koff[:, None] + d[None, :], mask=smask[:, None], other=0.0)
     for s in range(s_lo, s_hi):

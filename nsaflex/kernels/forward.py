@@ -190,17 +190,18 @@ def _program_tile(LENS, BT: tl.constexpr, SEQ_STRIDE: tl.constexpr):
 
 
 @triton.jit
-def _query_tile(Q, STARTS, b, hk, t0, length, sqb, sqh, sqt,
+def _query_tile(Q, STARTS, b, hk, t0, length, sq,
                 G: tl.constexpr, GR: tl.constexpr, BT: tl.constexpr, R: tl.constexpr, D: tl.constexpr,
                 SEQ_STRIDE: tl.constexpr):
     """The set-up of a row tile (:func:`_tile_rows`) of the selection kernel and
     ``bwd_dq``: (the sequence's first row ``start``, r, t, g, valid, head ``h``
     [R], ``d``, the rows' place :func:`_rows_at` in q's layout ``q_base,
-    row_off``, and the query rows ``q`` [R, D])."""
+    row_off``, and the query rows ``q`` [R, D]). ``sq``: q's (batch, head,
+    token) strides."""
     start = tl.load(STARTS + SEQ_STRIDE * b).to(tl.int64)
     r, t, g, valid = _tile_rows(t0, length, G, GR, BT, R)
     d = tl.arange(0, D)
-    q_base, row_off = _rows_at(b, hk, start, g, t, sqb, sqh, sqt, G)
+    q_base, row_off = _rows_at(b, hk, start, g, t, sq[0], sq[1], sq[2], G)
     q = tl.load(Q + q_base + row_off[:, None] + d[None, :], mask=valid[:, None], other=0.0)
     return start, r, t, g, valid, hk * G + g, d, q_base, row_off, q
 
@@ -848,17 +849,22 @@ def _union_lists(sel_seq, U, UM, UC, prog, ssh, sst, hk, t0, length, r,
 
 
 @triton.jit
-def _union_setup(SEL, U, UM, UC, b, hk, pid_t, n_tiles, start, ssb, ssh, sst, t0, length, r, kbase, vbase, skt,
+def _union_setup(SEL, UNION, b, hk, pid_t, n_tiles, start, ss, t0, length, r, kbase, vbase, skt,
                  G: tl.constexpr, GR: tl.constexpr, BT: tl.constexpr, D: tl.constexpr, W: tl.constexpr,
-                 LS: tl.constexpr, BS: tl.constexpr, HEAD_SCORING: tl.constexpr, U_LOG: tl.constexpr,
-                 ROW_LOG: tl.constexpr, TMA: tl.constexpr, BUILD: tl.constexpr):
+                 LS: tl.constexpr, BS: tl.constexpr, HEAD_SCORING: tl.constexpr, TMA: tl.constexpr,
+                 BUILD: tl.constexpr):
     """The set-up of a union loop of :func:`slc_win_kernel` (``BUILD``: it
     writes the tile's union list) and ``bwd_dq_kernel`` (it reads it back):
     (count, list base, row-mask base, each row's bit ``hit_row``, key and
-    value descriptors, the steps ``n_whole`` that need no per-entry mask)."""
+    value descriptors, the steps ``n_whole`` that need no per-entry mask).
+    ``UNION``: (U, UM, UC) of :func:`_tile_union`; ``ss``: SEL's (batch, head,
+    token) strides."""
+    SR: tl.constexpr = BT * G if HEAD_SCORING else BT  # selecting rows: token-heads, or tokens
+    U_LOG: tl.constexpr = union_log(SR, W)
+    ROW_LOG: tl.constexpr = row_log(SR)
     prog = (b * tl.num_programs(2) + hk) * n_tiles + pid_t
     count, ubase, umbase, hit_row = _union_lists(
-        SEL + b.to(tl.int64) * ssb + start * sst, U, UM, UC, prog, ssh, sst, hk, t0, length, r,
+        SEL + b.to(tl.int64) * ss[0] + start * ss[2], UNION[0], UNION[1], UNION[2], prog, ss[1], ss[2], hk, t0, length, r,
         G, GR, BT, W, HEAD_SCORING, U_LOG, ROW_LOG, BUILD)
     kdesc = _sequence_desc(kbase, length, skt, BS, D, TMA)
     vdesc = _sequence_desc(vbase, length, skt, BS, D, TMA)
@@ -947,16 +953,22 @@ def _union_step_loads(ubase, umbase, it, count, ahead, hit_row, t, valid, length
 
 @triton.jit
 def slc_win_kernel(
-    Q, K, V, OC, GATES, SEL, U, UM, UC, OUT, OS, OW, LSES, LSEW, STARTS, LENS,
-    sqb, sqh, sqt, skb, skh, skt, sgb, sgh, sgt, sgc, ssb, ssh, sst, slb, slh, slt,
+    Q, K, V, OC, GATES, SEL, UNION, OUT, OS, OW, LSES, LSEW, STARTS, LENS,
+    sq, sk, sg, ss, slse,
     scale_log2, n_tiles,
     G: tl.constexpr, R: tl.constexpr, D: tl.constexpr,
     GI_CMP: tl.constexpr, GI_SLC: tl.constexpr, GI_WIN: tl.constexpr,
     LS: tl.constexpr, W: tl.constexpr, HEAD_SCORING: tl.constexpr,
     WIN: tl.constexpr, SAVE: tl.constexpr, TMA: tl.constexpr,
 ):
-    """Output strides follow q's layout (OUT, OC, OS, OW share q's strides).
-    ``GI_*``: each branch's gate column, -1 for a branch the pattern lacks.
+    """Strides come as tuples of a tensor's (batch, head, token) strides
+    (``ops.SeqLayout.strides``; batch 0 for packed sequences): ``sq`` of q
+    (OUT, OC, OS, OW share them), ``sk`` of k and v, ``sg`` of the gates (and
+    their column stride), ``ss`` of the block lists SEL, ``slse`` of the lse
+    tensors. ``UNION``: the union lists, their row masks and counts (U, UM,
+    UC of :func:`_tile_union`).
+    ``GI_*``: each branch's gate column, -1 for a branch the pattern lacks
+    (``GI_SLC >= 0``: the pattern selects).
     Rows: :func:`_tile_rows` (``R // G`` tokens, ``G`` rows per token, ``R`` rows).
     fp32 inputs multiply in IEEE fp32 (:func:`_dot`).
     ``TMA``: key and value blocks arrive through tensor descriptors (no
@@ -965,28 +977,23 @@ def slc_win_kernel(
     BT: tl.constexpr = R // G
     BS: tl.constexpr = key_tile(LS)
     IEEE: tl.constexpr = Q.dtype.element_ty == tl.float32
-    U_LOG: tl.constexpr = union_log(BT * G if HEAD_SCORING else BT, W)
-    ROW_LOG: tl.constexpr = row_log(BT * G if HEAD_SCORING else BT)
-    HAS_CMP: tl.constexpr = GI_CMP >= 0
-    HAS_SLC: tl.constexpr = GI_SLC >= 0
-    HAS_WIN: tl.constexpr = GI_WIN >= 0
     BKW: tl.constexpr = 64  # window keys per step
     pid_t, b, hk, length, t0 = _program_tile(LENS, BT, 1)
     if t0 < length:
-        start, r, t, g, valid, h, d, q_base, row_off, q = _query_tile(Q, STARTS, b, hk, t0, length, sqb, sqh, sqt,
+        start, r, t, g, valid, h, d, q_base, row_off, q = _query_tile(Q, STARTS, b, hk, t0, length, sq,
                                                                       G, G, BT, R, D, 1)
         bb = b.to(tl.int64)
-        kbase = K + bb * skb + hk.to(tl.int64) * skh + start * skt
-        vbase = V + bb * skb + hk.to(tl.int64) * skh + start * skt
-        gate_off = bb * sgb + h * sgh + (start + t) * sgt
-        lse_off = bb * slb + h * slh + (start + t) * slt
+        kbase = K + bb * sk[0] + hk.to(tl.int64) * sk[1] + start * sk[2]
+        vbase = V + bb * sk[0] + hk.to(tl.int64) * sk[1] + start * sk[2]
+        gate_off = bb * sg[0] + h * sg[1] + (start + t) * sg[2]
+        lse_off = bb * slse[0] + h * slse[1] + (start + t) * slse[2]
         # Branches finish one after another so at most two [R, D] accumulators
         # are live: the running output and the branch in progress.
         out = tl.zeros([R, D], tl.float32)
-        if HAS_SLC:
+        if GI_SLC >= 0:
             count, ubase, umbase, hit_row, kdesc, vdesc, n_whole = _union_setup(
-                SEL, U, UM, UC, b, hk, pid_t, n_tiles, start, ssb, ssh, sst, t0, length, r, kbase, vbase, skt,
-                G, G, BT, D, W, LS, BS, HEAD_SCORING, U_LOG, ROW_LOG, TMA, True)
+                SEL, UNION, b, hk, pid_t, n_tiles, start, ss, t0, length, r, kbase, vbase, sk[2],
+                G, G, BT, D, W, LS, BS, HEAD_SCORING, TMA, True)
             m = tl.full([R], float("-inf"), tl.float32)
             acc_l = tl.zeros([R], tl.float32)
             acc = tl.zeros([R, D], tl.float32)
@@ -999,7 +1006,7 @@ def slc_win_kernel(
                 ahead = _union_entry(ubase, umbase, n_whole if masked else 0, count)
                 for it in range(n_whole if masked else 0, count if masked else n_whole):
                     kk, vv, mask, ahead = _union_step_loads(ubase, umbase, it, count, ahead, hit_row, t, valid, length,
-                                                            kbase, kdesc, vbase, vdesc, skt, d, LS, BS, masked == 1,
+                                                            kbase, kdesc, vbase, vdesc, sk[2], d, LS, BS, masked == 1,
                                                             TMA, True)
                     s = _dot(q, tl.trans(kk), IEEE)
                     if masked:
@@ -1007,29 +1014,29 @@ def slc_win_kernel(
                     else:
                         m, alpha, p = _online_softmax_rows(m, s, scale_log2, mask)
                     acc, acc_l = _accumulate(acc, acc_l, alpha, p, vv, IEEE)
-            gate = tl.load(GATES + gate_off + GI_SLC * sgc, mask=valid, other=0.0).to(tl.float32)
+            gate = tl.load(GATES + gate_off + GI_SLC * sg[3], mask=valid, other=0.0).to(tl.float32)
             out = _finish_branch(out, acc, acc_l, m, gate, valid, OS, LSES, q_base, row_off, lse_off, d, SAVE)
-        if HAS_WIN:
+        if GI_WIN >= 0:
             t_last = tl.minimum(t0 + BT, length) - 1
             lo = tl.maximum(t0 - WIN + 1, 0)
-            kdesc_w = _sequence_desc(kbase, length, skt, BKW, D, TMA)
-            vdesc_w = _sequence_desc(vbase, length, skt, BKW, D, TMA)
+            kdesc_w = _sequence_desc(kbase, length, sk[2], BKW, D, TMA)
+            vdesc_w = _sequence_desc(vbase, length, sk[2], BKW, D, TMA)
             m = tl.full([R], float("-inf"), tl.float32)
             acc_l = tl.zeros([R], tl.float32)
             acc = tl.zeros([R, D], tl.float32)
             for s0 in range(lo, t_last + 1, BKW):
                 s_pos = s0 + tl.arange(0, BKW)
                 kmask = s_pos <= t_last
-                kk = _key_rows(kbase, kdesc_w, s0, s_pos, kmask, skt, d, TMA)
-                vv = _key_rows(vbase, vdesc_w, s0, s_pos, kmask, skt, d, TMA)
+                kk = _key_rows(kbase, kdesc_w, s0, s_pos, kmask, sk[2], d, TMA)
+                vv = _key_rows(vbase, vdesc_w, s0, s_pos, kmask, sk[2], d, TMA)
                 mask = valid[:, None] & (s_pos[None, :] <= t[:, None]) & (s_pos[None, :] > t[:, None] - WIN)
                 s = tl.where(mask, _dot(q, tl.trans(kk), IEEE), float("-inf"))
                 m, alpha, p = _online_softmax(m, s, scale_log2)
                 acc, acc_l = _accumulate(acc, acc_l, alpha, p, vv, IEEE)
-            gate = tl.load(GATES + gate_off + GI_WIN * sgc, mask=valid, other=0.0).to(tl.float32)
+            gate = tl.load(GATES + gate_off + GI_WIN * sg[3], mask=valid, other=0.0).to(tl.float32)
             out = _finish_branch(out, acc, acc_l, m, gate, valid, OW, LSEW, q_base, row_off, lse_off, d, SAVE)
-        if HAS_CMP:
+        if GI_CMP >= 0:
             oc = tl.load(OC + q_base + row_off[:, None] + d[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
-            gc = tl.load(GATES + gate_off + GI_CMP * sgc, mask=valid, other=0.0).to(tl.float32)
+            gc = tl.load(GATES + gate_off + GI_CMP * sg[3], mask=valid, other=0.0).to(tl.float32)
             out += gc[:, None] * oc
         tl.store(OUT + q_base + row_off[:, None] + d[None, :], out.to(OUT.dtype.element_ty), mask=valid[:, None])

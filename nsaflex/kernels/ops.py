@@ -194,13 +194,25 @@ class SeqLayout:
     def batch(self) -> int:
         return self.lens.shape[0]
 
+    def strides(self, x: torch.Tensor | None, dims: int = 3) -> tuple[int, ...]:
+        """The kernels' stride tuple of a ``[B, H, T, ...]`` tensor in this
+        layout: its first ``dims`` strides (batch, head, token, and for the
+        gates ``[B, H, T, branches]`` their column: ``dims = 4``), the batch
+        stride 0 when packed (every sequence lives in row 0, found by its
+        ``starts``). ``x`` None (a tensor the pattern does not make): zeros."""
+        if x is None:
+            return (0,) * dims
+        return _layout_strides(x, self.packed, dims)
+
+
+def _layout_strides(x: torch.Tensor, packed: bool, dims: int) -> tuple[int, ...]:
+    """:meth:`SeqLayout.strides` of a layout that is ``packed`` or not."""
+    return (0 if packed else x.stride(0),) + tuple(x.stride(i) for i in range(1, dims))
+
 
 def _qs(x: torch.Tensor, packed: bool) -> tuple[int, int, int]:
-    return (0 if packed else x.stride(0), x.stride(1), x.stride(2))
-
-
-def _gs(x: torch.Tensor, packed: bool) -> tuple[int, int, int, int]:
-    return (0 if packed else x.stride(0), x.stride(1), x.stride(2), x.stride(3))
+    """(batch, head, token) strides of ``x`` (:meth:`SeqLayout.strides`)."""
+    return _layout_strides(x, packed, 3)
 
 
 def tma_ready(*tensors: torch.Tensor) -> bool:
@@ -421,13 +433,13 @@ def _forward(q, k, v, kc, vc, gates, lay: SeqLayout, cfg: KernelConfig, launch: 
     lse_w = torch.empty(lse_shape, dtype=torch.float32, device=dev) if (save and cfg.has_win) else None
     lse_like = lse_c if lse_c is not None else (lse_s if lse_s is not None else (lse_w if lse_w is not None else torch.empty(lse_shape, dtype=torch.float32, device=dev)))
     sel_ = sel if sel is not None else dummy_i
-    ss = _qs(sel, P) if sel is not None else (0, 0, 0)
     _launch(fwd.slc_win_kernel, grid3,
-        q, k, v, oc if oc is not None else q, gates, sel_, U, UM, UC, out,
+        q, k, v, oc if oc is not None else q, gates, sel_, (U, UM, UC), out,
         o_s if o_s is not None else out, o_w if o_w is not None else out,
         lse_s if lse_s is not None else dummy_f, lse_w if lse_w is not None else dummy_f,
         lay.starts, lay.lens,
-        *_qs(q, P), *_qs(k, P), *_gs(gates, P), *ss, *_qs(lse_like, P), scale_log2, n_t3,
+        lay.strides(q), lay.strides(k), lay.strides(gates, 4), lay.strides(sel), lay.strides(lse_like),
+        scale_log2, n_t3,
         G=G, R=tiles.rows_sel, D=D, **_gate_columns(cfg),
         LS=cfg.slc_block, W=tiles.width, HEAD_SCORING=cfg.head_scoring,
         WIN=cfg.window, SAVE=save, TMA=tma_ready(k, v),
@@ -588,7 +600,6 @@ def _backward(do, q, k, v, kc, vc, gates, lay: SeqLayout, cfg: KernelConfig, res
     G = tiles.G
     B = lay.batch
     dev = q.device
-    P = lay.packed
     scale = 1.0 / math.sqrt(D)
     scale_log2 = scale * 1.4426950408889634
     ieee = _ieee(q)
@@ -603,16 +614,15 @@ def _backward(do, q, k, v, kc, vc, gates, lay: SeqLayout, cfg: KernelConfig, res
     any_lse = delta[0]
     kc_ = kc if (kc is not None and lay.max_cmp > 0) else k
     vc_ = vc if (vc is not None and lay.max_cmp > 0) else v
-    ss = _qs(sel, P) if sel is not None else (0, 0, 0)
+    branch_out = tuple(x if x is not None else q for x in (oc, res["o_s"], res["o_w"]))
+    branch_lse = tuple(x if x is not None else any_lse for x in (lse_c, res["lse_s"], res["lse_w"]))
     _launch(bwd.bwd_dq_kernel, (n_tq, B, Hkv),
-        q, k, v, kc_, vc_, do, gates,
-        oc if oc is not None else q, res["o_s"] if res["o_s"] is not None else q, res["o_w"] if res["o_w"] is not None else q,
-        lse_c if lse_c is not None else any_lse, res["lse_s"] if res["lse_s"] is not None else any_lse,
-        res["lse_w"] if res["lse_w"] is not None else any_lse,
-        sel if sel is not None else dummy_i, res["U"], res["UM"], res["UC"], dq, dg, delta,
+        q, k, v, kc_, vc_, do, gates, branch_out, branch_lse,
+        sel if sel is not None else dummy_i, (res["U"], res["UM"], res["UC"]), dq, dg, delta,
         lay.table,
-        *_qs(q, P), *_qs(k, P), *_qs(kc_, P), *_gs(gates, P), *_qs(dg, P), *ss, *_qs(any_lse, P), delta.stride(0),
-        scale_log2, scale, n_tq,
+        lay.strides(q), lay.strides(k), lay.strides(kc_), lay.strides(gates, 4), lay.strides(dg), lay.strides(sel),
+        lay.strides(any_lse), delta.stride(0),
+        (scale_log2, scale), n_tq,
         G=G, R=tiles.rows_sel, D=D, **_gate_columns(cfg),
         CBLOCK=cfg.cblock, CSTRIDE=cfg.cstride, LEGACY=cfg.legacy,
         LS=cfg.slc_block, W=tiles.width, HEAD_SCORING=cfg.head_scoring, WIN=cfg.window,
@@ -626,7 +636,7 @@ def _backward(do, q, k, v, kc, vc, gates, lay: SeqLayout, cfg: KernelConfig, res
         dvp = torch.empty_like(dkp)
         _launch(bwd.bwd_cmp_dkv_kernel, (triton.cdiv(lay.max_cmp, BNC), nsplit, B * Hkv),
             q, kc, vc, do, gates, lse_c, delta[0], dkp, dvp, lay.starts, lay.lens, lay.cstarts, lay.clens,
-            *_qs(q, P), *_qs(kc, P), *_gs(gates, P), *_qs(any_lse, P), dkp.stride(0),
+            lay.strides(q), lay.strides(kc), lay.strides(gates, 4), lay.strides(any_lse), dkp.stride(0),
             scale_log2, scale, Hkv,
             G=G, GP=tiles.GP, BT=tiles.bt_kv, D=D, IEEE=ieee, GI_CMP=cfg.gate_index[0],
             CBLOCK=cfg.cblock, CSTRIDE=cfg.cstride, LEGACY=cfg.legacy, BNC=BNC,
@@ -645,7 +655,7 @@ def _backward(do, q, k, v, kc, vc, gates, lay: SeqLayout, cfg: KernelConfig, res
         BK = 64
         _launch(bwd.bwd_win_dkv_kernel, (triton.cdiv(lay.max_len, BK), B, Hkv),
             q, k, v, do, gates, res["lse_w"], delta[2], dk, dv, lay.starts, lay.lens,
-            *_qs(q, P), *_qs(k, P), *_gs(gates, P), *_qs(any_lse, P), scale_log2, scale,
+            lay.strides(q), lay.strides(k), lay.strides(gates, 4), lay.strides(any_lse), scale_log2, scale,
             G=G, GP=tiles.GP, BT=tiles.bt_kv, D=D, IEEE=ieee, GI_WIN=cfg.gate_index[2], WIN=cfg.window, BK=BK,
             num_stages=launch.dkv_stages,
         )
@@ -665,14 +675,15 @@ def _backward(do, q, k, v, kc, vc, gates, lay: SeqLayout, cfg: KernelConfig, res
             _launch(bwd.bwd_slc_dkv_kernel, (nseg,),
                 q, k, v, do, gates, res["lse_s"], delta[1], ent, seg_key, seg_start, seg_end, dkp, dvp, dk, dv,
                 lay.starts, lay.lens,
-                *_qs(q, P), *_qs(k, P), *_gs(gates, P), *_qs(any_lse, P), scale_log2, scale, Hkv, n_blocks,
+                lay.strides(q), lay.strides(k), lay.strides(gates, 4), lay.strides(any_lse), scale_log2, scale, Hkv,
+                n_blocks,
                 G=G, GP=tiles.GP, BT=tiles.bt_kv, D=D, IEEE=ieee, GI_SLC=cfg.gate_index[1], LS=cfg.slc_block, BS=BS,
                 HEAD_SCORING=cfg.head_scoring, ATOMIC=cfg.atomic, num_stages=launch.slc_dkv_stages,
             )
             if not cfg.atomic:
                 bwd.reduce_slc_kernel[(key_seg.shape[0] - 1,)](
                     dkp, dvp, key_seg, dk, dv, lay.starts, lay.lens,
-                    *_qs(k, P), Hkv, n_blocks, D=D, LS=cfg.slc_block, BS=BS,
+                    lay.strides(k), Hkv, n_blocks, D=D, LS=cfg.slc_block, BS=BS,
                 )
     dk = dk.to(k.dtype) if dk is not None else torch.zeros_like(k)
     dv = dv.to(v.dtype) if dv is not None else torch.zeros_like(v)
