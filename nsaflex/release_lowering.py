@@ -212,7 +212,7 @@ def compression_visible(queries: torch.Tensor, num_blocks: int, blocks_of_row: t
 def _slot_logits(qp: torch.Tensor, kc: torch.Tensor, slot_group: int, scale: float) -> torch.Tensor:
     """``[B, P', c, D] x [B, Hkv', N, D] -> [B, Hkv', G, c, N]`` scaled logits."""
     batch, slots, rows, dim = qp.shape
-    grouped = qp.view(batch, slots // slot_group, slot_group * rows, dim)
+    grouped = qp.reshape(batch, slots // slot_group, slot_group * rows, dim)  # a chunk of queries: a copy
     logits = torch.matmul(grouped, kc.transpose(-1, -2)) * scale
     return logits.view(batch, slots // slot_group, slot_group, rows, kc.shape[2])
 
