@@ -49,7 +49,7 @@ from nsaflex.backends.base import BranchPlan
 from nsaflex.errors import InputError, one_of
 from nsaflex.pooling import softmax_scale
 from nsaflex.reference_release import TEXT_GATE, padded_slots, release_attention, selected_count
-from nsaflex.scoring import DEFAULT_CHUNK_ELEMENTS, SelectionResult, default_score_dtype, selection_bitmap
+from nsaflex.scoring import DEFAULT_CHUNK_ELEMENTS, SelectionResult, _top_candidates, default_score_dtype, selection_bitmap
 from nsaflex.spec import Pattern
 
 MODES = ("faithful", "videonsa_release")
@@ -310,9 +310,8 @@ def release_selection(qp: torch.Tensor, keys: torch.Tensor, layout: SlotLayout, 
             for slot in range(1, group):
                 scores = scores + raw[:, :, slot]
             eligible = (blocks[None, :] <= current[:, None])[None] & (queries[None, :] < lengths[:, None])[..., None]
-            masked = torch.where(eligible[:, None], scores, torch.full_like(scores, float("-inf")))
-            order = torch.sort(masked, dim=-1, descending=True, stable=True).indices[..., :take]
-            chosen = torch.gather(eligible[:, None].expand_as(masked), -1, order)
+            # Ties to the lower index; float32 scores take a topk on (score bits, reversed index).
+            order, chosen = _top_candidates(scores, eligible[:, None].expand_as(scores), take)
             pieces.append(torch.where(chosen, order, torch.full_like(order, -1)).to(torch.int32))
     indices = torch.cat(pieces, dim=2) if pieces else torch.full((batch, run_slots // group, 0, take), -1,
                                                                      dtype=torch.int32, device=qp.device)

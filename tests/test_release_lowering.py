@@ -225,3 +225,39 @@ def test_runtime_release_arguments():
     torch.testing.assert_close(scaled, attn(q * (0.2 * math.sqrt(8)), k, v, gates, types), rtol=RTOL, atol=ATOL)
     reference = nsaflex.compile(pattern, "reference", mode="videonsa_release")
     torch.testing.assert_close(reference(q, k, v, gates, types, scale=0.2), scaled, rtol=RTOL, atol=ATOL)
+
+
+def test_float32_ranking_breaks_exact_ties_as_the_reference():
+    """Zero-query text rows and all-text blocks (zeroed keys) score exactly alike:
+    the float32 ranking (CUDA's default) keeps them to the lower index as float64 does."""
+    pattern = release(block=2, count=3, window=2)
+    q, k = randn(2, 4, 30, 8, seed=7), randn(2, 2, 30, 8, seed=8)
+    types = torch.zeros(2, 30, dtype=torch.long)
+    types[1, 12:] = 1  # row 1: text blocks (zero keys) before vision ones
+    lengths = torch.tensor([30, 30])
+    layout = slot_layout(4, 2, ReleaseLowering())
+    vision = (types != 0).to(q.dtype)[:, None, :, None]
+    qp, keys = to_slots(q * vision, layout), (k * vision)[:, : layout.run_kv_heads]
+    wide = release_selection(qp, keys, layout, lengths, pattern, ReleaseLowering(), score_dtype=torch.float64)
+    narrow = release_selection(qp, keys, layout, lengths, pattern, ReleaseLowering(), score_dtype=torch.float32)
+    assert torch.equal(wide.indices[0], narrow.indices[0])  # every earlier block of row 0 ties
+    # rank order: the current block (its slot count beats any tie), then the lowest earlier ones
+    assert torch.equal(wide.indices[0, :, 20], torch.tensor([[10, 0, 1, 2]] * layout.run_kv_heads, dtype=torch.int32))
+    assert torch.equal(wide.indices[1, :, :12], narrow.indices[1, :, :12])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="FlexAttention on CUDA")
+def test_cuda_bf16_release_equals_reference():
+    """bf16 on the GPU, compiled FlexAttention, ranked in float64 (the reference's
+    choice; float32 ranking may order near-ties otherwise): relative 1e-2, bf16's
+    8-bit mantissa (2^-9 per rounding) over a few roundings of inputs and outputs."""
+    pattern = release(block=16, count=5, window=32)
+    gen = torch.Generator().manual_seed(11)
+    q, k, v = (torch.randn(2, h, 700, 128, generator=gen).to(torch.bfloat16) for h in (28, 4, 4))
+    gates = torch.rand(2, 28, 700, 3, generator=gen)
+    types = (torch.rand(2, 700, generator=gen) < 0.8).long()
+    lengths = torch.tensor([700, 455])
+    attn = nsaflex.compile(pattern, "flex", device="cuda", mode="videonsa_release", score_dtype="float64")
+    got = attn(*(x.cuda() for x in (q, k, v, gates, types)), lengths=lengths.cuda()).cpu()
+    expected = expected_rows(q.double(), k.double(), v.double(), pattern, gates.double(), types, lengths)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-2, atol=1e-2)
