@@ -347,8 +347,12 @@ class ReleaseFlexKernel:
         self.last_selection: SelectionResult | None = None
 
     def __call__(self, q, k, v, gates, token_types, pooler=None, *, lengths: torch.Tensor | None = None):
-        batch, query_heads, length, _ = q.shape
+        from nsaflex.backends.flex import MIN_CUDA_HEAD_DIM
+
+        batch, query_heads, length, dim = q.shape
         device = q.device
+        if device.type == "cuda" and dim < MIN_CUDA_HEAD_DIM:
+            raise InputError("q", f"head dim >= {MIN_CUDA_HEAD_DIM} (FlexAttention on CUDA)", dim)
         if lengths is None:
             lengths = torch.full((batch,), length, dtype=torch.long, device=device)
         lengths = lengths.to(device=device, dtype=torch.long)
@@ -410,7 +414,7 @@ class ReleaseFlexKernel:
 
         # Q5-Q7: the selection pass; the BlockMask from its indices.
         result = release_selection(qp, ks, layout, lengths, pattern, lowering,
-                                   score_dtype=self.score_dtype or self.flex.score_dtype, chunk=self.chunk)
+                                   score_dtype=self.score_dtype, chunk=self.chunk)
         self.last_selection = result
         tiling = _block_sizes(pattern, "selection", device, needs_grad, self.flex.blocks)
         narrow = self.flex.narrow and compiled and device.type == "cuda" and not needs_grad
