@@ -232,7 +232,7 @@ def release_lse(qp: torch.Tensor, kc: torch.Tensor, layout: SlotLayout, lengths:
         queries = torch.arange(start, stop, device=qp.device)
         visible = compression_visible(queries, num_blocks, blocks_of_row, block, lowering)  # [B, c, N]
         logits = _slot_logits(qp[:, :, start:stop], kc, layout.slot_group, scale)
-        logits = logits.masked_fill(~visible[:, None, None], float("-inf"))
+        logits.masked_fill_(~visible[:, None, None], float("-inf"))
         out[:, : layout.run_slots, start:stop] = torch.logsumexp(logits, dim=-1).flatten(1, 2)
         if layout.run_slots < layout.slots:
             seen = visible.sum(dim=-1).to(qp.dtype)  # [B, c]
@@ -297,13 +297,14 @@ def release_selection(qp: torch.Tensor, keys: torch.Tensor, layout: SlotLayout, 
             current = torch.div(queries, block, rounding_mode="floor")
             logits = _slot_logits(qp[:, :, start:stop], kc, group, scale)  # [B, Hkv', G, c, N]
             read = lse_as_read(lse, queries, run_slots, lengths, lowering).reshape(batch, -1, group, stop - start, 1)
-            raw = torch.exp(logits - read)
+            # In place: the chunk's [B, Hkv', G, c, N] terms are the largest tensor here.
+            raw = logits.sub_(read).exp_()
             earlier = blocks[None, :] < current[:, None]  # [c, N]
             at_current = blocks[None, :] == current[:, None]
             counted = earlier | at_current if lowering.current_block_score == "scored" else earlier
-            raw = torch.where(counted, raw, torch.zeros_like(raw))
+            raw.masked_fill_(~counted, 0.0)
             if lowering.current_block_score == "slot_count":
-                raw = torch.where(at_current, torch.ones_like(raw), raw)
+                raw.masked_fill_(at_current, 1.0)
             # Slot by slot, as the reference: equal terms give bit-equal sums, so
             # exact ties (zero-query text rows) stay ties and go to the lower index.
             scores = raw[:, :, 0]
