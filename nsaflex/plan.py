@@ -3,7 +3,10 @@
 ``make_plan(pattern, backend, device)`` resolves ``auto`` (on CUDA the Triton
 kernels where they can serve the pattern, then FlexAttention; on CPU
 FlexAttention, then the reference), asks the chosen backend to describe each
-branch, and does the same for every per-layer override. The plan is data:
+branch, and does the same for every per-layer override. In ``videonsa_release``
+mode (the released VideoNSA numerics) ``auto`` is FlexAttention on CUDA and the
+reference on CPU, and the plan records how each quirk is lowered
+(:mod:`nsaflex.release_lowering`). The plan is data:
 printed by ``nsaflex compile``, embedded by the code generator, and handed to
 the backend's ``build``.
 """

@@ -53,6 +53,11 @@ class CompiledAttention(nn.Module):
     Both keep every branch's values (flex evaluates its block masks eagerly
     for them), so they cost memory and time: meant for inspection, not
     training.
+
+    In ``videonsa_release`` mode (``compile(..., mode="videonsa_release")``)
+    ``lengths [B]`` gives the real tokens at the front of each row (padding
+    after them outputs zeros and changes nothing of the real tokens);
+    ``return_lse`` and ``return_info`` are refused there.
     """
 
     def __init__(self, pattern: Pattern, plan: Plan, head_dim: int | None = None) -> None:
