@@ -380,7 +380,7 @@ class ReleaseFlexKernel:
 
     def _sparse(self, q, k, v, gates, vision, lengths, compiled, needs_grad):
         from nsaflex.backends import flex_masks as fm
-        from nsaflex.backends.flex import _block_sizes, _Mask, _run_flex
+        from nsaflex.backends.flex import _block_sizes, _compiled_mix, _Mask, _run_flex, gated_sum
 
         pattern, lowering = self.pattern, self.lowering
         assert pattern.compression is not None and pattern.selection is not None and pattern.window is not None
@@ -437,9 +437,9 @@ class ReleaseFlexKernel:
             values = torch.tensor(pattern.gate.values, dtype=work, device=device)
             gates = values.expand(batch, query_heads, length, 3)
         gates = torch.where(vision[:, None, :, None], gates.to(work), torch.full((), TEXT_GATE, dtype=work, device=device))
-        slot_gates = to_slots(gates, layout)
-        mixed = sum(slot_gates[..., i, None] * output.to(work) for i, output in enumerate(outputs))
-        sparse = from_slots(mixed, layout, query_heads)
+        # The flex backend's fused mix on compiled calls (no float32 copy of each branch).
+        mix = _compiled_mix() if compiled and not torch.compiler.is_compiling() else gated_sum
+        sparse = from_slots(mix(to_slots(gates, layout), tuple(outputs), work).to(work), layout, query_heads)
         # Q3: the dense pass over every key, vision queries zeroed.
         dense = self._dense(q * (1 - vis), k, v, compiled, needs_grad).to(work)
         if lowering.dense_pass == "text_rows_only":
