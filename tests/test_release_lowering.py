@@ -246,19 +246,24 @@ def test_float32_ranking_breaks_exact_ties_as_the_reference():
     assert torch.equal(wide.indices[1, :, :12], narrow.indices[1, :, :12])
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="FlexAttention on CUDA")
-def test_cuda_bf16_release_equals_reference():
-    """bf16 on the GPU, compiled FlexAttention, ranked in float64 (the reference's
-    choice; float32 ranking may order near-ties otherwise): relative 1e-2, bf16's
-    8-bit mantissa (2^-9 per rounding) over a few roundings of inputs and outputs."""
-    pattern = release(block=16, count=5, window=32)
+@pytest.mark.parametrize("device, length, dim", [
+    pytest.param("cuda", 700, 128, marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="FlexAttention on CUDA")),
+    ("cpu", 90, 8),
+])
+def test_bf16_release_equals_reference(device, length, dim):
+    """bf16 (on the GPU: compiled FlexAttention), ranked in float64 (the reference's
+    choice; float32 ranking may order near-ties otherwise) against the reference on
+    the same bf16 values: relative 1e-2, bf16's 8-bit mantissa (2^-9 per rounding)
+    over a few roundings of the pooled tokens, the branch outputs and the mix."""
+    pattern = release(block=16 if device == "cuda" else 4, count=5, window=32 if device == "cuda" else 6)
     gen = torch.Generator().manual_seed(11)
-    q, k, v = (torch.randn(2, h, 700, 128, generator=gen).to(torch.bfloat16) for h in (28, 4, 4))
-    gates = torch.rand(2, 28, 700, 3, generator=gen)
-    types = (torch.rand(2, 700, generator=gen) < 0.8).long()
-    lengths = torch.tensor([700, 455])
-    attn = nsaflex.compile(pattern, "flex", device="cuda", mode="videonsa_release", score_dtype="float64")
-    got = attn(*(x.cuda() for x in (q, k, v, gates, types)), lengths=lengths.cuda()).cpu()
+    q, k, v = (torch.randn(2, h, length, dim, generator=gen).to(torch.bfloat16) for h in (28, 4, 4))
+    gates = torch.rand(2, 28, length, 3, generator=gen)
+    types = (torch.rand(2, length, generator=gen) < 0.8).long()
+    lengths = torch.tensor([length, length * 2 // 3])
+    attn = nsaflex.compile(pattern, "flex", device=device, mode="videonsa_release", score_dtype="float64")
+    got = attn(*(x.to(device) for x in (q, k, v, gates, types)), lengths=lengths.to(device)).cpu()
+    assert got.dtype == torch.bfloat16
     expected = expected_rows(q.double(), k.double(), v.double(), pattern, gates.double(), types, lengths)
     torch.testing.assert_close(got.double(), expected, rtol=1e-2, atol=1e-2)
 
