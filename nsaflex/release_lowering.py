@@ -494,10 +494,11 @@ def release_backend(backend: str, device: str) -> str:
 def describe(pattern: Pattern, backend: str, device: str, lowering: ReleaseLowering | None = None) -> tuple[BranchPlan, ...]:
     """The branches of the release lowering, each quirk named where it is lowered."""
     lowering = lowering or ReleaseLowering()
-    if backend == "reference":
-        kernel = "nsaflex.reference_release.release_attention (float64, dense [L, L] masks per row)"
-    else:
+    flex = backend != "reference"
+    if flex:
         kernel = "flex_attention (the flex backend's compiled branches and cached BlockMasks)"
+    else:
+        kernel = "nsaflex.reference_release.release_attention (float64, dense [L, L] masks per row)"
     if pattern.dense:
         return (BranchPlan("dense", backend, kernel, "causal"),)
     heads, kv_heads = pattern.model.query_heads, pattern.model.kv_heads
@@ -510,22 +511,24 @@ def describe(pattern: Pattern, backend: str, device: str, lowering: ReleaseLower
     count = selected_count(s.count) if lowering.count_rounding == "power_of_two" else s.count
     prepass = (f"Q2 text keys/values {lowering.text_keys} (pre-pass k, v * vision); "
                f"Q3 text queries zeroed, text gates sigmoid(0) = {TEXT_GATE}")
-    layout_note = ("Q4 query heads as slots [q, q, 0...] over the kv heads (FlexAttention GQA: slot s reads kv head "
-                   "s // (P / Hkv)); head h = mean of slots h and Hq + h; all-zero kv groups dropped"
+    layout_note = ("Q4 query heads as slots [q, q, 0...] over the kv heads (slot s reads kv head s // (P / Hkv)"
+                   + ("; FlexAttention's GQA layout, all-zero kv groups not run" if flex else "")
+                   + "); head h = mean of slots h and Hq + h"
                    if lowering.head_layout == "padded_slots" else "Q4 off: head h reads kv head h // G")
     return (
         BranchPlan("compression", backend, kernel,
                    f"Q1 {lowering.compression_visibility}: (i+1)*{c.block} - 1 "
                    + (">= t" if lowering.compression_visibility == "own_and_later" else "<= t")
-                   + " and i < ceil(L_b / l); mask_mod + analytic tile lists",
+                   + " and i < ceil(L_b / l)" + ("; mask_mod + analytic tile lists" if flex else ""),
                    {"block": c.block, "pooling": "fla mean_pooling (partial last block over its tokens)", **slots},
                    (prepass, layout_note)),
         BranchPlan("selection", backend, kernel,
-                   f"BlockMask.from_kv_blocks tile lists + per-query bitmap mask_mod from the top-{count} indices",
+                   f"BlockMask.from_kv_blocks tile lists + per-query bitmap mask_mod from the top-{count} indices"
+                   if flex else f"the top-{count} blocks of each query, ranked per row in Python",
                    {"block": s.block, "count": s.count, "selected": count, "count_rounding": lowering.count_rounding,
                     "current_block_score": lowering.current_block_score, "lse_layout": lowering.lse_layout},
-                   ("scores in torch, chunked over queries: lse [B, P, L] first (every slot), then "
-                    "[chunk, P', N] logits per chunk; never [L, L]",
+                   (("scores in torch, chunked over queries: lse [B, P, L] first (every slot), then "
+                     "[chunk, P', N] logits per chunk; never [L, L]") if flex else "scores [P, L, N] at once",
                     f"Q5 current block {lowering.current_block_score}; Q6 lse {lowering.lse_layout} "
                     "([P, T] read as [T, P]); Q7 count " + lowering.count_rounding)),
         BranchPlan("window", backend, kernel, f"causal band of {w.size} over the zeroed keys", {"size": w.size}),
