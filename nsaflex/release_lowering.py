@@ -220,22 +220,22 @@ def _slot_logits(qp: torch.Tensor, kc: torch.Tensor, slot_group: int, scale: flo
 def release_lse(qp: torch.Tensor, kc: torch.Tensor, layout: SlotLayout, lengths: torch.Tensor, block: int,
                 lowering: ReleaseLowering, chunk: int) -> torch.Tensor:
     """The compression branch's log-sum-exp ``[B, P, L]`` of every slot (natural log,
-    ``-inf`` where a query sees no block), in ``qp``'s dtype. Slots past ``P'`` are
-    zero queries: ``log`` of the number of blocks they see."""
+    ``-inf`` where a query sees no block), in ``kc``'s dtype (``qp`` is cast chunk by
+    chunk). Slots past ``P'`` are zero queries: ``log`` of the number of blocks they see."""
     batch, _, length, _ = qp.shape
     num_blocks = kc.shape[2]
     blocks_of_row = row_blocks(lengths, block)
     scale = softmax_scale(qp.shape[-1])
-    out = qp.new_empty(batch, layout.slots, length)
+    out = kc.new_empty(batch, layout.slots, length)
     for start in range(0, length, chunk):
         stop = min(length, start + chunk)
         queries = torch.arange(start, stop, device=qp.device)
         visible = compression_visible(queries, num_blocks, blocks_of_row, block, lowering)  # [B, c, N]
-        logits = _slot_logits(qp[:, :, start:stop], kc, layout.slot_group, scale)
+        logits = _slot_logits(qp[:, :, start:stop].to(kc.dtype), kc, layout.slot_group, scale)
         logits.masked_fill_(~visible[:, None, None], float("-inf"))
         out[:, : layout.run_slots, start:stop] = torch.logsumexp(logits, dim=-1).flatten(1, 2)
         if layout.run_slots < layout.slots:
-            seen = visible.sum(dim=-1).to(qp.dtype)  # [B, c]
+            seen = visible.sum(dim=-1).to(kc.dtype)  # [B, c]
             out[:, layout.run_slots :, start:stop] = torch.log(seen)[:, None, :]
     return out
 
@@ -286,7 +286,7 @@ def release_selection(qp: torch.Tensor, keys: torch.Tensor, layout: SlotLayout, 
         chunk = max(1, DEFAULT_CHUNK_ELEMENTS // max(1, batch * run_slots * max(num_blocks, 1)))
     scale = softmax_scale(dim)
     with torch.no_grad():
-        qp = qp.detach().to(score_dtype)
+        qp = qp.detach()  # cast to score_dtype a chunk at a time: a float32 copy of bf16 slots is 4 GB at 128K
         kc = release_pooling(keys.detach().to(score_dtype), block, lengths)
         lse = release_lse(qp, kc, layout, lengths, block, lowering, chunk)
         blocks = torch.arange(num_blocks, device=qp.device)
@@ -295,7 +295,7 @@ def release_selection(qp: torch.Tensor, keys: torch.Tensor, layout: SlotLayout, 
             stop = min(length, start + chunk)
             queries = torch.arange(start, stop, device=qp.device)
             current = torch.div(queries, block, rounding_mode="floor")
-            logits = _slot_logits(qp[:, :, start:stop], kc, group, scale)  # [B, Hkv', G, c, N]
+            logits = _slot_logits(qp[:, :, start:stop].to(score_dtype), kc, group, scale)  # [B, Hkv', G, c, N]
             read = lse_as_read(lse, queries, run_slots, lengths, lowering).reshape(batch, -1, group, stop - start, 1)
             # In place: the chunk's [B, Hkv', G, c, N] terms are the largest tensor here.
             raw = logits.sub_(read).exp_()
