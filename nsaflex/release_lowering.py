@@ -218,10 +218,12 @@ def _slot_logits(qp: torch.Tensor, kc: torch.Tensor, slot_group: int, scale: flo
 
 
 def release_lse(qp: torch.Tensor, kc: torch.Tensor, layout: SlotLayout, lengths: torch.Tensor, block: int,
-                lowering: ReleaseLowering, chunk: int) -> torch.Tensor:
+                lowering: ReleaseLowering, chunk: int, run_lse: torch.Tensor | None = None) -> torch.Tensor:
     """The compression branch's log-sum-exp ``[B, P, L]`` of every slot (natural log,
     ``-inf`` where a query sees no block), in ``kc``'s dtype (``qp`` is cast chunk by
-    chunk). Slots past ``P'`` are zero queries: ``log`` of the number of blocks they see."""
+    chunk). Slots past ``P'`` are zero queries: ``log`` of the number of blocks they
+    see. ``run_lse [B, P', L]``: the run slots' values as the branch computed them
+    (then only the zero slots are filled in here)."""
     batch, _, length, _ = qp.shape
     num_blocks = kc.shape[2]
     blocks_of_row = row_blocks(lengths, block)
@@ -231,9 +233,12 @@ def release_lse(qp: torch.Tensor, kc: torch.Tensor, layout: SlotLayout, lengths:
         stop = min(length, start + chunk)
         queries = torch.arange(start, stop, device=qp.device)
         visible = compression_visible(queries, num_blocks, blocks_of_row, block, lowering)  # [B, c, N]
-        logits = _slot_logits(qp[:, :, start:stop].to(kc.dtype), kc, layout.slot_group, scale)
-        logits.masked_fill_(~visible[:, None, None], float("-inf"))
-        out[:, : layout.run_slots, start:stop] = torch.logsumexp(logits, dim=-1).flatten(1, 2)
+        if run_lse is None:
+            logits = _slot_logits(qp[:, :, start:stop].to(kc.dtype), kc, layout.slot_group, scale)
+            logits.masked_fill_(~visible[:, None, None], float("-inf"))
+            out[:, : layout.run_slots, start:stop] = torch.logsumexp(logits, dim=-1).flatten(1, 2)
+        else:
+            out[:, : layout.run_slots, start:stop] = run_lse[:, :, start:stop]
         if layout.run_slots < layout.slots:
             seen = visible.sum(dim=-1).to(kc.dtype)  # [B, c]
             out[:, layout.run_slots :, start:stop] = torch.log(seen)[:, None, :]
@@ -260,12 +265,18 @@ def lse_as_read(lse: torch.Tensor, queries: torch.Tensor, run_slots: int, length
 
 def release_selection(qp: torch.Tensor, keys: torch.Tensor, layout: SlotLayout, lengths: torch.Tensor,
                       pattern: Pattern, lowering: ReleaseLowering, *, score_dtype: torch.dtype | None = None,
-                      chunk: int | None = None) -> SelectionResult:
+                      chunk: int | None = None, branch: tuple[torch.Tensor, torch.Tensor] | None = None
+                      ) -> SelectionResult:
     """Selected blocks per kv head and query, ``indices [B, Hkv', L, S]`` (int32, ``-1``
     empty), from slot queries ``qp [B, P', L, D]`` (zeroed text rows) and the keys
     the branches see, ``keys [B, Hkv', L, D]`` (pooled here in ``score_dtype``: on
     CPU the float64 of the reference, so that the ranking is the reference's; no
     gradient).
+
+    ``branch``: the compression branch's pooled keys ``[B, Hkv', N, D]`` and
+    log-sum-exp ``[B, P', L]``. The ranking then reads what the branch computed,
+    as the released code does, and skips a log-sum-exp pass of its own (float32
+    ranking; the default on CUDA).
 
     Block ``j < c = t // l`` scores ``sum_g exp(qp_g . Kc_j / sqrt(D) - lse_read[t, g])``
     over the kv head's slots; the current block ``P / Hkv`` (Q5); later blocks are
@@ -287,8 +298,12 @@ def release_selection(qp: torch.Tensor, keys: torch.Tensor, layout: SlotLayout, 
     scale = softmax_scale(dim)
     with torch.no_grad():
         qp = qp.detach()  # cast to score_dtype a chunk at a time: a float32 copy of bf16 slots is 4 GB at 128K
-        kc = release_pooling(keys.detach().to(score_dtype), block, lengths)
-        lse = release_lse(qp, kc, layout, lengths, block, lowering, chunk)
+        if branch is None:
+            kc = release_pooling(keys.detach().to(score_dtype), block, lengths)
+            lse = release_lse(qp, kc, layout, lengths, block, lowering, chunk)
+        else:
+            kc = branch[0].detach().to(score_dtype)
+            lse = release_lse(qp, kc, layout, lengths, block, lowering, chunk, branch[1].detach().to(score_dtype))
         blocks = torch.arange(num_blocks, device=qp.device)
         pieces = []
         for start in range(0, length, chunk):
@@ -320,6 +335,45 @@ def release_selection(qp: torch.Tensor, keys: torch.Tensor, layout: SlotLayout, 
 
 
 # --- the FlexAttention kernel ----------------------------------------------------------------------
+
+
+def _flex_compression_lse(q, k, v, block_mask, scale, kernel_options):
+    from nsaflex.backends.flex import _flex_attention, _nan_shows
+
+    return _flex_attention(q, k, v, score_mod=_nan_shows, block_mask=block_mask, scale=scale, enable_gqa=True,
+                           kernel_options=kernel_options, return_lse=True)
+
+
+_COMPILED_LSE: dict[tuple, Any] = {}
+
+
+def compression_with_lse(q, k, v, mask, compiled: bool, tiling, dynamic: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The compression branch (as the flex backend's ``_run_flex``) and its
+    log-sum-exp ``[B, P', L]`` (float32; float64 for float64 inputs), from one
+    FlexAttention call: the release's top-n reads the branch's log-sum-exp. Not
+    for compiled CPU calls (torch 2.13's CPU kernel has no log-sum-exp output)."""
+    from nsaflex.backends.flex import (
+        CPU_DENSE_FALLBACKS,
+        _counting_backend,
+        _recompile_room,
+        cpu_compiled_wrong,
+        dense_block_mask_attention,
+    )
+
+    scale = softmax_scale(q.shape[-1])
+    if torch.compiler.is_compiling():  # inside the user's own torch.compile region
+        return _flex_compression_lse(q, k, v, mask.block_mask(True), scale, tiling.options)
+    if compiled and q.device.type == "cpu" and cpu_compiled_wrong(k.shape[2], tiling.kv_block):
+        CPU_DENSE_FALLBACKS["release compression"] += 1
+        compiled = False
+    if not compiled:
+        return dense_block_mask_attention(q, k, v, mask.tiles, mask.mask_mod, scale, return_lse=True)
+    key = (dynamic, tiling.small_backward_tiles)
+    if key not in _COMPILED_LSE:
+        _COMPILED_LSE[key] = torch.compile(_flex_compression_lse, dynamic=None if dynamic else False,
+                                           backend=_counting_backend("release compression", tiling.small_backward_tiles))
+    with _recompile_room():
+        return _COMPILED_LSE[key](q, k, v, mask.block_mask(mask.compute_q_blocks), scale, tiling.options)
 
 
 class ReleaseFlexKernel:
@@ -411,11 +465,20 @@ class ReleaseFlexKernel:
         mask = self.flex._cached(key, lambda: _Mask(
             fm.compression_tiles(length, num_blocks, compression, tiling.q_block, tiling.kv_block, device, rows),
             fm.compression_mask_mod(compression, rows)))
-        outputs.append(_run_flex("compression", qp, kc, vc, mask, compiled, tiling, self.flex.dynamic))
+        # float32 ranking reads the branch's own log-sum-exp; float64 (CPU) ranks as the
+        # reference. Compiled CPU FlexAttention has no log-sum-exp output (torch 2.13).
+        score_dtype = self.score_dtype or default_score_dtype(device, q.dtype)
+        branch = None
+        if score_dtype == torch.float64 or (compiled and device.type == "cpu"):
+            outputs.append(_run_flex("compression", qp, kc, vc, mask, compiled, tiling, self.flex.dynamic))
+        else:
+            out, lse = compression_with_lse(qp, kc, vc, mask, compiled, tiling, self.flex.dynamic)
+            outputs.append(out)
+            branch = (kc, lse)
 
         # Q5-Q7: the selection pass; the BlockMask from its indices.
         result = release_selection(qp, ks, layout, lengths, pattern, lowering,
-                                   score_dtype=self.score_dtype, chunk=self.chunk)
+                                   score_dtype=score_dtype, chunk=self.chunk, branch=branch)
         self.last_selection = result
         tiling = _block_sizes(pattern, "selection", device, needs_grad, self.flex.blocks)
         narrow = self.flex.narrow and compiled and device.type == "cuda" and not needs_grad

@@ -284,3 +284,19 @@ def test_gradients_equal_the_reference():
     for name, g, w in zip(("q", "k", "v", "gates"), got, want):
         # A gradient entry sums up to L x P slot terms of O(1): a ten times wider floor.
         torch.testing.assert_close(g.double(), w, rtol=RTOL, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("flex_mode", ["eager", "compiled"])
+def test_float32_ranking_reads_the_branch_lse(flex_mode):
+    """float32 ranking (CUDA's default) takes the compression branch's own log-sum-exp
+    (FlexAttention's, one call; compiled on CPU, which has no log-sum-exp output, a
+    float32 pass of its own) instead of a float64 pass; on these inputs no two block
+    scores lie within float32's reach of each other, so the choice, and the output,
+    are the reference's."""
+    pattern, q, k, v, gates, types = quirk_case(seed=12)
+    q, k, v = (torch.nn.functional.pad(x, (0, 8)) for x in (q, k, v))  # head dim 16 for the compiled kernels
+    lengths = torch.tensor([48, 37])
+    attn = nsaflex.compile(pattern, "flex", mode="videonsa_release", flex_mode=flex_mode, score_dtype="float32")
+    got = attn(q, k, v, gates, types, lengths=lengths)
+    expected = expected_rows(q.double(), k.double(), v.double(), pattern, gates.double(), types, lengths)
+    torch.testing.assert_close(got.double(), expected, rtol=RTOL, atol=ATOL)
