@@ -19,9 +19,10 @@ No kernel is forked. Each quirk is a choice about what the branches are fed:
   kv heads whose slots are all zero are dropped (``P' <= P``); the output of
   head ``h`` is the mean of slots ``h`` and ``Hq + h``.
 * Q5 the current block's score, Q6 the misread log-sum-exp and Q7 the
-  power-of-two count: options of the selection pass, which computes the
+  power-of-two count: options of the selection pass, which takes the
   compression log-sum-exp ``[B, P, L]`` first (``O(P L)``, every slot: the
-  misread reads any slot's value), then scores and ranks blocks chunk by chunk
+  misread reads any slot's value; with float32 ranking the compression branch's
+  own, else a float64 pass), then scores and ranks blocks chunk by chunk
   of queries (``O(chunk * P * N)``, never ``[L, L]``), giving per kv head and
   query the selected block indices that the selection branch's BlockMask is
   built from (``BlockMask.from_kv_blocks`` tile lists, a per-query bitmap
@@ -590,8 +591,10 @@ def describe(pattern: Pattern, backend: str, device: str, lowering: ReleaseLower
                    if flex else f"the top-{count} blocks of each query, ranked per row in Python",
                    {"block": s.block, "count": s.count, "selected": count, "count_rounding": lowering.count_rounding,
                     "current_block_score": lowering.current_block_score, "lse_layout": lowering.lse_layout},
-                   (("scores in torch, chunked over queries: lse [B, P, L] first (every slot), then "
-                     "[chunk, P', N] logits per chunk; never [L, L]") if flex else "scores [P, L, N] at once",
+                   (("scores in torch, chunked over queries: lse [B, P, L] of every slot first (float32 ranking, "
+                     "CUDA's default: the compression branch's own, returned by its FlexAttention call; float64: a "
+                     "pass of its own), then [chunk, P', N] logits per chunk; never [L, L]") if flex
+                    else "scores [P, L, N] at once",
                     f"Q5 current block {lowering.current_block_score}; Q6 lse {lowering.lse_layout} "
                     "([P, T] read as [T, P]); Q7 count " + lowering.count_rounding)),
         BranchPlan("window", backend, kernel, f"causal band of {w.size} over the zeroed keys", {"size": w.size}),
