@@ -29,6 +29,12 @@ into ``benchmarks/RESULTS.md``.
 ``--backends auto flex`` (the default) measures the backend ``auto`` picks, then
 FlexAttention if ``auto`` picked another one.
 
+``--attention-modes faithful videonsa_release`` measures the adapter in each
+mode: ``videonsa_release`` runs the released VideoNSA numerics
+(:mod:`nsaflex.reference_release`; the pattern through ``release_pattern``) on
+the backend ``auto`` picks there (FlexAttention on CUDA, the release lowering of
+:mod:`nsaflex.release_lowering`); rows and the Markdown table name the mode.
+
 ``--tiny`` runs a small configuration on the CPU (reference backend) to check
 the script itself.
 """
@@ -74,6 +80,7 @@ except ImportError:
 
 from nsaflex.adapters import qwen2_5_vl as adapter_module  # noqa: E402
 from nsaflex.loader import load_pattern  # noqa: E402
+from nsaflex.reference_release import release_pattern  # noqa: E402
 from nsaflex.spec import Model  # noqa: E402
 
 IMAGE_TOKEN = 1000
@@ -188,14 +195,20 @@ def measure(model, inputs, device: str, backward: bool, warmup: int, reps: int) 
     return result
 
 
-def correctness_check(report: dict, pattern, backends, device: str) -> None:
+def pattern_for(pattern, mode: str):
+    """``pattern`` as the adapter takes it in ``mode`` (release: ``release_pattern``)."""
+    return release_pattern(pattern) if mode == "videonsa_release" else pattern
+
+
+def correctness_check(report: dict, pattern, backends, device: str, mode: str = "faithful") -> None:
     """Before timing: a tiny model (hidden 128, 4/2 heads) on the same device and
     dtype, a padded batch of two rows with vision spans; logits and 4 greedy
-    tokens of each backend against the reference backend (same gates)."""
+    tokens of each backend against the reference backend (same gates), in
+    adapter mode ``mode``."""
     check = report.setdefault("check", {})
     start = time.perf_counter()
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    small = dataclasses.replace(pattern, model=Model())
+    small = pattern_for(dataclasses.replace(pattern, model=Model()), mode)
     model = build_model(True, device, dtype)
     length = 320
     ids = torch.randint(3, 900, (2, length), device=device)
@@ -207,7 +220,7 @@ def correctness_check(report: dict, pattern, backends, device: str) -> None:
     ids[1, :37] = 2
     inputs = dict(input_ids=ids, attention_mask=mask)
     results = {}
-    adapter = adapter_module.apply(model, small, backend="reference")
+    adapter = adapter_module.apply(model, small, backend="reference", mode=mode)
     with torch.no_grad():
         for parameter in adapter.gate_parameters():
             parameter.normal_(0, 0.05)
@@ -218,8 +231,8 @@ def correctness_check(report: dict, pattern, backends, device: str) -> None:
     scale = expected[mask.bool()].abs().max().item()
     for backend in backends:
         try:
-            adapter = adapter_module.apply(model, small, backend=backend, state_dict=gates)
-            name = adapter.describe()[0]["backend"]
+            adapter = adapter_module.apply(model, small, backend=backend, state_dict=gates, mode=mode)
+            name = adapter.describe()[0]["backend"] + ("" if mode == "faithful" else f" {mode}")
             with torch.no_grad():
                 got = model(**inputs).logits.float()
             diff = (got - expected)[mask.bool()].abs().max().item()
@@ -250,8 +263,8 @@ def write_markdown(report: dict, path: str) -> None:
         "MLP 18944); fwd without grad, fwd+bwd with loss = mean of the output. Memory: peak allocated during the timed "
         "runs above what was resident before them (weights, inputs), GiB.",
         "",
-        "| L | impl | backend | fwd ms | fwd+bwd ms | fwd peak GiB | fwd+bwd peak GiB | note |",
-        "| ---: | --- | --- | ---: | ---: | ---: | ---: | --- |",
+        "| L | impl | backend | mode | fwd ms | fwd+bwd ms | fwd peak GiB | fwd+bwd peak GiB | note |",
+        "| ---: | --- | --- | --- | ---: | ---: | ---: | ---: | --- |",
     ]
 
     def cell(entry, key, fmt):
@@ -265,7 +278,7 @@ def write_markdown(report: dict, path: str) -> None:
         if len(note) > 120:
             note = note[:117] + "..."
         lines.append(
-            f"| {row['length']} | {row['impl']} | {row.get('backend', '-')} | {cell(fwd, 'ms', '{:.1f}')} | "
+            f"| {row['length']} | {row['impl']} | {row.get('backend', '-')} | {row.get('mode', '-')} | {cell(fwd, 'ms', '{:.1f}')} | "
             f"{cell(bwd, 'ms', '{:.1f}')} | {cell(fwd, 'peak_above_resident_gib', '{:.2f}')} | "
             f"{cell(bwd, 'peak_above_resident_gib', '{:.2f}')} | {note.replace('|', '/')} |"
         )
@@ -277,7 +290,8 @@ def write_markdown(report: dict, path: str) -> None:
             continue
         for mode in ("fwd", "fwdbwd"):
             if dense.get(mode) and sparse.get(mode):
-                speedups.append(f"L={sparse['length']} {sparse['backend']} {mode}: {dense[mode]['ms'] / sparse[mode]['ms']:.2f}x")
+                speedups.append(f"L={sparse['length']} {sparse['backend']} {sparse.get('mode', 'faithful')} {mode}: "
+                                f"{dense[mode]['ms'] / sparse[mode]['ms']:.2f}x")
     if speedups:
         lines += ["", "SDPA time / nsaflex time: " + "; ".join(speedups) + "."]
     if report.get("check"):
@@ -307,6 +321,8 @@ def main() -> None:
                         help="nsaflex backends to measure, in order (one already measured is skipped)")
     parser.add_argument("--impls", nargs="+", default=["sdpa", "nsaflex"])
     parser.add_argument("--modes", nargs="+", default=["fwd", "fwdbwd"])
+    parser.add_argument("--attention-modes", nargs="+", default=["faithful"], choices=adapter_module.MODES,
+                        help="adapter modes to measure for each backend (videonsa_release: the released numerics)")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--deadline", type=float, default=420.0, help="seconds; later measurements are skipped")
@@ -333,6 +349,7 @@ def main() -> None:
         "transformers": transformers.__version__,
         "pattern": pattern.name,
         "backend": " ".join(args.backends),
+        "attention_modes": args.attention_modes,
         "text": args.text,
         "dtype": str(dtype),
         "results": [],
@@ -345,37 +362,40 @@ def main() -> None:
         write_markdown(report, args.md)
 
     if args.check:
-        try:
-            correctness_check(report, pattern, [b for b in args.backends if b != "reference"] or ["reference"], device)
-        except Exception as error:
-            report["check"] = {"error": f"{type(error).__name__}: {error}"}
-            traceback.print_exc()
-        save()
+        for mode in args.attention_modes:
+            try:
+                correctness_check(report, pattern, [b for b in args.backends if b != "reference"] or ["reference"], device,
+                                  mode)
+            except Exception as error:
+                report.setdefault("check", {})[f"error {mode}"] = {"error": f"{type(error).__name__}: {error}"}
+                traceback.print_exc()
+            save()
     model = build_model(args.tiny, device, dtype)
-    runs = [("sdpa", None)] if "sdpa" in args.impls else []
+    runs = [("sdpa", None, None)] if "sdpa" in args.impls else []
     if "nsaflex" in args.impls:
-        runs += [("nsaflex", backend) for backend in args.backends]
+        runs += [("nsaflex", backend, mode) for mode in args.attention_modes for backend in args.backends]
     measured_backends = set()
-    for impl, asked in runs:
+    for impl, asked, attention_mode in runs:
         adapter = None
         backend = "sdpa"
         if impl == "nsaflex":
             if time.perf_counter() - started > args.deadline:
                 break
             try:
-                adapter = adapter_module.apply(model, pattern, backend=asked)
+                adapter = adapter_module.apply(model, pattern_for(pattern, attention_mode), backend=asked, mode=attention_mode)
             except Exception as error:  # record and go on: the other runs stay useful
-                report["results"].append({"length": 0, "impl": impl, "backend": asked, "error": f"apply: {type(error).__name__}: {error}"})
-                print(f"apply(backend={asked}) failed: {error}", flush=True)
+                report["results"].append({"length": 0, "impl": impl, "backend": asked, "mode": attention_mode,
+                                          "error": f"apply: {type(error).__name__}: {error}"})
+                print(f"apply(backend={asked}, mode={attention_mode}) failed: {error}", flush=True)
                 save()
                 continue
             backend = adapter.describe()[0]["backend"]
-            if backend in measured_backends:
+            if (backend, attention_mode) in measured_backends:
                 adapter.remove()
                 continue
-            measured_backends.add(backend)
+            measured_backends.add((backend, attention_mode))
         for length in args.lengths:
-            row = {"length": length, "impl": impl, "backend": backend}
+            row = {"length": length, "impl": impl, "backend": backend, "mode": attention_mode or "-"}
             report["results"].append(row)
             inputs = make_inputs(length, args.text, device)
             for mode in args.modes:
@@ -384,7 +404,7 @@ def main() -> None:
                     continue
                 try:
                     row[mode] = measure(model, inputs, device, mode == "fwdbwd", args.warmup, args.reps)
-                    print(f"{impl:8s} {backend:9s} L={length:7d} {mode:7s} {row[mode]['ms']:9.1f} ms  "
+                    print(f"{impl:8s} {backend:9s} {row['mode']:16s} L={length:7d} {mode:7s} {row[mode]['ms']:9.1f} ms  "
                           f"peak+{row[mode].get('peak_above_resident_gib', float('nan')):.2f} GiB  "
                           f"(warmup {row[mode]['warmup_s']:.1f} s)", flush=True)
                 except Exception as error:

@@ -3,7 +3,10 @@
 ``make_plan(pattern, backend, device)`` resolves ``auto`` (on CUDA the Triton
 kernels where they can serve the pattern, then FlexAttention; on CPU
 FlexAttention, then the reference), asks the chosen backend to describe each
-branch, and does the same for every per-layer override. The plan is data:
+branch, and does the same for every per-layer override. In ``videonsa_release``
+mode (the released VideoNSA numerics) ``auto`` is FlexAttention on CUDA and the
+reference on CPU, and the plan records how each quirk is lowered
+(:mod:`nsaflex.release_lowering`). The plan is data:
 printed by ``nsaflex compile``, embedded by the code generator, and handed to
 the backend's ``build``.
 """
@@ -15,6 +18,9 @@ from typing import Any
 
 from nsaflex.backends.base import REGISTRY, BranchPlan, get_backend
 from nsaflex.errors import BackendUnavailable, InputError, did_you_mean, one_of
+from nsaflex.release_lowering import RELEASE, ReleaseLowering, check_mode, release_backend
+from nsaflex.reference_release import check_release_pattern
+from nsaflex.release_lowering import describe as describe_release
 from nsaflex.spec import Pattern
 
 AUTO_ORDER = {"cuda": ("triton", "flex", "reference"), "cpu": ("flex", "reference")}
@@ -81,6 +87,10 @@ class Plan:
             of additions, and so the last bits, vary; measured no faster at 128K);
             the other backends are deterministic either way.
         options: the :class:`PlanOptions` (kernel and precision choices).
+        mode: ``faithful`` (the pattern's semantics) or ``videonsa_release``
+            (:mod:`nsaflex.reference_release`'s numerics).
+        release: in ``videonsa_release`` mode, how each of its quirks is lowered
+            (:class:`nsaflex.release_lowering.ReleaseLowering`); None otherwise.
     """
 
     pattern: Pattern
@@ -92,6 +102,8 @@ class Plan:
     layer: int | None = None
     deterministic: bool = True
     options: PlanOptions = PlanOptions()
+    mode: str = "faithful"
+    release: ReleaseLowering | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable form."""
@@ -104,6 +116,8 @@ class Plan:
             "passed_over": {name: reason for name, reason in self.reasons},
             "deterministic": self.deterministic,
             "options": asdict(self.options),
+            "mode": self.mode,
+            **({"release": self.release.to_dict()} if self.release is not None else {}),
             "layers": [{"at": list(at), "plan": plan.to_dict()} for at, plan in self.layers],
         }
 
@@ -139,26 +153,50 @@ def choose_backend(pattern: Pattern, backend: str, device: str) -> tuple[str, tu
     raise BackendUnavailable(f"no backend serves pattern {pattern.name!r} on {device}: {dict(reasons)}")
 
 
+def choose_release_backend(pattern: Pattern, backend: str, device: str) -> str:
+    """The backend of ``videonsa_release`` mode: ``auto`` is FlexAttention on CUDA and
+    the float64 reference on CPU (FlexAttention there only when named, as tests do)."""
+    name = release_backend(backend, device)
+    if name not in ("flex", "reference"):
+        raise BackendUnavailable(
+            f"backend {name!r} cannot run mode {RELEASE!r}: its quirks are lowered for 'flex' and 'reference' only"
+        )
+    reason = get_backend(name).unsupported(pattern, device)
+    if reason is not None:
+        raise BackendUnavailable(f"backend {name!r} cannot serve pattern {pattern.name!r} on {device}: {reason}")
+    return name
+
+
 def make_plan(pattern: Pattern, backend: str = "auto", device: str | None = None, *, layer: int | None = None,
-              deterministic: bool = True, options: PlanOptions | None = None, **option_values: Any) -> Plan:
+              deterministic: bool = True, options: PlanOptions | None = None, mode: str = "faithful",
+              **option_values: Any) -> Plan:
     """Lower ``pattern`` (resolved for ``layer`` when given) for ``device``
     (``deterministic``: see :class:`Plan`). Options come as a :class:`PlanOptions`
-    or as its fields by name (``make_plan(p, "flex", flex_mode="eager")``)."""
+    or as its fields by name (``make_plan(p, "flex", flex_mode="eager")``).
+    ``mode="videonsa_release"`` lowers :mod:`nsaflex.reference_release` (the
+    pattern must pass :func:`~nsaflex.reference_release.check_release_pattern`)."""
     options = plan_options(options, **option_values)
+    check_mode(mode)
     if not isinstance(backend, str) or (backend != "auto" and backend not in REGISTRY):
         get_backend(backend)  # raises with a did-you-mean
     device = _normalise_device(device)
     resolved = pattern.for_layer(layer) if layer is not None else pattern
-    name, reasons = choose_backend(resolved, backend, device)
-    branches = get_backend(name).describe(resolved, device)
+    release = None
+    if mode == RELEASE:
+        check_release_pattern(pattern, layer)
+        name, reasons, release = choose_release_backend(resolved, backend, device), (), ReleaseLowering()
+        branches = describe_release(resolved, name, device, release)
+    else:
+        name, reasons = choose_backend(resolved, backend, device)
+        branches = get_backend(name).describe(resolved, device)
     sub_plans = ()
     if layer is None and pattern.layers:
         sub_plans = tuple(
             (override.at, make_plan(pattern, backend, device, layer=override.at[0], deterministic=deterministic,
-                                    options=options))
+                                    options=options, mode=mode))
             for override in pattern.layers
         )
-    return Plan(resolved, name, device, branches, reasons, sub_plans, layer, deterministic, options)
+    return Plan(resolved, name, device, branches, reasons, sub_plans, layer, deterministic, options, mode, release)
 
 
 def plan_options(options: PlanOptions | None = None, **values: Any) -> PlanOptions:

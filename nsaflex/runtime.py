@@ -23,6 +23,8 @@ from nsaflex.inspect import AttentionInfo, block_lists, sorted_block_lists
 from nsaflex.loader import load_pattern
 from nsaflex.plan import Plan, make_plan
 from nsaflex.pooling import MLPPooling, check_head_dim
+from nsaflex.release_lowering import RELEASE
+from nsaflex.release_lowering import build_kernel as build_release_kernel
 from nsaflex.spec import Pattern
 
 
@@ -51,6 +53,11 @@ class CompiledAttention(nn.Module):
     Both keep every branch's values (flex evaluates its block masks eagerly
     for them), so they cost memory and time: meant for inspection, not
     training.
+
+    In ``videonsa_release`` mode (``compile(..., mode="videonsa_release")``)
+    ``lengths [B]`` gives the real tokens at the front of each row (padding
+    after them outputs zeros and changes nothing of the real tokens);
+    ``return_lse`` and ``return_info`` are refused there.
     """
 
     def __init__(self, pattern: Pattern, plan: Plan, head_dim: int | None = None) -> None:
@@ -66,7 +73,7 @@ class CompiledAttention(nn.Module):
             if dim is None:
                 raise PatternError("model.head_dim", "a head dim (or compile(..., head_dim=...)) for mlp pooling", None)
             self.pooler = MLPPooling(compression, dim)
-        self._kernel = get_backend(plan.backend).build(self.pattern, plan)
+        self._kernel = _build(plan)
         # For run_heads: the same checks without the model's head counts. Built once,
         # since constructing a Pattern re-validates it (budget included).
         any_heads = dataclasses.replace(self.pattern.model, query_heads=None, kv_heads=None)
@@ -81,7 +88,7 @@ class CompiledAttention(nn.Module):
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
-        self._kernel = get_backend(self.plan.backend).build(self.pattern, self.plan)
+        self._kernel = _build(self.plan)
 
     @property
     def backend(self) -> str:
@@ -98,8 +105,13 @@ class CompiledAttention(nn.Module):
         scale: float | None = None,
         return_lse: bool = False,
         return_info: bool = False,
+        lengths: torch.Tensor | None = None,
     ) -> Any:
         check_inputs(self.pattern, q, k, v, gates, token_types, layer=self.plan.layer)
+        if self.plan.mode == RELEASE:
+            return self._release(q, k, v, gates, token_types, scale, return_lse, return_info, lengths)
+        if lengths is not None:
+            raise InputError("lengths", f"None outside mode {RELEASE!r} (padding is the adapter's)", "a tensor")
         if self.pooler is not None and self.pooler.head_dim != q.shape[-1]:
             raise InputError("q", f"head dim {self.pooler.head_dim} (the compression MLP's)", q.shape[-1])
         for name, flag in (("return_lse", return_lse), ("return_info", return_info)):
@@ -118,6 +130,26 @@ class CompiledAttention(nn.Module):
             return out
         info = self._info(collected, q, k, gates)
         return (out,) + ((info.stacked_lse(),) if return_lse else ()) + ((info,) if return_info else ())
+
+    def _release(self, q, k, v, gates, token_types, scale, return_lse, return_info, lengths) -> torch.Tensor:
+        """``videonsa_release`` mode: ``lengths [B]`` (optional) counts each row's real
+        tokens, at its front; the rest is padding (zeros out). Every score is linear
+        in q, so ``scale`` is folded into q on every backend."""
+        for name, flag in (("return_lse", return_lse), ("return_info", return_info)):
+            if flag is not False:
+                raise InputError(name, f"False in mode {RELEASE!r} (no per-branch values are kept there)", flag)
+        scale = _check_scale(scale)
+        if scale is not None:
+            q = q * (scale * math.sqrt(q.shape[-1]))
+        if lengths is not None:
+            batch, length = q.shape[0], q.shape[2]
+            if not isinstance(lengths, torch.Tensor) or lengths.shape != (batch,) or lengths.dtype.is_floating_point \
+                    or lengths.dtype == torch.bool:
+                found = list(lengths.shape) if isinstance(lengths, torch.Tensor) else type(lengths).__name__
+                raise InputError("lengths", f"an integer tensor [{batch}] (real tokens per row)", found)
+            if bool(((lengths < 0) | (lengths > length)).any()):
+                raise InputError("lengths", f"values in [0, {length}]", lengths.tolist())
+        return self._kernel(q, k, v, gates, token_types, self.pooler, lengths=lengths)
 
     def _info(self, collected: dict, q: torch.Tensor, k: torch.Tensor, gates: torch.Tensor | None) -> AttentionInfo:
         """The backend's collected values as an :class:`AttentionInfo`."""
@@ -160,6 +192,13 @@ class CompiledAttention(nn.Module):
         return f"pattern={self.pattern.name!r}, backend={self.plan.backend!r}, branches={self.pattern.branches}"
 
 
+def _build(plan: Plan):
+    """The kernel of ``plan``: the backend's, or in release mode its release lowering."""
+    if plan.mode == RELEASE:
+        return build_release_kernel(plan.pattern, plan, plan.release)
+    return get_backend(plan.backend).build(plan.pattern, plan)
+
+
 def _check_scale(scale: Any) -> float | None:
     """``scale`` as a float: None, or a finite positive number."""
     if scale is None:
@@ -177,6 +216,7 @@ def compile(
     device: str | None = None,
     head_dim: int | None = None,
     deterministic: bool = True,
+    mode: str = "faithful",
     **options: Any,
 ) -> CompiledAttention:
     """Compile a pattern (object, file path or bundled name) into an attention module.
@@ -190,10 +230,14 @@ def compile(
     ``options``: kernel and precision choices by name (``scoring_kernel``,
     ``score_dtype``, ``flex_mode``, ``flex_dynamic``; see
     :class:`nsaflex.plan.PlanOptions`), recorded in the plan.
+    ``mode="videonsa_release"``: the released VideoNSA numerics
+    (:mod:`nsaflex.reference_release`, lowered by :mod:`nsaflex.release_lowering`)
+    on ``flex`` or ``reference`` (``auto``: flex on CUDA, the reference on CPU);
+    its calls take ``lengths=`` for rows ending in padding.
     """
     if not isinstance(pattern, Pattern):
         pattern = load_pattern(pattern)
     if not isinstance(deterministic, bool):
         raise InputError("deterministic", "True or False", deterministic)
-    plan = make_plan(pattern, backend, device, layer=layer, deterministic=deterministic, **options)
+    plan = make_plan(pattern, backend, device, layer=layer, deterministic=deterministic, mode=mode, **options)
     return CompiledAttention(pattern, plan, head_dim)

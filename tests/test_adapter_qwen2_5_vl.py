@@ -428,7 +428,7 @@ def test_release_mode_refuses_faithful_pattern_and_fast_backends():
     with pytest.raises(PatternError, match="compression.visibility.*videonsa_release"):
         apply(model, small_pattern(hybrid=Hybrid(vision_keys="all")), backend="reference", mode="videonsa_release")
     with pytest.raises(BackendUnavailable, match="reference"):
-        apply(model, release_pattern(small_pattern()), backend="flex", mode="videonsa_release")
+        apply(model, release_pattern(small_pattern()), backend="triton", mode="videonsa_release")
     assert model_fingerprint(model) == before
 
 

@@ -243,12 +243,15 @@ def randomise(adapter, seed=0):
             parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.5)
 
 
-def test_adapter_release_prefill_videonsa_heads():
-    """28 query heads over 4 kv heads (VideoNSA's layout: 64 slots, 8 of them zero)."""
+@pytest.mark.parametrize("backend", ["auto", "flex"])
+def test_adapter_release_prefill_videonsa_heads(backend):
+    """28 query heads over 4 kv heads (VideoNSA's layout: 64 slots, 8 of them zero),
+    left padding; ``auto`` is the reference on CPU, ``flex`` the release lowering."""
     model = tiny_model(heads=28, kv_heads=4, hidden=224, layers=1)
     pattern = release(block=4, count=2, window=4)
-    adapter = apply(model, pattern, mode="videonsa_release")
-    assert adapter.backend == "reference"
+    adapter = apply(model, pattern, backend, mode="videonsa_release")
+    assert adapter.backend == ("reference" if backend == "auto" else "flex")
+    assert adapter.layers[0].compiled.plan.mode == "videonsa_release"
     randomise(adapter, seed=1)
     ids, mask, mm = make_batch([[(2, 14)], [(1, 6)]], [18, 9], 18, left_pad=True)
     with torch.no_grad():
@@ -257,10 +260,11 @@ def test_adapter_release_prefill_videonsa_heads():
     torch.testing.assert_close(got[mask.bool()], expected[mask.bool()], rtol=0, atol=1e-5)
 
 
-def test_adapter_release_generate_matches_step_by_step():
+@pytest.mark.parametrize("backend", ["reference", "flex"])
+def test_adapter_release_generate_matches_step_by_step(backend):
     model = tiny_model()
     pattern = release(block=4, count=2, window=4)
-    adapter = apply(model, pattern, mode="videonsa_release")
+    adapter = apply(model, pattern, backend, mode="videonsa_release")
     randomise(adapter, seed=2)
     ids, mask, mm = make_batch([[(3, 15)], [(2, 7)]], [19, 11], 19, left_pad=True, seed=4)
     if not takes_mm_token_type_ids(model):

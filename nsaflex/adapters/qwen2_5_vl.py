@@ -60,7 +60,9 @@ reorders the KV cache but not the token classes kept with it: it is exact when
 all beams of a prompt share their token classes (generated tokens are text).
 
 ``mode="videonsa_release"`` runs :mod:`nsaflex.reference_release` (the
-released VideoNSA code's numerics) on the reference backend, prefill and decode.
+released VideoNSA code's numerics): prefill on FlexAttention
+(:mod:`nsaflex.release_lowering`; ``auto`` on CUDA) or the float64 reference
+(``auto`` on CPU), decode on its exact path.
 
 Where the adapter lives. Everything it adds is on the model's own modules: the
 handle on ``Qwen2_5_VLModel`` and its text model (``_nsaflex_adapter``), each
@@ -98,11 +100,12 @@ from nsaflex.adapters.decode import (
     stash_tile_queries,
 )
 from nsaflex.distributed import SequenceParallelAttention
-from nsaflex.errors import BackendUnavailable, InputError, PatternError
+from nsaflex.errors import InputError, PatternError
 from nsaflex.gates import GateNetwork, gate_for_pattern
 from nsaflex.loader import load_pattern
 from nsaflex.recorder import Recording
-from nsaflex.reference_release import check_release_pattern, padded_slots, release_attention
+from nsaflex.reference_release import check_release_pattern, padded_slots
+from nsaflex.release_lowering import release_backend
 from nsaflex.runtime import CompiledAttention, compile as compile_pattern
 from nsaflex.spec import Model, Pattern
 from nsaflex.tensor_memo import remembered
@@ -779,22 +782,31 @@ class Qwen25VLAdapter:
         return out
 
     def _prefill_release(self, layer, q, k, v, gates, types, valid):
+        """The layer's release-mode attention (its compiled ``videonsa_release``
+        plan) on the real tokens of each row, moved to the front in order: the
+        ``lengths`` of the call keep padding out of every block and count."""
         if getattr(self, "_recording", None) is not None:
             raise AdapterError("recording", "an adapter applied in mode 'faithful'", self.mode)
         batch, heads, length, _ = q.shape
         slots = padded_slots(heads, k.shape[1])
         cache = self._call.decode.setdefault(layer.index, LayerDecodeCache())
-        rows = []
+        if valid is None:
+            out = layer.compiled(q, k, v, gates, types)
+        else:
+            order = torch.argsort((~valid).to(torch.uint8), dim=1, stable=True)
+            index = order[:, None, :, None]
+
+            def gather(x):
+                return None if x is None else x.gather(2, index.expand(-1, x.shape[1], -1, x.shape[3]))
+
+            lengths = valid.sum(dim=1)
+            result = layer.compiled(gather(q), gather(k), gather(v), gather(gates), types.gather(1, order) * valid.gather(1, order),
+                                    lengths=lengths)
+            out = torch.zeros_like(result).scatter(2, index.expand_as(result), result)
         for b in range(batch):
             real = torch.arange(length, device=q.device) if valid is None else torch.nonzero(valid[b]).flatten()
-            row_gates = None if gates is None else gates[b : b + 1, :, real]
-            result = release_attention(
-                q[b : b + 1, :, real], k[b : b + 1, :, real], v[b : b + 1, :, real],
-                layer.pattern, row_gates, types[b : b + 1, real],
-            ).to(device=q.device, dtype=q.dtype)
-            rows.append(torch.zeros_like(q[b]).index_copy(1, real, result[0]))
             stash_release_queries(cache.row(b), q[b][:, real], slots)
-        return torch.stack(rows)
+        return out
 
     def _decode(self, layer, q, k, v, gates, types, valid, past):
         cache = self._call.decode.setdefault(layer.index, LayerDecodeCache())
@@ -932,7 +944,8 @@ def apply(
         model: a ``Qwen2_5_VLForConditionalGeneration`` or ``Qwen2_5_VLModel``.
         pattern: a :class:`~nsaflex.spec.Pattern`, a YAML path or a bundled name.
         backend: ``auto``, ``reference``, ``flex`` or ``triton`` (per layer, see
-            :func:`nsaflex.compile`); ``videonsa_release`` mode runs on the reference.
+            :func:`nsaflex.compile`); in ``videonsa_release`` mode ``flex`` or
+            ``reference`` (``auto``: flex on CUDA, the reference on CPU).
         mode: ``faithful`` (the pattern's semantics, :mod:`nsaflex.reference`) or
             ``videonsa_release`` (:mod:`nsaflex.reference_release`).
         device: device kind for backend choice (default: the model's).
@@ -972,13 +985,6 @@ def apply(
     pattern = fit_pattern(pattern, config, mode)
     if process_group is not None and mode != "faithful":
         raise AdapterError("process_group", "None in mode 'videonsa_release' (sequence parallelism runs faithful mode)", mode)
-    if mode == "videonsa_release":
-        if backend not in ("auto", "reference"):
-            raise BackendUnavailable(
-                f"backend {backend!r} cannot run mode 'videonsa_release': its quirks exist on the reference backend only"
-            )
-        backend = "reference"
-
     decoder_layers = list(text_model.layers)
     weight = decoder_layers[0].self_attn.q_proj.weight
     device_kind = device or weight.device.type
@@ -999,11 +1005,12 @@ def apply(
         attention = decoder_layer.self_attn
         resolved = pattern.for_layer(index)
         compiled = None
-        if not resolved.dense and mode == "faithful":
+        if not resolved.dense:
             learned = resolved.compression is not None and resolved.compression.pooling == "mlp"
             compiled = None if learned else shared.get(resolved)
             if compiled is None:
-                compiled = compile_pattern(compiled_pattern, backend, layer=index, device=device_kind, head_dim=head_dim)
+                compiled = compile_pattern(compiled_pattern, backend, layer=index, device=device_kind, head_dim=head_dim,
+                                           mode=mode)
                 compiled.to(device=weight.device)
                 if not learned:
                     shared[resolved] = compiled
@@ -1020,7 +1027,9 @@ def apply(
                 )
         layers.append(_Layer(index, adapter, attention, resolved, compiled, gate))
         adapter.module_names[index] = names.get(attention, f"layers.{index}.self_attn")
-    adapter.backend = chosen_backend if mode == "faithful" else "reference"
+    if mode == "videonsa_release" and chosen_backend == "auto":  # every layer dense: decode's dtype only
+        chosen_backend = release_backend(backend, device_kind)
+    adapter.backend = chosen_backend
     adapter.process_group = process_group
     if state_dict is not None:
         _load_gates(adapter, state_dict)
