@@ -436,7 +436,7 @@ def test_top_n_search_picks_the_best_with_ties_to_the_lower_index(tokens, count,
         scores, sel, zero, zero + tokens, *scores.stride()[:3], *sel.stride()[:3], 0, tokens,
         ROWS=rows, JP=head, CHAIN=chain, SPREAD=spread, LS=1, COUNT=count,
         FIRST="first" in forced, PREV="previous" in forced, CUR="current" in forced, NT=nt,
-        JT=max(1, tail), TAIL=tail > 0, num_warps=1,
+        JT=max(1, tail), TAIL=tail > 0, UNIT=1, num_warps=1,
     )
     for t in range(tokens):
         row = scores[0, 0, t, : t + 1].cpu()
