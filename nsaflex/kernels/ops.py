@@ -135,8 +135,6 @@ def launch_choices(head_dim: int, group: int) -> Launch:
 def unsupported_reason(pattern: Pattern) -> str | None:
     """Why the kernels cannot serve ``pattern`` (None when they can)."""
     sel = pattern.selection
-    if sel is not None and sel.granularity == "query_block":
-        return "selection granularity 'query_block' (tile-shared selection) is served by the FlexAttention backend"
     if sel is not None:
         if sel.block > 256:
             return f"selection.block = {sel.block} > 256 (one kv block must fit a register tile)"
