@@ -249,6 +249,20 @@ def test_query_block_plan_records_the_choice():
     assert "tiles of 9 tokens (G = 7) span up to 2 tiles of 64 queries" in notes
 
 
+def test_auto_runs_query_block_on_triton_on_cuda(monkeypatch):
+    """auto on CUDA takes the Triton kernels for a query-block pattern they serve
+    and records why; a pattern they refuse goes to flex, the refusal recorded."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    plan = make_plan(load_pattern("videonsa-q8"), "auto", "cuda")
+    assert plan.backend == "triton" and "query_block (m = 8) served by the Triton kernels" in plan.chosen_because
+    assert plan.to_dict()["chosen_because"] == plan.chosen_because
+    odd = Pattern(name="odd", compression=Compression(block=4, stride=4), gate=Gate(kind="mlp"),
+                  selection=Selection(block=12, count=2, granularity="query_block", query_block=4))
+    routed = make_plan(odd, "auto", "cuda")
+    assert routed.backend == "flex" and "power of two" in dict(routed.reasons)["triton"]
+    assert make_plan(load_pattern("videonsa-q8"), "triton", "cuda").chosen_because == ""
+
+
 def test_query_block_top_n_in_chunks():
     """Query chunks of 16 tokens (the smallest) split the tiles' top-n across
     launches: each chunk's buffer rows are its tiles, numbered from the chunk."""
