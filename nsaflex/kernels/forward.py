@@ -14,15 +14,17 @@ its sum over a token's heads cheaper.
 Kernels:
 
 * :func:`cmp_lse_kernel` (pass 1): log-sum-exp (base 2) of every row over its
-  visible compressed tokens and the compression output, flash-style.
+  visible compressed tokens and the compression output, flash-style (the
+  log-sum-exp alone for the flex backend's scoring, ``OUTPUT=False``).
 * :func:`cmp_score_kernel` (pass 2): recomputes the normalised probabilities
   from the saved log-sum-exp, maps the (group-summed) probabilities to
   selection-block scores (NSA Eq. 9, as a small exact matmul with the Eq. 9
   band matrix, carried across chunks) and writes them per query chunk; no
-  ``[L, L/d]`` tensor is written.
-* :func:`topn_select_kernel`: the exact top-n of each token's block scores
-  (a bisection over the score bits, ties to the lower index), written as the
-  block lists.
+  ``[L, L/d]`` tensor is written. ``UNIT = m``: one row per tile of m
+  queries, their scores summed (query-block granularity).
+* :func:`topn_select_kernel`: the exact top-n of each token's (or tile's)
+  block scores (a bisection over the score bits, ties to the lower index),
+  written as the block lists (a tile's list to each of its queries).
 * :func:`slc_win_kernel`: selection attention over the union of the tile's
   selected blocks (per-row hit masks), the sliding window, and the gated
   combination with the compression output: only the final output is written
