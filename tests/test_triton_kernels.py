@@ -249,6 +249,18 @@ def test_query_block_plan_records_the_choice():
     assert "tiles of 9 tokens (G = 7) span up to 2 tiles of 64 queries" in notes
 
 
+@pytest.mark.parametrize("m", [3, 12, 24])
+def test_query_block_tiles_not_a_power_of_two(m):
+    """Tiles of 3, 12 and 24 queries in blocks of 24 keys (compression stride 3):
+    a score program holds one tile in 16-token sub-tiles, rows past the tile
+    masked; the top-n walks tiles m tokens apart."""
+    pattern = Pattern(name=f"q{m}", compression=Compression(block=6, stride=3),
+                      selection=Selection(block=24, count=2, forced=("current",), granularity="query_block",
+                                          query_block=m),
+                      window=Window(size=5), gate=Gate(kind="linear"))
+    check(pattern, (1, 1, 2, 110, 16), m, None, backward=True)
+
+
 def test_auto_runs_query_block_on_triton_on_cuda(monkeypatch):
     """auto on CUDA takes the Triton kernels for a query-block pattern they serve
     and records why; a pattern they refuse goes to flex, the refusal recorded."""
