@@ -79,6 +79,7 @@ class Plan:
         device: ``cpu`` or ``cuda``.
         branches: one entry per branch, plus the dense text path of hybrid patterns.
         reasons: why ``auto`` passed over backends (backend -> reason).
+        chosen_because: why ``auto`` chose ``backend`` ("" for a named backend).
         layers: sub-plans of the per-layer overrides, as ``(layer indices, plan)``.
         layer: the decoder layer this plan is for (None: the base pattern).
         deterministic: gradients bit-reproducible from run to run (default). False
@@ -104,6 +105,7 @@ class Plan:
     options: PlanOptions = PlanOptions()
     mode: str = "faithful"
     release: ReleaseLowering | None = None
+    chosen_because: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable form."""
@@ -114,6 +116,7 @@ class Plan:
             "device": self.device,
             "branches": [branch.to_dict() for branch in self.branches],
             "passed_over": {name: reason for name, reason in self.reasons},
+            "chosen_because": self.chosen_because,
             "deterministic": self.deterministic,
             "options": asdict(self.options),
             "mode": self.mode,
@@ -186,8 +189,11 @@ def make_plan(pattern: Pattern, backend: str = "auto", device: str | None = None
         check_release_pattern(pattern, layer)
         name, reasons, release = choose_release_backend(resolved, backend, device), (), ReleaseLowering()
         branches = describe_release(resolved, name, device, release)
+        chosen = (f"videonsa_release runs on {name}: FlexAttention on CUDA, the float64 reference on CPU"
+                  if backend == "auto" else "")
     else:
         name, reasons = choose_backend(resolved, backend, device)
+        chosen = auto_choice_reason(resolved, name, device) if backend == "auto" else ""
         branches = get_backend(name).describe(resolved, device)
     sub_plans = ()
     if layer is None and pattern.layers:
@@ -196,7 +202,21 @@ def make_plan(pattern: Pattern, backend: str = "auto", device: str | None = None
                                     options=options, mode=mode))
             for override in pattern.layers
         )
-    return Plan(resolved, name, device, branches, reasons, sub_plans, layer, deterministic, options, mode, release)
+    return Plan(resolved, name, device, branches, reasons, sub_plans, layer, deterministic, options, mode, release,
+                chosen)
+
+
+def auto_choice_reason(pattern: Pattern, name: str, device: str) -> str:
+    """Why ``auto`` runs ``pattern`` on backend ``name``: the first of the
+    device's order (:data:`AUTO_ORDER`) that serves it, and for query-block
+    selection on the Triton kernels what they do with it."""
+    order = AUTO_ORDER[device]
+    reason = f"the first of {', '.join(order)} on {device} that serves the pattern"
+    selection = pattern.selection
+    if name == "triton" and selection is not None and selection.granularity == "query_block" and not pattern.dense:
+        reason += (f"; query_block (m = {selection.query_block}) served by the Triton kernels: one top-n per "
+                   "tile of m queries, its list given to the tile's queries")
+    return reason
 
 
 def plan_options(options: PlanOptions | None = None, **values: Any) -> PlanOptions:

@@ -23,12 +23,15 @@ where two blocks' float64 scores are nearer than :func:`tie_tolerance` (large
 logits make many probabilities round to the same float32, often 0). Ties that
 are exact go to the lower index, as in the reference.
 
-On CUDA with float32 ranking the scores come from the Triton kernels of
-:mod:`nsaflex.kernels.tile_scores` (log-sum-exp pass, then probabilities summed
-over the group heads and the query tile in registers: no ``[c, N]`` logits in
-memory); ``select(..., kernel="torch")`` keeps the torch path, ``"triton"`` forces
-the kernels (on CPU under ``TRITON_INTERPRET=1``); the plan option
-``scoring_kernel`` (:class:`nsaflex.plan.PlanOptions`) chooses for the flex backend.
+On CUDA with float32 ranking the scores come from the Triton backend's
+scoring kernels (:mod:`nsaflex.kernels.forward`: ``cmp_lse_kernel``'s
+log-sum-exp pass, then ``cmp_score_kernel``'s Eq. 9 block scores of every
+unit, probabilities summed over the group heads and the query tile in
+registers: no ``[c, N]`` logits in memory), ranked by the torch top-n here;
+``select(..., kernel="torch")`` keeps the torch path, ``"triton"`` forces the
+kernels (on CPU under ``TRITON_INTERPRET=1``); the plan option
+``scoring_kernel`` (:class:`nsaflex.plan.PlanOptions`) chooses for the flex
+backend.
 """
 
 from __future__ import annotations
@@ -229,7 +232,7 @@ def select(
     device = q.device
     if score_dtype is None:
         score_dtype = default_score_dtype(device, q.dtype)
-    if _use_kernel(q, compressed_k, score_dtype, kernel):
+    if _use_kernel(q, compressed_k, compression, selection, score_dtype, kernel):
         try:
             return _select_kernel(q, compressed_k, compression, selection, lengths, chunk)
         except Exception as error:  # pragma: no cover - depends on the toolchain
@@ -297,45 +300,84 @@ def select(
 
 # --- Triton scoring (CUDA default for float32 ranking) ------------------------------------------
 
-# Per chunk: [B, Hs, units, N] float32 scores and the top-n's int64 keys over [.., J].
+# Per chunk: [B, Hs, units, J] float32 block scores and the top-n's int64 keys over them.
 KERNEL_CHUNK_ELEMENTS = 1 << 28
 _KERNEL: dict[str, bool] = {}
 
 
-def _use_kernel(q: torch.Tensor, compressed_k: torch.Tensor, score_dtype: torch.dtype, mode: str = "auto") -> bool:
+def _use_kernel(q: torch.Tensor, compressed_k: torch.Tensor, compression: Compression, selection: Selection,
+                score_dtype: torch.dtype, mode: str = "auto") -> bool:
     """Whether :func:`select` scores with the Triton kernels (``mode``: see its
     ``kernel``); ``triton`` where they cannot serve raises BackendUnavailable."""
     if mode == "torch" or compressed_k.shape[2] == 0 or q.shape[2] == 0:
         return False
     if mode == "auto" and (q.device.type != "cuda" or score_dtype != torch.float32 or _KERNEL.get("failed")):
         return False
-    reason = _kernel_unsupported(q, compressed_k)
+    reason = _kernel_unsupported(q, compressed_k, compression, selection)
     if reason is not None and mode == "triton":
         raise BackendUnavailable(f"scoring_kernel 'triton' cannot score here: {reason}")
     return reason is None
 
 
-def _kernel_unsupported(q: torch.Tensor, compressed_k: torch.Tensor) -> str | None:
+def _kernel_unsupported(q: torch.Tensor, compressed_k: torch.Tensor, compression: Compression,
+                        selection: Selection) -> str | None:
+    """Why the Triton scoring kernels cannot score these inputs (None: they can)."""
     if q.device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
         return f"the Triton scoring kernels need a CUDA device (on {q.device.type} only under TRITON_INTERPRET=1)"
     try:
-        from nsaflex.kernels import tile_scores
+        from nsaflex.kernels import ops
     except ImportError as error:  # pragma: no cover - triton is a dependency
         return f"triton cannot be imported: {error}"
-    return tile_scores.supported(q, compressed_k)
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"dtype {q.dtype}"
+    if compressed_k.dtype != q.dtype:
+        return "compressed keys in another dtype"
+    if q.shape[1] % compressed_k.shape[1]:
+        return "query heads not a multiple of kv heads"
+    if q.shape[-1] > 256:
+        return "head dim > 256"
+    reason = ops.score_step_reason(ops.scoring_config(compression, selection))
+    if reason is not None:
+        return reason
+    dim = _kernel_head_dim(q.shape[-1])
+    group = q.shape[1] // compressed_k.shape[1]
+    if group * q.shape[2] * dim >= 2**31:  # a group's rows in q (and lse) within 32-bit offsets
+        return f"{q.shape[2]} queries x {group} heads per kv head pass the kernels' 32-bit offsets within a group"
+    return None
+
+
+def _kernel_head_dim(dim: int) -> int:
+    """The kernels' head dim for inputs of ``dim``: a power of two, at least 16
+    (inputs are zero-padded to it; zeros add nothing to ``q . K_i``)."""
+    return max(16, 1 << max(0, dim - 1).bit_length())
+
+
+def _kernel_inputs(q: torch.Tensor, compressed_k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(q, compressed_k)`` as the kernels take them: contiguous, head dim
+    zero-padded to :func:`_kernel_head_dim`; on the CPU interpreter half
+    precision as float32 (its bf16 ``tl.dot`` is wrong; products of bf16/fp16
+    values are exact in float32 either way)."""
+    if q.device.type == "cpu" and q.dtype != torch.float32:
+        q, compressed_k = q.float(), compressed_k.float()
+    pad = _kernel_head_dim(q.shape[-1]) - q.shape[-1]
+    if pad:
+        q = torch.nn.functional.pad(q, (0, pad))
+        compressed_k = torch.nn.functional.pad(compressed_k, (0, pad))
+    return q.contiguous(), compressed_k.contiguous()
 
 
 def _select_kernel(q, compressed_k, compression: Compression, selection: Selection, lengths, chunk) -> SelectionResult:
-    """:func:`select` with the scores of :mod:`nsaflex.kernels.tile_scores` (float32):
-    one log-sum-exp pass over all queries, then per chunk of units the summed
-    scores, Eq. 9 on them (linear: it commutes with the sums) and the top-n."""
-    from nsaflex.kernels import tile_scores
+    """:func:`select` with the Triton backend's scoring kernels (float32):
+    ``cmp_lse_kernel`` (log-sum-exp alone) over all queries, then per chunk of
+    units ``cmp_score_kernel``'s Eq. 9 block scores, summed over the group's
+    heads and (query blocks) each tile's queries, and the top-n in torch."""
+    from nsaflex.kernels import ops
 
-    batch, query_heads, length, _ = q.shape
+    batch, query_heads, length, dim = q.shape
     kv_heads, num_compressed = compressed_k.shape[1], compressed_k.shape[2]
     device = q.device
-    unit = selection.query_block if selection.granularity == "query_block" else 1
-    assert unit is not None
+    cfg = ops.scoring_config(compression, selection)
+    unit = cfg.unit
     per_head = selection.scoring == "head"
     selecting = query_heads if per_head else kv_heads
     num_blocks = -(-length // selection.block)
@@ -343,30 +385,35 @@ def _select_kernel(q, compressed_k, compression: Compression, selection: Selecti
     if lengths is None:
         lengths = torch.full((batch,), length, dtype=torch.long, device=device)
     lengths = torch.clamp(lengths.to(device=device, dtype=torch.long), max=length)
-    row_compressed = torch.clamp(torch.div(lengths - compression.block, compression.stride, rounding_mode="floor") + 1, min=0)
-    legacy = compression.visibility != "causal"
-    _, _, tile = tile_scores.score_layout(query_heads, kv_heads, per_head, unit)
+    row_compressed = torch.clamp(torch.div(lengths - compression.block, compression.stride, rounding_mode="floor") + 1,
+                                 min=0, max=num_compressed)
+    zeros = torch.zeros_like(lengths)
+    lay = ops.SeqLayout(zeros, lengths, zeros, row_compressed, length, num_compressed, False,
+                        int(row_compressed.min()))
+    qk, kk = _kernel_inputs(q.detach(), compressed_k.detach())
+    launch = ops.launch_choices(qk.shape[-1], query_heads // kv_heads)
+    tiles = ops._Tiles(cfg, launch, query_heads // kv_heads)
+    scale_log2 = softmax_scale(dim) * 1.4426950408889634
     if chunk is None:
-        per_unit = batch * selecting * (num_compressed * (1 if tile else unit) + 3 * num_blocks)
+        per_unit = batch * selecting * 3 * num_blocks
         chunk = max(1, KERNEL_CHUNK_ELEMENTS // max(1, per_unit)) * unit
-    chunk = max(unit, (chunk // unit) * unit)
-    chunk = min(chunk, num_units * unit)
+    # Whole score-pass programs per chunk (tiles.tp_score tokens, a multiple of the unit).
+    chunk = max(tiles.tp_score, (chunk // tiles.tp_score) * tiles.tp_score)
+    chunk = min(chunk, -(-length // tiles.tp_score) * tiles.tp_score)
     pieces = []
     with torch.no_grad():
-        qd, kd = q.detach(), compressed_k.detach()
-        lse = tile_scores.log_sum_exp(qd, kd, compression.block, compression.stride, legacy, lengths, row_compressed)
+        lse = torch.empty(batch, query_heads, length, dtype=torch.float32, device=device)
+        ops.compression_lse(qk, kk, None, lse, None, lay, cfg, launch, tiles, scale_log2)
         for start in range(0, length, chunk):
             stop = min(length, start + chunk)
-            scores, summed = tile_scores.unit_scores(qd, kd, lse, compression.block, compression.stride, legacy, lengths,
-                                                     row_compressed, per_head=per_head, unit=unit, start=start, rows=chunk)
-            if not summed and unit > 1:
-                scores = scores.view(batch, selecting, chunk // unit, unit, num_compressed).sum(dim=3)
-            scores = _eq9(scores, compression.block, compression.stride, selection.block, num_blocks)
-            first = torch.arange(start, start + chunk, unit, device=device)
+            units = -(-(stop - start) // unit)
+            # Entries the kernel leaves unwritten (not candidates) are masked by choose_blocks.
+            scores = torch.empty(batch, selecting, units, num_blocks, dtype=torch.float32, device=device)
+            ops.block_scores(qk, kk, lse, scores, lay, cfg, launch, tiles, start, stop, scale_log2)
+            first = torch.arange(start, stop, unit, device=device)
             chosen = choose_blocks(scores, first, selection)  # [B, Hs, u, width]
-            started = first[None, :] < torch.clamp(lengths, max=stop)[:, None]
-            chosen = torch.where(started[:, None, :, None], chosen, torch.full_like(chosen, -1))
-            pieces.append(chosen[:, :, : -(-(stop - start) // unit)])
+            started = first[None, :] < lengths[:, None]
+            pieces.append(torch.where(started[:, None, :, None], chosen, torch.full_like(chosen, -1)))
     indices = torch.cat(pieces, dim=2)
     assert indices.shape[2] == num_units
     return SelectionResult(indices, unit, per_head, num_blocks)

@@ -43,7 +43,7 @@ def assert_clean_failure(result: click.testing.Result, *fragments: str) -> None:
 
 
 def test_bundled_patterns_are_known() -> None:
-    assert {"videonsa", "nsa", "window", "qblock-small", "videonsa-qblock", "videonsa-w512"} <= set(BUNDLED)
+    assert {"videonsa", "nsa", "window", "qblock-small", "videonsa-qblock", "videonsa-q8", "videonsa-w512"} <= set(BUNDLED)
 
 
 @pytest.mark.parametrize("name", BUNDLED)

@@ -293,10 +293,11 @@ def test_videonsa_w512_documented_values() -> None:
     assert "512" in p.description
 
 
-def test_videonsa_qblock_inherits() -> None:
-    base, p = load_pattern("videonsa"), load_pattern("videonsa-qblock")
-    assert p.selection == dataclasses.replace(base.selection, granularity="query_block", query_block=64)
-    assert p.causal_granularity == 64
+@pytest.mark.parametrize("name,tile", [("videonsa-qblock", 64), ("videonsa-q8", 8)])
+def test_videonsa_qblock_inherits(name: str, tile: int) -> None:
+    base, p = load_pattern("videonsa"), load_pattern(name)
+    assert p.selection == dataclasses.replace(base.selection, granularity="query_block", query_block=tile)
+    assert p.causal_granularity == tile
     assert p.keys_per_query == 2304
 
 

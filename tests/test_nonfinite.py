@@ -109,7 +109,7 @@ def test_nonfinite_rows_follow_causality(case):
             assert expected <= {(batch_row, position)}
         else:
             assert all(row == batch_row and t >= position for row, t in expected) or pattern_name == "hybrid-all"
-    for backend in ("flex", "flex-eager") + (("triton",) if pattern_name != "qblock" else ()):  # triton: token granularity
+    for backend in ("flex", "flex-eager", "triton"):
         got = nonfinite_rows(_attention(pattern_name, backend)(q, k, v, token_types=types))
         if tensor == "v" and backend in TILED:
             assert expected <= got, (backend, sorted(expected - got))

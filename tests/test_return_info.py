@@ -69,8 +69,8 @@ def _compile(pattern: Pattern, backend: str, monkeypatch):
     return nsaflex.compile(pattern, backend=backend, device="cpu")
 
 
-# (backend, query_block): the triton kernels select per token only
-CASES = [("reference", False), ("flex", False), ("triton", False), ("reference", True), ("flex", True)]
+# (backend, query_block)
+CASES = [("reference", False), ("flex", False), ("triton", False), ("reference", True), ("flex", True), ("triton", True)]
 
 
 @pytest.mark.parametrize("hybrid", [False, True], ids=["whole-rows", "hybrid"])

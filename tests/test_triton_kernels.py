@@ -23,6 +23,7 @@ from hypothesis import strategies as st  # noqa: E402
 
 from nsaflex.backends.triton import BACKEND  # noqa: E402
 from nsaflex.errors import BackendUnavailable, InputError  # noqa: E402
+from nsaflex.loader import load_pattern  # noqa: E402
 from nsaflex.plan import make_plan  # noqa: E402
 from nsaflex.pooling import MLPPooling  # noqa: E402
 from nsaflex.reference import reference_attention  # noqa: E402
@@ -36,15 +37,18 @@ MORE = settings(max_examples=40, deadline=None, suppress_health_check=list(Healt
 TOL = 3e-4  # float32 inputs: relative error against float64
 
 
-def kernel_patterns():
-    opts = dict(small=True, granularities=("token",), allow_layers=False, allow_budget=False, allow_model=False)
+def kernel_patterns(granularities=("token",)):
+    """Small patterns of the kernels' space (``query_block``: tiles m of 1 to 16
+    queries dividing l' <= 16), with head or group scoring, forced blocks,
+    legacy visibility, MLP pooling, gates and hybrid token classes."""
+    opts = dict(small=True, granularities=granularities, allow_layers=False, allow_budget=False, allow_model=False)
     return st.one_of(any_patterns(**opts), any_patterns(branches={"compression", "selection"}, **opts),
                      any_patterns(branches={"compression", "selection", "window"}, **opts))
 
 
 @st.composite
-def cases(draw, *, max_len=40):
-    pattern = draw(kernel_patterns())
+def cases(draw, *, max_len=40, granularities=("token",)):
+    pattern = draw(kernel_patterns(granularities))
     batch = draw(st.integers(1, 2))
     kv_heads = draw(st.integers(1, 2))
     group = draw(st.sampled_from((1, 2, 3, 7)))
@@ -148,6 +152,133 @@ def test_backward_matches_reference(case):
 @given(cases())
 def test_forward_and_backward_many_draws(case):
     check(*case, backward=True)
+
+
+# -- query-block granularity: one selection per tile of m queries -----------------------------
+
+
+@FEW
+@given(cases(granularities=("query_block",)))
+def test_query_block_forward_matches_reference(case):
+    check(*case, backward=False)
+
+
+@FEW
+@given(cases(max_len=24, granularities=("query_block",)))
+def test_query_block_backward_matches_reference(case):
+    check(*case, backward=True)
+
+
+def _query_block_pattern(m, *, scoring="group", visibility="causal", pooling="mean", hybrid=None,
+                         granularity="query_block"):
+    """Tiles of m queries in selection blocks of max(16, m) keys, one free slot
+    (count 2, the current block forced): which candidate a tile takes depends
+    on its queries' summed scores, where single queries often rank otherwise."""
+    return Pattern(
+        name=f"q{m}", compression=Compression(block=8, stride=8, visibility=visibility, pooling=pooling,
+                                              mlp_hidden=8 if pooling == "mlp" else None),
+        selection=Selection(block=max(16, m), count=2, forced=("current",), scoring=scoring, granularity=granularity,
+                            query_block=m if granularity == "query_block" else None),
+        window=Window(size=5), gate=Gate(kind="mlp", temperature=0.5),
+        hybrid=Hybrid(vision_keys=hybrid) if hybrid is not None else None,
+    )
+
+
+def _differs_from_token_selection(pattern, shape, seed, types):
+    """Whether the reference's output of ``pattern`` differs from that of the same
+    pattern with per-token selection on these inputs (so that a backend that
+    selected per token could not pass ``check``)."""
+    token = _query_block_pattern(pattern.selection.query_block, granularity="token", scoring=pattern.selection.scoring,
+                                 visibility=pattern.compression.visibility, pooling=pattern.compression.pooling,
+                                 hybrid=pattern.hybrid.vision_keys if pattern.hybrid is not None else None)
+    q, k, v, gates, types, pooler = make_inputs(pattern, shape, seed, types)
+    a = reference_attention(q, k, v, pattern, gates, types, pooler)
+    b = reference_attention(q, k, v, token, gates, types, pooler)
+    return rel(a, b) > 10 * TOL
+
+
+@pytest.mark.parametrize("m,length,kv_heads,group",
+                         [(8, 100, 2, 7), (16, 100, 2, 3), (32, 160, 2, 2), (64, 260, 1, 2), (128, 400, 1, 1)])
+def test_query_block_tiles_share_one_list(m, length, kv_heads, group):
+    """Tiles of 8 to 128 queries, several candidates per tile for one free
+    slot: outputs and gradients as the reference's (whose output differs from
+    per-token selection's on these inputs), and every query of a tile holds
+    its tile's block list (the kernels' per-token lists)."""
+    from nsaflex.kernels.ops import record_forward
+
+    pattern = _query_block_pattern(m)
+    shape = (1, kv_heads, group, length, 16)
+    assert _differs_from_token_selection(pattern, shape, m, None)
+    with record_forward() as seen:
+        check(pattern, shape, m, None, backward=True)
+    sel = seen["sel"]
+    for first in range(0, length, m):
+        tile = sel[:, :, first:min(length, first + m)]
+        assert torch.equal(tile, tile[:, :, :1].expand_as(tile)), first
+
+
+@pytest.mark.parametrize(
+    "scoring,visibility,pooling,hybrid",
+    [("head", "causal", "mean", None), ("group", "videonsa_legacy", "mlp", None), ("head", "videonsa_legacy", "mean", "vision"),
+     ("group", "causal", "mlp", "all")],
+    ids=["head", "legacy-mlp", "head-legacy-packed", "hybrid-all-keys"],
+)
+def test_query_block_variants(scoring, visibility, pooling, hybrid):
+    """Tiles of 8 queries with head scoring, legacy visibility, MLP pooling and
+    hybrid rows (the compacted vision sequences packed with cu_seqlens, or all
+    keys), forward and backward; a vision run of 60 tokens after 3 text tokens
+    puts its tiles off the row's tile grid."""
+    types = torch.tensor([[0] * 3 + [1] * 60 + [0] * 2 + [1] * 15, [1] * 47 + [0] * 33]) if hybrid else None
+    pattern = _query_block_pattern(8, scoring=scoring, visibility=visibility, pooling=pooling, hybrid=hybrid)
+    if visibility == "causal":
+        # (legacy visibility hides the past blocks' compressed tokens: every
+        # candidate scores 0 and ties go to the lower index at either granularity)
+        assert _differs_from_token_selection(pattern, (2, 1, 3, 80, 16), 7, types)
+    check(pattern, (2, 1, 3, 80, 16), 7, types, backward=True)
+
+
+def test_query_block_plan_records_the_choice():
+    """The plan names the per-tile top-n, the lists expanded to the tile's
+    tokens, and whether the selection kernel's token tiles span query tiles
+    (Qwen2.5-VL's 28/4 heads: 9-token tiles across 64-query tiles)."""
+    plan = make_plan(load_pattern("videonsa-qblock"), "triton", "cpu")
+    selection = next(b for b in plan.branches if b.branch == "selection")
+    notes = " ".join(selection.notes)
+    assert "ranks each tile once" in selection.kernel and selection.constants["query_block"] == 64
+    assert "expanded to the tile's tokens" in notes
+    assert "tiles of 9 tokens (G = 7) span up to 2 tiles of 64 queries" in notes
+
+
+@pytest.mark.parametrize("m", [3, 12, 24])
+def test_query_block_tiles_not_a_power_of_two(m):
+    """Tiles of 3, 12 and 24 queries in blocks of 24 keys (compression stride 3):
+    a score program holds one tile in 16-token sub-tiles, rows past the tile
+    masked; the top-n walks tiles m tokens apart."""
+    pattern = Pattern(name=f"q{m}", compression=Compression(block=6, stride=3),
+                      selection=Selection(block=24, count=2, forced=("current",), granularity="query_block",
+                                          query_block=m),
+                      window=Window(size=5), gate=Gate(kind="linear"))
+    check(pattern, (1, 1, 2, 110, 16), m, None, backward=True)
+
+
+def test_auto_runs_query_block_on_triton_on_cuda(monkeypatch):
+    """auto on CUDA takes the Triton kernels for a query-block pattern they serve
+    and records why; a pattern they refuse goes to flex, the refusal recorded."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    plan = make_plan(load_pattern("videonsa-q8"), "auto", "cuda")
+    assert plan.backend == "triton" and "query_block (m = 8) served by the Triton kernels" in plan.chosen_because
+    assert plan.to_dict()["chosen_because"] == plan.chosen_because
+    odd = Pattern(name="odd", compression=Compression(block=4, stride=4), gate=Gate(kind="mlp"),
+                  selection=Selection(block=12, count=2, granularity="query_block", query_block=4))
+    routed = make_plan(odd, "auto", "cuda")
+    assert routed.backend == "flex" and "power of two" in dict(routed.reasons)["triton"]
+    assert make_plan(load_pattern("videonsa-q8"), "triton", "cuda").chosen_because == ""
+
+
+def test_query_block_top_n_in_chunks():
+    """Query chunks of 16 tokens (the smallest) split the tiles' top-n across
+    launches: each chunk's buffer rows are its tiles, numbered from the chunk."""
+    check(_query_block_pattern(8), (1, 1, 2, 60, 16), 5, None, backward=False, topn_chunk=1)
 
 
 # -- fixed cases that cover what random draws reach rarely ------------------------------
@@ -436,7 +567,7 @@ def test_top_n_search_picks_the_best_with_ties_to_the_lower_index(tokens, count,
         scores, sel, zero, zero + tokens, *scores.stride()[:3], *sel.stride()[:3], 0, tokens,
         ROWS=rows, JP=head, CHAIN=chain, SPREAD=spread, LS=1, COUNT=count,
         FIRST="first" in forced, PREV="previous" in forced, CUR="current" in forced, NT=nt,
-        JT=max(1, tail), TAIL=tail > 0, num_warps=1,
+        JT=max(1, tail), TAIL=tail > 0, UNIT=1, num_warps=1,
     )
     for t in range(tokens):
         row = scores[0, 0, t, : t + 1].cpu()
@@ -538,11 +669,13 @@ def test_topn_chunk_is_bounded():
 # -- refusals ----------------------------------------------------------------------------------
 
 
-def test_refuses_query_block_and_auto_routes_elsewhere():
-    pattern = Pattern(name="qb", compression=Compression(block=4, stride=4),
-                      selection=Selection(block=4, count=2, granularity="query_block", query_block=2),
-                      gate=Gate(kind="mlp"))
-    assert "query_block" in BACKEND.unsupported(pattern, "cpu")
+def test_refuses_what_the_score_pass_cannot_step_over():
+    """A selection block of 3 compression strides: the score pass steps over a
+    power of two of compressed tokens, so the backend refuses and auto routes
+    to flex."""
+    pattern = Pattern(name="odd", compression=Compression(block=4, stride=4),
+                      selection=Selection(block=12, count=2), gate=Gate(kind="mlp"))
+    assert "power of two" in BACKEND.unsupported(pattern, "cpu")
     with pytest.raises(BackendUnavailable):
         make_plan(pattern, "triton", "cpu")
 

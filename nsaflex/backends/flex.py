@@ -647,8 +647,12 @@ class FlexBackend:
         if pattern.selection is not None:
             s = pattern.selection
             notes = [
-                "scores: chunked over queries (nsaflex.scoring), never [L x N] probabilities at once; "
-                "Eq. 9 by strided shift-and-add; top-n with ties to the lower index",
+                ("scores: the Triton backend's scoring kernels (plan option scoring_kernel auto on CUDA with float32 "
+                 "ranking, or triton): cmp_lse_kernel (log-sum-exp alone), then per query chunk cmp_score_kernel "
+                 "(Eq. 9 block scores, summed over the group's heads"
+                 + (f" and each tile of {s.query_block} queries" if s.granularity == "query_block" else "")
+                 + "), top-n in torch; otherwise torch scoring (nsaflex.scoring, Eq. 9 by strided shift-and-add); "
+                 "both chunked over queries, never [L x N] probabilities at once; ties to the lower index"),
                 "mask_mod reads a per-unit selection bitmap [B, Hs, U, ceil(J/32)] int32, exact on its own",
             ]
             if s.granularity == "query_block":

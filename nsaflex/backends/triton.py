@@ -1,6 +1,8 @@
-"""The Triton backend: custom kernels for token-level NSA (``nsaflex.kernels``).
+"""The Triton backend: custom kernels for NSA (``nsaflex.kernels``).
 
-Every query selects its own blocks (NSA's per-token semantics), for any GQA
+Every query selects its own blocks (NSA's per-token semantics), or every
+tile of ``m`` queries shares one selection (``granularity: query_block``:
+one top-n per tile, its list written to the tile's queries), for any GQA
 group size (heads are packed into the kernels' row tiles, never padded in
 memory). The compression branch runs as two passes (log-sum-exp, then
 output + Eq. 9 block scores), the top-n as a second step over each query
@@ -77,17 +79,32 @@ class TritonBackend:
                 ("pooling in torch ahead of the kernels",),
             ))
         if cfg.has_slc:
-            topn = "cmp_score_kernel writes a query chunk's block scores, then topn_select_kernel (exact bisection over the score bits)"
             launch = launch_choices(HEAD_DIMS[0], 1)  # the chunk bounds do not depend on the head dim or group
-            notes = (f"block scores (Eq. 9, {'head' if cfg.head_scoring else 'group'}-summed) written per query chunk "
-                     f"of up to {launch.topn_chunk} tokens ([B, Hsel, chunk, t_end / l'], under "
-                     f"{launch.topn_buffer_bytes >> 20} MiB); the compression probabilities [L, L/d] are never written",)
+            summed = "head" if cfg.head_scoring else "group"
+            if cfg.unit == 1:
+                topn = ("cmp_score_kernel writes a query chunk's block scores, then topn_select_kernel (exact bisection "
+                        "over the score bits)")
+                notes = [f"block scores (Eq. 9, {summed}-summed) written per query chunk of up to {launch.topn_chunk} "
+                         f"tokens ([B, Hsel, chunk, t_end / l'], under {launch.topn_buffer_bytes >> 20} MiB); the "
+                         "compression probabilities [L, L/d] are never written"]
+            else:
+                m = cfg.unit
+                topn = (f"cmp_score_kernel writes a query chunk's block scores per tile of {m} queries, then "
+                        f"topn_select_kernel ranks each tile once (exact bisection over the score bits) and writes its "
+                        f"block list to the tile's {m} query rows")
+                notes = [f"query_block m = {m}: one top-n per tile (L/{m} rows), Eq. 9 block scores summed over the "
+                         f"tile's queries{'' if cfg.head_scoring else ' and the group heads'}, candidates and forced "
+                         f"blocks those of the tile's first query; up to {launch.topn_chunk} tiles a query chunk "
+                         f"([B, Hsel, chunk / {m}, t_end / l'], under {launch.topn_buffer_bytes >> 20} MiB)",
+                         "the block lists expanded to the tile's tokens, so slc_win_kernel and the backward kernels "
+                         "run per-token lists unchanged: each query attends exactly its tile's blocks",
+                         _tile_spans(pattern, cfg)]
             plans.append(BranchPlan(
                 "selection", self.name, f"{topn}; slc_win_kernel over the tile's union of blocks",
                 "per-token block lists (int32 [B, H, L, n+4]) with per-row hit masks",
-                {"block": cfg.slc_block, "count": cfg.count, "scoring": "head" if cfg.head_scoring else "group",
-                 "eq9": [cfg.eq9_a, cfg.eq9_b], "top_slots": cfg.nt},
-                notes,
+                {"block": cfg.slc_block, "count": cfg.count, "scoring": summed,
+                 "eq9": [cfg.eq9_a, cfg.eq9_b], "top_slots": cfg.nt, "query_block": cfg.unit},
+                tuple(notes),
             ))
         if cfg.has_win:
             plans.append(BranchPlan("window", self.name, "slc_win_kernel (fused with selection and gating)",
@@ -122,6 +139,27 @@ class TritonBackend:
             return _sparse_forward(pattern, cfg, q, k, v, gates, token_types, pooler, info=info)
 
         return kernel
+
+
+def _tile_spans(pattern: Pattern, cfg: Any) -> str:
+    """Whether the selection kernel's token tiles lie inside one query tile of
+    ``cfg.unit`` queries (both aligned to the sparse sequence's start), for
+    the pattern's head counts where it names them."""
+    from nsaflex.kernels.ops import _Tiles, launch_choices
+
+    m = cfg.unit
+    model = pattern.model
+    if model.query_heads is None or model.kv_heads is None:
+        return (f"slc_win_kernel tiles of about 64 / G tokens (G: query heads per kv head, set by the inputs): "
+                f"where one spans several tiles of {m} queries, it runs the union of their lists, each row masked to "
+                "its own tile's blocks")
+    group = model.query_heads // model.kv_heads
+    tiles = _Tiles(cfg, launch_choices(model.head_dim or HEAD_DIMS[-2], group), group)
+    tokens = tiles.bt_sel
+    if m % tokens == 0:
+        return f"slc_win_kernel tiles of {tokens} tokens lie inside one tile of {m} queries: one block list each"
+    return (f"slc_win_kernel tiles of {tokens} tokens (G = {group}) span up to {-(-(tokens - 1) // m) + 1} tiles of "
+            f"{m} queries: such a tile runs the union of their lists, each row masked to its own tile's blocks")
 
 
 def _check_tensors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: Any = None) -> None:

@@ -14,15 +14,17 @@ its sum over a token's heads cheaper.
 Kernels:
 
 * :func:`cmp_lse_kernel` (pass 1): log-sum-exp (base 2) of every row over its
-  visible compressed tokens and the compression output, flash-style.
+  visible compressed tokens and the compression output, flash-style (the
+  log-sum-exp alone for the flex backend's scoring, ``OUTPUT=False``).
 * :func:`cmp_score_kernel` (pass 2): recomputes the normalised probabilities
   from the saved log-sum-exp, maps the (group-summed) probabilities to
   selection-block scores (NSA Eq. 9, as a small exact matmul with the Eq. 9
   band matrix, carried across chunks) and writes them per query chunk; no
-  ``[L, L/d]`` tensor is written.
-* :func:`topn_select_kernel`: the exact top-n of each token's block scores
-  (a bisection over the score bits, ties to the lower index), written as the
-  block lists.
+  ``[L, L/d]`` tensor is written. ``UNIT = m``: one row per tile of m
+  queries, their scores summed (query-block granularity).
+* :func:`topn_select_kernel`: the exact top-n of each token's (or tile's)
+  block scores (a bisection over the score bits, ties to the lower index),
+  written as the block lists (a tile's list to each of its queries).
 * :func:`slc_win_kernel`: selection attention over the union of the tile's
   selected blocks (per-row hit masks), the sliding window, and the gated
   combination with the compression output: only the final output is written
@@ -336,9 +338,9 @@ def _tile_rows(t0, length, G: tl.constexpr, GR: tl.constexpr, BT: tl.constexpr, 
 @triton.jit
 def _lse_step(q, t, valid, i0, hi, n_cmp, kbase, kdesc, vbase, vdesc, skt, d, m, acc_l, acc, scale_log2,
               BN: tl.constexpr, CBLOCK: tl.constexpr, CSTRIDE: tl.constexpr, LEGACY: tl.constexpr,
-              IEEE: tl.constexpr, TMA: tl.constexpr, MASKED: tl.constexpr):
+              IEEE: tl.constexpr, TMA: tl.constexpr, MASKED: tl.constexpr, OUTPUT: tl.constexpr):
     """One step of :func:`cmp_lse_kernel` over compressed tokens ``i0 .. i0 + BN``:
-    the running max ``m``, sum ``acc_l`` and output ``acc``. ``MASKED``:
+    the running max ``m``, sum ``acc_l`` and (``OUTPUT``) output ``acc``. ``MASKED``:
     apply the visibility rule per element (off where every row sees the chunk whole)."""
     i = i0 + tl.arange(0, BN)
     kc = _key_rows(kbase, kdesc, i0, i, i < hi, skt, d, TMA)
@@ -347,8 +349,11 @@ def _lse_step(q, t, valid, i0, hi, n_cmp, kbase, kdesc, vbase, vdesc, skt, d, m,
         vis = _visible(i, t, n_cmp, CBLOCK, CSTRIDE, LEGACY) & valid[:, None]
         s = tl.where(vis, s, float("-inf"))
     m, alpha, p = _online_softmax(m, s, scale_log2)
-    vc = _key_rows(vbase, vdesc, i0, i, i < hi, skt, d, TMA)
-    acc, acc_l = _accumulate(acc, acc_l, alpha, p, vc, IEEE)
+    if OUTPUT:
+        vc = _key_rows(vbase, vdesc, i0, i, i < hi, skt, d, TMA)
+        acc, acc_l = _accumulate(acc, acc_l, alpha, p, vc, IEEE)
+    else:
+        acc_l = acc_l * alpha + tl.sum(p, axis=1)
     return m, acc_l, acc
 
 
@@ -359,6 +364,7 @@ def cmp_lse_kernel(
     scale_log2,
     G: tl.constexpr, GR: tl.constexpr, BT: tl.constexpr, R: tl.constexpr, BN: tl.constexpr, D: tl.constexpr,
     CBLOCK: tl.constexpr, CSTRIDE: tl.constexpr, LEGACY: tl.constexpr, IEEE: tl.constexpr, TMA: tl.constexpr,
+    OUTPUT: tl.constexpr,
 ):
     """Log-sum-exp (base 2) of every row over its visible compressed tokens,
     ``lse = log2 sum_i exp2(s_i)`` with ``s_i = q . kc_i * log2(e) / sqrt(D)``,
@@ -367,6 +373,9 @@ def cmp_lse_kernel(
     when a backward follows, else q's dtype), accumulated flash-style (running
     max, rescaled sums), so that the score pass needs no values. H200, 128K
     video: the two passes 10.6 ms against 12.3 with the output in the score pass.
+    ``OUTPUT`` False (the FlexAttention backend's scoring, which runs the
+    compression branch itself): the log-sum-exp alone; ``VC`` and ``OC`` are
+    not read or written.
 
     Rows: :func:`_tile_rows` (``BT`` tokens, ``GR`` rows per token, ``R`` rows).
     ``TMA``: compressed keys (and values) through tensor descriptors (:func:`_sequence_desc`)."""
@@ -389,7 +398,10 @@ def cmp_lse_kernel(
         kbase = KC + bb * skb + hk.to(tl.int64) * skh + cstart * skt
         kdesc = _sequence_desc(kbase, n_cmp, skt, BN, D, TMA)
         vbase = VC + bb * skb + hk.to(tl.int64) * skh + cstart * skt
-        vdesc = _sequence_desc(vbase, n_cmp, skt, BN, D, TMA)
+        if OUTPUT:
+            vdesc = _sequence_desc(vbase, n_cmp, skt, BN, D, TMA)
+        else:
+            vdesc = vbase  # not read
         # Chunks every row of the tile sees whole (causal: the tile's first token sees
         # them) need no per-element mask; rows past the end or padding heads compute
         # finite garbage there that is never stored.
@@ -398,12 +410,14 @@ def cmp_lse_kernel(
         for masked in tl.static_range(2):
             for i0 in range(mid if masked else lo, hi if masked else mid, BN):
                 m, acc_l, acc = _lse_step(q, t, valid, i0, hi, n_cmp, kbase, kdesc, vbase, vdesc, skt, d, m, acc_l,
-                                          acc, scale_log2, BN, CBLOCK, CSTRIDE, LEGACY, IEEE, TMA, masked == 1)
+                                          acc, scale_log2, BN, CBLOCK, CSTRIDE, LEGACY, IEEE, TMA, masked == 1,
+                                          OUTPUT)
         lse = tl.where(acc_l > 0, m + tl.log2(acc_l), 0.0)
         lse_base, lse_rows = _rows_at(b, hk, start, g, t, slb, slh, slt, G)
         tl.store(LSE + lse_base + lse_rows, lse, mask=valid)
-        o = acc / tl.where(acc_l > 0, acc_l, 1.0)[:, None]
-        tl.store(OC + q_base + q_rows[:, None] + d[None, :], o.to(OC.dtype.element_ty), mask=valid[:, None])
+        if OUTPUT:
+            o = acc / tl.where(acc_l > 0, acc_l, 1.0)[:, None]
+            tl.store(OC + q_base + q_rows[:, None] + d[None, :], o.to(OC.dtype.element_ty), mask=valid[:, None])
 
 
 @triton.jit
@@ -447,20 +461,16 @@ def _group_sum(p, BT: tl.constexpr, GP: tl.constexpr, BN: tl.constexpr, PERM: tl
 
 
 @triton.jit
-def _score_step(c, q, lse, t, valid, n_cmp, kbase, kdesc, skt, d, carry, m_self, m_next, jl, n_cand, valid_s,
-                SBUF, sb_row, scale_log2, BT: tl.constexpr, GP: tl.constexpr, BN: tl.constexpr, NT: tl.constexpr,
-                A: tl.constexpr, BB: tl.constexpr, CBLOCK: tl.constexpr, CSTRIDE: tl.constexpr,
-                LEGACY: tl.constexpr, IEEE: tl.constexpr, TMA: tl.constexpr, HEAD_SCORING: tl.constexpr,
-                PERM: tl.constexpr, MASKED: tl.constexpr):
-    """Chunk ``c`` of :func:`cmp_score_kernel`'s scoring loop (compressed tokens
-    ``c * BN ..``, blocks ``c * NT ..``): probabilities, the block scores of the
-    candidate blocks (+0 for -0) into the chunk's buffer. Returns the Eq. 9
-    carry into the next chunk. ``MASKED``: apply the visibility rule per
-    element (off where every row sees the chunk whole; padding rows have
-    lse = +inf, so p = 0 there)."""
-    i = c * BN + tl.arange(0, BN)
-    kc = _key_rows(kbase, kdesc, c * BN, i, i < n_cmp, skt, d, TMA)
-    s = _dot(q, tl.trans(kc), IEEE)
+def _chunk_probs(kt, q, lse, t, valid, i, n_cmp, scale_log2, BT: tl.constexpr, GP: tl.constexpr, BN: tl.constexpr,
+                 CBLOCK: tl.constexpr, CSTRIDE: tl.constexpr, LEGACY: tl.constexpr, IEEE: tl.constexpr,
+                 HEAD_SCORING: tl.constexpr, PERM: tl.constexpr, MASKED: tl.constexpr):
+    """The normalised probabilities ``p = exp2(q . kc * scale_log2 - lse)`` of a
+    score tile's rows against compressed tokens ``i`` [BN] (keys ``kt`` [D,
+    BN]): per row ``[R, BN]`` (head scoring) or summed over each token's heads
+    ``[BT, BN]`` (group scoring). ``MASKED``: apply the visibility rule per
+    element (off where every row sees the chunk whole; padding rows have lse =
+    +inf, so p = 0 there)."""
+    s = _dot(q, kt, IEEE)
     p = tl.exp2(tl.fma(s, scale_log2, -lse[:, None]))
     if MASKED:
         vis = _visible(i, t, n_cmp, CBLOCK, CSTRIDE, LEGACY) & valid[:, None]
@@ -469,15 +479,193 @@ def _score_step(c, q, lse, t, valid, n_cmp, kbase, kdesc, skt, d, carry, m_self,
         ps = p
     else:
         ps = _group_sum(p, BT, GP, BN, PERM)
+    return ps
+
+
+@triton.jit
+def _eq9_scores(ps, carry, m_self, m_next, A: tl.constexpr, BB: tl.constexpr):
+    """Summed probabilities ``ps`` [rows, A * NT] of one chunk -> its blocks'
+    Eq. 9 scores [rows, NT] (the band matrix ``m_self``, plus the ``carry``
+    from the chunk before) and the carry into the next chunk."""
     if A == 1 and BB == 1:
         bs = ps
     else:
         bs = tl.dot(ps, m_self, input_precision="ieee") + carry
         carry = tl.dot(ps, m_next, input_precision="ieee")
-    j = c * NT + jl
+    return bs, carry
+
+
+@triton.jit
+def _store_scores(SBUF, sb_row, bs, j, n_cand, valid_s):
+    """Block scores ``bs`` [rows, NT] of blocks ``j`` [NT], clamped at +0 (+0
+    for -0), into the selecting rows' buffer rows ``sb_row``: only the
+    candidates ``j < n_cand`` of valid rows."""
     put = (j[None, :] < n_cand[:, None]) & valid_s[:, None]
     tl.store(SBUF + sb_row[:, None] + j[None, :], tl.where(bs > 0, bs, 0.0), mask=put)
+
+
+@triton.jit
+def _mark_forced(SBUF, sb_row, f0, f1, f2, n_cand, valid_s):
+    """Forced blocks among the candidates read -1 for :func:`topn_select_kernel`
+    (one comparison there marks candidates). The score loop's stores to these
+    entries came from other threads of the program: a barrier first."""
+    tl.debug_barrier()
+    sb_ptr = SBUF + sb_row
+    tl.store(sb_ptr + f0, -1.0, mask=_forced_candidate(f0, n_cand) & valid_s)
+    tl.store(sb_ptr + f1, -1.0, mask=_forced_candidate(f1, n_cand) & valid_s)
+    tl.store(sb_ptr + f2, -1.0, mask=_forced_candidate(f2, n_cand) & valid_s)
+
+
+@triton.jit
+def _score_step(c, q, lse, t, valid, n_cmp, kbase, kdesc, skt, d, carry, m_self, m_next, jl, n_cand, valid_s,
+                SBUF, sb_row, scale_log2, BT: tl.constexpr, GP: tl.constexpr, BN: tl.constexpr, NT: tl.constexpr,
+                A: tl.constexpr, BB: tl.constexpr, CBLOCK: tl.constexpr, CSTRIDE: tl.constexpr,
+                LEGACY: tl.constexpr, IEEE: tl.constexpr, TMA: tl.constexpr, HEAD_SCORING: tl.constexpr,
+                PERM: tl.constexpr, MASKED: tl.constexpr):
+    """Chunk ``c`` of :func:`cmp_score_kernel`'s scoring loop (compressed tokens
+    ``c * BN ..``, blocks ``c * NT ..``): probabilities, the block scores of the
+    candidate blocks (+0 for -0) into the chunk's buffer. Returns the Eq. 9
+    carry into the next chunk."""
+    i = c * BN + tl.arange(0, BN)
+    kc = _key_rows(kbase, kdesc, c * BN, i, i < n_cmp, skt, d, TMA)
+    ps = _chunk_probs(tl.trans(kc), q, lse, t, valid, i, n_cmp, scale_log2, BT, GP, BN, CBLOCK, CSTRIDE, LEGACY, IEEE,
+                      HEAD_SCORING, PERM, MASKED)
+    bs, carry = _eq9_scores(ps, carry, m_self, m_next, A, BB)
+    _store_scores(SBUF, sb_row, bs, c * NT + jl, n_cand, valid_s)
     return carry
+
+
+@triton.jit
+def _eq9_bands(NT: tl.constexpr, BN: tl.constexpr, A: tl.constexpr, BB: tl.constexpr):
+    """(block offsets ``jl`` [NT], token offsets ``il`` [BN], the Eq. 9 band
+    matrices [BN, NT] of a score chunk's own blocks and of the next chunk's)."""
+    jl = tl.arange(0, NT)
+    il = tl.arange(0, BN)
+    m_self = _eq9_count(A * jl[None, :] - il[:, None], A, BB)
+    m_next = _eq9_count(A * (jl[None, :] + NT) - il[:, None], A, BB)
+    return jl, il, m_self, m_next
+
+
+@triton.jit
+def _score_chunks(t0, t_last, n_cmp, BN: tl.constexpr, NT: tl.constexpr, LS: tl.constexpr, CBLOCK: tl.constexpr,
+                  CSTRIDE: tl.constexpr, LEGACY: tl.constexpr):
+    """(n_full, n_iter): the score loop's chunks for tokens ``t0 .. t_last``,
+    enough to cover their visible compressed tokens and candidate blocks.
+    Chunks that every row sees whole (causal: the tile's first token sees
+    them) skip the per-element visibility mask: two loops, unrolled at
+    compile time, [0, n_full) unmasked, then [n_full, n_iter) masked."""
+    jc_last = (t_last + 1) // LS
+    if LEGACY:
+        n_iter = tl.maximum(tl.cdiv(n_cmp, BN), tl.cdiv(jc_last, NT))
+    else:
+        n_iter = tl.maximum(tl.cdiv(_num_visible(t_last, n_cmp, CBLOCK, CSTRIDE), BN), tl.cdiv(jc_last, NT))
+    n_full = 0 if LEGACY else tl.minimum(_num_visible(t0, n_cmp, CBLOCK, CSTRIDE) // BN, n_iter)
+    return n_full, n_iter
+
+
+@triton.constexpr_function
+def unit_tile_tokens(bt, unit):
+    """Tokens of a score-pass program for selection units of ``unit`` queries
+    (query-block granularity; 1: tokens): ``bt`` tokens holding ``bt // unit``
+    whole units where ``unit`` divides ``bt``, else one unit, scored in
+    sub-tiles of ``bt`` tokens (the last one masked past the unit)."""
+    return bt if bt % unit == 0 else unit
+
+
+@triton.jit
+def _score_tile(Q, LSE, b, hk, start, t0, length, sqb, sqh, sqt, slb, slh, slt,
+                G: tl.constexpr, GP: tl.constexpr, R: tl.constexpr, D: tl.constexpr, PERM: tl.constexpr):
+    """A score-pass tile of ``R // GP`` tokens from ``t0`` (rows :func:`_score_rows`,
+    tokens at or past ``length`` not valid): (t, valid, q [R, D], lse [R]),
+    the lse +inf on rows that are not valid."""
+    t, g, valid = _score_rows(t0, length, G, GP, R, PERM)
+    q_base, q_rows = _rows_at(b, hk, start, g, t, sqb, sqh, sqt, G)
+    q = tl.load(Q + q_base + q_rows[:, None] + tl.arange(0, D)[None, :], mask=valid[:, None], other=0.0)
+    lse = tl.load(LSE + b.to(tl.int64) * slb + (hk * G + g) * slh + (start + t) * slt, mask=valid, other=0.0)
+    return t, valid, q, tl.where(valid, lse, float("inf"))
+
+
+@triton.jit
+def _unit_sum(bs, BT: tl.constexpr, GP: tl.constexpr, NT: tl.constexpr, UNIT: tl.constexpr, UPT: tl.constexpr,
+              HEAD_SCORING: tl.constexpr):
+    """Token-row block scores of a score tile -> its units' scores: ``[BT, NT]``
+    (group scoring) -> ``[UPT, NT]``, or ``[BT * GP, NT]`` (head scoring, row
+    ``tok * GP + g``) -> ``[UPT * GP, NT]`` (row ``unit * GP + g``). ``UPT`` = 1:
+    every row belongs to the one unit (rows past it hold zeros)."""
+    if HEAD_SCORING:
+        if UPT == 1:
+            return tl.sum(tl.reshape(bs, [BT, GP, NT]), axis=0)
+        else:
+            return tl.reshape(tl.sum(tl.reshape(bs, [UPT, UNIT, GP, NT]), axis=1), [UPT * GP, NT])
+    else:
+        if UPT == 1:
+            return tl.sum(bs, axis=0)[None, :]
+        else:
+            return tl.sum(tl.reshape(bs, [UPT, UNIT, NT]), axis=1)
+
+
+@triton.jit
+def _unit_block_scores(Q, KC, LSE, SBUF, b, hk, t0, length, start, cstart, n_cmp,
+                       sqb, sqh, sqt, skb, skh, skt, slb, slh, slt, sbb, sbh, sbt, scale_log2, T_OFF,
+                       G: tl.constexpr, GP: tl.constexpr, BT: tl.constexpr, D: tl.constexpr,
+                       CBLOCK: tl.constexpr, CSTRIDE: tl.constexpr, LEGACY: tl.constexpr, IEEE: tl.constexpr,
+                       BN: tl.constexpr, LS: tl.constexpr, FIRST: tl.constexpr, PREV: tl.constexpr,
+                       CUR: tl.constexpr, HEAD_SCORING: tl.constexpr, NT: tl.constexpr, A: tl.constexpr,
+                       BB: tl.constexpr, TMA: tl.constexpr, UNIT: tl.constexpr):
+    """:func:`cmp_score_kernel` for selection units of ``UNIT`` > 1 queries
+    (query-block granularity): the program's units ``(t0 - T_OFF) / UNIT ..``
+    (:func:`unit_tile_tokens`) get one buffer row each (per head for head
+    scoring), their queries' probabilities summed (Eq. 9 is linear, so the
+    per-token block scores are summed), the candidates and forced blocks those
+    of each unit's first query."""
+    TP: tl.constexpr = unit_tile_tokens(BT, UNIT)
+    UPT: tl.constexpr = TP // UNIT
+    SUB: tl.constexpr = (TP + BT - 1) // BT
+    R: tl.constexpr = BT * GP
+    PERM: tl.constexpr = (not HEAD_SCORING) and GP >= 2 and GP <= 8 and R % 16 == 0
+    bb = b.to(tl.int64)
+    d = tl.arange(0, D)
+    end = tl.minimum(t0 + TP, length)  # the program's tokens: whole units, cut at the sequence's end
+    kbase = KC + bb * skb + hk.to(tl.int64) * skh + cstart * skt
+    kdesc = _sequence_desc(kbase, n_cmp, skt, BN, D, TMA)
+    if HEAD_SCORING:
+        e = tl.arange(0, UPT * GP)
+        tu = t0 + (e // GP) * UNIT
+        gu = e % GP
+        valid_u = (gu < G) & (tu < length)
+        hs = hk * G + gu
+    else:
+        tu = t0 + tl.arange(0, UPT) * UNIT
+        valid_u = tu < length
+        hs = hk
+    f0, f1, f2 = _forced(tu, LS, FIRST, PREV, CUR)
+    n_cand = (tu + 1) // LS
+    sb_row = bb * sbb + hs * sbh + ((tu - T_OFF) // UNIT).to(tl.int64) * sbt
+    jl, il, m_self, m_next = _eq9_bands(NT, BN, A, BB)
+    carry = tl.zeros([R if HEAD_SCORING else BT, NT], tl.float32)
+    n_full, n_iter = _score_chunks(t0, end - 1, n_cmp, BN, NT, LS, CBLOCK, CSTRIDE, LEGACY)
+    if SUB == 1:
+        t, valid, q, lse = _score_tile(Q, LSE, b, hk, start, t0, end, sqb, sqh, sqt, slb, slh, slt, G, GP, R, D, PERM)
+    for masked in tl.static_range(2):
+        for c in range(n_full if masked else 0, n_iter if masked else n_full):
+            i = c * BN + il
+            kt = tl.trans(_key_rows(kbase, kdesc, c * BN, i, i < n_cmp, skt, d, TMA))
+            if SUB == 1:
+                ps = _chunk_probs(kt, q, lse, t, valid, i, n_cmp, scale_log2, BT, GP, BN, CBLOCK, CSTRIDE, LEGACY,
+                                  IEEE, HEAD_SCORING, PERM, masked == 1)
+            else:
+                # A unit longer than the tile: its sub-tiles' probabilities summed
+                # element-wise (row r of every sub-tile belongs to the one unit).
+                ps = tl.zeros([R if HEAD_SCORING else BT, BN], tl.float32)
+                for sub in range(SUB):
+                    t, valid, q, lse = _score_tile(Q, LSE, b, hk, start, t0 + sub * BT, end, sqb, sqh, sqt, slb, slh,
+                                                   slt, G, GP, R, D, PERM)
+                    ps += _chunk_probs(kt, q, lse, t, valid, i, n_cmp, scale_log2, BT, GP, BN, CBLOCK, CSTRIDE,
+                                       LEGACY, IEEE, HEAD_SCORING, PERM, masked == 1)
+            bs, carry = _eq9_scores(ps, carry, m_self, m_next, A, BB)
+            _store_scores(SBUF, sb_row, _unit_sum(bs, BT, GP, NT, UNIT, UPT, HEAD_SCORING), c * NT + jl, n_cand,
+                          valid_u)
+    _mark_forced(SBUF, sb_row, f0, f1, f2, n_cand, valid_u)
 
 
 @triton.jit
@@ -489,81 +677,75 @@ def cmp_score_kernel(
     CBLOCK: tl.constexpr, CSTRIDE: tl.constexpr, LEGACY: tl.constexpr, IEEE: tl.constexpr, BN: tl.constexpr,
     LS: tl.constexpr, FIRST: tl.constexpr, PREV: tl.constexpr, CUR: tl.constexpr,
     HEAD_SCORING: tl.constexpr, NT: tl.constexpr, A: tl.constexpr, BB: tl.constexpr, TMA: tl.constexpr,
+    UNIT: tl.constexpr,
 ):
-    """Token-level block scores from probabilities recomputed with the lse
-    pass's log-sum-exp: ``p_i = exp2(s_i - lse)``, (group-summed, then) mapped
-    to selection blocks by NSA Eq. 9. The loop walks block chunks of NT blocks;
+    """Block scores from probabilities recomputed with the lse pass's
+    log-sum-exp: ``p_i = exp2(s_i - lse)``, (group-summed, then) mapped to
+    selection blocks by NSA Eq. 9. The loop walks block chunks of NT blocks;
     its compressed chunk is [A*jc0, A*jc0 + A*NT) (A = l'/d), so BN = A*NT.
 
-    The program covers tokens ``T_OFF + pid * BT ...`` below ``T_END`` (a
-    query chunk). The block scores (fp32, clamped at +0) of the candidate
-    blocks ``j < (t + 1) // LS`` are written to ``SBUF[b, hs, t - T_OFF, j]``,
-    the forced blocks among them as -1 (so that :func:`topn_select_kernel`
-    tells candidates by their sign); nothing else of the row is written.
+    ``UNIT`` = 1 (token granularity): the program covers tokens ``T_OFF + pid
+    * BT ...`` below ``T_END`` (a query chunk). The block scores (fp32,
+    clamped at +0) of the candidate blocks ``j < (t + 1) // LS`` are written
+    to ``SBUF[b, hs, t - T_OFF, j]``, the forced blocks among them as -1 (so
+    that :func:`topn_select_kernel` tells candidates by their sign); nothing
+    else of the row is written. ``UNIT`` = m > 1 (query-block granularity):
+    the same for each tile of m queries ``u * m ..`` (``T_OFF`` a multiple of
+    m), summed over the tile's queries, into ``SBUF[b, hs, u - T_OFF / m, j]``
+    (:func:`_unit_block_scores`).
     """
+    TP: tl.constexpr = unit_tile_tokens(BT, UNIT)
     pid_t = tl.program_id(0)
     b = tl.program_id(1)
     hk = tl.program_id(2)
     length = tl.minimum(_seq_field(SEQ, b, 1), T_END)
-    t0 = T_OFF + pid_t * BT
+    t0 = T_OFF + pid_t * TP
     if t0 < length:
         start = _seq_field(SEQ, b, 0).to(tl.int64)
         cstart = _seq_field(SEQ, b, 2).to(tl.int64)
         n_cmp = _seq_field(SEQ, b, 3)
-        R: tl.constexpr = BT * GP
-        PERM: tl.constexpr = (not HEAD_SCORING) and GP >= 2 and GP <= 8 and R % 16 == 0
-        t, g, valid = _score_rows(t0, length, G, GP, R, PERM)
-        h = hk * G + g
-        d = tl.arange(0, D)
-        bb = b.to(tl.int64)
-        q_base, q_rows = _rows_at(b, hk, start, g, t, sqb, sqh, sqt, G)
-        q = tl.load(Q + q_base + q_rows[:, None] + d[None, :], mask=valid[:, None], other=0.0)
-        lse = tl.load(LSE + bb * slb + h * slh + (start + t) * slt, mask=valid, other=0.0)
-        # Padding heads and rows past the end have q = 0, so s = 0: an lse of +inf
-        # makes their p = exp2(s - lse) zero where the loop applies no mask.
-        lse = tl.where(valid, lse, float("inf"))
-        t_last = tl.minimum(t0 + BT, length) - 1
-        kbase = KC + bb * skb + hk.to(tl.int64) * skh + cstart * skt
-        kdesc = _sequence_desc(kbase, n_cmp, skt, BN, D, TMA)
-        # Selecting rows: one per token (group scoring) or one per row (head scoring).
-        if HEAD_SCORING:
-            ts = t
-            valid_s = valid
-            hs = h
+        if UNIT > 1:
+            _unit_block_scores(Q, KC, LSE, SBUF, b, hk, t0, length, start, cstart, n_cmp,
+                               sqb, sqh, sqt, skb, skh, skt, slb, slh, slt, sbb, sbh, sbt, scale_log2, T_OFF,
+                               G, GP, BT, D, CBLOCK, CSTRIDE, LEGACY, IEEE, BN, LS, FIRST, PREV, CUR, HEAD_SCORING,
+                               NT, A, BB, TMA, UNIT)
         else:
-            ts = t0 + tl.arange(0, BT)
-            valid_s = ts < length
-            hs = hk
-        f0, f1, f2 = _forced(ts, LS, FIRST, PREV, CUR)
-        n_cand = (ts + 1) // LS  # complete blocks ending at or before ts
-        sb_row = bb * sbb + hs * sbh + (ts - T_OFF).to(tl.int64) * sbt
-        jl = tl.arange(0, NT)
-        il = tl.arange(0, BN)
-        m_self = _eq9_count(A * jl[None, :] - il[:, None], A, BB)
-        m_next = _eq9_count(A * (jl[None, :] + NT) - il[:, None], A, BB)
-        carry = tl.zeros([R if HEAD_SCORING else BT, NT], tl.float32)
-        jc_last = (t_last + 1) // LS
-        if LEGACY:
-            n_iter = tl.maximum(tl.cdiv(n_cmp, BN), tl.cdiv(jc_last, NT))
-        else:
-            n_iter = tl.maximum(tl.cdiv(_num_visible(t_last, n_cmp, CBLOCK, CSTRIDE), BN), tl.cdiv(jc_last, NT))
-        # Chunks that every row sees whole (causal: the tile's first token sees
-        # them) skip the per-element visibility mask: two loops, unrolled at
-        # compile time, [0, n_full) unmasked, then [n_full, n_iter) masked.
-        n_full = 0 if LEGACY else tl.minimum(_num_visible(t0, n_cmp, CBLOCK, CSTRIDE) // BN, n_iter)
-        for masked in tl.static_range(2):
-            for c in range(n_full if masked else 0, n_iter if masked else n_full):
-                carry = _score_step(c, q, lse, t, valid, n_cmp, kbase, kdesc, skt, d, carry, m_self, m_next, jl,
-                                    n_cand, valid_s, SBUF, sb_row, scale_log2, BT, GP, BN, NT, A, BB, CBLOCK, CSTRIDE,
-                                    LEGACY, IEEE, TMA, HEAD_SCORING, PERM, masked == 1)
-        # Forced blocks among the candidates read -1 for topn_select_kernel (one
-        # comparison there marks candidates). The loop's stores to these entries
-        # came from other threads of the program: a barrier first.
-        tl.debug_barrier()
-        sb_ptr = SBUF + sb_row
-        tl.store(sb_ptr + f0, -1.0, mask=_forced_candidate(f0, n_cand) & valid_s)
-        tl.store(sb_ptr + f1, -1.0, mask=_forced_candidate(f1, n_cand) & valid_s)
-        tl.store(sb_ptr + f2, -1.0, mask=_forced_candidate(f2, n_cand) & valid_s)
+            R: tl.constexpr = BT * GP
+            PERM: tl.constexpr = (not HEAD_SCORING) and GP >= 2 and GP <= 8 and R % 16 == 0
+            t, g, valid = _score_rows(t0, length, G, GP, R, PERM)
+            h = hk * G + g
+            d = tl.arange(0, D)
+            bb = b.to(tl.int64)
+            q_base, q_rows = _rows_at(b, hk, start, g, t, sqb, sqh, sqt, G)
+            q = tl.load(Q + q_base + q_rows[:, None] + d[None, :], mask=valid[:, None], other=0.0)
+            lse = tl.load(LSE + bb * slb + h * slh + (start + t) * slt, mask=valid, other=0.0)
+            # Padding heads and rows past the end have q = 0, so s = 0: an lse of +inf
+            # makes their p = exp2(s - lse) zero where the loop applies no mask.
+            lse = tl.where(valid, lse, float("inf"))
+            t_last = tl.minimum(t0 + BT, length) - 1
+            kbase = KC + bb * skb + hk.to(tl.int64) * skh + cstart * skt
+            kdesc = _sequence_desc(kbase, n_cmp, skt, BN, D, TMA)
+            # Selecting rows: one per token (group scoring) or one per row (head scoring).
+            if HEAD_SCORING:
+                ts = t
+                valid_s = valid
+                hs = h
+            else:
+                ts = t0 + tl.arange(0, BT)
+                valid_s = ts < length
+                hs = hk
+            f0, f1, f2 = _forced(ts, LS, FIRST, PREV, CUR)
+            n_cand = (ts + 1) // LS  # complete blocks ending at or before ts
+            sb_row = bb * sbb + hs * sbh + (ts - T_OFF).to(tl.int64) * sbt
+            jl, il, m_self, m_next = _eq9_bands(NT, BN, A, BB)
+            carry = tl.zeros([R if HEAD_SCORING else BT, NT], tl.float32)
+            n_full, n_iter = _score_chunks(t0, t_last, n_cmp, BN, NT, LS, CBLOCK, CSTRIDE, LEGACY)
+            for masked in tl.static_range(2):
+                for c in range(n_full if masked else 0, n_iter if masked else n_full):
+                    carry = _score_step(c, q, lse, t, valid, n_cmp, kbase, kdesc, skt, d, carry, m_self, m_next, jl,
+                                        n_cand, valid_s, SBUF, sb_row, scale_log2, BT, GP, BN, NT, A, BB, CBLOCK,
+                                        CSTRIDE, LEGACY, IEEE, TMA, HEAD_SCORING, PERM, masked == 1)
+            _mark_forced(SBUF, sb_row, f0, f1, f2, n_cand, valid_s)
 
 
 @triton.jit
@@ -582,6 +764,24 @@ def _write_block_list(SEL, sel_row, valid, cols, jsel, chosen, n_chosen, f0, f1,
     tl.store(row + NT + 1, f1, mask=valid)
     tl.store(row + NT + 2, f2, mask=valid)
     tl.store(row + NT + 3, tl.full(f0.shape, -1, tl.int32), mask=valid)
+
+
+@triton.jit
+def _copy_list(SEL, sel_row, sst, ts, valid, length, NT: tl.constexpr, UNIT: tl.constexpr):
+    """The block lists just written at rows ``sel_row`` (queries ``ts``, each
+    the first of a tile of ``UNIT``) copied to the tile's other queries ``ts +
+    1 .. ts + UNIT - 1`` that lie before ``length``: ``NT + 4`` slots a row.
+    The lists were stored by other threads of the program: a barrier first."""
+    tl.debug_barrier()
+    slots = tl.arange(0, NT)
+    extra = NT + tl.arange(0, 4)
+    head = tl.load(SEL + sel_row[:, None] + slots[None, :], mask=valid[:, None], other=-1)
+    tail = tl.load(SEL + sel_row[:, None] + extra[None, :], mask=valid[:, None], other=-1)
+    for k in range(1, UNIT):
+        there = (valid & (ts + k < length))[:, None]
+        row = SEL + (sel_row + k * sst)
+        tl.store(row[:, None] + slots[None, :], head, mask=there)
+        tl.store(row[:, None] + extra[None, :], tail, mask=there)
 
 
 @triton.jit
@@ -638,7 +838,7 @@ def topn_select_kernel(
     T_OFF, T_END,
     ROWS: tl.constexpr, JP: tl.constexpr, CHAIN: tl.constexpr, SPREAD: tl.constexpr,
     LS: tl.constexpr, COUNT: tl.constexpr, FIRST: tl.constexpr, PREV: tl.constexpr, CUR: tl.constexpr,
-    NT: tl.constexpr, JT: tl.constexpr, TAIL: tl.constexpr,
+    NT: tl.constexpr, JT: tl.constexpr, TAIL: tl.constexpr, UNIT: tl.constexpr,
 ):
     """Exact top-(n - |forced|) of ``ROWS x CHAIN`` tokens' block scores (a
     query chunk's ``[B, Hsel, C, >= JW]`` fp32 buffer written by
@@ -665,12 +865,19 @@ def topn_select_kernel(
     count. Past 64K tokens at l' = 64 a chunk's rows hold 1,024 to 2,048
     candidates; one power-of-two width of 2,048 would spend every count and
     scan on up to half a row of padding.
+
+    ``UNIT`` = m > 1 (query-block granularity): the buffer's rows are tiles of
+    m queries (row ``u - T_OFF / m`` holds tile ``u``, scored by
+    :func:`cmp_score_kernel` with the same ``UNIT``); each is ranked once, for
+    its first query ``u * m``, and its block list is written to the rows of
+    all of the tile's queries (:func:`_copy_list`), so that the selection
+    kernels read per-token lists as for token granularity.
     """
     pid = tl.program_id(0)
     hs = tl.program_id(1).to(tl.int64)  # head x head stride passes 2^31 in long sequences
     b = tl.program_id(2)
     length = tl.minimum(tl.load(LENS + b), T_END)
-    t0 = T_OFF + pid * (ROWS * CHAIN)
+    t0 = T_OFF + pid * (ROWS * CHAIN * UNIT)
     if t0 < length:
         start = tl.load(STARTS + b).to(tl.int64)
         bb = b.to(tl.int64)
@@ -678,14 +885,20 @@ def topn_select_kernel(
         jt = JP + tl.arange(0, JT)
         guess = tl.full([ROWS], -1, tl.int32)  # the previous token's lo (-1: none yet)
         for step in range(CHAIN):
-            ts = t0 + tl.arange(0, ROWS) * CHAIN + step
+            if UNIT == 1:
+                ts = t0 + tl.arange(0, ROWS) * CHAIN + step
+            else:
+                ts = t0 + (tl.arange(0, ROWS) * CHAIN + step) * UNIT  # each row's tile's first query
             valid = ts < length
             f0, f1, f2 = _forced(ts, LS, FIRST, PREV, CUR)
             n_cand = (ts + 1) // LS
             # Candidates: scores >= +0 of blocks j < n_cand; forced blocks read -1
             # (written so by the score pass), blocks past n_cand load as -1: every
             # non-candidate has negative bits, so no mask is built per score.
-            row = S + (bb * sbb + hs * sbh + (ts - T_OFF).to(tl.int64) * sbt)
+            if UNIT == 1:
+                row = S + (bb * sbb + hs * sbh + (ts - T_OFF).to(tl.int64) * sbt)
+            else:
+                row = S + (bb * sbb + hs * sbh + ((ts - T_OFF) // UNIT).to(tl.int64) * sbt)
             bits = _row_bits(row, j, n_cand, valid)
             bits_tail = bits  # stands in for the tail in _count_row's arguments without TAIL
             if TAIL:
@@ -751,6 +964,8 @@ def topn_select_kernel(
                          mask=chosen_tail & valid[:, None])
             _write_block_list(SEL, sel_row, valid, slot, j[None, :].to(tl.int32) + tl.zeros([ROWS, JP], tl.int32),
                               chosen, n_chosen, f0, f1, f2, NT)
+            if UNIT > 1:
+                _copy_list(SEL, sel_row, sst, ts, valid, length, NT, UNIT)
 
 
 @triton.jit

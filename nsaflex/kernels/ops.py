@@ -24,7 +24,7 @@ from triton.runtime.errors import OutOfResources, PTXASError
 from nsaflex.kernels import backward as bwd
 from nsaflex.kernels import forward as fwd
 from nsaflex.errors import InputError
-from nsaflex.spec import Pattern
+from nsaflex.spec import Compression, Pattern, Selection
 
 
 def next_pow2(n: int) -> int:
@@ -58,6 +58,7 @@ class KernelConfig:
     eq9_a: int = 1
     eq9_b: int = 1
     window: int = 1
+    unit: int = 1  # queries per selection unit: m for query-block granularity, else 1
     atomic: bool = False  # backward: fp32 atomics for the selection's dk, dv (the plan's deterministic=False)
 
     @property
@@ -134,8 +135,6 @@ def launch_choices(head_dim: int, group: int) -> Launch:
 def unsupported_reason(pattern: Pattern) -> str | None:
     """Why the kernels cannot serve ``pattern`` (None when they can)."""
     sel = pattern.selection
-    if sel is not None and sel.granularity == "query_block":
-        return "selection granularity 'query_block' (tile-shared selection) is served by the FlexAttention backend"
     if sel is not None:
         if sel.block > 256:
             return f"selection.block = {sel.block} > 256 (one kv block must fit a register tile)"
@@ -144,6 +143,20 @@ def unsupported_reason(pattern: Pattern) -> str | None:
             return f"selection.count = {sel.count}: a block list keeps at most 128 free slots"
         if cfg.eq9_a * cfg.nt > 1024:
             return "compression.stride too small for selection.block (more than 1024 compressed tokens per score chunk)"
+        return score_step_reason(cfg)
+    return None
+
+
+def score_step_reason(cfg: KernelConfig) -> str | None:
+    """Why cmp_score_kernel cannot step over this selection's compressed tokens
+    (None: it can): a step's ``l'/d x blocks`` tokens must be a power of two of
+    at most 1024."""
+    tokens = cfg.eq9_a * _score_blocks(cfg)
+    if tokens & (tokens - 1):
+        return f"selection.block / compression.stride = {cfg.eq9_a} is not a power of two (the score pass steps over " \
+               "a power of two of compressed tokens)"
+    if tokens > 1024:
+        return "compression.stride too small for selection.block (more than 1024 compressed tokens per score step)"
     return None
 
 
@@ -155,18 +168,31 @@ def make_config(pattern: Pattern, **overrides) -> KernelConfig:
         c = pattern.compression
         kw.update(cblock=c.block, cstride=c.stride, legacy=c.visibility == "videonsa_legacy")
     if pattern.selection is not None:
-        s, c = pattern.selection, pattern.compression
-        a, b = s.block // c.stride, c.block // c.stride
-        min_forced = 1 if ("first" in s.forced or "current" in s.forced) else 0
-        nt = max(16, next_pow2(max(1, s.count - min_forced)))
-        while a * nt < a + b - 2:
-            nt *= 2
-        kw.update(slc_block=s.block, count=s.count, first="first" in s.forced, prev="previous" in s.forced,
-                  cur="current" in s.forced, head_scoring=s.scoring == "head", nt=nt, eq9_a=a, eq9_b=b)
+        kw.update(_selection_fields(pattern.compression, pattern.selection))
     if pattern.window is not None:
         kw["window"] = pattern.window.size
     kw.update(overrides)
     return KernelConfig(**kw)
+
+
+def _selection_fields(c: Compression, s: Selection) -> dict:
+    """The KernelConfig fields of a selection over compression ``c``."""
+    a, b = s.block // c.stride, c.block // c.stride
+    min_forced = 1 if ("first" in s.forced or "current" in s.forced) else 0
+    nt = max(16, next_pow2(max(1, s.count - min_forced)))
+    while a * nt < a + b - 2:
+        nt *= 2
+    return dict(slc_block=s.block, count=s.count, first="first" in s.forced, prev="previous" in s.forced,
+                cur="current" in s.forced, head_scoring=s.scoring == "head", nt=nt, eq9_a=a, eq9_b=b,
+                unit=s.query_block if s.granularity == "query_block" else 1)
+
+
+def scoring_config(compression: Compression, selection: Selection) -> KernelConfig:
+    """The KernelConfig of the scoring kernels alone (compression and selection
+    branches; what :func:`nsaflex.scoring.select` launches for the flex backend)."""
+    return KernelConfig(has_cmp=True, has_slc=True, has_win=False, gate_index=(0, 1, 2), cblock=compression.block,
+                        cstride=compression.stride, legacy=compression.visibility == "videonsa_legacy",
+                        **_selection_fields(compression, selection))
 
 
 @dataclass
@@ -314,6 +340,8 @@ class _Tiles:
         self.rows_sel = base * self.GP
         self.bt_sel = self.rows_sel // group
         self.bt_score = max(launch.score_tokens, -(-16 // self.GP))
+        # Score-pass program: bt_score tokens, or one selection unit of more (query blocks).
+        self.tp_score = fwd.unit_tile_tokens(self.bt_score, cfg.unit)
         # The lse pass has no per-token group sum, so it packs its rows as the selection kernel does.
         self.rows_lse = self.bt_score * self.GP
         self.bt_lse = self.rows_lse // group
@@ -389,36 +417,16 @@ def _forward(q, k, v, kc, vc, gates, lay: SeqLayout, cfg: KernelConfig, launch: 
         # output is kept in that dtype (half the bytes written and read back).
         oc = torch.empty_like(q, dtype=torch.float32 if save else q.dtype)
         if lay.max_cmp > 0:
-            # A descriptor cannot be empty: every sequence needs a compressed token.
-            tma = lay.min_cmp > 0 and tma_ready(kc, vc)
-            _launch(fwd.cmp_lse_kernel, (triton.cdiv(lay.max_len, tiles.bt_lse), B, Hkv),
-                q, kc, vc, lse_c, oc, lay.table,
-                *_qs(q, P), *_qs(kc, P), *_qs(lse_c, P), scale_log2,
-                G=G, GR=G, BT=tiles.bt_lse, R=tiles.rows_lse, BN=launch.lse_block, D=D, CBLOCK=cfg.cblock,
-                CSTRIDE=cfg.cstride, LEGACY=cfg.legacy, IEEE=ieee, TMA=tma,
-                num_warps=launch.score_warps, num_stages=launch.lse_stages, maxnreg=launch.lse_cap,
-            )
+            compression_lse(q, kc, vc, lse_c, oc, lay, cfg, launch, tiles)
         else:
             lse_c.zero_()
             oc.zero_()
         if cfg.has_slc:
             hs = Hq if cfg.head_scoring else Hkv
             sel = torch.empty((Bv, hs, Tv, tiles.width), dtype=torch.int32, device=dev)
-            # The score loop reads compressed rows even where a sequence has none (its
-            # steps also write block scores), and a descriptor cannot be empty.
-            kc_ = kc if lay.max_cmp > 0 else q  # any valid pointer; no compressed token is read
-            tma = lay.min_cmp > 0 and tma_ready(kc)
-            nt = _score_blocks(cfg)
 
             def score(t_off: int, t_end: int, buf: torch.Tensor) -> None:
-                _launch(fwd.cmp_score_kernel, (triton.cdiv(t_end - t_off, tiles.bt_score), B, Hkv),
-                    q, kc_, lse_c, buf, lay.table,
-                    *_qs(q, P), *_qs(kc_, P), *_qs(lse_c, P), *buf.stride()[:3], scale_log2, t_off, t_end,
-                    G=G, GP=GP, BT=tiles.bt_score, D=D, CBLOCK=cfg.cblock, CSTRIDE=cfg.cstride, LEGACY=cfg.legacy,
-                    IEEE=ieee, BN=cfg.eq9_a * nt, LS=cfg.slc_block, FIRST=cfg.first, PREV=cfg.prev, CUR=cfg.cur,
-                    HEAD_SCORING=cfg.head_scoring, NT=nt, A=cfg.eq9_a, BB=cfg.eq9_b, TMA=tma,
-                    num_warps=launch.score_warps, num_stages=launch.score_stages, maxnreg=launch.score_cap,
-                )
+                block_scores(q, kc, lse_c, buf, lay, cfg, launch, tiles, t_off, t_end)
 
             _chunked_topn(score, sel, lay, cfg, launch, tiles, hs, res)
     n_t3 = triton.cdiv(lay.max_len, tiles.bt_sel)
@@ -451,6 +459,61 @@ def _forward(q, k, v, kc, vc, gates, lay: SeqLayout, cfg: KernelConfig, launch: 
     return out, res
 
 
+def compression_lse(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor | None, lse: torch.Tensor,
+                    oc: torch.Tensor | None, lay: SeqLayout, cfg: KernelConfig, launch: Launch, tiles: "_Tiles",
+                    scale_log2: float | None = None) -> None:
+    """cmp_lse_kernel: the base-2 log-sum-exp of every row of ``q`` over its
+    visible compressed keys ``kc`` into ``lse [B, Hq, T]`` and, where ``vc``
+    is given, the compression output into ``oc`` (q's layout); ``vc`` None:
+    the log-sum-exp alone (the flex backend's scoring). ``lay.max_cmp > 0``;
+    ``scale_log2``: ``log2(e) / sqrt(D)`` (None: from q's head dim)."""
+    B, Hkv, D = lay.batch, kc.shape[1], q.shape[-1]
+    output = vc is not None
+    # A descriptor cannot be empty: every sequence needs a compressed token.
+    tma = lay.min_cmp > 0 and (tma_ready(kc, vc) if output else tma_ready(kc))
+    _launch(fwd.cmp_lse_kernel, (triton.cdiv(lay.max_len, tiles.bt_lse), B, Hkv),
+        q, kc, vc if output else kc, lse, oc if output else lse, lay.table,
+        *_qs(q, lay.packed), *_qs(kc, lay.packed), *_qs(lse, lay.packed),
+        _scale_log2(D) if scale_log2 is None else scale_log2,
+        G=tiles.G, GR=tiles.G, BT=tiles.bt_lse, R=tiles.rows_lse, BN=launch.lse_block, D=D, CBLOCK=cfg.cblock,
+        CSTRIDE=cfg.cstride, LEGACY=cfg.legacy, IEEE=_ieee(q), TMA=tma, OUTPUT=output,
+        num_warps=launch.score_warps, num_stages=launch.lse_stages, maxnreg=launch.lse_cap,
+    )
+
+
+def block_scores(q: torch.Tensor, kc: torch.Tensor | None, lse: torch.Tensor, buf: torch.Tensor, lay: SeqLayout,
+                 cfg: KernelConfig, launch: Launch, tiles: "_Tiles", t_off: int, t_end: int,
+                 scale_log2: float | None = None) -> None:
+    """cmp_score_kernel for the queries ``[t_off, t_end)`` of every sequence
+    (``t_off`` a multiple of ``tiles.tp_score``): the Eq. 9 block scores of
+    each selection unit (a query, or a tile of ``cfg.unit`` queries), summed
+    over the group's heads for group scoring, into ``buf [B, Hsel, unit -
+    t_off / unit, >= t_end / l']`` (candidates only; forced candidates -1).
+    ``scale_log2``: ``log2(e) / sqrt(D)`` (None: from q's head dim)."""
+    B, D = lay.batch, q.shape[-1]
+    Hkv = kc.shape[1] if kc is not None else q.shape[1] // tiles.G
+    # The score loop reads compressed rows even where a sequence has none (its
+    # steps also write block scores), and a descriptor cannot be empty.
+    kc_ = kc if lay.max_cmp > 0 else q  # any valid pointer; no compressed token is read
+    tma = lay.min_cmp > 0 and tma_ready(kc)
+    nt = _score_blocks(cfg)
+    P = lay.packed
+    _launch(fwd.cmp_score_kernel, (triton.cdiv(t_end - t_off, tiles.tp_score), B, Hkv),
+        q, kc_, lse, buf, lay.table,
+        *_qs(q, P), *_qs(kc_, P), *_qs(lse, P), *buf.stride()[:3], _scale_log2(D) if scale_log2 is None else scale_log2,
+        t_off, t_end,
+        G=tiles.G, GP=tiles.GP, BT=tiles.bt_score, D=D, CBLOCK=cfg.cblock, CSTRIDE=cfg.cstride, LEGACY=cfg.legacy,
+        IEEE=_ieee(q), BN=cfg.eq9_a * nt, LS=cfg.slc_block, FIRST=cfg.first, PREV=cfg.prev, CUR=cfg.cur,
+        HEAD_SCORING=cfg.head_scoring, NT=nt, A=cfg.eq9_a, BB=cfg.eq9_b, TMA=tma, UNIT=cfg.unit,
+        num_warps=launch.score_warps, num_stages=launch.score_stages, maxnreg=launch.score_cap,
+    )
+
+
+def _scale_log2(head_dim: int) -> float:
+    """``log2(e) / sqrt(D)``: softmax scale of the base-2 kernels."""
+    return (1.0 / math.sqrt(head_dim)) * 1.4426950408889634
+
+
 def _gate_columns(cfg: KernelConfig) -> dict[str, int]:
     """The row-tile kernels' ``GI_CMP``, ``GI_SLC``, ``GI_WIN``: each branch's
     gate column, -1 for a branch the pattern lacks (the kernels read the
@@ -472,9 +535,13 @@ def _score_blocks(cfg: KernelConfig) -> int:
 
 def topn_chunk_tokens(cfg: KernelConfig, launch: Launch, batch: int, n_sel_heads: int, max_len: int,
                       score_tokens: int) -> tuple[int, int]:
-    """(query-chunk length, buffer row width) of the two-step top-n."""
+    """(query-chunk length, buffer row width) of the two-step top-n: a
+    multiple of ``score_tokens`` (a score-pass program's tokens) holding up to
+    ``launch.topn_chunk`` buffer rows (selection units: queries, or tiles of
+    ``cfg.unit`` queries) within the buffer's byte bound."""
     width = max(1, max_len // cfg.slc_block)
-    chunk = min(launch.topn_chunk, launch.topn_buffer_bytes // max(1, batch * n_sel_heads * width * 4))
+    rows = min(launch.topn_chunk, launch.topn_buffer_bytes // max(1, batch * n_sel_heads * width * 4))
+    chunk = rows * cfg.unit
     chunk = max(score_tokens, chunk // score_tokens * score_tokens)
     return min(chunk, triton.cdiv(max_len, score_tokens) * score_tokens), width
 
@@ -497,26 +564,30 @@ def topn_row_parts(least: int, most: int) -> tuple[int, int]:
 def _chunked_topn(score, sel, lay: SeqLayout, cfg: KernelConfig, launch: Launch, tiles: "_Tiles", n_sel_heads: int,
                   res: dict) -> None:
     """Two-step top-n over query chunks: cmp_score_kernel writes the chunk's
-    block scores (``[B, Hsel, chunk, t_end / l']``, never all of ``[L, L/l']``
-    at once), then topn_select_kernel writes the block lists."""
+    block scores (``[B, Hsel, units, t_end / l']``, never all of ``[L, L/l']``
+    at once; a unit is a query, or a tile of ``cfg.unit`` queries), then
+    topn_select_kernel ranks each unit once and writes its block list to the
+    unit's queries' rows of ``sel``."""
     B = lay.batch
-    chunk, width = topn_chunk_tokens(cfg, launch, B, n_sel_heads, lay.max_len, tiles.bt_score)
-    flat = torch.empty(B * n_sel_heads * chunk * width, dtype=torch.float32, device=sel.device)
+    unit = cfg.unit
+    chunk, width = topn_chunk_tokens(cfg, launch, B, n_sel_heads, lay.max_len, tiles.tp_score)
+    flat = torch.empty(B * n_sel_heads * triton.cdiv(chunk, unit) * width, dtype=torch.float32, device=sel.device)
     res["topn_chunk"] = chunk
     ss = _qs(sel, lay.packed)
     for t_off in range(0, lay.max_len, chunk):
         t_end = min(lay.max_len, t_off + chunk)
+        units = triton.cdiv(t_end - t_off, unit)
         jw = max(1, t_end // cfg.slc_block)  # candidates of tokens < t_end
-        buf = flat[: B * n_sel_heads * (t_end - t_off) * jw].view(B, n_sel_heads, t_end - t_off, jw)
+        buf = flat[: B * n_sel_heads * units * jw].view(B, n_sel_heads, units, jw)
         score(t_off, t_end, buf)
         jp = next_pow2(jw)
         rows = max(1, min(8, 1024 // jp))
         head, tail = topn_row_parts((t_off + 1) // cfg.slc_block, jw)
-        fwd.topn_select_kernel[(triton.cdiv(t_end - t_off, rows * launch.topn_chain), n_sel_heads, B)](
+        fwd.topn_select_kernel[(triton.cdiv(units, rows * launch.topn_chain), n_sel_heads, B)](
             buf, sel, lay.starts, lay.lens, *buf.stride()[:3], *ss, t_off, t_end,
             ROWS=rows, JP=head, CHAIN=launch.topn_chain, SPREAD=launch.topn_spread, LS=cfg.slc_block,
             COUNT=cfg.count, FIRST=cfg.first, PREV=cfg.prev, CUR=cfg.cur, NT=cfg.nt, JT=max(1, tail), TAIL=tail > 0,
-            num_warps=max(1, min(8, jp // (32 * launch.topn_lane_scores))),
+            UNIT=unit, num_warps=max(1, min(8, jp // (32 * launch.topn_lane_scores))),
         )
 
 

@@ -1,5 +1,7 @@
-"""The Triton scoring kernels (nsaflex.kernels.tile_scores) against the float64
-reference and the torch scoring path of nsaflex.scoring.
+"""The scoring kernels that both fast backends run (``cmp_lse_kernel`` and
+``cmp_score_kernel`` of nsaflex.kernels.forward, launched through
+nsaflex.kernels.ops) against the float64 reference, and nsaflex.scoring's
+kernel path (the flex backend's) against its torch path.
 
 On CPU they run under ``TRITON_INTERPRET=1`` (set here when no CUDA device is
 present, before triton is imported); ``NSAFLEX_TEST_DEVICE=cuda`` runs them on
@@ -25,7 +27,7 @@ from nsaflex.pooling import compress  # noqa: E402
 from nsaflex.spec import Compression, Selection  # noqa: E402
 
 triton = pytest.importorskip("triton")
-from nsaflex.kernels import tile_scores  # noqa: E402
+from nsaflex.kernels import ops  # noqa: E402
 
 EXAMPLES = int(os.environ.get("NSAFLEX_TEST_EXAMPLES", "12"))
 PROPERTY = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
@@ -33,9 +35,10 @@ PROPERTY = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=
 
 @st.composite
 def cases(draw):
-    stride = draw(st.sampled_from((2, 4, 8)))
+    # l'/d a power of two (the score pass's steps); stride 3 gives tiles m that are not
+    stride = draw(st.sampled_from((2, 3, 4, 8)))
     block = stride * draw(st.integers(1, 2))
-    sel_block = stride * draw(st.integers(1, 3))
+    sel_block = stride * draw(st.sampled_from((1, 2, 4)))
     gran = draw(st.sampled_from(("token", "query_block")))
     divisors = [d for d in range(1, sel_block + 1) if sel_block % d == 0]
     tile = draw(st.sampled_from(divisors)) if gran == "query_block" else None
@@ -83,25 +86,85 @@ def _reference_unit_scores(q, compressed_k, compression, selection, lengths, uni
     return out.view(batch, out.shape[1], rows // unit, unit, num).sum(dim=3)
 
 
+def _kernel_scores(q, compressed_k, compression, selection, lengths, start, stop):
+    """``cmp_score_kernel``'s ``[B, Hs, units, J]`` block scores of queries
+    ``[start, stop)`` (after ``cmp_lse_kernel`` without output), as
+    nsaflex.scoring launches them; NaN where the kernel writes nothing."""
+    cfg = ops.scoring_config(compression, selection)
+    batch, query_heads, length, dim = q.shape
+    kv_heads, num = compressed_k.shape[1], compressed_k.shape[2]
+    lengths = lengths.to(torch.long)
+    row_compressed = torch.clamp(torch.div(lengths - compression.block, compression.stride, rounding_mode="floor") + 1,
+                                 min=0, max=num)
+    zeros = torch.zeros_like(lengths)
+    lay = ops.SeqLayout(zeros, lengths, zeros, row_compressed, length, num, False, int(row_compressed.min()))
+    qk, kk = scoring._kernel_inputs(q, compressed_k)
+    launch = ops.launch_choices(qk.shape[-1], query_heads // kv_heads)
+    tiles = ops._Tiles(cfg, launch, query_heads // kv_heads)
+    scale_log2 = dim**-0.5 * 1.4426950408889634
+    lse = torch.empty(batch, query_heads, length, dtype=torch.float32, device=q.device)
+    ops.compression_lse(qk, kk, None, lse, None, lay, cfg, launch, tiles, scale_log2)
+    selecting = query_heads if selection.scoring == "head" else kv_heads
+    out = torch.full((batch, selecting, -(-(stop - start) // cfg.unit), -(-length // selection.block)), float("nan"),
+                     device=q.device)
+    ops.block_scores(qk, kk, lse, out, lay, cfg, launch, tiles, start, stop, scale_log2)
+    return out, tiles
+
+
 @PROPERTY
 @given(cases(), st.integers(0, 3))
-def test_unit_scores_match_the_reference(case, chunk_index):
+def test_unit_block_scores_match_the_reference(case, chunk_index):
+    """Every candidate block's score of every unit (a query, or a tile of m
+    queries: probabilities summed over the tile and the group, then Eq. 9) in
+    a query chunk equals the float64 reference's within float32 rounding
+    (relative 2e-5: sums of up to 7 heads x tiles of up to 24 queries x Eq. 9
+    terms, each a few roundings of 2^-24); forced candidates read -1, blocks
+    that are not candidates stay unwritten."""
     compression, selection, shape = case
     q, compressed_k, lengths = _inputs(compression, shape)
-    unit = selection.query_block or 1
+    cfg = ops.scoring_config(compression, selection)
+    unit = cfg.unit
     length = q.shape[2]
-    rows = unit * max(1, -(-length // unit) // 2)  # two or more chunks
-    start = min(chunk_index * rows, (-(-length // unit) - 1) * unit)
-    row_compressed = torch.clamp(torch.div(lengths - compression.block, compression.stride, rounding_mode="floor") + 1, min=0)
-    legacy = compression.visibility != "causal"
-    lse = tile_scores.log_sum_exp(q, compressed_k, compression.block, compression.stride, legacy, lengths, row_compressed)
-    got, summed = tile_scores.unit_scores(q, compressed_k, lse, compression.block, compression.stride, legacy, lengths,
-                                          row_compressed, per_head=selection.scoring == "head", unit=unit, start=start, rows=rows)
-    if not summed and unit > 1:
-        got = got.view(got.shape[0], got.shape[1], rows // unit, unit, -1).sum(dim=3)
+    tiles = ops._Tiles(cfg, ops.launch_choices(16, shape["group"]), shape["group"])
+    programs = -(-length // tiles.tp_score)
+    rows = tiles.tp_score * max(1, programs // 2)  # two or more chunks
+    start = min(chunk_index * rows, (programs - 1) * tiles.tp_score)
+    stop = min(length, start + rows)
+    got, _ = _kernel_scores(q, compressed_k, compression, selection, lengths, start, stop)
     padded_q = torch.nn.functional.pad(q, (0, 0, 0, max(0, start + rows - length)))
-    expected = _reference_unit_scores(padded_q, compressed_k, compression, selection, lengths, unit, start, rows)
-    torch.testing.assert_close(got.double().cpu(), expected, rtol=2e-5, atol=2e-6)
+    summed = _reference_unit_scores(padded_q, compressed_k, compression, selection, lengths, unit, start, rows)
+    expected = scoring.eq9_block_scores(summed, compression, selection, got.shape[-1])[:, :, : got.shape[2]]
+    first = torch.arange(start, stop, unit)
+    candidate = torch.arange(got.shape[-1])[None, :] < torch.div(first + 1, selection.block, rounding_mode="floor")[:, None]
+    forced = scoring.forced_slots(first, selection)
+    is_forced = (torch.arange(got.shape[-1])[None, :, None] == forced[:, None, :]).any(dim=-1) & candidate
+    started = first[None, :] < lengths.cpu()[:, None]  # [B, u]
+    got = got.double().cpu()
+    written = candidate[None, None] & started[:, None, :, None]
+    assert torch.isnan(got[~written.expand_as(got)]).all()
+    assert (got[(written & is_forced[None, None]).expand_as(got)] == -1).all()
+    free = (written & ~is_forced[None, None]).expand_as(got)
+    torch.testing.assert_close(got[free], expected[free], rtol=2e-5, atol=2e-6)
+
+
+def test_lse_pass_without_output_is_the_lse_with_it():
+    """cmp_lse_kernel's OUTPUT=False path (the flex backend's scoring) gives the
+    same log-sum-exp, bit for bit, as the Triton backend's pass with the output."""
+    compression = Compression(block=8, stride=4)
+    selection = Selection(block=8, count=2)
+    q, compressed_k, lengths = _inputs(compression, dict(kv_heads=2, group=3, length=50, dim=16, padded=True, seed=3))
+    cfg = ops.scoring_config(compression, selection)
+    row_compressed = torch.clamp(torch.div(lengths - 8, 4, rounding_mode="floor") + 1, min=0)
+    zeros = torch.zeros_like(lengths)
+    lay = ops.SeqLayout(zeros, lengths, zeros, row_compressed, 50, compressed_k.shape[2], False, int(row_compressed.min()))
+    launch = ops.launch_choices(16, 3)
+    tiles = ops._Tiles(cfg, launch, 3)
+    alone, with_output = (torch.zeros(2, 6, 50, device=DEVICE) for _ in range(2))
+    output = torch.zeros_like(q)
+    ops.compression_lse(q, compressed_k, None, alone, None, lay, cfg, launch, tiles)
+    ops.compression_lse(q, compressed_k, compressed_k, with_output, output, lay, cfg, launch, tiles)
+    assert torch.equal(alone, with_output)
+    assert output.abs().sum() > 0
 
 
 def _tile_scores64(q, compressed_k, compression, selection, lengths):
@@ -155,15 +218,19 @@ def test_half_inputs_rank_like_their_float64_values(dtype):
     _assert_same_or_tied(got.indices.cpu(), expected.indices, _tile_scores64(q, compressed_k, compression, selection, lengths))
 
 
-def test_layout_sums_tiles_in_the_kernel_when_it_can():
-    assert tile_scores.score_layout(28, 4, False, 64) == (16, 4, 1)  # 16 tokens x 8 heads, 4 steps per tile
-    assert tile_scores.score_layout(28, 4, False, 1)[2] == 0  # token granularity: per-query rows
-    assert tile_scores.score_layout(4, 4, True, 3)[2] == 0  # odd tiles: per-query rows, summed by the caller
+def test_score_programs_hold_whole_units():
+    """A score-pass program holds whole units: 16 tokens of units that divide
+    16, else one unit (sub-tiles of 16 tokens; the last masked past the unit)."""
+    from nsaflex.kernels.forward import unit_tile_tokens
+
+    assert [unit_tile_tokens(16, m) for m in (1, 2, 8, 16, 32, 64, 128, 3, 12, 24)] == \
+        [16, 16, 16, 16, 32, 64, 128, 3, 12, 24]
 
 
 def test_cpu_default_stays_on_torch_float64():
     q, k = torch.randn(1, 2, 32, 16), torch.randn(1, 1, 4, 16)
-    assert not scoring._use_kernel(q, k, scoring.default_score_dtype("cpu", q.dtype))
+    assert not scoring._use_kernel(q, k, Compression(block=4, stride=4), Selection(block=4, count=1),
+                                   scoring.default_score_dtype("cpu", q.dtype))
 
 
 @pytest.mark.parametrize("granularity", ["query_block", "token"])
