@@ -47,10 +47,10 @@ GPU = settings(max_examples=int(os.environ.get("NSAFLEX_TEST_EXAMPLES", "8")), d
 BF16_TOL = 1e-2
 
 
-def _videonsa():
-    """The bundled videonsa pattern (G = 7, l' = 64) with its model's head counts
+def _videonsa(name: str = "videonsa"):
+    """A bundled videonsa pattern (G = 7, l' = 64) with its model's head counts
     dropped, so that it takes the tests' smaller head counts."""
-    pattern = load_pattern("videonsa")
+    pattern = load_pattern(name)
     return dataclasses.replace(pattern, model=dataclasses.replace(pattern.model, kv_heads=None, query_heads=None))
 
 
@@ -179,6 +179,15 @@ def test_videonsa_bf16_4k_outputs_gradients_and_selection():
     pattern = _videonsa()
     types = torch.ones(1, 4096, dtype=torch.long, device="cuda")
     errors = run_case(pattern, 1, 1, 7, 4096, 128, 0, types=types)
+    assert max(errors.values()) < BF16_TOL, errors
+
+
+@pytest.mark.parametrize("name", ["videonsa-q8", "videonsa-qblock"])
+def test_query_block_bf16_4k_outputs_and_gradients(name):
+    """The bundled query-block patterns (tiles of 8 and 64 queries, G = 7) at 4K
+    tokens, all vision: one top-n per tile on the kernels, against the reference."""
+    types = torch.ones(1, 4096, dtype=torch.long, device="cuda")
+    errors = run_case(_videonsa(name), 1, 1, 7, 4096, 128, 0, types=types)
     assert max(errors.values()) < BF16_TOL, errors
 
 
