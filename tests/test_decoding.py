@@ -1,0 +1,209 @@
+"""The decode entry (``attn.decode``, :mod:`nsaflex.decoding`) against the
+float64 reference: every new query gets the reference's last row on its row's
+real tokens so far, for random patterns, GQA shapes, rows of different lengths
+with left padding, token classes, several new tokens per step and a cache of
+larger capacity than used; the batched path makes no host synchronisation and
+no Python loop over rows or tokens.
+
+Tolerance: float32 inputs against the float64 reference, relative 1e-5 (a few
+float32 roundings per softmax and gathered sum; the block ranking is done in
+float64 on the CPU, so the selections are the reference's); absolute 1e-6 for
+outputs near zero."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import nsaflex
+from nsaflex import decoding
+from nsaflex.errors import InputError
+from nsaflex.reference import reference_attention
+from nsaflex.spec import Compression, Gate, Hybrid, Pattern, Selection, Window
+from tests.strategies import patterns as random_patterns
+from tests.strategies import token_types as random_token_types
+
+DECODE = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+DIM = 8
+
+
+def decode_patterns():
+    return random_patterns(small=True, allow_layers=False, allow_budget=False, allow_model=False,
+                           granularities=("token",), allow_dense=True)
+
+
+@dataclasses.dataclass
+class Scenario:
+    """A cache of ``capacity`` slots per row: ``pad[b]`` padding slots, a prompt
+    of ``prompt[b]`` real tokens, then ``steps`` of new tokens; tensors float64."""
+
+    q: torch.Tensor  # [B, Hq, C, D]
+    k: torch.Tensor  # [B, Hkv, C, D]
+    v: torch.Tensor
+    gates: torch.Tensor | None  # [B, Hq, C, nb]
+    types: torch.Tensor  # [B, C]
+    valid: torch.Tensor  # [B, C] real slots
+    start: torch.Tensor  # [B] slots before the first step (padding + prompt)
+    steps: list[int]  # new tokens per step
+
+
+def draw_scenario(pattern: Pattern, data) -> Scenario:
+    batch = data.draw(st.integers(1, 3), label="batch")
+    kv_heads = data.draw(st.integers(1, 2), label="kv heads")
+    group = data.draw(st.integers(1, 3), label="group")
+    steps = data.draw(st.lists(st.integers(1, 3), min_size=1, max_size=6), label="new tokens per step")
+    prompts = data.draw(st.lists(st.integers(1, 20), min_size=batch, max_size=batch), label="prompt lengths")
+    pads = data.draw(st.lists(st.integers(0, 4), min_size=batch, max_size=batch), label="left padding")
+    spare = data.draw(st.integers(0, 5), label="unused capacity")
+    capacity = max(p + n for p, n in zip(pads, prompts)) + sum(steps) + spare
+    types = data.draw(random_token_types(batch, capacity), label="token classes")
+    generator = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16), label="seed"))
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=generator, dtype=torch.float64)
+
+    heads = kv_heads * group
+    gates = None
+    if pattern.gate.kind != "constant" and pattern.branches:
+        gates = torch.rand(batch, heads, capacity, len(pattern.branches), generator=generator, dtype=torch.float64)
+    valid = torch.zeros(batch, capacity, dtype=torch.bool)
+    for b, (pad, prompt) in enumerate(zip(pads, prompts)):
+        valid[b, pad : pad + prompt + sum(steps)] = True
+    return Scenario(randn(batch, heads, capacity, DIM), randn(batch, kv_heads, capacity, DIM), randn(batch, kv_heads, capacity, DIM),
+                    gates, types, valid, torch.tensor([p + n for p, n in zip(pads, prompts)]), steps)
+
+
+def last_rows(pattern, scenario: Scenario, slots: torch.Tensor, pooler) -> torch.Tensor:
+    """``[B, Hq, T, D]``: the reference's last row on the real tokens up to each slot."""
+    s = scenario
+    batch, heads, _, dim = s.q.shape
+    out = torch.zeros(batch, heads, slots.shape[1], dim, dtype=torch.float64)
+    for b in range(batch):
+        for i, slot in enumerate(slots[b].tolist()):
+            real = torch.nonzero(s.valid[b, : slot + 1]).flatten()
+            gates = None if s.gates is None else s.gates[b : b + 1, :, real]
+            types = s.types[b : b + 1, real] if pattern.hybrid is not None else None
+            rows = reference_attention(s.q[b : b + 1, :, real], s.k[b : b + 1, :, real], s.v[b : b + 1, :, real],
+                                       pattern, gates, types, pooler)
+            out[b, :, i] = rows[0, :, -1]
+    return out
+
+
+def new_tokens(x: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """``x [B, H, C, ...]`` at ``slots [B, T]`` along dim 2."""
+    index = slots[:, None, :].expand(-1, x.shape[1], -1)
+    while index.dim() < x.dim():
+        index = index[..., None]
+    return x.gather(2, index.expand(-1, -1, -1, *x.shape[3:]))
+
+
+def run_steps(attn, pattern, scenario: Scenario, dtype=torch.float32):
+    """Decode every step through ``attn.decode``; yields (slots, output) per step."""
+    s = scenario
+    cast = (lambda x: None if x is None else x.to(dtype))
+    k, v = cast(s.k), cast(s.v)
+    state = attn.decode_state(k, v, s.start.clone(), s.types, s.valid)
+    lengths = s.start.clone()
+    for count in s.steps:
+        lengths = lengths + count
+        slots = lengths[:, None] - count + torch.arange(count)
+        gates = None if s.gates is None else new_tokens(s.gates, slots).to(dtype)
+        types = s.types.gather(1, slots) if pattern.hybrid is not None else None
+        out = attn.decode(new_tokens(s.q, slots).to(dtype), k, v, lengths, state, gates, types)
+        yield slots, out
+
+
+@DECODE
+@given(pattern=decode_patterns(), data=st.data())
+def test_batched_decode_is_the_reference_last_row(pattern, data):
+    scenario = draw_scenario(pattern, data)
+    attn = nsaflex.compile(pattern, "flex", device="cpu", head_dim=DIM)
+    assert attn.decode_plan.kernel.startswith(("batched torch", "torch SDPA"))
+    pooler = None
+    if attn.pooler is not None:
+        with torch.no_grad():
+            for parameter in attn.pooler.parameters():
+                parameter.copy_(torch.randn(parameter.shape, generator=torch.Generator().manual_seed(1)) * 0.3)
+        pooler = attn.pooler
+    for slots, out in run_steps(attn, pattern, scenario):
+        assert out.dtype == torch.float32
+        expected = last_rows(pattern, scenario, slots, pooler)
+        torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-6)
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(pattern=decode_patterns(), data=st.data())
+def test_reference_backend_decode_is_the_reference_last_row(pattern, data):
+    """The reference backend's decode entry (the exact path) on float64 inputs: equal to 1e-12."""
+    scenario = draw_scenario(pattern, data)
+    attn = nsaflex.compile(pattern, "reference", head_dim=DIM).double()
+    for slots, out in run_steps(attn, pattern, scenario, torch.float64):
+        torch.testing.assert_close(out, last_rows(pattern, scenario, slots, attn.pooler), rtol=1e-12, atol=1e-12)
+
+
+# --- no host synchronisation, no loop over rows or tokens -------------------------------------------
+
+# Tensor methods that read values back to the host, or whose output shape depends on values.
+READ_BACK = {"__bool__", "__int__", "__float__", "__index__", "item", "tolist", "numpy", "nonzero", "argwhere",
+             "masked_select", "unique", "unique_consecutive", "bincount"}
+
+
+class HostReads(torch.overrides.TorchFunctionMode):
+    """Counts every torch call and records those that read values back (a bool
+    tensor used as an index is one: its result's shape is data-dependent)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+        self.reads: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.calls += 1
+        name = getattr(func, "__name__", str(func))
+        index = args[1] if name in ("__getitem__", "__setitem__") and len(args) > 1 else ()
+        index = index if isinstance(index, tuple) else (index,)
+        if name in READ_BACK or any(isinstance(a, torch.Tensor) and a.dtype == torch.bool for a in index):
+            self.reads.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+SYNC_PATTERN = Pattern(
+    name="sync", compression=Compression(block=4, stride=2), selection=Selection(block=4, count=3, forced=("first", "current")),
+    window=Window(size=3), gate=Gate(kind="mlp"), hybrid=Hybrid(vision_keys="vision"),
+)
+
+
+def traced_step(attn, batch: int, new: int, capacity: int = 40) -> HostReads:
+    """One decode step of ``new`` tokens over ``batch`` rows, traced."""
+    generator = torch.Generator().manual_seed(batch * 10 + new)
+    k = torch.randn(batch, 2, capacity, DIM, generator=generator)
+    v = torch.randn(batch, 2, capacity, DIM, generator=generator)
+    types = (torch.rand(batch, capacity, generator=generator) < 0.7).long()
+    lengths = torch.full((batch,), 20)
+    state = attn.decode_state(k, v, lengths, types)
+    lengths = lengths + new
+    q = torch.randn(batch, 4, new, DIM, generator=generator)
+    gates = torch.rand(batch, 4, new, 3, generator=generator)
+    with HostReads() as trace:
+        attn.decode(q, k, v, lengths, state, gates, types[:, 20 : 20 + new])
+    return trace
+
+
+@pytest.mark.parametrize("backend", ["flex", "triton"])
+def test_batched_decode_reads_nothing_back_and_does_not_loop(backend, monkeypatch):
+    """The step's torch calls make no read-back, and their number does not grow
+    with the batch or the new tokens (no Python loop over either): what a CUDA
+    graph capture needs. The reference backend's exact path does both (the
+    check can fail)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    attn = nsaflex.compile(SYNC_PATTERN, backend, device="cpu", head_dim=DIM)
+    small, large = traced_step(attn, 1, 1), traced_step(attn, 3, 3)
+    assert small.reads == [] and large.reads == []
+    assert small.calls == large.calls
+    exact = nsaflex.compile(SYNC_PATTERN, "reference", head_dim=DIM)
+    small, large = traced_step(exact, 1, 1), traced_step(exact, 3, 3)
+    assert small.reads and large.calls > small.calls
