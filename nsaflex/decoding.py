@@ -383,13 +383,17 @@ def decode_step(
     *,
     scale: float | None = None,
     score_dtype: torch.dtype | None = None,
+    has_text: bool = True,
 ) -> torch.Tensor:
     """Outputs ``[B, Hq, T, D]`` (dtype of q) of the new queries ``q`` (layouts
     in the module docstring); ``state`` is extended with the new tokens.
 
     ``scale`` multiplies every score ``q·k`` (None: ``1/sqrt(D)``);
     ``score_dtype`` is the dtype blocks are ranked in (None:
-    :func:`nsaflex.scoring.default_score_dtype`)."""
+    :func:`nsaflex.scoring.default_score_dtype`). ``has_text=False`` (hybrid
+    patterns): the caller knows every new token is a vision token, so the
+    dense path over the whole cache is skipped (deciding it here would read
+    the classes back)."""
     reason = unsupported(pattern)
     if reason is not None:
         raise InputError("pattern", "a pattern the batched decode serves", reason)
@@ -407,7 +411,7 @@ def decode_step(
         if pattern.dense:
             return _dense(q.to(dtype), k_cache, v_cache, state, slots, scale).to(q.dtype)
         sparse_out = _sparse_outputs(pattern, q.to(dtype), k_cache, v_cache, state, rank, gates, pooler, scale, score_dtype)
-        if pattern.hybrid is None:
+        if pattern.hybrid is None or not has_text:
             return sparse_out.to(q.dtype)
         dense_out = _dense(q.to(dtype), k_cache, v_cache, state, slots, scale)
         vision = (token_types != 0)[:, None, :, None]
@@ -459,8 +463,7 @@ def _sparse_outputs(pattern: Pattern, q: torch.Tensor, k_cache: torch.Tensor, v_
             blocks = blocks.view(selecting, batch, new, -1).permute(1, 0, 2, 3)  # [B, Hs, T, W]
             offsets = torch.arange(selection.block, device=device)
             chosen = (blocks[..., None] * selection.block + offsets).flatten(3)  # [B, Hs, T, W*l']
-            ok = (blocks[..., None] >= 0).expand(-1, -1, -1, -1, selection.block).flatten(3)
-            ok &= chosen <= position[:, None, :, None]
+            ok = (blocks[..., None] >= 0).expand(-1, -1, -1, -1, selection.block).flatten(3) & (chosen <= position[:, None, :, None])
             heads = torch.arange(query_heads, device=device) // group if per_head else kv_of_kv
             q_sel = q.view(batch, query_heads, 1, new, dim) if per_head else grouped
             out = _gathered_attention(q_sel, k_cache, v_cache, sparse_slots(chosen), ok, heads, scale)

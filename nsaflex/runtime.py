@@ -158,6 +158,7 @@ class CompiledAttention(nn.Module):
         token_types: torch.Tensor | None = None,
         *,
         scale: float | None = None,
+        has_text: bool = True,
     ) -> torch.Tensor:
         """``attn.decode(q, k_cache, v_cache, lengths, state, gates=None,
         token_types=None) -> out [B, Hq, T, D]``: the ``T`` new queries ``q [B,
@@ -170,11 +171,17 @@ class CompiledAttention(nn.Module):
         extended with the new tokens. Batched over rows, heads and new tokens
         without host synchronisation except on the reference backend
         (:attr:`decode_plan` says which path runs); ``query_block`` selection is
-        refused (:func:`nsaflex.decoding.unsupported`)."""
+        refused (:func:`nsaflex.decoding.unsupported`). ``has_text=False``
+        promises that every new token is a vision token (hybrid patterns): the
+        dense path of text queries is skipped (a vision token then costs only
+        the sparse branches, not a pass over the whole cache)."""
+        if not isinstance(has_text, bool):
+            raise InputError("has_text", "True or False", has_text)
         scale = _check_scale(scale)
         if self.pooler is not None and isinstance(q, torch.Tensor) and self.pooler.head_dim != q.shape[-1]:
             raise InputError("q", f"head dim {self.pooler.head_dim} (the compression MLP's)", q.shape[-1])
-        return self._decode_kernel(q, k_cache, v_cache, lengths, state, gates, token_types, self.pooler, scale=scale)
+        return self._decode_kernel(q, k_cache, v_cache, lengths, state, gates, token_types, self.pooler, scale=scale,
+                                   has_text=has_text)
 
     def _info(self, collected: dict, q: torch.Tensor, k: torch.Tensor, gates: torch.Tensor | None) -> AttentionInfo:
         """The backend's collected values as an :class:`AttentionInfo`."""

@@ -113,7 +113,9 @@ def run_steps(attn, pattern, scenario: Scenario, dtype=torch.float32):
         slots = lengths[:, None] - count + torch.arange(count)
         gates = None if s.gates is None else new_tokens(s.gates, slots).to(dtype)
         types = s.types.gather(1, slots) if pattern.hybrid is not None else None
-        out = attn.decode(new_tokens(s.q, slots).to(dtype), k, v, lengths, state, gates, types)
+        # all-vision steps skip the dense text path (has_text=False): the output must not change
+        has_text = types is None or bool((types == 0).any())
+        out = attn.decode(new_tokens(s.q, slots).to(dtype), k, v, lengths, state, gates, types, has_text=has_text)
         yield slots, out
 
 

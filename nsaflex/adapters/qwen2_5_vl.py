@@ -859,7 +859,12 @@ class Qwen25VLAdapter:
                 new_real=None if valid is None else valid[:, start:past],
             )
         cache.state, cache.state_length = state, past
-        out = attn.decode(q, k, v, lengths + new, state, gates, types[:, past:] if hybrid else None)
+        has_text = True
+        if hybrid:
+            # Read once per call, not once per layer (as the vision check in _attend).
+            total = past + new
+            has_text = remembered(types, ("text queries in", past, total), lambda: bool((types[:, past:total] == 0).any()))
+        out = attn.decode(q, k, v, lengths + new, state, gates, types[:, past:] if hybrid else None, has_text=has_text)
         cache.state_length = past + new
         return out
 

@@ -89,6 +89,7 @@ class DecodeKernel(Protocol):
         pooler: MLPPooling | None,
         *,
         scale: float | None = None,
+        has_text: bool = True,
     ) -> torch.Tensor: ...
 
 
@@ -147,8 +148,8 @@ def build_decode(name: str, pattern: Pattern, plan: Any) -> DecodeKernel:
     chosen = getattr(options, "score_dtype", "auto")
     score_dtype = None if chosen == "auto" else getattr(torch, chosen)
 
-    def kernel(q, k_cache, v_cache, lengths, state, gates, token_types, pooler, *, scale=None):
+    def kernel(q, k_cache, v_cache, lengths, state, gates, token_types, pooler, *, scale=None, has_text=True):
         return decode_step(pattern, q, k_cache, v_cache, lengths, state, gates, token_types, pooler,
-                           scale=scale, score_dtype=score_dtype)
+                           scale=scale, score_dtype=score_dtype, has_text=has_text)
 
     return kernel

@@ -64,11 +64,12 @@ class ReferenceBackend:
         )
 
     def build_decode(self, pattern: Pattern, plan: Any):
-        def decode(q, k_cache, v_cache, lengths, state, gates, token_types, pooler, *, scale=None):
+        def decode(q, k_cache, v_cache, lengths, state, gates, token_types, pooler, *, scale=None, has_text=True):
             """Each new query ``q [B, Hq, T, D]`` as the last row of
             :func:`reference_attention` on its row's real tokens up to its own
             slot (the state says which slots are real and which vision); only
-            the last query's row is read, so earlier queries are zeros."""
+            the last query's row is read, so earlier queries are zeros.
+            ``has_text`` (a speed hint of the batched decode) changes nothing here."""
             reason = unsupported(pattern)
             if reason is not None:
                 raise InputError("pattern", "a pattern the decode entry serves", reason)
