@@ -209,3 +209,112 @@ def test_batched_decode_reads_nothing_back_and_does_not_loop(backend, monkeypatc
     exact = nsaflex.compile(SYNC_PATTERN, "reference", head_dim=DIM)
     small, large = traced_step(exact, 1, 1), traced_step(exact, 3, 3)
     assert small.reads and large.calls > small.calls
+
+
+# --- refusals and the plan ---------------------------------------------------------------------------
+
+
+def small_step(batch=2, kv_heads=2, heads=4, capacity=12, used=8, new=1):
+    generator = torch.Generator().manual_seed(0)
+    k = torch.randn(batch, kv_heads, capacity, DIM, generator=generator)
+    return dict(
+        q=torch.randn(batch, heads, new, DIM, generator=generator), k_cache=k, v_cache=torch.randn_like(k),
+        lengths=torch.full((batch,), used + new), gates=torch.rand(batch, heads, new, 3, generator=generator),
+        token_types=torch.ones(batch, new, dtype=torch.long),
+    )
+
+
+BAD_STEPS = {
+    "q not 4-d": (dict(q=torch.zeros(2, 4, DIM)), "q"),
+    "q batch": (dict(q=torch.zeros(3, 4, 1, DIM)), "q"),
+    "q heads not a multiple of kv heads": (dict(q=torch.zeros(2, 3, 1, DIM)), "q"),
+    "q dtype": (dict(q=torch.zeros(2, 4, 1, DIM, dtype=torch.float64)), "q"),
+    "more new tokens than slots": (dict(q=torch.zeros(2, 4, 13, DIM)), "q"),
+    "v shape": (dict(v_cache=torch.zeros(2, 2, 11, DIM)), "v_cache"),
+    "lengths floating": (dict(lengths=torch.full((2,), 9.0)), "lengths"),
+    "lengths shape": (dict(lengths=torch.full((3,), 9)), "lengths"),
+    "gates shape": (dict(gates=torch.rand(2, 4, 1, 2)), "gates"),
+    "gates missing": (dict(gates=None), "gates"),
+    "token types missing": (dict(token_types=None), "token_types"),
+    "token types floating": (dict(token_types=torch.ones(2, 1)), "token_types"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_STEPS))
+def test_bad_decode_inputs_are_refused_naming_the_argument(case):
+    changes, argument = BAD_STEPS[case]
+    attn = nsaflex.compile(SYNC_PATTERN, "flex", device="cpu", head_dim=DIM)
+    step = small_step()
+    state = attn.decode_state(step["k_cache"], step["v_cache"], step["lengths"] - 1, torch.ones(2, 12, dtype=torch.long))
+    before = {name: getattr(state, name).clone() for name in ("real", "sparse_slots", "sparse_count", "cmp_k")}
+    step.update(changes)
+    with pytest.raises(InputError) as error:
+        attn.decode(step["q"], step["k_cache"], step["v_cache"], step["lengths"], state, step["gates"], step["token_types"])
+    assert error.value.argument == argument
+    for name, value in before.items():  # nothing half-applied
+        assert torch.equal(getattr(state, name), value), name
+
+
+def test_a_state_of_another_batch_is_refused():
+    attn = nsaflex.compile(SYNC_PATTERN, "flex", device="cpu", head_dim=DIM)
+    step = small_step()
+    other = attn.decode_state(step["k_cache"][:1], step["v_cache"][:1], step["lengths"][:1] - 1)
+    with pytest.raises(InputError, match="DecodeState of 2 rows"):
+        attn.decode(step["q"], step["k_cache"], step["v_cache"], step["lengths"], other, step["gates"], step["token_types"])
+
+
+def test_query_block_decode_is_refused_and_the_plan_says_why():
+    pattern = dataclasses.replace(SYNC_PATTERN, selection=Selection(block=4, count=2, granularity="query_block", query_block=2))
+    attn = nsaflex.compile(pattern, "flex", device="cpu", head_dim=DIM)
+    assert attn.decode_plan.kernel.startswith("none") and "query_block" in attn.decode_plan.notes[0]
+    step = small_step()
+    state = attn.decode_state(step["k_cache"], step["v_cache"], step["lengths"] - 1, torch.ones(2, 12, dtype=torch.long))
+    with pytest.raises(InputError, match="query_block"):
+        attn.decode(step["q"], step["k_cache"], step["v_cache"], step["lengths"], state, step["gates"], step["token_types"])
+
+
+def test_decode_plan_names_each_backends_path():
+    batched = nsaflex.compile(SYNC_PATTERN, "flex", device="cpu", head_dim=DIM).decode_plan
+    assert batched.branch == "decode" and batched.backend == "flex" and batched.kernel.startswith("batched torch")
+    assert batched.constants == {"rows": "batched", "new_tokens": "batched"} and "text queries" in batched.notes[0]
+    exact = nsaflex.compile(SYNC_PATTERN, "reference", head_dim=DIM).decode_plan
+    assert exact.backend == "reference" and exact.constants["rows"] == "one at a time"
+    dense = nsaflex.compile(Pattern(name="d", dense=True), "flex", device="cpu").decode_plan
+    assert dense.kernel == "torch SDPA over the cache"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_decode_step_replays_in_a_cuda_graph():
+    """A static cache, the step captured once and replayed for the following
+    tokens: the same outputs as eager steps (bf16, relative 1e-2)."""
+    pattern = dataclasses.replace(SYNC_PATTERN, model=dataclasses.replace(SYNC_PATTERN.model, head_dim=64))
+    attn = nsaflex.compile(pattern, "triton", device="cuda", head_dim=64)
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    capacity, start, steps = 256, 100, 6
+    k = torch.randn(2, 2, capacity, 64, device="cuda", dtype=torch.bfloat16, generator=generator)
+    v = torch.randn_like(k)
+    q_all = torch.randn(2, 4, capacity, 64, device="cuda", dtype=torch.bfloat16, generator=generator)
+    gates_all = torch.rand(2, 4, capacity, 3, device="cuda", generator=generator)
+    types = torch.ones(2, capacity, dtype=torch.long, device="cuda")
+    eager_state = attn.decode_state(k, v, torch.full((2,), start, device="cuda"), types)
+    eager = []
+    for i in range(steps):
+        lengths = torch.full((2,), start + i + 1, device="cuda")
+        eager.append(attn.decode(q_all[:, :, start + i : start + i + 1], k, v, lengths, eager_state,
+                                 gates_all[:, :, start + i : start + i + 1], types[:, :1], has_text=False))
+    state = attn.decode_state(k, v, torch.full((2,), start, device="cuda"), types)
+    q, gates, lengths = q_all[:, :, start : start + 1].clone(), gates_all[:, :, start : start + 1].clone(), torch.full((2,), start + 1, device="cuda")
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm up on a side stream, as capture requires
+        attn.decode(q, k, v, lengths, attn.decode_state(k, v, lengths - 1, types), gates, types[:, :1], has_text=False)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = attn.decode(q, k, v, lengths, state, gates, types[:, :1], has_text=False)
+    for i in range(steps):
+        q.copy_(q_all[:, :, start + i : start + i + 1])
+        gates.copy_(gates_all[:, :, start + i : start + i + 1])
+        lengths.fill_(start + i + 1)
+        graph.replay()
+        torch.testing.assert_close(out.float(), eager[i].float(), rtol=1e-2, atol=1e-2)
