@@ -218,7 +218,8 @@ def small_step(batch=2, kv_heads=2, heads=4, capacity=12, used=8, new=1):
     generator = torch.Generator().manual_seed(0)
     k = torch.randn(batch, kv_heads, capacity, DIM, generator=generator)
     return dict(
-        q=torch.randn(batch, heads, new, DIM, generator=generator), k_cache=k, v_cache=torch.randn_like(k),
+        q=torch.randn(batch, heads, new, DIM, generator=generator), k_cache=k,
+        v_cache=torch.randn(k.shape, generator=generator),
         lengths=torch.full((batch,), used + new), gates=torch.rand(batch, heads, new, 3, generator=generator),
         token_types=torch.ones(batch, new, dtype=torch.long),
     )
@@ -318,3 +319,20 @@ def test_decode_step_replays_in_a_cuda_graph():
         lengths.fill_(start + i + 1)
         graph.replay()
         torch.testing.assert_close(out.float(), eager[i].float(), rtol=1e-2, atol=1e-2)
+
+
+def test_scale_multiplies_every_score_as_in_the_reference():
+    """``scale`` reaches every branch and the dense path: the batched decode with
+    a scale equals the reference backend's exact decode with it (float64, 1e-12)."""
+    outputs = []
+    for backend in ("flex", "reference"):
+        attn = nsaflex.compile(SYNC_PATTERN, backend, device="cpu", head_dim=DIM)
+        step = {name: value.double() if value.is_floating_point() else value for name, value in small_step(new=2).items()}
+        step["token_types"] = torch.tensor([[1, 0], [1, 1]])
+        types = torch.ones(2, 12, dtype=torch.long)
+        state = attn.decode_state(step["k_cache"], step["v_cache"], step["lengths"] - 2, types)
+        outputs.append(attn.decode(step["q"], step["k_cache"], step["v_cache"], step["lengths"], state, step["gates"],
+                                   step["token_types"], scale=0.7))
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-12, atol=1e-12)
+    with pytest.raises(InputError):
+        attn.decode(step["q"], step["k_cache"], step["v_cache"], step["lengths"], state, step["gates"], step["token_types"], scale=-1.0)
