@@ -217,12 +217,13 @@ def _empty_state(pattern: Pattern, batch: int, kv_heads: int, dim: int, capacity
 
 
 def reserve(state: DecodeState, pattern: Pattern, capacity: int) -> None:
-    """Grow ``state`` to hold at least ``capacity`` slots (doubling, so a cache
-    growing by one token re-allocates rarely)."""
+    """Grow ``state`` to hold at least ``capacity`` slots, by a quarter at least:
+    a cache growing by one token re-allocates rarely, and the masked work over
+    unused capacity (compressed tokens, block scores) stays within 25%."""
     old = state.capacity
     if capacity <= old:
         return
-    new = max(capacity, 2 * old)
+    new = max(capacity, old + old // 4 + 1)
     pad = new - old
     state.real = F.pad(state.real, (0, pad))
     state.vision = F.pad(state.vision, (0, pad))

@@ -7,8 +7,10 @@ no Python loop over rows or tokens.
 
 Tolerance: float32 inputs against the float64 reference, relative 1e-5 (a few
 float32 roundings per softmax and gathered sum; the block ranking is done in
-float64 on the CPU, so the selections are the reference's); absolute 1e-6 for
-outputs near zero."""
+float64 on the CPU, so the selections are the reference's), and absolute 1e-5
+for outputs near zero: they are averages of values of order one, and a pooling
+MLP's compressed tokens carry float32 sums over ``l * D`` inputs and up to a
+few hundred hidden units (measured up to 2e-6)."""
 
 from __future__ import annotations
 
@@ -101,15 +103,19 @@ def new_tokens(x: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
     return x.gather(2, index.expand(-1, -1, -1, *x.shape[3:]))
 
 
-def run_steps(attn, pattern, scenario: Scenario, dtype=torch.float32):
-    """Decode every step through ``attn.decode``; yields (slots, output) per step."""
+def run_steps(attn, pattern, scenario: Scenario, dtype=torch.float32, growing: bool = False):
+    """Decode every step through ``attn.decode``; yields (slots, output) per step.
+    ``growing``: the cache is handed over cut to its longest row (as a dynamic
+    cache grows), so the state starts at the prompt's size and grows."""
     s = scenario
-    cast = (lambda x: None if x is None else x.to(dtype))
-    k, v = cast(s.k), cast(s.v)
-    state = attn.decode_state(k, v, s.start.clone(), s.types, s.valid)
+    k_full, v_full = s.k.to(dtype), s.v.to(dtype)
+    used = int(s.start.max()) if growing else k_full.shape[2]
+    state = attn.decode_state(k_full[:, :, :used], v_full[:, :, :used], s.start.clone(), s.types[:, :used], s.valid[:, :used])
     lengths = s.start.clone()
     for count in s.steps:
         lengths = lengths + count
+        used = int(lengths.max()) if growing else used
+        k, v = k_full[:, :, :used], v_full[:, :, :used]
         slots = lengths[:, None] - count + torch.arange(count)
         gates = None if s.gates is None else new_tokens(s.gates, slots).to(dtype)
         types = s.types.gather(1, slots) if pattern.hybrid is not None else None
@@ -131,10 +137,11 @@ def test_batched_decode_is_the_reference_last_row(pattern, data):
             for parameter in attn.pooler.parameters():
                 parameter.copy_(torch.randn(parameter.shape, generator=torch.Generator().manual_seed(1)) * 0.3)
         pooler = attn.pooler
-    for slots, out in run_steps(attn, pattern, scenario):
+    growing = data.draw(st.booleans(), label="growing cache")
+    for slots, out in run_steps(attn, pattern, scenario, growing=growing):
         assert out.dtype == torch.float32
         expected = last_rows(pattern, scenario, slots, pooler)
-        torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
 
 
 @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
