@@ -399,9 +399,7 @@ def decode_step(
     if reason is not None:
         raise InputError("pattern", "a pattern the batched decode serves", reason)
     check_step(pattern, state, q, k_cache, v_cache, lengths, gates, token_types)
-    batch, query_heads, new, dim = q.shape
-    kv_heads = k_cache.shape[1]
-    group = query_heads // kv_heads
+    new, dim = q.shape[2], q.shape[3]
     scale = softmax_scale(dim) if scale is None else scale
     dtype = compute_dtype(q.dtype)
     score_dtype = default_score_dtype(q.device, q.dtype) if score_dtype is None else score_dtype

@@ -22,7 +22,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import nsaflex
-from nsaflex import decoding
 from nsaflex.errors import InputError
 from nsaflex.reference import reference_attention
 from nsaflex.spec import Compression, Gate, Hybrid, Pattern, Selection, Window
