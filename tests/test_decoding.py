@@ -342,3 +342,25 @@ def test_scale_multiplies_every_score_as_in_the_reference():
     torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-12, atol=1e-12)
     with pytest.raises(InputError):
         attn.decode(step["q"], step["k_cache"], step["v_cache"], step["lengths"], state, step["gates"], step["token_types"], scale=-1.0)
+
+
+@pytest.mark.parametrize("backend", ["flex", "triton"])
+def test_bfloat16_cache_decodes_within_bfloat16_tolerance(backend, monkeypatch):
+    """A bf16 cache and queries (the model's dtype on the GPU): compressed tokens
+    and branches in float32, the text path in bf16 as the unpatched model's;
+    against the reference on the same bf16 values, relative and absolute 1e-2."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    attn = nsaflex.compile(SYNC_PATTERN, backend, device="cpu", head_dim=DIM)
+    generator = torch.Generator().manual_seed(3)
+    batch, capacity, start, steps = 2, 30, 18, 4
+    scenario = Scenario(
+        q=torch.randn(batch, 4, capacity, DIM, generator=generator).bfloat16().double(),
+        k=torch.randn(batch, 2, capacity, DIM, generator=generator).bfloat16().double(),
+        v=torch.randn(batch, 2, capacity, DIM, generator=generator).bfloat16().double(),
+        gates=torch.rand(batch, 4, capacity, 3, generator=generator, dtype=torch.float64),
+        types=(torch.rand(batch, capacity, generator=generator) < 0.6).long(),
+        valid=torch.ones(batch, capacity, dtype=torch.bool), start=torch.full((batch,), start), steps=[1] * steps,
+    )
+    for slots, out in run_steps(attn, SYNC_PATTERN, scenario, torch.bfloat16):
+        assert out.dtype == torch.bfloat16
+        torch.testing.assert_close(out.double(), last_rows(SYNC_PATTERN, scenario, slots, None), rtol=1e-2, atol=1e-2)
