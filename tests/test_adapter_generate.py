@@ -360,3 +360,33 @@ def test_batched_decode_follows_beam_search_reordering():
         beams[backend] = (out.sequences, out.sequences_scores)
     assert torch.equal(beams["flex"][0], beams["reference"][0])
     torch.testing.assert_close(beams["flex"][1], beams["reference"][1], rtol=0, atol=1e-6)
+
+
+def test_batched_decode_after_the_cache_is_cut_back():
+    """A cache cut back (``crop``, as assisted generation does) holds fewer
+    tokens than the batched state covers: the state is rebuilt from the cache,
+    and the next tokens get the reference's last rows on the sequence kept."""
+    pattern = sparse_patterns()["overlap"]
+    model = tiny_model(dtype=torch.float64)
+    adapter = apply(model, pattern, backend="flex")
+    randomise(adapter, seed=7)
+    ids, _, _ = make_batch([[(3, 9)]], [24], 24, seed=11)
+    keyword = cache_keyword(model)
+
+    def feed(tokens, start, cache):
+        positions = torch.arange(start, start + tokens.shape[1])[None]
+        extra = {keyword: cache} if cache is not None else {}
+        with torch.no_grad():
+            out = model(input_ids=tokens, position_ids=positions, use_cache=True, **extra)
+        return out.logits[0], returned_cache(out)
+
+    _, cache = feed(ids[:, :14], 0, None)
+    for t in range(14, 18):
+        _, cache = feed(ids[:, t : t + 1], t, cache)
+    cache.crop(-3)  # keep 15 tokens: the states covered 18
+    replacement = torch.tensor([[40, 41, 42]])
+    got = torch.cat([feed(replacement[:, i : i + 1], 15 + i, cache)[0] for i in range(3)])
+    sequence = torch.cat([ids[0, :15], replacement[0]])
+    scratch = ScratchModel(model, pattern, poolers=poolers_of(adapter))
+    expected = scratch.step(sequence, torch.zeros_like(sequence))[15:]
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-9)
