@@ -53,10 +53,17 @@ for the compression branch (``N = n / d``), ``O(J log J)`` to rank the
 ``J = n / l'`` blocks, ``O(count * l' * D)`` for the selected blocks and
 ``O(w * D)`` for the window; text queries ``O(S * D)``.
 
-Not served here: ``granularity: query_block`` (a tile's shared selection is
-scored over the tile's earlier queries, which the state does not keep) and the
-``videonsa_release`` numerics; :mod:`nsaflex.adapters.decode` keeps the exact
-per-row path for both.
+``granularity: query_block``: a tile's shared selection is scored over the
+tile's queries so far, each with its own visibility. A query's compression
+probabilities never change once it is past (the compressed tokens it sees
+exist already), so the state keeps their running sum over the current tile
+(:attr:`DecodeState.tile_sum`, started from the prefix's queries by
+:func:`start_state`); a step adds its new queries' probabilities tile by tile
+(a ``[T, T]`` same-tile mask) and ranks each query's tile sum for the tile's
+first position.
+
+Not served here: the ``videonsa_release`` numerics
+(:mod:`nsaflex.adapters.decode` keeps the exact per-row path for them).
 """
 
 from __future__ import annotations
@@ -70,16 +77,18 @@ from nsaflex.errors import InputError
 from nsaflex.inputs import FLOAT_DTYPES
 from nsaflex.pooling import MLPPooling, compress, softmax_scale
 from nsaflex.scoring import choose_blocks, default_score_dtype, eq9_block_scores
-from nsaflex.spec import Pattern
+from nsaflex.spec import Compression, Pattern
 
 
 def unsupported(pattern: Pattern) -> str | None:
     """Why the batched decode cannot serve ``pattern`` (``None`` when it can)."""
-    selection = pattern.selection
-    if not pattern.dense and selection is not None and selection.granularity == "query_block":
-        return ("granularity 'query_block' shares a tile's selection scored over the tile's earlier queries, "
-                "which the decode state does not keep")
     return None
+
+
+def tiled(pattern: Pattern) -> bool:
+    """Whether ``pattern`` selects per query tile (``granularity: query_block``)."""
+    selection = pattern.selection
+    return not pattern.dense and selection is not None and selection.granularity == "query_block"
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -102,6 +111,10 @@ class DecodeState:
             complete blocks of the sparse sequence (``N`` = compressed tokens of
             a sequence of ``C``; column ``N`` takes skipped writes); None
             without a compression branch.
+        tile_sum: ``[B, Hq, N]`` (``query_block`` selection) the compression
+            probabilities summed over the queries of the row's current tile so
+            far, in the score dtype; None otherwise.
+        tile_start: ``[B]`` long, the sparse position where that tile starts.
     """
 
     real: torch.Tensor
@@ -110,6 +123,8 @@ class DecodeState:
     sparse_count: torch.Tensor
     cmp_k: torch.Tensor | None = None
     cmp_v: torch.Tensor | None = None
+    tile_sum: torch.Tensor | None = None
+    tile_start: torch.Tensor | None = None
 
     @property
     def capacity(self) -> int:
@@ -121,7 +136,7 @@ class DecodeState:
 
     def reorder(self, index: torch.Tensor) -> None:
         """Keep the rows ``index [B']`` (a beam search's reordering of the cache)."""
-        for name in ("real", "vision", "sparse_slots", "sparse_count", "cmp_k", "cmp_v"):
+        for name in ("real", "vision", "sparse_slots", "sparse_count", "cmp_k", "cmp_v", "tile_sum", "tile_start"):
             value = getattr(self, name)
             if value is not None:
                 setattr(self, name, value.index_select(0, index.to(value.device)))
@@ -184,6 +199,9 @@ def check_step(pattern: Pattern, state: object, q: object, k_cache: torch.Tensor
                          f"{state.batch} rows" if isinstance(state, DecodeState) else type(state).__name__)
     if (state.cmp_k is not None) and (state.cmp_k.shape[1] != kv_heads or state.cmp_k.shape[3] != dim or state.cmp_k.device != q.device):
         raise InputError("state", f"compressed tokens of {kv_heads} kv heads of dim {dim} on {q.device}", list(state.cmp_k.shape))
+    if tiled(pattern) and (state.tile_sum is None or state.tile_sum.shape[1] != q.shape[1]):
+        raise InputError("state", f"tile sums of {q.shape[1]} query heads (decode_state with the cached queries)",
+                         "none" if state.tile_sum is None else list(state.tile_sum.shape))
     branches = len(pattern.branches)
     shape = (batch, q.shape[1], q.shape[2], branches)
     _check_per_token("gates", gates, shape, q.device, floating=True)
@@ -233,6 +251,8 @@ def reserve(state: DecodeState, pattern: Pattern, capacity: int) -> None:
         extra = _num_tokens(pattern, new) + 1 - tokens
         state.cmp_k = F.pad(state.cmp_k[:, :, :tokens], (0, 0, 0, extra))
         state.cmp_v = F.pad(state.cmp_v[:, :, :tokens], (0, 0, 0, extra))
+    if state.tile_sum is not None:
+        state.tile_sum = F.pad(state.tile_sum, (0, _num_tokens(pattern, new) - state.tile_sum.shape[2]))
 
 
 def _sparse(pattern: Pattern, vision: torch.Tensor) -> torch.Tensor:
@@ -316,14 +336,26 @@ def extend_state(state: DecodeState, pattern: Pattern, k_cache: torch.Tensor, v_
 
 def start_state(pattern: Pattern, k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: torch.Tensor,
                 token_types: torch.Tensor | None = None, key_valid: torch.Tensor | None = None,
-                pooler: MLPPooling | None = None, capacity: int | None = None) -> DecodeState:
+                pooler: MLPPooling | None = None, capacity: int | None = None, queries: torch.Tensor | None = None,
+                score_dtype: torch.dtype | None = None) -> DecodeState:
     """The state of rows whose first ``lengths [B]`` slots are cached (classes
     ``token_types [B, S]``, real where ``key_valid [B, S]``, default all): the
-    whole prefix appended at once, its complete blocks pooled."""
+    whole prefix appended at once, its complete blocks pooled. ``queries [B,
+    Hq, S, D]``: the queries of the cached tokens, needed by ``query_block``
+    selection (only the current tile's are read), kept as their summed
+    compression probabilities in ``score_dtype`` (None: the device's default)."""
     _check_cache(k_cache, v_cache, lengths)
     batch, kv_heads, slots, dim = k_cache.shape
     for name, tensor in (("token_types", token_types), ("key_valid", key_valid)):
         _check_per_token(name, tensor, (batch, slots), k_cache.device, floating=False)
+    if tiled(pattern):
+        if not isinstance(queries, torch.Tensor) or queries.dim() != 4 or queries.shape[0] != batch \
+                or queries.shape[2] != slots or queries.shape[3] != dim or queries.shape[1] % kv_heads:
+            found = list(queries.shape) if isinstance(queries, torch.Tensor) else type(queries).__name__
+            raise InputError("queries", f"the cached tokens' queries [{batch}, Hq, {slots}, {dim}] "
+                             "(query_block selection sums the current tile's scores)", found)
+        if not queries.is_floating_point() or queries.device != k_cache.device:
+            raise InputError("queries", f"a floating tensor on {k_cache.device}", f"{queries.dtype} on {queries.device}")
     capacity = slots if capacity is None else max(int(capacity), slots)
     state = _empty_state(pattern, batch, kv_heads, dim, capacity, compute_dtype(k_cache.dtype), k_cache.device)
     positions = torch.arange(slots, device=k_cache.device)
@@ -332,7 +364,45 @@ def start_state(pattern: Pattern, k_cache: torch.Tensor, v_cache: torch.Tensor, 
         real &= key_valid.to(torch.bool)
     full = torch.full_like(lengths, slots)
     extend_state(state, pattern, k_cache, v_cache, full, slots, token_types, pooler, new_real=real)
+    if tiled(pattern):
+        _start_tile(state, pattern, queries, softmax_scale(dim),
+                    default_score_dtype(k_cache.device, k_cache.dtype) if score_dtype is None else score_dtype)
     return state
+
+
+def _start_tile(state: DecodeState, pattern: Pattern, queries: torch.Tensor, scale: float, score_dtype: torch.dtype) -> None:
+    """The summed compression probabilities of each row's current tile: the
+    queries at sparse positions ``a .. n - 1`` (``a`` the last multiple of
+    ``m`` at or below the row's ``n`` sparse tokens)."""
+    batch, query_heads, _, dim = queries.shape
+    kv_heads = state.cmp_k.shape[1]
+    tile = pattern.selection.query_block
+    start = torch.div(state.sparse_count, tile, rounding_mode="floor") * tile
+    position = start[:, None] + torch.arange(tile, device=start.device)  # [B, m]
+    slots = state.sparse_slots.gather(1, position.clamp(max=state.capacity - 1))
+    rows = queries.gather(2, slots[:, None, :, None].expand(-1, query_heads, -1, dim)).to(state.cmp_k.dtype)
+    grouped = rows.view(batch, kv_heads, query_heads // kv_heads, tile, dim)
+    probabilities = _compression_probabilities(grouped, state.cmp_k[:, :, :-1], position, pattern.compression, scale, score_dtype)
+    seen = (position < state.sparse_count[:, None])[:, None, None, :, None]
+    state.tile_sum = (probabilities * seen).sum(dim=3).reshape(batch, query_heads, probabilities.shape[-1])
+    state.tile_start = start
+
+
+def _compression_probabilities(grouped: torch.Tensor, cmp_k: torch.Tensor, position: torch.Tensor,
+                               compression: Compression, scale: float, score_dtype: torch.dtype) -> torch.Tensor:
+    """``p_cmp [B, Hkv, G, T, N]`` (``score_dtype``) of queries ``grouped [B, Hkv,
+    G, T, D]`` at sparse positions ``position [B, T]`` over compressed keys
+    ``cmp_k [B, Hkv, N, D]``: the tokens complete within each query's prefix
+    that its visibility admits; a query that sees none gets zeros."""
+    last = torch.arange(cmp_k.shape[2], device=cmp_k.device) * compression.stride + compression.block - 1
+    visible = last[None, None, :] <= position[:, :, None]  # [B, T, N]: complete within the prefix
+    if compression.visibility != "causal":
+        visible &= last[None, None, :] >= position[:, :, None]
+    logits = torch.einsum("bkgtd,bknd->bkgtn", grouped.to(score_dtype), cmp_k.to(score_dtype)) * scale
+    ok = visible[:, None, None]
+    has = ok.any(dim=-1, keepdim=True)
+    logits = torch.where(ok, logits, torch.full_like(logits, float("-inf")))
+    return torch.softmax(torch.where(has, logits, torch.zeros_like(logits)), dim=-1) * has
 
 
 # --- the step -----------------------------------------------------------------------------------
@@ -409,18 +479,44 @@ def decode_step(
         slots = lengths.to(torch.long)[:, None] - new + torch.arange(new, device=device)
         if pattern.dense:
             return _dense(q.to(dtype), k_cache, v_cache, state, slots, scale).to(q.dtype)
-        sparse_out = _sparse_outputs(pattern, q.to(dtype), k_cache, v_cache, state, rank, gates, pooler, scale, score_dtype)
+        vision = torch.zeros_like(rank, dtype=torch.bool) if token_types is None else token_types != 0
+        sparse = _sparse(pattern, vision)
+        sparse_out = _sparse_outputs(pattern, q.to(dtype), k_cache, v_cache, state, rank, sparse, gates, pooler, scale,
+                                     score_dtype)
         if pattern.hybrid is None or not has_text:
             return sparse_out.to(q.dtype)
         dense_out = _dense(q.to(dtype), k_cache, v_cache, state, slots, scale)
-        vision = (token_types != 0)[:, None, :, None]
-        return torch.where(vision, sparse_out, dense_out).to(q.dtype)
+        return torch.where(vision[:, None, :, None], sparse_out, dense_out).to(q.dtype)
+
+
+def _tile_sums(state: DecodeState, tile: int, position: torch.Tensor, sparse: torch.Tensor,
+               probabilities: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each new query's tile: its first position ``[B, T]`` and the compression
+    probabilities ``[B, Hkv, G, T, N]`` summed over the tile's queries up to it
+    (the kept sum where the tile began before this step, then the new sparse
+    queries of the same tile, in order). The state then keeps the sum of the
+    last new sparse query's tile."""
+    batch, kv_heads, group, new, tokens = probabilities.shape
+    first = torch.div(position, tile, rounding_mode="floor") * tile  # [B, T]
+    order = torch.arange(new, device=position.device)
+    same = (order[None, None, :] <= order[None, :, None]) & sparse[:, None, :] & (first[:, None, :] == first[:, :, None])
+    summed = torch.einsum("bij,bkgjn->bkgin", same.to(probabilities.dtype), probabilities * sparse[:, None, None, :, None])
+    kept = state.tile_sum.to(probabilities.dtype).view(batch, kv_heads, group, 1, tokens)
+    summed = summed + kept * (first == state.tile_start[:, None])[:, None, None, :, None]
+    last = (sparse.long() * (order + 1)).argmax(dim=1)  # the last new sparse query (0 if none)
+    any_sparse = sparse.any(dim=1)
+    latest = summed.gather(3, last.view(batch, 1, 1, 1, 1).expand(-1, kv_heads, group, 1, tokens))
+    state.tile_sum.copy_(torch.where(any_sparse[:, None, None], latest.view(batch, kv_heads * group, tokens).to(state.tile_sum.dtype), state.tile_sum))
+    state.tile_start.copy_(torch.where(any_sparse, first.gather(1, last[:, None])[:, 0], state.tile_start))
+    return first, summed
 
 
 def _sparse_outputs(pattern: Pattern, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                    state: DecodeState, rank: torch.Tensor, gates: torch.Tensor | None, pooler: MLPPooling | None,
-                    scale: float, score_dtype: torch.dtype) -> torch.Tensor:
-    """The gated mix of the branches ``[B, Hq, T, D]`` for queries at sparse positions ``rank [B, T]``."""
+                    state: DecodeState, rank: torch.Tensor, sparse: torch.Tensor, gates: torch.Tensor | None,
+                    pooler: MLPPooling | None, scale: float, score_dtype: torch.dtype) -> torch.Tensor:
+    """The gated mix of the branches ``[B, Hq, T, D]`` for queries at sparse
+    positions ``rank [B, T]`` (``sparse [B, T]``: the new token is in the
+    sparse sequence)."""
     batch, query_heads, new, dim = q.shape
     kv_heads = k_cache.shape[1]
     group = query_heads // kv_heads
@@ -439,26 +535,20 @@ def _sparse_outputs(pattern: Pattern, q: torch.Tensor, k_cache: torch.Tensor, v_
     if pattern.compression is not None:
         compression = pattern.compression
         cmp_k, cmp_v = state.cmp_k[:, :, :-1], state.cmp_v[:, :, :-1]
-        tokens = cmp_k.shape[2]
-        last = torch.arange(tokens, device=device) * compression.stride + compression.block - 1
-        visible = last[None, None, :] <= position[:, :, None]  # [B, T, N]: complete within the prefix
-        if compression.visibility != "causal":
-            visible &= last[None, None, :] >= position[:, :, None]
-        logits = torch.einsum("bkgtd,bknd->bkgtn", grouped.to(score_dtype), cmp_k.to(score_dtype)) * scale
-        ok = visible[:, None, None]
-        has = ok.any(dim=-1, keepdim=True)
-        logits = torch.where(ok, logits, torch.full_like(logits, float("-inf")))
-        probabilities = torch.softmax(torch.where(has, logits, torch.zeros_like(logits)), dim=-1) * has
+        probabilities = _compression_probabilities(grouped, cmp_k, position, compression, scale, score_dtype)
         outputs["compression"] = torch.einsum("bkgtn,bknd->bkgtd", probabilities.to(q.dtype), cmp_v).reshape(q.shape)
         if pattern.selection is not None:
             selection = pattern.selection
             num_blocks = -(-capacity // selection.block)
+            first = position
+            if tiled(pattern):
+                first, probabilities = _tile_sums(state, selection.query_block, position, sparse, probabilities)
             scores = eq9_block_scores(probabilities, compression, selection, num_blocks)  # [B, Hkv, G, T, J]
             per_head = selection.scoring == "head"
             scores = scores.reshape(batch, query_heads, new, num_blocks) if per_head else scores.sum(dim=2)
             selecting = scores.shape[1]
             units = scores.permute(1, 0, 2, 3).reshape(selecting, batch * new, num_blocks)
-            blocks = choose_blocks(units, position.reshape(-1), selection).long()  # [Hs, B*T, W]
+            blocks = choose_blocks(units, first.reshape(-1), selection).long()  # [Hs, B*T, W]
             blocks = blocks.view(selecting, batch, new, -1).permute(1, 0, 2, 3)  # [B, Hs, T, W]
             offsets = torch.arange(selection.block, device=device)
             chosen = (blocks[..., None] * selection.block + offsets).flatten(3)  # [B, Hs, T, W*l']

@@ -138,14 +138,21 @@ class CompiledAttention(nn.Module):
         key_valid: torch.Tensor | None = None,
         *,
         capacity: int | None = None,
+        queries: torch.Tensor | None = None,
     ) -> DecodeState:
         """The decode state of a cache ``k_cache, v_cache [B, Hkv, S, D]`` whose
         first ``lengths [B]`` slots hold each row's tokens so far (classes
         ``token_types [B, S]``, 0 text; real where ``key_valid [B, S]``,
         default all): which slots are real and vision, the slot map of each
         row's sparse sequence and its compressed tokens. ``capacity``: slots
-        to allocate for (default ``S``; a static cache passes its size)."""
-        return start_state(self.pattern, k_cache, v_cache, lengths, token_types, key_valid, self.pooler, capacity)
+        to allocate for (default ``S``; a static cache passes its size).
+        ``queries [B, Hq, S, D]``: the cached tokens' queries, required for
+        ``query_block`` selection (the current tile's scores are summed from
+        them)."""
+        chosen = self.plan.options.score_dtype
+        score_dtype = None if chosen == "auto" else getattr(torch, chosen)
+        return start_state(self.pattern, k_cache, v_cache, lengths, token_types, key_valid, self.pooler, capacity,
+                           queries, score_dtype)
 
     def decode(
         self,
@@ -170,8 +177,7 @@ class CompiledAttention(nn.Module):
         (:mod:`nsaflex.decoding`); ``state`` (:meth:`decode_state`) is
         extended with the new tokens. Batched over rows, heads and new tokens
         without host synchronisation except on the reference backend
-        (:attr:`decode_plan` says which path runs); ``query_block`` selection is
-        refused (:func:`nsaflex.decoding.unsupported`). ``has_text=False``
+        (:attr:`decode_plan` says which path runs). ``has_text=False``
         promises that every new token is a vision token (hybrid patterns): the
         dense path of text queries is skipped (a vision token then costs only
         the sparse branches, not a pass over the whole cache)."""

@@ -32,9 +32,9 @@ DECODE = settings(max_examples=25, deadline=None, suppress_health_check=[HealthC
 DIM = 8
 
 
-def decode_patterns():
+def decode_patterns(granularities=("token", "query_block")):
     return random_patterns(small=True, allow_layers=False, allow_budget=False, allow_model=False,
-                           granularities=("token",), allow_dense=True)
+                           granularities=granularities, allow_dense=True)
 
 
 @dataclasses.dataclass
@@ -109,7 +109,8 @@ def run_steps(attn, pattern, scenario: Scenario, dtype=torch.float32, growing: b
     s = scenario
     k_full, v_full = s.k.to(dtype), s.v.to(dtype)
     used = int(s.start.max()) if growing else k_full.shape[2]
-    state = attn.decode_state(k_full[:, :, :used], v_full[:, :, :used], s.start.clone(), s.types[:, :used], s.valid[:, :used])
+    state = attn.decode_state(k_full[:, :, :used], v_full[:, :, :used], s.start.clone(), s.types[:, :used], s.valid[:, :used],
+                              queries=s.q[:, :, :used].to(dtype))
     lengths = s.start.clone()
     for count in s.steps:
         lengths = lengths + count
@@ -124,9 +125,7 @@ def run_steps(attn, pattern, scenario: Scenario, dtype=torch.float32, growing: b
         yield slots, out
 
 
-@DECODE
-@given(pattern=decode_patterns(), data=st.data())
-def test_batched_decode_is_the_reference_last_row(pattern, data):
+def check_batched_decode(pattern, data):
     scenario = draw_scenario(pattern, data)
     attn = nsaflex.compile(pattern, "flex", device="cpu", head_dim=DIM)
     assert attn.decode_plan.kernel.startswith(("batched torch", "torch SDPA"))
@@ -143,8 +142,42 @@ def test_batched_decode_is_the_reference_last_row(pattern, data):
         torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
 
 
-@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@DECODE
 @given(pattern=decode_patterns(), data=st.data())
+def test_batched_decode_is_the_reference_last_row(pattern, data):
+    check_batched_decode(pattern, data)
+
+
+@st.composite
+def tight_query_block_patterns(draw):
+    """query_block patterns selecting fewer blocks than a ~20-token row holds,
+    so the tile sums decide the selection."""
+    block = draw(st.sampled_from((2, 4)))
+    stride = draw(st.sampled_from([d for d in (1, 2, 4) if block % d == 0]))
+    selection_block = draw(st.sampled_from([b for b in (2, 4) if b % stride == 0]))
+    count = draw(st.integers(1, 2))
+    forced = tuple(draw(st.lists(st.sampled_from(("first", "previous", "current")), unique=True, max_size=count - 1)))
+    return Pattern(
+        name="tight",
+        compression=Compression(block=block, stride=stride,
+                                visibility=draw(st.sampled_from(("causal", "videonsa_legacy")))),
+        selection=Selection(block=selection_block, count=count, forced=forced, scoring=draw(st.sampled_from(("group", "head"))),
+                            granularity="query_block", query_block=draw(st.sampled_from([m for m in (2, 4) if selection_block % m == 0]))),
+        gate=Gate(kind="mlp"),
+        hybrid=draw(st.sampled_from((None, Hybrid(vision_keys="vision"), Hybrid(vision_keys="all")))),
+    )
+
+
+@DECODE
+@given(pattern=st.one_of(decode_patterns(granularities=("query_block",)), tight_query_block_patterns()), data=st.data())
+def test_batched_query_block_decode_is_the_reference_last_row(pattern, data):
+    """Query tiles spanning the prompt and several steps: each query's tile sum
+    is the kept one plus the step's earlier queries of the same tile."""
+    check_batched_decode(pattern, data)
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(pattern=decode_patterns(granularities=("token",)), data=st.data())
 def test_reference_backend_decode_is_the_reference_last_row(pattern, data):
     """The reference backend's decode entry (the exact path) on float64 inputs: equal to 1e-12."""
     scenario = draw_scenario(pattern, data)
@@ -270,12 +303,31 @@ def test_a_state_of_another_batch_is_refused():
         attn.decode(step["q"], step["k_cache"], step["v_cache"], step["lengths"], other, step["gates"], step["token_types"])
 
 
-def test_query_block_decode_is_refused_and_the_plan_says_why():
-    pattern = dataclasses.replace(SYNC_PATTERN, selection=Selection(block=4, count=2, granularity="query_block", query_block=2))
-    attn = nsaflex.compile(pattern, "flex", device="cpu", head_dim=DIM)
+QUERY_BLOCK = dataclasses.replace(SYNC_PATTERN, selection=Selection(block=4, count=2, granularity="query_block", query_block=2))
+
+
+def test_query_block_state_needs_the_cached_queries():
+    """A tile's selection sums the scores of its earlier queries: the state is
+    refused without them, and a state without tile sums is refused by the step."""
+    attn = nsaflex.compile(QUERY_BLOCK, "flex", device="cpu", head_dim=DIM)
+    step = small_step()
+    types = torch.ones(2, 12, dtype=torch.long)
+    with pytest.raises(InputError) as error:
+        attn.decode_state(step["k_cache"], step["v_cache"], step["lengths"] - 1, types)
+    assert error.value.argument == "queries"
+    token_state = nsaflex.compile(SYNC_PATTERN, "flex", device="cpu", head_dim=DIM).decode_state(
+        step["k_cache"], step["v_cache"], step["lengths"] - 1, types)
+    with pytest.raises(InputError, match="tile sums"):
+        attn.decode(step["q"], step["k_cache"], step["v_cache"], step["lengths"], token_state, step["gates"], step["token_types"])
+
+
+def test_reference_backend_refuses_query_block_decode_and_the_plan_says_why():
+    attn = nsaflex.compile(QUERY_BLOCK, "reference", head_dim=DIM)
     assert attn.decode_plan.kernel.startswith("none") and "query_block" in attn.decode_plan.notes[0]
     step = small_step()
-    state = attn.decode_state(step["k_cache"], step["v_cache"], step["lengths"] - 1, torch.ones(2, 12, dtype=torch.long))
+    queries = torch.zeros(2, 4, 12, DIM)
+    state = attn.decode_state(step["k_cache"], step["v_cache"], step["lengths"] - 1, torch.ones(2, 12, dtype=torch.long),
+                              queries=queries)
     with pytest.raises(InputError, match="query_block"):
         attn.decode(step["q"], step["k_cache"], step["v_cache"], step["lengths"], state, step["gates"], step["token_types"])
 
@@ -364,3 +416,27 @@ def test_bfloat16_cache_decodes_within_bfloat16_tolerance(backend, monkeypatch):
     for slots, out in run_steps(attn, SYNC_PATTERN, scenario, torch.bfloat16):
         assert out.dtype == torch.bfloat16
         torch.testing.assert_close(out.double(), last_rows(SYNC_PATTERN, scenario, slots, None), rtol=1e-2, atol=1e-2)
+
+
+def test_query_tile_spanning_the_prompt_and_the_steps():
+    """Tiles of 2 queries that start in the prompt and end in a step, and one
+    inside a two-token step; 2 free blocks of many: each step's selection
+    depends on the kept tile sum (dropping it changes outputs by ~1)."""
+    pattern = Pattern(name="tiles", compression=Compression(block=2, stride=2),
+                      selection=Selection(block=2, count=2, forced=(), granularity="query_block", query_block=2),
+                      gate=Gate(kind="mlp"))
+    generator = torch.Generator().manual_seed(0)
+
+    def randn(*shape, scale=1.0):
+        return torch.randn(*shape, generator=generator, dtype=torch.float64) * scale
+
+    capacity = 24
+    scenario = Scenario(
+        q=randn(1, 2, capacity, DIM, scale=3.0), k=randn(1, 1, capacity, DIM, scale=3.0), v=randn(1, 1, capacity, DIM),
+        gates=torch.rand(1, 2, capacity, 2, generator=generator, dtype=torch.float64),
+        types=torch.ones(1, capacity, dtype=torch.long), valid=torch.ones(1, capacity, dtype=torch.bool),
+        start=torch.tensor([15]), steps=[1, 1, 1, 2, 1],
+    )
+    attn = nsaflex.compile(pattern, "flex", device="cpu", head_dim=DIM)
+    for slots, out in run_steps(attn, pattern, scenario):
+        torch.testing.assert_close(out.double(), last_rows(pattern, scenario, slots, None), rtol=1e-5, atol=1e-5)

@@ -14,7 +14,8 @@ tile's shared selection is scored over the tile's queries seen so far
 of a hybrid pattern are dense, as in prefill.
 
 This module is the exact per-row path: the adapter takes it on the reference
-backend, for ``query_block`` selection and in ``videonsa_release`` mode; on the
+backend, for ``query_block`` tiles of ``vision_keys: all`` patterns and in
+``videonsa_release`` mode; on the
 other backends it decodes through the compiled attention's batched decode entry
 (:meth:`nsaflex.runtime.CompiledAttention.decode`, :mod:`nsaflex.decoding`),
 whose :class:`~nsaflex.decoding.DecodeState` :class:`LayerDecodeCache` holds.

@@ -57,11 +57,12 @@ gives the last row of ``[0, p]``: dense for text queries of a hybrid pattern
 implementation, as fast as the unpatched model), the sparse branches over the
 cached keys otherwise, with compressed tokens kept and extended as blocks
 complete. On the flex and triton backends (``faithful`` mode, ``granularity:
-token``) the step goes through the compiled attention's batched decode entry
-(:meth:`~nsaflex.runtime.CompiledAttention.decode`: all rows, heads and new
-tokens at once, state on the device); the reference backend, ``query_block``
-selection and ``videonsa_release`` mode take the exact per-row path of
-:mod:`nsaflex.adapters.decode`. :meth:`Qwen25VLAdapter.describe` names each
+token`` or ``query_block``) the step goes through the compiled attention's
+batched decode entry (:meth:`~nsaflex.runtime.CompiledAttention.decode`: all
+rows, heads and new tokens at once, state on the device); the reference
+backend, ``query_block`` tiles of ``vision_keys: all`` patterns (their text
+calls bypass the entry) and ``videonsa_release`` mode take the exact per-row
+path of :mod:`nsaflex.adapters.decode`. :meth:`Qwen25VLAdapter.describe` names each
 layer's path. Beam search reorders the KV cache (the batched states follow
 through the cache's ``reorder_cache``) but not the token classes kept with it:
 it is exact when all beams of a prompt share their token classes (generated
@@ -105,7 +106,7 @@ from nsaflex.adapters.decode import (
     stash_release_queries,
     stash_tile_queries,
 )
-from nsaflex.decoding import extend_state
+from nsaflex.decoding import extend_state, tiled
 from nsaflex.decoding import unsupported as batched_decode_unsupported
 from nsaflex.distributed import SequenceParallelAttention
 from nsaflex.errors import BackendUnavailable, InputError, PatternError
@@ -816,7 +817,7 @@ class Qwen25VLAdapter:
             return "exact per-row (videonsa_release numerics, nsaflex.adapters.decode)"
         if layer.compiled is None or layer.compiled.backend == "reference":
             return "exact per-row (reference backend, float64, nsaflex.adapters.decode)"
-        reason = batched_decode_unsupported(layer.pattern)
+        reason = _batched_unsupported(layer.pattern)
         if reason is not None:
             return f"exact per-row (nsaflex.adapters.decode): {reason}"
         return f"batched decode entry ({layer.compiled.backend}, nsaflex.decoding)"
@@ -824,7 +825,7 @@ class Qwen25VLAdapter:
     def _decode(self, layer, q, k, v, gates, types, valid, past):
         cache = self._call.decode.setdefault(layer.index, LayerDecodeCache())
         batched = (self.mode == "faithful" and layer.compiled is not None and layer.compiled.backend != "reference"
-                   and batched_decode_unsupported(layer.pattern) is None)
+                   and _batched_unsupported(layer.pattern) is None)
         # A padded new token (a chunk fed with padding) has no place in the batched state's appended slots.
         if batched and (valid is None or bool(valid[:, past:].all())):
             return self._decode_batched(layer, cache, q, k, v, gates, types, valid, past)
@@ -847,9 +848,11 @@ class Qwen25VLAdapter:
         state = cache.state
         lengths = torch.full((batch,), past, dtype=torch.long, device=q.device)
         if state is None or state.batch != batch or cache.state_length > past:
+            queries = self._tile_queries(layer, cache, q, types, valid, past) if tiled(layer.pattern) else None
             state = attn.decode_state(
                 k[:, :, :past], v[:, :, :past], lengths,
                 None if types is None else types[:, :past], None if valid is None else valid[:, :past],
+                queries=queries,
             )
         elif cache.state_length < past:
             start = cache.state_length
@@ -867,6 +870,38 @@ class Qwen25VLAdapter:
         out = attn.decode(q, k, v, lengths + new, state, gates, types[:, past:] if hybrid else None, has_text=has_text)
         cache.state_length = past + new
         return out
+
+    def _tile_queries(self, layer, cache: LayerDecodeCache, q, types, valid, past):
+        """The cached tokens' queries ``[B, Hq, past, D]`` as far as the batched
+        state needs them: each row's current ``query_block`` tile, kept by the
+        prefill (:func:`stash_tile_queries`); zeros elsewhere."""
+        pattern = layer.pattern
+        tile = pattern.selection.query_block
+        batch, heads, _, dim = q.shape
+        out = q.new_zeros(batch, heads, past, dim)
+        for b in range(batch):  # once per state built, not per step
+            positions = _sparse_positions(pattern, valid, types, b, past, q.device)
+            count = positions.numel()
+            first = (count // tile) * tile
+            if first == count:
+                continue
+            row = cache.row(b)
+            if row.tail_q is None or row.tail_start != first or row.tail_q.shape[1] != count - first:
+                raise DecodeError(
+                    "query_block decode needs the queries of the current tile "
+                    f"(positions {first}..{count - 1}) from the prefill; run the prompt through the patched model"
+                )
+            out[b][:, positions[first:]] = row.tail_q.to(out.dtype)
+        return out
+
+
+def _batched_unsupported(pattern: Pattern) -> str | None:
+    """Why the adapter cannot decode ``pattern`` through the batched entry."""
+    reason = batched_decode_unsupported(pattern)
+    if reason is None and tiled(pattern) and pattern.hybrid is not None and pattern.hybrid.vision_keys == "all":
+        reason = ("query_block tiles of a vision_keys 'all' pattern count the text queries of calls handed to the "
+                  "original attention, which the batched state does not see")
+    return reason
 
 
 class _RowFollower:

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from nsaflex.backends.base import BranchPlan
-from nsaflex.decoding import check_step, extend_state, unsupported
+from nsaflex.decoding import check_step, extend_state, tiled, unsupported
 from nsaflex.errors import InputError
 from nsaflex.pooling import MLPPooling
 from nsaflex.reference import reference_attention
@@ -57,6 +57,9 @@ class ReferenceBackend:
         return kernel
 
     def describe_decode(self, pattern: Pattern, device: str) -> BranchPlan:
+        if tiled(pattern):
+            return BranchPlan("decode", self.name, "none: the exact decode refuses this pattern", "-",
+                              notes=(_TILED_REASON,))
         return BranchPlan(
             "decode", self.name, "reference_attention (float64) on each row's real prefix, last row",
             "dense [n, n] masks per row and new token", {"rows": "one at a time", "new_tokens": "one at a time"},
@@ -70,7 +73,7 @@ class ReferenceBackend:
             slot (the state says which slots are real and which vision); only
             the last query's row is read, so earlier queries are zeros.
             ``has_text`` (a speed hint of the batched decode) changes nothing here."""
-            reason = unsupported(pattern)
+            reason = unsupported(pattern) or (_TILED_REASON if tiled(pattern) else None)
             if reason is not None:
                 raise InputError("pattern", "a pattern the decode entry serves", reason)
             check_step(pattern, state, q, k_cache, v_cache, lengths, gates, token_types)
@@ -95,6 +98,12 @@ class ReferenceBackend:
             return out.to(dtype=q.dtype, device=q.device)
 
         return decode
+
+
+# The exact decode evaluates each new query alone (earlier queries zero), which
+# token granularity allows: a tile's shared selection would need the tile's queries.
+_TILED_REASON = ("query_block selection: the reference backend's decode evaluates each query alone; "
+                 "the exact per-row path with the tile's queries is nsaflex.adapters.decode")
 
 
 def _to_device(values: dict, device: torch.device) -> dict:
