@@ -440,3 +440,8 @@ def test_query_tile_spanning_the_prompt_and_the_steps():
     attn = nsaflex.compile(pattern, "flex", device="cpu", head_dim=DIM)
     for slots, out in run_steps(attn, pattern, scenario):
         torch.testing.assert_close(out.double(), last_rows(pattern, scenario, slots, None), rtol=1e-5, atol=1e-5)
+
+
+def test_decode_plan_notes_the_tile_sums_of_query_block():
+    plan = nsaflex.compile(QUERY_BLOCK, "flex", device="cpu", head_dim=DIM).decode_plan
+    assert plan.kernel.startswith("batched torch") and "cached queries" in plan.notes[-1]

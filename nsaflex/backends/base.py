@@ -29,6 +29,7 @@ from typing import Any, Protocol
 import torch
 
 from nsaflex.decoding import decode_step
+from nsaflex.decoding import tiled as decode_tiled
 from nsaflex.decoding import unsupported as decode_unsupported
 from nsaflex.errors import BackendUnavailable, did_you_mean
 from nsaflex.pooling import MLPPooling
@@ -133,6 +134,9 @@ def describe_decode(name: str, pattern: Pattern, device: str) -> BranchPlan:
                   "selected blocks and window gathered through the per-row slot map")
         mask = "per-row lengths and counts (device tensors), no host synchronisation: CUDA-graph capturable"
     notes = ("text queries: torch SDPA over the row's real keys",) if pattern.hybrid is not None else ()
+    if decode_tiled(pattern):
+        notes += ("query_block: the current tile's compression probabilities summed in the state "
+                  "(decode_state needs the cached queries)",)
     return BranchPlan("decode", name, kernel, mask, {"rows": "batched", "new_tokens": "batched"}, notes)
 
 
