@@ -51,7 +51,9 @@ cache (``T <= lengths[b] <= S``).
 Cost per new query, ``n`` = length of the row's sparse sequence: ``O(N * D)``
 for the compression branch (``N = n / d``), ``O(J log J)`` to rank the
 ``J = n / l'`` blocks, ``O(count * l' * D)`` for the selected blocks and
-``O(w * D)`` for the window; text queries ``O(S * D)``.
+``O(w * D)`` for the window; text queries ``O(S * D)``. ``N`` and ``J`` are
+counted over the state's capacity (masked beyond each row's length), which a
+growing cache keeps within a quarter above its length.
 
 ``granularity: query_block``: a tile's shared selection is scored over the
 tile's queries so far, each with its own visibility. A query's compression
