@@ -20,6 +20,14 @@ model (``sdpa``), then for each of ``--backends`` the model after
   ``--train-lengths``: forward and backward of loss = mean of the last hidden
   state; ``--checkpointing`` turns on transformers' gradient checkpointing
   (non-reentrant), which long lengths need on one 80 GB card.
+* **decode** (per-token latency) at each of ``--decode-lengths``: the prompt
+  is prefilled into a KV cache, then single tokens are decoded over it, one
+  model call each: text tokens (``mm_token_type_ids`` 0; a hybrid pattern hands
+  them to the model's own attention) and then vision tokens (image token id,
+  class 1: the sparse branches, through the compiled attention's batched decode
+  entry). Each timed step appends its token, so the context grows by one per
+  step. Recorded under ``decode`` in the record, one entry per configuration,
+  length and token kind.
 * **breakdown**: one profiled prefill at ``--breakdown-length`` (default the
   longest prefill length) per patched configuration; the device time of
   decoder layer 0 split into its stages: ``projections`` (q/k/v), ``gates``,
@@ -39,6 +47,7 @@ keeps what it measured); ``benchmarks/results.py`` renders it (record kind
 
     python benchmarks/model_bench.py --json benchmarks/results/model-bench.json
     python benchmarks/model_bench.py --train-lengths 32768 65536 --checkpointing --json model.json
+    python benchmarks/model_bench.py --lengths 32768 --train-lengths --decode-lengths 32768 131072 --json decode.json
     python benchmarks/model_bench.py --tiny --json /tmp/model-bench.json    # CPU, seconds
 
 ``--tiny``: a small random model (2 layers, hidden 128, 4/2 heads) on the CPU
@@ -114,6 +123,38 @@ def prefill(model, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
     with torch.no_grad():
         out = model(**inputs, use_cache=True, logits_to_keep=1)
     return out.logits[:, -1]
+
+
+def cache_keyword(model) -> str:
+    """The keyword the model's forward takes its KV cache by (``past_key_values``; newer transformers ``cache``)."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def decoder(model, inputs: dict[str, torch.Tensor], vision: bool):
+    """Prefill ``inputs`` into a KV cache; returns ``step()``, which decodes one
+    more token (the image token for ``vision``, else a text token) over the cache."""
+    keyword = cache_keyword(model)
+    with torch.no_grad():
+        out = model(**inputs, use_cache=True, logits_to_keep=1)
+    cache = getattr(out, "past_key_values", None)
+    if cache is None:
+        cache = getattr(out, "cache", None)
+    ids = inputs["input_ids"]
+    position = [ids.shape[1]]
+    token = torch.full_like(ids[:, :1], adapter_layer.IMAGE_TOKEN if vision else 7)
+    classes = torch.full_like(ids[:, :1], int(vision))
+
+    def step() -> torch.Tensor:
+        positions = torch.full_like(ids[:, :1], position[0])
+        position[0] += 1
+        with torch.no_grad():
+            out = model(input_ids=token, mm_token_type_ids=classes, position_ids=positions, use_cache=True,
+                        logits_to_keep=1, **{keyword: cache})
+        return out.logits[:, -1]
+
+    return step
 
 
 def train_step(model, inputs: dict[str, torch.Tensor]) -> None:
@@ -266,6 +307,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lengths", type=int, nargs="+", default=None, help="prefill lengths (default 32768 65536 131072)")
     parser.add_argument("--train-lengths", type=int, nargs="*", default=None, help="training-step lengths (default 32768 65536)")
     parser.add_argument("--backends", type=parse_backends, default=None, help="nsaflex backends, comma-separated (default triton,flex)")
+    parser.add_argument("--decode-lengths", type=int, nargs="*", default=None,
+                        help="context lengths of the per-token decode timing (default 32768 131072; tiny 160)")
     parser.add_argument("--pattern", default="videonsa")
     parser.add_argument("--text", type=int, default=None, help="text tokens per input, the rest image tokens (default 200; tiny 32)")
     parser.add_argument("--layers", type=int, default=28, help="decoder layers (the 7B has 28)")
@@ -285,14 +328,15 @@ def main(argv: list[str] | None = None) -> int:
         args.layers = min(args.layers, 2)
     lengths = args.lengths or ([160] if args.tiny else [32768, 65536, 131072])
     train_lengths = args.train_lengths if args.train_lengths is not None else ([160] if args.tiny else [32768, 65536])
+    decode_lengths = args.decode_lengths if args.decode_lengths is not None else ([160] if args.tiny else [32768, 131072])
     args.warmup = (0 if args.tiny else 1) if args.warmup is None else args.warmup
     args.reps = (1 if args.tiny else 3) if args.reps is None else args.reps
     backends = args.backends or (["reference"] if args.tiny else ["triton", "flex"])
     if args.text is None:
         args.text = 32 if args.tiny else 200
     breakdown_length = max(lengths) if args.breakdown_length is None else args.breakdown_length
-    if args.text >= min(lengths + train_lengths):
-        parser.error(f"--text {args.text} must be below every length (found {min(lengths + train_lengths)})")
+    if args.text >= min(lengths + train_lengths + decode_lengths):
+        parser.error(f"--text {args.text} must be below every length (found {min(lengths + train_lengths + decode_lengths)})")
 
     model = adapter_layer.build_model(args.tiny, device, dtype, layers=args.layers)
     text = model.config.text_config
@@ -317,6 +361,7 @@ def main(argv: list[str] | None = None) -> int:
         "configs": [],
         "rows": [],
         "breakdown": [],
+        "decode": [],
         "complete": False,
     }
 
@@ -367,8 +412,35 @@ def main(argv: list[str] | None = None) -> int:
                 del inputs
                 save()
 
+    def measure_decode(config: str, backend: str, paths: list[str] | None) -> None:
+        for length in decode_lengths:
+            for kind in ("text", "vision"):
+                row: dict[str, Any] = {"pass": "decode", "token": kind, "length": length, "config": config, "backend": backend}
+                if paths is not None:
+                    row["decode_path"] = paths
+                record["decode"].append(row)
+                if late():
+                    row["error"] = "skipped: deadline"
+                    continue
+                step = None
+                try:
+                    model.eval()
+                    step = decoder(model, adapter_layer.make_inputs(length, args.text, device), kind == "vision")
+                    row.update(adapter_layer.timed(step, device, max(args.warmup, 1), max(args.reps, 3)))
+                    row["logits_finite"] = bool(torch.isfinite(step().float()).all())
+                    print(f"{config:16s} decode  L={length:7d} {kind:6s} {row['ms']:8.2f} ms/token", flush=True)
+                except Exception as error:
+                    row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+                    print(f"{config} decode {kind} L={length} failed: {row['error']}", flush=True)
+                    traceback.print_exc()
+                del step
+                if device == "cuda":
+                    torch.cuda.empty_cache()
+                save()
+
     record["configs"].append(SDPA)
     measure(SDPA, SDPA)
+    measure_decode(SDPA, SDPA, None)
     for asked in backends:
         config = f"nsaflex-{asked}"
         try:
@@ -382,6 +454,7 @@ def main(argv: list[str] | None = None) -> int:
         record["configs"].append(config)
         try:
             measure(config, adapter.backend)
+            measure_decode(config, adapter.backend, sorted({row["decode"] for row in adapter.describe()}))
             if breakdown_length and not late():
                 entry: dict[str, Any] = {"config": config, "backend": adapter.backend, "length": breakdown_length, "pass": "prefill"}
                 try:
@@ -397,7 +470,7 @@ def main(argv: list[str] | None = None) -> int:
     record["seconds"] = time.perf_counter() - started
     save()
     print(f"done in {record['seconds']:.0f} s", flush=True)
-    failed = [row for row in record["rows"] if row.get("error") and not row["error"].startswith("skipped")]
+    failed = [row for row in record["rows"] + record["decode"] if row.get("error") and not row["error"].startswith("skipped")]
     return 1 if failed else 0
 
 

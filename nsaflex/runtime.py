@@ -16,8 +16,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from nsaflex.backends.base import get_backend
-from nsaflex.errors import InputError, PatternError
+from nsaflex.backends.base import BranchPlan, build_decode, describe_decode, get_backend
+from nsaflex.decoding import DecodeState, start_state
+from nsaflex.errors import BackendUnavailable, InputError, PatternError
 from nsaflex.inputs import check_inputs, resolve_gates
 from nsaflex.inspect import AttentionInfo, block_lists, sorted_block_lists
 from nsaflex.loader import load_pattern
@@ -74,6 +75,7 @@ class CompiledAttention(nn.Module):
                 raise PatternError("model.head_dim", "a head dim (or compile(..., head_dim=...)) for mlp pooling", None)
             self.pooler = MLPPooling(compression, dim)
         self._kernel = _build(plan)
+        self._decode_kernel = build_decode(plan.backend, self.pattern, plan)
         # For run_heads: the same checks without the model's head counts. Built once,
         # since constructing a Pattern re-validates it (budget included).
         any_heads = dataclasses.replace(self.pattern.model, query_heads=None, kv_heads=None)
@@ -84,11 +86,13 @@ class CompiledAttention(nn.Module):
         # copies rebuild it from the plan instead.
         state = super().__getstate__()
         state.pop("_kernel", None)
+        state.pop("_decode_kernel", None)
         return state
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
         self._kernel = _build(self.plan)
+        self._decode_kernel = build_decode(self.plan.backend, self.pattern, self.plan)
 
     @property
     def backend(self) -> str:
@@ -150,6 +154,82 @@ class CompiledAttention(nn.Module):
             if bool(((lengths < 0) | (lengths > length)).any()):
                 raise InputError("lengths", f"values in [0, {length}]", lengths.tolist())
         return self._kernel(q, k, v, gates, token_types, self.pooler, lengths=lengths)
+
+    # -- decode -----------------------------------------------------------------------
+    @property
+    def decode_plan(self) -> BranchPlan:
+        """How this backend serves :meth:`decode` (kernel, masks, notes)."""
+        if self.plan.mode == RELEASE:
+            return BranchPlan("decode", self.plan.backend, f"none: the decode entry serves faithful mode, not {RELEASE!r}",
+                              "-", notes=("the Qwen2.5-VL adapter decodes release mode on its exact per-row path",))
+        return describe_decode(self.plan.backend, self.pattern, self.plan.device)
+
+    def decode_state(
+        self,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        lengths: torch.Tensor,
+        token_types: torch.Tensor | None = None,
+        key_valid: torch.Tensor | None = None,
+        *,
+        capacity: int | None = None,
+        queries: torch.Tensor | None = None,
+    ) -> DecodeState:
+        """The decode state of a cache ``k_cache, v_cache [B, Hkv, S, D]`` whose
+        first ``lengths [B]`` slots hold each row's tokens so far (classes
+        ``token_types [B, S]``, 0 text; real where ``key_valid [B, S]``,
+        default all): which slots are real and vision, the slot map of each
+        row's sparse sequence and its compressed tokens. ``capacity``: slots
+        to allocate for (default ``S``; a static cache passes its size).
+        ``queries [B, Hq, S, D]``: the cached tokens' queries, required for
+        ``query_block`` selection (the current tile's scores are summed from
+        them)."""
+        self._check_decode_mode()
+        chosen = self.plan.options.score_dtype
+        score_dtype = None if chosen == "auto" else getattr(torch, chosen)
+        return start_state(self.pattern, k_cache, v_cache, lengths, token_types, key_valid, self.pooler, capacity,
+                           queries, score_dtype)
+
+    def decode(
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        lengths: torch.Tensor,
+        state: DecodeState,
+        gates: torch.Tensor | None = None,
+        token_types: torch.Tensor | None = None,
+        *,
+        scale: float | None = None,
+        has_text: bool = True,
+    ) -> torch.Tensor:
+        """``attn.decode(q, k_cache, v_cache, lengths, state, gates=None,
+        token_types=None) -> out [B, Hq, T, D]``: the ``T`` new queries ``q [B,
+        Hq, T, D]`` against the cache ``k_cache, v_cache [B, Hkv, S, D]`` whose
+        new keys are already written at slots ``lengths - T .. lengths - 1``
+        (``lengths [B]`` a device tensor), gates ``[B, Hq, T, nb]``, classes
+        ``token_types [B, T]`` of the new tokens (hybrid patterns). Each query
+        gets the last row of the pattern on its row's real tokens up to it
+        (:mod:`nsaflex.decoding`); ``state`` (:meth:`decode_state`) is
+        extended with the new tokens. Batched over rows, heads and new tokens
+        without host synchronisation except on the reference backend
+        (:attr:`decode_plan` says which path runs). ``has_text=False``
+        promises that every new token is a vision token (hybrid patterns): the
+        dense path of text queries is skipped (a vision token then costs only
+        the sparse branches, not a pass over the whole cache)."""
+        self._check_decode_mode()
+        if not isinstance(has_text, bool):
+            raise InputError("has_text", "True or False", has_text)
+        scale = _check_scale(scale)
+        if self.pooler is not None and isinstance(q, torch.Tensor) and self.pooler.head_dim != q.shape[-1]:
+            raise InputError("q", f"head dim {self.pooler.head_dim} (the compression MLP's)", q.shape[-1])
+        return self._decode_kernel(q, k_cache, v_cache, lengths, state, gates, token_types, self.pooler, scale=scale,
+                                   has_text=has_text)
+
+    def _check_decode_mode(self) -> None:
+        if self.plan.mode == RELEASE:
+            raise BackendUnavailable(f"decode: the decode entry serves faithful mode, not {RELEASE!r} (the Qwen2.5-VL "
+                                     "adapter decodes release mode on its exact per-row path)")
 
     def _info(self, collected: dict, q: torch.Tensor, k: torch.Tensor, gates: torch.Tensor | None) -> AttentionInfo:
         """The backend's collected values as an :class:`AttentionInfo`."""

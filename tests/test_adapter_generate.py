@@ -1,6 +1,15 @@
 """Decoding with the Qwen2.5-VL adapter: ``generate()`` against a step-by-step
-evaluation with the reference, chunked decoding over a cache, and the decode
-step itself against the reference's last row on every prefix."""
+evaluation with the reference, chunked decoding over a cache, the decode
+step itself against the reference's last row on every prefix, and the batched
+decode entry (flex backend) against the exact per-row path (reference
+backend) and the unpatched model: tokens, logits and mrope positions.
+
+The flex runs use a float64 model: FlexAttention then takes its eager dense
+evaluation (no compile), and the batched decode computes in float64, so the
+two paths agree to float64 rounding; ``generate`` hands back float32 logits,
+compared to 1e-6 (a few float32 roundings of values of order 1-10). The
+batched decode in float32 is checked against the reference in
+tests/test_decoding.py."""
 
 from __future__ import annotations
 
@@ -122,13 +131,19 @@ CHUNKED = {
 }
 
 
+@pytest.mark.parametrize("backend", ["reference", "flex"])
 @pytest.mark.parametrize("name", list(CHUNKED))
-def test_chunked_decode_over_cache_matches_reference(name):
+def test_chunked_decode_over_cache_matches_reference(name, backend):
     """A prompt, then chunks of several tokens (vision ones too) fed with the cache:
-    each new token gets the reference's last row on the sequence so far."""
+    each new token gets the reference's last row on the sequence so far. On
+    flex the chunks go through the batched decode entry (several new tokens,
+    text and vision mixed; query tiles summed across chunks), except the
+    query_block tiles of a vision_keys 'all' pattern (the exact path)."""
     pattern = CHUNKED[name]
-    model = tiny_model()
-    adapter = apply(model, pattern, backend="reference")
+    model = tiny_model(dtype=torch.float64 if backend == "flex" else torch.float32)
+    adapter = apply(model, pattern, backend=backend)
+    batched = pattern.selection.granularity == "token" or pattern.hybrid is None
+    assert all(("batched decode entry" in path) == (batched and backend == "flex") for path in (r["decode"] for r in adapter.describe()))
     randomise(adapter, seed=5)
     ids, _, _ = make_batch([[(5, 14), (20, 27)]], [30], 30, seed=9)
     types = (ids == IMAGE).long()
@@ -222,3 +237,157 @@ def test_compressed_tokens_follow_a_reordered_cache():
         expected = prefix_reference(pattern, q, k, v, gates, None, valid, t, None)
         torch.testing.assert_close(out[:, :, 0], expected, rtol=0, atol=1e-10)
     assert cache.rows[0].cmp_k.shape[1] == pattern.compression.num_tokens(length)
+
+
+# --- the batched decode entry against the exact path and the unpatched model ---------------------------
+
+BATCHED = {"videonsa-like": small_pattern(), **sparse_patterns()}
+
+
+def greedy(model, steps=STEPS, **inputs):
+    """Greedy tokens ``[B, steps]`` and the logits of every step ``[steps, B, V]`` (float32)."""
+    out = model.generate(**inputs, max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
+                         output_logits=True, return_dict_in_generate=True)
+    return out.sequences[:, -steps:], torch.stack(out.logits)
+
+
+@pytest.mark.parametrize("name", list(BATCHED))
+def test_batched_decode_generates_what_the_exact_path_does(name):
+    """Left-padded rows of different lengths; classes from the token ids, so a
+    generated image token decodes sparse. The flex adapter decodes through the
+    batched entry, the reference adapter through the exact per-row path."""
+    pattern = BATCHED[name]
+    ids, mask, _ = make_batch([[(4, 12)], [], [(1, 5)]], [17, 21, 9], 21, left_pad=True, seed=3)
+    runs = {}
+    for backend in ("reference", "flex"):
+        model = tiny_model(dtype=torch.float64)
+        adapter = apply(model, pattern, backend=backend)
+        randomise(adapter, seed=4)
+        sparse_layers = [row["decode"] for row in adapter.describe() if not row["dense"]]
+        assert all(("batched decode entry" in path) == (backend == "flex") for path in sparse_layers)
+        runs[backend] = greedy(model, input_ids=ids, attention_mask=mask)
+    assert torch.equal(runs["flex"][0], runs["reference"][0])
+    torch.testing.assert_close(runs["flex"][1], runs["reference"][1], rtol=0, atol=1e-6)
+
+
+def image_inputs(model):
+    """A prompt with one real image (4 tokens after the 2x2 merge of a 4x4 grid) between text tokens."""
+    vision = model.config.vision_config
+    patch = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
+    pixel_values = torch.randn(16, patch, generator=torch.Generator().manual_seed(0), dtype=model.dtype)
+    ids = torch.tensor([[5, 6, 122, IMAGE, IMAGE, IMAGE, IMAGE, 123, 7, 8, 9, 10, 11]])
+    return dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixel_values,
+                image_grid_thw=torch.tensor([[1, 4, 4]]), mm_token_type_ids=(ids == IMAGE).long())
+
+
+def positions_seen(model):
+    """Records the ``position_ids`` the text model gets at every call."""
+    seen = []
+
+    def hook(module, args, kwargs):
+        seen.append(kwargs["position_ids"].clone())
+
+    return seen, model.model.language_model.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+DENSE_EQUIVALENT = {
+    # every key in the window, the window's gate 1: dense causal attention
+    "window": Pattern(name="window", window=Window(size=64), gate=Gate(kind="constant", values=(1.0,))),
+    # every block selected (count >= blocks, the partial current one forced), the selection's gate 1
+    "selection": Pattern(
+        name="selection", compression=Compression(block=4, stride=2), selection=Selection(block=4, count=16, forced=("current",)),
+        window=Window(size=2), gate=Gate(kind="constant", values=(0.0, 1.0, 0.0)),
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(DENSE_EQUIVALENT))
+def test_patched_decode_keeps_the_unpatched_positions_and_outputs(name):
+    """A real image (3-D mrope positions) then greedy decoding: at every step the
+    patched model's text model gets the unpatched model's mrope positions, and
+    with a pattern that covers every key (dense-equivalent) the same tokens and
+    logits, each step through the batched decode entry."""
+    model = tiny_model(dtype=torch.float64)
+    inputs = image_inputs(model)
+    seen, hook = positions_seen(model)
+    with torch.no_grad():
+        expected = greedy(model, **inputs)
+    unpatched = list(seen)
+    seen.clear()
+    adapter = apply(model, DENSE_EQUIVALENT[name], backend="flex")
+    assert all("batched decode entry" in row["decode"] for row in adapter.describe())
+    with torch.no_grad():
+        got = greedy(model, **inputs)
+    hook.remove()
+    assert len(seen) == len(unpatched) == STEPS
+    # mrope: temporal, height and width rows (transformers 5 puts the text positions first), unequal at the image
+    assert unpatched[0].shape[0] in (3, 4) and not torch.equal(unpatched[0][-2], unpatched[0][-1])
+    for step, (patched, plain) in enumerate(zip(seen, unpatched)):
+        assert torch.equal(patched, plain), f"step {step}"
+    assert torch.equal(got[0], expected[0])
+    torch.testing.assert_close(got[1], expected[1], rtol=0, atol=1e-6)
+
+
+def test_hybrid_decode_positions_match_the_unpatched_model():
+    """The VideoNSA-like hybrid pattern (sparse over the image's tokens): the
+    patched model computes the unpatched model's mrope positions at every step."""
+    model = tiny_model(dtype=torch.float64)
+    inputs = image_inputs(model)
+    seen, hook = positions_seen(model)
+    with torch.no_grad():
+        greedy(model, **inputs)
+    unpatched = list(seen)
+    seen.clear()
+    adapter = apply(model, small_pattern(), backend="flex")
+    randomise(adapter, seed=1)
+    with torch.no_grad():
+        greedy(model, **inputs)
+    hook.remove()
+    assert len(seen) == len(unpatched) == STEPS
+    assert all(torch.equal(patched, plain) for patched, plain in zip(seen, unpatched))
+
+
+def test_batched_decode_follows_beam_search_reordering():
+    """Beam search reorders the cache's rows at every step: the batched states
+    follow (through the cache's reorder_cache), so the beams are the exact path's."""
+    pattern = sparse_patterns()["overlap"]
+    ids, mask, _ = make_batch([[(4, 12)], [(1, 5)]], [17, 13], 17, left_pad=True, seed=5)
+    beams = {}
+    for backend in ("reference", "flex"):
+        model = tiny_model(dtype=torch.float64)
+        randomise(apply(model, pattern, backend=backend), seed=6)
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, min_new_tokens=8, num_beams=3,
+                             num_return_sequences=3, do_sample=False, output_scores=True, return_dict_in_generate=True)
+        beams[backend] = (out.sequences, out.sequences_scores)
+    assert torch.equal(beams["flex"][0], beams["reference"][0])
+    torch.testing.assert_close(beams["flex"][1], beams["reference"][1], rtol=0, atol=1e-6)
+
+
+def test_batched_decode_after_the_cache_is_cut_back():
+    """A cache cut back (``crop``, as assisted generation does) holds fewer
+    tokens than the batched state covers: the state is rebuilt from the cache,
+    and the next tokens get the reference's last rows on the sequence kept."""
+    pattern = sparse_patterns()["overlap"]
+    model = tiny_model(dtype=torch.float64)
+    adapter = apply(model, pattern, backend="flex")
+    randomise(adapter, seed=7)
+    ids, _, _ = make_batch([[(3, 9)]], [24], 24, seed=11)
+    keyword = cache_keyword(model)
+
+    def feed(tokens, start, cache):
+        positions = torch.arange(start, start + tokens.shape[1])[None]
+        extra = {keyword: cache} if cache is not None else {}
+        with torch.no_grad():
+            out = model(input_ids=tokens, position_ids=positions, use_cache=True, **extra)
+        return out.logits[0], returned_cache(out)
+
+    _, cache = feed(ids[:, :14], 0, None)
+    for t in range(14, 18):
+        _, cache = feed(ids[:, t : t + 1], t, cache)
+    cache.crop(-3)  # keep 15 tokens: the states covered 18
+    replacement = torch.tensor([[40, 41, 42]])
+    got = torch.cat([feed(replacement[:, i : i + 1], 15 + i, cache)[0] for i in range(3)])
+    sequence = torch.cat([ids[0, :15], replacement[0]])
+    scratch = ScratchModel(model, pattern, poolers=poolers_of(adapter))
+    expected = scratch.step(sequence, torch.zeros_like(sequence))[15:]
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-9)

@@ -13,6 +13,13 @@ tile's shared selection is scored over the tile's queries seen so far
 (``a .. p``), and legacy compression sees the blocks that exist. Text queries
 of a hybrid pattern are dense, as in prefill.
 
+This module is the exact per-row path: the adapter takes it on the reference
+backend, for ``query_block`` tiles of ``vision_keys: all`` patterns and in
+``videonsa_release`` mode; on the
+other backends it decodes through the compiled attention's batched decode entry
+(:meth:`nsaflex.runtime.CompiledAttention.decode`, :mod:`nsaflex.decoding`),
+whose :class:`~nsaflex.decoding.DecodeState` :class:`LayerDecodeCache` holds.
+
 What is kept between steps, per layer and batch row (:class:`RowCache`,
 attached by the adapter to the transformers cache object):
 
@@ -42,6 +49,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.nn import functional as F
 
+from nsaflex.decoding import DecodeState
 from nsaflex.pooling import MLPPooling, compress, softmax_scale
 from nsaflex.reference import forced_blocks, masked_attention
 from nsaflex.reference_release import TEXT_GATE, group_sum, padded_slots, selected_count
@@ -62,9 +70,20 @@ class RowCache:
 
 @dataclass
 class LayerDecodeCache:
-    """Per-layer decode state: one :class:`RowCache` per batch row."""
+    """Per-layer decode state: one :class:`RowCache` per batch row (the exact
+    per-row path), or the batched decode's :class:`~nsaflex.decoding.DecodeState`
+    with the number of cache slots it covers (the compiled decode entry)."""
 
     rows: list[RowCache] = field(default_factory=list)
+    state: DecodeState | None = None
+    state_length: int = 0
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Follow a reordering of the cache's rows (beam search): the batched
+        state's rows are taken at ``index``. The per-row caches check
+        themselves against the cached keys at every step."""
+        if self.state is not None:
+            self.state.reorder(index)
 
     def row(self, index: int) -> RowCache:
         while len(self.rows) <= index:

@@ -53,11 +53,20 @@ outputs, else one row at a time).
 
 Decode. With a KV cache, a new query at position ``p`` gets what the pattern
 gives the last row of ``[0, p]``: dense for text queries of a hybrid pattern
-(handed to the original implementation), the sparse branches over the cached
-keys otherwise, with compressed tokens kept and extended as blocks complete
-(see :mod:`nsaflex.adapters.decode` for semantics and costs). Beam search
-reorders the KV cache but not the token classes kept with it: it is exact when
-all beams of a prompt share their token classes (generated tokens are text).
+(a call whose new queries are all text is handed to the original
+implementation, as fast as the unpatched model), the sparse branches over the
+cached keys otherwise, with compressed tokens kept and extended as blocks
+complete. On the flex and triton backends (``faithful`` mode, ``granularity:
+token`` or ``query_block``) the step goes through the compiled attention's
+batched decode entry (:meth:`~nsaflex.runtime.CompiledAttention.decode`: all
+rows, heads and new tokens at once, state on the device); the reference
+backend, ``query_block`` tiles of ``vision_keys: all`` patterns (their text
+calls bypass the entry) and ``videonsa_release`` mode take the exact per-row
+path of :mod:`nsaflex.adapters.decode`. :meth:`Qwen25VLAdapter.describe` names each
+layer's path. Beam search reorders the KV cache (the batched states follow
+through the cache's ``reorder_cache``) but not the token classes kept with it:
+it is exact when all beams of a prompt share their token classes (generated
+tokens are text).
 
 ``mode="videonsa_release"`` runs :mod:`nsaflex.reference_release` (the
 released VideoNSA code's numerics): prefill on FlexAttention
@@ -99,6 +108,8 @@ from nsaflex.adapters.decode import (
     stash_release_queries,
     stash_tile_queries,
 )
+from nsaflex.decoding import extend_state, tiled
+from nsaflex.decoding import unsupported as batched_decode_unsupported
 from nsaflex.distributed import SequenceParallelAttention
 from nsaflex.errors import InputError, PatternError
 from nsaflex.gates import GateNetwork, gate_for_pattern
@@ -480,6 +491,7 @@ class Qwen25VLAdapter:
                     "backend": "original" if layer.dense else (layer.compiled.backend if layer.compiled else "reference"),
                     "gate": layer.gate.kind if layer.gate is not None else None,
                     "mode": self.mode,
+                    "decode": self.decode_path(layer),
                 }
             )
         return rows
@@ -597,6 +609,7 @@ class Qwen25VLAdapter:
         if _cache_length(cache) != call.past + call.q_len:
             return
         object.__setattr__(cache, "_nsaflex_state", _CacheState(call.types, call.decode))
+        _follow_cache_rows(cache)
 
     # -- attention --------------------------------------------------------------------
     def _original_function(self, module: nn.Module):
@@ -808,14 +821,135 @@ class Qwen25VLAdapter:
             stash_release_queries(cache.row(b), q[b][:, real], slots)
         return out
 
+    def decode_path(self, layer: "_Layer") -> str:
+        """Which path decode steps of ``layer`` take, and why."""
+        if layer.dense:
+            return "original attention (dense layer)"
+        if self.mode != "faithful":
+            return "exact per-row (videonsa_release numerics, nsaflex.adapters.decode)"
+        if layer.compiled is None or layer.compiled.backend == "reference":
+            return "exact per-row (reference backend, float64, nsaflex.adapters.decode)"
+        reason = _batched_unsupported(layer.pattern)
+        if reason is not None:
+            return f"exact per-row (nsaflex.adapters.decode): {reason}"
+        return f"batched decode entry ({layer.compiled.backend}, nsaflex.decoding)"
+
     def _decode(self, layer, q, k, v, gates, types, valid, past):
         cache = self._call.decode.setdefault(layer.index, LayerDecodeCache())
+        batched = (self.mode == "faithful" and layer.compiled is not None and layer.compiled.backend != "reference"
+                   and _batched_unsupported(layer.pattern) is None)
+        # A padded new token (a chunk fed with padding) has no place in the batched state's appended slots.
+        if batched and (valid is None or bool(valid[:, past:].all())):
+            return self._decode_batched(layer, cache, q, k, v, gates, types, valid, past)
         return decode_attention(
             layer.pattern, q, k, v, gates, types, valid, past, cache,
             release=self.mode == "videonsa_release",
             pooler=layer.compiled.pooler if layer.compiled is not None else None,
             dtype=self.compute_dtype,
         )
+
+    def _decode_batched(self, layer, cache: LayerDecodeCache, q, k, v, gates, types, valid, past):
+        """The new queries through ``layer.compiled.decode``. The state covers the
+        cache's first ``cache.state_length`` slots: built from the cache the
+        first time (or when the cache was cut back or its batch changed),
+        extended by the tokens handed to the original attention since (the
+        all-text calls of a hybrid pattern), then extended by the step itself."""
+        attn = layer.compiled
+        batch, new = q.shape[0], q.shape[2]
+        hybrid = layer.pattern.hybrid is not None
+        state = cache.state
+        lengths = torch.full((batch,), past, dtype=torch.long, device=q.device)
+        if state is None or state.batch != batch or cache.state_length > past:
+            queries = self._tile_queries(layer, cache, q, types, valid, past) if tiled(layer.pattern) else None
+            state = attn.decode_state(
+                k[:, :, :past], v[:, :, :past], lengths,
+                None if types is None else types[:, :past], None if valid is None else valid[:, :past],
+                queries=queries,
+            )
+        elif cache.state_length < past:
+            start = cache.state_length
+            extend_state(
+                state, layer.pattern, k[:, :, :past], v[:, :, :past], lengths, past - start,
+                None if types is None else types[:, start:past], attn.pooler,
+                new_real=None if valid is None else valid[:, start:past],
+            )
+        cache.state, cache.state_length = state, past
+        has_text = True
+        if hybrid:
+            # Read once per call, not once per layer (as the vision check in _attend).
+            total = past + new
+            has_text = remembered(types, ("text queries in", past, total), lambda: bool((types[:, past:total] == 0).any()))
+        out = attn.decode(q, k, v, lengths + new, state, gates, types[:, past:] if hybrid else None, has_text=has_text)
+        cache.state_length = past + new
+        return out
+
+    def _tile_queries(self, layer, cache: LayerDecodeCache, q, types, valid, past):
+        """The cached tokens' queries ``[B, Hq, past, D]`` as far as the batched
+        state needs them: each row's current ``query_block`` tile, kept by the
+        prefill (:func:`stash_tile_queries`); zeros elsewhere."""
+        pattern = layer.pattern
+        tile = pattern.selection.query_block
+        batch, heads, _, dim = q.shape
+        out = q.new_zeros(batch, heads, past, dim)
+        for b in range(batch):  # once per state built, not per step
+            positions = _sparse_positions(pattern, valid, types, b, past, q.device)
+            count = positions.numel()
+            first = (count // tile) * tile
+            if first == count:
+                continue
+            row = cache.row(b)
+            if row.tail_q is None or row.tail_start != first or row.tail_q.shape[1] != count - first:
+                raise DecodeError(
+                    "query_block decode needs the queries of the current tile "
+                    f"(positions {first}..{count - 1}) from the prefill; run the prompt through the patched model"
+                )
+            out[b][:, positions[first:]] = row.tail_q.to(out.dtype)
+        return out
+
+
+def _batched_unsupported(pattern: Pattern) -> str | None:
+    """Why the adapter cannot decode ``pattern`` through the batched entry."""
+    reason = batched_decode_unsupported(pattern)
+    if reason is None and tiled(pattern) and pattern.hybrid is not None and pattern.hybrid.vision_keys == "all":
+        reason = ("query_block tiles of a vision_keys 'all' pattern count the text queries of calls handed to the "
+                  "original attention, which the batched state does not see")
+    return reason
+
+
+class _RowFollower:
+    """A cache method that changes the rows (``reorder_cache``,
+    ``batch_select_indices``, ``batch_repeat_interleave``), wrapped so the
+    batched decode states kept with the cache follow: beam search reorders
+    the cache at every step, and rebuilding the states would re-read it all."""
+
+    def __init__(self, cache: Any, name: str) -> None:
+        self.cache = cache
+        self.method = getattr(cache, name)
+        self.name = name
+
+    def __call__(self, argument: Any) -> Any:
+        result = self.method(argument)
+        stored = getattr(self.cache, "_nsaflex_state", None)
+        if isinstance(stored, _CacheState):
+            for layer_cache in stored.decode.values():
+                if layer_cache.state is None:
+                    continue
+                if self.name == "batch_repeat_interleave":
+                    index = torch.arange(layer_cache.state.batch).repeat_interleave(argument)
+                else:
+                    index = argument
+                layer_cache.reorder(index)
+        return result
+
+
+def _follow_cache_rows(cache: Any) -> None:
+    """Wrap the cache's row-changing methods once (see :class:`_RowFollower`)."""
+    if vars(cache).get("_nsaflex_follows_rows"):
+        return
+    for name in ("reorder_cache", "batch_select_indices", "batch_repeat_interleave"):
+        if callable(getattr(cache, name, None)):
+            object.__setattr__(cache, name, _RowFollower(cache, name))
+    object.__setattr__(cache, "_nsaflex_follows_rows", True)
 
 
 def _trailing_padding_safe(pattern: Pattern) -> bool:

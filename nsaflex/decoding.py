@@ -1,0 +1,571 @@
+"""Batched decode: new queries against a KV cache, every row and head at once.
+
+Semantics (as :mod:`nsaflex.adapters.decode`): a new query at position ``p`` of
+its row gets what the pattern gives the *last row* of the row's real tokens
+``[0, p]`` (:func:`nsaflex.reference.reference_attention` on that prefix), so
+decode continues a prefill token for token. Text queries of a hybrid pattern
+(and every query of a dense pattern) attend densely to the row's real keys.
+
+Layouts. ``q [B, Hq, T, D]`` holds the ``T >= 1`` new queries (usually one);
+``k_cache, v_cache [B, Hkv, S, D]`` the cache (``S`` its capacity) with the new
+keys already written: row ``b``'s new tokens are at slots
+``lengths[b] - T .. lengths[b] - 1``, ``lengths [B]`` a device tensor. Slots
+below that hold the row's earlier tokens, real or padding
+(:attr:`DecodeState.real`). ``gates [B, Hq, T, nb]``, ``token_types [B, T]``
+(0 text; 1 image or 2 video) of the new tokens.
+
+What is kept between steps (:class:`DecodeState`, fixed shapes given a
+capacity): which slots are real and which vision, the slot of every token of
+the row's *sparse sequence* (its real tokens, or its vision tokens for
+``vision_keys: vision``), and the compressed keys and values of the complete
+compression blocks of that sequence. A step appends the new tokens and pools
+the at most ``T // d + 1`` compression blocks they complete (gathered through
+the slot map, masked by the per-row counts); nothing else of the cache is
+re-read for the compression branch.
+
+One step, per new query at sparse position ``t`` (all rows, heads and queries
+in one set of tensor operations):
+
+1. compression: softmax of ``q·K_i * scale`` over the visible compressed tokens
+   (``i*d + l - 1 <= t``; ``videonsa_legacy``: the token ending at ``t``) ->
+   ``o_cmp = p_cmp @ V``; ``p_cmp`` in the score dtype;
+2. selection: NSA Eq. 9 block scores of ``p_cmp``
+   (:func:`nsaflex.scoring.eq9_block_scores`), summed over the GQA group for
+   ``scoring: group``; forced blocks plus the best complete blocks, ties to the
+   lower index (:func:`nsaflex.scoring.choose_blocks`: ``torch.topk`` on a
+   unique key in float32, a stable sort in float64); one softmax over the
+   ``s <= t`` tokens of the chosen blocks, gathered (``n * l'`` keys per query,
+   not a mask over the cache);
+3. window: the last ``w`` tokens ``t - w < s <= t``, gathered;
+4. ``out = sum_b gate_b * o_b``; text queries of a hybrid pattern take the
+   dense attention over the real keys ``<= p`` instead.
+
+No ``.item()``, no host synchronisation and no Python loop over rows or
+tokens: every shape depends on ``B, Hq, Hkv, T, D``, the capacity and the
+pattern only, so a step can be captured in a CUDA graph (with a cache of fixed
+capacity; a growing cache re-allocates the state when it outgrows it, a host
+decision on shapes). Values are not checked (that would read them back): token
+classes other than 0 count as vision, and the new tokens must lie inside the
+cache (``T <= lengths[b] <= S``).
+
+Cost per new query, ``n`` = length of the row's sparse sequence: ``O(N * D)``
+for the compression branch (``N = n / d``), ``O(J log J)`` to rank the
+``J = n / l'`` blocks, ``O(count * l' * D)`` for the selected blocks and
+``O(w * D)`` for the window; text queries ``O(S * D)``. ``N`` and ``J`` are
+counted over the state's capacity (masked beyond each row's length), which a
+growing cache keeps within a quarter above its length.
+
+``granularity: query_block``: a tile's shared selection is scored over the
+tile's queries so far, each with its own visibility. A query's compression
+probabilities never change once it is past (the compressed tokens it sees
+exist already), so the state keeps their running sum over the current tile
+(:attr:`DecodeState.tile_sum`, started from the prefix's queries by
+:func:`start_state`); a step adds its new queries' probabilities tile by tile
+(a ``[T, T]`` same-tile mask) and ranks each query's tile sum for the tile's
+first position.
+
+Not served here: the ``videonsa_release`` numerics
+(:mod:`nsaflex.adapters.decode` keeps the exact per-row path for them).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.nn import functional as F
+
+from nsaflex.errors import InputError
+from nsaflex.inputs import FLOAT_DTYPES
+from nsaflex.pooling import MLPPooling, compress, softmax_scale
+from nsaflex.scoring import choose_blocks, default_score_dtype, eq9_block_scores
+from nsaflex.spec import Compression, Pattern
+
+
+def unsupported(pattern: Pattern) -> str | None:
+    """Why the batched decode cannot serve ``pattern`` (``None`` when it can)."""
+    return None
+
+
+def tiled(pattern: Pattern) -> bool:
+    """Whether ``pattern`` selects per query tile (``granularity: query_block``)."""
+    selection = pattern.selection
+    return not pattern.dense and selection is not None and selection.granularity == "query_block"
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype decode computes and keeps compressed tokens in: float64 for
+    float64 caches, float32 otherwise."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@dataclass
+class DecodeState:
+    """What one layer keeps between decode steps, per batch row (device tensors).
+
+    Attributes:
+        real: ``[B, C]`` bool, slot ``s`` holds a real token (``C``: capacity).
+        vision: ``[B, C]`` bool, slot ``s`` holds a vision token.
+        sparse_slots: ``[B, C + 1]`` long, the slot of the ``r``-th token of the
+            row's sparse sequence (column ``C`` takes the writes of skipped tokens).
+        sparse_count: ``[B]`` long, tokens in the row's sparse sequence.
+        cmp_k, cmp_v: ``[B, Hkv, N + 1, D]`` compressed keys and values of the
+            complete blocks of the sparse sequence (``N`` = compressed tokens of
+            a sequence of ``C``; column ``N`` takes skipped writes); None
+            without a compression branch.
+        tile_sum: ``[B, Hq, N]`` (``query_block`` selection) the compression
+            probabilities summed over the queries of the row's current tile so
+            far, in the score dtype; None otherwise.
+        tile_start: ``[B]`` long, the sparse position where that tile starts.
+    """
+
+    real: torch.Tensor
+    vision: torch.Tensor
+    sparse_slots: torch.Tensor
+    sparse_count: torch.Tensor
+    cmp_k: torch.Tensor | None = None
+    cmp_v: torch.Tensor | None = None
+    tile_sum: torch.Tensor | None = None
+    tile_start: torch.Tensor | None = None
+
+    @property
+    def capacity(self) -> int:
+        return self.real.shape[1]
+
+    @property
+    def batch(self) -> int:
+        return self.real.shape[0]
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep the rows ``index [B']`` (a beam search's reordering of the cache)."""
+        for name in ("real", "vision", "sparse_slots", "sparse_count", "cmp_k", "cmp_v", "tile_sum", "tile_start"):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, value.index_select(0, index.to(value.device)))
+
+
+# --- checks (shapes, dtypes and devices only: values would need a read-back) --------------------
+
+
+def _check_cache(k_cache: object, v_cache: object, lengths: object) -> None:
+    for name, tensor in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if not isinstance(tensor, torch.Tensor):
+            raise InputError(name, "a torch.Tensor", type(tensor).__name__)
+        if tensor.dim() != 4 or 0 in tensor.shape:
+            raise InputError(name, "a non-empty 4-d tensor [B, Hkv, S, D]", list(tensor.shape))
+        if tensor.dtype not in FLOAT_DTYPES:
+            raise InputError(name, "a floating dtype (float16, bfloat16, float32, float64)", str(tensor.dtype))
+    assert isinstance(k_cache, torch.Tensor) and isinstance(v_cache, torch.Tensor)
+    if v_cache.shape != k_cache.shape or v_cache.dtype != k_cache.dtype or v_cache.device != k_cache.device:
+        raise InputError("v_cache", f"shape {list(k_cache.shape)}, dtype and device of k_cache",
+                         f"{list(v_cache.shape)} {v_cache.dtype} on {v_cache.device}")
+    if not isinstance(lengths, torch.Tensor) or lengths.shape != (k_cache.shape[0],) or lengths.is_floating_point():
+        found = f"{list(lengths.shape)} {lengths.dtype}" if isinstance(lengths, torch.Tensor) else type(lengths).__name__
+        raise InputError("lengths", f"an integer tensor [{k_cache.shape[0]}] (tokens of each row in the cache)", found)
+    if lengths.device != k_cache.device:
+        raise InputError("lengths", f"device {k_cache.device} (as the cache)", str(lengths.device))
+
+
+def _check_per_token(name: str, tensor: object, shape: tuple[int, ...], device: torch.device, floating: bool) -> None:
+    if tensor is None:
+        return
+    if not isinstance(tensor, torch.Tensor):
+        raise InputError(name, "a torch.Tensor", type(tensor).__name__)
+    if tuple(tensor.shape) != shape:
+        raise InputError(name, f"shape {list(shape)}", list(tensor.shape))
+    if tensor.is_floating_point() != floating or tensor.is_complex():
+        raise InputError(name, "a floating tensor" if floating else "an integer or bool tensor", str(tensor.dtype))
+    if tensor.device != device:
+        raise InputError(name, f"device {device} (as the cache)", str(tensor.device))
+
+
+def check_step(pattern: Pattern, state: object, q: object, k_cache: torch.Tensor, v_cache: torch.Tensor,
+               lengths: torch.Tensor, gates: object, token_types: object) -> None:
+    """Refuse a decode step whose tensors do not fit the pattern, the cache or the state."""
+    _check_cache(k_cache, v_cache, lengths)
+    batch, kv_heads, slots, dim = k_cache.shape
+    if not isinstance(q, torch.Tensor) or q.dim() != 4:
+        raise InputError("q", "a 4-d tensor [B, Hq, T, D] of new queries", list(q.shape) if isinstance(q, torch.Tensor) else type(q).__name__)
+    if q.shape[0] != batch or q.shape[3] != dim or q.shape[1] % kv_heads or q.shape[2] == 0 or q.shape[1] == 0:
+        raise InputError("q", f"[{batch}, a multiple of {kv_heads}, T >= 1, {dim}] (batch, kv heads and head dim of the cache)", list(q.shape))
+    if q.shape[2] > slots:
+        raise InputError("q", f"at most {slots} new queries (the cache's slots)", q.shape[2])
+    if q.dtype != k_cache.dtype or q.device != k_cache.device:
+        raise InputError("q", f"dtype {k_cache.dtype} on {k_cache.device} (as the cache)", f"{q.dtype} on {q.device}")
+    model = pattern.model
+    for name, expected, found in (("q", model.query_heads, q.shape[1]), ("k_cache", model.kv_heads, kv_heads), ("q", model.head_dim, dim)):
+        if expected is not None and expected != found:
+            raise InputError(name, f"{expected} (pattern model section)", found)
+    if not isinstance(state, DecodeState) or state.batch != batch:
+        raise InputError("state", f"a DecodeState of {batch} rows (from decode_state over this cache)",
+                         f"{state.batch} rows" if isinstance(state, DecodeState) else type(state).__name__)
+    if (state.cmp_k is not None) and (state.cmp_k.shape[1] != kv_heads or state.cmp_k.shape[3] != dim or state.cmp_k.device != q.device):
+        raise InputError("state", f"compressed tokens of {kv_heads} kv heads of dim {dim} on {q.device}", list(state.cmp_k.shape))
+    if tiled(pattern) and (state.tile_sum is None or state.tile_sum.shape[1] != q.shape[1]):
+        raise InputError("state", f"tile sums of {q.shape[1]} query heads (decode_state with the cached queries)",
+                         "none" if state.tile_sum is None else list(state.tile_sum.shape))
+    branches = len(pattern.branches)
+    shape = (batch, q.shape[1], q.shape[2], branches)
+    _check_per_token("gates", gates, shape, q.device, floating=True)
+    if gates is None and branches and pattern.gate.kind != "constant":
+        raise InputError("gates", f"a tensor {list(shape)} for gate kind {pattern.gate.kind!r}", None)
+    _check_per_token("token_types", token_types, (batch, q.shape[2]), q.device, floating=False)
+    if pattern.hybrid is not None and token_types is None:
+        raise InputError("token_types", f"classes [{batch}, {q.shape[2]}] of the new tokens for a hybrid pattern", None)
+
+
+# --- the state --------------------------------------------------------------------------------
+
+
+def _num_tokens(pattern: Pattern, length: int) -> int:
+    return pattern.compression.num_tokens(length) if pattern.compression is not None else 0
+
+
+def _empty_state(pattern: Pattern, batch: int, kv_heads: int, dim: int, capacity: int, dtype: torch.dtype,
+                 device: torch.device) -> DecodeState:
+    flags = torch.zeros(batch, capacity, dtype=torch.bool, device=device)
+    state = DecodeState(
+        real=flags, vision=flags.clone(),
+        sparse_slots=torch.zeros(batch, capacity + 1, dtype=torch.long, device=device),
+        sparse_count=torch.zeros(batch, dtype=torch.long, device=device),
+    )
+    if pattern.compression is not None and not pattern.dense:
+        tokens = _num_tokens(pattern, capacity) + 1
+        state.cmp_k = torch.zeros(batch, kv_heads, tokens, dim, dtype=dtype, device=device)
+        state.cmp_v = torch.zeros_like(state.cmp_k)
+    return state
+
+
+def reserve(state: DecodeState, pattern: Pattern, capacity: int) -> None:
+    """Grow ``state`` to hold at least ``capacity`` slots, by a quarter at least:
+    a cache growing by one token re-allocates rarely, and the masked work over
+    unused capacity (compressed tokens, block scores) stays within 25%."""
+    old = state.capacity
+    if capacity <= old:
+        return
+    new = max(capacity, old + old // 4 + 1)
+    pad = new - old
+    state.real = F.pad(state.real, (0, pad))
+    state.vision = F.pad(state.vision, (0, pad))
+    state.sparse_slots = F.pad(state.sparse_slots[:, :old], (0, pad + 1))
+    if state.cmp_k is not None:
+        tokens = _num_tokens(pattern, old)
+        extra = _num_tokens(pattern, new) + 1 - tokens
+        state.cmp_k = F.pad(state.cmp_k[:, :, :tokens], (0, 0, 0, extra))
+        state.cmp_v = F.pad(state.cmp_v[:, :, :tokens], (0, 0, 0, extra))
+    if state.tile_sum is not None:
+        state.tile_sum = F.pad(state.tile_sum, (0, _num_tokens(pattern, new) - state.tile_sum.shape[2]))
+
+
+def _sparse(pattern: Pattern, vision: torch.Tensor) -> torch.Tensor:
+    """Which of the (real) tokens with classes ``vision`` enter the sparse sequence."""
+    if pattern.hybrid is not None and pattern.hybrid.vision_keys == "vision":
+        return vision
+    return torch.ones_like(vision)
+
+
+def _append(state: DecodeState, pattern: Pattern, slots: torch.Tensor, real: torch.Tensor, vision: torch.Tensor) -> torch.Tensor:
+    """Record the tokens at ``slots [B, T]`` (in order); returns each one's
+    sparse position ``[B, T]`` (for a token outside the sparse sequence: the
+    position of the last sparse token before it, ``-1`` if none)."""
+    state.real.scatter_(1, slots, real)
+    state.vision.scatter_(1, slots, vision & real)
+    sparse = _sparse(pattern, vision) & real
+    rank = state.sparse_count[:, None] + torch.cumsum(sparse.long(), dim=1) - 1
+    target = torch.where(sparse, rank, torch.full_like(rank, state.capacity))
+    state.sparse_slots.scatter_(1, target, slots)
+    state.sparse_count += sparse.sum(dim=1)
+    return rank
+
+
+def _gather_keys(cache: torch.Tensor, slots: torch.Tensor, heads: torch.Tensor) -> torch.Tensor:
+    """``cache [B, Hkv, S, D]`` at ``slots [B, Hs, ...]`` of kv heads ``heads [Hs]``: ``[B, Hs, ..., D]``."""
+    batch = torch.arange(cache.shape[0], device=cache.device).view(-1, *([1] * (slots.dim() - 1)))
+    kv = heads.view(1, -1, *([1] * (slots.dim() - 2)))
+    return cache[batch, kv, slots]
+
+
+def _pool_new_blocks(state: DecodeState, pattern: Pattern, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     before: torch.Tensor, most_new: int, pooler: MLPPooling | None) -> None:
+    """Pool the compression blocks completed since the sparse sequences had
+    ``before [B]`` tokens (at most ``most_new`` tokens were added per row)."""
+    compression = pattern.compression
+    block, stride = compression.block, compression.stride
+    capacity = state.capacity
+    limit = state.cmp_k.shape[2] - 1  # compressed tokens the capacity holds
+    candidates = min(most_new // stride + 1, limit)
+    if candidates <= 0:
+        return
+
+    def complete(count: torch.Tensor) -> torch.Tensor:
+        return torch.clamp(torch.div(count - block, stride, rounding_mode="floor") + 1, min=0)
+
+    first = complete(before)  # [B]
+    end = complete(state.sparse_count)
+    span = torch.clamp(first[:, None] * stride + torch.arange((candidates - 1) * stride + block, device=first.device), max=capacity - 1)
+    slots = state.sparse_slots.gather(1, span)  # [B, P]
+    kv_heads = k_cache.shape[1]
+    heads = torch.arange(kv_heads, device=slots.device)
+    dtype = state.cmp_k.dtype
+    keys = _gather_keys(k_cache, slots[:, None].expand(-1, kv_heads, -1), heads).to(dtype)
+    values = _gather_keys(v_cache, slots[:, None].expand(-1, kv_heads, -1), heads).to(dtype)
+    new_k, new_v = compress(keys, values, compression, pooler)  # [B, Hkv, candidates, D]
+    index = first[:, None] + torch.arange(candidates, device=first.device)
+    index = torch.where(index < end[:, None], index, torch.full_like(index, limit))
+    index = index[:, None, :, None].expand_as(new_k)
+    state.cmp_k.scatter_(2, index, new_k.to(dtype))
+    state.cmp_v.scatter_(2, index, new_v.to(dtype))
+
+
+def extend_state(state: DecodeState, pattern: Pattern, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                 lengths: torch.Tensor, new_tokens: int, token_types: torch.Tensor | None = None,
+                 pooler: MLPPooling | None = None, new_real: torch.Tensor | None = None) -> torch.Tensor:
+    """Append the ``new_tokens`` tokens at slots ``lengths - new_tokens ..
+    lengths - 1`` (classes ``token_types [B, T]``, real where ``new_real``,
+    default all) and pool the blocks they complete. Returns their sparse
+    positions ``[B, T]`` (see :func:`_append`)."""
+    reserve(state, pattern, k_cache.shape[2])
+    device = k_cache.device
+    slots = lengths.to(torch.long)[:, None] - new_tokens + torch.arange(new_tokens, device=device)
+    real = torch.ones_like(slots, dtype=torch.bool) if new_real is None else new_real.to(torch.bool)
+    vision = torch.zeros_like(real) if token_types is None else token_types != 0
+    before = state.sparse_count.clone()
+    rank = _append(state, pattern, slots, real, vision)
+    if state.cmp_k is not None:
+        _pool_new_blocks(state, pattern, k_cache, v_cache, before, new_tokens, pooler)
+    return rank
+
+
+def start_state(pattern: Pattern, k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: torch.Tensor,
+                token_types: torch.Tensor | None = None, key_valid: torch.Tensor | None = None,
+                pooler: MLPPooling | None = None, capacity: int | None = None, queries: torch.Tensor | None = None,
+                score_dtype: torch.dtype | None = None) -> DecodeState:
+    """The state of rows whose first ``lengths [B]`` slots are cached (classes
+    ``token_types [B, S]``, real where ``key_valid [B, S]``, default all): the
+    whole prefix appended at once, its complete blocks pooled. ``queries [B,
+    Hq, S, D]``: the queries of the cached tokens, needed by ``query_block``
+    selection (only the current tile's are read), kept as their summed
+    compression probabilities in ``score_dtype`` (None: the device's default)."""
+    _check_cache(k_cache, v_cache, lengths)
+    batch, kv_heads, slots, dim = k_cache.shape
+    for name, tensor in (("token_types", token_types), ("key_valid", key_valid)):
+        _check_per_token(name, tensor, (batch, slots), k_cache.device, floating=False)
+    if tiled(pattern):
+        if not isinstance(queries, torch.Tensor) or queries.dim() != 4 or queries.shape[0] != batch \
+                or queries.shape[2] != slots or queries.shape[3] != dim or queries.shape[1] % kv_heads:
+            found = list(queries.shape) if isinstance(queries, torch.Tensor) else type(queries).__name__
+            raise InputError("queries", f"the cached tokens' queries [{batch}, Hq, {slots}, {dim}] "
+                             "(query_block selection sums the current tile's scores)", found)
+        if not queries.is_floating_point() or queries.device != k_cache.device:
+            raise InputError("queries", f"a floating tensor on {k_cache.device}", f"{queries.dtype} on {queries.device}")
+    capacity = slots if capacity is None else max(int(capacity), slots)
+    state = _empty_state(pattern, batch, kv_heads, dim, capacity, compute_dtype(k_cache.dtype), k_cache.device)
+    positions = torch.arange(slots, device=k_cache.device)
+    real = positions[None, :] < lengths.to(torch.long)[:, None]
+    if key_valid is not None:
+        real &= key_valid.to(torch.bool)
+    full = torch.full_like(lengths, slots)
+    extend_state(state, pattern, k_cache, v_cache, full, slots, token_types, pooler, new_real=real)
+    if tiled(pattern):
+        _start_tile(state, pattern, queries, softmax_scale(dim),
+                    default_score_dtype(k_cache.device, k_cache.dtype) if score_dtype is None else score_dtype)
+    return state
+
+
+def _start_tile(state: DecodeState, pattern: Pattern, queries: torch.Tensor, scale: float, score_dtype: torch.dtype) -> None:
+    """The summed compression probabilities of each row's current tile: the
+    queries at sparse positions ``a .. n - 1`` (``a`` the last multiple of
+    ``m`` at or below the row's ``n`` sparse tokens)."""
+    batch, query_heads, _, dim = queries.shape
+    kv_heads = state.cmp_k.shape[1]
+    tile = pattern.selection.query_block
+    start = torch.div(state.sparse_count, tile, rounding_mode="floor") * tile
+    position = start[:, None] + torch.arange(tile, device=start.device)  # [B, m]
+    slots = state.sparse_slots.gather(1, position.clamp(max=state.capacity - 1))
+    rows = queries.gather(2, slots[:, None, :, None].expand(-1, query_heads, -1, dim)).to(state.cmp_k.dtype)
+    grouped = rows.view(batch, kv_heads, query_heads // kv_heads, tile, dim)
+    probabilities = _compression_probabilities(grouped, state.cmp_k[:, :, :-1], position, pattern.compression, scale, score_dtype)
+    seen = (position < state.sparse_count[:, None])[:, None, None, :, None]
+    state.tile_sum = (probabilities * seen).sum(dim=3).reshape(batch, query_heads, probabilities.shape[-1])
+    state.tile_start = start
+
+
+def _compression_probabilities(grouped: torch.Tensor, cmp_k: torch.Tensor, position: torch.Tensor,
+                               compression: Compression, scale: float, score_dtype: torch.dtype) -> torch.Tensor:
+    """``p_cmp [B, Hkv, G, T, N]`` (``score_dtype``) of queries ``grouped [B, Hkv,
+    G, T, D]`` at sparse positions ``position [B, T]`` over compressed keys
+    ``cmp_k [B, Hkv, N, D]``: the tokens complete within each query's prefix
+    that its visibility admits; a query that sees none gets zeros."""
+    last = torch.arange(cmp_k.shape[2], device=cmp_k.device) * compression.stride + compression.block - 1
+    visible = last[None, None, :] <= position[:, :, None]  # [B, T, N]: complete within the prefix
+    if compression.visibility != "causal":
+        visible &= last[None, None, :] >= position[:, :, None]
+    logits = torch.einsum("bkgtd,bknd->bkgtn", grouped.to(score_dtype), cmp_k.to(score_dtype)) * scale
+    ok = visible[:, None, None]
+    has = ok.any(dim=-1, keepdim=True)
+    logits = torch.where(ok, logits, torch.full_like(logits, float("-inf")))
+    return torch.softmax(torch.where(has, logits, torch.zeros_like(logits)), dim=-1) * has
+
+
+# --- the step -----------------------------------------------------------------------------------
+
+
+def _softmax_attention(logits: torch.Tensor, ok: torch.Tensor, values: torch.Tensor, equation: str) -> torch.Tensor:
+    """Softmax of ``logits`` over the keys ``ok`` keeps (a row with none: zeros), times ``values``."""
+    has = ok.any(dim=-1, keepdim=True)
+    logits = torch.where(ok, logits, torch.full_like(logits, float("-inf")))
+    probabilities = torch.softmax(torch.where(has, logits, torch.zeros_like(logits)), dim=-1) * has
+    return torch.einsum(equation, probabilities.to(values.dtype), values)
+
+
+def _gathered_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
+                        ok: torch.Tensor, heads: torch.Tensor, scale: float) -> torch.Tensor:
+    """``q [B, Hs, g, T, D]`` over the keys at ``slots [B, Hs, T, C]`` of kv heads
+    ``heads [Hs]`` that ``ok [B, Hs, T, C]`` keeps: ``[B, Hs, g, T, D]``."""
+    dtype = q.dtype
+    keep = ok[..., None]
+    keys = torch.where(keep, _gather_keys(k_cache, slots, heads).to(dtype), 0.0)  # [B, Hs, T, C, D]
+    values = torch.where(keep, _gather_keys(v_cache, slots, heads).to(dtype), 0.0)
+    logits = torch.einsum("bsgtd,bstcd->bsgtc", q, keys) * scale
+    return _softmax_attention(logits, ok[:, :, None], values, "bsgtc,bstcd->bsgtd")
+
+
+def _dense(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, state: DecodeState,
+           slots: torch.Tensor, scale: float) -> torch.Tensor:
+    """Dense attention of ``q [B, Hq, T, D]`` (at cache ``slots [B, T]``) over
+    the real keys at or before its own slot: ``[B, Hq, T, D]`` in q's dtype. Half
+    precision caches are read in their own dtype (SDPA, as the unpatched model)."""
+    positions = torch.arange(k_cache.shape[2], device=q.device)
+    mask = state.real[:, None, : k_cache.shape[2]] & (positions[None, None, :] <= slots[:, :, None])  # [B, T, S]
+    dtype = k_cache.dtype if k_cache.dtype in (torch.float16, torch.bfloat16) else q.dtype
+    out = F.scaled_dot_product_attention(q.to(dtype), k_cache.to(dtype), v_cache.to(dtype), attn_mask=mask[:, None],
+                                         scale=scale, enable_gqa=True)
+    return out.to(q.dtype)
+
+
+def decode_step(
+    pattern: Pattern,
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    lengths: torch.Tensor,
+    state: DecodeState,
+    gates: torch.Tensor | None = None,
+    token_types: torch.Tensor | None = None,
+    pooler: MLPPooling | None = None,
+    *,
+    scale: float | None = None,
+    score_dtype: torch.dtype | None = None,
+    has_text: bool = True,
+) -> torch.Tensor:
+    """Outputs ``[B, Hq, T, D]`` (dtype of q) of the new queries ``q`` (layouts
+    in the module docstring); ``state`` is extended with the new tokens.
+
+    ``scale`` multiplies every score ``q·k`` (None: ``1/sqrt(D)``);
+    ``score_dtype`` is the dtype blocks are ranked in (None:
+    :func:`nsaflex.scoring.default_score_dtype`). ``has_text=False`` (hybrid
+    patterns): the caller knows every new token is a vision token, so the
+    dense path over the whole cache is skipped (deciding it here would read
+    the classes back)."""
+    reason = unsupported(pattern)
+    if reason is not None:
+        raise InputError("pattern", "a pattern the batched decode serves", reason)
+    check_step(pattern, state, q, k_cache, v_cache, lengths, gates, token_types)
+    new, dim = q.shape[2], q.shape[3]
+    scale = softmax_scale(dim) if scale is None else scale
+    dtype = compute_dtype(q.dtype)
+    score_dtype = default_score_dtype(q.device, q.dtype) if score_dtype is None else score_dtype
+    device = q.device
+    with torch.no_grad():
+        rank = extend_state(state, pattern, k_cache, v_cache, lengths, new, token_types, pooler)  # [B, T]
+        slots = lengths.to(torch.long)[:, None] - new + torch.arange(new, device=device)
+        if pattern.dense:
+            return _dense(q.to(dtype), k_cache, v_cache, state, slots, scale).to(q.dtype)
+        vision = torch.zeros_like(rank, dtype=torch.bool) if token_types is None else token_types != 0
+        sparse = _sparse(pattern, vision)
+        sparse_out = _sparse_outputs(pattern, q.to(dtype), k_cache, v_cache, state, rank, sparse, gates, pooler, scale,
+                                     score_dtype)
+        if pattern.hybrid is None or not has_text:
+            return sparse_out.to(q.dtype)
+        dense_out = _dense(q.to(dtype), k_cache, v_cache, state, slots, scale)
+        return torch.where(vision[:, None, :, None], sparse_out, dense_out).to(q.dtype)
+
+
+def _tile_sums(state: DecodeState, tile: int, position: torch.Tensor, sparse: torch.Tensor,
+               probabilities: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each new query's tile: its first position ``[B, T]`` and the compression
+    probabilities ``[B, Hkv, G, T, N]`` summed over the tile's queries up to it
+    (the kept sum where the tile began before this step, then the new sparse
+    queries of the same tile, in order). The state then keeps the sum of the
+    last new sparse query's tile."""
+    batch, kv_heads, group, new, tokens = probabilities.shape
+    first = torch.div(position, tile, rounding_mode="floor") * tile  # [B, T]
+    order = torch.arange(new, device=position.device)
+    same = (order[None, None, :] <= order[None, :, None]) & sparse[:, None, :] & (first[:, None, :] == first[:, :, None])
+    summed = torch.einsum("bij,bkgjn->bkgin", same.to(probabilities.dtype), probabilities * sparse[:, None, None, :, None])
+    kept = state.tile_sum.to(probabilities.dtype).view(batch, kv_heads, group, 1, tokens)
+    summed = summed + kept * (first == state.tile_start[:, None])[:, None, None, :, None]
+    last = (sparse.long() * (order + 1)).argmax(dim=1)  # the last new sparse query (0 if none)
+    any_sparse = sparse.any(dim=1)
+    latest = summed.gather(3, last.view(batch, 1, 1, 1, 1).expand(-1, kv_heads, group, 1, tokens))
+    state.tile_sum.copy_(torch.where(any_sparse[:, None, None], latest.view(batch, kv_heads * group, tokens).to(state.tile_sum.dtype), state.tile_sum))
+    state.tile_start.copy_(torch.where(any_sparse, first.gather(1, last[:, None])[:, 0], state.tile_start))
+    return first, summed
+
+
+def _sparse_outputs(pattern: Pattern, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    state: DecodeState, rank: torch.Tensor, sparse: torch.Tensor, gates: torch.Tensor | None,
+                    pooler: MLPPooling | None, scale: float, score_dtype: torch.dtype) -> torch.Tensor:
+    """The gated mix of the branches ``[B, Hq, T, D]`` for queries at sparse
+    positions ``rank [B, T]`` (``sparse [B, T]``: the new token is in the
+    sparse sequence)."""
+    batch, query_heads, new, dim = q.shape
+    kv_heads = k_cache.shape[1]
+    group = query_heads // kv_heads
+    device = q.device
+    grouped = q.view(batch, kv_heads, group, new, dim)
+    kv_of_kv = torch.arange(kv_heads, device=device)
+    position = rank.clamp(min=0)  # a query always has its own token (rank >= 0) where its output is used
+    capacity = state.capacity
+    outputs: dict[str, torch.Tensor] = {}
+
+    def sparse_slots(tokens: torch.Tensor) -> torch.Tensor:
+        """Cache slots of sparse positions ``tokens [B, ...]`` (clamped into the map)."""
+        flat = tokens.clamp(0, capacity - 1).reshape(batch, -1)
+        return state.sparse_slots.gather(1, flat).view(tokens.shape)
+
+    if pattern.compression is not None:
+        compression = pattern.compression
+        cmp_k, cmp_v = state.cmp_k[:, :, :-1], state.cmp_v[:, :, :-1]
+        probabilities = _compression_probabilities(grouped, cmp_k, position, compression, scale, score_dtype)
+        outputs["compression"] = torch.einsum("bkgtn,bknd->bkgtd", probabilities.to(q.dtype), cmp_v).reshape(q.shape)
+        if pattern.selection is not None:
+            selection = pattern.selection
+            num_blocks = -(-capacity // selection.block)
+            first = position
+            if tiled(pattern):
+                first, probabilities = _tile_sums(state, selection.query_block, position, sparse, probabilities)
+            scores = eq9_block_scores(probabilities, compression, selection, num_blocks)  # [B, Hkv, G, T, J]
+            per_head = selection.scoring == "head"
+            scores = scores.reshape(batch, query_heads, new, num_blocks) if per_head else scores.sum(dim=2)
+            selecting = scores.shape[1]
+            units = scores.permute(1, 0, 2, 3).reshape(selecting, batch * new, num_blocks)
+            blocks = choose_blocks(units, first.reshape(-1), selection).long()  # [Hs, B*T, W]
+            blocks = blocks.view(selecting, batch, new, -1).permute(1, 0, 2, 3)  # [B, Hs, T, W]
+            offsets = torch.arange(selection.block, device=device)
+            chosen = (blocks[..., None] * selection.block + offsets).flatten(3)  # [B, Hs, T, W*l']
+            ok = (blocks[..., None] >= 0).expand(-1, -1, -1, -1, selection.block).flatten(3) & (chosen <= position[:, None, :, None])
+            heads = torch.arange(query_heads, device=device) // group if per_head else kv_of_kv
+            q_sel = q.view(batch, query_heads, 1, new, dim) if per_head else grouped
+            out = _gathered_attention(q_sel, k_cache, v_cache, sparse_slots(chosen), ok, heads, scale)
+            outputs["selection"] = out.reshape(q.shape)
+    if pattern.window is not None:
+        size = pattern.window.size
+        recent = position[:, :, None] - torch.arange(size - 1, -1, -1, device=device)  # [B, T, w]
+        ok = (recent >= 0)[:, None].expand(-1, kv_heads, -1, -1)
+        slots = sparse_slots(recent)[:, None].expand(-1, kv_heads, -1, -1)
+        outputs["window"] = _gathered_attention(grouped, k_cache, v_cache, slots, ok, kv_of_kv, scale).reshape(q.shape)
+    if gates is None:  # constant gates as Python floats: no host-to-device copy inside a captured graph
+        return sum(value * outputs[name] for value, name in zip(pattern.gate.values, pattern.branches))
+    gates = gates.to(q.dtype)
+    return sum(gates[..., index, None] * outputs[name] for index, name in enumerate(pattern.branches))
