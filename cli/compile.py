@@ -39,6 +39,7 @@ from nsaflex.cli.common import (
 )
 from nsaflex.codegen import DEFAULT_LENGTHS, emit_module
 from nsaflex.errors import PatternError
+from nsaflex.release_lowering import MODES
 from nsaflex.spec import Pattern
 
 BACKENDS = ("auto", "reference", "flex", "triton")
@@ -74,6 +75,14 @@ DEVICES = ("cpu", "cuda")
     metavar="N",
     help="Resolve the pattern's per-layer overrides for decoder layer N.",
 )
+@click.option(
+    "--mode",
+    type=click.Choice(MODES),
+    default="faithful",
+    show_default=True,
+    help="faithful: the pattern's semantics; videonsa_release: the released VideoNSA code's numerics "
+    "(a pattern such as videonsa-release).",
+)
 def command(
     pattern_arg: str,
     lengths: tuple[int, ...] | None,
@@ -82,12 +91,16 @@ def command(
     backend: str,
     device: str,
     layer: int | None,
+    mode: str,
 ) -> None:
     """Validate PATTERN (a YAML file or a bundled pattern name), lower it to a
     plan, and print the plan and its budget."""
     from nsaflex.plan import make_plan
 
     check_json_target(json_target)
+    if emit_dir is not None and mode != "faithful":
+        raise click.BadParameter(f"the generated module compiles faithful mode; for --mode {mode} call "
+                                 f"nsaflex.compile(pattern, backend, mode={mode!r}) instead", param_hint="'--emit'")
     pattern, source = load_pattern_arg(pattern_arg)
     if layer is not None and pattern.model.num_layers is not None and layer >= pattern.model.num_layers:
         raise click.BadParameter(
@@ -96,7 +109,12 @@ def command(
         )
     if lengths is None:
         lengths = tuple(sorted({*DEFAULT_LENGTHS, *([pattern.budget.at_length] if pattern.budget and pattern.budget.at_length else [])}))
-    plan = make_plan(pattern, backend, device, layer=layer)
+    try:
+        plan = make_plan(pattern, backend, device, layer=layer, mode=mode)
+    except PatternError as error:
+        # The pattern holds, but not for this mode: say which file.
+        raise error.located(str(source), None, None) from None
+    decode = _decode_plan(plan)
     analysis = analyse(pattern, layer=layer)
     figures = [analysis.evaluate(n) for n in lengths]
 
@@ -124,6 +142,7 @@ def command(
             "layer": layer,
             "lengths": list(lengths),
             "plan": plan.to_dict(),
+            "decode": decode.to_dict(),
             "budget": {
                 "closed_forms": analysis.to_dict(),
                 "at": {str(f.length): f.to_dict() for f in figures},
@@ -136,7 +155,7 @@ def command(
 
     resolved = pattern.for_layer(layer) if layer is not None else pattern
     console.print(_header(pattern, resolved, source, layer))
-    console.print(_plan_table(plan))
+    console.print(_plan_table(plan, decode))
     if getattr(plan, "layers", ()):
         console.print(_layers_table(plan))
     console.print(_budget_table(analysis, figures))
@@ -200,16 +219,27 @@ def _constants(constants: dict[str, Any]) -> str:
     return " ".join(f"{k}={show(v)}" for k, v in constants.items())
 
 
-def _plan_table(plan: Any) -> Table:
-    """One block of rows per branch (kernel, mask, constants, notes), the
-    values in one wide column: at 80 columns the values get 56 characters and
-    wrap between words, where five side-by-side columns would split words."""
-    title = f"plan: backend {plan.backend} on {plan.device}"
+def _decode_plan(plan: Any) -> Any:
+    """How the plan's backend serves decode steps (:attr:`nsaflex.Attention.decode_plan`)."""
+    from nsaflex.backends.base import BranchPlan, describe_decode
+
+    if plan.mode != "faithful":
+        return BranchPlan("decode", plan.backend, f"none: the decode entry serves faithful mode, not {plan.mode!r}", "-",
+                          notes=("the Qwen2.5-VL adapter decodes this mode on its exact per-row path",))
+    return describe_decode(plan.backend, plan.pattern, plan.device)
+
+
+def _plan_table(plan: Any, decode: Any = None) -> Table:
+    """One block of rows per branch (kernel, mask, constants, notes), then the
+    decode entry's, the values in one wide column: at 80 columns the values get
+    56 characters and wrap between words, where five side-by-side columns would
+    split words."""
+    title = f"plan: backend {plan.backend} on {plan.device}" + (f", mode {plan.mode}" if plan.mode != "faithful" else "")
     table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
     table.add_column("branch", no_wrap=True, style="bold")
     table.add_column("", no_wrap=True, style="dim")
     table.add_column("plan", overflow="fold")
-    for branch in plan.branches:
+    for branch in (*plan.branches, *([decode] if decode is not None else [])):
         kernel = branch.kernel + (f" ({branch.backend} backend)" if branch.backend != plan.backend else "")
         fields = [("kernel", kernel), ("mask", branch.mask), ("constants", _constants(dict(branch.constants))),
                   *(("notes" if i == 0 else "", f"- {note}") for i, note in enumerate(branch.notes))]

@@ -129,7 +129,8 @@ def check_release_pattern(pattern: Pattern, layer: int | None = None) -> None:
     if resolved.hybrid is None:
         fail("hybrid", "a hybrid section (vision_keys: all)", None)
     if resolved.hybrid.vision_keys != "all":
-        fail("hybrid.vision_keys", "'all' (text keys are zeroed in place, not compacted away; see release_pattern)", resolved.hybrid.vision_keys)
+        fail("hybrid.vision_keys", "'all' (text keys are zeroed in place, not compacted away; the bundled "
+             "videonsa-release and release_pattern() set it)", resolved.hybrid.vision_keys)
     if resolved.dense:
         return
     for name in ("compression", "selection", "window"):
@@ -141,7 +142,7 @@ def check_release_pattern(pattern: Pattern, layer: int | None = None) -> None:
     if cmp.stride != cmp.block:
         fail("compression.stride", f"compression.block = {cmp.block} (one block size)", cmp.stride)
     if cmp.visibility != "videonsa_legacy":
-        fail("compression.visibility", "'videonsa_legacy' (see release_pattern)", cmp.visibility)
+        fail("compression.visibility", "'videonsa_legacy' (the bundled videonsa-release and release_pattern() set it)", cmp.visibility)
     if slc.block != cmp.block:
         fail("selection.block", f"compression.block = {cmp.block} (one block size)", slc.block)
     if slc.scoring != "group":

@@ -43,7 +43,8 @@ def assert_clean_failure(result: click.testing.Result, *fragments: str) -> None:
 
 
 def test_bundled_patterns_are_known() -> None:
-    assert {"videonsa", "nsa", "window", "qblock-small", "videonsa-qblock", "videonsa-q8", "videonsa-w512"} <= set(BUNDLED)
+    assert {"videonsa", "nsa", "window", "qblock-small", "videonsa-qblock", "videonsa-q8", "videonsa-w512",
+            "videonsa-release"} <= set(BUNDLED)
 
 
 @pytest.mark.parametrize("name", BUNDLED)
@@ -65,6 +66,29 @@ def test_compile_by_path_and_default_lengths() -> None:
     for column in ("L = 8k", "L = 32k", "L = 128k"):
         assert column in result.output
     assert "2,304" in result.output and "all-vision input" in result.output
+
+
+def test_compile_release_mode_and_the_decode_plan() -> None:
+    """--mode lowers the release numerics (the plan says so, and that the decode
+    entry leaves that mode to the adapter's exact path); faithful plans name the
+    batched decode."""
+    release = json.loads(run("compile", "videonsa-release", "--mode", "videonsa_release", "--device", "cuda",
+                             "--json", "-").stdout)
+    assert release["plan"]["mode"] == "videonsa_release" and release["plan"]["backend"] == "flex"
+    assert "release" in release["plan"] and release["decode"]["kernel"].startswith("none")
+    faithful = json.loads(run("compile", "videonsa", "--device", "cuda", "--json", "-").stdout)
+    assert faithful["plan"]["mode"] == "faithful" and "nsaflex.decoding" in faithful["decode"]["kernel"]
+    shown = run("compile", "videonsa-release", "--mode", "videonsa_release", "--device", "cuda")
+    assert shown.exit_code == 0 and "mode videonsa_release" in shown.output and "decode" in shown.output
+
+
+def test_compile_release_mode_refuses_what_the_release_cannot_run(tmp_path: Path) -> None:
+    assert_clean_failure(run("compile", "videonsa", "--mode", "videonsa_release"),
+                         "videonsa.yaml", "hybrid.vision_keys", "videonsa-release")
+    assert_clean_failure(run("compile", "videonsa-release", "--mode", "videonsa_release", "--emit", str(tmp_path)),
+                         "--emit", "faithful mode")
+    assert not any(tmp_path.iterdir())
+    assert_clean_failure(run("compile", "videonsa", "--mode", "release"), "--mode", "videonsa_release")
 
 
 @pytest.mark.parametrize("name", BUNDLED)
