@@ -26,7 +26,8 @@ Each ``benchmarks/results/*.json`` is rendered by its shape:
 * a **whole-model record**: what ``benchmarks/model_bench.py --json`` writes
   (``"record": "model-bench"``): per pass (prefill, train) a row per length
   with each configuration's median ms, its speed-up over the unpatched model
-  and its peak GiB; then the per-stage breakdown of one patched layer.
+  and its peak GiB; the per-token decode latency of text and vision tokens;
+  then the per-stage breakdown of one patched layer.
 
 ``benchmarks/results/notes.md``, when present, is copied in under its own
 heading: figures kept by hand (scripts whose output is no record kind above,
@@ -286,6 +287,27 @@ def model_bench_tables(record: dict[str, Any]) -> list[str]:
     return out
 
 
+def model_bench_decode(record: dict[str, Any]) -> list[str]:
+    """Per context length and token class, each configuration's ms per decoded
+    token (with the unpatched model's time over it)."""
+    rows = [row for row in record.get("decode", []) if row.get("ms") is not None]
+    if not rows:
+        return []
+    configs = [config for config in record["configs"] if any(row["config"] == config for row in rows)]
+    baseline = record["configs"][0] if record["configs"] else None
+    by_key = {(row["length"], row["token"], row["config"]): row["ms"] for row in rows}
+    body = []
+    for length, token in sorted({(row["length"], row["token"]) for row in rows}):
+        base = by_key.get((length, token, baseline))
+        cells = []
+        for config in configs:
+            ms = by_key.get((length, token, config))
+            cells.append("-" if ms is None else number(ms) + (f" (x{base / ms:.2f})" if base and config != baseline else ""))
+        body.append([length_label(length), token, *cells])
+    return ["", "Decode, ms per token over a prefilled cache of L tokens (a text token, or a vision token):", "",
+            *table(["L", "token", *[f"{config} ms" for config in configs]], body)]
+
+
 def model_bench_breakdown(record: dict[str, Any]) -> list[str]:
     """One column per profiled configuration: the stages of decoder layer 0, ms."""
     entries = [entry for entry in record.get("breakdown", []) if entry.get("stages_ms")]
@@ -309,9 +331,10 @@ def render_model_bench(name: str, record: dict[str, Any]) -> list[str]:
            "configuration's (all measured in one run).", "",
            f"- Model: {shape}", f"- Inputs: {record['text_tokens']} text tokens, the rest image tokens",
            f"- Versions: {versions}", "", "```sh", record["command"], "```",
-           *model_bench_tables(record), *model_bench_breakdown(record)]
-    failed = [row for row in record["rows"] if row.get("error")]
-    notes = [f"- {row['config']} {row['pass']} L={row['length']}: {row['error']}" for row in failed]
+           *model_bench_tables(record), *model_bench_decode(record), *model_bench_breakdown(record)]
+    failed = [row for row in record["rows"] + record.get("decode", []) if row.get("error")]
+    notes = [f"- {row['config']} {row['pass']}{' ' + row['token'] if row.get('token') else ''} L={row['length']}: {row['error']}"
+             for row in failed]
     if not record.get("complete", True):
         notes.insert(0, "- the run stopped before its end: the tables hold what it measured")
     return out + ([""] + notes if notes else [])

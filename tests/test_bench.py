@@ -379,6 +379,11 @@ def test_results_renders_a_whole_model_record(results_script, tmp_path):
                  {"pass": "train", "length": 32768, "config": "nsaflex-flex", "backend": "flex", "error": "OutOfMemoryError: CUDA"}],
         "breakdown": [{"config": "nsaflex-triton", "backend": "triton", "length": 131072, "pass": "prefill",
                        "stages_ms": {"projections": 40.0, "kernels": 38.0, "other": 2.5, "layer": 80.5}}],
+        "decode": [{"pass": "decode", "token": "vision", "length": 32768, "config": "sdpa", "backend": "sdpa", "ms": 20.0},
+                   {"pass": "decode", "token": "vision", "length": 32768, "config": "nsaflex-triton", "backend": "triton",
+                    "ms": 25.0},
+                   {"pass": "decode", "token": "text", "length": 32768, "config": "nsaflex-triton", "backend": "triton",
+                    "error": "skipped: deadline"}],
     }
     (tmp_path / "model.json").write_text(json.dumps(record))
     text = results_script.render_results(tmp_path)
@@ -390,6 +395,8 @@ def test_results_renders_a_whole_model_record(results_script, tmp_path):
     assert "- the run stopped before its end" in text
     assert "at L = 128K, ms of CUDA device time by stage:" in text
     assert "| kernels | 38.0 |" in text and "| layer | 80.5 |" in text
+    assert "| 32K | vision | 20.0 | 25.0 (x0.80) |" in text
+    assert "- nsaflex-triton decode text L=32768: skipped: deadline" in text
 
 
 # --- dtype names, progress -------------------------------------------------------------------------
