@@ -173,19 +173,36 @@ class _TooManyNodes(Exception):
         self.mark = mark
 
 
+class _TooDeep(Exception):
+    def __init__(self, mark: yaml.Mark) -> None:
+        super().__init__(mark)
+        self.mark = mark
+
+
 class _CountingLoader(yaml.SafeLoader):
     """A SafeLoader that stops composing once the allowance of nodes is spent,
-    before a huge document has been read whole."""
+    before a huge document has been read whole, and at the first collection
+    nested deeper than :data:`_MAX_DEPTH` (the composer recurses per level: the
+    limit is the same whatever stack the caller runs on)."""
 
     def __init__(self, stream: str, allowance: _Allowance) -> None:
         super().__init__(stream)
         self.allowance = allowance
+        self.collections_open = 0
 
     def compose_node(self, parent: yaml.Node | None, index: object) -> yaml.Node:
         self.allowance.nodes_composed -= 1
         if self.allowance.nodes_composed < 0:
             raise _TooManyNodes(self.peek_event().start_mark)
-        return super().compose_node(parent, index)
+        if not self.check_event(yaml.CollectionStartEvent):
+            return super().compose_node(parent, index)
+        self.collections_open += 1
+        try:
+            if self.collections_open > _MAX_DEPTH:
+                raise _TooDeep(self.peek_event().start_mark)
+            return super().compose_node(parent, index)
+        finally:
+            self.collections_open -= 1
 
 
 def _position_of(text: str, offset: int) -> tuple[int, int]:
@@ -211,6 +228,11 @@ def _compose(text: str, source: str, allowance: _Allowance) -> tuple[Any, Marks]
     except _TooManyNodes as error:
         raise PatternError(
             "", f"at most {MAX_YAML_NODES} YAML nodes, extends included", "more",
+            source=source, line=error.mark.line + 1, column=error.mark.column + 1,
+        ) from None
+    except _TooDeep as error:
+        raise PatternError(
+            "", f"YAML nested at most {_MAX_DEPTH} deep", "deeper nesting",
             source=source, line=error.mark.line + 1, column=error.mark.column + 1,
         ) from None
     except (ValueError, OverflowError) as error:

@@ -77,8 +77,11 @@ def test_bench_refuses_unknown_names_before_running(runner, tmp_path, monkeypatc
 
 def test_bench_refuses_a_backend_that_cannot_serve_the_pattern_before_running(runner, tmp_path):
     path = tmp_path / "bench.json"
-    # The triton backend serves no query-block selection (and needs CUDA or the interpreter).
-    result = runner("qblock-small", "--device", "cpu", "--lengths", "64", "--heads", "2/1", "--dim", "16", "--dtype", "fp32",
+    # The triton score pass steps over a power of two of compressed tokens: l'/d = 3 is refused.
+    pattern = tmp_path / "thirds.yaml"
+    pattern.write_text("name: thirds\ncompression: {block: 16, stride: 16}\nselection: {block: 48, count: 2}\n"
+                       "window: {size: 16}\ngate: {kind: constant, values: [1.0, 1.0, 1.0]}\n")
+    result = runner(str(pattern), "--device", "cpu", "--lengths", "64", "--heads", "2/1", "--dim", "16", "--dtype", "fp32",
                     "--backends", "flex,triton", "--baselines", "sdpa", "--rep", "1", "--json", str(path))
     assert result.exit_code == 2, result.output
     assert "--backends" in result.output and "triton:" in result.output and "Traceback" not in result.output

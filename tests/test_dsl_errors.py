@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -466,6 +467,18 @@ def test_deep_nesting_is_refused(opener: str) -> None:
     error = refuse(text)
     assert error.expected.startswith("YAML nested at most ")
     assert error.line >= 2
+
+
+def test_deep_nesting_is_refused_whatever_the_recursion_limit() -> None:
+    """The nesting limit is the loader's own, not the interpreter's stack: with
+    room for any depth, 101 nested collections are still refused, at the 101st."""
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(50_000)
+    try:
+        error = refuse("name: x\nwindow: " + "[" * 101 + "]" * 101 + "\n")
+    finally:
+        sys.setrecursionlimit(limit)
+    assert error.expected.startswith("YAML nested at most ") and (error.line, error.column) == (2, 108)
 
 
 def test_huge_integer_where_a_float_goes() -> None:
