@@ -239,14 +239,33 @@ def test_query_block_variants(scoring, visibility, pooling, hybrid):
 
 def test_query_block_plan_records_the_choice():
     """The plan names the per-tile top-n, the lists expanded to the tile's
-    tokens, and whether the selection kernel's token tiles span query tiles
-    (Qwen2.5-VL's 28/4 heads: 9-token tiles across 64-query tiles)."""
+    tokens, and the selection kernel's token tiles, each inside one query tile
+    (Qwen2.5-VL's 28/4 heads: 8-token tiles, not the token path's 9)."""
     plan = make_plan(load_pattern("videonsa-qblock"), "triton", "cpu")
     selection = next(b for b in plan.branches if b.branch == "selection")
     notes = " ".join(selection.notes)
     assert "ranks each tile once" in selection.kernel and selection.constants["query_block"] == 64
     assert "expanded to the tile's tokens" in notes
-    assert "tiles of 9 tokens (G = 7) span up to 2 tiles of 64 queries" in notes
+    assert "tiles of 8 tokens (G = 7, 56 of 64 rows) lie inside one tile of 64 queries" in notes
+
+
+@pytest.mark.parametrize("block,m,group,tokens", [(128, 1, 7, 9), (128, 8, 7, 8), (128, 64, 7, 8), (128, 4, 7, 4),
+                                                  (128, 32, 4, 16), (128, 16, 1, 16), (128, 128, 2, 32),
+                                                  (24, 3, 7, 3), (24, 12, 7, 6), (24, 24, 4, 12)])
+def test_selection_tiles_lie_inside_one_query_tile(block, m, group, tokens):
+    """The selection kernel's token tile for tiles of m queries: the largest
+    divisor of m that fits its rows (m = 1: the token path's 64 // G), so no
+    kernel tile runs the union of two query tiles' lists."""
+    from nsaflex.kernels.ops import _Tiles, launch_choices, make_config
+
+    selection = (Selection(block=block, count=2, granularity="query_block", query_block=m) if m > 1
+                 else Selection(block=block, count=2))
+    stride = 32 if block == 128 else 3
+    cfg = make_config(Pattern(name="t", compression=Compression(block=stride, stride=stride), selection=selection,
+                              window=Window(size=8), gate=Gate(kind="linear")))
+    tiles = _Tiles(cfg, launch_choices(128, group), group)
+    assert tiles.bt_sel == tokens and tiles.bt_sel * group <= tiles.rows_sel
+    assert m == 1 or m % tiles.bt_sel == 0
 
 
 @pytest.mark.parametrize("m", [3, 12, 24])

@@ -142,24 +142,21 @@ class TritonBackend:
 
 
 def _tile_spans(pattern: Pattern, cfg: Any) -> str:
-    """Whether the selection kernel's token tiles lie inside one query tile of
-    ``cfg.unit`` queries (both aligned to the sparse sequence's start), for
-    the pattern's head counts where it names them."""
+    """The selection kernel's token tiles for query tiles of ``cfg.unit``
+    queries: the largest divisor of m that fits the kernel's rows, so that each
+    lies inside one query tile (both aligned to the sparse sequence's start),
+    for the pattern's head counts where it names them."""
     from nsaflex.kernels.ops import _Tiles, launch_choices
 
     m = cfg.unit
     model = pattern.model
     if model.query_heads is None or model.kv_heads is None:
-        return (f"slc_win_kernel tiles of about 64 / G tokens (G: query heads per kv head, set by the inputs): "
-                f"where one spans several tiles of {m} queries, it runs the union of their lists, each row masked to "
-                "its own tile's blocks")
+        return (f"slc_win_kernel tiles of the largest divisor of {m} up to 64 / G tokens (G: query heads per kv "
+                f"head, set by the inputs): each inside one tile of {m} queries, one block list each")
     group = model.query_heads // model.kv_heads
     tiles = _Tiles(cfg, launch_choices(model.head_dim or HEAD_DIMS[-2], group), group)
-    tokens = tiles.bt_sel
-    if m % tokens == 0:
-        return f"slc_win_kernel tiles of {tokens} tokens lie inside one tile of {m} queries: one block list each"
-    return (f"slc_win_kernel tiles of {tokens} tokens (G = {group}) span up to {-(-(tokens - 1) // m) + 1} tiles of "
-            f"{m} queries: such a tile runs the union of their lists, each row masked to its own tile's blocks")
+    return (f"slc_win_kernel tiles of {tiles.bt_sel} tokens (G = {group}, {tiles.bt_sel * group} of "
+            f"{tiles.rows_sel} rows) lie inside one tile of {m} queries: one block list each, no union")
 
 
 def _check_tensors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: Any = None) -> None:

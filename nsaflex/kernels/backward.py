@@ -58,7 +58,7 @@ def bwd_dq_kernel(
     SEQ,
     sq, sk, sc, sg, sdg, ss, slse, sdn,
     scales, n_tiles,
-    G: tl.constexpr, R: tl.constexpr, D: tl.constexpr,
+    G: tl.constexpr, R: tl.constexpr, BT: tl.constexpr, D: tl.constexpr,
     GI_CMP: tl.constexpr, GI_SLC: tl.constexpr, GI_WIN: tl.constexpr,
     CBLOCK: tl.constexpr, CSTRIDE: tl.constexpr, LEGACY: tl.constexpr,
     LS: tl.constexpr, W: tl.constexpr, HEAD_SCORING: tl.constexpr,
@@ -72,7 +72,6 @@ def bwd_dq_kernel(
     window). Stride tuples as ``slc_win_kernel``'s (batch, head, token), ``sc``
     of the compressed keys and values, ``sdg`` of DG; ``sdn``: DELTA's branch
     stride (DELTA [3, B, H, T], the lse layout). ``scales``: (scale_log2, scale)."""
-    BT: tl.constexpr = R // G
     BS: tl.constexpr = key_tile(LS)
     IEEE: tl.constexpr = Q.dtype.element_ty == tl.float32
     BN: tl.constexpr = 64  # compressed keys per step

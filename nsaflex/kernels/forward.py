@@ -1171,7 +1171,7 @@ def slc_win_kernel(
     Q, K, V, OC, GATES, SEL, UNION, OUT, OS, OW, LSES, LSEW, STARTS, LENS,
     sq, sk, sg, ss, slse,
     scale_log2, n_tiles,
-    G: tl.constexpr, R: tl.constexpr, D: tl.constexpr,
+    G: tl.constexpr, R: tl.constexpr, BT: tl.constexpr, D: tl.constexpr,
     GI_CMP: tl.constexpr, GI_SLC: tl.constexpr, GI_WIN: tl.constexpr,
     LS: tl.constexpr, W: tl.constexpr, HEAD_SCORING: tl.constexpr,
     WIN: tl.constexpr, SAVE: tl.constexpr, TMA: tl.constexpr,
@@ -1184,12 +1184,11 @@ def slc_win_kernel(
     UC of :func:`_tile_union`).
     ``GI_*``: each branch's gate column, -1 for a branch the pattern lacks
     (``GI_SLC >= 0``: the pattern selects).
-    Rows: :func:`_tile_rows` (``R // G`` tokens, ``G`` rows per token, ``R`` rows).
+    Rows: :func:`_tile_rows` (``BT <= R // G`` tokens, ``G`` rows per token, ``R`` rows).
     fp32 inputs multiply in IEEE fp32 (:func:`_dot`).
     ``TMA``: key and value blocks arrive through tensor descriptors (no
     per-element addresses in registers). Union blocks that end before the
     tile's first token are masked per row (see the loop)."""
-    BT: tl.constexpr = R // G
     BS: tl.constexpr = key_tile(LS)
     IEEE: tl.constexpr = Q.dtype.element_ty == tl.float32
     BKW: tl.constexpr = 64  # window keys per step

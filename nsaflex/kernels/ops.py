@@ -327,7 +327,8 @@ def _launch(kernel, grid, *args, num_stages: int, maxnreg: int | None = None, **
 class _Tiles:
     """Tile sizes of one launch. The selection kernel and ``bwd_dq`` run ``rows_sel``
     matrix rows (a power of two) holding ``bt_sel = rows_sel // G`` tokens, the
-    group's heads packed densely (:func:`forward._tile_rows`)."""
+    group's heads packed densely (:func:`forward._tile_rows`); for query blocks of
+    m queries, the largest divisor of m up to that, so no tile spans two."""
 
     def __init__(self, cfg: KernelConfig, launch: Launch, group: int):
         self.G = group
@@ -339,6 +340,10 @@ class _Tiles:
         base = prev_pow2(min(max(launch.select_tokens, -(-16 // self.GP)), most))
         self.rows_sel = base * self.GP
         self.bt_sel = self.rows_sel // group
+        if cfg.unit > 1:
+            # A tile inside one tile of m queries runs that tile's one block list: a tile
+            # spanning two (9 tokens over m = 8) runs the union of both lists.
+            self.bt_sel = max(t for t in range(1, self.bt_sel + 1) if cfg.unit % t == 0)
         self.bt_score = max(launch.score_tokens, -(-16 // self.GP))
         # Score-pass program: bt_score tokens, or one selection unit of more (query blocks).
         self.tp_score = fwd.unit_tile_tokens(self.bt_score, cfg.unit)
@@ -448,7 +453,7 @@ def _forward(q, k, v, kc, vc, gates, lay: SeqLayout, cfg: KernelConfig, launch: 
         lay.starts, lay.lens,
         lay.strides(q), lay.strides(k), lay.strides(gates, 4), lay.strides(sel), lay.strides(lse_like),
         scale_log2, n_t3,
-        G=G, R=tiles.rows_sel, D=D, **_gate_columns(cfg),
+        G=G, R=tiles.rows_sel, BT=tiles.bt_sel, D=D, **_gate_columns(cfg),
         LS=cfg.slc_block, W=tiles.width, HEAD_SCORING=cfg.head_scoring,
         WIN=cfg.window, SAVE=save, TMA=tma_ready(k, v),
         num_warps=launch.select_warps, num_stages=launch.select_stages, maxnreg=launch.select_cap,
@@ -694,7 +699,7 @@ def _backward(do, q, k, v, kc, vc, gates, lay: SeqLayout, cfg: KernelConfig, res
         lay.strides(q), lay.strides(k), lay.strides(kc_), lay.strides(gates, 4), lay.strides(dg), lay.strides(sel),
         lay.strides(any_lse), delta.stride(0),
         (scale_log2, scale), n_tq,
-        G=G, R=tiles.rows_sel, D=D, **_gate_columns(cfg),
+        G=G, R=tiles.rows_sel, BT=tiles.bt_sel, D=D, **_gate_columns(cfg),
         CBLOCK=cfg.cblock, CSTRIDE=cfg.cstride, LEGACY=cfg.legacy,
         LS=cfg.slc_block, W=tiles.width, HEAD_SCORING=cfg.head_scoring, WIN=cfg.window,
         TMA=tma_ready(k, v, kc_, vc_), num_warps=launch.select_warps, num_stages=launch.dq_stages,
