@@ -96,6 +96,7 @@ def command(
     """Validate PATTERN (a YAML file or a bundled pattern name), lower it to a
     plan, and print the plan and its budget."""
     from nsaflex.plan import make_plan
+    from nsaflex.runtime import decode_plan
 
     check_json_target(json_target)
     if emit_dir is not None and mode != "faithful":
@@ -114,7 +115,7 @@ def command(
     except PatternError as error:
         # The pattern holds, but not for this mode: say which file.
         raise error.located(str(source), None, None) from None
-    decode = _decode_plan(plan)
+    decode = decode_plan(plan)
     analysis = analyse(pattern, layer=layer)
     figures = [analysis.evaluate(n) for n in lengths]
 
@@ -217,16 +218,6 @@ def _constants(constants: dict[str, Any]) -> str:
         return str(value)
 
     return " ".join(f"{k}={show(v)}" for k, v in constants.items())
-
-
-def _decode_plan(plan: Any) -> Any:
-    """How the plan's backend serves decode steps (:attr:`nsaflex.Attention.decode_plan`)."""
-    from nsaflex.backends.base import BranchPlan, describe_decode
-
-    if plan.mode != "faithful":
-        return BranchPlan("decode", plan.backend, f"none: the decode entry serves faithful mode, not {plan.mode!r}", "-",
-                          notes=("the Qwen2.5-VL adapter decodes this mode on its exact per-row path",))
-    return describe_decode(plan.backend, plan.pattern, plan.device)
 
 
 def _plan_table(plan: Any, decode: Any = None) -> Table:

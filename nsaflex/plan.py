@@ -61,6 +61,13 @@ class PlanOptions:
     flex_mode: str = "auto"
     flex_dynamic: bool = False
 
+    def ranking_dtype(self) -> Any:
+        """``score_dtype`` as a torch dtype, None for ``auto`` (each ranking
+        then takes :func:`nsaflex.scoring.default_score_dtype`)."""
+        import torch
+
+        return None if self.score_dtype == "auto" else getattr(torch, self.score_dtype)
+
     def __post_init__(self) -> None:
         for name, allowed in OPTION_CHOICES.items():
             value = getattr(self, name)

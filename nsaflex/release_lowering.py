@@ -539,8 +539,7 @@ def build_kernel(pattern: Pattern, plan: Any, lowering: ReleaseLowering | None =
     if plan.backend == "reference":
         return reference_kernel(pattern)
     options = plan.options
-    score_dtype = None if options.score_dtype == "auto" else getattr(torch, options.score_dtype)
-    return ReleaseFlexKernel(pattern, lowering, mode=options.flex_mode, score_dtype=score_dtype,
+    return ReleaseFlexKernel(pattern, lowering, mode=options.flex_mode, score_dtype=options.ranking_dtype(),
                              dynamic=options.flex_dynamic)
 
 

@@ -159,10 +159,7 @@ class CompiledAttention(nn.Module):
     @property
     def decode_plan(self) -> BranchPlan:
         """How this backend serves :meth:`decode` (kernel, masks, notes)."""
-        if self.plan.mode == RELEASE:
-            return BranchPlan("decode", self.plan.backend, f"none: the decode entry serves faithful mode, not {RELEASE!r}",
-                              "-", notes=("the Qwen2.5-VL adapter decodes release mode on its exact per-row path",))
-        return describe_decode(self.plan.backend, self.pattern, self.plan.device)
+        return decode_plan(self.plan)
 
     def decode_state(
         self,
@@ -185,10 +182,8 @@ class CompiledAttention(nn.Module):
         ``query_block`` selection (the current tile's scores are summed from
         them)."""
         self._check_decode_mode()
-        chosen = self.plan.options.score_dtype
-        score_dtype = None if chosen == "auto" else getattr(torch, chosen)
         return start_state(self.pattern, k_cache, v_cache, lengths, token_types, key_valid, self.pooler, capacity,
-                           queries, score_dtype)
+                           queries, self.plan.options.ranking_dtype())
 
     def decode(
         self,
@@ -270,6 +265,16 @@ class CompiledAttention(nn.Module):
 
     def extra_repr(self) -> str:
         return f"pattern={self.pattern.name!r}, backend={self.plan.backend!r}, branches={self.pattern.branches}"
+
+
+def decode_plan(plan: Plan) -> BranchPlan:
+    """How ``plan``'s backend serves decode steps (:meth:`CompiledAttention.decode`):
+    the batched entry in faithful mode; none in ``videonsa_release`` mode, whose
+    decode is the Qwen2.5-VL adapter's exact per-row path."""
+    if plan.mode == RELEASE:
+        return BranchPlan("decode", plan.backend, f"none: the decode entry serves faithful mode, not {RELEASE!r}",
+                          "-", notes=("the Qwen2.5-VL adapter decodes release mode on its exact per-row path",))
+    return describe_decode(plan.backend, plan.pattern, plan.device)
 
 
 def _build(plan: Plan):

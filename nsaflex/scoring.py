@@ -382,6 +382,8 @@ def _select_kernel(q, compressed_k, compression: Compression, selection: Selecti
     selecting = query_heads if per_head else kv_heads
     num_blocks = -(-length // selection.block)
     num_units = -(-length // unit)
+    # Whole rows (no lengths) give every row num_compressed tokens: no read-back of the fewest.
+    fewest = min(num_compressed, max(0, (length - compression.block) // compression.stride + 1)) if lengths is None else None
     if lengths is None:
         lengths = torch.full((batch,), length, dtype=torch.long, device=device)
     lengths = torch.clamp(lengths.to(device=device, dtype=torch.long), max=length)
@@ -389,7 +391,7 @@ def _select_kernel(q, compressed_k, compression: Compression, selection: Selecti
                                  min=0, max=num_compressed)
     zeros = torch.zeros_like(lengths)
     lay = ops.SeqLayout(zeros, lengths, zeros, row_compressed, length, num_compressed, False,
-                        int(row_compressed.min()))
+                        int(row_compressed.min()) if fewest is None else fewest)
     qk, kk = _kernel_inputs(q.detach(), compressed_k.detach())
     launch = ops.launch_choices(qk.shape[-1], query_heads // kv_heads)
     tiles = ops._Tiles(cfg, launch, query_heads // kv_heads)

@@ -149,8 +149,7 @@ def build_decode(name: str, pattern: Pattern, plan: Any) -> DecodeKernel:
     if own is not None:
         return own(pattern, plan)
     options = getattr(plan, "options", None)
-    chosen = getattr(options, "score_dtype", "auto")
-    score_dtype = None if chosen == "auto" else getattr(torch, chosen)
+    score_dtype = options.ranking_dtype() if options is not None else None
 
     def kernel(q, k_cache, v_cache, lengths, state, gates, token_types, pooler, *, scale=None, has_text=True):
         return decode_step(pattern, q, k_cache, v_cache, lengths, state, gates, token_types, pooler,

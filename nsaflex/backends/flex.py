@@ -698,8 +698,7 @@ class FlexBackend:
         options = getattr(plan, "options", None)
         if options is None:
             return FlexKernel(pattern)
-        score_dtype = None if options.score_dtype == "auto" else getattr(torch, options.score_dtype)
-        return FlexKernel(pattern, mode=options.flex_mode, score_dtype=score_dtype,
+        return FlexKernel(pattern, mode=options.flex_mode, score_dtype=options.ranking_dtype(),
                           scoring_kernel=options.scoring_kernel, dynamic=options.flex_dynamic)
 
 
