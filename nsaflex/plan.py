@@ -222,7 +222,8 @@ def auto_choice_reason(pattern: Pattern, name: str, device: str) -> str:
     selection = pattern.selection
     if name == "triton" and selection is not None and selection.granularity == "query_block" and not pattern.dense:
         reason += (f"; query_block (m = {selection.query_block}) served by the Triton kernels: one top-n per "
-                   "tile of m queries, its list given to the tile's queries")
+                   "tile of m queries, its list given to the tile's queries; faster than flex at every length measured "
+                   "(H100, videonsa-qblock and videonsa-q8, 4K to 128K, forward and forward+backward: benchmarks/RESULTS.md)")
     return reason
 
 
