@@ -225,7 +225,8 @@ def traced_step(attn, batch: int, new: int, capacity: int = 40) -> HostReads:
     v = torch.randn(batch, 2, capacity, DIM, generator=generator)
     types = (torch.rand(batch, capacity, generator=generator) < 0.7).long()
     lengths = torch.full((batch,), 20)
-    state = attn.decode_state(k, v, lengths, types)
+    queries = torch.randn(batch, 4, capacity, DIM, generator=generator)  # read by release mode only
+    state = attn.decode_state(k, v, lengths, types, queries=queries)
     lengths = lengths + new
     q = torch.randn(batch, 4, new, DIM, generator=generator)
     gates = torch.rand(batch, 4, new, 3, generator=generator)
@@ -248,6 +249,19 @@ def test_batched_decode_reads_nothing_back_and_does_not_loop(backend, monkeypatc
     exact = nsaflex.compile(SYNC_PATTERN, "reference", head_dim=DIM)
     small, large = traced_step(exact, 1, 1), traced_step(exact, 3, 3)
     assert small.reads and large.calls > small.calls
+
+
+def test_batched_release_decode_reads_nothing_back_and_does_not_loop():
+    """videonsa_release steps too: no read-back, a call count independent of the
+    batch and the new tokens."""
+    from nsaflex.reference_release import release_pattern
+
+    pattern = release_pattern(dataclasses.replace(SYNC_PATTERN, compression=Compression(block=4, stride=4),
+                                                  selection=Selection(block=4, count=3)))
+    attn = nsaflex.compile(pattern, "flex", device="cpu", head_dim=DIM, mode="videonsa_release")
+    small, large = traced_step(attn, 1, 1), traced_step(attn, 3, 3)
+    assert small.reads == [] and large.reads == []
+    assert small.calls == large.calls
 
 
 # --- refusals and the plan ---------------------------------------------------------------------------
@@ -447,13 +461,19 @@ def test_decode_plan_notes_the_tile_sums_of_query_block():
     assert plan.kernel.startswith("batched torch") and "cached queries" in plan.notes[-1]
 
 
-def test_release_mode_has_no_decode_entry():
-    """videonsa_release decodes on the adapter's exact path: the entry refuses it, naming the mode."""
+def test_release_mode_decode_plan_names_the_release_decode():
+    """videonsa_release decodes on the batched entry: the plan says so, and a
+    faithful state is refused by a release attention, naming the state."""
     from nsaflex.reference_release import release_pattern
 
     pattern = release_pattern(nsaflex.load_pattern("videonsa"))
     attn = nsaflex.compile(pattern, "flex", device="cpu", mode="videonsa_release", flex_mode="eager")
-    assert "faithful mode" in attn.decode_plan.kernel
+    assert attn.decode_plan.kernel.startswith("batched torch release decode")
+    faithful = nsaflex.compile(nsaflex.load_pattern("videonsa"), "flex", device="cpu", flex_mode="eager")
     k = torch.zeros(1, 4, 8, 128)
-    with pytest.raises(BackendUnavailable, match="videonsa_release"):
-        attn.decode_state(k, k, torch.tensor([8]))
+    types = torch.ones(1, 8, dtype=torch.long)
+    state = faithful.decode_state(k, k, torch.tensor([8]), types)
+    q = torch.zeros(1, 28, 1, 128)
+    with pytest.raises(InputError, match="state"):
+        attn.decode(q, torch.zeros(1, 4, 9, 128), torch.zeros(1, 4, 9, 128), torch.tensor([9]), state,
+                    torch.rand(1, 28, 1, 3), types[:, :1])
