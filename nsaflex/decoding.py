@@ -730,8 +730,9 @@ def _release_step(pattern: Pattern, q: torch.Tensor, k_cache: torch.Tensor, v_ca
     o_win = _gathered_attention(grouped, k_cache, v_cache, recent_slots, recent_ok, kv_of_kv, scale, recent_weight)
     o_cmp = own_v[:, :, None]  # Q1: the last row sees only its own block
 
-    if gates is None:
-        gates = torch.tensor(pattern.gate.values, dtype=q.dtype, device=device).expand(batch, heads, new, 3)
+    if gates is None:  # constants as fills, not a host-to-device copy inside a captured graph
+        gates = torch.stack([torch.full((batch, heads, new), value, dtype=q.dtype, device=device)
+                             for value in pattern.gate.values], dim=-1)
     gates = torch.where(vision[:, None, :, None], gates.to(q.dtype), torch.full((), TEXT_GATE, dtype=q.dtype, device=device))
     slot_gates = torch.cat([gates, gates, gates.new_zeros(batch, slots_total - 2 * heads, new, 3)], dim=1)
     slot_gates = slot_gates.view(batch, kv_heads, group, new, 3)

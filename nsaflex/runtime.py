@@ -180,7 +180,8 @@ class CompiledAttention(nn.Module):
         to allocate for (default ``S``; a static cache passes its size).
         ``queries [B, Hq, S, D]``: the cached tokens' queries, required for
         ``query_block`` selection (the current tile's scores are summed from
-        them)."""
+        them) and in ``videonsa_release`` mode (the last ``P`` of each row are
+        kept: quirk Q6 reads their compression log-sum-exp)."""
         return start_state(self.pattern, k_cache, v_cache, lengths, token_types, key_valid, self.pooler, capacity,
                            queries, self.plan.options.ranking_dtype(), release=self.plan.mode == RELEASE)
 
@@ -207,7 +208,8 @@ class CompiledAttention(nn.Module):
         (:mod:`nsaflex.decoding`); ``state`` (:meth:`decode_state`) is
         extended with the new tokens. Batched over rows, heads and new tokens
         without host synchronisation except on the reference backend
-        (:attr:`decode_plan` says which path runs). ``has_text=False``
+        (:attr:`decode_plan` says which path runs); in ``videonsa_release`` mode
+        on every backend, the batched release decode. ``has_text=False``
         promises that every new token is a vision token (hybrid patterns): the
         dense path of text queries is skipped (a vision token then costs only
         the sparse branches, not a pass over the whole cache)."""

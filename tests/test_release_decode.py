@@ -22,10 +22,10 @@ DIM = 8
 HEADS = ((4, 2), (8, 1), (16, 2))
 
 
-def release(block: int, count: int, window: int) -> Pattern:
+def release(block: int, count: int, window: int, gate: Gate = Gate(kind="mlp")) -> Pattern:
     return release_pattern(Pattern(
         name="release", compression=Compression(block=block, stride=block), selection=Selection(block=block, count=count),
-        window=Window(size=window), gate=Gate(kind="mlp"), hybrid=Hybrid(vision_keys="vision"),
+        window=Window(size=window), gate=gate, hybrid=Hybrid(vision_keys="vision"),
     ))
 
 
@@ -36,8 +36,9 @@ def expected_last_rows(pattern, q, k, v, gates, types, valid, slots):
     for b in range(batch):
         for i in range(count):
             real = torch.nonzero(valid[b, : int(slots[b, i]) + 1]).flatten()
+            row_gates = None if gates is None else gates[b : b + 1, :, real]
             row = release_attention(q[b : b + 1, :, real], k[b : b + 1, :, real], v[b : b + 1, :, real], pattern,
-                                    gates[b : b + 1, :, real], types[b : b + 1, real])
+                                    row_gates, types[b : b + 1, real])
             out[b, :, i] = row[0, :, -1]
     return out
 
@@ -47,7 +48,9 @@ def expected_last_rows(pattern, q, k, v, gates, types, valid, slots):
 def test_batched_release_decode_is_the_reference_last_row(data):
     heads, kv_heads = data.draw(st.sampled_from(HEADS), label="heads")
     block = data.draw(st.sampled_from((2, 4, 8)), label="block")
-    pattern = release(block, data.draw(st.integers(1, 5), label="count"), data.draw(st.integers(1, 9), label="window"))
+    constant = data.draw(st.booleans(), label="constant gates")
+    gate = Gate(kind="constant", values=(0.2, 0.5, 0.3)) if constant else Gate(kind="mlp")
+    pattern = release(block, data.draw(st.integers(1, 5), label="count"), data.draw(st.integers(1, 9), label="window"), gate)
     slots_needed = padded_slots(heads, kv_heads)
     batch = data.draw(st.integers(1, 3), label="batch")
     # Rows past P tokens read one slot's lse at P rows; shorter rows read several slots.
@@ -61,7 +64,7 @@ def test_batched_release_decode_is_the_reference_last_row(data):
     q = torch.randn(batch, heads, total, DIM, generator=generator)
     k = torch.randn(batch, kv_heads, total, DIM, generator=generator)
     v = torch.randn(batch, kv_heads, total, DIM, generator=generator)
-    gates = torch.rand(batch, heads, total, 3, generator=generator)
+    gates = None if constant else torch.rand(batch, heads, total, 3, generator=generator)
     types = (torch.rand(batch, total, generator=generator) < 0.7).long()
     valid = torch.ones(batch, total, dtype=torch.bool)
     for b in range(batch):  # left padding inside the prompt, as a batched prompt has
@@ -75,9 +78,11 @@ def test_batched_release_decode_is_the_reference_last_row(data):
         length += count
         slots = length - count + torch.arange(count).expand(batch, -1)
         lengths = torch.full((batch,), length)
+        step_gates = None if gates is None else gates[:, :, length - count : length]
         out = attn.decode(q[:, :, length - count : length], k[:, :, :length], v[:, :, :length], lengths, state,
-                          gates[:, :, length - count : length], types[:, length - count : length])
-        expected = expected_last_rows(pattern, q.double(), k.double(), v.double(), gates.double(), types, valid, slots)
+                          step_gates, types[:, length - count : length])
+        expected = expected_last_rows(pattern, q.double(), k.double(), v.double(), None if gates is None else gates.double(),
+                                      types, valid, slots)
         scale = float(expected.abs().max())
         torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5 * scale)
 
