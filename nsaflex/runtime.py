@@ -18,7 +18,7 @@ from torch import nn
 
 from nsaflex.backends.base import BranchPlan, build_decode, describe_decode, get_backend
 from nsaflex.decoding import DecodeState, decode_step, start_state
-from nsaflex.errors import BackendUnavailable, InputError, PatternError
+from nsaflex.errors import InputError, PatternError
 from nsaflex.inputs import check_inputs, resolve_gates
 from nsaflex.inspect import AttentionInfo, block_lists, sorted_block_lists
 from nsaflex.loader import load_pattern

@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import nsaflex
-from nsaflex.errors import BackendUnavailable, InputError
+from nsaflex.errors import InputError
 from nsaflex.reference import reference_attention
 from nsaflex.spec import Compression, Gate, Hybrid, Pattern, Selection, Window
 from tests.strategies import patterns as random_patterns
