@@ -665,7 +665,7 @@ def _release_step(pattern: Pattern, q: torch.Tensor, k_cache: torch.Tensor, v_ca
     # The queries of positions before - P .. before + T - 1 (column = position - before + P).
     window_q = torch.cat([state.recent_q, q.to(state.recent_q.dtype)], dim=2)  # [B, Hq, P + T, D]
     before = state.sparse_count - new
-    state.recent_q = window_q[:, :, new:]
+    state.recent_q.copy_(window_q[:, :, new:])  # in place: a captured graph's replays move it on too
 
     # Q1/Q2: the own block's mean over its zeroed tokens so far (partial or complete).
     own = current[:, :, None] * block + torch.arange(block, device=device)  # [B, T, l]

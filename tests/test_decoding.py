@@ -357,11 +357,20 @@ def test_decode_plan_names_each_backends_path():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-def test_decode_step_replays_in_a_cuda_graph():
+@pytest.mark.parametrize("mode", ["faithful", "videonsa_release"])
+def test_decode_step_replays_in_a_cuda_graph(mode):
     """A static cache, the step captured once and replayed for the following
-    tokens: the same outputs as eager steps (bf16, relative 1e-2)."""
+    tokens: the same outputs as eager steps (bf16, relative 1e-2). Release mode
+    moves its kept queries on in place, so replays see each step's."""
+    from nsaflex.reference_release import release_pattern
+
     pattern = dataclasses.replace(SYNC_PATTERN, model=dataclasses.replace(SYNC_PATTERN.model, head_dim=64))
-    attn = nsaflex.compile(pattern, "triton", device="cuda", head_dim=64)
+    if mode == "faithful":
+        attn = nsaflex.compile(pattern, "triton", device="cuda", head_dim=64)
+    else:
+        pattern = release_pattern(dataclasses.replace(pattern, compression=Compression(block=4, stride=4),
+                                                      selection=Selection(block=4, count=3)))
+        attn = nsaflex.compile(pattern, "flex", device="cuda", head_dim=64, mode=mode)
     generator = torch.Generator(device="cuda").manual_seed(0)
     capacity, start, steps = 256, 100, 6
     k = torch.randn(2, 2, capacity, 64, device="cuda", dtype=torch.bfloat16, generator=generator)
@@ -369,18 +378,19 @@ def test_decode_step_replays_in_a_cuda_graph():
     q_all = torch.randn(2, 4, capacity, 64, device="cuda", dtype=torch.bfloat16, generator=generator)
     gates_all = torch.rand(2, 4, capacity, 3, device="cuda", generator=generator)
     types = torch.ones(2, capacity, dtype=torch.long, device="cuda")
-    eager_state = attn.decode_state(k, v, torch.full((2,), start, device="cuda"), types)
+    eager_state = attn.decode_state(k, v, torch.full((2,), start, device="cuda"), types, queries=q_all)
     eager = []
     for i in range(steps):
         lengths = torch.full((2,), start + i + 1, device="cuda")
         eager.append(attn.decode(q_all[:, :, start + i : start + i + 1], k, v, lengths, eager_state,
                                  gates_all[:, :, start + i : start + i + 1], types[:, :1], has_text=False))
-    state = attn.decode_state(k, v, torch.full((2,), start, device="cuda"), types)
+    state = attn.decode_state(k, v, torch.full((2,), start, device="cuda"), types, queries=q_all)
     q, gates, lengths = q_all[:, :, start : start + 1].clone(), gates_all[:, :, start : start + 1].clone(), torch.full((2,), start + 1, device="cuda")
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):  # warm up on a side stream, as capture requires
-        attn.decode(q, k, v, lengths, attn.decode_state(k, v, lengths - 1, types), gates, types[:, :1], has_text=False)
+        attn.decode(q, k, v, lengths, attn.decode_state(k, v, lengths - 1, types, queries=q_all), gates, types[:, :1],
+                    has_text=False)
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
