@@ -35,6 +35,17 @@ mode: ``videonsa_release`` runs the released VideoNSA numerics
 the backend ``auto`` picks there (FlexAttention on CUDA, the release lowering of
 :mod:`nsaflex.release_lowering`); rows and the Markdown table name the mode.
 
+``--impls ... release-stack`` adds the released VideoNSA code's own kernel
+stack as a baseline, in the same table (mode ``videonsa_release``): the adapter
+in release mode with each sparse layer's attention replaced by
+:class:`ReleaseStackAttention`, which runs the layer the way the release does
+(FlexAttention compression with a BlockMask built on every call, fla-core's
+``parallel_nsa_topk`` on the misread log-sum-exp, fla's selection kernel on the
+padded query slots, a sliding window and the dense pass added; details and
+where it departs from the release in the class docstring). It needs fla-core
+(``pip install fla-core einops``); without it, or on a CPU without
+``TRITON_INTERPRET=1``, its rows say why and the rest runs.
+
 ``--tiny`` runs a small configuration on the CPU (reference backend) to check
 the script itself.
 """
@@ -200,6 +211,168 @@ def pattern_for(pattern, mode: str):
     return release_pattern(pattern) if mode == "videonsa_release" else pattern
 
 
+RELEASE_STACK = "release-stack"
+RELEASE_STACK_NOTE = ("released VideoNSA stack: FlexAttention compression (BlockMask built every call), "
+                      "fla-core parallel_nsa_topk + parallel_nsa_fwd on the padded slots; window on FlexAttention "
+                      "(the release's flash-attn is not installed), dense pass on SDPA")
+
+
+def release_stack_unavailable(device: str) -> str | None:
+    """Why :class:`ReleaseStackAttention` cannot run on ``device`` (None when it can).
+    The interpreter is checked first: Triton reads ``TRITON_INTERPRET`` when fla's
+    kernels are defined, at its import."""
+    if device != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        return "fla's Triton kernels need CUDA, or TRITON_INTERPRET=1 on the CPU"
+    try:
+        import fla.ops.nsa.parallel  # noqa: F401
+        import fla.ops.utils.pooling  # noqa: F401
+    except Exception as error:  # an ImportError, or fla's own import-time checks
+        return f"fla-core is not installed ({type(error).__name__}: {error}); pip install fla-core einops"
+    return None
+
+
+def pin_fla_autotune() -> None:
+    """Under ``TRITON_INTERPRET=1`` give fla's autotuned kernels one config each:
+    the interpreter has no benchmarker to choose between several."""
+    import fla.ops.nsa.parallel as parallel
+    import fla.ops.utils.pooling as pooling
+    from triton.runtime.autotuner import Autotuner
+
+    for module in (parallel, pooling):
+        for value in vars(module).values():
+            while not isinstance(value, Autotuner) and hasattr(value, "fn"):
+                value = value.fn  # heuristics wrap the autotuner
+            if isinstance(value, Autotuner):
+                value.configs = value.configs[:1]
+
+
+class ReleaseStackAttention:
+    """One layer's attention run by the released VideoNSA code's kernel stack,
+    as a drop-in for the adapter's compiled release attention
+    (``attn(q, k, v, gates, token_types) -> out``, ``[B, Hq, L, D]`` in and out;
+    ``k, v [B, Hkv, L, D]``; ``gates [B, Hq, L, 3]`` sigmoid values; ``token_types
+    [B, L]``, 0 text). What the release does, step by step:
+
+    * text keys, values and (for the sparse branches) queries zeroed (Q2, Q3);
+      the sparse branches run on ``P`` padded slots ``[q, q, 0...]`` in fla's
+      ``[B, L, P, D]`` layout, slot ``s`` on kv head ``s // (P / Hkv)`` (Q4);
+    * fla's ``mean_pooling`` of the zeroed keys and values (last block partial);
+    * compression: ``flex_attention`` with ``return_lse`` over a BlockMask that
+      ``create_block_mask`` builds on every call from ``q_idx <= (kv_idx + 1) * l
+      - 1`` (Q1) for ``B`` rows and ``P`` heads, as the release;
+    * top-n: fla's ``parallel_nsa_topk`` reading the ``[B, P, L]`` log-sum-exp as
+      ``[B, L, P]`` (Q6), ``S`` rounded to a power of two by the kernel (Q7);
+    * selection: fla's ``parallel_nsa_fwd`` on those indices;
+    * window: causal band of ``w`` on FlexAttention (the release calls flash-attn's
+      ``window_size=(w - 1, 0)``, not installed where this runs; the window
+      BlockMask is built once per length and cached, since flash-attn needs none);
+    * gates ``[g, g, 0...]`` with text rows' gates 0.5; head ``h`` the mean of
+      slots ``h`` and ``Hq + h``; plus the dense pass (SDPA, causal, vision
+      queries zeroed, every key) on every row (Q3).
+
+    Where fla-core 0.6.0 departs from the release's fla: its ``parallel_nsa_topk``
+    forces the first block and the block before the current one besides the
+    current block (the release's forced only the current one, Q5), and takes the
+    key length ``TK``. The cost is the release's; the selected blocks differ
+    from :mod:`nsaflex.reference_release` for queries past the third block
+    whose top-``S`` would not have included those blocks.
+    """
+
+    def __init__(self, pattern, compiled) -> None:
+        self.pattern = pattern
+        self.compiled = compiled  # the adapter's own release attention: backend, pooler, plan for describe()
+        self._window_masks: dict = {}
+        self._flex = None
+        self.last_indices: torch.Tensor | None = None
+
+    def __getattr__(self, name: str):
+        if name == "compiled":
+            raise AttributeError(name)
+        return getattr(self.compiled, name)
+
+    def flex(self, device: torch.device):
+        """``flex_attention``, compiled on CUDA (the eager path materialises every score)."""
+        from torch.nn.attention.flex_attention import flex_attention
+
+        if device.type != "cuda":
+            return flex_attention
+        if self._flex is None:
+            self._flex = torch.compile(flex_attention, dynamic=False)
+        return self._flex
+
+    def window_mask(self, length: int, device: torch.device):
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        size = self.pattern.window.size
+        key = (length, str(device))
+        if key not in self._window_masks:
+            def band(b, h, q_idx, kv_idx):
+                return (kv_idx <= q_idx) & (q_idx - kv_idx < size)
+
+            # Compiled mask creation on CUDA: the eager one materialises all L x L entries (16 GiB at 128K).
+            self._window_masks[key] = create_block_mask(band, None, None, length, length, device=device,
+                                                        _compile=device.type == "cuda")
+        return self._window_masks[key]
+
+    def __call__(self, q, k, v, gates=None, token_types=None, *, lengths=None, **unused):
+        from fla.ops.nsa.parallel import parallel_nsa_fwd, parallel_nsa_topk
+        from fla.ops.utils.pooling import mean_pooling
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        from nsaflex.errors import InputError
+        from nsaflex.reference_release import TEXT_GATE, padded_slots
+
+        if lengths is not None:
+            raise InputError("lengths", "None (the released stack runs whole rows, no padding)", "a tensor")
+        pattern = self.pattern
+        batch, heads, length, dim = q.shape
+        kv_heads = k.shape[1]
+        block = pattern.compression.block
+        slots = padded_slots(heads, kv_heads)
+        scale = dim ** -0.5
+        flex = self.flex(q.device)
+        vision = token_types.to(q.device) != 0
+        vis = vision[:, None, :, None].to(q.dtype)
+        keys, values, queries = k * vis, v * vis, q * vis  # Q2, Q3
+        slot_q = torch.cat([queries, queries, queries.new_zeros(batch, slots - 2 * heads, length, dim)], dim=1)  # Q4
+        q_fla = slot_q.transpose(1, 2).contiguous()  # fla's [B, L, P, D]
+        k_fla, v_fla = keys.transpose(1, 2).contiguous(), values.transpose(1, 2).contiguous()
+        k_cmp, v_cmp = mean_pooling(k_fla, block), mean_pooling(v_fla, block)  # [B, N, Hkv, D]
+
+        def own_and_later(b, h, q_idx, kv_idx):  # Q1
+            return q_idx <= (kv_idx + 1) * block - 1
+
+        mask = create_block_mask(own_and_later, batch, slots, length, k_cmp.shape[1], device=q.device)
+        o_cmp, lse = flex(slot_q, k_cmp.transpose(1, 2), v_cmp.transpose(1, 2), block_mask=mask, scale=scale,
+                          enable_gqa=True, return_lse=True)
+        misread = lse.contiguous().view(batch, length, slots)  # Q6: [B, P, L] read as [B, L, P]
+        indices = parallel_nsa_topk(q_fla, k_cmp, length, misread, pattern.selection.count, block, scale)
+        self.last_indices = indices  # [B, L, Hkv, S], for the tests
+        o_slc, _ = parallel_nsa_fwd(q_fla, k_fla, v_fla, indices, indices.shape[-1], block, scale)
+        o_win = flex(slot_q, keys, values, block_mask=self.window_mask(length, q.device), scale=scale, enable_gqa=True)
+
+        if gates is None:
+            gates = torch.tensor(pattern.gate.values, dtype=q.dtype, device=q.device).expand(batch, heads, length, 3)
+        gates = torch.where(vision[:, None, :, None], gates.to(q.dtype), torch.full((), TEXT_GATE, dtype=q.dtype, device=q.device))
+        slot_gates = torch.cat([gates, gates, gates.new_zeros(batch, slots - 2 * heads, length, 3)], dim=1)
+        mixed = (slot_gates[..., 0:1] * o_cmp.to(q.dtype) + slot_gates[..., 1:2] * o_slc.transpose(1, 2).to(q.dtype)
+                 + slot_gates[..., 2:3] * o_win.to(q.dtype))
+        sparse = (mixed[:, :heads] + mixed[:, heads : 2 * heads]) * 0.5
+        dense = torch.nn.functional.scaled_dot_product_attention(q * (1 - vis), k, v, is_causal=True, scale=scale,
+                                                                 enable_gqa=True)
+        return sparse + dense
+
+
+def apply_release_stack(model, pattern):
+    """The adapter in ``videonsa_release`` mode with each sparse layer's attention
+    run by :class:`ReleaseStackAttention` (the gates stay the adapter's)."""
+    adapter = adapter_module.apply(model, release_pattern(pattern), mode="videonsa_release")
+    for layer in adapter.layers:
+        if layer.compiled is not None and not layer.dense:
+            layer.compiled = ReleaseStackAttention(layer.pattern, layer.compiled)
+    return adapter
+
+
 def correctness_check(report: dict, pattern, backends, device: str, mode: str = "faithful") -> None:
     """Before timing: a tiny model (hidden 128, 4/2 heads) on the same device and
     dtype, a padded batch of two rows with vision spans; logits and 4 greedy
@@ -286,14 +459,30 @@ def write_markdown(report: dict, path: str) -> None:
     dense_rows = {r["length"]: r for r in report["results"] if r["impl"] == "sdpa"}
     for sparse in report["results"]:
         dense = dense_rows.get(sparse["length"])
-        if sparse["impl"] != "nsaflex" or dense is None:
+        if sparse["impl"] not in ("nsaflex", RELEASE_STACK) or dense is None:
             continue
+        name = sparse["backend"] if sparse["impl"] == "nsaflex" else RELEASE_STACK
         for mode in ("fwd", "fwdbwd"):
             if dense.get(mode) and sparse.get(mode):
-                speedups.append(f"L={sparse['length']} {sparse['backend']} {sparse.get('mode', 'faithful')} {mode}: "
+                speedups.append(f"L={sparse['length']} {name} {sparse.get('mode', 'faithful')} {mode}: "
                                 f"{dense[mode]['ms'] / sparse[mode]['ms']:.2f}x")
     if speedups:
-        lines += ["", "SDPA time / nsaflex time: " + "; ".join(speedups) + "."]
+        lines += ["", "SDPA time / sparse time: " + "; ".join(speedups) + "."]
+    stack = {r["length"]: r for r in report["results"] if r["impl"] == RELEASE_STACK}
+    against = []
+    for ours in report["results"]:
+        theirs = stack.get(ours["length"])
+        if ours["impl"] != "nsaflex" or ours.get("mode") != "videonsa_release" or theirs is None:
+            continue
+        for mode in ("fwd", "fwdbwd"):
+            if theirs.get(mode) and ours.get(mode):
+                against.append(f"L={ours['length']} {ours['backend']} {mode}: {theirs[mode]['ms'] / ours[mode]['ms']:.2f}x")
+    if against:
+        lines += ["", f"{RELEASE_STACK} time / nsaflex videonsa_release time (the same numerics on the released kernels "
+                  "and on nsaflex): " + "; ".join(against) + "."]
+    if stack:
+        lines += ["", f"{RELEASE_STACK}: {RELEASE_STACK_NOTE}; fla-core 0.6.0's top-n also forces the first block and "
+                  "the block before the current one (the release's forced only the current block)."]
     if report.get("check"):
         lines += [
             "",
@@ -319,7 +508,8 @@ def main() -> None:
     parser.add_argument("--pattern", default="videonsa")
     parser.add_argument("--backends", nargs="+", default=["auto", "flex"],
                         help="nsaflex backends to measure, in order (one already measured is skipped)")
-    parser.add_argument("--impls", nargs="+", default=["sdpa", "nsaflex"])
+    parser.add_argument("--impls", nargs="+", default=["sdpa", "nsaflex"], choices=("sdpa", "nsaflex", RELEASE_STACK),
+                        help=f"{RELEASE_STACK}: the released VideoNSA kernel stack (fla-core), mode videonsa_release")
     parser.add_argument("--modes", nargs="+", default=["fwd", "fwdbwd"])
     parser.add_argument("--attention-modes", nargs="+", default=["faithful"], choices=adapter_module.MODES,
                         help="adapter modes to measure for each backend (videonsa_release: the released numerics)")
@@ -374,11 +564,34 @@ def main() -> None:
     runs = [("sdpa", None, None)] if "sdpa" in args.impls else []
     if "nsaflex" in args.impls:
         runs += [("nsaflex", backend, mode) for mode in args.attention_modes for backend in args.backends]
+    if RELEASE_STACK in args.impls:
+        runs.append((RELEASE_STACK, None, "videonsa_release"))
     measured_backends = set()
     for impl, asked, attention_mode in runs:
         adapter = None
         backend = "sdpa"
-        if impl == "nsaflex":
+        if impl == RELEASE_STACK:
+            reason = release_stack_unavailable(device)
+            if time.perf_counter() - started > args.deadline:
+                reason = "the deadline passed before it started"
+            if reason is not None:
+                report["results"] += [{"length": length, "impl": impl, "backend": "fla", "mode": attention_mode,
+                                       "error": f"skipped: {reason}"} for length in args.lengths]
+                print(f"{impl} skipped: {reason}", flush=True)
+                save()
+                continue
+            try:
+                if device != "cuda":
+                    pin_fla_autotune()
+                adapter = apply_release_stack(model, pattern)
+            except Exception as error:  # record and go on, as for the nsaflex runs
+                report["results"].append({"length": 0, "impl": impl, "backend": "fla", "mode": attention_mode,
+                                          "error": f"apply: {type(error).__name__}: {error}"})
+                traceback.print_exc()
+                save()
+                continue
+            backend = "fla"
+        elif impl == "nsaflex":
             if time.perf_counter() - started > args.deadline:
                 break
             try:
@@ -396,11 +609,17 @@ def main() -> None:
             measured_backends.add((backend, attention_mode))
         for length in args.lengths:
             row = {"length": length, "impl": impl, "backend": backend, "mode": attention_mode or "-"}
+            if impl == RELEASE_STACK:
+                row["note"] = RELEASE_STACK_NOTE
             report["results"].append(row)
             inputs = make_inputs(length, args.text, device)
             for mode in args.modes:
                 if time.perf_counter() - started > args.deadline:
                     row["error"] = (row.get("error", "") + f" {mode}: skipped (deadline)").strip()
+                    continue
+                if impl == RELEASE_STACK and mode == "fwdbwd":
+                    row["error"] = (row.get("error", "") + " fwdbwd: skipped (fla's parallel_nsa_topk / parallel_nsa_fwd "
+                                    "are called forward-only, as the release's inference path)").strip()
                     continue
                 try:
                     row[mode] = measure(model, inputs, device, mode == "fwdbwd", args.warmup, args.reps)

@@ -64,8 +64,33 @@ exist already), so the state keeps their running sum over the current tile
 (a ``[T, T]`` same-tile mask) and ranks each query's tile sum for the tile's
 first position.
 
-Not served here: the ``videonsa_release`` numerics
-(:mod:`nsaflex.adapters.decode` keeps the exact per-row path for them).
+``videonsa_release`` (``release=True``; :mod:`nsaflex.reference_release`):
+a query at sparse position ``t`` (its row holds ``T = t + 1`` tokens) gets the
+reference's last row, each quirk as its decode equivalent:
+
+* Q1/Q2: the state keeps the means of the *zeroed* keys and values of the
+  complete blocks; the query's own block ``c = t // l`` is the mean of its
+  ``t - c l + 1`` zeroed tokens so far (the partial last block), gathered per
+  step. The last row sees only its own block, so ``o_cmp`` is that mean.
+* Q3: text queries are zeroed for the sparse branches with gates 0.5; the
+  dense pass (causal over every real key, vision queries zeroed) is added to
+  every row.
+* Q4: the sparse branches run on ``P`` slots ``[q, q, 0...]``, slot ``s`` on
+  kv head ``s // (P / Hkv)``; head ``h`` is the mean of slots ``h``, ``Hq + h``.
+* Q6: the selection of the last row reads ``lse.flatten()[t P + s]`` of the
+  prefill's ``[P, T]`` buffer: slot ``(t P + s) // T`` at row ``(t P + s) %
+  T``. For ``T >= P`` that is the last slot ``P - 1`` at rows ``T - P .. T -
+  1``; shorter rows read the last ``ceil(P / T) + 1`` slots. Each of those
+  values is the compression log-sum-exp of that slot's (zeroed) query at that
+  row over the blocks it sees *in the current row of T tokens* (own and later
+  blocks, Q1, the last one partial), so it changes as the row grows and
+  cannot be carried over from the prefill: the state keeps the queries of the
+  last ``P`` positions (:attr:`DecodeState.recent_q`) and a step recomputes the
+  ``P`` values, ``O(P * Hkv * N * D)``.
+* Q5: earlier blocks score ``sum_g exp(q_g . Kc_j * scale - lse_read[g])``
+  over the kv head's slots, the current block ``P / Hkv``; Q7: the top
+  ``next_power_of_2(count)``, ties to the lower index; attention over the chosen
+  blocks' zeroed tokens ``<= t``; the window over the last ``w`` zeroed tokens.
 """
 
 from __future__ import annotations
@@ -78,7 +103,8 @@ from torch.nn import functional as F
 from nsaflex.errors import InputError
 from nsaflex.inputs import FLOAT_DTYPES
 from nsaflex.pooling import MLPPooling, compress, softmax_scale
-from nsaflex.scoring import choose_blocks, default_score_dtype, eq9_block_scores
+from nsaflex.reference_release import TEXT_GATE, padded_slots, selected_count
+from nsaflex.scoring import _top_candidates, choose_blocks, default_score_dtype, eq9_block_scores
 from nsaflex.spec import Compression, Pattern
 
 
@@ -117,6 +143,10 @@ class DecodeState:
             probabilities summed over the queries of the row's current tile so
             far, in the score dtype; None otherwise.
         tile_start: ``[B]`` long, the sparse position where that tile starts.
+        release: ``videonsa_release`` numerics: the compressed tokens are
+            means of the zeroed (vision-masked) keys and values.
+        recent_q: ``[B, Hq, P, D]`` (release) the queries of the row's sparse
+            positions ``n - P .. n - 1`` (zeros before the row's start).
     """
 
     real: torch.Tensor
@@ -127,6 +157,8 @@ class DecodeState:
     cmp_v: torch.Tensor | None = None
     tile_sum: torch.Tensor | None = None
     tile_start: torch.Tensor | None = None
+    release: bool = False
+    recent_q: torch.Tensor | None = None
 
     @property
     def capacity(self) -> int:
@@ -138,7 +170,7 @@ class DecodeState:
 
     def reorder(self, index: torch.Tensor) -> None:
         """Keep the rows ``index [B']`` (a beam search's reordering of the cache)."""
-        for name in ("real", "vision", "sparse_slots", "sparse_count", "cmp_k", "cmp_v", "tile_sum", "tile_start"):
+        for name in ("real", "vision", "sparse_slots", "sparse_count", "cmp_k", "cmp_v", "tile_sum", "tile_start", "recent_q"):
             value = getattr(self, name)
             if value is not None:
                 setattr(self, name, value.index_select(0, index.to(value.device)))
@@ -309,6 +341,9 @@ def _pool_new_blocks(state: DecodeState, pattern: Pattern, k_cache: torch.Tensor
     dtype = state.cmp_k.dtype
     keys = _gather_keys(k_cache, slots[:, None].expand(-1, kv_heads, -1), heads).to(dtype)
     values = _gather_keys(v_cache, slots[:, None].expand(-1, kv_heads, -1), heads).to(dtype)
+    if state.release:  # Q2: text keys and values are zeroed, not left out of the means
+        vision = state.vision.gather(1, slots)[:, None, :, None].to(dtype)
+        keys, values = keys * vision, values * vision
     new_k, new_v = compress(keys, values, compression, pooler)  # [B, Hkv, candidates, D]
     index = first[:, None] + torch.arange(candidates, device=first.device)
     index = torch.where(index < end[:, None], index, torch.full_like(index, limit))
@@ -339,27 +374,31 @@ def extend_state(state: DecodeState, pattern: Pattern, k_cache: torch.Tensor, v_
 def start_state(pattern: Pattern, k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: torch.Tensor,
                 token_types: torch.Tensor | None = None, key_valid: torch.Tensor | None = None,
                 pooler: MLPPooling | None = None, capacity: int | None = None, queries: torch.Tensor | None = None,
-                score_dtype: torch.dtype | None = None) -> DecodeState:
+                score_dtype: torch.dtype | None = None, *, release: bool = False) -> DecodeState:
     """The state of rows whose first ``lengths [B]`` slots are cached (classes
     ``token_types [B, S]``, real where ``key_valid [B, S]``, default all): the
     whole prefix appended at once, its complete blocks pooled. ``queries [B,
     Hq, S, D]``: the queries of the cached tokens, needed by ``query_block``
     selection (only the current tile's are read), kept as their summed
-    compression probabilities in ``score_dtype`` (None: the device's default)."""
+    compression probabilities in ``score_dtype`` (None: the device's default).
+    ``release``: ``videonsa_release`` numerics; ``queries`` is then required too
+    (the last ``P`` of each row's are kept, :attr:`DecodeState.recent_q`)."""
     _check_cache(k_cache, v_cache, lengths)
     batch, kv_heads, slots, dim = k_cache.shape
     for name, tensor in (("token_types", token_types), ("key_valid", key_valid)):
         _check_per_token(name, tensor, (batch, slots), k_cache.device, floating=False)
-    if tiled(pattern):
+    if tiled(pattern) or release:
         if not isinstance(queries, torch.Tensor) or queries.dim() != 4 or queries.shape[0] != batch \
                 or queries.shape[2] != slots or queries.shape[3] != dim or queries.shape[1] % kv_heads:
             found = list(queries.shape) if isinstance(queries, torch.Tensor) else type(queries).__name__
-            raise InputError("queries", f"the cached tokens' queries [{batch}, Hq, {slots}, {dim}] "
-                             "(query_block selection sums the current tile's scores)", found)
+            why = ("videonsa_release selection reads the compression log-sum-exp of the last P positions" if release
+                   else "query_block selection sums the current tile's scores")
+            raise InputError("queries", f"the cached tokens' queries [{batch}, Hq, {slots}, {dim}] ({why})", found)
         if not queries.is_floating_point() or queries.device != k_cache.device:
             raise InputError("queries", f"a floating tensor on {k_cache.device}", f"{queries.dtype} on {queries.device}")
     capacity = slots if capacity is None else max(int(capacity), slots)
     state = _empty_state(pattern, batch, kv_heads, dim, capacity, compute_dtype(k_cache.dtype), k_cache.device)
+    state.release = release
     positions = torch.arange(slots, device=k_cache.device)
     real = positions[None, :] < lengths.to(torch.long)[:, None]
     if key_valid is not None:
@@ -369,6 +408,13 @@ def start_state(pattern: Pattern, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     if tiled(pattern):
         _start_tile(state, pattern, queries, softmax_scale(dim),
                     default_score_dtype(k_cache.device, k_cache.dtype) if score_dtype is None else score_dtype)
+    if release and not pattern.dense:
+        query_heads = queries.shape[1]
+        position = state.sparse_count[:, None] - padded_slots(query_heads, kv_heads) + torch.arange(
+            padded_slots(query_heads, kv_heads), device=k_cache.device)  # [B, P]
+        slot = state.sparse_slots.gather(1, position.clamp(0, state.capacity - 1))
+        rows = queries.gather(2, slot[:, None, :, None].expand(-1, query_heads, -1, dim)).to(state.cmp_k.dtype)
+        state.recent_q = rows * (position >= 0)[:, None, :, None]
     return state
 
 
@@ -419,13 +465,18 @@ def _softmax_attention(logits: torch.Tensor, ok: torch.Tensor, values: torch.Ten
 
 
 def _gathered_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
-                        ok: torch.Tensor, heads: torch.Tensor, scale: float) -> torch.Tensor:
+                        ok: torch.Tensor, heads: torch.Tensor, scale: float,
+                        weights: torch.Tensor | None = None) -> torch.Tensor:
     """``q [B, Hs, g, T, D]`` over the keys at ``slots [B, Hs, T, C]`` of kv heads
-    ``heads [Hs]`` that ``ok [B, Hs, T, C]`` keeps: ``[B, Hs, g, T, D]``."""
+    ``heads [Hs]`` that ``ok [B, Hs, T, C]`` keeps: ``[B, Hs, g, T, D]``.
+    ``weights [B, Hs, T, C]`` multiply each kept key and value first (release
+    mode's zeroed text keys, which still take part in the softmax)."""
     dtype = q.dtype
     keep = ok[..., None]
     keys = torch.where(keep, _gather_keys(k_cache, slots, heads).to(dtype), 0.0)  # [B, Hs, T, C, D]
     values = torch.where(keep, _gather_keys(v_cache, slots, heads).to(dtype), 0.0)
+    if weights is not None:
+        keys, values = keys * weights[..., None].to(dtype), values * weights[..., None].to(dtype)
     logits = torch.einsum("bsgtd,bstcd->bsgtc", q, keys) * scale
     return _softmax_attention(logits, ok[:, :, None], values, "bsgtc,bstcd->bsgtd")
 
@@ -457,6 +508,7 @@ def decode_step(
     scale: float | None = None,
     score_dtype: torch.dtype | None = None,
     has_text: bool = True,
+    release: bool = False,
 ) -> torch.Tensor:
     """Outputs ``[B, Hq, T, D]`` (dtype of q) of the new queries ``q`` (layouts
     in the module docstring); ``state`` is extended with the new tokens.
@@ -466,11 +518,16 @@ def decode_step(
     :func:`nsaflex.scoring.default_score_dtype`). ``has_text=False`` (hybrid
     patterns): the caller knows every new token is a vision token, so the
     dense path over the whole cache is skipped (deciding it here would read
-    the classes back)."""
+    the classes back). ``release``: the ``videonsa_release`` numerics (a state
+    from :func:`start_state` with ``release=True``; every query adds the dense
+    pass, so ``has_text`` is not read)."""
     reason = unsupported(pattern)
     if reason is not None:
         raise InputError("pattern", "a pattern the batched decode serves", reason)
     check_step(pattern, state, q, k_cache, v_cache, lengths, gates, token_types)
+    if release != state.release or (release and not pattern.dense and state.recent_q is None):
+        raise InputError("state", f"a DecodeState started with release={release} (decode_state of this attention)",
+                         f"release={state.release}")
     new, dim = q.shape[2], q.shape[3]
     scale = softmax_scale(dim) if scale is None else scale
     dtype = compute_dtype(q.dtype)
@@ -482,6 +539,9 @@ def decode_step(
         if pattern.dense:
             return _dense(q.to(dtype), k_cache, v_cache, state, slots, scale).to(q.dtype)
         vision = torch.zeros_like(rank, dtype=torch.bool) if token_types is None else token_types != 0
+        if release:
+            return _release_step(pattern, q.to(dtype), k_cache, v_cache, state, rank, slots, vision, gates, scale,
+                                 score_dtype).to(q.dtype)
         sparse = _sparse(pattern, vision)
         sparse_out = _sparse_outputs(pattern, q.to(dtype), k_cache, v_cache, state, rank, sparse, gates, pooler, scale,
                                      score_dtype)
@@ -569,3 +629,116 @@ def _sparse_outputs(pattern: Pattern, q: torch.Tensor, k_cache: torch.Tensor, v_
         return sum(value * outputs[name] for value, name in zip(pattern.gate.values, pattern.branches))
     gates = gates.to(q.dtype)
     return sum(gates[..., index, None] * outputs[name] for index, name in enumerate(pattern.branches))
+
+
+# --- videonsa_release ------------------------------------------------------------------------
+
+
+def _release_step(pattern: Pattern, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, state: DecodeState,
+                  rank: torch.Tensor, slots: torch.Tensor, vision: torch.Tensor, gates: torch.Tensor | None, scale: float,
+                  score_dtype: torch.dtype) -> torch.Tensor:
+    """The ``videonsa_release`` outputs ``[B, Hq, T, D]`` of the new queries ``q``
+    at sparse positions ``rank [B, T]`` (cache ``slots [B, T]``, classes
+    ``vision [B, T]``), each the last row of
+    :func:`nsaflex.reference_release.release_row` on its row's ``t + 1`` tokens
+    (the quirks' decode equivalents in the module docstring). ``state`` already
+    holds the new tokens; its :attr:`DecodeState.recent_q` moves on by ``T``."""
+    batch, heads, new, dim = q.shape
+    kv_heads = k_cache.shape[1]
+    device = q.device
+    block = pattern.compression.block
+    slots_total = padded_slots(heads, kv_heads)
+    group = slots_total // kv_heads
+    capacity = state.capacity
+    kv_of_kv = torch.arange(kv_heads, device=device)
+    position = rank.clamp(min=0)  # [B, T]: t; the row holds t + 1 tokens
+    current = torch.div(position, block, rounding_mode="floor")  # the query's own (last) block c
+
+    def cache_slots(tokens: torch.Tensor) -> torch.Tensor:
+        """Cache slots of sparse positions ``tokens [B, ...]`` (clamped into the map)."""
+        flat = tokens.clamp(0, capacity - 1).reshape(batch, -1)
+        return state.sparse_slots.gather(1, flat).view(tokens.shape)
+
+    def vision_at(tokens: torch.Tensor) -> torch.Tensor:
+        return state.vision.gather(1, cache_slots(tokens).reshape(batch, -1)).view(tokens.shape)
+
+    # The queries of positions before - P .. before + T - 1 (column = position - before + P).
+    window_q = torch.cat([state.recent_q, q.to(state.recent_q.dtype)], dim=2)  # [B, Hq, P + T, D]
+    before = state.sparse_count - new
+    state.recent_q.copy_(window_q[:, :, new:])  # in place: a captured graph's replays move it on too
+
+    # Q1/Q2: the own block's mean over its zeroed tokens so far (partial or complete).
+    own = current[:, :, None] * block + torch.arange(block, device=device)  # [B, T, l]
+    own_ok = own <= position[:, :, None]
+    own_weight = (own_ok & vision_at(own)).to(q.dtype)[:, None, ..., None]  # [B, 1, T, l, 1]
+    own_slots = cache_slots(own)[:, None].expand(-1, kv_heads, -1, -1)
+    count = own_ok.sum(dim=-1).to(q.dtype)[:, None, :, None]  # [B, 1, T, 1]
+    own_k = (_gather_keys(k_cache, own_slots, kv_of_kv).to(q.dtype) * own_weight).sum(dim=3) / count  # [B, Hkv, T, D]
+    own_v = (_gather_keys(v_cache, own_slots, kv_of_kv).to(q.dtype) * own_weight).sum(dim=3) / count
+    cmp_k = state.cmp_k[:, :, :-1].to(score_dtype)  # [B, Hkv, N, D] complete blocks
+    blocks = torch.arange(cmp_k.shape[2], device=device)
+
+    # Q6: lse_read[s] = the compression lse of slot (tP + s) // T at row (tP + s) % T.
+    flat = position[:, :, None] * slots_total + torch.arange(slots_total, device=device)  # [B, T, P]
+    row_length = (position + 1)[:, :, None]
+    source_slot = torch.div(flat, row_length, rounding_mode="floor")
+    source_row = flat % row_length
+    head = torch.where(source_slot < 2 * heads, source_slot % heads, torch.zeros_like(source_slot))
+    keep = (source_slot < 2 * heads) & vision_at(source_row)  # Q3 zeroed text queries, Q4 zero slots
+    column = source_row - before[:, None, None] + slots_total
+    batch_index = torch.arange(batch, device=device)[:, None, None]
+    source_q = window_q[batch_index, head, column].to(score_dtype) * keep[..., None]  # [B, T, P, D]
+    source_kv = torch.div(source_slot, group, rounding_mode="floor")
+    logits = torch.einsum("btsd,bhnd->btshn", source_q, cmp_k) * scale
+    logits = logits.gather(3, source_kv[:, :, :, None, None].expand(-1, -1, -1, 1, cmp_k.shape[2]))[:, :, :, 0]
+    query_index = torch.arange(new, device=device)[None, :, None]
+    own_source = own_k.to(score_dtype).permute(0, 2, 1, 3)[batch_index, query_index, source_kv]  # [B, T, P, D]
+    own_logit = (source_q * own_source).sum(dim=-1, keepdim=True) * scale  # [B, T, P, 1]
+    seen = (blocks >= torch.div(source_row, block, rounding_mode="floor")[..., None]) & (blocks < current[:, :, None, None])
+    lse_read = torch.logsumexp(torch.cat([logits.masked_fill(~seen, float("-inf")), own_logit], dim=-1), dim=-1)
+
+    # Q3/Q4: the query's slots [q, q, 0...] (zeroed on text rows) over the kv heads.
+    query = q * vision[:, None, :, None].to(q.dtype)
+    slot_q = torch.cat([query, query, query.new_zeros(batch, slots_total - 2 * heads, new, dim)], dim=1)
+    grouped = slot_q.view(batch, kv_heads, group, new, dim)
+
+    # Q5: earlier blocks by their exp(q . Kc - lse_read) summed slot by slot (equal terms give
+    # bit-equal sums, so exact ties stay ties), the own block 1 per slot; Q7: the top S.
+    raw = torch.exp(torch.einsum("bkgtd,bknd->bkgtn", grouped.to(score_dtype), cmp_k) * scale
+                    - lse_read.permute(0, 2, 1).reshape(batch, kv_heads, group, new, 1))
+    raw = F.pad(raw, (0, 1))  # column N: the own block of a row past the state's complete blocks
+    columns = torch.arange(raw.shape[-1], device=device)
+    earlier = columns[None, None, :] < current[:, :, None]  # [B, T, N + 1]
+    at_own = columns[None, None, :] == current[:, :, None]
+    raw = torch.where(earlier[:, None, None], raw, torch.zeros_like(raw))
+    raw = torch.where(at_own[:, None, None], torch.ones_like(raw), raw)
+    scores = raw[:, :, 0]
+    for slot in range(1, group):
+        scores = scores + raw[:, :, slot]
+    take = min(raw.shape[-1], selected_count(pattern.selection.count))
+    eligible = (earlier | at_own)[:, None].expand_as(scores)
+    chosen_blocks, chosen = _top_candidates(scores, eligible, take)  # [B, Hkv, T, S]
+    tokens = (chosen_blocks[..., None] * block + torch.arange(block, device=device)).flatten(3)  # [B, Hkv, T, S*l]
+    ok = chosen[..., None].expand(-1, -1, -1, -1, block).flatten(3) & (tokens <= position[:, None, :, None])
+    o_slc = _gathered_attention(grouped, k_cache, v_cache, cache_slots(tokens), ok, kv_of_kv, scale, vision_at(tokens))
+
+    size = pattern.window.size
+    recent = position[:, :, None] - torch.arange(size - 1, -1, -1, device=device)  # [B, T, w]
+    recent_ok = (recent >= 0)[:, None].expand(-1, kv_heads, -1, -1)
+    recent_slots = cache_slots(recent)[:, None].expand(-1, kv_heads, -1, -1)
+    recent_weight = vision_at(recent)[:, None].expand(-1, kv_heads, -1, -1)
+    o_win = _gathered_attention(grouped, k_cache, v_cache, recent_slots, recent_ok, kv_of_kv, scale, recent_weight)
+    o_cmp = own_v[:, :, None]  # Q1: the last row sees only its own block
+
+    if gates is None:  # constants as fills, not a host-to-device copy inside a captured graph
+        gates = torch.stack([torch.full((batch, heads, new), value, dtype=q.dtype, device=device)
+                             for value in pattern.gate.values], dim=-1)
+    gates = torch.where(vision[:, None, :, None], gates.to(q.dtype), torch.full((), TEXT_GATE, dtype=q.dtype, device=device))
+    slot_gates = torch.cat([gates, gates, gates.new_zeros(batch, slots_total - 2 * heads, new, 3)], dim=1)
+    slot_gates = slot_gates.view(batch, kv_heads, group, new, 3)
+    mixed = slot_gates[..., 0:1] * o_cmp + slot_gates[..., 1:2] * o_slc + slot_gates[..., 2:3] * o_win
+    mixed = mixed.reshape(batch, slots_total, new, dim)
+    sparse = (mixed[:, :heads] + mixed[:, heads : 2 * heads]) * 0.5
+    # Q3: the dense pass over every real key, vision queries zeroed.
+    dense = _dense(q * (~vision)[:, None, :, None].to(q.dtype), k_cache, v_cache, state, slots, scale)
+    return sparse + dense

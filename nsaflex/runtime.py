@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 from nsaflex.backends.base import BranchPlan, build_decode, describe_decode, get_backend
-from nsaflex.decoding import DecodeState, start_state
-from nsaflex.errors import BackendUnavailable, InputError, PatternError
+from nsaflex.decoding import DecodeState, decode_step, start_state
+from nsaflex.errors import InputError, PatternError
 from nsaflex.inputs import check_inputs, resolve_gates
 from nsaflex.inspect import AttentionInfo, block_lists, sorted_block_lists
 from nsaflex.loader import load_pattern
@@ -180,10 +180,10 @@ class CompiledAttention(nn.Module):
         to allocate for (default ``S``; a static cache passes its size).
         ``queries [B, Hq, S, D]``: the cached tokens' queries, required for
         ``query_block`` selection (the current tile's scores are summed from
-        them)."""
-        self._check_decode_mode()
+        them) and in ``videonsa_release`` mode (the last ``P`` of each row are
+        kept: quirk Q6 reads their compression log-sum-exp)."""
         return start_state(self.pattern, k_cache, v_cache, lengths, token_types, key_valid, self.pooler, capacity,
-                           queries, self.plan.options.ranking_dtype())
+                           queries, self.plan.options.ranking_dtype(), release=self.plan.mode == RELEASE)
 
     def decode(
         self,
@@ -208,23 +208,21 @@ class CompiledAttention(nn.Module):
         (:mod:`nsaflex.decoding`); ``state`` (:meth:`decode_state`) is
         extended with the new tokens. Batched over rows, heads and new tokens
         without host synchronisation except on the reference backend
-        (:attr:`decode_plan` says which path runs). ``has_text=False``
+        (:attr:`decode_plan` says which path runs); in ``videonsa_release`` mode
+        on every backend, the batched release decode. ``has_text=False``
         promises that every new token is a vision token (hybrid patterns): the
         dense path of text queries is skipped (a vision token then costs only
         the sparse branches, not a pass over the whole cache)."""
-        self._check_decode_mode()
         if not isinstance(has_text, bool):
             raise InputError("has_text", "True or False", has_text)
         scale = _check_scale(scale)
         if self.pooler is not None and isinstance(q, torch.Tensor) and self.pooler.head_dim != q.shape[-1]:
             raise InputError("q", f"head dim {self.pooler.head_dim} (the compression MLP's)", q.shape[-1])
+        if self.plan.mode == RELEASE:  # every backend: the batched torch decode of the release numerics
+            return decode_step(self.pattern, q, k_cache, v_cache, lengths, state, gates, token_types, scale=scale,
+                               score_dtype=self.plan.options.ranking_dtype(), release=True)
         return self._decode_kernel(q, k_cache, v_cache, lengths, state, gates, token_types, self.pooler, scale=scale,
                                    has_text=has_text)
-
-    def _check_decode_mode(self) -> None:
-        if self.plan.mode == RELEASE:
-            raise BackendUnavailable(f"decode: the decode entry serves faithful mode, not {RELEASE!r} (the Qwen2.5-VL "
-                                     "adapter decodes release mode on its exact per-row path)")
 
     def _info(self, collected: dict, q: torch.Tensor, k: torch.Tensor, gates: torch.Tensor | None) -> AttentionInfo:
         """The backend's collected values as an :class:`AttentionInfo`."""
@@ -269,11 +267,19 @@ class CompiledAttention(nn.Module):
 
 def decode_plan(plan: Plan) -> BranchPlan:
     """How ``plan``'s backend serves decode steps (:meth:`CompiledAttention.decode`):
-    the batched entry in faithful mode; none in ``videonsa_release`` mode, whose
-    decode is the Qwen2.5-VL adapter's exact per-row path."""
+    the backend's batched entry in faithful mode; in ``videonsa_release`` mode
+    the batched torch decode of the release numerics (:mod:`nsaflex.decoding`)."""
     if plan.mode == RELEASE:
-        return BranchPlan("decode", plan.backend, f"none: the decode entry serves faithful mode, not {RELEASE!r}",
-                          "-", notes=("the Qwen2.5-VL adapter decodes release mode on its exact per-row path",))
+        if plan.pattern.dense:
+            return BranchPlan("decode", plan.backend, "torch SDPA over the cache", "real keys at or before the query's slot")
+        return BranchPlan(
+            "decode", plan.backend,
+            "batched torch release decode (nsaflex.decoding): zeroed-key block means kept per row, the own block's "
+            "partial mean gathered; P-slot scores over the misread lse; top-S blocks, window and dense pass gathered",
+            "per-row lengths and counts (device tensors), no host synchronisation",
+            {"rows": "batched", "new_tokens": "batched"},
+            ("Q6: the lse the last row reads is recomputed each step from the last P queries kept in the state "
+             "(decode_state needs the cached queries)",))
     return describe_decode(plan.backend, plan.pattern, plan.device)
 
 

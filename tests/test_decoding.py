@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import nsaflex
-from nsaflex.errors import BackendUnavailable, InputError
+from nsaflex.errors import InputError
 from nsaflex.reference import reference_attention
 from nsaflex.spec import Compression, Gate, Hybrid, Pattern, Selection, Window
 from tests.strategies import patterns as random_patterns
@@ -225,7 +225,8 @@ def traced_step(attn, batch: int, new: int, capacity: int = 40) -> HostReads:
     v = torch.randn(batch, 2, capacity, DIM, generator=generator)
     types = (torch.rand(batch, capacity, generator=generator) < 0.7).long()
     lengths = torch.full((batch,), 20)
-    state = attn.decode_state(k, v, lengths, types)
+    queries = torch.randn(batch, 4, capacity, DIM, generator=generator)  # read by release mode only
+    state = attn.decode_state(k, v, lengths, types, queries=queries)
     lengths = lengths + new
     q = torch.randn(batch, 4, new, DIM, generator=generator)
     gates = torch.rand(batch, 4, new, 3, generator=generator)
@@ -248,6 +249,19 @@ def test_batched_decode_reads_nothing_back_and_does_not_loop(backend, monkeypatc
     exact = nsaflex.compile(SYNC_PATTERN, "reference", head_dim=DIM)
     small, large = traced_step(exact, 1, 1), traced_step(exact, 3, 3)
     assert small.reads and large.calls > small.calls
+
+
+def test_batched_release_decode_reads_nothing_back_and_does_not_loop():
+    """videonsa_release steps too: no read-back, a call count independent of the
+    batch and the new tokens."""
+    from nsaflex.reference_release import release_pattern
+
+    pattern = release_pattern(dataclasses.replace(SYNC_PATTERN, compression=Compression(block=4, stride=4),
+                                                  selection=Selection(block=4, count=3)))
+    attn = nsaflex.compile(pattern, "flex", device="cpu", head_dim=DIM, mode="videonsa_release")
+    small, large = traced_step(attn, 1, 1), traced_step(attn, 3, 3)
+    assert small.reads == [] and large.reads == []
+    assert small.calls == large.calls
 
 
 # --- refusals and the plan ---------------------------------------------------------------------------
@@ -343,11 +357,20 @@ def test_decode_plan_names_each_backends_path():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-def test_decode_step_replays_in_a_cuda_graph():
+@pytest.mark.parametrize("mode", ["faithful", "videonsa_release"])
+def test_decode_step_replays_in_a_cuda_graph(mode):
     """A static cache, the step captured once and replayed for the following
-    tokens: the same outputs as eager steps (bf16, relative 1e-2)."""
+    tokens: the same outputs as eager steps (bf16, relative 1e-2). Release mode
+    moves its kept queries on in place, so replays see each step's."""
+    from nsaflex.reference_release import release_pattern
+
     pattern = dataclasses.replace(SYNC_PATTERN, model=dataclasses.replace(SYNC_PATTERN.model, head_dim=64))
-    attn = nsaflex.compile(pattern, "triton", device="cuda", head_dim=64)
+    if mode == "faithful":
+        attn = nsaflex.compile(pattern, "triton", device="cuda", head_dim=64)
+    else:
+        pattern = release_pattern(dataclasses.replace(pattern, compression=Compression(block=4, stride=4),
+                                                      selection=Selection(block=4, count=3)))
+        attn = nsaflex.compile(pattern, "flex", device="cuda", head_dim=64, mode=mode)
     generator = torch.Generator(device="cuda").manual_seed(0)
     capacity, start, steps = 256, 100, 6
     k = torch.randn(2, 2, capacity, 64, device="cuda", dtype=torch.bfloat16, generator=generator)
@@ -355,18 +378,19 @@ def test_decode_step_replays_in_a_cuda_graph():
     q_all = torch.randn(2, 4, capacity, 64, device="cuda", dtype=torch.bfloat16, generator=generator)
     gates_all = torch.rand(2, 4, capacity, 3, device="cuda", generator=generator)
     types = torch.ones(2, capacity, dtype=torch.long, device="cuda")
-    eager_state = attn.decode_state(k, v, torch.full((2,), start, device="cuda"), types)
+    eager_state = attn.decode_state(k, v, torch.full((2,), start, device="cuda"), types, queries=q_all)
     eager = []
     for i in range(steps):
         lengths = torch.full((2,), start + i + 1, device="cuda")
         eager.append(attn.decode(q_all[:, :, start + i : start + i + 1], k, v, lengths, eager_state,
                                  gates_all[:, :, start + i : start + i + 1], types[:, :1], has_text=False))
-    state = attn.decode_state(k, v, torch.full((2,), start, device="cuda"), types)
+    state = attn.decode_state(k, v, torch.full((2,), start, device="cuda"), types, queries=q_all)
     q, gates, lengths = q_all[:, :, start : start + 1].clone(), gates_all[:, :, start : start + 1].clone(), torch.full((2,), start + 1, device="cuda")
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):  # warm up on a side stream, as capture requires
-        attn.decode(q, k, v, lengths, attn.decode_state(k, v, lengths - 1, types), gates, types[:, :1], has_text=False)
+        attn.decode(q, k, v, lengths, attn.decode_state(k, v, lengths - 1, types, queries=q_all), gates, types[:, :1],
+                    has_text=False)
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
@@ -447,13 +471,19 @@ def test_decode_plan_notes_the_tile_sums_of_query_block():
     assert plan.kernel.startswith("batched torch") and "cached queries" in plan.notes[-1]
 
 
-def test_release_mode_has_no_decode_entry():
-    """videonsa_release decodes on the adapter's exact path: the entry refuses it, naming the mode."""
+def test_release_mode_decode_plan_names_the_release_decode():
+    """videonsa_release decodes on the batched entry: the plan says so, and a
+    faithful state is refused by a release attention, naming the state."""
     from nsaflex.reference_release import release_pattern
 
     pattern = release_pattern(nsaflex.load_pattern("videonsa"))
     attn = nsaflex.compile(pattern, "flex", device="cpu", mode="videonsa_release", flex_mode="eager")
-    assert "faithful mode" in attn.decode_plan.kernel
+    assert attn.decode_plan.kernel.startswith("batched torch release decode")
+    faithful = nsaflex.compile(nsaflex.load_pattern("videonsa"), "flex", device="cpu", flex_mode="eager")
     k = torch.zeros(1, 4, 8, 128)
-    with pytest.raises(BackendUnavailable, match="videonsa_release"):
-        attn.decode_state(k, k, torch.tensor([8]))
+    types = torch.ones(1, 8, dtype=torch.long)
+    state = faithful.decode_state(k, k, torch.tensor([8]), types)
+    q = torch.zeros(1, 28, 1, 128)
+    with pytest.raises(InputError, match="state"):
+        attn.decode(q, torch.zeros(1, 4, 9, 128), torch.zeros(1, 4, 9, 128), torch.tensor([9]), state,
+                    torch.rand(1, 28, 1, 3), types[:, :1])

@@ -14,11 +14,13 @@ tile's shared selection is scored over the tile's queries seen so far
 of a hybrid pattern are dense, as in prefill.
 
 This module is the exact per-row path: the adapter takes it on the reference
-backend, for ``query_block`` tiles of ``vision_keys: all`` patterns and in
-``videonsa_release`` mode; on the
+backend and for ``query_block`` tiles of ``vision_keys: all`` patterns; on the
 other backends it decodes through the compiled attention's batched decode entry
 (:meth:`nsaflex.runtime.CompiledAttention.decode`, :mod:`nsaflex.decoding`),
 whose :class:`~nsaflex.decoding.DecodeState` :class:`LayerDecodeCache` holds.
+In ``videonsa_release`` mode :func:`decode_attention` itself hands the step to
+the batched release decode (:func:`release_batched`) off the reference
+backend (:func:`takes_batched_release`).
 
 What is kept between steps, per layer and batch row (:class:`RowCache`,
 attached by the adapter to the transformers cache object):
@@ -49,7 +51,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.nn import functional as F
 
-from nsaflex.decoding import DecodeState
+from nsaflex.decoding import DecodeState, decode_step, start_state
 from nsaflex.pooling import MLPPooling, compress, softmax_scale
 from nsaflex.reference import forced_blocks, masked_attention
 from nsaflex.reference_release import TEXT_GATE, group_sum, padded_slots, selected_count
@@ -514,6 +516,8 @@ def decode_attention(
     ``cache`` is read and extended.
     """
     batch, heads, q_len, dim = q.shape
+    if release and takes_batched_release(pattern, dtype, valid, past):
+        return release_batched(pattern, q, k, v, gates, token_types, valid, past, cache).to(dtype)
     if gates is None and pattern.branches:
         constants = torch.tensor(pattern.gate.values, dtype=dtype, device=q.device)
         gates = constants.expand(batch, heads, q_len, len(pattern.branches))
@@ -538,6 +542,53 @@ def decode_attention(
                 if hybrid is not None and hybrid.vision_keys == "vision":
                     positions = real[token_types[b, real] == 1]
                 out[b, :, i] = sparse_query(pattern, q[b, :, i], k[b], v[b], positions, gates[b, :, i], row, pooler, dtype)
+    return out
+
+
+def takes_batched_release(pattern: Pattern, dtype: torch.dtype, valid: torch.Tensor | None, past: int) -> bool:
+    """Whether a ``videonsa_release`` step goes through the batched entry: not on
+    the float64 reference backend (which keeps the exact path, as in faithful
+    mode), not for dense layers, and not when a new token is padding (it has no
+    place in the batched state's appended slots)."""
+    return dtype != torch.float64 and not pattern.dense and (valid is None or bool(valid[:, past:].all()))
+
+
+def release_batched(
+    pattern: Pattern,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    gates: torch.Tensor | None,
+    token_types: torch.Tensor,
+    valid: torch.Tensor | None,
+    past: int,
+    cache: LayerDecodeCache,
+) -> torch.Tensor:
+    """``videonsa_release`` decode of the new queries (all real) through the
+    batched entry (:func:`nsaflex.decoding.decode_step` with ``release=True``),
+    arguments as :func:`decode_attention`. The state is built from the cache
+    the first time (or when the cache was cut back or its batch changed), from
+    the last ``P`` queries of each row that the prefill kept
+    (:func:`stash_release_queries`); later steps extend it."""
+    batch, heads, q_len, dim = q.shape
+    state = cache.state
+    lengths = torch.full((batch,), past, dtype=torch.long, device=q.device)
+    if state is None or state.batch != batch or cache.state_length != past:
+        slots = padded_slots(heads, k.shape[1])
+        queries = q.new_zeros(batch, heads, past, dim)
+        for b in range(batch):  # once per state built, not per step
+            real = real_positions(valid, b, past, q.device)
+            keep = min(slots, real.numel())
+            row = cache.row(b)
+            if keep and (row.q_hist is None or row.q_hist_end != real.numel() or row.q_hist.shape[1] < keep):
+                raise DecodeError("videonsa_release decode needs the queries of the last "
+                                  f"{slots} positions from the prefill; run the prompt through the patched model")
+            if keep:
+                queries[b][:, real[real.numel() - keep :]] = row.q_hist[:, row.q_hist.shape[1] - keep :].to(q.dtype)
+        state = start_state(pattern, k[:, :, :past], v[:, :, :past], lengths, token_types[:, :past],
+                            None if valid is None else valid[:, :past], queries=queries, release=True)
+    out = decode_step(pattern, q, k, v, lengths + q_len, state, gates, token_types[:, past:], release=True)
+    cache.state, cache.state_length = state, past + q_len
     return out
 
 
