@@ -139,7 +139,9 @@ def check_batched_decode(pattern, data):
     for slots, out in run_steps(attn, pattern, scenario, growing=growing):
         assert out.dtype == torch.float32
         expected = last_rows(pattern, scenario, slots, pooler)
-        torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+        # fp32 against float64: relative 1e-5 per tensor (docs/semantics.md); elementwise, an output
+        # near 0 carries the rounding of its O(gate) terms, which a per-element bound cannot allow for.
+        assert (out.double() - expected).norm() <= 1e-5 * expected.norm() + 1e-12
 
 
 @DECODE

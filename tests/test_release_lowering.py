@@ -33,7 +33,9 @@ from nsaflex.release_lowering import (
 )
 from nsaflex.spec import Compression, Gate, Hybrid, LayerOverride, Pattern, Selection, Window
 
-RTOL, ATOL = 1e-5, 1e-6
+# fp32 against float64. Elementwise: relative 1e-5, and absolute 1e-5 for outputs near 0, which
+# carry the rounding of O(1) terms summed over the keys and the three branches (~1e-6 each).
+RTOL, ATOL = 1e-5, 1e-5
 # (query heads, kv heads): 28/4 is VideoNSA (64 slots, 8 zero); the others pad to
 # 32 slots with none zero (12/2: 24 real of 32, 16/2, 8/1), or drop a whole zero kv group (4/2).
 HEAD_LAYOUTS = ((28, 4), (12, 2), (16, 2), (8, 1), (4, 2))
