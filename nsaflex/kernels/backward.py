@@ -127,8 +127,9 @@ def bwd_dq_kernel(
             unused = _union_entry(ubase, umbase, 0, count)  # no entry is carried between steps
             for masked in tl.static_range(2):
                 for it in range(n_whole if masked else 0, count if masked else n_whole):
-                    kk, vv, mask, _ = _union_step_loads(ubase, umbase, it, count, unused, hit_row, t, valid, length,
-                                                        kbase, kdesc, vbase, vdesc, sk[2], d, LS, BS, masked == 1, TMA, False)
+                    kk, vv, mask, _, _ = _union_step_loads(ubase, umbase, it, count, unused, hit_row, t, valid, length,
+                                                           kbase, kdesc, vbase, vdesc, sk[2], d, LS, BS, masked == 1, TMA,
+                                                           False)
                     s = _dot(q, tl.trans(kk), IEEE) * scale_log2
                     if masked:
                         p = tl.where(mask, tl.exp2(s - lse[:, None]), 0.0)

@@ -136,6 +136,43 @@ def _accumulate(acc, acc_l, alpha, p, vv, IEEE: tl.constexpr):
 
 
 @triton.jit
+def _nonfinite_rows(BAD, first, last):
+    """Whether value rows ``[first, last)`` of a sequence hold inf or NaN:
+    ``BAD`` points at the sequence's exclusive prefix counts of such rows
+    (``ops.nonfinite_prefix``). Two scalar loads; no value is read."""
+    return tl.load(BAD + last) != tl.load(BAD + first)
+
+
+@triton.jit
+def _accumulate_nonfinite(acc, acc_l, alpha, p, vv, kept, IEEE: tl.constexpr):
+    """:func:`_accumulate` for a block whose values ``vv`` [N, D] hold inf or
+    NaN, as ``nsaflex.reference.masked_product`` defines it: ``v[j, d]``
+    non-finite reaches row ``t`` only through a pair that ``kept``
+    (broadcastable to ``p``'s [R, N]) keeps, as ``p_tj * v_jd`` (+inf with
+    -inf gives NaN, ``p = 0`` with inf gives NaN). A plain ``p @ vv`` would also
+    add ``0 * inf = NaN`` over the masked pairs.
+
+    The finite values go through :func:`_accumulate` (the others as 0). The
+    non-finite part is one exact product of integer codes: pair weight 1 (kept,
+    ``p > 0``), 2^20 (kept, ``p = 0``) or 0, value code 1 (+inf), 2^10 (-inf),
+    2^20 (NaN) or 0; fp32 sums of at most 1023 keys keep the counts apart: a
+    total ``>= 2^20`` means a NaN term, the low ten bits count +inf, the rest
+    -inf. The decoded +inf, -inf or NaN is added to ``acc``."""
+    tl.static_assert(p.shape[1] < 1024)
+    finite = tl.abs(vv) < float("inf")
+    acc, acc_l = _accumulate(acc, acc_l, alpha, p, tl.where(finite, vv, tl.zeros_like(vv)), IEEE)
+    code = tl.where(finite, 0.0, tl.where(vv == float("inf"), 1.0, tl.where(vv == float("-inf"), 1024.0, 1048576.0)))
+    weight = tl.where(kept, tl.where(p > 0, 1.0, 1048576.0), 0.0)
+    total = tl.dot(weight, code, input_precision="ieee")
+    counts = tl.where(total < 1048576.0, total, 0.0).to(tl.int32)
+    up = (counts & 1023) != 0
+    down = counts >= 1024
+    kinds = tl.where(up, float("inf"), float("-inf"))
+    kinds = tl.where((total >= 1048576.0) | (up & down), float("nan"), kinds)
+    return acc + tl.where((total >= 1048576.0) | up | down, kinds, 0.0), acc_l
+
+
+@triton.jit
 def _finish_branch(out, acc, acc_l, m, gate, valid, O, LSE, q_base, row_off, lse_off, d, SAVE: tl.constexpr):
     """The end of one branch of :func:`slc_win_kernel`: its output ``o = acc /
     acc_l`` added to ``out`` with the rows' ``gate`` [R]; where ``SAVE`` (a
@@ -336,22 +373,31 @@ def _tile_rows(t0, length, G: tl.constexpr, GR: tl.constexpr, BT: tl.constexpr, 
 
 
 @triton.jit
-def _lse_step(q, t, valid, i0, hi, n_cmp, kbase, kdesc, vbase, vdesc, skt, d, m, acc_l, acc, scale_log2,
+def _lse_step(q, t, valid, i0, hi, n_cmp, kbase, kdesc, vbase, vdesc, bad, skt, d, m, acc_l, acc, scale_log2,
               BN: tl.constexpr, CBLOCK: tl.constexpr, CSTRIDE: tl.constexpr, LEGACY: tl.constexpr,
               IEEE: tl.constexpr, TMA: tl.constexpr, MASKED: tl.constexpr, OUTPUT: tl.constexpr):
     """One step of :func:`cmp_lse_kernel` over compressed tokens ``i0 .. i0 + BN``:
     the running max ``m``, sum ``acc_l`` and (``OUTPUT``) output ``acc``. ``MASKED``:
-    apply the visibility rule per element (off where every row sees the chunk whole)."""
+    apply the visibility rule per element (off where every row sees the chunk whole).
+    ``bad``: the sequence's prefix counts of non-finite compressed values
+    (:func:`_nonfinite_rows`); a step over such values takes
+    :func:`_accumulate_nonfinite`."""
     i = i0 + tl.arange(0, BN)
     kc = _key_rows(kbase, kdesc, i0, i, i < hi, skt, d, TMA)
     s = _dot(q, tl.trans(kc), IEEE)
     if MASKED:
         vis = _visible(i, t, n_cmp, CBLOCK, CSTRIDE, LEGACY) & valid[:, None]
         s = tl.where(vis, s, float("-inf"))
+    else:
+        vis = valid[:, None]
     m, alpha, p = _online_softmax(m, s, scale_log2)
     if OUTPUT:
         vc = _key_rows(vbase, vdesc, i0, i, i < hi, skt, d, TMA)
-        acc, acc_l = _accumulate(acc, acc_l, alpha, p, vc, IEEE)
+        # A descriptor load reads past hi up to n_cmp: those rows count too.
+        if _nonfinite_rows(bad, i0, tl.minimum(i0 + BN, n_cmp)):
+            acc, acc_l = _accumulate_nonfinite(acc, acc_l, alpha, p, vc, vis, IEEE)
+        else:
+            acc, acc_l = _accumulate(acc, acc_l, alpha, p, vc, IEEE)
     else:
         acc_l = acc_l * alpha + tl.sum(p, axis=1)
     return m, acc_l, acc
@@ -359,8 +405,8 @@ def _lse_step(q, t, valid, i0, hi, n_cmp, kbase, kdesc, vbase, vdesc, skt, d, m,
 
 @triton.jit
 def cmp_lse_kernel(
-    Q, KC, VC, LSE, OC, SEQ,
-    sqb, sqh, sqt, skb, skh, skt, slb, slh, slt,
+    Q, KC, VC, LSE, OC, SEQ, BADC,
+    sqb, sqh, sqt, skb, skh, skt, slb, slh, slt, sbad,
     scale_log2,
     G: tl.constexpr, GR: tl.constexpr, BT: tl.constexpr, R: tl.constexpr, BN: tl.constexpr, D: tl.constexpr,
     CBLOCK: tl.constexpr, CSTRIDE: tl.constexpr, LEGACY: tl.constexpr, IEEE: tl.constexpr, TMA: tl.constexpr,
@@ -374,8 +420,11 @@ def cmp_lse_kernel(
     max, rescaled sums), so that the score pass needs no values. H200, 128K
     video: the two passes 10.6 ms against 12.3 with the output in the score pass.
     ``OUTPUT`` False (the FlexAttention backend's scoring, which runs the
-    compression branch itself): the log-sum-exp alone; ``VC`` and ``OC`` are
-    not read or written.
+    compression branch itself): the log-sum-exp alone; ``VC``, ``OC`` and
+    ``BADC`` are not read or written. ``BADC`` [B, Hkv, Tc + 1]: the prefix
+    counts of compressed value rows holding inf or NaN (``ops.nonfinite_prefix``,
+    (batch, head) strides ``sbad``), which pick the exact steps
+    (:func:`_accumulate_nonfinite`).
 
     Rows: :func:`_tile_rows` (``BT`` tokens, ``GR`` rows per token, ``R`` rows).
     ``TMA``: compressed keys (and values) through tensor descriptors (:func:`_sequence_desc`)."""
@@ -398,6 +447,7 @@ def cmp_lse_kernel(
         kbase = KC + bb * skb + hk.to(tl.int64) * skh + cstart * skt
         kdesc = _sequence_desc(kbase, n_cmp, skt, BN, D, TMA)
         vbase = VC + bb * skb + hk.to(tl.int64) * skh + cstart * skt
+        bad = BADC + bb * sbad[0] + hk.to(tl.int64) * sbad[1] + cstart
         if OUTPUT:
             vdesc = _sequence_desc(vbase, n_cmp, skt, BN, D, TMA)
         else:
@@ -409,7 +459,7 @@ def cmp_lse_kernel(
         mid = lo if LEGACY else _num_visible(t0, n_cmp, CBLOCK, CSTRIDE) // BN * BN
         for masked in tl.static_range(2):
             for i0 in range(mid if masked else lo, hi if masked else mid, BN):
-                m, acc_l, acc = _lse_step(q, t, valid, i0, hi, n_cmp, kbase, kdesc, vbase, vdesc, skt, d, m, acc_l,
+                m, acc_l, acc = _lse_step(q, t, valid, i0, hi, n_cmp, kbase, kdesc, vbase, vdesc, bad, skt, d, m, acc_l,
                                           acc, scale_log2, BN, CBLOCK, CSTRIDE, LEGACY, IEEE, TMA, masked == 1,
                                           OUTPUT)
         lse = tl.where(acc_l > 0, m + tl.log2(acc_l), 0.0)
@@ -1148,7 +1198,7 @@ def _union_step_loads(ubase, umbase, it, count, ahead, hit_row, t, valid, length
     ``PREFETCH`` the entry is ``ahead`` (loaded during the step before) and
     the next step's is loaded here, so that the copy of a key block does not
     wait on its index; otherwise it is loaded at the step. Returns (kk, vv,
-    mask, the entry for the next step)."""
+    mask, the step's first key position, the entry for the next step)."""
     if PREFETCH:
         entry = ahead
         ahead = _union_entry(ubase, umbase, it + 1, count)
@@ -1163,13 +1213,13 @@ def _union_step_loads(ubase, umbase, it, count, ahead, hit_row, t, valid, length
         mask = limit >= 0
     kk = _key_rows(kbase, kdesc, first_key, s_pos, kmask, skt, d, TMA)
     vv = _key_rows(vbase, vdesc, first_key, s_pos, kmask, skt, d, TMA)
-    return kk, vv, mask, ahead
+    return kk, vv, mask, first_key, ahead
 
 
 @triton.jit
 def slc_win_kernel(
-    Q, K, V, OC, GATES, SEL, UNION, OUT, OS, OW, LSES, LSEW, STARTS, LENS,
-    sq, sk, sg, ss, slse,
+    Q, K, V, OC, GATES, SEL, UNION, OUT, OS, OW, LSES, LSEW, STARTS, LENS, BADV,
+    sq, sk, sg, ss, slse, sbad,
     scale_log2, n_tiles,
     G: tl.constexpr, R: tl.constexpr, BT: tl.constexpr, D: tl.constexpr,
     GI_CMP: tl.constexpr, GI_SLC: tl.constexpr, GI_WIN: tl.constexpr,
@@ -1188,7 +1238,11 @@ def slc_win_kernel(
     fp32 inputs multiply in IEEE fp32 (:func:`_dot`).
     ``TMA``: key and value blocks arrive through tensor descriptors (no
     per-element addresses in registers). Union blocks that end before the
-    tile's first token are masked per row (see the loop)."""
+    tile's first token are masked per row (see the loop).
+    ``BADV`` [B, Hkv, T + 1]: the prefix counts of value rows holding inf or
+    NaN (``ops.nonfinite_prefix``, (batch, head) strides ``sbad``); a step
+    whose key rows hold one takes :func:`_accumulate_nonfinite`, so such a
+    value reaches only the rows that keep its key."""
     BS: tl.constexpr = key_tile(LS)
     IEEE: tl.constexpr = Q.dtype.element_ty == tl.float32
     BKW: tl.constexpr = 64  # window keys per step
@@ -1199,6 +1253,7 @@ def slc_win_kernel(
         bb = b.to(tl.int64)
         kbase = K + bb * sk[0] + hk.to(tl.int64) * sk[1] + start * sk[2]
         vbase = V + bb * sk[0] + hk.to(tl.int64) * sk[1] + start * sk[2]
+        bad = BADV + bb * sbad[0] + hk.to(tl.int64) * sbad[1] + start
         gate_off = bb * sg[0] + h * sg[1] + (start + t) * sg[2]
         lse_off = bb * slse[0] + h * slse[1] + (start + t) * slse[2]
         # Branches finish one after another so at most two [R, D] accumulators
@@ -1219,15 +1274,21 @@ def slc_win_kernel(
             for masked in tl.static_range(2):
                 ahead = _union_entry(ubase, umbase, n_whole if masked else 0, count)
                 for it in range(n_whole if masked else 0, count if masked else n_whole):
-                    kk, vv, mask, ahead = _union_step_loads(ubase, umbase, it, count, ahead, hit_row, t, valid, length,
-                                                            kbase, kdesc, vbase, vdesc, sk[2], d, LS, BS, masked == 1,
-                                                            TMA, True)
+                    kk, vv, mask, first_key, ahead = _union_step_loads(
+                        ubase, umbase, it, count, ahead, hit_row, t, valid, length, kbase, kdesc, vbase, vdesc, sk[2],
+                        d, LS, BS, masked == 1, TMA, True)
                     s = _dot(q, tl.trans(kk), IEEE)
                     if masked:
                         m, alpha, p = _online_softmax(m, tl.where(mask, s, float("-inf")), scale_log2)
+                        kept = mask
                     else:
                         m, alpha, p = _online_softmax_rows(m, s, scale_log2, mask)
-                    acc, acc_l = _accumulate(acc, acc_l, alpha, p, vv, IEEE)
+                        kept = mask[:, None]
+                    # The step's loads cover BS rows (a descriptor reads them all).
+                    if _nonfinite_rows(bad, first_key, tl.minimum(first_key + BS, length)):
+                        acc, acc_l = _accumulate_nonfinite(acc, acc_l, alpha, p, vv, kept, IEEE)
+                    else:
+                        acc, acc_l = _accumulate(acc, acc_l, alpha, p, vv, IEEE)
             gate = tl.load(GATES + gate_off + GI_SLC * sg[3], mask=valid, other=0.0).to(tl.float32)
             out = _finish_branch(out, acc, acc_l, m, gate, valid, OS, LSES, q_base, row_off, lse_off, d, SAVE)
         if GI_WIN >= 0:
@@ -1246,7 +1307,10 @@ def slc_win_kernel(
                 mask = valid[:, None] & (s_pos[None, :] <= t[:, None]) & (s_pos[None, :] > t[:, None] - WIN)
                 s = tl.where(mask, _dot(q, tl.trans(kk), IEEE), float("-inf"))
                 m, alpha, p = _online_softmax(m, s, scale_log2)
-                acc, acc_l = _accumulate(acc, acc_l, alpha, p, vv, IEEE)
+                if _nonfinite_rows(bad, s0, tl.minimum(s0 + BKW, length)):
+                    acc, acc_l = _accumulate_nonfinite(acc, acc_l, alpha, p, vv, mask, IEEE)
+                else:
+                    acc, acc_l = _accumulate(acc, acc_l, alpha, p, vv, IEEE)
             gate = tl.load(GATES + gate_off + GI_WIN * sg[3], mask=valid, other=0.0).to(tl.float32)
             out = _finish_branch(out, acc, acc_l, m, gate, valid, OW, LSEW, q_base, row_off, lse_off, d, SAVE)
         if GI_CMP >= 0:

@@ -280,6 +280,18 @@ def descriptor_workspace(device: torch.device | None) -> Iterator[None]:
         _allocation._allocator.reset(token)
 
 
+def nonfinite_prefix(values: torch.Tensor) -> torch.Tensor:
+    """``[B, H, T + 1]`` int32 exclusive prefix counts of the rows of ``values
+    [B, H, T, D]`` that hold inf or NaN: entry ``i`` counts the rows ``< i``,
+    so rows ``[a, b)`` hold one where entries ``a`` and ``b`` differ. The
+    kernels pick their exact value steps by it (``forward._nonfinite_rows``)
+    without a host read. A row is tested by its float32 sum (no bool tensor
+    of ``values``' size): a finite row whose sum overflows only takes the
+    exact step, which gives the same result."""
+    bad = ~torch.isfinite(values.sum(dim=-1, dtype=torch.float32))
+    return torch.nn.functional.pad(bad.cumsum(dim=-1, dtype=torch.int32), (1, 0))
+
+
 def _ieee(x: torch.Tensor) -> bool:
     return x.dtype == torch.float32
 
@@ -446,12 +458,14 @@ def _forward(q, k, v, kc, vc, gates, lay: SeqLayout, cfg: KernelConfig, launch: 
     lse_w = torch.empty(lse_shape, dtype=torch.float32, device=dev) if (save and cfg.has_win) else None
     lse_like = lse_c if lse_c is not None else (lse_s if lse_s is not None else (lse_w if lse_w is not None else torch.empty(lse_shape, dtype=torch.float32, device=dev)))
     sel_ = sel if sel is not None else dummy_i
+    bad_v = nonfinite_prefix(v)
     _launch(fwd.slc_win_kernel, grid3,
         q, k, v, oc if oc is not None else q, gates, sel_, (U, UM, UC), out,
         o_s if o_s is not None else out, o_w if o_w is not None else out,
         lse_s if lse_s is not None else dummy_f, lse_w if lse_w is not None else dummy_f,
-        lay.starts, lay.lens,
+        lay.starts, lay.lens, bad_v,
         lay.strides(q), lay.strides(k), lay.strides(gates, 4), lay.strides(sel), lay.strides(lse_like),
+        lay.strides(bad_v, 2),
         scale_log2, n_t3,
         G=G, R=tiles.rows_sel, BT=tiles.bt_sel, D=D, **_gate_columns(cfg),
         LS=cfg.slc_block, W=tiles.width, HEAD_SCORING=cfg.head_scoring,
@@ -476,9 +490,10 @@ def compression_lse(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor | None, 
     output = vc is not None
     # A descriptor cannot be empty: every sequence needs a compressed token.
     tma = lay.min_cmp > 0 and (tma_ready(kc, vc) if output else tma_ready(kc))
+    bad_vc = nonfinite_prefix(vc) if output else lse  # not read without the output
     _launch(fwd.cmp_lse_kernel, (triton.cdiv(lay.max_len, tiles.bt_lse), B, Hkv),
-        q, kc, vc if output else kc, lse, oc if output else lse, lay.table,
-        *_qs(q, lay.packed), *_qs(kc, lay.packed), *_qs(lse, lay.packed),
+        q, kc, vc if output else kc, lse, oc if output else lse, lay.table, bad_vc,
+        *_qs(q, lay.packed), *_qs(kc, lay.packed), *_qs(lse, lay.packed), _layout_strides(bad_vc, lay.packed, 2),
         _scale_log2(D) if scale_log2 is None else scale_log2,
         G=tiles.G, GR=tiles.G, BT=tiles.bt_lse, R=tiles.rows_lse, BN=launch.lse_block, D=D, CBLOCK=cfg.cblock,
         CSTRIDE=cfg.cstride, LEGACY=cfg.legacy, IEEE=_ieee(q), TMA=tma, OUTPUT=output,
