@@ -160,3 +160,22 @@ def test_value_kinds_match_the_reference(backend, pattern_name):
     expected = _kinds(_attention(pattern_name, "reference")(q, k, v, token_types=types))
     got = _kinds(_attention(pattern_name, backend)(q, k, v, token_types=types))
     assert all(torch.equal(a, b) for a, b in zip(got, expected))
+
+
+@pytest.mark.parametrize("backend", ["flex-eager", "triton"])
+@pytest.mark.parametrize("pattern_name", ["window", "qblock"])
+@pytest.mark.parametrize("value", [float("inf"), float("nan")])
+def test_query_gradients_stay_finite_where_the_value_is_unseen(backend, pattern_name, value):
+    """A non-finite value at key 5 of 32: dq is non-finite in exactly the rows
+    whose output sees it (the reference's forward says which); the masked
+    pairs of its key tile add nothing (the tiled backward's ``dp = dO . v`` is
+    inf there for every row). The float64 reference is left out: its gradient
+    also flows through the causal rows it computes for text queries and
+    discards, which see the value."""
+    q, k, v = (torch.randn(1, 2, 32, HEAD_DIM, generator=torch.Generator().manual_seed(s)) for s in range(3))
+    v[0, 1, 5, 3] = value
+    q.requires_grad_(True)
+    out = _attention(pattern_name, backend)(q, k, v)
+    out.backward(torch.ones_like(out))
+    seen = nonfinite_rows(_attention(pattern_name, "reference")(q.detach(), k, v))
+    assert seen and nonfinite_rows(q.grad) == seen

@@ -144,32 +144,33 @@ def _nonfinite_rows(BAD, first, last):
 
 
 @triton.jit
-def _accumulate_nonfinite(acc, acc_l, alpha, p, vv, kept, IEEE: tl.constexpr):
-    """:func:`_accumulate` for a block whose values ``vv`` [N, D] hold inf or
-    NaN, as ``nsaflex.reference.masked_product`` defines it: ``v[j, d]``
-    non-finite reaches row ``t`` only through a pair that ``kept``
-    (broadcastable to ``p``'s [R, N]) keeps, as ``p_tj * v_jd`` (+inf with
-    -inf gives NaN, ``p = 0`` with inf gives NaN). A plain ``p @ vv`` would also
-    add ``0 * inf = NaN`` over the masked pairs.
+def _add_nonfinite(acc, kept, VRAW, rows, rmask, stride, d):
+    """``acc`` [R, D] plus the non-finite values of the key rows ``rows`` [N]
+    (those with ``rmask``) of ``VRAW`` (the values as given, ``stride`` apart)
+    over the pairs ``kept`` [R, N] keeps, as ``nsaflex.reference.masked_product``
+    adds them: +inf, -inf, or NaN where a row keeps both or a NaN. The branch
+    loops read these values as 0 (their ``V`` holds the finite part), so
+    ``acc`` holds the finite part.
 
-    The finite values go through :func:`_accumulate` (the others as 0). The
-    non-finite part is one exact product of integer codes: pair weight 1 (kept,
-    ``p > 0``), 2^20 (kept, ``p = 0``) or 0, value code 1 (+inf), 2^10 (-inf),
-    2^20 (NaN) or 0; fp32 sums of at most 1023 keys keep the counts apart: a
-    total ``>= 2^20`` means a NaN term, the low ten bits count +inf, the rest
-    -inf. The decoded +inf, -inf or NaN is added to ``acc``."""
-    tl.static_assert(p.shape[1] < 1024)
+    Two products add into ``acc`` itself (no second accumulator): kept pairs
+    weigh ``H = 2^100`` (the others 0) against codes ``H`` where a value is
+    +inf or NaN and, negated, where it is -inf or NaN, else 0. ``H * H``
+    overflows fp32 to inf, so a kept +inf adds +inf, a kept -inf -inf, and
+    both +inf - inf = NaN; finite codes meet the weights 0 as 0 (where
+    ``p @ v`` would add ``0 * inf = NaN`` over the masked pairs). bf16
+    operands (H and 0 are exact there) take the matrix units."""
+    vv = tl.load(VRAW + rows[:, None] * stride + d[None, :], mask=rmask[:, None], other=0.0)
     finite = tl.abs(vv) < float("inf")
-    acc, acc_l = _accumulate(acc, acc_l, alpha, p, tl.where(finite, vv, tl.zeros_like(vv)), IEEE)
-    code = tl.where(finite, 0.0, tl.where(vv == float("inf"), 1.0, tl.where(vv == float("-inf"), 1024.0, 1048576.0)))
-    weight = tl.where(kept, tl.where(p > 0, 1.0, 1048576.0), 0.0)
-    total = tl.dot(weight, code, input_precision="ieee")
-    counts = tl.where(total < 1048576.0, total, 0.0).to(tl.int32)
-    up = (counts & 1023) != 0
-    down = counts >= 1024
-    kinds = tl.where(up, float("inf"), float("-inf"))
-    kinds = tl.where((total >= 1048576.0) | (up & down), float("nan"), kinds)
-    return acc + tl.where((total >= 1048576.0) | up | down, kinds, 0.0), acc_l
+    weight = tl.where(kept, 1.2676506002282294e30, 0.0)
+    up = tl.where(finite | (vv < 0), 0.0, 1.2676506002282294e30)
+    down = tl.where(finite | (vv > 0), 0.0, 1.2676506002282294e30)
+    if vv.dtype == tl.float32:
+        acc = tl.dot(weight, up, acc, input_precision="ieee")
+        acc = tl.dot(-weight, down, acc, input_precision="ieee")
+    else:
+        acc = tl.dot(weight.to(tl.bfloat16), up.to(tl.bfloat16), acc)
+        acc = tl.dot((-weight).to(tl.bfloat16), down.to(tl.bfloat16), acc)
+    return acc
 
 
 @triton.jit
@@ -373,31 +374,22 @@ def _tile_rows(t0, length, G: tl.constexpr, GR: tl.constexpr, BT: tl.constexpr, 
 
 
 @triton.jit
-def _lse_step(q, t, valid, i0, hi, n_cmp, kbase, kdesc, vbase, vdesc, bad, skt, d, m, acc_l, acc, scale_log2,
+def _lse_step(q, t, valid, i0, hi, n_cmp, kbase, kdesc, vbase, vdesc, skt, d, m, acc_l, acc, scale_log2,
               BN: tl.constexpr, CBLOCK: tl.constexpr, CSTRIDE: tl.constexpr, LEGACY: tl.constexpr,
               IEEE: tl.constexpr, TMA: tl.constexpr, MASKED: tl.constexpr, OUTPUT: tl.constexpr):
     """One step of :func:`cmp_lse_kernel` over compressed tokens ``i0 .. i0 + BN``:
     the running max ``m``, sum ``acc_l`` and (``OUTPUT``) output ``acc``. ``MASKED``:
-    apply the visibility rule per element (off where every row sees the chunk whole).
-    ``bad``: the sequence's prefix counts of non-finite compressed values
-    (:func:`_nonfinite_rows`); a step over such values takes
-    :func:`_accumulate_nonfinite`."""
+    apply the visibility rule per element (off where every row sees the chunk whole)."""
     i = i0 + tl.arange(0, BN)
     kc = _key_rows(kbase, kdesc, i0, i, i < hi, skt, d, TMA)
     s = _dot(q, tl.trans(kc), IEEE)
     if MASKED:
         vis = _visible(i, t, n_cmp, CBLOCK, CSTRIDE, LEGACY) & valid[:, None]
         s = tl.where(vis, s, float("-inf"))
-    else:
-        vis = valid[:, None]
     m, alpha, p = _online_softmax(m, s, scale_log2)
     if OUTPUT:
         vc = _key_rows(vbase, vdesc, i0, i, i < hi, skt, d, TMA)
-        # A descriptor load reads past hi up to n_cmp: those rows count too.
-        if _nonfinite_rows(bad, i0, tl.minimum(i0 + BN, n_cmp)):
-            acc, acc_l = _accumulate_nonfinite(acc, acc_l, alpha, p, vc, vis, IEEE)
-        else:
-            acc, acc_l = _accumulate(acc, acc_l, alpha, p, vc, IEEE)
+        acc, acc_l = _accumulate(acc, acc_l, alpha, p, vc, IEEE)
     else:
         acc_l = acc_l * alpha + tl.sum(p, axis=1)
     return m, acc_l, acc
@@ -405,7 +397,7 @@ def _lse_step(q, t, valid, i0, hi, n_cmp, kbase, kdesc, vbase, vdesc, bad, skt, 
 
 @triton.jit
 def cmp_lse_kernel(
-    Q, KC, VC, LSE, OC, SEQ, BADC,
+    Q, KC, VC, LSE, OC, SEQ, NONFINITE,
     sqb, sqh, sqt, skb, skh, skt, slb, slh, slt, sbad,
     scale_log2,
     G: tl.constexpr, GR: tl.constexpr, BT: tl.constexpr, R: tl.constexpr, BN: tl.constexpr, D: tl.constexpr,
@@ -421,10 +413,12 @@ def cmp_lse_kernel(
     video: the two passes 10.6 ms against 12.3 with the output in the score pass.
     ``OUTPUT`` False (the FlexAttention backend's scoring, which runs the
     compression branch itself): the log-sum-exp alone; ``VC``, ``OC`` and
-    ``BADC`` are not read or written. ``BADC`` [B, Hkv, Tc + 1]: the prefix
-    counts of compressed value rows holding inf or NaN (``ops.nonfinite_prefix``,
-    (batch, head) strides ``sbad``), which pick the exact steps
-    (:func:`_accumulate_nonfinite`).
+    ``NONFINITE`` are not read or written.
+    ``VC``: the compressed values with inf and NaN read as 0; ``NONFINITE``:
+    (the compressed values as given, ``[B, Hkv, Tc + 1]`` prefix counts of
+    their rows holding inf or NaN (``ops.nonfinite_prefix``, (batch, head)
+    strides ``sbad``)): chunks with such rows add them after the loop
+    (:func:`_add_nonfinite`), over the pairs visibility keeps.
 
     Rows: :func:`_tile_rows` (``BT`` tokens, ``GR`` rows per token, ``R`` rows).
     ``TMA``: compressed keys (and values) through tensor descriptors (:func:`_sequence_desc`)."""
@@ -447,7 +441,6 @@ def cmp_lse_kernel(
         kbase = KC + bb * skb + hk.to(tl.int64) * skh + cstart * skt
         kdesc = _sequence_desc(kbase, n_cmp, skt, BN, D, TMA)
         vbase = VC + bb * skb + hk.to(tl.int64) * skh + cstart * skt
-        bad = BADC + bb * sbad[0] + hk.to(tl.int64) * sbad[1] + cstart
         if OUTPUT:
             vdesc = _sequence_desc(vbase, n_cmp, skt, BN, D, TMA)
         else:
@@ -459,9 +452,21 @@ def cmp_lse_kernel(
         mid = lo if LEGACY else _num_visible(t0, n_cmp, CBLOCK, CSTRIDE) // BN * BN
         for masked in tl.static_range(2):
             for i0 in range(mid if masked else lo, hi if masked else mid, BN):
-                m, acc_l, acc = _lse_step(q, t, valid, i0, hi, n_cmp, kbase, kdesc, vbase, vdesc, bad, skt, d, m, acc_l,
+                m, acc_l, acc = _lse_step(q, t, valid, i0, hi, n_cmp, kbase, kdesc, vbase, vdesc, skt, d, m, acc_l,
                                           acc, scale_log2, BN, CBLOCK, CSTRIDE, LEGACY, IEEE, TMA, masked == 1,
                                           OUTPUT)
+        if OUTPUT:
+            VCRAW, BADC = NONFINITE
+            bad = BADC + bb * sbad[0] + hk.to(tl.int64) * sbad[1] + cstart
+            if _nonfinite_rows(bad, lo, hi):
+                vraw = VCRAW + bb * skb + hk.to(tl.int64) * skh + cstart * skt
+                for i0 in range(lo, hi, BN):
+                    if _nonfinite_rows(bad, i0, tl.minimum(i0 + BN, hi)):
+                        # 16 keys at a time: the fewest registers a matrix product takes.
+                        for c in range(0, BN, 16):
+                            i = i0 + c + tl.arange(0, 16)
+                            kept = _visible(i, t, n_cmp, CBLOCK, CSTRIDE, LEGACY) & valid[:, None] & (i < hi)[None, :]
+                            acc = _add_nonfinite(acc, kept, vraw, i, i < hi, skt, d)
         lse = tl.where(acc_l > 0, m + tl.log2(acc_l), 0.0)
         lse_base, lse_rows = _rows_at(b, hk, start, g, t, slb, slh, slt, G)
         tl.store(LSE + lse_base + lse_rows, lse, mask=valid)
@@ -1198,7 +1203,7 @@ def _union_step_loads(ubase, umbase, it, count, ahead, hit_row, t, valid, length
     ``PREFETCH`` the entry is ``ahead`` (loaded during the step before) and
     the next step's is loaded here, so that the copy of a key block does not
     wait on its index; otherwise it is loaded at the step. Returns (kk, vv,
-    mask, the step's first key position, the entry for the next step)."""
+    mask, the entry for the next step)."""
     if PREFETCH:
         entry = ahead
         ahead = _union_entry(ubase, umbase, it + 1, count)
@@ -1213,12 +1218,12 @@ def _union_step_loads(ubase, umbase, it, count, ahead, hit_row, t, valid, length
         mask = limit >= 0
     kk = _key_rows(kbase, kdesc, first_key, s_pos, kmask, skt, d, TMA)
     vv = _key_rows(vbase, vdesc, first_key, s_pos, kmask, skt, d, TMA)
-    return kk, vv, mask, first_key, ahead
+    return kk, vv, mask, ahead
 
 
 @triton.jit
 def slc_win_kernel(
-    Q, K, V, OC, GATES, SEL, UNION, OUT, OS, OW, LSES, LSEW, STARTS, LENS, BADV,
+    Q, K, V, OC, GATES, SEL, UNION, OUT, OS, OW, LSES, LSEW, STARTS, LENS, NONFINITE,
     sq, sk, sg, ss, slse, sbad,
     scale_log2, n_tiles,
     G: tl.constexpr, R: tl.constexpr, BT: tl.constexpr, D: tl.constexpr,
@@ -1239,10 +1244,12 @@ def slc_win_kernel(
     ``TMA``: key and value blocks arrive through tensor descriptors (no
     per-element addresses in registers). Union blocks that end before the
     tile's first token are masked per row (see the loop).
-    ``BADV`` [B, Hkv, T + 1]: the prefix counts of value rows holding inf or
-    NaN (``ops.nonfinite_prefix``, (batch, head) strides ``sbad``); a step
-    whose key rows hold one takes :func:`_accumulate_nonfinite`, so such a
-    value reaches only the rows that keep its key."""
+    ``V``: the values with inf and NaN read as 0; ``NONFINITE``: (the values
+    as given (k's strides), ``[B, Hkv, T + 1]`` prefix counts of their rows
+    holding inf or NaN (``ops.nonfinite_prefix``, (batch, head) strides
+    ``sbad``)): after each branch's loop, its steps over such rows add them
+    over the pairs the branch keeps (:func:`_add_nonfinite`), so a
+    non-finite value reaches only the rows that see it."""
     BS: tl.constexpr = key_tile(LS)
     IEEE: tl.constexpr = Q.dtype.element_ty == tl.float32
     BKW: tl.constexpr = 64  # window keys per step
@@ -1253,9 +1260,12 @@ def slc_win_kernel(
         bb = b.to(tl.int64)
         kbase = K + bb * sk[0] + hk.to(tl.int64) * sk[1] + start * sk[2]
         vbase = V + bb * sk[0] + hk.to(tl.int64) * sk[1] + start * sk[2]
-        bad = BADV + bb * sbad[0] + hk.to(tl.int64) * sbad[1] + start
         gate_off = bb * sg[0] + h * sg[1] + (start + t) * sg[2]
         lse_off = bb * slse[0] + h * slse[1] + (start + t) * slse[2]
+        t_last = tl.minimum(t0 + BT, length) - 1
+        VRAW, BADV = NONFINITE
+        vraw = VRAW + bb * sk[0] + hk.to(tl.int64) * sk[1] + start * sk[2]
+        bad = BADV + bb * sbad[0] + hk.to(tl.int64) * sbad[1] + start
         # Branches finish one after another so at most two [R, D] accumulators
         # are live: the running output and the branch in progress.
         out = tl.zeros([R, D], tl.float32)
@@ -1274,25 +1284,30 @@ def slc_win_kernel(
             for masked in tl.static_range(2):
                 ahead = _union_entry(ubase, umbase, n_whole if masked else 0, count)
                 for it in range(n_whole if masked else 0, count if masked else n_whole):
-                    kk, vv, mask, first_key, ahead = _union_step_loads(
-                        ubase, umbase, it, count, ahead, hit_row, t, valid, length, kbase, kdesc, vbase, vdesc, sk[2],
-                        d, LS, BS, masked == 1, TMA, True)
+                    kk, vv, mask, ahead = _union_step_loads(ubase, umbase, it, count, ahead, hit_row, t, valid, length,
+                                                            kbase, kdesc, vbase, vdesc, sk[2], d, LS, BS, masked == 1,
+                                                            TMA, True)
                     s = _dot(q, tl.trans(kk), IEEE)
                     if masked:
                         m, alpha, p = _online_softmax(m, tl.where(mask, s, float("-inf")), scale_log2)
-                        kept = mask
                     else:
                         m, alpha, p = _online_softmax_rows(m, s, scale_log2, mask)
-                        kept = mask[:, None]
-                    # The step's loads cover BS rows (a descriptor reads them all).
-                    if _nonfinite_rows(bad, first_key, tl.minimum(first_key + BS, length)):
-                        acc, acc_l = _accumulate_nonfinite(acc, acc_l, alpha, p, vv, kept, IEEE)
-                    else:
-                        acc, acc_l = _accumulate(acc, acc_l, alpha, p, vv, IEEE)
+                    acc, acc_l = _accumulate(acc, acc_l, alpha, p, vv, IEEE)
+            # Outside the loop: the steps over finite values keep the loop's code.
+            if _nonfinite_rows(bad, 0, t_last + 1):
+                for it in range(0, count):
+                    j, bits = _union_entry(ubase, umbase, it, count)
+                    _, _, limit, first_key = _union_block(j, bits, hit_row, t, valid, length, LS, BS)
+                    if _nonfinite_rows(bad, first_key, tl.minimum(first_key + LS, length)):
+                        # 16 keys at a time: the fewest registers a matrix product takes.
+                        for c in range(0, BS, 16):
+                            pos = first_key + c + tl.arange(0, 16)
+                            rmask = (c + tl.arange(0, 16) < LS) & (pos < length)
+                            kept = (pos[None, :] <= limit[:, None]) & rmask[None, :]
+                            acc = _add_nonfinite(acc, kept, vraw, pos, rmask, sk[2], d)
             gate = tl.load(GATES + gate_off + GI_SLC * sg[3], mask=valid, other=0.0).to(tl.float32)
             out = _finish_branch(out, acc, acc_l, m, gate, valid, OS, LSES, q_base, row_off, lse_off, d, SAVE)
         if GI_WIN >= 0:
-            t_last = tl.minimum(t0 + BT, length) - 1
             lo = tl.maximum(t0 - WIN + 1, 0)
             kdesc_w = _sequence_desc(kbase, length, sk[2], BKW, D, TMA)
             vdesc_w = _sequence_desc(vbase, length, sk[2], BKW, D, TMA)
@@ -1307,10 +1322,14 @@ def slc_win_kernel(
                 mask = valid[:, None] & (s_pos[None, :] <= t[:, None]) & (s_pos[None, :] > t[:, None] - WIN)
                 s = tl.where(mask, _dot(q, tl.trans(kk), IEEE), float("-inf"))
                 m, alpha, p = _online_softmax(m, s, scale_log2)
-                if _nonfinite_rows(bad, s0, tl.minimum(s0 + BKW, length)):
-                    acc, acc_l = _accumulate_nonfinite(acc, acc_l, alpha, p, vv, mask, IEEE)
-                else:
-                    acc, acc_l = _accumulate(acc, acc_l, alpha, p, vv, IEEE)
+                acc, acc_l = _accumulate(acc, acc_l, alpha, p, vv, IEEE)
+            if _nonfinite_rows(bad, lo, t_last + 1):
+                for s0 in range(lo, t_last + 1, BKW):
+                    if _nonfinite_rows(bad, s0, tl.minimum(s0 + BKW, t_last + 1)):
+                        for c in range(0, BKW, 16):
+                            pos = s0 + c + tl.arange(0, 16)
+                            kept = valid[:, None] & (pos[None, :] <= t[:, None]) & (pos[None, :] > t[:, None] - WIN)
+                            acc = _add_nonfinite(acc, kept, vraw, pos, pos <= t_last, sk[2], d)
             gate = tl.load(GATES + gate_off + GI_WIN * sg[3], mask=valid, other=0.0).to(tl.float32)
             out = _finish_branch(out, acc, acc_l, m, gate, valid, OW, LSEW, q_base, row_off, lse_off, d, SAVE)
         if GI_CMP >= 0:
