@@ -30,6 +30,14 @@ Kernels:
   combination with the compression output: only the final output is written
   (branch outputs and their log-sum-exp only when a backward pass needs them).
 
+Non-finite values: the branch loops read a copy of the values with inf and
+NaN as 0 (``ops.finite_values``), so that a masked probability 0 never meets
+one (``0 * inf = NaN`` would reach earlier queries of the key tile); after a
+loop, the steps whose rows a prefix count flags (``ops.nonfinite_prefix``,
+:func:`_nonfinite_rows`) add those values over the kept pairs alone
+(:func:`_add_nonfinite`). With finite values that is one flag test per branch
+and tile.
+
 Sequences are addressed as ``base + b * stride_b + (start[b] + t) * stride_t``:
 ``start`` is 0 for ``[B, H, L, D]`` tensors and ``cu_seqlens[b]`` for packed
 varlen tensors (``stride_b = 0``). Batch, head-group and first-row offsets are
