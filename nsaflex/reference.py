@@ -153,7 +153,10 @@ def masked_product(probabilities: torch.Tensor, v: torch.Tensor, mask: torch.Ten
         return out
     kept = torch.where(finite, torch.zeros_like(v), v).index_select(-2, index)  # [..., S', D]
     pairs = mask.expand(*probabilities.shape).index_select(-1, index)  # [..., T, S']
-    terms = probabilities.index_select(-1, index)[..., None] * kept[..., None, :, :]  # [..., T, S', D]
+    # The masked pairs' probabilities are zeroed before the product too: their terms
+    # (0 * inf = NaN) are dropped by the where, but its gradient would carry NaN back.
+    chosen = probabilities.index_select(-1, index)
+    terms = torch.where(pairs, chosen, torch.zeros_like(chosen))[..., None] * kept[..., None, :, :]  # [..., T, S', D]
     return out + torch.where(pairs[..., None], terms, torch.zeros_like(terms)).sum(dim=-2)
 
 

@@ -207,26 +207,66 @@ def _recompile_room():
 
 
 def _run_flex(branch: str, q, k, v, mask: "_Mask", compiled: bool, tiling: "_Tiling", dynamic: bool = False,
-              lse: dict | None = None):
+              lse: dict | None = None, finite_values: bool = True):
     """One branch's output; a dict passed as ``lse`` receives its log-sum-exp
     ``[B, Hq, L]`` under ``branch``, and the branch then runs through
     :func:`dense_block_mask_attention` (the same tiles and mask_mod, evaluated
-    eagerly: inspection, not speed)."""
+    eagerly: inspection, not speed). ``finite_values`` False (``v`` holds inf
+    or NaN): the tiled kernel runs as :func:`_tiled_nonfinite` says."""
     scale = softmax_scale(q.shape[-1])
     if lse is not None:
         out, lse[branch] = dense_block_mask_attention(q, k, v, mask.tiles, mask.mask_mod, scale, return_lse=True)
         return out
     kernel_options = tiling.options
     if torch.compiler.is_compiling():  # inside the user's own torch.compile region
-        return _ENTRY[branch](q, k, v, mask.block_mask(True), scale, kernel_options)
-    if compiled and q.device.type == "cpu" and cpu_compiled_wrong(k.shape[2], tiling.kv_block):
-        CPU_DENSE_FALLBACKS[branch] += 1
-        compiled = False
-    if compiled:
-        with _recompile_room():
-            compiled_branch = _compiled(branch, tiling.small_backward_tiles, dynamic)
-            return compiled_branch(q, k, v, mask.block_mask(mask.compute_q_blocks), scale, kernel_options)
-    return dense_block_mask_attention(q, k, v, mask.tiles, mask.mask_mod, scale)
+        def tiled(q_, k_, v_):
+            return _ENTRY[branch](q_, k_, v_, mask.block_mask(True), scale, kernel_options)
+    else:
+        if compiled and q.device.type == "cpu" and cpu_compiled_wrong(k.shape[2], tiling.kv_block):
+            CPU_DENSE_FALLBACKS[branch] += 1
+            compiled = False
+        if not compiled:
+            # The dense evaluation adds non-finite values over the kept pairs alone.
+            return dense_block_mask_attention(q, k, v, mask.tiles, mask.mask_mod, scale)
+
+        def tiled(q_, k_, v_):
+            with _recompile_room():
+                compiled_branch = _compiled(branch, tiling.small_backward_tiles, dynamic)
+                return compiled_branch(q_, k_, v_, mask.block_mask(mask.compute_q_blocks), scale, kernel_options)
+    return tiled(q, k, v) if finite_values else _tiled_nonfinite(tiled, q, k, v)
+
+
+def _tiled_nonfinite(tiled, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """A tiled FlexAttention branch ``tiled(q, k, v)`` whose values ``v [B, Hkv, S, D]``
+    hold inf or NaN, as :func:`nsaflex.reference.masked_product` defines it: a
+    non-finite ``v[j, d]`` reaches row ``t``, channel ``d`` only through a kept
+    pair (t, j). The kernel's ``p @ v`` would also multiply the masked
+    probabilities 0 of the same key tile into it (``0 * inf = NaN``).
+
+    The finite part runs with the non-finite values set to 0. Two more passes
+    with every score 0 (q and k zeros: uniform probabilities over exactly the
+    kept keys) average the 0/1 indicators ``up`` (+inf or NaN) and ``down``
+    (-inf or NaN): an average above 0 means a kept key of that kind, and both
+    together (a NaN, or +inf with -inf) give NaN, one alone +inf or -inf. The
+    three passes have one shape, so one compiled kernel serves them."""
+    finite = torch.isfinite(v)
+    out = tiled(q, k, torch.where(finite, v, torch.zeros_like(v)))
+    zeros_q, zeros_k = torch.zeros_like(q), torch.zeros_like(k)
+    nan = torch.isnan(v)
+    up = tiled(zeros_q, zeros_k, (nan | (v == float("inf"))).to(v.dtype)) > 0
+    down = tiled(zeros_q, zeros_k, (nan | (v == float("-inf"))).to(v.dtype)) > 0
+    kinds = torch.where(up, float("inf"), float("-inf")).to(out.dtype)
+    kinds = torch.where(up & down, float("nan"), kinds)
+    return out + torch.where(up | down, kinds, torch.zeros_like(kinds))
+
+
+def all_finite(*tensors: torch.Tensor) -> list[bool]:
+    """Whether each tensor holds no inf or NaN, with one host read for all.
+    The test is on each tensor's sum (no bool tensor of its size): a float32
+    overflow of finite values only reports False, which sends the caller down
+    its exact path."""
+    sums = [x.sum(dtype=torch.float64 if x.dtype == torch.float64 else torch.float32) for x in tensors]
+    return [bool(flag) for flag in torch.isfinite(torch.stack(sums)).tolist()]
 
 
 def dense_block_mask_attention(q, k, v, tiles, mask_mod, scale: float, return_lse: bool = False):
@@ -501,7 +541,8 @@ class FlexKernel:
 
         key = ("dense", str(q.device), length, q_block, kv_block)
         mask = self._cached(key, lambda: _Mask(causal_tiles(length, q_block, kv_block, q.device), causal_mask_mod()))
-        return _run_flex("dense", q, k, v, mask, compiled, tiling, self.dynamic)
+        finite = all_finite(v)[0] if compiled or torch.compiler.is_compiling() else True
+        return _run_flex("dense", q, k, v, mask, compiled, tiling, self.dynamic, finite_values=finite)
 
     # -- sparse branches ---------------------------------------------------------------------------
     def _branch_info(self, info: dict, outputs: dict, lses: dict, layout, length: int) -> None:
@@ -527,10 +568,17 @@ class FlexKernel:
         batch, query_heads, length, _ = qs.shape
         device = qs.device
         outputs: dict[str, torch.Tensor] = {}
-        compressed_k = None
+        compressed_k = compressed_v = None
+        if pattern.compression is not None:
+            compressed_k, compressed_v = compress(ks, vs, pattern.compression, pooler)
+        # Whether the values (and the pooled values) hold inf or NaN: one host read,
+        # only where a tiled kernel runs (the dense evaluation is exact as it is).
+        values = [vs] + ([compressed_v] if compressed_v is not None else [])
+        tiled = lses is None and (compiled or torch.compiler.is_compiling())
+        finite = all_finite(*values) if tiled else [True] * len(values)
+        finite_v, finite_cv = finite[0], finite[-1]
         if pattern.compression is not None:
             compression = pattern.compression
-            compressed_k, compressed_v = compress(ks, vs, compression, pooler)
             num_compressed = compressed_k.shape[2]
             if num_compressed == 0:
                 outputs["compression"] = _zeros_like_connected(qs)
@@ -555,12 +603,13 @@ class FlexKernel:
                 mask = self._cached(key, build)
                 self._mark("compression: pooling + mask", device)
                 outputs["compression"] = _run_flex("compression", qs, compressed_k, compressed_v, mask, compiled, tiling,
-                                                   self.dynamic, lses)
+                                                   self.dynamic, lses, finite_cv)
                 self._mark("compression: flex", device)
         if pattern.selection is not None:
             assert compressed_k is not None
             mask, tiling = self.selection_mask(qs, compressed_k, lengths, compiled, needs_grad)
-            outputs["selection"] = _run_flex("selection", qs, ks, vs, mask, compiled, tiling, self.dynamic, lses)
+            outputs["selection"] = _run_flex("selection", qs, ks, vs, mask, compiled, tiling, self.dynamic, lses,
+                                             finite_v)
             self._mark("selection: flex", device)
         if pattern.window is not None:
             size = pattern.window.size
@@ -569,7 +618,7 @@ class FlexKernel:
             key = ("window", str(device), length, size, q_block, kv_block)
             mask = self._cached(key, lambda: _Mask(fm.window_tiles(length, size, q_block, kv_block, device), fm.window_mask_mod(size)))
             self._mark("window: mask", device)
-            outputs["window"] = _run_flex("window", qs, ks, vs, mask, compiled, tiling, self.dynamic, lses)
+            outputs["window"] = _run_flex("window", qs, ks, vs, mask, compiled, tiling, self.dynamic, lses, finite_v)
             self._mark("window: flex", device)
         return outputs
 

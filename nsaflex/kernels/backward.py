@@ -23,8 +23,8 @@ import triton
 import triton.language as tl
 
 from nsaflex.kernels.forward import (
-    _dot, _key_rows, _key_value_rows, _program_tile, _query_tile, _seq_field, _sequence_desc, _tile_rows, _union_entry,
-    _union_setup, _union_step_loads, _visible, _visible_span, key_tile,
+    _dot, _key_rows, _key_value_rows, _nonfinite_rows, _program_tile, _query_tile, _seq_field, _sequence_desc, _tile_rows,
+    _union_block, _union_entry, _union_setup, _union_step_loads, _visible, _visible_span, key_tile,
 )
 
 
@@ -53,11 +53,20 @@ def _dq_step(dq, p, do, kk, vv, gb, delta, IEEE: tl.constexpr):
 
 
 @triton.jit
+def _sees_nonfinite(sees, kept, bad, rows, rmask):
+    """``sees`` [R] or whether each row keeps (``kept`` [R, N]) one of the key
+    rows ``rows`` [N] (those with ``rmask``) whose values hold inf or NaN, by
+    the prefix counts ``bad`` (``ops.nonfinite_prefix``)."""
+    flagged = tl.load(bad + rows + 1, mask=rmask, other=0) != tl.load(bad + rows, mask=rmask, other=0)
+    return sees | (tl.max((kept & flagged[None, :]).to(tl.int32), axis=1) > 0)
+
+
+@triton.jit
 def bwd_dq_kernel(
     Q, K, V, KC, VC, DO, GATES, BRANCH_OUT, BRANCH_LSE, SEL, UNION, DQ, DG, DELTA,
     SEQ,
     sq, sk, sc, sg, sdg, ss, slse, sdn,
-    scales, n_tiles,
+    scales, NONFINITE,
     G: tl.constexpr, R: tl.constexpr, BT: tl.constexpr, D: tl.constexpr,
     GI_CMP: tl.constexpr, GI_SLC: tl.constexpr, GI_WIN: tl.constexpr,
     CBLOCK: tl.constexpr, CSTRIDE: tl.constexpr, LEGACY: tl.constexpr,
@@ -71,7 +80,15 @@ def bwd_dq_kernel(
     branch outputs (q's layout) and log-sum-exp, (compression, selection,
     window). Stride tuples as ``slc_win_kernel``'s (batch, head, token), ``sc``
     of the compressed keys and values, ``sdg`` of DG; ``sdn``: DELTA's branch
-    stride (DELTA [3, B, H, T], the lse layout). ``scales``: (scale_log2, scale)."""
+    stride (DELTA [3, B, H, T], the lse layout). ``scales``: (scale_log2, scale).
+    ``V``, ``VC``: the values with inf and NaN read as 0 (as the forward's
+    loops read them), so that ``dp = dO . v`` is finite where a masked pair
+    meets such a value; ``NONFINITE``: (the prefix counts of the value rows
+    holding inf or NaN, those of the compressed value rows
+    (``ops.nonfinite_prefix``), the first's (batch, head) strides, the
+    second's). A row that keeps such a value in any branch gets a NaN ``dq``
+    (``dp`` is inf or NaN there), and no other row does. The union lists'
+    tiles are the grid's first axis."""
     BS: tl.constexpr = key_tile(LS)
     IEEE: tl.constexpr = Q.dtype.element_ty == tl.float32
     BN: tl.constexpr = 64  # compressed keys per step
@@ -79,6 +96,7 @@ def bwd_dq_kernel(
     OC, OS, OW = BRANCH_OUT
     LSEC, LSES, LSEW = BRANCH_LSE
     scale_log2, scale = scales
+    BADV, BADC, sbv, sbc = NONFINITE
     pid_t, b, hk, length, t0 = _program_tile(SEQ + 1, BT, 4)
     if t0 < length:
         start, r, t, g, valid, h, d, q_base, row_off, q = _query_tile(Q, SEQ, b, hk, t0, length, sq,
@@ -91,6 +109,7 @@ def bwd_dq_kernel(
         lse_off = bb * slse[0] + h * slse[1] + (start + t) * slse[2]
         t_last = tl.minimum(t0 + BT, length) - 1
         dq = tl.zeros([R, D], tl.float32)
+        sees = t < 0  # rows that keep a non-finite value
         if GI_CMP >= 0:
             cstart = _seq_field(SEQ, b, 2).to(tl.int64)
             n_cmp = _seq_field(SEQ, b, 3)
@@ -111,13 +130,20 @@ def bwd_dq_kernel(
                 vis = _visible(i, t, n_cmp, CBLOCK, CSTRIDE, LEGACY) & valid[:, None]
                 p = tl.where(vis, tl.exp2(s - lse[:, None]), 0.0)
                 dq = _dq_step(dq, p, do, kc, vc, gb, delta, IEEE)
+            bad = BADC + bb * sbc[0] + hk.to(tl.int64) * sbc[1] + cstart
+            if _nonfinite_rows(bad, lo, hi):
+                for i0 in range(lo, hi, BN):
+                    i = i0 + tl.arange(0, BN)
+                    kept = _visible(i, t, n_cmp, CBLOCK, CSTRIDE, LEGACY) & valid[:, None]
+                    sees = _sees_nonfinite(sees, kept, bad, i, i < hi)
         kbase = K + bb * sk[0] + hk.to(tl.int64) * sk[1] + start * sk[2]
         vbase = V + bb * sk[0] + hk.to(tl.int64) * sk[1] + start * sk[2]
+        bad = BADV + bb * sbv[0] + hk.to(tl.int64) * sbv[1] + start
         if GI_SLC >= 0:
             gb, delta, lse = _branch_delta(OS, GATES, LSES, DG, DELTA + 1 * sdn, dof, q_base, row_off, d, gate_off,
                                            dg_off, lse_off, valid, GI_SLC, sg[3])
             count, ubase, umbase, hit_row, kdesc, vdesc, n_whole = _union_setup(
-                SEL, UNION, b, hk, pid_t, n_tiles, start, ss, t0, length, r, kbase, vbase, sk[2],
+                SEL, UNION, b, hk, pid_t, tl.num_programs(0), start, ss, t0, length, r, kbase, vbase, sk[2],
                 G, G, BT, D, W, LS, BS, HEAD_SCORING, TMA, False)
             # As in the forward (slc_win_kernel): the blocks that end before the tile's
             # first token, a prefix of the sorted list, are masked per row only (lse
@@ -135,6 +161,12 @@ def bwd_dq_kernel(
                     else:
                         p = tl.exp2(s - tl.where(mask, lse, float("inf"))[:, None])
                     dq = _dq_step(dq, p, do, kk, vv, gb, delta, IEEE)
+            if _nonfinite_rows(bad, 0, t_last + 1):
+                for it in range(0, count):
+                    j, bits = _union_entry(ubase, umbase, it, count)
+                    s_pos, kmask, limit, first_key = _union_block(j, bits, hit_row, t, valid, length, LS, BS)
+                    kept = (s_pos[None, :] <= limit[:, None]) & kmask[None, :]
+                    sees = _sees_nonfinite(sees, kept, bad, s_pos, kmask)
         if GI_WIN >= 0:
             gb, delta, lse = _branch_delta(OW, GATES, LSEW, DG, DELTA + 2 * sdn, dof, q_base, row_off, d, gate_off,
                                            dg_off, lse_off, valid, GI_WIN, sg[3])
@@ -150,6 +182,12 @@ def bwd_dq_kernel(
                 mask = valid[:, None] & (s_pos[None, :] <= t[:, None]) & (s_pos[None, :] > t[:, None] - WIN)
                 p = tl.where(mask, tl.exp2(s - lse[:, None]), 0.0)
                 dq = _dq_step(dq, p, do, kk, vv, gb, delta, IEEE)
+            if _nonfinite_rows(bad, lo, t_last + 1):
+                for s0 in range(lo, t_last + 1, BKW):
+                    s_pos = s0 + tl.arange(0, BKW)
+                    kept = valid[:, None] & (s_pos[None, :] <= t[:, None]) & (s_pos[None, :] > t[:, None] - WIN)
+                    sees = _sees_nonfinite(sees, kept, bad, s_pos, s_pos <= t_last)
+        dq = tl.where(sees[:, None], float("nan"), dq)
         tl.store(DQ + q_base + row_off[:, None] + d[None, :], (dq * scale).to(DQ.dtype.element_ty), mask=valid[:, None])
 
 

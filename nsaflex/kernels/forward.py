@@ -30,6 +30,14 @@ Kernels:
   combination with the compression output: only the final output is written
   (branch outputs and their log-sum-exp only when a backward pass needs them).
 
+Non-finite values: the branch loops read a copy of the values with inf and
+NaN as 0 (``ops.finite_values``), so that a masked probability 0 never meets
+one (``0 * inf = NaN`` would reach earlier queries of the key tile); after a
+loop, the steps whose rows a prefix count flags (``ops.nonfinite_prefix``,
+:func:`_nonfinite_rows`) add those values over the kept pairs alone
+(:func:`_add_nonfinite`). With finite values that is one flag test per branch
+and tile.
+
 Sequences are addressed as ``base + b * stride_b + (start[b] + t) * stride_t``:
 ``start`` is 0 for ``[B, H, L, D]`` tensors and ``cu_seqlens[b]`` for packed
 varlen tensors (``stride_b = 0``). Batch, head-group and first-row offsets are
@@ -133,6 +141,44 @@ def _accumulate(acc, acc_l, alpha, p, vv, IEEE: tl.constexpr):
     acc_l = acc_l * alpha + tl.sum(p, axis=1)
     acc = acc * alpha[:, None] + _dot(p.to(vv.dtype), vv, IEEE)
     return acc, acc_l
+
+
+@triton.jit
+def _nonfinite_rows(BAD, first, last):
+    """Whether value rows ``[first, last)`` of a sequence hold inf or NaN:
+    ``BAD`` points at the sequence's exclusive prefix counts of such rows
+    (``ops.nonfinite_prefix``). Two scalar loads; no value is read."""
+    return tl.load(BAD + last) != tl.load(BAD + first)
+
+
+@triton.jit
+def _add_nonfinite(acc, kept, VRAW, rows, rmask, stride, d):
+    """``acc`` [R, D] plus the non-finite values of the key rows ``rows`` [N]
+    (those with ``rmask``) of ``VRAW`` (the values as given, ``stride`` apart)
+    over the pairs ``kept`` [R, N] keeps, as ``nsaflex.reference.masked_product``
+    adds them: +inf, -inf, or NaN where a row keeps both or a NaN. The branch
+    loops read these values as 0 (their ``V`` holds the finite part), so
+    ``acc`` holds the finite part.
+
+    Two products add into ``acc`` itself (no second accumulator): kept pairs
+    weigh ``H = 2^100`` (the others 0) against codes ``H`` where a value is
+    +inf or NaN and, negated, where it is -inf or NaN, else 0. ``H * H``
+    overflows fp32 to inf, so a kept +inf adds +inf, a kept -inf -inf, and
+    both +inf - inf = NaN; finite codes meet the weights 0 as 0 (where
+    ``p @ v`` would add ``0 * inf = NaN`` over the masked pairs). bf16
+    operands (H and 0 are exact there) take the matrix units."""
+    vv = tl.load(VRAW + rows[:, None] * stride + d[None, :], mask=rmask[:, None], other=0.0)
+    finite = tl.abs(vv) < float("inf")
+    weight = tl.where(kept, 1.2676506002282294e30, 0.0)
+    up = tl.where(finite | (vv < 0), 0.0, 1.2676506002282294e30)
+    down = tl.where(finite | (vv > 0), 0.0, 1.2676506002282294e30)
+    if vv.dtype == tl.float32:
+        acc = tl.dot(weight, up, acc, input_precision="ieee")
+        acc = tl.dot(-weight, down, acc, input_precision="ieee")
+    else:
+        acc = tl.dot(weight.to(tl.bfloat16), up.to(tl.bfloat16), acc)
+        acc = tl.dot((-weight).to(tl.bfloat16), down.to(tl.bfloat16), acc)
+    return acc
 
 
 @triton.jit
@@ -359,8 +405,8 @@ def _lse_step(q, t, valid, i0, hi, n_cmp, kbase, kdesc, vbase, vdesc, skt, d, m,
 
 @triton.jit
 def cmp_lse_kernel(
-    Q, KC, VC, LSE, OC, SEQ,
-    sqb, sqh, sqt, skb, skh, skt, slb, slh, slt,
+    Q, KC, VC, LSE, OC, SEQ, NONFINITE,
+    sqb, sqh, sqt, skb, skh, skt, slb, slh, slt, sbad,
     scale_log2,
     G: tl.constexpr, GR: tl.constexpr, BT: tl.constexpr, R: tl.constexpr, BN: tl.constexpr, D: tl.constexpr,
     CBLOCK: tl.constexpr, CSTRIDE: tl.constexpr, LEGACY: tl.constexpr, IEEE: tl.constexpr, TMA: tl.constexpr,
@@ -374,8 +420,13 @@ def cmp_lse_kernel(
     max, rescaled sums), so that the score pass needs no values. H200, 128K
     video: the two passes 10.6 ms against 12.3 with the output in the score pass.
     ``OUTPUT`` False (the FlexAttention backend's scoring, which runs the
-    compression branch itself): the log-sum-exp alone; ``VC`` and ``OC`` are
-    not read or written.
+    compression branch itself): the log-sum-exp alone; ``VC``, ``OC`` and
+    ``NONFINITE`` are not read or written.
+    ``VC``: the compressed values with inf and NaN read as 0; ``NONFINITE``:
+    (the compressed values as given, ``[B, Hkv, Tc + 1]`` prefix counts of
+    their rows holding inf or NaN (``ops.nonfinite_prefix``, (batch, head)
+    strides ``sbad``)): chunks with such rows add them after the loop
+    (:func:`_add_nonfinite`), over the pairs visibility keeps.
 
     Rows: :func:`_tile_rows` (``BT`` tokens, ``GR`` rows per token, ``R`` rows).
     ``TMA``: compressed keys (and values) through tensor descriptors (:func:`_sequence_desc`)."""
@@ -412,6 +463,18 @@ def cmp_lse_kernel(
                 m, acc_l, acc = _lse_step(q, t, valid, i0, hi, n_cmp, kbase, kdesc, vbase, vdesc, skt, d, m, acc_l,
                                           acc, scale_log2, BN, CBLOCK, CSTRIDE, LEGACY, IEEE, TMA, masked == 1,
                                           OUTPUT)
+        if OUTPUT:
+            VCRAW, BADC = NONFINITE
+            bad = BADC + bb * sbad[0] + hk.to(tl.int64) * sbad[1] + cstart
+            if _nonfinite_rows(bad, lo, hi):
+                vraw = VCRAW + bb * skb + hk.to(tl.int64) * skh + cstart * skt
+                for i0 in range(lo, hi, BN):
+                    if _nonfinite_rows(bad, i0, tl.minimum(i0 + BN, hi)):
+                        # 16 keys at a time: the fewest registers a matrix product takes.
+                        for c in range(0, BN, 16):
+                            i = i0 + c + tl.arange(0, 16)
+                            kept = _visible(i, t, n_cmp, CBLOCK, CSTRIDE, LEGACY) & valid[:, None] & (i < hi)[None, :]
+                            acc = _add_nonfinite(acc, kept, vraw, i, i < hi, skt, d)
         lse = tl.where(acc_l > 0, m + tl.log2(acc_l), 0.0)
         lse_base, lse_rows = _rows_at(b, hk, start, g, t, slb, slh, slt, G)
         tl.store(LSE + lse_base + lse_rows, lse, mask=valid)
@@ -1168,8 +1231,8 @@ def _union_step_loads(ubase, umbase, it, count, ahead, hit_row, t, valid, length
 
 @triton.jit
 def slc_win_kernel(
-    Q, K, V, OC, GATES, SEL, UNION, OUT, OS, OW, LSES, LSEW, STARTS, LENS,
-    sq, sk, sg, ss, slse,
+    Q, K, V, OC, GATES, SEL, UNION, OUT, OS, OW, LSES, LSEW, STARTS, LENS, NONFINITE,
+    sq, sk, sg, ss, slse, sbad,
     scale_log2, n_tiles,
     G: tl.constexpr, R: tl.constexpr, BT: tl.constexpr, D: tl.constexpr,
     GI_CMP: tl.constexpr, GI_SLC: tl.constexpr, GI_WIN: tl.constexpr,
@@ -1188,7 +1251,13 @@ def slc_win_kernel(
     fp32 inputs multiply in IEEE fp32 (:func:`_dot`).
     ``TMA``: key and value blocks arrive through tensor descriptors (no
     per-element addresses in registers). Union blocks that end before the
-    tile's first token are masked per row (see the loop)."""
+    tile's first token are masked per row (see the loop).
+    ``V``: the values with inf and NaN read as 0; ``NONFINITE``: (the values
+    as given (k's strides), ``[B, Hkv, T + 1]`` prefix counts of their rows
+    holding inf or NaN (``ops.nonfinite_prefix``, (batch, head) strides
+    ``sbad``)): after each branch's loop, its steps over such rows add them
+    over the pairs the branch keeps (:func:`_add_nonfinite`), so a
+    non-finite value reaches only the rows that see it."""
     BS: tl.constexpr = key_tile(LS)
     IEEE: tl.constexpr = Q.dtype.element_ty == tl.float32
     BKW: tl.constexpr = 64  # window keys per step
@@ -1201,6 +1270,10 @@ def slc_win_kernel(
         vbase = V + bb * sk[0] + hk.to(tl.int64) * sk[1] + start * sk[2]
         gate_off = bb * sg[0] + h * sg[1] + (start + t) * sg[2]
         lse_off = bb * slse[0] + h * slse[1] + (start + t) * slse[2]
+        t_last = tl.minimum(t0 + BT, length) - 1
+        VRAW, BADV = NONFINITE
+        vraw = VRAW + bb * sk[0] + hk.to(tl.int64) * sk[1] + start * sk[2]
+        bad = BADV + bb * sbad[0] + hk.to(tl.int64) * sbad[1] + start
         # Branches finish one after another so at most two [R, D] accumulators
         # are live: the running output and the branch in progress.
         out = tl.zeros([R, D], tl.float32)
@@ -1228,10 +1301,21 @@ def slc_win_kernel(
                     else:
                         m, alpha, p = _online_softmax_rows(m, s, scale_log2, mask)
                     acc, acc_l = _accumulate(acc, acc_l, alpha, p, vv, IEEE)
+            # Outside the loop: the steps over finite values keep the loop's code.
+            if _nonfinite_rows(bad, 0, t_last + 1):
+                for it in range(0, count):
+                    j, bits = _union_entry(ubase, umbase, it, count)
+                    _, _, limit, first_key = _union_block(j, bits, hit_row, t, valid, length, LS, BS)
+                    if _nonfinite_rows(bad, first_key, tl.minimum(first_key + LS, length)):
+                        # 16 keys at a time: the fewest registers a matrix product takes.
+                        for c in range(0, BS, 16):
+                            pos = first_key + c + tl.arange(0, 16)
+                            rmask = (c + tl.arange(0, 16) < LS) & (pos < length)
+                            kept = (pos[None, :] <= limit[:, None]) & rmask[None, :]
+                            acc = _add_nonfinite(acc, kept, vraw, pos, rmask, sk[2], d)
             gate = tl.load(GATES + gate_off + GI_SLC * sg[3], mask=valid, other=0.0).to(tl.float32)
             out = _finish_branch(out, acc, acc_l, m, gate, valid, OS, LSES, q_base, row_off, lse_off, d, SAVE)
         if GI_WIN >= 0:
-            t_last = tl.minimum(t0 + BT, length) - 1
             lo = tl.maximum(t0 - WIN + 1, 0)
             kdesc_w = _sequence_desc(kbase, length, sk[2], BKW, D, TMA)
             vdesc_w = _sequence_desc(vbase, length, sk[2], BKW, D, TMA)
@@ -1247,6 +1331,13 @@ def slc_win_kernel(
                 s = tl.where(mask, _dot(q, tl.trans(kk), IEEE), float("-inf"))
                 m, alpha, p = _online_softmax(m, s, scale_log2)
                 acc, acc_l = _accumulate(acc, acc_l, alpha, p, vv, IEEE)
+            if _nonfinite_rows(bad, lo, t_last + 1):
+                for s0 in range(lo, t_last + 1, BKW):
+                    if _nonfinite_rows(bad, s0, tl.minimum(s0 + BKW, t_last + 1)):
+                        for c in range(0, BKW, 16):
+                            pos = s0 + c + tl.arange(0, 16)
+                            kept = valid[:, None] & (pos[None, :] <= t[:, None]) & (pos[None, :] > t[:, None] - WIN)
+                            acc = _add_nonfinite(acc, kept, vraw, pos, pos <= t_last, sk[2], d)
             gate = tl.load(GATES + gate_off + GI_WIN * sg[3], mask=valid, other=0.0).to(tl.float32)
             out = _finish_branch(out, acc, acc_l, m, gate, valid, OW, LSEW, q_base, row_off, lse_off, d, SAVE)
         if GI_CMP >= 0:

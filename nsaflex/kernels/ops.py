@@ -280,6 +280,28 @@ def descriptor_workspace(device: torch.device | None) -> Iterator[None]:
         _allocation._allocator.reset(token)
 
 
+def nonfinite_prefix(values: torch.Tensor) -> torch.Tensor:
+    """``[B, H, T + 1]`` int32 exclusive prefix counts of the rows of ``values
+    [B, H, T, D]`` that hold inf or NaN: entry ``i`` counts the rows ``< i``,
+    so rows ``[a, b)`` hold one where entries ``a`` and ``b`` differ. The
+    kernels find the steps that need their non-finite values added by it
+    (``forward._nonfinite_rows``), with no host read. A row is tested by its
+    float32 sum (no bool tensor of ``values``' size): a finite row whose sum
+    overflows only takes that step, which adds nothing."""
+    bad = ~torch.isfinite(values.sum(dim=-1, dtype=torch.float32))
+    return torch.nn.functional.pad(bad.cumsum(dim=-1, dtype=torch.int32), (1, 0))
+
+
+def finite_values(values: torch.Tensor) -> torch.Tensor:
+    """``values`` with inf and NaN read as 0, in ``values``' strides (the
+    kernels address it with them): what the attention loops multiply by the
+    probabilities, so that a masked probability 0 never meets an inf
+    (``0 * inf = NaN``); the non-finite values are added over the kept pairs
+    apart (``forward._add_nonfinite``)."""
+    out = torch.empty_strided(values.shape, values.stride(), dtype=values.dtype, device=values.device)
+    return torch.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0, out=out)
+
+
 def _ieee(x: torch.Tensor) -> bool:
     return x.dtype == torch.float32
 
@@ -412,6 +434,12 @@ def _forward(q, k, v, kc, vc, gates, lay: SeqLayout, cfg: KernelConfig, launch: 
     oc = lse_c = sel = None
     dummy_i = torch.zeros(1, dtype=torch.int32, device=dev)
     dummy_f = torch.zeros(1, dtype=torch.float32, device=dev)
+    # The attention loops read the values with inf and NaN as 0, so that a masked
+    # probability 0 never multiplies one; the kernels add them over the kept pairs apart.
+    v_finite = finite_values(v)
+    vc_finite = bad_vc = None
+    if cfg.has_cmp and lay.max_cmp > 0:
+        vc_finite, bad_vc = finite_values(vc), nonfinite_prefix(vc)
     if cfg.has_cmp:
         lse_c = torch.empty(lse_shape, dtype=torch.float32, device=dev)
         # Branch outputs are kept in fp32: the backward's delta = rowsum(dO * O_b) of a
@@ -422,7 +450,7 @@ def _forward(q, k, v, kc, vc, gates, lay: SeqLayout, cfg: KernelConfig, launch: 
         # output is kept in that dtype (half the bytes written and read back).
         oc = torch.empty_like(q, dtype=torch.float32 if save else q.dtype)
         if lay.max_cmp > 0:
-            compression_lse(q, kc, vc, lse_c, oc, lay, cfg, launch, tiles)
+            compression_lse(q, kc, vc, lse_c, oc, lay, cfg, launch, tiles, vc_finite=vc_finite, bad_vc=bad_vc)
         else:
             lse_c.zero_()
             oc.zero_()
@@ -446,19 +474,22 @@ def _forward(q, k, v, kc, vc, gates, lay: SeqLayout, cfg: KernelConfig, launch: 
     lse_w = torch.empty(lse_shape, dtype=torch.float32, device=dev) if (save and cfg.has_win) else None
     lse_like = lse_c if lse_c is not None else (lse_s if lse_s is not None else (lse_w if lse_w is not None else torch.empty(lse_shape, dtype=torch.float32, device=dev)))
     sel_ = sel if sel is not None else dummy_i
+    bad_v = nonfinite_prefix(v)
     _launch(fwd.slc_win_kernel, grid3,
-        q, k, v, oc if oc is not None else q, gates, sel_, (U, UM, UC), out,
+        q, k, v_finite, oc if oc is not None else q, gates, sel_, (U, UM, UC), out,
         o_s if o_s is not None else out, o_w if o_w is not None else out,
         lse_s if lse_s is not None else dummy_f, lse_w if lse_w is not None else dummy_f,
-        lay.starts, lay.lens,
+        lay.starts, lay.lens, (v, bad_v),
         lay.strides(q), lay.strides(k), lay.strides(gates, 4), lay.strides(sel), lay.strides(lse_like),
+        lay.strides(bad_v, 2),
         scale_log2, n_t3,
         G=G, R=tiles.rows_sel, BT=tiles.bt_sel, D=D, **_gate_columns(cfg),
         LS=cfg.slc_block, W=tiles.width, HEAD_SCORING=cfg.head_scoring,
-        WIN=cfg.window, SAVE=save, TMA=tma_ready(k, v),
+        WIN=cfg.window, SAVE=save, TMA=tma_ready(k, v_finite),
         num_warps=launch.select_warps, num_stages=launch.select_stages, maxnreg=launch.select_cap,
     )
-    res.update(oc=oc, lse_c=lse_c, sel=sel, U=U, UM=UM, UC=UC, o_s=o_s, o_w=o_w, lse_s=lse_s, lse_w=lse_w)
+    res.update(oc=oc, lse_c=lse_c, sel=sel, U=U, UM=UM, UC=UC, o_s=o_s, o_w=o_w, lse_s=lse_s, lse_w=lse_w,
+               v_finite=v_finite, vc_finite=vc_finite, bad_v=bad_v, bad_vc=bad_vc)
     for seen in _RECORDERS:
         seen.update(res)
     return out, res
@@ -466,19 +497,26 @@ def _forward(q, k, v, kc, vc, gates, lay: SeqLayout, cfg: KernelConfig, launch: 
 
 def compression_lse(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor | None, lse: torch.Tensor,
                     oc: torch.Tensor | None, lay: SeqLayout, cfg: KernelConfig, launch: Launch, tiles: "_Tiles",
-                    scale_log2: float | None = None) -> None:
+                    scale_log2: float | None = None, vc_finite: torch.Tensor | None = None,
+                    bad_vc: torch.Tensor | None = None) -> None:
     """cmp_lse_kernel: the base-2 log-sum-exp of every row of ``q`` over its
     visible compressed keys ``kc`` into ``lse [B, Hq, T]`` and, where ``vc``
     is given, the compression output into ``oc`` (q's layout); ``vc`` None:
     the log-sum-exp alone (the flex backend's scoring). ``lay.max_cmp > 0``;
-    ``scale_log2``: ``log2(e) / sqrt(D)`` (None: from q's head dim)."""
+    ``scale_log2``: ``log2(e) / sqrt(D)`` (None: from q's head dim).
+    ``vc_finite``, ``bad_vc``: :func:`finite_values` and
+    :func:`nonfinite_prefix` of ``vc`` where the caller has them (None: made here)."""
     B, Hkv, D = lay.batch, kc.shape[1], q.shape[-1]
     output = vc is not None
     # A descriptor cannot be empty: every sequence needs a compressed token.
-    tma = lay.min_cmp > 0 and (tma_ready(kc, vc) if output else tma_ready(kc))
+    vc_finite = finite_values(vc) if output and vc_finite is None else vc_finite
+    bad_vc = nonfinite_prefix(vc) if output and bad_vc is None else bad_vc
+    tma = lay.min_cmp > 0 and (tma_ready(kc, vc_finite) if output else tma_ready(kc))
     _launch(fwd.cmp_lse_kernel, (triton.cdiv(lay.max_len, tiles.bt_lse), B, Hkv),
-        q, kc, vc if output else kc, lse, oc if output else lse, lay.table,
+        q, kc, vc_finite if output else kc, lse, oc if output else lse, lay.table,
+        (vc, bad_vc) if output else (kc, lse),  # not read without the output
         *_qs(q, lay.packed), *_qs(kc, lay.packed), *_qs(lse, lay.packed),
+        _layout_strides(bad_vc, lay.packed, 2) if output else (0, 0),
         _scale_log2(D) if scale_log2 is None else scale_log2,
         G=tiles.G, GR=tiles.G, BT=tiles.bt_lse, R=tiles.rows_lse, BN=launch.lse_block, D=D, CBLOCK=cfg.cblock,
         CSTRIDE=cfg.cstride, LEGACY=cfg.legacy, IEEE=_ieee(q), TMA=tma, OUTPUT=output,
@@ -688,21 +726,24 @@ def _backward(do, q, k, v, kc, vc, gates, lay: SeqLayout, cfg: KernelConfig, res
     n_tq = triton.cdiv(lay.max_len, tiles.bt_sel)
     oc, lse_c, sel = res["oc"], res["lse_c"], res["sel"]
     any_lse = delta[0]
+    # The loops read the values as the forward's did: inf and NaN as 0.
+    v_finite, bad_v = res["v_finite"], res["bad_v"]
     kc_ = kc if (kc is not None and lay.max_cmp > 0) else k
-    vc_ = vc if (vc is not None and lay.max_cmp > 0) else v
+    vc_ = res["vc_finite"] if (vc is not None and lay.max_cmp > 0) else v_finite
+    bad_vc = res["bad_vc"] if (vc is not None and lay.max_cmp > 0) else bad_v
     branch_out = tuple(x if x is not None else q for x in (oc, res["o_s"], res["o_w"]))
     branch_lse = tuple(x if x is not None else any_lse for x in (lse_c, res["lse_s"], res["lse_w"]))
     _launch(bwd.bwd_dq_kernel, (n_tq, B, Hkv),
-        q, k, v, kc_, vc_, do, gates, branch_out, branch_lse,
+        q, k, v_finite, kc_, vc_, do, gates, branch_out, branch_lse,
         sel if sel is not None else dummy_i, (res["U"], res["UM"], res["UC"]), dq, dg, delta,
         lay.table,
         lay.strides(q), lay.strides(k), lay.strides(kc_), lay.strides(gates, 4), lay.strides(dg), lay.strides(sel),
         lay.strides(any_lse), delta.stride(0),
-        (scale_log2, scale), n_tq,
+        (scale_log2, scale), (bad_v, bad_vc, lay.strides(bad_v, 2), lay.strides(bad_vc, 2)),
         G=G, R=tiles.rows_sel, BT=tiles.bt_sel, D=D, **_gate_columns(cfg),
         CBLOCK=cfg.cblock, CSTRIDE=cfg.cstride, LEGACY=cfg.legacy,
         LS=cfg.slc_block, W=tiles.width, HEAD_SCORING=cfg.head_scoring, WIN=cfg.window,
-        TMA=tma_ready(k, v, kc_, vc_), num_warps=launch.select_warps, num_stages=launch.dq_stages,
+        TMA=tma_ready(k, v_finite, kc_, vc_), num_warps=launch.select_warps, num_stages=launch.dq_stages,
     )
     dkc = dvc = None
     if cfg.has_cmp and kc is not None and lay.max_cmp > 0:
@@ -711,7 +752,7 @@ def _backward(do, q, k, v, kc, vc, gates, lay: SeqLayout, cfg: KernelConfig, res
         dkp = torch.empty((nsplit,) + tuple(kc.shape), dtype=torch.float32, device=dev)
         dvp = torch.empty_like(dkp)
         _launch(bwd.bwd_cmp_dkv_kernel, (triton.cdiv(lay.max_cmp, BNC), nsplit, B * Hkv),
-            q, kc, vc, do, gates, lse_c, delta[0], dkp, dvp, lay.starts, lay.lens, lay.cstarts, lay.clens,
+            q, kc, vc_, do, gates, lse_c, delta[0], dkp, dvp, lay.starts, lay.lens, lay.cstarts, lay.clens,
             lay.strides(q), lay.strides(kc), lay.strides(gates, 4), lay.strides(any_lse), dkp.stride(0),
             scale_log2, scale, Hkv,
             G=G, GP=tiles.GP, BT=tiles.bt_kv, D=D, IEEE=ieee, GI_CMP=cfg.gate_index[0],
@@ -730,7 +771,7 @@ def _backward(do, q, k, v, kc, vc, gates, lay: SeqLayout, cfg: KernelConfig, res
     if cfg.has_win:
         BK = 64
         _launch(bwd.bwd_win_dkv_kernel, (triton.cdiv(lay.max_len, BK), B, Hkv),
-            q, k, v, do, gates, res["lse_w"], delta[2], dk, dv, lay.starts, lay.lens,
+            q, k, v_finite, do, gates, res["lse_w"], delta[2], dk, dv, lay.starts, lay.lens,
             lay.strides(q), lay.strides(k), lay.strides(gates, 4), lay.strides(any_lse), scale_log2, scale,
             G=G, GP=tiles.GP, BT=tiles.bt_kv, D=D, IEEE=ieee, GI_WIN=cfg.gate_index[2], WIN=cfg.window, BK=BK,
             num_stages=launch.dkv_stages,
@@ -749,7 +790,7 @@ def _backward(do, q, k, v, kc, vc, gates, lay: SeqLayout, cfg: KernelConfig, res
                 dkp = torch.empty((nseg, BS, D), dtype=torch.float32, device=dev)
                 dvp = torch.empty_like(dkp)
             _launch(bwd.bwd_slc_dkv_kernel, (nseg,),
-                q, k, v, do, gates, res["lse_s"], delta[1], ent, seg_key, seg_start, seg_end, dkp, dvp, dk, dv,
+                q, k, v_finite, do, gates, res["lse_s"], delta[1], ent, seg_key, seg_start, seg_end, dkp, dvp, dk, dv,
                 lay.starts, lay.lens,
                 lay.strides(q), lay.strides(k), lay.strides(gates, 4), lay.strides(any_lse), scale_log2, scale, Hkv,
                 n_blocks,
