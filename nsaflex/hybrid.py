@@ -367,7 +367,7 @@ def text_dense_attention(
         text_out = _exact_masked_attention(text_q, k, v, mask.repeat(1, group, 1)[:, None])
     text_out = text_out.reshape(batch, query_heads, most, dim).transpose(1, 2)  # [B, Nt, Hq, D]
     # Padding rows point at positions of sparse queries: they write their zeros there.
-    out[rows, order] = torch.where(valid[:, :, None, None], text_out, torch.zeros_like(text_out))
+    out[rows, order] = torch.where(valid[:, :, None, None], text_out, 0.0)
     return out.transpose(1, 2)
 
 
