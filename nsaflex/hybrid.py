@@ -169,7 +169,7 @@ class _Placed(torch.autograd.Function):
         ctx.save_for_backward(rows, positions)
         heads, _, *rest = values.shape
         inner = math.prod(rest)
-        strides = (length * heads * inner, inner, heads * inner, *_contiguous_strides(rest))
+        strides = (length * heads * inner, inner, heads * inner, *torch.empty(rest, device="meta").stride())
         out = values.new_empty_strided((batch, heads, length, *rest), strides).zero_()
         out.transpose(0, 1)[:, rows, positions] = values
         return out
@@ -178,14 +178,6 @@ class _Placed(torch.autograd.Function):
     def backward(ctx, grad):  # noqa: D102
         rows, positions = ctx.saved_tensors
         return grad.transpose(0, 1)[:, rows, positions], None, None, None, None
-
-
-def _contiguous_strides(shape: list[int]) -> tuple[int, ...]:
-    strides, step = [], 1
-    for size in reversed(shape):
-        strides.append(step)
-        step *= size
-    return tuple(reversed(strides))
 
 
 def padding_mask(layout: SparseLayout) -> torch.Tensor:
