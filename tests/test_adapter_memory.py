@@ -94,7 +94,8 @@ class _Allocations(TorchDispatchMode):
 
 
 def measure(monkeypatch) -> tuple[Ledger, dict[str, int]]:
-    """One forward of a one-layer patched model (triton backend), its ledger and sizes."""
+    """A forward and backward of a one-layer patched model (triton backend): the
+    forward's ledger and the sizes its formulas take."""
     from nsaflex.kernels import ops
 
     model = tiny_model(layers=1, heads=HEADS, kv_heads=KV_HEADS, hidden=HIDDEN)
@@ -147,7 +148,7 @@ def test_the_adapter_materialises_two_full_tensors(measured):
     gather-then-mask packing, a ``where`` to combine or a copy to the model's
     layout each add at least one more full tensor."""
     ledger, s = measured
-    assert ledger.full.get("adapter", []) == ["new_zeros", "new_empty_strided"]
+    assert len(ledger.full.get("adapter", [])) == 2, ledger.full  # the text output's zeros, the unpacked output
     packed = ((s["Hq"] + 2 * s["Hkv"]) * s["N"] * s["D"] + s["Hq"] * s["N"] * s["nb"]) * s["e"]
     compressed = 2 * 2 * s["Hkv"] * s["N"] * s["D"] * s["e"] // 4  # mean pooling (stride 4) per row, then joined
     text_queries = 5 * s["B"] * s["Hq"] * s["Nt"] * s["D"] * s["e"]  # gathered, folded, SDPA's out and lse, masked
@@ -165,10 +166,10 @@ def test_the_adapter_keeps_the_text_paths_inputs_for_the_backward(measured):
     boolean mask ``[B, Nt, L]`` (not its G repeats), plus index tensors.
     Packing by gather would keep all of q ``[B, Hq, L, D]`` as well."""
     ledger, s = measured
-    bound = ((2 * s["Hkv"] * s["L"] + s["Hq"] * s["Nt"]) * s["D"] * s["e"] + s["Nt"] * s["L"]) * s["B"]
-    bound += 8 * 8 * s["B"] * s["L"]  # index tensors (int64) and small masks
+    indices = 8 * 8 * s["B"] * s["L"]  # index tensors (int64) and small masks
+    bound = ((2 * s["Hkv"] * s["L"] + s["Hq"] * s["Nt"]) * s["D"] * s["e"] + s["Nt"] * s["L"]) * s["B"] + indices
     assert ledger.saved["adapter"] <= bound, (ledger.saved, bound)
-    assert 8 * 8 * s["B"] * s["L"] < s["B"] * s["Hq"] * s["L"] * s["D"] * s["e"] - s["B"] * s["Nt"] * s["L"] * s["G"]
+    assert indices < s["B"] * s["Hq"] * s["L"] * s["D"] * s["e"]  # the allowance cannot hide all of q
 
 
 def test_the_gate_network_keeps_one_hidden_sized_activation(measured):
