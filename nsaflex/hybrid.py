@@ -13,6 +13,8 @@ get dense causal attention over every key of their row.
 from __future__ import annotations
 
 import contextlib
+import functools
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -50,6 +52,22 @@ class SparseLayout:
     identity: bool
     has_text: bool
     host_lengths: tuple[int, ...]
+
+    @functools.cached_property
+    def packed_index(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(rows, slots, positions)``, each ``[total]`` long (``total`` the sum of
+        ``lengths``): for every real sparse token, rows concatenated in order (the
+        ``cu_seqlens`` packing), its batch row, its place ``p < lengths[row]`` in
+        that row's sparse sequence and its full-row position ``positions[row, p]``.
+
+        Built once per layout without reading the device (``total`` is known on the
+        host), so the layers of one model call, which share the layout, share it."""
+        total = sum(self.host_lengths)
+        device = self.lengths.device
+        rows = torch.repeat_interleave(torch.arange(len(self.host_lengths), device=device), self.lengths,
+                                       output_size=total)
+        slots = torch.arange(total, device=device) - self.cu_seqlens[:-1].long()[rows]
+        return rows, slots, self.positions[rows, slots]
 
 
 def sparse_layout(pattern: Pattern, token_types: torch.Tensor | None, batch: int, length: int, device) -> SparseLayout:
@@ -111,29 +129,55 @@ def _cumulative(lengths: torch.Tensor) -> torch.Tensor:
 
 
 def gather_padded(x: torch.Tensor, layout: SparseLayout) -> torch.Tensor:
-    """``[B, H, L, ...]`` -> ``[B, H, Lmax, ...]``: the sparse sequences, padded with zeros."""
+    """``[B, H, L, ...]`` -> ``[B, H, Lmax, ...]``: the sparse sequences, padded with zeros.
+
+    One indexing op (its backward keeps the indices, not ``x``); the result is a
+    ``[B, H, Lmax, ...]`` view of a ``[B, Lmax, H, ...]`` tensor."""
     if layout.identity:
         return x
-    batch, heads = x.shape[:2]
-    index = layout.positions.view(batch, 1, -1, *([1] * (x.dim() - 3)))
-    index = index.expand(batch, heads, layout.max_length, *x.shape[3:])
-    gathered = torch.gather(x, 2, index)
-    valid = padding_mask(layout).view(batch, 1, -1, *([1] * (x.dim() - 3)))
-    # where, not a product: padding entries copy position 0, which may hold inf or NaN.
-    return torch.where(valid, gathered, torch.zeros_like(gathered))
+    rows = torch.arange(x.shape[0], device=x.device)[:, None]
+    gathered = x.transpose(1, 2)[rows, layout.positions]  # [B, Lmax, H, ...]
+    if any(n < layout.max_length for n in layout.host_lengths):
+        # Padding entries copy position 0, which may hold inf or NaN: zeros instead.
+        padding = ~padding_mask(layout)
+        gathered = gathered.masked_fill_(padding.view(*padding.shape, *([1] * (x.dim() - 2))), 0)
+    return gathered.transpose(1, 2)
 
 
 def scatter_padded(y: torch.Tensor, layout: SparseLayout, length: int) -> torch.Tensor:
-    """``[B, H, Lmax, D]`` -> ``[B, H, L, D]``: sparse outputs back at their
-    positions; positions outside the sparse sequence are zero."""
+    """``[B, H, Lmax, ...]`` -> ``[B, H, L, ...]``: sparse outputs back at their
+    positions; positions outside the sparse sequence are zero (padding entries
+    of ``y`` are not read)."""
     if layout.identity:
         return y
-    batch, heads, _, dim = y.shape
-    valid = padding_mask(layout)[:, None, :, None]
-    y = torch.where(valid, y, torch.zeros_like(y))
-    index = layout.positions[:, None, :, None].expand(batch, heads, layout.max_length, dim)
-    # Padding entries point at position 0 with zero values: scatter_add leaves it unchanged.
-    return y.new_zeros(batch, heads, length, dim).scatter_add(2, index, y)
+    rows, slots, positions = layout.packed_index
+    return _Placed.apply(_Tokens.apply(y, rows, slots), rows, positions, y.shape[0], length)
+
+
+class _Placed(torch.autograd.Function):
+    """``values [H, N, ...]`` written at ``(rows[n], positions[n])`` (distinct pairs)
+    of zeros ``[B, H, L, ...]`` laid out as ``[B, L, H, ...]``: the layout the
+    model's output projection reads (its ``transpose(1, 2).contiguous()`` then
+    copies nothing). The result is a tensor of its own, not a view, so
+    :func:`combine` can add into it in place (an in-place write into a view
+    would make the backward clone the whole gradient twice: autograd's
+    CopySlices). The backward reads ``grad`` at the same places: a contiguous
+    ``[H, N, ...]`` tensor, the layout the kernels return."""
+
+    @staticmethod
+    def forward(ctx, values, rows, positions, batch, length):  # noqa: D102
+        ctx.save_for_backward(rows, positions)
+        heads, _, *rest = values.shape
+        inner = math.prod(rest)
+        strides = (length * heads * inner, inner, heads * inner, *torch.empty(rest, device="meta").stride())
+        out = values.new_empty_strided((batch, heads, length, *rest), strides).zero_()
+        out.transpose(0, 1)[:, rows, positions] = values
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: D102
+        rows, positions = ctx.saved_tensors
+        return grad.transpose(0, 1)[:, rows, positions], None, None, None, None
 
 
 def padding_mask(layout: SparseLayout) -> torch.Tensor:
@@ -141,21 +185,43 @@ def padding_mask(layout: SparseLayout) -> torch.Tensor:
     return torch.arange(layout.max_length, device=layout.lengths.device)[None, :] < layout.lengths[:, None]
 
 
+class _Tokens(torch.autograd.Function):
+    """``x [B, H, L, ...]`` -> ``[H, N, ...]`` contiguous, ``out[h, n] = x[rows[n], h,
+    positions[n]]``, for ``N`` distinct ``(rows[n], positions[n])`` pairs.
+
+    The forward is one indexing op, and the backward keeps the indices only (a
+    gather keeps all of ``x`` until the backward). Autograd's own indexing
+    backward fills an ``x``-sized tensor with zeros and then writes a copy of it,
+    through the transposed view, whose gradient the engine cannot add in place to
+    another gradient of ``x`` (the text path's); here the backward writes
+    ``grad`` into one zero tensor laid out as ``x``."""
+
+    @staticmethod
+    def forward(ctx, x, rows, positions):  # noqa: D102
+        ctx.save_for_backward(rows, positions)
+        ctx.like = torch.empty_like(x, device="meta")  # x's size, dtype and strides, no memory
+        return x.transpose(0, 1)[:, rows, positions]
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: D102
+        rows, positions = ctx.saved_tensors
+        grad_x = torch.zeros_like(ctx.like, device=grad.device)
+        grad_x.transpose(0, 1)[:, rows, positions] = grad
+        return grad_x, None, None
+
+
 def pack_varlen(x: torch.Tensor, layout: SparseLayout) -> torch.Tensor:
-    """``[B, H, L, D]`` -> ``[H, total, D]`` (rows concatenated, ``cu_seqlens`` offsets)."""
-    padded = gather_padded(x, layout)
-    keep = padding_mask(layout)
-    return padded.transpose(0, 1)[:, keep]
+    """``[B, H, L, D]`` -> ``[H, total, D]`` contiguous (rows concatenated,
+    ``cu_seqlens`` offsets): one indexing op, one ``x``-sized gradient (:class:`_Tokens`)."""
+    rows, _, positions = layout.packed_index
+    return _Tokens.apply(x, rows, positions)
 
 
 def unpack_varlen(y: torch.Tensor, layout: SparseLayout, length: int) -> torch.Tensor:
-    """``[H, total, D]`` -> ``[B, H, L, D]`` (inverse of :func:`pack_varlen`, zeros elsewhere)."""
-    heads, _, dim = y.shape
-    batch = layout.lengths.shape[0]
-    keep = padding_mask(layout)
-    padded = y.new_zeros(heads, batch, layout.max_length, dim)
-    padded[:, keep] = y
-    return scatter_padded(padded.transpose(0, 1), layout, length)
+    """``[H, total, D]`` -> ``[B, H, L, D]`` (inverse of :func:`pack_varlen`, zeros
+    elsewhere), in one write into zeros laid out as ``[B, L, H, D]`` (:class:`_Placed`)."""
+    rows, _, positions = layout.packed_index
+    return _Placed.apply(y, rows, positions, layout.lengths.shape[0], length)
 
 
 @contextlib.contextmanager
@@ -202,13 +268,19 @@ class _ReproducibleAttention(torch.autograd.Function):
     the backward here recomputes the attention with that mode on for its own
     duration only, so nsaflex's "deterministic by
     default" holds for the text queries of hybrid patterns without changing the
-    caller's global setting outside it. The forward's output is SDPA's own."""
+    caller's global setting outside it. The forward's output is SDPA's own.
+
+    ``mask`` may hold ``Nq / repeat`` rows, repeated ``repeat`` times along the
+    queries (``mask.repeat(1, 1, repeat, 1)``) where SDPA reads it: only the
+    unrepeated mask is kept for the backward (the GQA fold of
+    :func:`text_dense_attention` repeats it once per query head of a group)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, mask):  # noqa: D102
+    def forward(ctx, q, k, v, mask, repeat):  # noqa: D102
         ctx.save_for_backward(q, k, v, mask)
+        ctx.repeat = repeat
         with _sdpa_backend(q):
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.repeat(1, 1, repeat, 1))
 
     @staticmethod
     def backward(ctx, grad_out):  # noqa: D102
@@ -218,25 +290,27 @@ class _ReproducibleAttention(torch.autograd.Function):
         # and deterministic mode would refuse cuBLAS without CUBLAS_WORKSPACE_CONFIG.
         determinism = _deterministic_algorithms() if _efficient_kernel(q) else contextlib.nullcontext()
         with torch.enable_grad(), determinism, _sdpa_backend(q):
-            out = F.scaled_dot_product_attention(*leaves, attn_mask=mask)
+            out = F.scaled_dot_product_attention(*leaves, attn_mask=mask.repeat(1, 1, ctx.repeat, 1))
             grads = torch.autograd.grad(out, leaves, grad_out)
-        return (*grads, None)
+        return (*grads, None, None)
 
 
-def _masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """SDPA with a boolean mask, through :class:`_ReproducibleAttention` when a
-    gradient may be asked for."""
+def _masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                      repeat: int = 1) -> torch.Tensor:
+    """SDPA with the boolean mask ``mask.repeat(1, 1, repeat, 1)``, through
+    :class:`_ReproducibleAttention` when a gradient may be asked for."""
     if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
-        return _ReproducibleAttention.apply(q, k, v, mask)
+        return _ReproducibleAttention.apply(q, k, v, mask, repeat)
     with _sdpa_backend(q):
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.repeat(1, 1, repeat, 1))
 
 
 def text_dense_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text_queries: torch.Tensor
 ) -> torch.Tensor:
     """Dense causal attention for the text queries only: ``[B, Hq, L, D]`` with
-    zeros on the other rows.
+    zeros on the other rows (a view of a ``[B, L, Hq, D]`` tensor, the layout
+    :func:`unpack_varlen` gives).
 
     Text queries are few in video inputs, so they are gathered and attend to
     all keys through SDPA with an explicit causal mask, the heads of a GQA
@@ -248,6 +322,11 @@ def text_dense_attention(
     attention runs as explicit masked softmax (:func:`nsaflex.reference.masked_softmax`
     and :func:`~nsaflex.reference.masked_product`, chunks of text queries): each
     non-finite value reaches only the queries that see it.
+
+    Memory: the text queries are read by indexing (whose backward keeps the
+    indices, where a gather would keep all of ``q``), the outputs written into
+    zeros in place, and the backward keeps the ``[B, 1, Nt, L]`` mask, not its
+    ``G`` repeats.
     """
     batch, query_heads, length, dim = q.shape
     counts = text_queries.sum(dim=1)
@@ -257,29 +336,31 @@ def text_dense_attention(
     # One host read for both (the text path reads the count anyway).
     most, all_finite = (int(x) for x in torch.stack([counts.max() if batch else counts.new_zeros(()),
                                                      finite.to(counts.dtype)]).tolist())
-    out = q.new_zeros(q.shape)
+    out = q.new_zeros(batch, length, query_heads, dim)
     if most == 0:
-        return out
+        return out.transpose(1, 2)
     order = torch.sort((~text_queries).to(torch.int8), dim=1, stable=True).indices[:, :most]
     valid = torch.arange(most, device=q.device)[None, :] < counts[:, None]
-    index = order[:, None, :, None].expand(batch, query_heads, most, dim)
+    rows = torch.arange(batch, device=q.device)[:, None]
     kv_heads = k.shape[1]
     group = query_heads // kv_heads
     # The G query heads of a kv head become G * Nt query rows of it (row g * Nt + t),
     # so k and v are read as they are rather than repeated G times (at 128K and
     # 28/4 heads a repeat writes 1.8 GB and keeps it for the backward).
-    text_q = torch.gather(q, 2, index).reshape(batch, kv_heads, group * most, dim)
+    text_q = _Tokens.apply(q, rows.expand(batch, most).flatten(), order.flatten())  # [Hq, B * Nt, D]
+    text_q = text_q.view(query_heads, batch, most, dim).transpose(0, 1).reshape(batch, kv_heads, group * most, dim)
     keys = torch.arange(length, device=q.device)
     mask = (keys[None, None, :] <= order[:, :, None]) & valid[:, :, None]  # [B, Nt, L]
     if all_finite:
         # Padding rows see key 0 only (their output is dropped below) so no row is fully masked.
         mask = mask | (~valid[:, :, None] & (keys == 0)[None, None, :])
-        text_out = _masked_attention(text_q, k, v, mask.repeat(1, group, 1)[:, None])
+        text_out = _masked_attention(text_q, k, v, mask[:, None], group)
     else:
         text_out = _exact_masked_attention(text_q, k, v, mask.repeat(1, group, 1)[:, None])
-    text_out = text_out.reshape(batch, query_heads, most, dim)
-    text_out = torch.where(valid[:, None, :, None], text_out, torch.zeros_like(text_out))
-    return out.scatter_add(2, index, text_out)
+    text_out = text_out.reshape(batch, query_heads, most, dim).transpose(1, 2)  # [B, Nt, Hq, D]
+    # Padding rows point at positions of sparse queries: they write their zeros there.
+    out[rows, order] = torch.where(valid[:, :, None, None], text_out, 0.0)
+    return out.transpose(1, 2)
 
 
 # Scores held at once by the explicit (non-finite input) text attention.
@@ -305,7 +386,21 @@ def _exact_masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m
 
 
 def combine(sparse: torch.Tensor, text: torch.Tensor | None, layout: SparseLayout) -> torch.Tensor:
-    """The final output: sparse mix on sparse queries, dense on text queries."""
+    """The final output ``[B, H, L, D]``: sparse mix on sparse queries, dense on text queries.
+
+    With compacted sparse sequences (not ``layout.identity``) ``sparse`` is zero
+    on text queries (:func:`unpack_varlen`, :func:`scatter_padded`) and ``text``
+    zero on the others (:func:`text_dense_attention`), so the output is their sum:
+    each value exactly, inf and NaN included (``x + 0 = x``; only a ``-0.0``
+    becomes ``+0.0``), with a backward that hands the one gradient to both (a
+    ``where`` makes two masked copies of it). The sum is added into ``sparse``
+    in place (a fresh tensor of the caller's) where it is a tensor of its own
+    of the sum's dtype (:class:`_Placed`'s output): no third ``[B, H, L, D]``
+    tensor."""
     if text is None:
         return sparse
-    return torch.where(layout.sparse_queries[:, None, :, None], sparse, text)
+    if layout.identity:
+        return torch.where(layout.sparse_queries[:, None, :, None], sparse, text)
+    if sparse._is_view() or torch.result_type(sparse, text) != sparse.dtype:
+        return sparse + text
+    return sparse.add_(text)

@@ -766,17 +766,22 @@ class Qwen25VLAdapter:
         elif _trailing_padding_safe(pattern):
             # Real tokens first, in order; padding at the end, as text.
             order = torch.argsort((~valid).to(torch.uint8), dim=1, stable=True)
-            index = order[:, None, :, None]
+            rows = torch.arange(batch, device=q.device)[:, None]
 
             def gather(x):
-                return None if x is None else x.gather(2, index.expand(-1, x.shape[1], -1, x.shape[3]))
+                # Indexing, not gather: the backward keeps the order, not x.
+                return None if x is None else x.transpose(1, 2)[rows, order].transpose(1, 2)
 
+            sorted_valid = valid.gather(1, order)
             sorted_types = None
             if hybrid_types is not None:
-                sorted_types = hybrid_types.gather(1, order) * valid.gather(1, order)
+                sorted_types = hybrid_types.gather(1, order) * sorted_valid
             result = attn(gather(q), gather(k), gather(v), gather(gates), sorted_types)
-            out = torch.zeros_like(result).scatter(2, index.expand_as(result), result)
-            out = out * valid[:, None, :, None].to(out.dtype)
+            # Each output back at its token, padding queries zero, laid out [B, L, H, D]
+            # as the output projection reads it.
+            placed = result.new_zeros(batch, length, result.shape[1], result.shape[3])
+            placed[rows, order] = torch.where(sorted_valid[:, :, None, None], result.transpose(1, 2), 0.0)
+            out = placed.transpose(1, 2)
         else:
             rows = []
             for b in range(batch):
