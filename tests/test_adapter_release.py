@@ -265,6 +265,9 @@ def test_adapter_release_generate_matches_step_by_step(backend):
     model = tiny_model()
     pattern = release(block=4, count=2, window=4)
     adapter = apply(model, pattern, backend, mode="videonsa_release")
+    paths = {row["decode"] for row in adapter.describe()}
+    assert paths == {"exact per-row (videonsa_release numerics, float64, nsaflex.adapters.decode)"
+                     if backend == "reference" else "batched release decode (flex, nsaflex.decoding)"}
     randomise(adapter, seed=2)
     ids, mask, mm = make_batch([[(3, 15)], [(2, 7)]], [19, 11], 19, left_pad=True, seed=4)
     if not takes_mm_token_type_ids(model):

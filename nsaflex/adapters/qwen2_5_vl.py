@@ -60,9 +60,9 @@ complete. On the flex and triton backends (``faithful`` mode, ``granularity:
 token`` or ``query_block``) the step goes through the compiled attention's
 batched decode entry (:meth:`~nsaflex.runtime.CompiledAttention.decode`: all
 rows, heads and new tokens at once, state on the device); the reference
-backend, ``query_block`` tiles of ``vision_keys: all`` patterns (their text
-calls bypass the entry) and ``videonsa_release`` mode take the exact per-row
-path of :mod:`nsaflex.adapters.decode`. :meth:`Qwen25VLAdapter.describe` names each
+backend and ``query_block`` tiles of ``vision_keys: all`` patterns (their text
+calls bypass the entry) take the exact per-row path of
+:mod:`nsaflex.adapters.decode`. :meth:`Qwen25VLAdapter.describe` names each
 layer's path. Beam search reorders the KV cache (the batched states follow
 through the cache's ``reorder_cache``) but not the token classes kept with it:
 it is exact when all beams of a prompt share their token classes (generated
@@ -71,7 +71,9 @@ tokens are text).
 ``mode="videonsa_release"`` runs :mod:`nsaflex.reference_release` (the
 released VideoNSA code's numerics): prefill on FlexAttention
 (:mod:`nsaflex.release_lowering`; ``auto`` on CUDA) or the float64 reference
-(``auto`` on CPU), decode on its exact path.
+(``auto`` on CPU); decode through the batched release entry of
+:mod:`nsaflex.decoding` (``release=True``) off the reference backend, on its
+exact path there (:func:`~nsaflex.adapters.decode.takes_batched_release`).
 
 Where the adapter lives. Everything it adds is on the model's own modules: the
 handle on ``Qwen2_5_VLModel`` and its text model (``_nsaflex_adapter``), each
@@ -831,7 +833,9 @@ class Qwen25VLAdapter:
         if layer.dense:
             return "original attention (dense layer)"
         if self.mode != "faithful":
-            return "exact per-row (videonsa_release numerics, nsaflex.adapters.decode)"
+            if layer.compiled is None or layer.compiled.backend == "reference":
+                return "exact per-row (videonsa_release numerics, float64, nsaflex.adapters.decode)"
+            return f"batched release decode ({layer.compiled.backend}, nsaflex.decoding)"
         if layer.compiled is None or layer.compiled.backend == "reference":
             return "exact per-row (reference backend, float64, nsaflex.adapters.decode)"
         reason = _batched_unsupported(layer.pattern)
