@@ -241,9 +241,13 @@ def _sparse_forward(pattern, cfg, q, k, v, gates, token_types, pooler, launch=No
                 offset += n
             kc = torch.cat(pieces_k, dim=2).contiguous()
             vc = torch.cat(pieces_v, dim=2).contiguous()
-        cl = torch.tensor(counts, dtype=torch.int64)
-        cstarts = (torch.cumsum(cl, 0) - cl).to(torch.int32).to(device)
-        clens = cl.to(torch.int32).to(device)
+        # From the device lengths, not a host list: copying one to the device waits for the queue.
+        if c is not None:
+            clens = torch.where(lens >= c.block, torch.div(lens - c.block, c.stride, rounding_mode="floor") + 1, 0)
+        else:
+            clens = torch.zeros_like(lens)
+        clens = clens.to(torch.int32)
+        cstarts = (torch.cumsum(clens, 0, dtype=torch.int32) - clens).to(torch.int32)
         max_cmp = max(counts)
         packed = True
     min_cmp = n_cmp if layout.identity else min(counts)
@@ -256,7 +260,8 @@ def _sparse_forward(pattern, cfg, q, k, v, gates, token_types, pooler, launch=No
     if layout.identity and not layout.has_text:
         return out
     if packed:
-        out = unpack_varlen(out[0], layout, length)
+        # squeeze, not [0]: its backward is a view, select's a zero-filled copy of the packed rows.
+        out = unpack_varlen(out.squeeze(0), layout, length)
     return combine(out, text, layout)
 
 
