@@ -69,13 +69,12 @@ def test_compile_by_path_and_default_lengths() -> None:
 
 
 def test_compile_release_mode_and_the_decode_plan() -> None:
-    """--mode lowers the release numerics (the plan says so, and that the decode
-    entry leaves that mode to the adapter's exact path); faithful plans name the
-    batched decode."""
+    """--mode lowers the release numerics (the plan says so, and that decode steps
+    take the batched release entry); faithful plans name the batched decode."""
     release = json.loads(run("compile", "videonsa-release", "--mode", "videonsa_release", "--device", "cuda",
                              "--json", "-").stdout)
     assert release["plan"]["mode"] == "videonsa_release" and release["plan"]["backend"] == "flex"
-    assert "release" in release["plan"] and release["decode"]["kernel"].startswith("none")
+    assert "release" in release["plan"] and release["decode"]["kernel"].startswith("batched torch release decode")
     faithful = json.loads(run("compile", "videonsa", "--device", "cuda", "--json", "-").stdout)
     assert faithful["plan"]["mode"] == "faithful" and "nsaflex.decoding" in faithful["decode"]["kernel"]
     shown = run("compile", "videonsa-release", "--mode", "videonsa_release", "--device", "cuda")
