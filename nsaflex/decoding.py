@@ -95,7 +95,8 @@ reference's last row, each quirk as its decode equivalent:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass, field
 
 import torch
 from torch.nn import functional as F
@@ -105,7 +106,7 @@ from nsaflex.inputs import FLOAT_DTYPES
 from nsaflex.pooling import MLPPooling, compress, softmax_scale
 from nsaflex.reference_release import TEXT_GATE, padded_slots, selected_count
 from nsaflex.scoring import _top_candidates, choose_blocks, default_score_dtype, eq9_block_scores
-from nsaflex.spec import Compression, Pattern
+from nsaflex.spec import Compression, Pattern, Selection
 
 
 def unsupported(pattern: Pattern) -> str | None:
@@ -147,6 +148,10 @@ class DecodeState:
             means of the zeroed (vision-masked) keys and values.
         recent_q: ``[B, Hq, P, D]`` (release) the queries of the row's sparse
             positions ``n - P .. n - 1`` (zeros before the row's start).
+        constants: what a step would otherwise rebuild every time (index
+            aranges, block bounds, views of the kept tensors), by a key naming
+            it and the shapes it depends on; emptied whenever the tensors above
+            are replaced (:func:`reserve`, :meth:`reorder`).
     """
 
     real: torch.Tensor
@@ -159,6 +164,16 @@ class DecodeState:
     tile_start: torch.Tensor | None = None
     release: bool = False
     recent_q: torch.Tensor | None = None
+    constants: dict[Hashable, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    def constant(self, key: Hashable, build: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """``build()`` the first time ``key`` is asked for, the same tensor
+        after: a step then launches no op for it, and a CUDA graph captures no
+        host-to-device copy."""
+        value = self.constants.get(key)
+        if value is None:
+            value = self.constants[key] = build()
+        return value
 
     @property
     def capacity(self) -> int:
@@ -174,6 +189,7 @@ class DecodeState:
             value = getattr(self, name)
             if value is not None:
                 setattr(self, name, value.index_select(0, index.to(value.device)))
+        self.constants.clear()
 
 
 # --- checks (shapes, dtypes and devices only: values would need a read-back) --------------------
@@ -277,6 +293,7 @@ def reserve(state: DecodeState, pattern: Pattern, capacity: int) -> None:
         return
     new = max(capacity, old + old // 4 + 1)
     pad = new - old
+    state.constants.clear()
     state.real = F.pad(state.real, (0, pad))
     state.vision = F.pad(state.vision, (0, pad))
     state.sparse_slots = F.pad(state.sparse_slots[:, :old], (0, pad + 1))
@@ -289,24 +306,59 @@ def reserve(state: DecodeState, pattern: Pattern, capacity: int) -> None:
         state.tile_sum = F.pad(state.tile_sum, (0, _num_tokens(pattern, new) - state.tile_sum.shape[2]))
 
 
+def _vision_only(pattern: Pattern) -> bool:
+    """Whether only vision tokens enter the sparse sequence (else every real token)."""
+    return pattern.hybrid is not None and pattern.hybrid.vision_keys == "vision"
+
+
 def _sparse(pattern: Pattern, vision: torch.Tensor) -> torch.Tensor:
     """Which of the (real) tokens with classes ``vision`` enter the sparse sequence."""
-    if pattern.hybrid is not None and pattern.hybrid.vision_keys == "vision":
-        return vision
-    return torch.ones_like(vision)
+    return vision if _vision_only(pattern) else torch.ones_like(vision)
 
 
-def _append(state: DecodeState, pattern: Pattern, slots: torch.Tensor, real: torch.Tensor, vision: torch.Tensor) -> torch.Tensor:
-    """Record the tokens at ``slots [B, T]`` (in order); returns each one's
-    sparse position ``[B, T]`` (for a token outside the sparse sequence: the
-    position of the last sparse token before it, ``-1`` if none)."""
-    state.real.scatter_(1, slots, real)
-    state.vision.scatter_(1, slots, vision & real)
-    sparse = _sparse(pattern, vision) & real
-    rank = state.sparse_count[:, None] + torch.cumsum(sparse.long(), dim=1) - 1
-    target = torch.where(sparse, rank, torch.full_like(rank, state.capacity))
-    state.sparse_slots.scatter_(1, target, slots)
-    state.sparse_count += sparse.sum(dim=1)
+def _arange(state: DecodeState, name: str, size: int, start: int = 0) -> torch.Tensor:
+    """``arange(start, start + size)`` on the state's device, built once (a
+    name per use: the tensors a step builds do not depend on which sizes meet)."""
+    return state.constant((name, start, size), lambda: torch.arange(start, start + size, device=state.real.device))
+
+
+def _index(state: DecodeState, name: str, size: int, dims: int, at: int, divisor: int = 1) -> torch.Tensor:
+    """``arange(size) // divisor`` viewed along dim ``at`` of ``dims`` (ones elsewhere):
+    the batch or head index of an advanced-indexing gather, built once."""
+    shape = [1] * dims
+    shape[at] = size
+    return state.constant((name, size, dims, at, divisor),
+                          lambda: (torch.arange(size, device=state.real.device) // divisor).view(shape))
+
+
+def _count_column(state: DecodeState) -> torch.Tensor:
+    """``sparse_count`` viewed ``[B, 1]`` (a view: in-place updates show through)."""
+    return state.constant("count column", lambda: state.sparse_count.view(-1, 1))
+
+
+def _append(state: DecodeState, pattern: Pattern, slots: torch.Tensor, real: torch.Tensor | None,
+            vision: torch.Tensor) -> torch.Tensor:
+    """Record the tokens at ``slots [B, T]`` (in order; real where ``real``,
+    None: all); returns each one's sparse position ``[B, T]`` (for a token
+    outside the sparse sequence: the position of the last sparse token before
+    it, ``-1`` if none)."""
+    if real is None:
+        state.real.scatter_(1, slots, True)
+        state.vision.scatter_(1, slots, vision)
+        sparse = vision if _vision_only(pattern) else None
+    else:
+        state.real.scatter_(1, slots, real)
+        state.vision.scatter_(1, slots, vision & real)
+        sparse = vision & real if _vision_only(pattern) else real
+    count = _count_column(state)
+    if sparse is None:  # every new token enters: positions count .. count + T - 1
+        rank = count + _arange(state, "new positions", slots.shape[1])
+        state.sparse_slots.scatter_(1, rank, slots)
+        state.sparse_count.add_(slots.shape[1])
+        return rank
+    rank = torch.cumsum(sparse, dim=1).add_(count).sub_(1)
+    state.sparse_slots.scatter_(1, torch.where(sparse, rank, state.capacity), slots)
+    state.sparse_count.add_(sparse.sum(dim=1))
     return rank
 
 
@@ -318,38 +370,60 @@ def _gather_keys(cache: torch.Tensor, slots: torch.Tensor, heads: torch.Tensor) 
 
 
 def _pool_new_blocks(state: DecodeState, pattern: Pattern, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                     before: torch.Tensor, most_new: int, pooler: MLPPooling | None) -> None:
-    """Pool the compression blocks completed since the sparse sequences had
-    ``before [B]`` tokens (at most ``most_new`` tokens were added per row)."""
+                     most_new: int, pooler: MLPPooling | None) -> None:
+    """Pool the compression blocks completed by the last ``most_new`` tokens
+    at most of each row: the last ``most_new // d + 1`` complete ones (those
+    complete before are pooled again to the same values, which needs no count
+    from before the step); candidates before the row's first block go to the
+    spare column."""
     compression = pattern.compression
     block, stride = compression.block, compression.stride
-    capacity = state.capacity
     limit = state.cmp_k.shape[2] - 1  # compressed tokens the capacity holds
     candidates = min(most_new // stride + 1, limit)
     if candidates <= 0:
         return
-
-    def complete(count: torch.Tensor) -> torch.Tensor:
-        return torch.clamp(torch.div(count - block, stride, rounding_mode="floor") + 1, min=0)
-
-    first = complete(before)  # [B]
-    end = complete(state.sparse_count)
-    span = torch.clamp(first[:, None] * stride + torch.arange((candidates - 1) * stride + block, device=first.device), max=capacity - 1)
-    slots = state.sparse_slots.gather(1, span)  # [B, P]
-    kv_heads = k_cache.shape[1]
-    heads = torch.arange(kv_heads, device=slots.device)
+    batch, kv_heads = state.cmp_k.shape[:2]
     dtype = state.cmp_k.dtype
-    keys = _gather_keys(k_cache, slots[:, None].expand(-1, kv_heads, -1), heads).to(dtype)
-    values = _gather_keys(v_cache, slots[:, None].expand(-1, kv_heads, -1), heads).to(dtype)
+    # floor((n - l) / d) + 1 complete compressed tokens; the candidates start `candidates` before
+    first = torch.div(state.sparse_count + (stride - block - candidates * stride), stride, rounding_mode="floor")
+    first = first.view(batch, 1, 1)
+    span = torch.add(_arange(state, "pooled span", (candidates - 1) * stride + block), first, alpha=stride)  # [B, 1, P]
+    # Positions below 0 wrap to the end of the slot map: still cache slots, and pooled into the spare column.
+    slots = state.sparse_slots[_index(state, "batch", batch, 3, 0), span]
+    heads = _index(state, "heads", kv_heads, 3, 1)
+    keys = _as(k_cache[_index(state, "batch", batch, 3, 0), heads, slots], dtype)  # [B, Hkv, P, D]
+    values = _as(v_cache[_index(state, "batch", batch, 3, 0), heads, slots], dtype)
     if state.release:  # Q2: text keys and values are zeroed, not left out of the means
-        vision = state.vision.gather(1, slots)[:, None, :, None].to(dtype)
+        vision = state.vision.gather(1, slots[:, 0])[:, None, :, None].to(dtype)
         keys, values = keys * vision, values * vision
-    new_k, new_v = compress(keys, values, compression, pooler)  # [B, Hkv, candidates, D]
-    index = first[:, None] + torch.arange(candidates, device=first.device)
-    index = torch.where(index < end[:, None], index, torch.full_like(index, limit))
-    index = index[:, None, :, None].expand_as(new_k)
-    state.cmp_k.scatter_(2, index, new_k.to(dtype))
-    state.cmp_v.scatter_(2, index, new_v.to(dtype))
+    if compression.pooling == "mean" and stride == block:  # disjoint blocks: a view, no unfold
+        new_k = keys.view(batch, kv_heads, candidates, block, -1).mean(dim=3)
+        new_v = values.view(batch, kv_heads, candidates, block, -1).mean(dim=3)
+    else:
+        new_k, new_v = compress(keys, values, compression, pooler)  # [B, Hkv, candidates, D]
+    index = (first + _arange(state, "pooled blocks", candidates)).clamp_(min=-1)  # [B, 1, candidates]; -1: the spare column
+    target = (_index(state, "batch", batch, 3, 0), heads, index)
+    state.cmp_k.index_put_(target, _as(new_k, dtype))
+    state.cmp_v.index_put_(target, _as(new_v, dtype))
+
+
+def _as(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``tensor`` in ``dtype``, with no op when it is already."""
+    return tensor if tensor.dtype == dtype else tensor.to(dtype)
+
+
+def _extend(state: DecodeState, pattern: Pattern, k_cache: torch.Tensor, v_cache: torch.Tensor,
+            lengths: torch.Tensor, new_tokens: int, token_types: torch.Tensor | None,
+            pooler: MLPPooling | None, new_real: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`extend_state`, also returning the new tokens' cache slots and
+    vision classes ``[B, T]``."""
+    reserve(state, pattern, k_cache.shape[2])
+    slots = lengths.view(-1, 1) + _arange(state, "new slots", new_tokens, -new_tokens)
+    vision = torch.zeros_like(slots, dtype=torch.bool) if token_types is None else token_types != 0
+    rank = _append(state, pattern, slots, None if new_real is None else new_real.to(torch.bool), vision)
+    if state.cmp_k is not None:
+        _pool_new_blocks(state, pattern, k_cache, v_cache, new_tokens, pooler)
+    return rank, slots, vision
 
 
 def extend_state(state: DecodeState, pattern: Pattern, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -359,16 +433,7 @@ def extend_state(state: DecodeState, pattern: Pattern, k_cache: torch.Tensor, v_
     lengths - 1`` (classes ``token_types [B, T]``, real where ``new_real``,
     default all) and pool the blocks they complete. Returns their sparse
     positions ``[B, T]`` (see :func:`_append`)."""
-    reserve(state, pattern, k_cache.shape[2])
-    device = k_cache.device
-    slots = lengths.to(torch.long)[:, None] - new_tokens + torch.arange(new_tokens, device=device)
-    real = torch.ones_like(slots, dtype=torch.bool) if new_real is None else new_real.to(torch.bool)
-    vision = torch.zeros_like(real) if token_types is None else token_types != 0
-    before = state.sparse_count.clone()
-    rank = _append(state, pattern, slots, real, vision)
-    if state.cmp_k is not None:
-        _pool_new_blocks(state, pattern, k_cache, v_cache, before, new_tokens, pooler)
-    return rank
+    return _extend(state, pattern, k_cache, v_cache, lengths, new_tokens, token_types, pooler, new_real)[0]
 
 
 def start_state(pattern: Pattern, k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: torch.Tensor,
@@ -429,28 +494,35 @@ def _start_tile(state: DecodeState, pattern: Pattern, queries: torch.Tensor, sca
     position = start[:, None] + torch.arange(tile, device=start.device)  # [B, m]
     slots = state.sparse_slots.gather(1, position.clamp(max=state.capacity - 1))
     rows = queries.gather(2, slots[:, None, :, None].expand(-1, query_heads, -1, dim)).to(state.cmp_k.dtype)
-    grouped = rows.view(batch, kv_heads, query_heads // kv_heads, tile, dim)
-    probabilities = _compression_probabilities(grouped, state.cmp_k[:, :, :-1], position, pattern.compression, scale, score_dtype)
+    grouped = rows.view(batch, kv_heads, query_heads // kv_heads, tile, dim).to(score_dtype) * scale
+    last = _compressed_last(pattern.compression, state.cmp_k.shape[2] - 1, start.device)
+    hidden = _hidden_compressed(pattern.compression, last, position.view(batch, 1, 1, tile, 1))
+    probabilities = _compression_probabilities(grouped, _as(state.cmp_k[:, :, :-1], score_dtype), hidden)
     seen = (position < state.sparse_count[:, None])[:, None, None, :, None]
     state.tile_sum = (probabilities * seen).sum(dim=3).reshape(batch, query_heads, probabilities.shape[-1])
     state.tile_start = start
 
 
-def _compression_probabilities(grouped: torch.Tensor, cmp_k: torch.Tensor, position: torch.Tensor,
-                               compression: Compression, scale: float, score_dtype: torch.dtype) -> torch.Tensor:
-    """``p_cmp [B, Hkv, G, T, N]`` (``score_dtype``) of queries ``grouped [B, Hkv,
-    G, T, D]`` at sparse positions ``position [B, T]`` over compressed keys
-    ``cmp_k [B, Hkv, N, D]``: the tokens complete within each query's prefix
-    that its visibility admits; a query that sees none gets zeros."""
-    last = torch.arange(cmp_k.shape[2], device=cmp_k.device) * compression.stride + compression.block - 1
-    visible = last[None, None, :] <= position[:, :, None]  # [B, T, N]: complete within the prefix
-    if compression.visibility != "causal":
-        visible &= last[None, None, :] >= position[:, :, None]
-    logits = torch.einsum("bkgtd,bknd->bkgtn", grouped.to(score_dtype), cmp_k.to(score_dtype)) * scale
-    ok = visible[:, None, None]
-    has = ok.any(dim=-1, keepdim=True)
-    logits = torch.where(ok, logits, torch.full_like(logits, float("-inf")))
-    return torch.softmax(torch.where(has, logits, torch.zeros_like(logits)), dim=-1) * has
+def _compressed_last(compression: Compression, tokens: int, device: torch.device) -> torch.Tensor:
+    """``[N]`` the sparse position of each compressed token's last token, ``i*d + l - 1``."""
+    return torch.arange(tokens, device=device) * compression.stride + (compression.block - 1)
+
+
+def _hidden_compressed(compression: Compression, last: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+    """Which compressed tokens ending at ``last [N]`` a query at ``position``
+    (broadcast against ``last``) does not see: those not complete within its
+    prefix (``videonsa_legacy``: all but the one ending at the query)."""
+    return last > position if compression.visibility == "causal" else last != position
+
+
+def _compression_probabilities(grouped: torch.Tensor, cmp_k: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+    """``p_cmp [B, Hkv, G, T, N]``: the softmax of ``grouped [B, Hkv, G, T, D]``
+    (scaled queries, in the score dtype) against ``cmp_k [B, Hkv, N, D]`` over
+    the compressed tokens ``hidden`` (broadcast to ``[B, 1, 1, T, N]``) does not
+    mask; a query that sees none gets zeros (its softmax of ``-inf`` only is
+    NaN, then filled)."""
+    logits = torch.einsum("bkgtd,bknd->bkgtn", grouped, cmp_k).masked_fill_(hidden, float("-inf"))
+    return torch.softmax(logits, dim=-1).masked_fill_(hidden, 0.0)
 
 
 # --- the step -----------------------------------------------------------------------------------
@@ -532,22 +604,18 @@ def decode_step(
     scale = softmax_scale(dim) if scale is None else scale
     dtype = compute_dtype(q.dtype)
     score_dtype = default_score_dtype(q.device, q.dtype) if score_dtype is None else score_dtype
-    device = q.device
     with torch.no_grad():
-        rank = extend_state(state, pattern, k_cache, v_cache, lengths, new, token_types, pooler)  # [B, T]
-        slots = lengths.to(torch.long)[:, None] - new + torch.arange(new, device=device)
+        rank, slots, vision = _extend(state, pattern, k_cache, v_cache, lengths, new, token_types, pooler, None)
+        query = _as(q, dtype)
         if pattern.dense:
-            return _dense(q.to(dtype), k_cache, v_cache, state, slots, scale).to(q.dtype)
-        vision = torch.zeros_like(rank, dtype=torch.bool) if token_types is None else token_types != 0
+            return _as(_dense(query, k_cache, v_cache, state, slots, scale), q.dtype)
         if release:
-            return _release_step(pattern, q.to(dtype), k_cache, v_cache, state, rank, slots, vision, gates, scale,
+            return _release_step(pattern, query, k_cache, v_cache, state, rank, slots, vision, gates, scale,
                                  score_dtype).to(q.dtype)
-        sparse = _sparse(pattern, vision)
-        sparse_out = _sparse_outputs(pattern, q.to(dtype), k_cache, v_cache, state, rank, sparse, gates, pooler, scale,
-                                     score_dtype)
+        sparse_out = _sparse_outputs(pattern, query, k_cache, v_cache, state, rank, vision, gates, scale, score_dtype)
         if pattern.hybrid is None or not has_text:
-            return sparse_out.to(q.dtype)
-        dense_out = _dense(q.to(dtype), k_cache, v_cache, state, slots, scale)
+            return _as(sparse_out, q.dtype)
+        dense_out = _dense(query, k_cache, v_cache, state, slots, scale)
         return torch.where(vision[:, None, :, None], sparse_out, dense_out).to(q.dtype)
 
 
@@ -574,61 +642,146 @@ def _tile_sums(state: DecodeState, tile: int, position: torch.Tensor, sparse: to
 
 
 def _sparse_outputs(pattern: Pattern, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                    state: DecodeState, rank: torch.Tensor, sparse: torch.Tensor, gates: torch.Tensor | None,
-                    pooler: MLPPooling | None, scale: float, score_dtype: torch.dtype) -> torch.Tensor:
+                    state: DecodeState, rank: torch.Tensor, vision: torch.Tensor, gates: torch.Tensor | None,
+                    scale: float, score_dtype: torch.dtype) -> torch.Tensor:
     """The gated mix of the branches ``[B, Hq, T, D]`` for queries at sparse
-    positions ``rank [B, T]`` (``sparse [B, T]``: the new token is in the
-    sparse sequence)."""
+    positions ``rank [B, T]`` (``vision [B, T]``: classes of the new tokens).
+
+    Selection and window attend to one gathered candidate list per query,
+    ``[chosen blocks' tokens | window tokens]`` (a ``[B, Hs, 1, T, C]`` index,
+    ``Hs`` the selecting heads), with one logit product and one product with
+    the values; each branch keeps its own softmax over its segment, times its
+    gate. The compression branch adds ``gate * p_cmp @ V`` (``[N, D]`` values
+    per kv head, shared by its queries)."""
     batch, query_heads, new, dim = q.shape
     kv_heads = k_cache.shape[1]
     group = query_heads // kv_heads
-    device = q.device
-    grouped = q.view(batch, kv_heads, group, new, dim)
-    kv_of_kv = torch.arange(kv_heads, device=device)
+    dtype = q.dtype
+    scaled = q * scale
+    grouped = scaled.view(batch, kv_heads, group, new, dim)
     position = rank.clamp(min=0)  # a query always has its own token (rank >= 0) where its output is used
-    capacity = state.capacity
-    outputs: dict[str, torch.Tensor] = {}
+    at = position.view(batch, 1, 1, new, 1)
+    per_head = pattern.selection is not None and pattern.selection.scoring == "head"
 
-    def sparse_slots(tokens: torch.Tensor) -> torch.Tensor:
-        """Cache slots of sparse positions ``tokens [B, ...]`` (clamped into the map)."""
-        flat = tokens.clamp(0, capacity - 1).reshape(batch, -1)
-        return state.sparse_slots.gather(1, flat).view(tokens.shape)
+    def gate_of(layout: tuple[int, int]) -> dict[str, torch.Tensor | float]:
+        """Each branch's gate ``[B, H, g, T, 1]`` for heads in ``layout (H, g)``."""
+        if gates is None:  # constant gates as Python floats: no host-to-device copy inside a captured graph
+            return dict(zip(pattern.branches, pattern.gate.values))
+        shaped = _as(gates, dtype).reshape(batch, *layout, new, -1)
+        return {name: shaped[..., index : index + 1] for index, name in enumerate(pattern.branches)}
 
+    gate = gate_of((kv_heads, group))
+    out = None
+    segments: list[tuple[str, torch.Tensor]] = []  # (branch, candidate positions [B, Hs | 1, 1, T, c])
+    heads, q_sel, sel_gate = _index(state, "heads", kv_heads, 5, 1), grouped, gate
     if pattern.compression is not None:
         compression = pattern.compression
-        cmp_k, cmp_v = state.cmp_k[:, :, :-1], state.cmp_v[:, :, :-1]
-        probabilities = _compression_probabilities(grouped, cmp_k, position, compression, scale, score_dtype)
-        outputs["compression"] = torch.einsum("bkgtn,bknd->bkgtd", probabilities.to(q.dtype), cmp_v).reshape(q.shape)
+        tokens = state.cmp_k.shape[2] - 1
+        cmp_k = state.constant("cmp_k", lambda: state.cmp_k[:, :, :-1])  # views: the spare column left out
+        cmp_v = state.constant("cmp_v", lambda: state.cmp_v[:, :, :-1, None].transpose(2, 3))  # [B, Hkv, 1, N, D]
+        last = state.constant("compressed last", lambda: _compressed_last(compression, tokens, q.device))
+        hidden = _hidden_compressed(compression, last, at)  # [B, 1, 1, T, N]
+        scored = grouped if score_dtype == dtype else q.to(score_dtype).view(grouped.shape) * scale
+        probabilities = _compression_probabilities(scored, _as(cmp_k, score_dtype), hidden)
+        out = torch.matmul(_as(probabilities, dtype) * gate["compression"], cmp_v)  # [B, Hkv, G, T, D]
         if pattern.selection is not None:
             selection = pattern.selection
-            num_blocks = -(-capacity // selection.block)
             first = position
             if tiled(pattern):
-                first, probabilities = _tile_sums(state, selection.query_block, position, sparse, probabilities)
+                first, probabilities = _tile_sums(state, selection.query_block, position, _sparse(pattern, vision),
+                                                  probabilities)
+            num_blocks = -(-state.capacity // selection.block)
             scores = eq9_block_scores(probabilities, compression, selection, num_blocks)  # [B, Hkv, G, T, J]
-            per_head = selection.scoring == "head"
-            scores = scores.reshape(batch, query_heads, new, num_blocks) if per_head else scores.sum(dim=2)
-            selecting = scores.shape[1]
-            units = scores.permute(1, 0, 2, 3).reshape(selecting, batch * new, num_blocks)
-            blocks = choose_blocks(units, first.reshape(-1), selection).long()  # [Hs, B*T, W]
-            blocks = blocks.view(selecting, batch, new, -1).permute(1, 0, 2, 3)  # [B, Hs, T, W]
-            offsets = torch.arange(selection.block, device=device)
-            chosen = (blocks[..., None] * selection.block + offsets).flatten(3)  # [B, Hs, T, W*l']
-            ok = (blocks[..., None] >= 0).expand(-1, -1, -1, -1, selection.block).flatten(3) & (chosen <= position[:, None, :, None])
-            heads = torch.arange(query_heads, device=device) // group if per_head else kv_of_kv
-            q_sel = q.view(batch, query_heads, 1, new, dim) if per_head else grouped
-            out = _gathered_attention(q_sel, k_cache, v_cache, sparse_slots(chosen), ok, heads, scale)
-            outputs["selection"] = out.reshape(q.shape)
+            if per_head:
+                scores = scores.reshape(batch, query_heads, 1, new, num_blocks)
+                heads = _index(state, "heads", query_heads, 5, 1, group)
+                q_sel = scaled.view(batch, query_heads, 1, new, dim)
+                sel_gate = gate_of((query_heads, 1))
+            else:
+                scores = scores.sum(dim=2, keepdim=True)
+            segments.append(("selection", _chosen_tokens(state, selection, scores, first.view(at.shape), at,
+                                                         exact=not tiled(pattern))))
     if pattern.window is not None:
         size = pattern.window.size
-        recent = position[:, :, None] - torch.arange(size - 1, -1, -1, device=device)  # [B, T, w]
-        ok = (recent >= 0)[:, None].expand(-1, kv_heads, -1, -1)
-        slots = sparse_slots(recent)[:, None].expand(-1, kv_heads, -1, -1)
-        outputs["window"] = _gathered_attention(grouped, k_cache, v_cache, slots, ok, kv_of_kv, scale).reshape(q.shape)
-    if gates is None:  # constant gates as Python floats: no host-to-device copy inside a captured graph
-        return sum(value * outputs[name] for value, name in zip(pattern.gate.values, pattern.branches))
-    gates = gates.to(q.dtype)
-    return sum(gates[..., index, None] * outputs[name] for index, name in enumerate(pattern.branches))
+        segments.append(("window", at + _arange(state, "window", size, 1 - size)))  # [B, 1, 1, T, w]: t - w < s <= t
+    if segments:
+        selected = _segment_attention(state, q_sel, heads, k_cache, v_cache, at, segments, sel_gate,
+                                      empty=pattern.selection is not None and "current" not in pattern.selection.forced)
+        if per_head:
+            selected = selected.reshape(batch, kv_heads, group, new, dim)
+        out = selected if out is None else out + selected
+    return out.reshape(batch, query_heads, new, dim)
+
+
+def _chosen_tokens(state: DecodeState, selection: Selection, scores: torch.Tensor, first: torch.Tensor,
+                   at: torch.Tensor, exact: bool) -> torch.Tensor:
+    """Sparse positions ``[B, Hs, 1, T, n*l']`` of the tokens of the blocks
+    chosen from ``scores [B, Hs, 1, T, J]`` for units whose first query is at
+    ``first [B, 1, 1, T, 1]`` (queries at ``at``, same shape). Forced blocks
+    rank above every score (``inf``), blocks that are neither complete nor
+    forced below (``-1``; the scores are non-negative), so the top ``n`` are
+    the forced ones and the best complete ones, ties to the lower index (a
+    stable sort in float64; in float32 ``torch.topk`` on a unique key of score
+    bits and reversed index, as :func:`nsaflex.scoring._top_candidates`).
+    Tokens of blocks beyond the candidates come out above ``at`` (hidden):
+    with ``current`` forced (and ``exact``: the unit is the query itself)
+    those are later blocks already, else they are moved there."""
+    block, num_blocks = selection.block, scores.shape[-1]
+    take = min(selection.count, num_blocks)
+    # d = last token of block j - first query: complete iff d <= 0, current iff 0 <= d < l'.
+    ends = state.constant(("block ends", block, num_blocks),
+                          lambda: torch.arange(num_blocks, device=scores.device) * block + (block - 1))
+    distance = ends - first  # [B, 1, 1, T, J]
+    forced = selection.forced
+    if "current" in forced:
+        key = scores.masked_fill(distance >= 0, float("inf")).masked_fill_(distance >= block, -1.0)
+    else:
+        key = scores.masked_fill(distance > 0, -1.0)
+    if "previous" in forced:
+        key.masked_fill_((distance < 0) & (distance >= -block), float("inf"))
+    if "first" in forced:
+        key.masked_fill_(state.constant(("first block", num_blocks), lambda: _arange(state, "blocks", num_blocks) == 0),
+                         float("inf"))
+    if key.dtype == torch.float32:
+        reverse = state.constant(("reverse", num_blocks), lambda: (num_blocks - 1) - torch.arange(num_blocks, device=key.device))
+        top = torch.topk((key.view(torch.int32).to(torch.int64) << 32) | reverse, take, dim=-1).values
+        blocks, missing = (num_blocks - 1) - (top & 0xFFFFFFFF), top < 0
+    else:
+        ranked = torch.sort(key, dim=-1, descending=True, stable=True)
+        blocks, missing = ranked.indices[..., :take], ranked.values[..., :take] < 0
+    if not ("current" in forced and exact):
+        blocks = blocks.masked_fill(missing, num_blocks)
+    return torch.add(_arange(state, "block tokens", block), blocks[..., None], alpha=block).flatten(-2)
+
+
+def _segment_attention(state: DecodeState, q: torch.Tensor, heads: torch.Tensor, k_cache: torch.Tensor,
+                       v_cache: torch.Tensor, at: torch.Tensor, segments: list[tuple[str, torch.Tensor]],
+                       gate: dict[str, torch.Tensor | float], empty: bool) -> torch.Tensor:
+    """``sum_b gate_b * softmax_b(q . K) @ V`` ``[B, Hs, g, T, D]`` of the scaled
+    queries ``q [B, Hs, g, T, D]`` over the cache keys of each branch's
+    candidate positions ``[B, Hs | 1, 1, T, c_b]`` in the sparse sequence (kv
+    heads ``heads [1, Hs, 1, 1, 1]``), those outside ``0 .. at`` masked. The
+    branches' candidates are gathered together; each branch's softmax runs on
+    its own segment. ``empty``: a branch may keep no candidate (zeros then)."""
+    names = [name for name, _ in segments]
+    positions = [candidates.expand(-1, heads.shape[1], -1, -1, -1) for _, candidates in segments]
+    positions = positions[0] if len(positions) == 1 else torch.cat(positions, dim=-1)  # [B, Hs, 1, T, C]
+    # Masked candidates read the query's own token (a written slot) instead: in range, never NaN.
+    safe = torch.minimum(positions.clamp(min=0), at)
+    hidden = safe != positions
+    batch = _index(state, "batch", positions.shape[0], 5, 0)
+    slots = state.sparse_slots[batch, safe]
+    keys = _as(k_cache[batch, heads, slots], q.dtype)  # [B, Hs, 1, T, C, D]
+    values = _as(v_cache[batch, heads, slots], q.dtype)
+    logits = torch.einsum("bsgtd,bsotcd->bsgtc", q, keys).masked_fill_(hidden, float("-inf"))
+    if len(segments) == 1:
+        probabilities = torch.softmax(logits, dim=-1).mul_(gate[names[0]])
+    else:
+        parts = torch.split(logits, [candidates.shape[-1] for _, candidates in segments], dim=-1)
+        probabilities = torch.cat([torch.softmax(part, dim=-1).mul_(gate[name]) for part, name in zip(parts, names)], dim=-1)
+    if empty:
+        probabilities.masked_fill_(hidden, 0.0)
+    return torch.einsum("bsgtc,bsotcd->bsgtd", probabilities, values)
 
 
 # --- videonsa_release ------------------------------------------------------------------------
