@@ -396,15 +396,23 @@ def _pool_new_blocks(state: DecodeState, pattern: Pattern, k_cache: torch.Tensor
     if state.release:  # Q2: text keys and values are zeroed, not left out of the means
         vision = state.vision.gather(1, slots[:, 0])[:, None, :, None].to(dtype)
         keys, values = keys * vision, values * vision
-    if compression.pooling == "mean" and stride == block:  # disjoint blocks: a view, no unfold
-        new_k = keys.view(batch, kv_heads, candidates, block, -1).mean(dim=3)
-        new_v = values.view(batch, kv_heads, candidates, block, -1).mean(dim=3)
+    if compression.pooling == "mean":  # one product with the [candidates, P] averaging matrix
+        average = state.constant(("average", candidates), lambda: _averaging(compression, candidates, dtype, keys.device))
+        new_k, new_v = torch.matmul(average, keys), torch.matmul(average, values)
     else:
         new_k, new_v = compress(keys, values, compression, pooler)  # [B, Hkv, candidates, D]
     index = (first + _arange(state, "pooled blocks", candidates)).clamp_(min=-1)  # [B, 1, candidates]; -1: the spare column
     target = (_index(state, "batch", batch, 3, 0), heads, index)
     state.cmp_k.index_put_(target, _as(new_k, dtype))
     state.cmp_v.index_put_(target, _as(new_v, dtype))
+
+
+def _averaging(compression: Compression, tokens: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``[N, (N - 1) d + l]``: row ``i`` averages the ``l`` tokens ``i*d ..
+    i*d + l - 1`` (mean pooling as a matrix product)."""
+    span = (tokens - 1) * compression.stride + compression.block
+    offset = torch.arange(span, device=device)[None, :] - compression.stride * torch.arange(tokens, device=device)[:, None]
+    return ((offset >= 0) & (offset < compression.block)).to(dtype) / compression.block
 
 
 def _as(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -668,7 +676,7 @@ def _sparse_outputs(pattern: Pattern, q: torch.Tensor, k_cache: torch.Tensor, v_
         if gates is None:  # constant gates as Python floats: no host-to-device copy inside a captured graph
             return dict(zip(pattern.branches, pattern.gate.values))
         shaped = _as(gates, dtype).reshape(batch, *layout, new, -1)
-        return {name: shaped[..., index : index + 1] for index, name in enumerate(pattern.branches)}
+        return dict(zip(pattern.branches, torch.split(shaped, 1, dim=-1)))
 
     gate = gate_of((kv_heads, group))
     out = None
@@ -686,10 +694,11 @@ def _sparse_outputs(pattern: Pattern, q: torch.Tensor, k_cache: torch.Tensor, v_
         out = torch.matmul(_as(probabilities, dtype) * gate["compression"], cmp_v)  # [B, Hkv, G, T, D]
         if pattern.selection is not None:
             selection = pattern.selection
-            first = position
+            first = at
             if tiled(pattern):
                 first, probabilities = _tile_sums(state, selection.query_block, position, _sparse(pattern, vision),
                                                   probabilities)
+                first = first.view(at.shape)
             num_blocks = -(-state.capacity // selection.block)
             scores = eq9_block_scores(probabilities, compression, selection, num_blocks)  # [B, Hkv, G, T, J]
             if per_head:
@@ -699,8 +708,7 @@ def _sparse_outputs(pattern: Pattern, q: torch.Tensor, k_cache: torch.Tensor, v_
                 sel_gate = gate_of((query_heads, 1))
             else:
                 scores = scores.sum(dim=2, keepdim=True)
-            segments.append(("selection", _chosen_tokens(state, selection, scores, first.view(at.shape), at,
-                                                         exact=not tiled(pattern))))
+            segments.append(("selection", _chosen_tokens(state, selection, scores, first, exact=not tiled(pattern))))
     if pattern.window is not None:
         size = pattern.window.size
         segments.append(("window", at + _arange(state, "window", size, 1 - size)))  # [B, 1, 1, T, w]: t - w < s <= t
@@ -714,10 +722,10 @@ def _sparse_outputs(pattern: Pattern, q: torch.Tensor, k_cache: torch.Tensor, v_
 
 
 def _chosen_tokens(state: DecodeState, selection: Selection, scores: torch.Tensor, first: torch.Tensor,
-                   at: torch.Tensor, exact: bool) -> torch.Tensor:
+                   exact: bool) -> torch.Tensor:
     """Sparse positions ``[B, Hs, 1, T, n*l']`` of the tokens of the blocks
     chosen from ``scores [B, Hs, 1, T, J]`` for units whose first query is at
-    ``first [B, 1, 1, T, 1]`` (queries at ``at``, same shape). Forced blocks
+    ``first [B, 1, 1, T, 1]``. Forced blocks
     rank above every score (``inf``), blocks that are neither complete nor
     forced below (``-1``; the scores are non-negative), so the top ``n`` are
     the forced ones and the best complete ones, ties to the lower index (a
@@ -742,15 +750,18 @@ def _chosen_tokens(state: DecodeState, selection: Selection, scores: torch.Tenso
     if "first" in forced:
         key.masked_fill_(state.constant(("first block", num_blocks), lambda: _arange(state, "blocks", num_blocks) == 0),
                          float("inf"))
+    hide_missing = not ("current" in forced and exact)
     if key.dtype == torch.float32:
         reverse = state.constant(("reverse", num_blocks), lambda: (num_blocks - 1) - torch.arange(num_blocks, device=key.device))
         top = torch.topk((key.view(torch.int32).to(torch.int64) << 32) | reverse, take, dim=-1).values
-        blocks, missing = (num_blocks - 1) - (top & 0xFFFFFFFF), top < 0
+        blocks = (num_blocks - 1) - (top & 0xFFFFFFFF)
+        if hide_missing:
+            blocks = blocks.masked_fill(top < 0, num_blocks)
     else:
         ranked = torch.sort(key, dim=-1, descending=True, stable=True)
-        blocks, missing = ranked.indices[..., :take], ranked.values[..., :take] < 0
-    if not ("current" in forced and exact):
-        blocks = blocks.masked_fill(missing, num_blocks)
+        blocks = ranked.indices[..., :take]
+        if hide_missing:
+            blocks = blocks.masked_fill(ranked.values[..., :take] < 0, num_blocks)
     return torch.add(_arange(state, "block tokens", block), blocks[..., None], alpha=block).flatten(-2)
 
 
@@ -764,7 +775,8 @@ def _segment_attention(state: DecodeState, q: torch.Tensor, heads: torch.Tensor,
     branches' candidates are gathered together; each branch's softmax runs on
     its own segment. ``empty``: a branch may keep no candidate (zeros then)."""
     names = [name for name, _ in segments]
-    positions = [candidates.expand(-1, heads.shape[1], -1, -1, -1) for _, candidates in segments]
+    positions = [candidates if candidates.shape[1] == heads.shape[1] else candidates.expand(-1, heads.shape[1], -1, -1, -1)
+                 for _, candidates in segments]
     positions = positions[0] if len(positions) == 1 else torch.cat(positions, dim=-1)  # [B, Hs, 1, T, C]
     # Masked candidates read the query's own token (a written slot) instead: in range, never NaN.
     safe = torch.minimum(positions.clamp(min=0), at)
