@@ -32,13 +32,21 @@ in one set of tensor operations):
 2. selection: NSA Eq. 9 block scores of ``p_cmp``
    (:func:`nsaflex.scoring.eq9_block_scores`), summed over the GQA group for
    ``scoring: group``; forced blocks plus the best complete blocks, ties to the
-   lower index (:func:`nsaflex.scoring.choose_blocks`: ``torch.topk`` on a
-   unique key in float32, a stable sort in float64); one softmax over the
-   ``s <= t`` tokens of the chosen blocks, gathered (``n * l'`` keys per query,
-   not a mask over the cache);
-3. window: the last ``w`` tokens ``t - w < s <= t``, gathered;
+   lower index (as :func:`nsaflex.scoring.choose_blocks`: forced blocks rank
+   at ``inf``, the others neither complete nor forced at ``-1``; ``torch.topk``
+   on a unique key in float32, a stable sort in float64); one softmax over the
+   ``s <= t`` tokens of the chosen blocks (``n * l'`` keys per query, not a
+   mask over the cache);
+3. window: one softmax over the last ``w`` tokens ``t - w < s <= t``;
 4. ``out = sum_b gate_b * o_b``; text queries of a hybrid pattern take the
    dense attention over the real keys ``<= p`` instead.
+
+Selection and window keys and values are gathered together, through the
+slot map, as one candidate list per query; one product gives their logits
+and one their outputs, each branch normalised over its own segment and
+scaled by its gate. Index aranges, block bounds and views of the kept
+tensors are built once per state (:meth:`DecodeState.constant`): a step on a
+GPU is bound by its operator launches, each on a few thousand keys.
 
 No ``.item()``, no host synchronisation and no Python loop over rows or
 tokens: every shape depends on ``B, Hq, Hkv, T, D``, the capacity and the
@@ -105,7 +113,7 @@ from nsaflex.errors import InputError
 from nsaflex.inputs import FLOAT_DTYPES
 from nsaflex.pooling import MLPPooling, compress, softmax_scale
 from nsaflex.reference_release import TEXT_GATE, padded_slots, selected_count
-from nsaflex.scoring import _top_candidates, choose_blocks, default_score_dtype, eq9_block_scores
+from nsaflex.scoring import _top_candidates, default_score_dtype, eq9_block_scores
 from nsaflex.spec import Compression, Pattern, Selection
 
 
@@ -362,13 +370,6 @@ def _append(state: DecodeState, pattern: Pattern, slots: torch.Tensor, real: tor
     return rank
 
 
-def _gather_keys(cache: torch.Tensor, slots: torch.Tensor, heads: torch.Tensor) -> torch.Tensor:
-    """``cache [B, Hkv, S, D]`` at ``slots [B, Hs, ...]`` of kv heads ``heads [Hs]``: ``[B, Hs, ..., D]``."""
-    batch = torch.arange(cache.shape[0], device=cache.device).view(-1, *([1] * (slots.dim() - 1)))
-    kv = heads.view(1, -1, *([1] * (slots.dim() - 2)))
-    return cache[batch, kv, slots]
-
-
 def _pool_new_blocks(state: DecodeState, pattern: Pattern, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      most_new: int, pooler: MLPPooling | None) -> None:
     """Pool the compression blocks completed by the last ``most_new`` tokens
@@ -534,31 +535,6 @@ def _compression_probabilities(grouped: torch.Tensor, cmp_k: torch.Tensor, hidde
 
 
 # --- the step -----------------------------------------------------------------------------------
-
-
-def _softmax_attention(logits: torch.Tensor, ok: torch.Tensor, values: torch.Tensor, equation: str) -> torch.Tensor:
-    """Softmax of ``logits`` over the keys ``ok`` keeps (a row with none: zeros), times ``values``."""
-    has = ok.any(dim=-1, keepdim=True)
-    logits = torch.where(ok, logits, torch.full_like(logits, float("-inf")))
-    probabilities = torch.softmax(torch.where(has, logits, torch.zeros_like(logits)), dim=-1) * has
-    return torch.einsum(equation, probabilities.to(values.dtype), values)
-
-
-def _gathered_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
-                        ok: torch.Tensor, heads: torch.Tensor, scale: float,
-                        weights: torch.Tensor | None = None) -> torch.Tensor:
-    """``q [B, Hs, g, T, D]`` over the keys at ``slots [B, Hs, T, C]`` of kv heads
-    ``heads [Hs]`` that ``ok [B, Hs, T, C]`` keeps: ``[B, Hs, g, T, D]``.
-    ``weights [B, Hs, T, C]`` multiply each kept key and value first (release
-    mode's zeroed text keys, which still take part in the softmax)."""
-    dtype = q.dtype
-    keep = ok[..., None]
-    keys = torch.where(keep, _gather_keys(k_cache, slots, heads).to(dtype), 0.0)  # [B, Hs, T, C, D]
-    values = torch.where(keep, _gather_keys(v_cache, slots, heads).to(dtype), 0.0)
-    if weights is not None:
-        keys, values = keys * weights[..., None].to(dtype), values * weights[..., None].to(dtype)
-    logits = torch.einsum("bsgtd,bstcd->bsgtc", q, keys) * scale
-    return _softmax_attention(logits, ok[:, :, None], values, "bsgtc,bstcd->bsgtd")
 
 
 def _dense(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, state: DecodeState,
@@ -767,13 +743,15 @@ def _chosen_tokens(state: DecodeState, selection: Selection, scores: torch.Tenso
 
 def _segment_attention(state: DecodeState, q: torch.Tensor, heads: torch.Tensor, k_cache: torch.Tensor,
                        v_cache: torch.Tensor, at: torch.Tensor, segments: list[tuple[str, torch.Tensor]],
-                       gate: dict[str, torch.Tensor | float], empty: bool) -> torch.Tensor:
+                       gate: dict[str, torch.Tensor | float], empty: bool, weighted: bool = False) -> torch.Tensor:
     """``sum_b gate_b * softmax_b(q . K) @ V`` ``[B, Hs, g, T, D]`` of the scaled
     queries ``q [B, Hs, g, T, D]`` over the cache keys of each branch's
     candidate positions ``[B, Hs | 1, 1, T, c_b]`` in the sparse sequence (kv
     heads ``heads [1, Hs, 1, 1, 1]``), those outside ``0 .. at`` masked. The
     branches' candidates are gathered together; each branch's softmax runs on
-    its own segment. ``empty``: a branch may keep no candidate (zeros then)."""
+    its own segment. ``empty``: a branch may keep no candidate (zeros then).
+    ``weighted`` (release mode): text keys and values are zeroed, yet take
+    part in the softmax (logit 0)."""
     names = [name for name, _ in segments]
     positions = [candidates if candidates.shape[1] == heads.shape[1] else candidates.expand(-1, heads.shape[1], -1, -1, -1)
                  for _, candidates in segments]
@@ -785,7 +763,11 @@ def _segment_attention(state: DecodeState, q: torch.Tensor, heads: torch.Tensor,
     slots = state.sparse_slots[batch, safe]
     keys = _as(k_cache[batch, heads, slots], q.dtype)  # [B, Hs, 1, T, C, D]
     values = _as(v_cache[batch, heads, slots], q.dtype)
-    logits = torch.einsum("bsgtd,bsotcd->bsgtc", q, keys).masked_fill_(hidden, float("-inf"))
+    logits = torch.einsum("bsgtd,bsotcd->bsgtc", q, keys)
+    weights = state.vision[batch, slots].to(q.dtype) if weighted else None
+    if weights is not None:  # a zeroed key: q . 0 = 0
+        logits.mul_(weights)
+    logits.masked_fill_(hidden, float("-inf"))
     if len(segments) == 1:
         probabilities = torch.softmax(logits, dim=-1).mul_(gate[names[0]])
     else:
@@ -793,6 +775,8 @@ def _segment_attention(state: DecodeState, q: torch.Tensor, heads: torch.Tensor,
         probabilities = torch.cat([torch.softmax(part, dim=-1).mul_(gate[name]) for part, name in zip(parts, names)], dim=-1)
     if empty:
         probabilities.masked_fill_(hidden, 0.0)
+    if weights is not None:  # a zeroed value
+        probabilities.mul_(weights)
     return torch.einsum("bsgtc,bsotcd->bsgtd", probabilities, values)
 
 
@@ -810,22 +794,20 @@ def _release_step(pattern: Pattern, q: torch.Tensor, k_cache: torch.Tensor, v_ca
     holds the new tokens; its :attr:`DecodeState.recent_q` moves on by ``T``."""
     batch, heads, new, dim = q.shape
     kv_heads = k_cache.shape[1]
-    device = q.device
     block = pattern.compression.block
     slots_total = padded_slots(heads, kv_heads)
     group = slots_total // kv_heads
     capacity = state.capacity
-    kv_of_kv = torch.arange(kv_heads, device=device)
     position = rank.clamp(min=0)  # [B, T]: t; the row holds t + 1 tokens
     current = torch.div(position, block, rounding_mode="floor")  # the query's own (last) block c
+    row_index = _index(state, "batch", batch, 3, 0)
 
     def cache_slots(tokens: torch.Tensor) -> torch.Tensor:
         """Cache slots of sparse positions ``tokens [B, ...]`` (clamped into the map)."""
-        flat = tokens.clamp(0, capacity - 1).reshape(batch, -1)
-        return state.sparse_slots.gather(1, flat).view(tokens.shape)
+        return state.sparse_slots[row_index.view(-1, *([1] * (tokens.dim() - 1))), tokens.clamp(0, capacity - 1)]
 
     def vision_at(tokens: torch.Tensor) -> torch.Tensor:
-        return state.vision.gather(1, cache_slots(tokens).reshape(batch, -1)).view(tokens.shape)
+        return state.vision[row_index.view(-1, *([1] * (tokens.dim() - 1))), cache_slots(tokens)]
 
     # The queries of positions before - P .. before + T - 1 (column = position - before + P).
     window_q = torch.cat([state.recent_q, q.to(state.recent_q.dtype)], dim=2)  # [B, Hq, P + T, D]
@@ -833,76 +815,66 @@ def _release_step(pattern: Pattern, q: torch.Tensor, k_cache: torch.Tensor, v_ca
     state.recent_q.copy_(window_q[:, :, new:])  # in place: a captured graph's replays move it on too
 
     # Q1/Q2: the own block's mean over its zeroed tokens so far (partial or complete).
-    own = current[:, :, None] * block + torch.arange(block, device=device)  # [B, T, l]
+    own = torch.add(_arange(state, "block tokens", block), current[:, :, None], alpha=block)  # [B, T, l]
     own_ok = own <= position[:, :, None]
-    own_weight = (own_ok & vision_at(own)).to(q.dtype)[:, None, ..., None]  # [B, 1, T, l, 1]
-    own_slots = cache_slots(own)[:, None].expand(-1, kv_heads, -1, -1)
-    count = own_ok.sum(dim=-1).to(q.dtype)[:, None, :, None]  # [B, 1, T, 1]
-    own_k = (_gather_keys(k_cache, own_slots, kv_of_kv).to(q.dtype) * own_weight).sum(dim=3) / count  # [B, Hkv, T, D]
-    own_v = (_gather_keys(v_cache, own_slots, kv_of_kv).to(q.dtype) * own_weight).sum(dim=3) / count
-    cmp_k = state.cmp_k[:, :, :-1].to(score_dtype)  # [B, Hkv, N, D] complete blocks
-    blocks = torch.arange(cmp_k.shape[2], device=device)
+    own_weight = (own_ok & vision_at(own)).to(q.dtype) / own_ok.sum(dim=-1, keepdim=True)  # [B, T, l]
+    own_slots = cache_slots(own)[:, None]  # [B, 1, T, l]
+    heads4 = _index(state, "heads", kv_heads, 4, 1)
+    own_weight = own_weight[:, None, :, None]  # [B, 1, T, 1, l]
+    own_k = torch.matmul(own_weight, _as(k_cache[row_index[..., None], heads4, own_slots], q.dtype))[..., 0, :]  # [B, Hkv, T, D]
+    own_v = torch.matmul(own_weight, _as(v_cache[row_index[..., None], heads4, own_slots], q.dtype))  # [B, Hkv, T, 1, D]
+    cmp_k = _as(state.constant("cmp_k", lambda: state.cmp_k[:, :, :-1]), score_dtype)  # [B, Hkv, N, D] complete blocks
+    blocks = _arange(state, "blocks", cmp_k.shape[2])
 
     # Q6: lse_read[s] = the compression lse of slot (tP + s) // T at row (tP + s) % T.
-    flat = position[:, :, None] * slots_total + torch.arange(slots_total, device=device)  # [B, T, P]
+    flat = torch.add(_arange(state, "slots", slots_total), position[:, :, None], alpha=slots_total)  # [B, T, P]
     row_length = (position + 1)[:, :, None]
     source_slot = torch.div(flat, row_length, rounding_mode="floor")
     source_row = flat % row_length
-    head = torch.where(source_slot < 2 * heads, source_slot % heads, torch.zeros_like(source_slot))
-    keep = (source_slot < 2 * heads) & vision_at(source_row)  # Q3 zeroed text queries, Q4 zero slots
+    real_slot = source_slot < 2 * heads
+    head = torch.where(real_slot, source_slot % heads, 0)
+    keep = real_slot & vision_at(source_row)  # Q3 zeroed text queries, Q4 zero slots
     column = source_row - before[:, None, None] + slots_total
-    batch_index = torch.arange(batch, device=device)[:, None, None]
-    source_q = window_q[batch_index, head, column].to(score_dtype) * keep[..., None]  # [B, T, P, D]
+    source_q = window_q[row_index, head, column].to(score_dtype) * keep[..., None]  # [B, T, P, D]
     source_kv = torch.div(source_slot, group, rounding_mode="floor")
     logits = torch.einsum("btsd,bhnd->btshn", source_q, cmp_k) * scale
     logits = logits.gather(3, source_kv[:, :, :, None, None].expand(-1, -1, -1, 1, cmp_k.shape[2]))[:, :, :, 0]
-    query_index = torch.arange(new, device=device)[None, :, None]
-    own_source = own_k.to(score_dtype).permute(0, 2, 1, 3)[batch_index, query_index, source_kv]  # [B, T, P, D]
+    own_source = own_k.to(score_dtype).permute(0, 2, 1, 3)[row_index, _index(state, "new", new, 3, 1), source_kv]  # [B, T, P, D]
     own_logit = (source_q * own_source).sum(dim=-1, keepdim=True) * scale  # [B, T, P, 1]
-    seen = (blocks >= torch.div(source_row, block, rounding_mode="floor")[..., None]) & (blocks < current[:, :, None, None])
-    lse_read = torch.logsumexp(torch.cat([logits.masked_fill(~seen, float("-inf")), own_logit], dim=-1), dim=-1)
+    unseen = (blocks < torch.div(source_row, block, rounding_mode="floor")[..., None]) | (blocks >= current[:, :, None, None])
+    lse_read = torch.logsumexp(torch.cat([logits.masked_fill(unseen, float("-inf")), own_logit], dim=-1), dim=-1)
 
     # Q3/Q4: the query's slots [q, q, 0...] (zeroed on text rows) over the kv heads.
     query = q * vision[:, None, :, None].to(q.dtype)
     slot_q = torch.cat([query, query, query.new_zeros(batch, slots_total - 2 * heads, new, dim)], dim=1)
     grouped = slot_q.view(batch, kv_heads, group, new, dim)
 
-    # Q5: earlier blocks by their exp(q . Kc - lse_read) summed slot by slot (equal terms give
+    # Q5: earlier blocks by their exp(q . Kc - lse_read) summed over the slots (equal terms give
     # bit-equal sums, so exact ties stay ties), the own block 1 per slot; Q7: the top S.
     raw = torch.exp(torch.einsum("bkgtd,bknd->bkgtn", grouped.to(score_dtype), cmp_k) * scale
                     - lse_read.permute(0, 2, 1).reshape(batch, kv_heads, group, new, 1))
     raw = F.pad(raw, (0, 1))  # column N: the own block of a row past the state's complete blocks
-    columns = torch.arange(raw.shape[-1], device=device)
+    columns = _arange(state, "block columns", raw.shape[-1])
     earlier = columns[None, None, :] < current[:, :, None]  # [B, T, N + 1]
     at_own = columns[None, None, :] == current[:, :, None]
-    raw = torch.where(earlier[:, None, None], raw, torch.zeros_like(raw))
-    raw = torch.where(at_own[:, None, None], torch.ones_like(raw), raw)
-    scores = raw[:, :, 0]
-    for slot in range(1, group):
-        scores = scores + raw[:, :, slot]
+    scores = raw.masked_fill_(~earlier[:, None, None], 0.0).masked_fill_(at_own[:, None, None], 1.0).sum(dim=2)
     take = min(raw.shape[-1], selected_count(pattern.selection.count))
-    eligible = (earlier | at_own)[:, None].expand_as(scores)
-    chosen_blocks, chosen = _top_candidates(scores, eligible, take)  # [B, Hkv, T, S]
-    tokens = (chosen_blocks[..., None] * block + torch.arange(block, device=device)).flatten(3)  # [B, Hkv, T, S*l]
-    ok = chosen[..., None].expand(-1, -1, -1, -1, block).flatten(3) & (tokens <= position[:, None, :, None])
-    o_slc = _gathered_attention(grouped, k_cache, v_cache, cache_slots(tokens), ok, kv_of_kv, scale, vision_at(tokens))
-
-    size = pattern.window.size
-    recent = position[:, :, None] - torch.arange(size - 1, -1, -1, device=device)  # [B, T, w]
-    recent_ok = (recent >= 0)[:, None].expand(-1, kv_heads, -1, -1)
-    recent_slots = cache_slots(recent)[:, None].expand(-1, kv_heads, -1, -1)
-    recent_weight = vision_at(recent)[:, None].expand(-1, kv_heads, -1, -1)
-    o_win = _gathered_attention(grouped, k_cache, v_cache, recent_slots, recent_ok, kv_of_kv, scale, recent_weight)
-    o_cmp = own_v[:, :, None]  # Q1: the last row sees only its own block
+    # Blocks past the own one rank last: when they are taken, their tokens lie past t (masked).
+    chosen_blocks = _top_candidates(scores, (earlier | at_own)[:, None].expand_as(scores), take)[0]  # [B, Hkv, T, S]
+    tokens = torch.add(_arange(state, "block tokens", block), chosen_blocks[..., None], alpha=block).flatten(3)
+    at = position.view(batch, 1, 1, new, 1)
+    recent = at + _arange(state, "window", pattern.window.size, 1 - pattern.window.size)  # [B, 1, 1, T, w]
 
     if gates is None:  # constants as fills, not a host-to-device copy inside a captured graph
-        gates = torch.stack([torch.full((batch, heads, new), value, dtype=q.dtype, device=device)
+        gates = torch.stack([torch.full((batch, heads, new), value, dtype=q.dtype, device=q.device)
                              for value in pattern.gate.values], dim=-1)
-    gates = torch.where(vision[:, None, :, None], gates.to(q.dtype), torch.full((), TEXT_GATE, dtype=q.dtype, device=device))
+    gates = torch.where(vision[:, None, :, None], gates.to(q.dtype), TEXT_GATE)
     slot_gates = torch.cat([gates, gates, gates.new_zeros(batch, slots_total - 2 * heads, new, 3)], dim=1)
-    slot_gates = slot_gates.view(batch, kv_heads, group, new, 3)
-    mixed = slot_gates[..., 0:1] * o_cmp + slot_gates[..., 1:2] * o_slc + slot_gates[..., 2:3] * o_win
-    mixed = mixed.reshape(batch, slots_total, new, dim)
+    gate_cmp, gate_slc, gate_win = torch.split(slot_gates.view(batch, kv_heads, group, new, 3), 1, dim=-1)
+    mixed = _segment_attention(state, grouped * scale, _index(state, "heads", kv_heads, 5, 1), k_cache, v_cache, at,
+                               [("selection", tokens[:, :, None]), ("window", recent)],
+                               {"selection": gate_slc, "window": gate_win}, empty=False, weighted=True)
+    mixed = (mixed + gate_cmp * own_v[:, :, None, :, 0]).reshape(batch, slots_total, new, dim)  # Q1: o_cmp is the own block
     sparse = (mixed[:, :heads] + mixed[:, heads : 2 * heads]) * 0.5
     # Q3: the dense pass over every real key, vision queries zeroed.
     dense = _dense(q * (~vision)[:, None, :, None].to(q.dtype), k_cache, v_cache, state, slots, scale)
