@@ -542,12 +542,14 @@ def _dense(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, state:
     """Dense attention of ``q [B, Hq, T, D]`` (at cache ``slots [B, T]``) over
     the real keys at or before its own slot: ``[B, Hq, T, D]`` in q's dtype. Half
     precision caches are read in their own dtype (SDPA, as the unpatched model)."""
-    positions = torch.arange(k_cache.shape[2], device=q.device)
-    mask = state.real[:, None, : k_cache.shape[2]] & (positions[None, None, :] <= slots[:, :, None])  # [B, T, S]
+    length = k_cache.shape[2]
+    positions = _arange(state, "cache slots", length)
+    real = state.constant(("real", length), lambda: state.real[:, None, None, :length])  # a view: [B, 1, 1, S]
+    mask = real & (positions <= slots.view(*slots.shape[:1], 1, -1, 1))  # [B, 1, T, S]
     dtype = k_cache.dtype if k_cache.dtype in (torch.float16, torch.bfloat16) else q.dtype
-    out = F.scaled_dot_product_attention(q.to(dtype), k_cache.to(dtype), v_cache.to(dtype), attn_mask=mask[:, None],
+    out = F.scaled_dot_product_attention(_as(q, dtype), _as(k_cache, dtype), _as(v_cache, dtype), attn_mask=mask,
                                          scale=scale, enable_gqa=True)
-    return out.to(q.dtype)
+    return _as(out, q.dtype)
 
 
 def decode_step(
@@ -594,8 +596,8 @@ def decode_step(
         if pattern.dense:
             return _as(_dense(query, k_cache, v_cache, state, slots, scale), q.dtype)
         if release:
-            return _release_step(pattern, query, k_cache, v_cache, state, rank, slots, vision, gates, scale,
-                                 score_dtype).to(q.dtype)
+            return _as(_release_step(pattern, query, k_cache, v_cache, state, rank, slots, vision, gates, scale,
+                                     score_dtype), q.dtype)
         sparse_out = _sparse_outputs(pattern, query, k_cache, v_cache, state, rank, vision, gates, scale, score_dtype)
         if pattern.hybrid is None or not has_text:
             return _as(sparse_out, q.dtype)
@@ -804,13 +806,13 @@ def _release_step(pattern: Pattern, q: torch.Tensor, k_cache: torch.Tensor, v_ca
 
     def cache_slots(tokens: torch.Tensor) -> torch.Tensor:
         """Cache slots of sparse positions ``tokens [B, ...]`` (clamped into the map)."""
-        return state.sparse_slots[row_index.view(-1, *([1] * (tokens.dim() - 1))), tokens.clamp(0, capacity - 1)]
+        return state.sparse_slots[_index(state, "batch", batch, tokens.dim(), 0), tokens.clamp(0, capacity - 1)]
 
     def vision_at(tokens: torch.Tensor) -> torch.Tensor:
-        return state.vision[row_index.view(-1, *([1] * (tokens.dim() - 1))), cache_slots(tokens)]
+        return state.vision[_index(state, "batch", batch, tokens.dim(), 0), cache_slots(tokens)]
 
     # The queries of positions before - P .. before + T - 1 (column = position - before + P).
-    window_q = torch.cat([state.recent_q, q.to(state.recent_q.dtype)], dim=2)  # [B, Hq, P + T, D]
+    window_q = torch.cat([state.recent_q, _as(q, state.recent_q.dtype)], dim=2)  # [B, Hq, P + T, D]
     before = state.sparse_count - new
     state.recent_q.copy_(window_q[:, :, new:])  # in place: a captured graph's replays move it on too
 
@@ -835,11 +837,11 @@ def _release_step(pattern: Pattern, q: torch.Tensor, k_cache: torch.Tensor, v_ca
     head = torch.where(real_slot, source_slot % heads, 0)
     keep = real_slot & vision_at(source_row)  # Q3 zeroed text queries, Q4 zero slots
     column = source_row - before[:, None, None] + slots_total
-    source_q = window_q[row_index, head, column].to(score_dtype) * keep[..., None]  # [B, T, P, D]
+    source_q = _as(window_q[row_index, head, column], score_dtype) * keep[..., None]  # [B, T, P, D]
     source_kv = torch.div(source_slot, group, rounding_mode="floor")
     logits = torch.einsum("btsd,bhnd->btshn", source_q, cmp_k) * scale
     logits = logits.gather(3, source_kv[:, :, :, None, None].expand(-1, -1, -1, 1, cmp_k.shape[2]))[:, :, :, 0]
-    own_source = own_k.to(score_dtype).permute(0, 2, 1, 3)[row_index, _index(state, "new", new, 3, 1), source_kv]  # [B, T, P, D]
+    own_source = _as(own_k, score_dtype).permute(0, 2, 1, 3)[row_index, _index(state, "new", new, 3, 1), source_kv]  # [B, T, P, D]
     own_logit = (source_q * own_source).sum(dim=-1, keepdim=True) * scale  # [B, T, P, 1]
     unseen = (blocks < torch.div(source_row, block, rounding_mode="floor")[..., None]) | (blocks >= current[:, :, None, None])
     lse_read = torch.logsumexp(torch.cat([logits.masked_fill(unseen, float("-inf")), own_logit], dim=-1), dim=-1)
@@ -851,7 +853,7 @@ def _release_step(pattern: Pattern, q: torch.Tensor, k_cache: torch.Tensor, v_ca
 
     # Q5: earlier blocks by their exp(q . Kc - lse_read) summed over the slots (equal terms give
     # bit-equal sums, so exact ties stay ties), the own block 1 per slot; Q7: the top S.
-    raw = torch.exp(torch.einsum("bkgtd,bknd->bkgtn", grouped.to(score_dtype), cmp_k) * scale
+    raw = torch.exp(torch.einsum("bkgtd,bknd->bkgtn", _as(grouped, score_dtype), cmp_k) * scale
                     - lse_read.permute(0, 2, 1).reshape(batch, kv_heads, group, new, 1))
     raw = F.pad(raw, (0, 1))  # column N: the own block of a row past the state's complete blocks
     columns = _arange(state, "block columns", raw.shape[-1])
@@ -868,7 +870,7 @@ def _release_step(pattern: Pattern, q: torch.Tensor, k_cache: torch.Tensor, v_ca
     if gates is None:  # constants as fills, not a host-to-device copy inside a captured graph
         gates = torch.stack([torch.full((batch, heads, new), value, dtype=q.dtype, device=q.device)
                              for value in pattern.gate.values], dim=-1)
-    gates = torch.where(vision[:, None, :, None], gates.to(q.dtype), TEXT_GATE)
+    gates = torch.where(vision[:, None, :, None], _as(gates, q.dtype), TEXT_GATE)
     slot_gates = torch.cat([gates, gates, gates.new_zeros(batch, slots_total - 2 * heads, new, 3)], dim=1)
     gate_cmp, gate_slc, gate_win = torch.split(slot_gates.view(batch, kv_heads, group, new, 3), 1, dim=-1)
     mixed = _segment_attention(state, grouped * scale, _index(state, "heads", kv_heads, 5, 1), k_cache, v_cache, at,
