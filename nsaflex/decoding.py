@@ -113,7 +113,7 @@ from nsaflex.errors import InputError
 from nsaflex.inputs import FLOAT_DTYPES
 from nsaflex.pooling import MLPPooling, compress, softmax_scale
 from nsaflex.reference_release import TEXT_GATE, padded_slots, selected_count
-from nsaflex.scoring import _top_candidates, default_score_dtype, eq9_block_scores
+from nsaflex.scoring import default_score_dtype, eq9_block_scores
 from nsaflex.spec import Compression, Pattern, Selection
 
 
@@ -728,19 +728,30 @@ def _chosen_tokens(state: DecodeState, selection: Selection, scores: torch.Tenso
     if "first" in forced:
         key.masked_fill_(state.constant(("first block", num_blocks), lambda: _arange(state, "blocks", num_blocks) == 0),
                          float("inf"))
-    hide_missing = not ("current" in forced and exact)
+    hide = not ("current" in forced and exact)
+    blocks, missing = _top_blocks(state, key, take, missing=hide)
+    if missing is not None:
+        blocks = blocks.masked_fill(missing, num_blocks)
+    return torch.add(_arange(state, "block tokens", block), blocks[..., None], alpha=block).flatten(-2)
+
+
+def _top_blocks(state: DecodeState, key: torch.Tensor, take: int,
+                missing: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The ``take`` largest of ``key [..., J]`` (non-negative scores; ``inf``
+    forced, ``-1`` not eligible), ties to the lower index: their indices
+    ``[..., take]`` and, with ``missing``, where no eligible block was left
+    (else None). float32:
+    ``torch.topk`` on a unique int64 key, (score bits, reversed index), as
+    :func:`nsaflex.scoring._top_candidates` (non-negative float32 values order
+    like their bits, and a softmax's sums never give -0.0); else a stable
+    sort."""
+    num_blocks = key.shape[-1]
     if key.dtype == torch.float32:
         reverse = state.constant(("reverse", num_blocks), lambda: (num_blocks - 1) - torch.arange(num_blocks, device=key.device))
         top = torch.topk((key.view(torch.int32).to(torch.int64) << 32) | reverse, take, dim=-1).values
-        blocks = (num_blocks - 1) - (top & 0xFFFFFFFF)
-        if hide_missing:
-            blocks = blocks.masked_fill(top < 0, num_blocks)
-    else:
-        ranked = torch.sort(key, dim=-1, descending=True, stable=True)
-        blocks = ranked.indices[..., :take]
-        if hide_missing:
-            blocks = blocks.masked_fill(ranked.values[..., :take] < 0, num_blocks)
-    return torch.add(_arange(state, "block tokens", block), blocks[..., None], alpha=block).flatten(-2)
+        return (num_blocks - 1) - (top & 0xFFFFFFFF), top < 0 if missing else None
+    ranked = torch.sort(key, dim=-1, descending=True, stable=True)
+    return ranked.indices[..., :take], ranked.values[..., :take] < 0 if missing else None
 
 
 def _segment_attention(state: DecodeState, q: torch.Tensor, heads: torch.Tensor, k_cache: torch.Tensor,
@@ -803,6 +814,7 @@ def _release_step(pattern: Pattern, q: torch.Tensor, k_cache: torch.Tensor, v_ca
     position = rank.clamp(min=0)  # [B, T]: t; the row holds t + 1 tokens
     current = torch.div(position, block, rounding_mode="floor")  # the query's own (last) block c
     row_index = _index(state, "batch", batch, 3, 0)
+    at3, current3 = position[:, :, None], current[:, :, None]
 
     def cache_slots(tokens: torch.Tensor) -> torch.Tensor:
         """Cache slots of sparse positions ``tokens [B, ...]`` (clamped into the map)."""
@@ -817,20 +829,20 @@ def _release_step(pattern: Pattern, q: torch.Tensor, k_cache: torch.Tensor, v_ca
     state.recent_q.copy_(window_q[:, :, new:])  # in place: a captured graph's replays move it on too
 
     # Q1/Q2: the own block's mean over its zeroed tokens so far (partial or complete).
-    own = torch.add(_arange(state, "block tokens", block), current[:, :, None], alpha=block)  # [B, T, l]
-    own_ok = own <= position[:, :, None]
-    own_weight = (own_ok & vision_at(own)).to(q.dtype) / own_ok.sum(dim=-1, keepdim=True)  # [B, T, l]
-    own_slots = cache_slots(own)[:, None]  # [B, 1, T, l]
-    heads4 = _index(state, "heads", kv_heads, 4, 1)
-    own_weight = own_weight[:, None, :, None]  # [B, 1, T, 1, l]
-    own_k = torch.matmul(own_weight, _as(k_cache[row_index[..., None], heads4, own_slots], q.dtype))[..., 0, :]  # [B, Hkv, T, D]
-    own_v = torch.matmul(own_weight, _as(v_cache[row_index[..., None], heads4, own_slots], q.dtype))  # [B, Hkv, T, 1, D]
+    own = torch.add(_arange(state, "block tokens", block), current[:, None, :, None], alpha=block)  # [B, 1, T, l]
+    own_ok = own <= position[:, None, :, None]
+    own_slots = cache_slots(own)
+    own_weight = ((own_ok & state.vision[_index(state, "batch", batch, 4, 0), own_slots]).to(q.dtype)
+                  / own_ok.sum(dim=-1, keepdim=True))[..., None, :]  # [B, 1, T, 1, l]
+    heads4, rows4 = _index(state, "heads", kv_heads, 4, 1), _index(state, "batch", batch, 4, 0)
+    own_k = torch.matmul(own_weight, _as(k_cache[rows4, heads4, own_slots], q.dtype))  # [B, Hkv, T, 1, D]
+    own_v = torch.matmul(own_weight, _as(v_cache[rows4, heads4, own_slots], q.dtype))
     cmp_k = _as(state.constant("cmp_k", lambda: state.cmp_k[:, :, :-1]), score_dtype)  # [B, Hkv, N, D] complete blocks
     blocks = _arange(state, "blocks", cmp_k.shape[2])
 
     # Q6: lse_read[s] = the compression lse of slot (tP + s) // T at row (tP + s) % T.
-    flat = torch.add(_arange(state, "slots", slots_total), position[:, :, None], alpha=slots_total)  # [B, T, P]
-    row_length = (position + 1)[:, :, None]
+    flat = torch.add(_arange(state, "slots", slots_total), at3, alpha=slots_total)  # [B, T, P]
+    row_length = at3 + 1
     source_slot = torch.div(flat, row_length, rounding_mode="floor")
     source_row = flat % row_length
     real_slot = source_slot < 2 * heads
@@ -840,14 +852,16 @@ def _release_step(pattern: Pattern, q: torch.Tensor, k_cache: torch.Tensor, v_ca
     source_q = _as(window_q[row_index, head, column], score_dtype) * keep[..., None]  # [B, T, P, D]
     source_kv = torch.div(source_slot, group, rounding_mode="floor")
     logits = torch.einsum("btsd,bhnd->btshn", source_q, cmp_k) * scale
-    logits = logits.gather(3, source_kv[:, :, :, None, None].expand(-1, -1, -1, 1, cmp_k.shape[2]))[:, :, :, 0]
-    own_source = _as(own_k, score_dtype).permute(0, 2, 1, 3)[row_index, _index(state, "new", new, 3, 1), source_kv]  # [B, T, P, D]
+    new_index = _index(state, "new", new, 3, 1)
+    logits = logits[row_index, new_index, _index(state, "slots", slots_total, 3, 2), source_kv]  # [B, T, P, N]
+    own_source = _as(own_k, score_dtype)[row_index, source_kv, new_index, 0]  # [B, T, P, D]
     own_logit = (source_q * own_source).sum(dim=-1, keepdim=True) * scale  # [B, T, P, 1]
-    unseen = (blocks < torch.div(source_row, block, rounding_mode="floor")[..., None]) | (blocks >= current[:, :, None, None])
+    unseen = (blocks < torch.div(source_row, block, rounding_mode="floor")[..., None]) | (blocks >= current3[..., None])
     lse_read = torch.logsumexp(torch.cat([logits.masked_fill(unseen, float("-inf")), own_logit], dim=-1), dim=-1)
 
     # Q3/Q4: the query's slots [q, q, 0...] (zeroed on text rows) over the kv heads.
-    query = q * vision[:, None, :, None].to(q.dtype)
+    vision4 = vision[:, None, :, None]
+    query = q * vision4
     slot_q = torch.cat([query, query, query.new_zeros(batch, slots_total - 2 * heads, new, dim)], dim=1)
     grouped = slot_q.view(batch, kv_heads, group, new, dim)
 
@@ -857,27 +871,26 @@ def _release_step(pattern: Pattern, q: torch.Tensor, k_cache: torch.Tensor, v_ca
                     - lse_read.permute(0, 2, 1).reshape(batch, kv_heads, group, new, 1))
     raw = F.pad(raw, (0, 1))  # column N: the own block of a row past the state's complete blocks
     columns = _arange(state, "block columns", raw.shape[-1])
-    earlier = columns[None, None, :] < current[:, :, None]  # [B, T, N + 1]
-    at_own = columns[None, None, :] == current[:, :, None]
-    scores = raw.masked_fill_(~earlier[:, None, None], 0.0).masked_fill_(at_own[:, None, None], 1.0).sum(dim=2)
+    own5 = current.view(batch, 1, 1, new, 1)
+    scores = raw.masked_fill_(columns >= own5, 0.0).masked_fill_(columns == own5, 1.0).sum(dim=2, keepdim=True)
     take = min(raw.shape[-1], selected_count(pattern.selection.count))
-    # Blocks past the own one rank last: when they are taken, their tokens lie past t (masked).
-    chosen_blocks = _top_candidates(scores, (earlier | at_own)[:, None].expand_as(scores), take)[0]  # [B, Hkv, T, S]
-    tokens = torch.add(_arange(state, "block tokens", block), chosen_blocks[..., None], alpha=block).flatten(3)
+    # Blocks past the own one rank last (-1): when they are taken, their tokens lie past t (masked).
+    chosen_blocks = _top_blocks(state, scores.masked_fill_(columns > own5, -1.0), take)[0]  # [B, Hkv, 1, T, S]
+    tokens = torch.add(_arange(state, "block tokens", block), chosen_blocks[..., None], alpha=block).flatten(-2)
     at = position.view(batch, 1, 1, new, 1)
     recent = at + _arange(state, "window", pattern.window.size, 1 - pattern.window.size)  # [B, 1, 1, T, w]
 
     if gates is None:  # constants as fills, not a host-to-device copy inside a captured graph
         gates = torch.stack([torch.full((batch, heads, new), value, dtype=q.dtype, device=q.device)
                              for value in pattern.gate.values], dim=-1)
-    gates = torch.where(vision[:, None, :, None], _as(gates, q.dtype), TEXT_GATE)
+    gates = torch.where(vision4, _as(gates, q.dtype), TEXT_GATE)
     slot_gates = torch.cat([gates, gates, gates.new_zeros(batch, slots_total - 2 * heads, new, 3)], dim=1)
     gate_cmp, gate_slc, gate_win = torch.split(slot_gates.view(batch, kv_heads, group, new, 3), 1, dim=-1)
     mixed = _segment_attention(state, grouped * scale, _index(state, "heads", kv_heads, 5, 1), k_cache, v_cache, at,
-                               [("selection", tokens[:, :, None]), ("window", recent)],
+                               [("selection", tokens), ("window", recent)],
                                {"selection": gate_slc, "window": gate_win}, empty=False, weighted=True)
-    mixed = (mixed + gate_cmp * own_v[:, :, None, :, 0]).reshape(batch, slots_total, new, dim)  # Q1: o_cmp is the own block
+    mixed = (mixed + gate_cmp * own_v.transpose(2, 3)).reshape(batch, slots_total, new, dim)  # Q1: o_cmp is the own block
     sparse = (mixed[:, :heads] + mixed[:, heads : 2 * heads]) * 0.5
     # Q3: the dense pass over every real key, vision queries zeroed.
-    dense = _dense(q * (~vision)[:, None, :, None].to(q.dtype), k_cache, v_cache, state, slots, scale)
+    dense = _dense(q * ~vision4, k_cache, v_cache, state, slots, scale)
     return sparse + dense
