@@ -689,7 +689,7 @@ def _sparse_outputs(pattern: Pattern, q: torch.Tensor, k_cache: torch.Tensor, v_
             segments.append(("selection", _chosen_tokens(state, selection, scores, first, exact=not tiled(pattern))))
     if pattern.window is not None:
         size = pattern.window.size
-        segments.append(("window", at + _arange(state, "window", size, 1 - size)))  # [B, 1, 1, T, w]: t - w < s <= t
+        segments.append(("window", at + _window_offsets(state, size, heads.shape[1])))  # [B, Hs, 1, T, w]
     if segments:
         selected = _segment_attention(state, q_sel, heads, k_cache, v_cache, at, segments, sel_gate,
                                       empty=pattern.selection is not None and "current" not in pattern.selection.forced)
@@ -733,6 +733,13 @@ def _chosen_tokens(state: DecodeState, selection: Selection, scores: torch.Tenso
     if missing is not None:
         blocks = blocks.masked_fill(missing, num_blocks)
     return torch.add(_arange(state, "block tokens", block), blocks[..., None], alpha=block).flatten(-2)
+
+
+def _window_offsets(state: DecodeState, size: int, heads: int) -> torch.Tensor:
+    """``[1, H, 1, 1, w]`` the window's offsets ``1 - w .. 0`` from a query's
+    position (t - w < s <= t), expanded over ``heads`` (a view, built once)."""
+    return state.constant(("window", size, heads),
+                          lambda: _arange(state, "window", size, 1 - size).view(1, 1, 1, 1, size).expand(1, heads, 1, 1, size))
 
 
 def _top_blocks(state: DecodeState, key: torch.Tensor, take: int,
@@ -878,7 +885,7 @@ def _release_step(pattern: Pattern, q: torch.Tensor, k_cache: torch.Tensor, v_ca
     chosen_blocks = _top_blocks(state, scores.masked_fill_(columns > own5, -1.0), take)[0]  # [B, Hkv, 1, T, S]
     tokens = torch.add(_arange(state, "block tokens", block), chosen_blocks[..., None], alpha=block).flatten(-2)
     at = position.view(batch, 1, 1, new, 1)
-    recent = at + _arange(state, "window", pattern.window.size, 1 - pattern.window.size)  # [B, 1, 1, T, w]
+    recent = at + _window_offsets(state, pattern.window.size, kv_heads)  # [B, Hkv, 1, T, w]
 
     if gates is None:  # constants as fills, not a host-to-device copy inside a captured graph
         gates = torch.stack([torch.full((batch, heads, new), value, dtype=q.dtype, device=q.device)
