@@ -397,7 +397,9 @@ def _pool_new_blocks(state: DecodeState, pattern: Pattern, k_cache: torch.Tensor
     if state.release:  # Q2: text keys and values are zeroed, not left out of the means
         vision = state.vision.gather(1, slots[:, 0])[:, None, :, None].to(dtype)
         keys, values = keys * vision, values * vision
-    if compression.pooling == "mean":  # one product with the [candidates, P] averaging matrix
+    if compression.pooling == "mean" and candidates <= 4:
+        # A step's few blocks: one product with the [candidates, P] averaging matrix (a prefix's
+        # thousands would make that matrix quadratic in its length; they take the unfold).
         average = state.constant(("average", candidates), lambda: _averaging(compression, candidates, dtype, keys.device))
         new_k, new_v = torch.matmul(average, keys), torch.matmul(average, values)
     else:
@@ -479,6 +481,7 @@ def start_state(pattern: Pattern, k_cache: torch.Tensor, v_cache: torch.Tensor, 
         real &= key_valid.to(torch.bool)
     full = torch.full_like(lengths, slots)
     extend_state(state, pattern, k_cache, v_cache, full, slots, token_types, pooler, new_real=real)
+    state.constants.clear()  # the prefix's aranges are as long as the cache; a step builds its own
     if tiled(pattern):
         _start_tile(state, pattern, queries, softmax_scale(dim),
                     default_score_dtype(k_cache.device, k_cache.dtype) if score_dtype is None else score_dtype)
