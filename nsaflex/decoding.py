@@ -806,6 +806,13 @@ def _segment_attention(state: DecodeState, q: torch.Tensor, heads: torch.Tensor,
 # --- videonsa_release ------------------------------------------------------------------------
 
 
+def _zero_slots(state: DecodeState, like: torch.Tensor, count: int) -> torch.Tensor:
+    """Zeros ``[B, count, ...]`` shaped as ``like [B, H, ...]`` past dim 1 (Q4's
+    padding slots), built once: read by ``torch.cat``, never written."""
+    shape = (like.shape[0], count, *like.shape[2:])
+    return state.constant(("zero slots", shape, like.dtype), lambda: like.new_zeros(shape))
+
+
 def _release_step(pattern: Pattern, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, state: DecodeState,
                   rank: torch.Tensor, slots: torch.Tensor, vision: torch.Tensor, gates: torch.Tensor | None, scale: float,
                   score_dtype: torch.dtype) -> torch.Tensor:
@@ -872,7 +879,7 @@ def _release_step(pattern: Pattern, q: torch.Tensor, k_cache: torch.Tensor, v_ca
     # Q3/Q4: the query's slots [q, q, 0...] (zeroed on text rows) over the kv heads.
     vision4 = vision[:, None, :, None]
     query = q * vision4
-    slot_q = torch.cat([query, query, query.new_zeros(batch, slots_total - 2 * heads, new, dim)], dim=1)
+    slot_q = torch.cat([query, query, _zero_slots(state, query, slots_total - 2 * heads)], dim=1)
     grouped = slot_q.view(batch, kv_heads, group, new, dim)
 
     # Q5: earlier blocks by their exp(q . Kc - lse_read) summed over the slots (equal terms give
@@ -894,7 +901,7 @@ def _release_step(pattern: Pattern, q: torch.Tensor, k_cache: torch.Tensor, v_ca
         gates = torch.stack([torch.full((batch, heads, new), value, dtype=q.dtype, device=q.device)
                              for value in pattern.gate.values], dim=-1)
     gates = torch.where(vision4, _as(gates, q.dtype), TEXT_GATE)
-    slot_gates = torch.cat([gates, gates, gates.new_zeros(batch, slots_total - 2 * heads, new, 3)], dim=1)
+    slot_gates = torch.cat([gates, gates, _zero_slots(state, gates, slots_total - 2 * heads)], dim=1)
     gate_cmp, gate_slc, gate_win = torch.split(slot_gates.view(batch, kv_heads, group, new, 3), 1, dim=-1)
     mixed = _segment_attention(state, grouped * scale, _index(state, "heads", kv_heads, 5, 1), k_cache, v_cache, at,
                                [("selection", tokens), ("window", recent)],
