@@ -706,15 +706,13 @@ def _chosen_tokens(state: DecodeState, selection: Selection, scores: torch.Tenso
                    exact: bool) -> torch.Tensor:
     """Sparse positions ``[B, Hs, 1, T, n*l']`` of the tokens of the blocks
     chosen from ``scores [B, Hs, 1, T, J]`` for units whose first query is at
-    ``first [B, 1, 1, T, 1]``. Forced blocks
-    rank above every score (``inf``), blocks that are neither complete nor
-    forced below (``-1``; the scores are non-negative), so the top ``n`` are
-    the forced ones and the best complete ones, ties to the lower index (a
-    stable sort in float64; in float32 ``torch.topk`` on a unique key of score
-    bits and reversed index, as :func:`nsaflex.scoring._top_candidates`).
-    Tokens of blocks beyond the candidates come out above ``at`` (hidden):
-    with ``current`` forced (and ``exact``: the unit is the query itself)
-    those are later blocks already, else they are moved there."""
+    ``first [B, 1, 1, T, 1]``. Forced blocks rank above every score
+    (``inf``), blocks that are neither complete nor forced below (``-1``; the
+    scores are non-negative), so the top ``n`` are the forced ones and the
+    best complete ones, ties to the lower index (:func:`_top_blocks`). Where
+    fewer blocks are eligible, the rest must come out past the query's
+    position (masked): with ``current`` forced (and ``exact``: the unit is the
+    query itself) they are later blocks already, else they are moved there."""
     block, num_blocks = selection.block, scores.shape[-1]
     take = min(selection.count, num_blocks)
     # d = last token of block j - first query: complete iff d <= 0, current iff 0 <= d < l'.
