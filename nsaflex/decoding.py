@@ -32,13 +32,21 @@ in one set of tensor operations):
 2. selection: NSA Eq. 9 block scores of ``p_cmp``
    (:func:`nsaflex.scoring.eq9_block_scores`), summed over the GQA group for
    ``scoring: group``; forced blocks plus the best complete blocks, ties to the
-   lower index (:func:`nsaflex.scoring.choose_blocks`: ``torch.topk`` on a
-   unique key in float32, a stable sort in float64); one softmax over the
-   ``s <= t`` tokens of the chosen blocks, gathered (``n * l'`` keys per query,
-   not a mask over the cache);
-3. window: the last ``w`` tokens ``t - w < s <= t``, gathered;
+   lower index (as :func:`nsaflex.scoring.choose_blocks`: forced blocks rank
+   at ``inf``, the others neither complete nor forced at ``-1``; ``torch.topk``
+   on a unique key in float32, a stable sort in float64); one softmax over the
+   ``s <= t`` tokens of the chosen blocks (``n * l'`` keys per query, not a
+   mask over the cache);
+3. window: one softmax over the last ``w`` tokens ``t - w < s <= t``;
 4. ``out = sum_b gate_b * o_b``; text queries of a hybrid pattern take the
    dense attention over the real keys ``<= p`` instead.
+
+Selection and window keys and values are gathered together, through the
+slot map, as one candidate list per query; one product gives their logits
+and one their outputs, each branch normalised over its own segment and
+scaled by its gate. Index aranges, block bounds and views of the kept
+tensors are built once per state (:meth:`DecodeState.constant`): a step on a
+GPU is bound by its operator launches, each on a few thousand keys.
 
 No ``.item()``, no host synchronisation and no Python loop over rows or
 tokens: every shape depends on ``B, Hq, Hkv, T, D``, the capacity and the
@@ -95,7 +103,8 @@ reference's last row, each quirk as its decode equivalent:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass, field
 
 import torch
 from torch.nn import functional as F
@@ -104,8 +113,8 @@ from nsaflex.errors import InputError
 from nsaflex.inputs import FLOAT_DTYPES
 from nsaflex.pooling import MLPPooling, compress, softmax_scale
 from nsaflex.reference_release import TEXT_GATE, padded_slots, selected_count
-from nsaflex.scoring import _top_candidates, choose_blocks, default_score_dtype, eq9_block_scores
-from nsaflex.spec import Compression, Pattern
+from nsaflex.scoring import default_score_dtype, eq9_block_scores
+from nsaflex.spec import Compression, Pattern, Selection
 
 
 def unsupported(pattern: Pattern) -> str | None:
@@ -147,6 +156,10 @@ class DecodeState:
             means of the zeroed (vision-masked) keys and values.
         recent_q: ``[B, Hq, P, D]`` (release) the queries of the row's sparse
             positions ``n - P .. n - 1`` (zeros before the row's start).
+        constants: what a step would otherwise rebuild every time (index
+            aranges, block bounds, views of the kept tensors), by a key naming
+            it and the shapes it depends on; emptied whenever the tensors above
+            are replaced (:func:`reserve`, :meth:`reorder`).
     """
 
     real: torch.Tensor
@@ -159,6 +172,16 @@ class DecodeState:
     tile_start: torch.Tensor | None = None
     release: bool = False
     recent_q: torch.Tensor | None = None
+    constants: dict[Hashable, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    def constant(self, key: Hashable, build: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """``build()`` the first time ``key`` is asked for, the same tensor
+        after: a step then launches no op for it, and a CUDA graph captures no
+        host-to-device copy."""
+        value = self.constants.get(key)
+        if value is None:
+            value = self.constants[key] = build()
+        return value
 
     @property
     def capacity(self) -> int:
@@ -174,6 +197,7 @@ class DecodeState:
             value = getattr(self, name)
             if value is not None:
                 setattr(self, name, value.index_select(0, index.to(value.device)))
+        self.constants.clear()
 
 
 # --- checks (shapes, dtypes and devices only: values would need a read-back) --------------------
@@ -277,6 +301,7 @@ def reserve(state: DecodeState, pattern: Pattern, capacity: int) -> None:
         return
     new = max(capacity, old + old // 4 + 1)
     pad = new - old
+    state.constants.clear()
     state.real = F.pad(state.real, (0, pad))
     state.vision = F.pad(state.vision, (0, pad))
     state.sparse_slots = F.pad(state.sparse_slots[:, :old], (0, pad + 1))
@@ -289,67 +314,127 @@ def reserve(state: DecodeState, pattern: Pattern, capacity: int) -> None:
         state.tile_sum = F.pad(state.tile_sum, (0, _num_tokens(pattern, new) - state.tile_sum.shape[2]))
 
 
+def _vision_only(pattern: Pattern) -> bool:
+    """Whether only vision tokens enter the sparse sequence (else every real token)."""
+    return pattern.hybrid is not None and pattern.hybrid.vision_keys == "vision"
+
+
 def _sparse(pattern: Pattern, vision: torch.Tensor) -> torch.Tensor:
     """Which of the (real) tokens with classes ``vision`` enter the sparse sequence."""
-    if pattern.hybrid is not None and pattern.hybrid.vision_keys == "vision":
-        return vision
-    return torch.ones_like(vision)
+    return vision if _vision_only(pattern) else torch.ones_like(vision)
 
 
-def _append(state: DecodeState, pattern: Pattern, slots: torch.Tensor, real: torch.Tensor, vision: torch.Tensor) -> torch.Tensor:
-    """Record the tokens at ``slots [B, T]`` (in order); returns each one's
-    sparse position ``[B, T]`` (for a token outside the sparse sequence: the
-    position of the last sparse token before it, ``-1`` if none)."""
-    state.real.scatter_(1, slots, real)
-    state.vision.scatter_(1, slots, vision & real)
-    sparse = _sparse(pattern, vision) & real
-    rank = state.sparse_count[:, None] + torch.cumsum(sparse.long(), dim=1) - 1
-    target = torch.where(sparse, rank, torch.full_like(rank, state.capacity))
-    state.sparse_slots.scatter_(1, target, slots)
-    state.sparse_count += sparse.sum(dim=1)
+def _arange(state: DecodeState, name: str, size: int, start: int = 0) -> torch.Tensor:
+    """``arange(start, start + size)`` on the state's device, built once (a
+    name per use: the tensors a step builds do not depend on which sizes meet)."""
+    return state.constant((name, start, size), lambda: torch.arange(start, start + size, device=state.real.device))
+
+
+def _index(state: DecodeState, name: str, size: int, dims: int, at: int, divisor: int = 1) -> torch.Tensor:
+    """``arange(size) // divisor`` viewed along dim ``at`` of ``dims`` (ones elsewhere):
+    the batch or head index of an advanced-indexing gather, built once."""
+    shape = [1] * dims
+    shape[at] = size
+    return state.constant((name, size, dims, at, divisor),
+                          lambda: (torch.arange(size, device=state.real.device) // divisor).view(shape))
+
+
+def _count_column(state: DecodeState) -> torch.Tensor:
+    """``sparse_count`` viewed ``[B, 1]`` (a view: in-place updates show through)."""
+    return state.constant("count column", lambda: state.sparse_count.view(-1, 1))
+
+
+def _append(state: DecodeState, pattern: Pattern, slots: torch.Tensor, real: torch.Tensor | None,
+            vision: torch.Tensor) -> torch.Tensor:
+    """Record the tokens at ``slots [B, T]`` (in order; real where ``real``,
+    None: all); returns each one's sparse position ``[B, T]`` (for a token
+    outside the sparse sequence: the position of the last sparse token before
+    it, ``-1`` if none)."""
+    if real is None:
+        state.real.scatter_(1, slots, True)
+        state.vision.scatter_(1, slots, vision)
+        sparse = vision if _vision_only(pattern) else None
+    else:
+        state.real.scatter_(1, slots, real)
+        state.vision.scatter_(1, slots, vision & real)
+        sparse = vision & real if _vision_only(pattern) else real
+    count = _count_column(state)
+    if sparse is None:  # every new token enters: positions count .. count + T - 1
+        rank = count + _arange(state, "new positions", slots.shape[1])
+        state.sparse_slots.scatter_(1, rank, slots)
+        state.sparse_count.add_(slots.shape[1])
+        return rank
+    rank = torch.cumsum(sparse, dim=1).add_(count).sub_(1)
+    state.sparse_slots.scatter_(1, torch.where(sparse, rank, state.capacity), slots)
+    state.sparse_count.add_(sparse.sum(dim=1))
     return rank
 
 
-def _gather_keys(cache: torch.Tensor, slots: torch.Tensor, heads: torch.Tensor) -> torch.Tensor:
-    """``cache [B, Hkv, S, D]`` at ``slots [B, Hs, ...]`` of kv heads ``heads [Hs]``: ``[B, Hs, ..., D]``."""
-    batch = torch.arange(cache.shape[0], device=cache.device).view(-1, *([1] * (slots.dim() - 1)))
-    kv = heads.view(1, -1, *([1] * (slots.dim() - 2)))
-    return cache[batch, kv, slots]
-
-
 def _pool_new_blocks(state: DecodeState, pattern: Pattern, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                     before: torch.Tensor, most_new: int, pooler: MLPPooling | None) -> None:
-    """Pool the compression blocks completed since the sparse sequences had
-    ``before [B]`` tokens (at most ``most_new`` tokens were added per row)."""
+                     most_new: int, pooler: MLPPooling | None) -> None:
+    """Pool the compression blocks completed by the last ``most_new`` tokens
+    at most of each row: the last ``most_new // d + 1`` complete ones (those
+    complete before are pooled again to the same values, which needs no count
+    from before the step); candidates before the row's first block go to the
+    spare column."""
     compression = pattern.compression
     block, stride = compression.block, compression.stride
-    capacity = state.capacity
     limit = state.cmp_k.shape[2] - 1  # compressed tokens the capacity holds
     candidates = min(most_new // stride + 1, limit)
     if candidates <= 0:
         return
-
-    def complete(count: torch.Tensor) -> torch.Tensor:
-        return torch.clamp(torch.div(count - block, stride, rounding_mode="floor") + 1, min=0)
-
-    first = complete(before)  # [B]
-    end = complete(state.sparse_count)
-    span = torch.clamp(first[:, None] * stride + torch.arange((candidates - 1) * stride + block, device=first.device), max=capacity - 1)
-    slots = state.sparse_slots.gather(1, span)  # [B, P]
-    kv_heads = k_cache.shape[1]
-    heads = torch.arange(kv_heads, device=slots.device)
+    batch, kv_heads = state.cmp_k.shape[:2]
     dtype = state.cmp_k.dtype
-    keys = _gather_keys(k_cache, slots[:, None].expand(-1, kv_heads, -1), heads).to(dtype)
-    values = _gather_keys(v_cache, slots[:, None].expand(-1, kv_heads, -1), heads).to(dtype)
+    # floor((n - l) / d) + 1 complete compressed tokens; the candidates start `candidates` before
+    first = torch.div(state.sparse_count + (stride - block - candidates * stride), stride, rounding_mode="floor")
+    first = first.view(batch, 1, 1)
+    span = torch.add(_arange(state, "pooled span", (candidates - 1) * stride + block), first, alpha=stride)  # [B, 1, P]
+    # Positions below 0 wrap to the end of the slot map: still cache slots, and pooled into the spare column.
+    slots = state.sparse_slots[_index(state, "batch", batch, 3, 0), span]
+    heads = _index(state, "heads", kv_heads, 3, 1)
+    keys = _as(k_cache[_index(state, "batch", batch, 3, 0), heads, slots], dtype)  # [B, Hkv, P, D]
+    values = _as(v_cache[_index(state, "batch", batch, 3, 0), heads, slots], dtype)
     if state.release:  # Q2: text keys and values are zeroed, not left out of the means
-        vision = state.vision.gather(1, slots)[:, None, :, None].to(dtype)
+        vision = state.vision.gather(1, slots[:, 0])[:, None, :, None].to(dtype)
         keys, values = keys * vision, values * vision
-    new_k, new_v = compress(keys, values, compression, pooler)  # [B, Hkv, candidates, D]
-    index = first[:, None] + torch.arange(candidates, device=first.device)
-    index = torch.where(index < end[:, None], index, torch.full_like(index, limit))
-    index = index[:, None, :, None].expand_as(new_k)
-    state.cmp_k.scatter_(2, index, new_k.to(dtype))
-    state.cmp_v.scatter_(2, index, new_v.to(dtype))
+    if compression.pooling == "mean" and candidates <= 4:
+        # A step's few blocks: one product with the [candidates, P] averaging matrix (a prefix's
+        # thousands would make that matrix quadratic in its length; they take the unfold).
+        average = state.constant(("average", candidates), lambda: _averaging(compression, candidates, dtype, keys.device))
+        new_k, new_v = torch.matmul(average, keys), torch.matmul(average, values)
+    else:
+        new_k, new_v = compress(keys, values, compression, pooler)  # [B, Hkv, candidates, D]
+    index = (first + _arange(state, "pooled blocks", candidates)).clamp_(min=-1)  # [B, 1, candidates]; -1: the spare column
+    target = (_index(state, "batch", batch, 3, 0), heads, index)
+    state.cmp_k.index_put_(target, _as(new_k, dtype))
+    state.cmp_v.index_put_(target, _as(new_v, dtype))
+
+
+def _averaging(compression: Compression, tokens: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``[N, (N - 1) d + l]``: row ``i`` averages the ``l`` tokens ``i*d ..
+    i*d + l - 1`` (mean pooling as a matrix product)."""
+    span = (tokens - 1) * compression.stride + compression.block
+    offset = torch.arange(span, device=device)[None, :] - compression.stride * torch.arange(tokens, device=device)[:, None]
+    return ((offset >= 0) & (offset < compression.block)).to(dtype) / compression.block
+
+
+def _as(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``tensor`` in ``dtype``, with no op when it is already."""
+    return tensor if tensor.dtype == dtype else tensor.to(dtype)
+
+
+def _extend(state: DecodeState, pattern: Pattern, k_cache: torch.Tensor, v_cache: torch.Tensor,
+            lengths: torch.Tensor, new_tokens: int, token_types: torch.Tensor | None,
+            pooler: MLPPooling | None, new_real: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`extend_state`, also returning the new tokens' cache slots and
+    vision classes ``[B, T]``."""
+    reserve(state, pattern, k_cache.shape[2])
+    slots = lengths.view(-1, 1) + _arange(state, "new slots", new_tokens, -new_tokens)
+    vision = torch.zeros_like(slots, dtype=torch.bool) if token_types is None else token_types != 0
+    rank = _append(state, pattern, slots, None if new_real is None else new_real.to(torch.bool), vision)
+    if state.cmp_k is not None:
+        _pool_new_blocks(state, pattern, k_cache, v_cache, new_tokens, pooler)
+    return rank, slots, vision
 
 
 def extend_state(state: DecodeState, pattern: Pattern, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -359,16 +444,7 @@ def extend_state(state: DecodeState, pattern: Pattern, k_cache: torch.Tensor, v_
     lengths - 1`` (classes ``token_types [B, T]``, real where ``new_real``,
     default all) and pool the blocks they complete. Returns their sparse
     positions ``[B, T]`` (see :func:`_append`)."""
-    reserve(state, pattern, k_cache.shape[2])
-    device = k_cache.device
-    slots = lengths.to(torch.long)[:, None] - new_tokens + torch.arange(new_tokens, device=device)
-    real = torch.ones_like(slots, dtype=torch.bool) if new_real is None else new_real.to(torch.bool)
-    vision = torch.zeros_like(real) if token_types is None else token_types != 0
-    before = state.sparse_count.clone()
-    rank = _append(state, pattern, slots, real, vision)
-    if state.cmp_k is not None:
-        _pool_new_blocks(state, pattern, k_cache, v_cache, before, new_tokens, pooler)
-    return rank
+    return _extend(state, pattern, k_cache, v_cache, lengths, new_tokens, token_types, pooler, new_real)[0]
 
 
 def start_state(pattern: Pattern, k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: torch.Tensor,
@@ -405,6 +481,7 @@ def start_state(pattern: Pattern, k_cache: torch.Tensor, v_cache: torch.Tensor, 
         real &= key_valid.to(torch.bool)
     full = torch.full_like(lengths, slots)
     extend_state(state, pattern, k_cache, v_cache, full, slots, token_types, pooler, new_real=real)
+    state.constants.clear()  # the prefix's aranges are as long as the cache; a step builds its own
     if tiled(pattern):
         _start_tile(state, pattern, queries, softmax_scale(dim),
                     default_score_dtype(k_cache.device, k_cache.dtype) if score_dtype is None else score_dtype)
@@ -429,56 +506,38 @@ def _start_tile(state: DecodeState, pattern: Pattern, queries: torch.Tensor, sca
     position = start[:, None] + torch.arange(tile, device=start.device)  # [B, m]
     slots = state.sparse_slots.gather(1, position.clamp(max=state.capacity - 1))
     rows = queries.gather(2, slots[:, None, :, None].expand(-1, query_heads, -1, dim)).to(state.cmp_k.dtype)
-    grouped = rows.view(batch, kv_heads, query_heads // kv_heads, tile, dim)
-    probabilities = _compression_probabilities(grouped, state.cmp_k[:, :, :-1], position, pattern.compression, scale, score_dtype)
+    grouped = rows.view(batch, kv_heads, query_heads // kv_heads, tile, dim).to(score_dtype) * scale
+    last = _compressed_last(pattern.compression, state.cmp_k.shape[2] - 1, start.device)
+    hidden = _hidden_compressed(pattern.compression, last, position.view(batch, 1, 1, tile, 1))
+    probabilities = _compression_probabilities(grouped, _as(state.cmp_k[:, :, :-1], score_dtype), hidden)
     seen = (position < state.sparse_count[:, None])[:, None, None, :, None]
     state.tile_sum = (probabilities * seen).sum(dim=3).reshape(batch, query_heads, probabilities.shape[-1])
     state.tile_start = start
 
 
-def _compression_probabilities(grouped: torch.Tensor, cmp_k: torch.Tensor, position: torch.Tensor,
-                               compression: Compression, scale: float, score_dtype: torch.dtype) -> torch.Tensor:
-    """``p_cmp [B, Hkv, G, T, N]`` (``score_dtype``) of queries ``grouped [B, Hkv,
-    G, T, D]`` at sparse positions ``position [B, T]`` over compressed keys
-    ``cmp_k [B, Hkv, N, D]``: the tokens complete within each query's prefix
-    that its visibility admits; a query that sees none gets zeros."""
-    last = torch.arange(cmp_k.shape[2], device=cmp_k.device) * compression.stride + compression.block - 1
-    visible = last[None, None, :] <= position[:, :, None]  # [B, T, N]: complete within the prefix
-    if compression.visibility != "causal":
-        visible &= last[None, None, :] >= position[:, :, None]
-    logits = torch.einsum("bkgtd,bknd->bkgtn", grouped.to(score_dtype), cmp_k.to(score_dtype)) * scale
-    ok = visible[:, None, None]
-    has = ok.any(dim=-1, keepdim=True)
-    logits = torch.where(ok, logits, torch.full_like(logits, float("-inf")))
-    return torch.softmax(torch.where(has, logits, torch.zeros_like(logits)), dim=-1) * has
+def _compressed_last(compression: Compression, tokens: int, device: torch.device) -> torch.Tensor:
+    """``[N]`` the sparse position of each compressed token's last token, ``i*d + l - 1``."""
+    return torch.arange(tokens, device=device) * compression.stride + (compression.block - 1)
+
+
+def _hidden_compressed(compression: Compression, last: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+    """Which compressed tokens ending at ``last [N]`` a query at ``position``
+    (broadcast against ``last``) does not see: those not complete within its
+    prefix (``videonsa_legacy``: all but the one ending at the query)."""
+    return last > position if compression.visibility == "causal" else last != position
+
+
+def _compression_probabilities(grouped: torch.Tensor, cmp_k: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+    """``p_cmp [B, Hkv, G, T, N]``: the softmax of ``grouped [B, Hkv, G, T, D]``
+    (scaled queries, in the score dtype) against ``cmp_k [B, Hkv, N, D]`` over
+    the compressed tokens ``hidden`` (broadcast to ``[B, 1, 1, T, N]``) does not
+    mask; a query that sees none gets zeros (its softmax of ``-inf`` only is
+    NaN, then filled)."""
+    logits = torch.einsum("bkgtd,bknd->bkgtn", grouped, cmp_k).masked_fill_(hidden, float("-inf"))
+    return torch.softmax(logits, dim=-1).masked_fill_(hidden, 0.0)
 
 
 # --- the step -----------------------------------------------------------------------------------
-
-
-def _softmax_attention(logits: torch.Tensor, ok: torch.Tensor, values: torch.Tensor, equation: str) -> torch.Tensor:
-    """Softmax of ``logits`` over the keys ``ok`` keeps (a row with none: zeros), times ``values``."""
-    has = ok.any(dim=-1, keepdim=True)
-    logits = torch.where(ok, logits, torch.full_like(logits, float("-inf")))
-    probabilities = torch.softmax(torch.where(has, logits, torch.zeros_like(logits)), dim=-1) * has
-    return torch.einsum(equation, probabilities.to(values.dtype), values)
-
-
-def _gathered_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
-                        ok: torch.Tensor, heads: torch.Tensor, scale: float,
-                        weights: torch.Tensor | None = None) -> torch.Tensor:
-    """``q [B, Hs, g, T, D]`` over the keys at ``slots [B, Hs, T, C]`` of kv heads
-    ``heads [Hs]`` that ``ok [B, Hs, T, C]`` keeps: ``[B, Hs, g, T, D]``.
-    ``weights [B, Hs, T, C]`` multiply each kept key and value first (release
-    mode's zeroed text keys, which still take part in the softmax)."""
-    dtype = q.dtype
-    keep = ok[..., None]
-    keys = torch.where(keep, _gather_keys(k_cache, slots, heads).to(dtype), 0.0)  # [B, Hs, T, C, D]
-    values = torch.where(keep, _gather_keys(v_cache, slots, heads).to(dtype), 0.0)
-    if weights is not None:
-        keys, values = keys * weights[..., None].to(dtype), values * weights[..., None].to(dtype)
-    logits = torch.einsum("bsgtd,bstcd->bsgtc", q, keys) * scale
-    return _softmax_attention(logits, ok[:, :, None], values, "bsgtc,bstcd->bsgtd")
 
 
 def _dense(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, state: DecodeState,
@@ -486,12 +545,14 @@ def _dense(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, state:
     """Dense attention of ``q [B, Hq, T, D]`` (at cache ``slots [B, T]``) over
     the real keys at or before its own slot: ``[B, Hq, T, D]`` in q's dtype. Half
     precision caches are read in their own dtype (SDPA, as the unpatched model)."""
-    positions = torch.arange(k_cache.shape[2], device=q.device)
-    mask = state.real[:, None, : k_cache.shape[2]] & (positions[None, None, :] <= slots[:, :, None])  # [B, T, S]
+    length = k_cache.shape[2]
+    positions = _arange(state, "cache slots", length)
+    real = state.constant(("real", length), lambda: state.real[:, None, None, :length])  # a view: [B, 1, 1, S]
+    mask = real & (positions <= slots.view(*slots.shape[:1], 1, -1, 1))  # [B, 1, T, S]
     dtype = k_cache.dtype if k_cache.dtype in (torch.float16, torch.bfloat16) else q.dtype
-    out = F.scaled_dot_product_attention(q.to(dtype), k_cache.to(dtype), v_cache.to(dtype), attn_mask=mask[:, None],
+    out = F.scaled_dot_product_attention(_as(q, dtype), _as(k_cache, dtype), _as(v_cache, dtype), attn_mask=mask,
                                          scale=scale, enable_gqa=True)
-    return out.to(q.dtype)
+    return _as(out, q.dtype)
 
 
 def decode_step(
@@ -532,22 +593,18 @@ def decode_step(
     scale = softmax_scale(dim) if scale is None else scale
     dtype = compute_dtype(q.dtype)
     score_dtype = default_score_dtype(q.device, q.dtype) if score_dtype is None else score_dtype
-    device = q.device
     with torch.no_grad():
-        rank = extend_state(state, pattern, k_cache, v_cache, lengths, new, token_types, pooler)  # [B, T]
-        slots = lengths.to(torch.long)[:, None] - new + torch.arange(new, device=device)
+        rank, slots, vision = _extend(state, pattern, k_cache, v_cache, lengths, new, token_types, pooler, None)
+        query = _as(q, dtype)
         if pattern.dense:
-            return _dense(q.to(dtype), k_cache, v_cache, state, slots, scale).to(q.dtype)
-        vision = torch.zeros_like(rank, dtype=torch.bool) if token_types is None else token_types != 0
+            return _as(_dense(query, k_cache, v_cache, state, slots, scale), q.dtype)
         if release:
-            return _release_step(pattern, q.to(dtype), k_cache, v_cache, state, rank, slots, vision, gates, scale,
-                                 score_dtype).to(q.dtype)
-        sparse = _sparse(pattern, vision)
-        sparse_out = _sparse_outputs(pattern, q.to(dtype), k_cache, v_cache, state, rank, sparse, gates, pooler, scale,
-                                     score_dtype)
+            return _as(_release_step(pattern, query, k_cache, v_cache, state, rank, slots, vision, gates, scale,
+                                     score_dtype), q.dtype)
+        sparse_out = _sparse_outputs(pattern, query, k_cache, v_cache, state, rank, vision, gates, scale, score_dtype)
         if pattern.hybrid is None or not has_text:
-            return sparse_out.to(q.dtype)
-        dense_out = _dense(q.to(dtype), k_cache, v_cache, state, slots, scale)
+            return _as(sparse_out, q.dtype)
+        dense_out = _dense(query, k_cache, v_cache, state, slots, scale)
         return torch.where(vision[:, None, :, None], sparse_out, dense_out).to(q.dtype)
 
 
@@ -574,64 +631,184 @@ def _tile_sums(state: DecodeState, tile: int, position: torch.Tensor, sparse: to
 
 
 def _sparse_outputs(pattern: Pattern, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                    state: DecodeState, rank: torch.Tensor, sparse: torch.Tensor, gates: torch.Tensor | None,
-                    pooler: MLPPooling | None, scale: float, score_dtype: torch.dtype) -> torch.Tensor:
+                    state: DecodeState, rank: torch.Tensor, vision: torch.Tensor, gates: torch.Tensor | None,
+                    scale: float, score_dtype: torch.dtype) -> torch.Tensor:
     """The gated mix of the branches ``[B, Hq, T, D]`` for queries at sparse
-    positions ``rank [B, T]`` (``sparse [B, T]``: the new token is in the
-    sparse sequence)."""
+    positions ``rank [B, T]`` (``vision [B, T]``: classes of the new tokens).
+
+    Selection and window attend to one gathered candidate list per query,
+    ``[chosen blocks' tokens | window tokens]`` (a ``[B, Hs, 1, T, C]`` index,
+    ``Hs`` the selecting heads), with one logit product and one product with
+    the values; each branch keeps its own softmax over its segment, times its
+    gate. The compression branch adds ``gate * p_cmp @ V`` (``[N, D]`` values
+    per kv head, shared by its queries)."""
     batch, query_heads, new, dim = q.shape
     kv_heads = k_cache.shape[1]
     group = query_heads // kv_heads
-    device = q.device
-    grouped = q.view(batch, kv_heads, group, new, dim)
-    kv_of_kv = torch.arange(kv_heads, device=device)
+    dtype = q.dtype
+    scaled = q * scale
+    grouped = scaled.view(batch, kv_heads, group, new, dim)
     position = rank.clamp(min=0)  # a query always has its own token (rank >= 0) where its output is used
-    capacity = state.capacity
-    outputs: dict[str, torch.Tensor] = {}
+    at = position.view(batch, 1, 1, new, 1)
+    per_head = pattern.selection is not None and pattern.selection.scoring == "head"
 
-    def sparse_slots(tokens: torch.Tensor) -> torch.Tensor:
-        """Cache slots of sparse positions ``tokens [B, ...]`` (clamped into the map)."""
-        flat = tokens.clamp(0, capacity - 1).reshape(batch, -1)
-        return state.sparse_slots.gather(1, flat).view(tokens.shape)
+    def gate_of(layout: tuple[int, int]) -> dict[str, torch.Tensor | float]:
+        """Each branch's gate ``[B, H, g, T, 1]`` for heads in ``layout (H, g)``."""
+        if gates is None:  # constant gates as Python floats: no host-to-device copy inside a captured graph
+            return dict(zip(pattern.branches, pattern.gate.values))
+        shaped = _as(gates, dtype).reshape(batch, *layout, new, -1)
+        return dict(zip(pattern.branches, torch.split(shaped, 1, dim=-1)))
 
+    gate = gate_of((kv_heads, group))
+    out = None
+    segments: list[tuple[str, torch.Tensor]] = []  # (branch, candidate positions [B, Hs | 1, 1, T, c])
+    heads, q_sel, sel_gate = _index(state, "heads", kv_heads, 5, 1), grouped, gate
     if pattern.compression is not None:
         compression = pattern.compression
-        cmp_k, cmp_v = state.cmp_k[:, :, :-1], state.cmp_v[:, :, :-1]
-        probabilities = _compression_probabilities(grouped, cmp_k, position, compression, scale, score_dtype)
-        outputs["compression"] = torch.einsum("bkgtn,bknd->bkgtd", probabilities.to(q.dtype), cmp_v).reshape(q.shape)
+        tokens = state.cmp_k.shape[2] - 1
+        cmp_k = state.constant("cmp_k", lambda: state.cmp_k[:, :, :-1])  # views: the spare column left out
+        cmp_v = state.constant("cmp_v", lambda: state.cmp_v[:, :, :-1, None].transpose(2, 3))  # [B, Hkv, 1, N, D]
+        last = state.constant("compressed last", lambda: _compressed_last(compression, tokens, q.device))
+        hidden = _hidden_compressed(compression, last, at)  # [B, 1, 1, T, N]
+        scored = grouped if score_dtype == dtype else q.to(score_dtype).view(grouped.shape) * scale
+        probabilities = _compression_probabilities(scored, _as(cmp_k, score_dtype), hidden)
+        out = torch.matmul(_as(probabilities, dtype) * gate["compression"], cmp_v)  # [B, Hkv, G, T, D]
         if pattern.selection is not None:
             selection = pattern.selection
-            num_blocks = -(-capacity // selection.block)
-            first = position
+            first = at
             if tiled(pattern):
-                first, probabilities = _tile_sums(state, selection.query_block, position, sparse, probabilities)
+                first, probabilities = _tile_sums(state, selection.query_block, position, _sparse(pattern, vision),
+                                                  probabilities)
+                first = first.view(at.shape)
+            num_blocks = -(-state.capacity // selection.block)
             scores = eq9_block_scores(probabilities, compression, selection, num_blocks)  # [B, Hkv, G, T, J]
-            per_head = selection.scoring == "head"
-            scores = scores.reshape(batch, query_heads, new, num_blocks) if per_head else scores.sum(dim=2)
-            selecting = scores.shape[1]
-            units = scores.permute(1, 0, 2, 3).reshape(selecting, batch * new, num_blocks)
-            blocks = choose_blocks(units, first.reshape(-1), selection).long()  # [Hs, B*T, W]
-            blocks = blocks.view(selecting, batch, new, -1).permute(1, 0, 2, 3)  # [B, Hs, T, W]
-            offsets = torch.arange(selection.block, device=device)
-            chosen = (blocks[..., None] * selection.block + offsets).flatten(3)  # [B, Hs, T, W*l']
-            ok = (blocks[..., None] >= 0).expand(-1, -1, -1, -1, selection.block).flatten(3) & (chosen <= position[:, None, :, None])
-            heads = torch.arange(query_heads, device=device) // group if per_head else kv_of_kv
-            q_sel = q.view(batch, query_heads, 1, new, dim) if per_head else grouped
-            out = _gathered_attention(q_sel, k_cache, v_cache, sparse_slots(chosen), ok, heads, scale)
-            outputs["selection"] = out.reshape(q.shape)
+            if per_head:
+                scores = scores.reshape(batch, query_heads, 1, new, num_blocks)
+                heads = _index(state, "heads", query_heads, 5, 1, group)
+                q_sel = scaled.view(batch, query_heads, 1, new, dim)
+                sel_gate = gate_of((query_heads, 1))
+            else:
+                scores = scores.sum(dim=2, keepdim=True)
+            segments.append(("selection", _chosen_tokens(state, selection, scores, first, exact=not tiled(pattern))))
     if pattern.window is not None:
         size = pattern.window.size
-        recent = position[:, :, None] - torch.arange(size - 1, -1, -1, device=device)  # [B, T, w]
-        ok = (recent >= 0)[:, None].expand(-1, kv_heads, -1, -1)
-        slots = sparse_slots(recent)[:, None].expand(-1, kv_heads, -1, -1)
-        outputs["window"] = _gathered_attention(grouped, k_cache, v_cache, slots, ok, kv_of_kv, scale).reshape(q.shape)
-    if gates is None:  # constant gates as Python floats: no host-to-device copy inside a captured graph
-        return sum(value * outputs[name] for value, name in zip(pattern.gate.values, pattern.branches))
-    gates = gates.to(q.dtype)
-    return sum(gates[..., index, None] * outputs[name] for index, name in enumerate(pattern.branches))
+        segments.append(("window", at + _window_offsets(state, size, heads.shape[1])))  # [B, Hs, 1, T, w]
+    if segments:
+        selected = _segment_attention(state, q_sel, heads, k_cache, v_cache, at, segments, sel_gate,
+                                      empty=pattern.selection is not None and "current" not in pattern.selection.forced)
+        if per_head:
+            selected = selected.reshape(batch, kv_heads, group, new, dim)
+        out = selected if out is None else out + selected
+    return out.reshape(batch, query_heads, new, dim)
+
+
+def _chosen_tokens(state: DecodeState, selection: Selection, scores: torch.Tensor, first: torch.Tensor,
+                   exact: bool) -> torch.Tensor:
+    """Sparse positions ``[B, Hs, 1, T, n*l']`` of the tokens of the blocks
+    chosen from ``scores [B, Hs, 1, T, J]`` for units whose first query is at
+    ``first [B, 1, 1, T, 1]``. Forced blocks rank above every score
+    (``inf``), blocks that are neither complete nor forced below (``-1``; the
+    scores are non-negative), so the top ``n`` are the forced ones and the
+    best complete ones, ties to the lower index (:func:`_top_blocks`). Where
+    fewer blocks are eligible, the rest must come out past the query's
+    position (masked): with ``current`` forced (and ``exact``: the unit is the
+    query itself) they are later blocks already, else they are moved there."""
+    block, num_blocks = selection.block, scores.shape[-1]
+    take = min(selection.count, num_blocks)
+    # d = last token of block j - first query: complete iff d <= 0, current iff 0 <= d < l'.
+    ends = state.constant(("block ends", block, num_blocks),
+                          lambda: torch.arange(num_blocks, device=scores.device) * block + (block - 1))
+    distance = ends - first  # [B, 1, 1, T, J]
+    forced = selection.forced
+    if "current" in forced:
+        key = scores.masked_fill(distance >= 0, float("inf")).masked_fill_(distance >= block, -1.0)
+    else:
+        key = scores.masked_fill(distance > 0, -1.0)
+    if "previous" in forced:
+        key.masked_fill_((distance < 0) & (distance >= -block), float("inf"))
+    if "first" in forced:
+        key.masked_fill_(state.constant(("first block", num_blocks), lambda: _arange(state, "blocks", num_blocks) == 0),
+                         float("inf"))
+    hide = not ("current" in forced and exact)
+    blocks, missing = _top_blocks(state, key, take, missing=hide)
+    if missing is not None:
+        blocks = blocks.masked_fill(missing, num_blocks)
+    return torch.add(_arange(state, "block tokens", block), blocks[..., None], alpha=block).flatten(-2)
+
+
+def _window_offsets(state: DecodeState, size: int, heads: int) -> torch.Tensor:
+    """``[1, H, 1, 1, w]`` the window's offsets ``1 - w .. 0`` from a query's
+    position (t - w < s <= t), expanded over ``heads`` (a view, built once)."""
+    return state.constant(("window", size, heads),
+                          lambda: _arange(state, "window", size, 1 - size).view(1, 1, 1, 1, size).expand(1, heads, 1, 1, size))
+
+
+def _top_blocks(state: DecodeState, key: torch.Tensor, take: int,
+                missing: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The ``take`` largest of ``key [..., J]`` (non-negative scores; ``inf``
+    forced, ``-1`` not eligible), ties to the lower index: their indices
+    ``[..., take]`` and, with ``missing``, where no eligible block was left
+    (else None). float32:
+    ``torch.topk`` on a unique int64 key, (score bits, reversed index), as
+    :func:`nsaflex.scoring._top_candidates` (non-negative float32 values order
+    like their bits, and a softmax's sums never give -0.0); else a stable
+    sort."""
+    num_blocks = key.shape[-1]
+    if key.dtype == torch.float32:
+        reverse = state.constant(("reverse", num_blocks), lambda: (num_blocks - 1) - torch.arange(num_blocks, device=key.device))
+        top = torch.topk((key.view(torch.int32).to(torch.int64) << 32) | reverse, take, dim=-1).values
+        return (num_blocks - 1) - (top & 0xFFFFFFFF), top < 0 if missing else None
+    ranked = torch.sort(key, dim=-1, descending=True, stable=True)
+    return ranked.indices[..., :take], ranked.values[..., :take] < 0 if missing else None
+
+
+def _segment_attention(state: DecodeState, q: torch.Tensor, heads: torch.Tensor, k_cache: torch.Tensor,
+                       v_cache: torch.Tensor, at: torch.Tensor, segments: list[tuple[str, torch.Tensor]],
+                       gate: dict[str, torch.Tensor | float], empty: bool, weighted: bool = False) -> torch.Tensor:
+    """``sum_b gate_b * softmax_b(q . K) @ V`` ``[B, Hs, g, T, D]`` of the scaled
+    queries ``q [B, Hs, g, T, D]`` over the cache keys of each branch's
+    candidate positions ``[B, Hs | 1, 1, T, c_b]`` in the sparse sequence (kv
+    heads ``heads [1, Hs, 1, 1, 1]``), those outside ``0 .. at`` masked. The
+    branches' candidates are gathered together; each branch's softmax runs on
+    its own segment. ``empty``: a branch may keep no candidate (zeros then).
+    ``weighted`` (release mode): text keys and values are zeroed, yet take
+    part in the softmax (logit 0)."""
+    names = [name for name, _ in segments]
+    positions = [candidates if candidates.shape[1] == heads.shape[1] else candidates.expand(-1, heads.shape[1], -1, -1, -1)
+                 for _, candidates in segments]
+    positions = positions[0] if len(positions) == 1 else torch.cat(positions, dim=-1)  # [B, Hs, 1, T, C]
+    # Masked candidates read the query's own token (a written slot) instead: in range, never NaN.
+    safe = torch.minimum(positions.clamp(min=0), at)
+    hidden = safe != positions
+    batch = _index(state, "batch", positions.shape[0], 5, 0)
+    slots = state.sparse_slots[batch, safe]
+    keys = _as(k_cache[batch, heads, slots], q.dtype)  # [B, Hs, 1, T, C, D]
+    values = _as(v_cache[batch, heads, slots], q.dtype)
+    logits = torch.einsum("bsgtd,bsotcd->bsgtc", q, keys)
+    weights = state.vision[batch, slots].to(q.dtype) if weighted else None
+    if weights is not None:  # a zeroed key: q . 0 = 0
+        logits.mul_(weights)
+    logits.masked_fill_(hidden, float("-inf"))
+    if len(segments) == 1:
+        probabilities = torch.softmax(logits, dim=-1).mul_(gate[names[0]])
+    else:
+        parts = torch.split(logits, [candidates.shape[-1] for _, candidates in segments], dim=-1)
+        probabilities = torch.cat([torch.softmax(part, dim=-1).mul_(gate[name]) for part, name in zip(parts, names)], dim=-1)
+    if empty:
+        probabilities.masked_fill_(hidden, 0.0)
+    if weights is not None:  # a zeroed value
+        probabilities.mul_(weights)
+    return torch.einsum("bsgtc,bsotcd->bsgtd", probabilities, values)
 
 
 # --- videonsa_release ------------------------------------------------------------------------
+
+
+def _zero_slots(state: DecodeState, like: torch.Tensor, count: int) -> torch.Tensor:
+    """Zeros ``[B, count, ...]`` shaped as ``like [B, H, ...]`` past dim 1 (Q4's
+    padding slots), built once: read by ``torch.cat``, never written."""
+    shape = (like.shape[0], count, *like.shape[2:])
+    return state.constant(("zero slots", shape, like.dtype), lambda: like.new_zeros(shape))
 
 
 def _release_step(pattern: Pattern, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, state: DecodeState,
@@ -645,100 +822,90 @@ def _release_step(pattern: Pattern, q: torch.Tensor, k_cache: torch.Tensor, v_ca
     holds the new tokens; its :attr:`DecodeState.recent_q` moves on by ``T``."""
     batch, heads, new, dim = q.shape
     kv_heads = k_cache.shape[1]
-    device = q.device
     block = pattern.compression.block
     slots_total = padded_slots(heads, kv_heads)
     group = slots_total // kv_heads
     capacity = state.capacity
-    kv_of_kv = torch.arange(kv_heads, device=device)
     position = rank.clamp(min=0)  # [B, T]: t; the row holds t + 1 tokens
     current = torch.div(position, block, rounding_mode="floor")  # the query's own (last) block c
+    row_index = _index(state, "batch", batch, 3, 0)
+    at3, current3 = position[:, :, None], current[:, :, None]
 
     def cache_slots(tokens: torch.Tensor) -> torch.Tensor:
         """Cache slots of sparse positions ``tokens [B, ...]`` (clamped into the map)."""
-        flat = tokens.clamp(0, capacity - 1).reshape(batch, -1)
-        return state.sparse_slots.gather(1, flat).view(tokens.shape)
+        return state.sparse_slots[_index(state, "batch", batch, tokens.dim(), 0), tokens.clamp(0, capacity - 1)]
 
     def vision_at(tokens: torch.Tensor) -> torch.Tensor:
-        return state.vision.gather(1, cache_slots(tokens).reshape(batch, -1)).view(tokens.shape)
+        return state.vision[_index(state, "batch", batch, tokens.dim(), 0), cache_slots(tokens)]
 
     # The queries of positions before - P .. before + T - 1 (column = position - before + P).
-    window_q = torch.cat([state.recent_q, q.to(state.recent_q.dtype)], dim=2)  # [B, Hq, P + T, D]
+    window_q = torch.cat([state.recent_q, _as(q, state.recent_q.dtype)], dim=2)  # [B, Hq, P + T, D]
     before = state.sparse_count - new
     state.recent_q.copy_(window_q[:, :, new:])  # in place: a captured graph's replays move it on too
 
     # Q1/Q2: the own block's mean over its zeroed tokens so far (partial or complete).
-    own = current[:, :, None] * block + torch.arange(block, device=device)  # [B, T, l]
-    own_ok = own <= position[:, :, None]
-    own_weight = (own_ok & vision_at(own)).to(q.dtype)[:, None, ..., None]  # [B, 1, T, l, 1]
-    own_slots = cache_slots(own)[:, None].expand(-1, kv_heads, -1, -1)
-    count = own_ok.sum(dim=-1).to(q.dtype)[:, None, :, None]  # [B, 1, T, 1]
-    own_k = (_gather_keys(k_cache, own_slots, kv_of_kv).to(q.dtype) * own_weight).sum(dim=3) / count  # [B, Hkv, T, D]
-    own_v = (_gather_keys(v_cache, own_slots, kv_of_kv).to(q.dtype) * own_weight).sum(dim=3) / count
-    cmp_k = state.cmp_k[:, :, :-1].to(score_dtype)  # [B, Hkv, N, D] complete blocks
-    blocks = torch.arange(cmp_k.shape[2], device=device)
+    own = torch.add(_arange(state, "block tokens", block), current[:, None, :, None], alpha=block)  # [B, 1, T, l]
+    own_ok = own <= position[:, None, :, None]
+    own_slots = cache_slots(own)
+    own_weight = ((own_ok & state.vision[_index(state, "batch", batch, 4, 0), own_slots]).to(q.dtype)
+                  / own_ok.sum(dim=-1, keepdim=True))[..., None, :]  # [B, 1, T, 1, l]
+    heads4, rows4 = _index(state, "heads", kv_heads, 4, 1), _index(state, "batch", batch, 4, 0)
+    own_k = torch.matmul(own_weight, _as(k_cache[rows4, heads4, own_slots], q.dtype))  # [B, Hkv, T, 1, D]
+    own_v = torch.matmul(own_weight, _as(v_cache[rows4, heads4, own_slots], q.dtype))
+    cmp_k = _as(state.constant("cmp_k", lambda: state.cmp_k[:, :, :-1]), score_dtype)  # [B, Hkv, N, D] complete blocks
+    blocks = _arange(state, "blocks", cmp_k.shape[2])
 
     # Q6: lse_read[s] = the compression lse of slot (tP + s) // T at row (tP + s) % T.
-    flat = position[:, :, None] * slots_total + torch.arange(slots_total, device=device)  # [B, T, P]
-    row_length = (position + 1)[:, :, None]
+    flat = torch.add(_arange(state, "slots", slots_total), at3, alpha=slots_total)  # [B, T, P]
+    row_length = at3 + 1
     source_slot = torch.div(flat, row_length, rounding_mode="floor")
     source_row = flat % row_length
-    head = torch.where(source_slot < 2 * heads, source_slot % heads, torch.zeros_like(source_slot))
-    keep = (source_slot < 2 * heads) & vision_at(source_row)  # Q3 zeroed text queries, Q4 zero slots
+    real_slot = source_slot < 2 * heads
+    head = torch.where(real_slot, source_slot % heads, 0)
+    keep = real_slot & vision_at(source_row)  # Q3 zeroed text queries, Q4 zero slots
     column = source_row - before[:, None, None] + slots_total
-    batch_index = torch.arange(batch, device=device)[:, None, None]
-    source_q = window_q[batch_index, head, column].to(score_dtype) * keep[..., None]  # [B, T, P, D]
+    source_q = _as(window_q[row_index, head, column], score_dtype) * keep[..., None]  # [B, T, P, D]
     source_kv = torch.div(source_slot, group, rounding_mode="floor")
     logits = torch.einsum("btsd,bhnd->btshn", source_q, cmp_k) * scale
-    logits = logits.gather(3, source_kv[:, :, :, None, None].expand(-1, -1, -1, 1, cmp_k.shape[2]))[:, :, :, 0]
-    query_index = torch.arange(new, device=device)[None, :, None]
-    own_source = own_k.to(score_dtype).permute(0, 2, 1, 3)[batch_index, query_index, source_kv]  # [B, T, P, D]
+    new_index = _index(state, "new", new, 3, 1)
+    logits = logits[row_index, new_index, _index(state, "slots", slots_total, 3, 2), source_kv]  # [B, T, P, N]
+    own_source = _as(own_k, score_dtype)[row_index, source_kv, new_index, 0]  # [B, T, P, D]
     own_logit = (source_q * own_source).sum(dim=-1, keepdim=True) * scale  # [B, T, P, 1]
-    seen = (blocks >= torch.div(source_row, block, rounding_mode="floor")[..., None]) & (blocks < current[:, :, None, None])
-    lse_read = torch.logsumexp(torch.cat([logits.masked_fill(~seen, float("-inf")), own_logit], dim=-1), dim=-1)
+    unseen = (blocks < torch.div(source_row, block, rounding_mode="floor")[..., None]) | (blocks >= current3[..., None])
+    lse_read = torch.logsumexp(torch.cat([logits.masked_fill(unseen, float("-inf")), own_logit], dim=-1), dim=-1)
 
     # Q3/Q4: the query's slots [q, q, 0...] (zeroed on text rows) over the kv heads.
-    query = q * vision[:, None, :, None].to(q.dtype)
-    slot_q = torch.cat([query, query, query.new_zeros(batch, slots_total - 2 * heads, new, dim)], dim=1)
+    vision4 = vision[:, None, :, None]
+    query = q * vision4
+    slot_q = torch.cat([query, query, _zero_slots(state, query, slots_total - 2 * heads)], dim=1)
     grouped = slot_q.view(batch, kv_heads, group, new, dim)
 
-    # Q5: earlier blocks by their exp(q . Kc - lse_read) summed slot by slot (equal terms give
+    # Q5: earlier blocks by their exp(q . Kc - lse_read) summed over the slots (equal terms give
     # bit-equal sums, so exact ties stay ties), the own block 1 per slot; Q7: the top S.
-    raw = torch.exp(torch.einsum("bkgtd,bknd->bkgtn", grouped.to(score_dtype), cmp_k) * scale
+    raw = torch.exp(torch.einsum("bkgtd,bknd->bkgtn", _as(grouped, score_dtype), cmp_k) * scale
                     - lse_read.permute(0, 2, 1).reshape(batch, kv_heads, group, new, 1))
     raw = F.pad(raw, (0, 1))  # column N: the own block of a row past the state's complete blocks
-    columns = torch.arange(raw.shape[-1], device=device)
-    earlier = columns[None, None, :] < current[:, :, None]  # [B, T, N + 1]
-    at_own = columns[None, None, :] == current[:, :, None]
-    raw = torch.where(earlier[:, None, None], raw, torch.zeros_like(raw))
-    raw = torch.where(at_own[:, None, None], torch.ones_like(raw), raw)
-    scores = raw[:, :, 0]
-    for slot in range(1, group):
-        scores = scores + raw[:, :, slot]
+    columns = _arange(state, "block columns", raw.shape[-1])
+    own5 = current.view(batch, 1, 1, new, 1)
+    scores = raw.masked_fill_(columns >= own5, 0.0).masked_fill_(columns == own5, 1.0).sum(dim=2, keepdim=True)
     take = min(raw.shape[-1], selected_count(pattern.selection.count))
-    eligible = (earlier | at_own)[:, None].expand_as(scores)
-    chosen_blocks, chosen = _top_candidates(scores, eligible, take)  # [B, Hkv, T, S]
-    tokens = (chosen_blocks[..., None] * block + torch.arange(block, device=device)).flatten(3)  # [B, Hkv, T, S*l]
-    ok = chosen[..., None].expand(-1, -1, -1, -1, block).flatten(3) & (tokens <= position[:, None, :, None])
-    o_slc = _gathered_attention(grouped, k_cache, v_cache, cache_slots(tokens), ok, kv_of_kv, scale, vision_at(tokens))
-
-    size = pattern.window.size
-    recent = position[:, :, None] - torch.arange(size - 1, -1, -1, device=device)  # [B, T, w]
-    recent_ok = (recent >= 0)[:, None].expand(-1, kv_heads, -1, -1)
-    recent_slots = cache_slots(recent)[:, None].expand(-1, kv_heads, -1, -1)
-    recent_weight = vision_at(recent)[:, None].expand(-1, kv_heads, -1, -1)
-    o_win = _gathered_attention(grouped, k_cache, v_cache, recent_slots, recent_ok, kv_of_kv, scale, recent_weight)
-    o_cmp = own_v[:, :, None]  # Q1: the last row sees only its own block
+    # Blocks past the own one rank last (-1): when they are taken, their tokens lie past t (masked).
+    chosen_blocks = _top_blocks(state, scores.masked_fill_(columns > own5, -1.0), take)[0]  # [B, Hkv, 1, T, S]
+    tokens = torch.add(_arange(state, "block tokens", block), chosen_blocks[..., None], alpha=block).flatten(-2)
+    at = position.view(batch, 1, 1, new, 1)
+    recent = at + _window_offsets(state, pattern.window.size, kv_heads)  # [B, Hkv, 1, T, w]
 
     if gates is None:  # constants as fills, not a host-to-device copy inside a captured graph
-        gates = torch.stack([torch.full((batch, heads, new), value, dtype=q.dtype, device=device)
+        gates = torch.stack([torch.full((batch, heads, new), value, dtype=q.dtype, device=q.device)
                              for value in pattern.gate.values], dim=-1)
-    gates = torch.where(vision[:, None, :, None], gates.to(q.dtype), torch.full((), TEXT_GATE, dtype=q.dtype, device=device))
-    slot_gates = torch.cat([gates, gates, gates.new_zeros(batch, slots_total - 2 * heads, new, 3)], dim=1)
-    slot_gates = slot_gates.view(batch, kv_heads, group, new, 3)
-    mixed = slot_gates[..., 0:1] * o_cmp + slot_gates[..., 1:2] * o_slc + slot_gates[..., 2:3] * o_win
-    mixed = mixed.reshape(batch, slots_total, new, dim)
+    gates = torch.where(vision4, _as(gates, q.dtype), TEXT_GATE)
+    slot_gates = torch.cat([gates, gates, _zero_slots(state, gates, slots_total - 2 * heads)], dim=1)
+    gate_cmp, gate_slc, gate_win = torch.split(slot_gates.view(batch, kv_heads, group, new, 3), 1, dim=-1)
+    mixed = _segment_attention(state, grouped * scale, _index(state, "heads", kv_heads, 5, 1), k_cache, v_cache, at,
+                               [("selection", tokens), ("window", recent)],
+                               {"selection": gate_slc, "window": gate_win}, empty=False, weighted=True)
+    mixed = (mixed + gate_cmp * own_v.transpose(2, 3)).reshape(batch, slots_total, new, dim)  # Q1: o_cmp is the own block
     sparse = (mixed[:, :heads] + mixed[:, heads : 2 * heads]) * 0.5
     # Q3: the dense pass over every real key, vision queries zeroed.
-    dense = _dense(q * (~vision)[:, None, :, None].to(q.dtype), k_cache, v_cache, state, slots, scale)
+    dense = _dense(q * ~vision4, k_cache, v_cache, state, slots, scale)
     return sparse + dense

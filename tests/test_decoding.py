@@ -422,6 +422,39 @@ def test_scale_multiplies_every_score_as_in_the_reference():
         attn.decode(step["q"], step["k_cache"], step["v_cache"], step["lengths"], state, step["gates"], step["token_types"], scale=-1.0)
 
 
+def test_a_reordered_state_decodes_as_one_started_on_the_kept_rows():
+    """Beam search keeps rows 2, 0 of three after a step: the next steps on the
+    reordered state (whose constants, built for three rows, must not outlive
+    the reordering) equal those on a state started with those two rows and
+    stepped alike (float64, 1e-12)."""
+    attn = nsaflex.compile(SYNC_PATTERN, "flex", device="cpu", head_dim=DIM)
+    generator = torch.Generator().manual_seed(3)
+    k = torch.randn(3, 2, 40, DIM, generator=generator, dtype=torch.float64)
+    v = torch.randn(3, 2, 40, DIM, generator=generator, dtype=torch.float64)
+    q = torch.randn(3, 4, 40, DIM, generator=generator, dtype=torch.float64)
+    gates = torch.rand(3, 4, 40, 3, generator=generator, dtype=torch.float64)
+    types = (torch.rand(3, 40, generator=generator) < 0.7).long()
+    start = torch.tensor([20, 23, 26])
+
+    def steps(rows, state, first, count):
+        outputs = []
+        for step in range(first, first + count):
+            lengths = start[rows] + step + 1
+            slot = (lengths - 1)[:, None]
+            new = lambda x: x[rows].gather(2, slot[:, None, :, None].expand(-1, x.shape[1], -1, x.shape[3]))
+            outputs.append(attn.decode(new(q), k[rows], v[rows], lengths, state, new(gates), types[rows].gather(1, slot)))
+        return outputs
+
+    every, kept = torch.arange(3), torch.tensor([2, 0])
+    state = attn.decode_state(k, v, start.clone(), types)
+    steps(every, state, 0, 2)
+    state.reorder(kept)
+    twin = attn.decode_state(k[kept], v[kept], start[kept], types[kept])
+    steps(kept, twin, 0, 2)
+    for got, expected in zip(steps(kept, state, 2, 5), steps(kept, twin, 2, 5)):
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("backend", ["flex", "triton"])
 def test_bfloat16_cache_decodes_within_bfloat16_tolerance(backend, monkeypatch):
     """A bf16 cache and queries (the model's dtype on the GPU): compressed tokens
