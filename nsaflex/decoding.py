@@ -52,7 +52,10 @@ No ``.item()``, no host synchronisation and no Python loop over rows or
 tokens: every shape depends on ``B, Hq, Hkv, T, D``, the capacity and the
 pattern only, so a step can be captured in a CUDA graph (with a cache of fixed
 capacity; a growing cache re-allocates the state when it outgrows it, a host
-decision on shapes). Values are not checked (that would read them back): token
+decision on shapes). Run one step of the state's shape before capturing, as
+``torch.cuda.graphs`` asks: the first step builds the state's constants, and
+built inside a capture they would be filled only when the graph replays.
+Values are not checked (that would read them back): token
 classes other than 0 count as vision, and the new tokens must lie inside the
 cache (``T <= lengths[b] <= S``).
 
