@@ -133,6 +133,12 @@ def compress(
     return pooler(k, v)
 
 
+def compressed_counts(compression: Compression, lengths: torch.Tensor) -> torch.Tensor:
+    """:meth:`Compression.num_tokens` of each of ``lengths`` (a device tensor, no
+    read-back): ``max(0, floor((n - l) / d) + 1)``."""
+    return torch.clamp(torch.div(lengths - compression.block, compression.stride, rounding_mode="floor") + 1, min=0)
+
+
 def softmax_scale(head_dim: int) -> float:
     """The attention scale ``1/sqrt(D)`` used by every branch."""
     return 1.0 / math.sqrt(head_dim)

@@ -42,7 +42,7 @@ from dataclasses import dataclass
 import torch
 
 from nsaflex.errors import BackendUnavailable, InputError, one_of
-from nsaflex.pooling import softmax_scale
+from nsaflex.pooling import compressed_counts, softmax_scale
 from nsaflex.spec import Compression, Selection
 
 SCORING_KERNELS = ("auto", "triton", "torch")
@@ -250,7 +250,7 @@ def select(
     if lengths is None:
         lengths = torch.full((batch,), length, dtype=torch.long, device=device)
     lengths = lengths.to(device=device, dtype=torch.long)
-    row_compressed = torch.clamp(torch.div(lengths - compression.block, compression.stride, rounding_mode="floor") + 1, min=0)
+    row_compressed = compressed_counts(compression, lengths)
 
     if chunk is None:
         per_row = max(1, query_heads * batch * (num_compressed + num_blocks))
@@ -383,12 +383,11 @@ def _select_kernel(q, compressed_k, compression: Compression, selection: Selecti
     num_blocks = -(-length // selection.block)
     num_units = -(-length // unit)
     # Whole rows (no lengths) give every row num_compressed tokens: no read-back of the fewest.
-    fewest = min(num_compressed, max(0, (length - compression.block) // compression.stride + 1)) if lengths is None else None
+    fewest = min(num_compressed, compression.num_tokens(length)) if lengths is None else None
     if lengths is None:
         lengths = torch.full((batch,), length, dtype=torch.long, device=device)
     lengths = torch.clamp(lengths.to(device=device, dtype=torch.long), max=length)
-    row_compressed = torch.clamp(torch.div(lengths - compression.block, compression.stride, rounding_mode="floor") + 1,
-                                 min=0, max=num_compressed)
+    row_compressed = torch.clamp(compressed_counts(compression, lengths), max=num_compressed)
     zeros = torch.zeros_like(lengths)
     lay = ops.SeqLayout(zeros, lengths, zeros, row_compressed, length, num_compressed, False,
                         int(row_compressed.min()) if fewest is None else fewest)

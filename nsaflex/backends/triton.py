@@ -31,7 +31,7 @@ from nsaflex.errors import InputError
 from nsaflex.hybrid import combine, pack_varlen, sparse_layout, text_dense_attention, unpack_varlen
 from nsaflex.inputs import resolve_gates
 from nsaflex.inspect import causal_logsumexp, empty_branch_info
-from nsaflex.pooling import MLPPooling, compress
+from nsaflex.pooling import MLPPooling, compress, compressed_counts
 from nsaflex.spec import Pattern
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -242,12 +242,8 @@ def _sparse_forward(pattern, cfg, q, k, v, gates, token_types, pooler, launch=No
             kc = torch.cat(pieces_k, dim=2).contiguous()
             vc = torch.cat(pieces_v, dim=2).contiguous()
         # From the device lengths, not a host list: copying one to the device waits for the queue.
-        if c is not None:
-            clens = torch.where(lens >= c.block, torch.div(lens - c.block, c.stride, rounding_mode="floor") + 1, 0)
-        else:
-            clens = torch.zeros_like(lens)
-        clens = clens.to(torch.int32)
-        cstarts = (torch.cumsum(clens, 0, dtype=torch.int32) - clens).to(torch.int32)
+        clens = (compressed_counts(c, lens) if c is not None else torch.zeros_like(lens)).to(torch.int32)
+        cstarts = torch.cumsum(clens, 0, dtype=torch.int32) - clens
         max_cmp = max(counts)
         packed = True
     min_cmp = n_cmp if layout.identity else min(counts)
