@@ -249,8 +249,7 @@ def _tiled_nonfinite(tiled, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -
     (-inf or NaN): an average above 0 means a kept key of that kind, and both
     together (a NaN, or +inf with -inf) give NaN, one alone +inf or -inf. The
     three passes have one shape, so one compiled kernel serves them."""
-    finite = torch.isfinite(v)
-    out = tiled(q, k, torch.where(finite, v, torch.zeros_like(v)))
+    out = tiled(q, k, torch.nan_to_num(v, nan=0.0, posinf=0.0, neginf=0.0))
     zeros_q, zeros_k = torch.zeros_like(q), torch.zeros_like(k)
     nan = torch.isnan(v)
     up = tiled(zeros_q, zeros_k, (nan | (v == float("inf"))).to(v.dtype)) > 0
