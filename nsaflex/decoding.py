@@ -99,9 +99,11 @@ reference's last row, each quirk as its decode equivalent:
   last ``P`` positions (:attr:`DecodeState.recent_q`) and a step recomputes the
   ``P`` values, ``O(P * Hkv * N * D)``.
 * Q5: earlier blocks score ``sum_g exp(q_g . Kc_j * scale - lse_read[g])``
-  over the kv head's slots, the current block ``P / Hkv``; Q7: the top
-  ``next_power_of_2(count)``, ties to the lower index; attention over the chosen
-  blocks' zeroed tokens ``<= t``; the window over the last ``w`` zeroed tokens.
+  over the kv head's slots (added in the same order for every block, so the
+  exact ties of a text query's zero scores stay ties), the current block ``P /
+  Hkv``; Q7: the top ``next_power_of_2(count)``, ties to the lower index;
+  attention over the chosen blocks' zeroed tokens ``<= t``; the window over the
+  last ``w`` zeroed tokens.
 """
 
 from __future__ import annotations
@@ -855,8 +857,10 @@ def _release_step(pattern: Pattern, q: torch.Tensor, k_cache: torch.Tensor, v_ca
     heads4, rows4 = _index(state, "heads", kv_heads, 4, 1), _index(state, "batch", batch, 4, 0)
     own_k = torch.matmul(own_weight, _as(k_cache[rows4, heads4, own_slots], q.dtype))  # [B, Hkv, T, 1, D]
     own_v = torch.matmul(own_weight, _as(v_cache[rows4, heads4, own_slots], q.dtype))
-    cmp_k = _as(state.constant("cmp_k", lambda: state.cmp_k[:, :, :-1]), score_dtype)  # [B, Hkv, N, D] complete blocks
-    blocks = _arange(state, "blocks", cmp_k.shape[2])
+    # [B, Hkv, 1, N + 1, D]: the complete blocks, then the spare column N, whose value no query uses
+    # (its own block c <= N hides the column from the lse below, and Q5 overwrites its score).
+    cmp_k = _as(state.constant("cmp_k columns", lambda: state.cmp_k[:, :, None]), score_dtype)
+    blocks = _arange(state, "blocks", cmp_k.shape[3])
 
     # Q6: lse_read[s] = the compression lse of slot (tP + s) // T at row (tP + s) % T.
     flat = torch.add(_arange(state, "slots", slots_total), at3, alpha=slots_total)  # [B, T, P]
@@ -869,9 +873,9 @@ def _release_step(pattern: Pattern, q: torch.Tensor, k_cache: torch.Tensor, v_ca
     column = source_row - before[:, None, None] + slots_total
     source_q = _as(window_q[row_index, head, column], score_dtype) * keep[..., None]  # [B, T, P, D]
     source_kv = torch.div(source_slot, group, rounding_mode="floor")
-    logits = torch.einsum("btsd,bhnd->btshn", source_q, cmp_k) * scale
+    logits = torch.einsum("btsd,bhond->btshn", source_q, cmp_k) * scale
     new_index = _index(state, "new", new, 3, 1)
-    logits = logits[row_index, new_index, _index(state, "slots", slots_total, 3, 2), source_kv]  # [B, T, P, N]
+    logits = logits[row_index, new_index, _index(state, "slots", slots_total, 3, 2), source_kv]  # [B, T, P, N + 1]
     own_source = _as(own_k, score_dtype)[row_index, source_kv, new_index, 0]  # [B, T, P, D]
     own_logit = (source_q * own_source).sum(dim=-1, keepdim=True) * scale  # [B, T, P, 1]
     unseen = (blocks < torch.div(source_row, block, rounding_mode="floor")[..., None]) | (blocks >= current3[..., None])
@@ -883,17 +887,22 @@ def _release_step(pattern: Pattern, q: torch.Tensor, k_cache: torch.Tensor, v_ca
     slot_q = torch.cat([query, query, _zero_slots(state, query, slots_total - 2 * heads)], dim=1)
     grouped = slot_q.view(batch, kv_heads, group, new, dim)
 
-    # Q5: earlier blocks by their exp(q . Kc - lse_read) summed over the slots (equal terms give
-    # bit-equal sums, so exact ties stay ties), the own block 1 per slot; Q7: the top S.
-    raw = torch.exp(torch.einsum("bkgtd,bknd->bkgtn", _as(grouped, score_dtype), cmp_k) * scale
-                    - lse_read.permute(0, 2, 1).reshape(batch, kv_heads, group, new, 1))
-    raw = F.pad(raw, (0, 1))  # column N: the own block of a row past the state's complete blocks
-    columns = _arange(state, "block columns", raw.shape[-1])
+    # Q5: earlier blocks by their exp(q . Kc - lse_read) summed over the slots, the own block 1 per
+    # slot; Q7: the top S. Exact ties (a text row's zero query scores every earlier block alike) must
+    # stay ties, as the reference's slot-by-slot sum keeps them, so the sum runs over the innermost,
+    # contiguous dim (the matmul writes [B, Hkv, T, N + 1, P / Hkv]): every block's terms are then
+    # added in one order. A sum over a dim that is not the innermost one may vectorise across the
+    # blocks (the CPU's does, for steps of several tokens or rows of many blocks) and round some of
+    # them differently, which sends a tie to a later block. Column N stands for an own block past
+    # the state's complete blocks.
+    logits = torch.matmul(cmp_k, _as(grouped, score_dtype).permute(0, 1, 3, 4, 2))
+    scores = torch.exp(logits.mul_(scale).sub_(lse_read.view(batch, new, kv_heads, 1, group).transpose(1, 2))).sum(dim=-1)
+    scores = scores.view(batch, kv_heads, 1, new, blocks.shape[0])  # [B, Hkv, 1, T, N + 1]
     own5 = current.view(batch, 1, 1, new, 1)
-    scores = raw.masked_fill_(columns >= own5, 0.0).masked_fill_(columns == own5, 1.0).sum(dim=2, keepdim=True)
-    take = min(raw.shape[-1], selected_count(pattern.selection.count))
+    take = min(blocks.shape[0], selected_count(pattern.selection.count))
     # Blocks past the own one rank last (-1): when they are taken, their tokens lie past t (masked).
-    chosen_blocks = _top_blocks(state, scores.masked_fill_(columns > own5, -1.0), take)[0]  # [B, Hkv, 1, T, S]
+    scores.masked_fill_(blocks == own5, float(group)).masked_fill_(blocks > own5, -1.0)
+    chosen_blocks = _top_blocks(state, scores, take)[0]  # [B, Hkv, 1, T, S]
     tokens = torch.add(_arange(state, "block tokens", block), chosen_blocks[..., None], alpha=block).flatten(-2)
     at = position.view(batch, 1, 1, new, 1)
     recent = at + _window_offsets(state, pattern.window.size, kv_heads)  # [B, Hkv, 1, T, w]
