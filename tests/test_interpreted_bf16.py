@@ -11,14 +11,13 @@ round the probabilities to bf16 before the value product as well.
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
-if torch.cuda.is_available():  # pragma: no cover - the interpreter path is the CPU one
-    pytest.skip("interpreted Triton runs only without CUDA here", allow_module_level=True)
-os.environ["TRITON_INTERPRET"] = "1"
+from tests.device import INTERPRETED, NOT_INTERPRETED
+
+if not INTERPRETED:
+    pytest.skip(NOT_INTERPRETED, allow_module_level=True)
 
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402

@@ -10,6 +10,10 @@ in the tiled kernels too (compiled FlexAttention, Triton), whose ``p @ v``
 over a key tile would multiply the masked probabilities 0 of earlier queries
 into a non-finite value (``0 * inf = NaN``): they add such values over the
 kept pairs alone (:func:`nsaflex.reference.masked_product`).
+
+On the CPU (the default) Triton runs under ``TRITON_INTERPRET=1``, set here
+before triton is imported; ``NSAFLEX_TEST_DEVICE=cuda`` runs every backend on
+the GPU instead (the README's GPU suite), with the same inputs, made on the CPU.
 """
 
 from __future__ import annotations
@@ -19,8 +23,10 @@ import os
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
+from tests.device import DEVICE
+
+if DEVICE == "cuda" and not torch.cuda.is_available():
+    pytest.skip("NSAFLEX_TEST_DEVICE=cuda but no CUDA device", allow_module_level=True)
 
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
@@ -57,8 +63,13 @@ def _attention(pattern_name: str, backend: str) -> nsaflex.CompiledAttention:
     if key not in _COMPILED:
         pattern = nsaflex.pattern_from_dict({"name": pattern_name, **PATTERNS[pattern_name]})
         name = backend.split("-")[0]
-        _COMPILED[key] = nsaflex.compile(pattern, name, device="cpu", **BACKENDS[backend])
+        _COMPILED[key] = nsaflex.compile(pattern, name, device=DEVICE, **BACKENDS[backend])
     return _COMPILED[key]
+
+
+def _normal(*shape: int, seed: int) -> torch.Tensor:
+    """Standard normal values drawn on the CPU (the same on every device), on ``DEVICE``."""
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(DEVICE)
 
 
 def nonfinite_rows(out: torch.Tensor) -> set[tuple[int, int]]:
@@ -81,7 +92,7 @@ def injections(draw):
     types = None
     if "hybrid" in pattern_name:
         types = torch.tensor(draw(st.lists(st.integers(0, 1), min_size=batch * length, max_size=batch * length)))
-        types = types.reshape(batch, length)
+        types = types.reshape(batch, length).to(DEVICE)
     seed = draw(st.integers(0, 2**31 - 1))
     return pattern_name, (batch, kv_heads, group, length), tensor, where, value, types, seed
 
@@ -89,8 +100,8 @@ def injections(draw):
 def _inputs(shape, tensor, where, value, seed):
     batch, kv_heads, group, length = shape
     gen = torch.Generator().manual_seed(seed)
-    q = torch.randn(batch, kv_heads * group, length, HEAD_DIM, generator=gen)
-    k, v = (torch.randn(batch, kv_heads, length, HEAD_DIM, generator=gen) for _ in range(2))
+    q = torch.randn(batch, kv_heads * group, length, HEAD_DIM, generator=gen).to(DEVICE)
+    k, v = (torch.randn(batch, kv_heads, length, HEAD_DIM, generator=gen).to(DEVICE) for _ in range(2))
     {"q": q, "k": k, "v": v}[tensor][where] = value
     return q, k, v
 
@@ -116,11 +127,11 @@ def test_nonfinite_rows_follow_causality(case):
 def test_text_query_does_not_see_a_later_inf_key():
     """The dense text path: text query 1 cannot see key 3."""
     pattern = nsaflex.pattern_from_dict({"name": "hybrid", **PATTERNS["hybrid"]})
-    types = torch.tensor([[1, 0, 1, 1, 1, 1, 1, 1]])
-    q, k, v = (torch.randn(1, 2, 8, HEAD_DIM, generator=torch.Generator().manual_seed(s)) for s in range(3))
+    types = torch.tensor([[1, 0, 1, 1, 1, 1, 1, 1]], device=DEVICE)
+    q, k, v = (_normal(1, 2, 8, HEAD_DIM, seed=s) for s in range(3))
     k[0, :, 3] = float("inf")
     for backend in ("reference", "flex", "triton"):
-        out = nsaflex.compile(pattern, backend, device="cpu")(q, k, v, token_types=types)
+        out = nsaflex.compile(pattern, backend, device=DEVICE)(q, k, v, token_types=types)
         assert torch.isfinite(out[0, :, 1]).all(), backend
 
 
@@ -128,9 +139,9 @@ def test_text_query_does_not_see_a_later_inf_key():
 def test_nan_query_at_position_zero_shows(backend):
     """A NaN query that sees a key gives a NaN row (never an empty row's zeros;
     compiled FlexAttention's row maximum skips NaN scores)."""
-    q, k, v = (torch.randn(1, 2, 8, HEAD_DIM, generator=torch.Generator().manual_seed(s)) for s in range(3))
+    q, k, v = (_normal(1, 2, 8, HEAD_DIM, seed=s) for s in range(3))
     q[0, 0, 0] = float("nan")
-    out = _attention("hybrid", backend)(q, k, v, token_types=torch.tensor([[1, 0, 1, 1, 1, 1, 1, 1]]))
+    out = _attention("hybrid", backend)(q, k, v, token_types=torch.tensor([[1, 0, 1, 1, 1, 1, 1, 1]], device=DEVICE))
     assert nonfinite_rows(out) == {(0, 0)}
 
 
@@ -138,7 +149,7 @@ def test_nan_query_at_position_zero_shows(backend):
 def test_values_reach_only_later_rows(backend):
     """A NaN value at key 5 (window of 3, 32 keys: one key tile of the tiled
     kernels) leaves rows 0-4 finite and reaches rows 5-7 alone."""
-    q, k, v = (torch.randn(1, 1, 32, HEAD_DIM, generator=torch.Generator().manual_seed(s)) for s in range(3))
+    q, k, v = (_normal(1, 1, 32, HEAD_DIM, seed=s) for s in range(3))
     v[0, 0, 5, 3] = float("nan")
     out = _attention("window", backend)(q, k, v)
     assert nonfinite_rows(out) == {(0, 5), (0, 6), (0, 7)}
@@ -153,10 +164,10 @@ def _kinds(out: torch.Tensor) -> tuple[torch.Tensor, ...]:
 def test_value_kinds_match_the_reference(backend, pattern_name):
     """+inf at key 5 and -inf at key 6 of channel 3: each output entry is +inf,
     -inf, NaN (both seen) or finite exactly as in the reference."""
-    q, k, v = (torch.randn(1, 1, 32, HEAD_DIM, generator=torch.Generator().manual_seed(s)) for s in range(3))
+    q, k, v = (_normal(1, 1, 32, HEAD_DIM, seed=s) for s in range(3))
     v[0, 0, 5, 3] = float("inf")
     v[0, 0, 6, 3] = float("-inf")
-    types = torch.ones(1, 32, dtype=torch.long) if "hybrid" in pattern_name else None
+    types = torch.ones(1, 32, dtype=torch.long, device=DEVICE) if "hybrid" in pattern_name else None
     expected = _kinds(_attention(pattern_name, "reference")(q, k, v, token_types=types))
     got = _kinds(_attention(pattern_name, backend)(q, k, v, token_types=types))
     assert all(torch.equal(a, b) for a, b in zip(got, expected))
@@ -172,7 +183,7 @@ def test_query_gradients_stay_finite_where_the_value_is_unseen(backend, pattern_
     inf there for every row). The float64 reference is left out: its gradient
     also flows through the causal rows it computes for text queries and
     discards, which see the value."""
-    q, k, v = (torch.randn(1, 2, 32, HEAD_DIM, generator=torch.Generator().manual_seed(s)) for s in range(3))
+    q, k, v = (_normal(1, 2, 32, HEAD_DIM, seed=s) for s in range(3))
     v[0, 1, 5, 3] = value
     q.requires_grad_(True)
     out = _attention(pattern_name, backend)(q, k, v)

@@ -23,6 +23,7 @@ from nsaflex.errors import InputError
 from nsaflex.inspect import block_lists
 from nsaflex.reference import reference_attention
 from nsaflex.spec import Compression, Gate, Hybrid, Pattern, Selection, Window
+from tests.device import INTERPRETED, NOT_INTERPRETED
 
 BACKENDS = ["reference", "flex", "triton"]
 REL = 1e-5
@@ -63,9 +64,9 @@ def _same_lse(got: torch.Tensor, want: torch.Tensor) -> None:
         assert float((got[finite].double() - want[finite].double()).abs().max()) < LSE_ABS
 
 
-def _compile(pattern: Pattern, backend: str, monkeypatch):
-    if backend == "triton":
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
+def _compile(pattern: Pattern, backend: str):
+    if backend == "triton" and not INTERPRETED:
+        pytest.skip(NOT_INTERPRETED)
     return nsaflex.compile(pattern, backend=backend, device="cpu")
 
 
@@ -86,14 +87,9 @@ CASES = [("reference", False), ("flex", False), ("triton", False), ("reference",
 )
 def test_info_equals_the_reference_per_branch(backend, query_block, hybrid, seed, batch, kv_heads, group, length,
                                               scoring):
-    monkeypatch = pytest.MonkeyPatch()
-    try:
-        pattern = _pattern(scoring, hybrid, query_block=query_block)
-        q, k, v, gates, types = _inputs(seed, batch, kv_heads, group, length, hybrid)
-        attn = _compile(pattern, backend, monkeypatch)
-        out, info = attn(q, k, v, gates, types, return_info=True)
-    finally:
-        monkeypatch.undo()
+    pattern = _pattern(scoring, hybrid, query_block=query_block)
+    q, k, v, gates, types = _inputs(seed, batch, kv_heads, group, length, hybrid)
+    out, info = _compile(pattern, backend)(q, k, v, gates, types, return_info=True)
     want = reference_attention(q, k, v, pattern, gates, types, return_branches=True)
     assert info.branches == ("compression", "selection", "window")
     assert torch.equal(info.sparse_queries.cpu(), want["sparse_queries"])
@@ -131,10 +127,10 @@ def test_text_queries_carry_nothing_in_the_branches():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_dense_layer_info_is_the_dense_attention(backend, monkeypatch):
+def test_dense_layer_info_is_the_dense_attention(backend):
     pattern = Pattern(name="dense", dense=True)
     q, k, v, _, _ = _inputs(5, 1, 2, 2, 9, False)
-    out, lse, info = _compile(pattern, backend, monkeypatch)(q, k, v, return_lse=True, return_info=True)
+    out, lse, info = _compile(pattern, backend)(q, k, v, return_lse=True, return_info=True)
     want = reference_attention(q, k, v, pattern, return_branches=True)
     assert info.branches == () and info.gates is None and info.selected_blocks is None
     assert _rel(info.dense_output, want["dense_output"]) < REL
@@ -143,11 +139,11 @@ def test_dense_layer_info_is_the_dense_attention(backend, monkeypatch):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_scale_reaches_every_branch(backend, monkeypatch):
+def test_scale_reaches_every_branch(backend):
     pattern = _pattern()
     q, k, v, gates, _ = _inputs(11, 1, 2, 2, 20, False)
     scale = 0.37
-    attn = _compile(pattern, backend, monkeypatch)
+    attn = _compile(pattern, backend)
     out, lse = attn(q, k, v, gates, scale=scale, return_lse=True)
     want = reference_attention(q, k, v, pattern, gates, scale=scale, return_branches=True)
     assert _rel(out, want["out"]) < REL
@@ -157,14 +153,14 @@ def test_scale_reaches_every_branch(backend, monkeypatch):
     assert _rel(out, reference_attention(q, k, v, pattern, gates)) > 1e-3
 
 
-def test_scale_in_bfloat16_is_within_bfloat16_rounding(monkeypatch):
+def test_scale_in_bfloat16_is_within_bfloat16_rounding():
     """flex and triton fold the scale into q, rounded to bfloat16 (relative
     2^-9 per element) on top of bf16's own rounding: 1e-2 as every bf16 test."""
     pattern = _pattern()
     q, k, v, gates, _ = _inputs(13, 1, 2, 2, 20, False)
     want = reference_attention(q, k, v, pattern, gates, scale=0.3)
     for backend in ("flex", "triton"):
-        got = _compile(pattern, backend, monkeypatch)(q.bfloat16(), k.bfloat16(), v.bfloat16(), gates.bfloat16(),
+        got = _compile(pattern, backend)(q.bfloat16(), k.bfloat16(), v.bfloat16(), gates.bfloat16(),
                                                       scale=0.3)
         assert got.dtype == torch.bfloat16
         assert _rel(got, want) < 1e-2

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import os
 
-DEVICE = os.environ.get("NSAFLEX_TEST_DEVICE", "cpu")
-if DEVICE == "cpu":
-    os.environ["TRITON_INTERPRET"] = "1"
+import pytest
+import torch
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+from tests.device import DEVICE
+
+if DEVICE == "cuda" and not torch.cuda.is_available():
+    pytest.skip("NSAFLEX_TEST_DEVICE=cuda but no CUDA device", allow_module_level=True)
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 

@@ -14,10 +14,13 @@ from __future__ import annotations
 
 import os
 
+import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
+from tests.device import INTERPRETED, NOT_INTERPRETED
+
+if not INTERPRETED:
+    pytest.skip(NOT_INTERPRETED, allow_module_level=True)
 
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402

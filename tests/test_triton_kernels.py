@@ -8,16 +8,16 @@ the same properties run on CUDA (``-m gpu`` adds the larger bf16 checks in
 
 from __future__ import annotations
 
-import os
+import dataclasses
 
+import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
+from tests.device import DEVICE
 
-import dataclasses  # noqa: E402
+if DEVICE == "cuda" and not torch.cuda.is_available():
+    pytest.skip("NSAFLEX_TEST_DEVICE=cuda but no CUDA device", allow_module_level=True)
 
-import pytest  # noqa: E402
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
@@ -31,7 +31,6 @@ from nsaflex.spec import Compression, Gate, Hybrid, Pattern, Selection, Window  
 from tests.strategies import token_types  # noqa: E402
 from tests.strategies import patterns as any_patterns  # noqa: E402
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FEW = settings(max_examples=10, deadline=None, suppress_health_check=list(HealthCheck))
 MORE = settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
 TOL = 3e-4  # float32 inputs: relative error against float64
@@ -469,7 +468,7 @@ def test_compile_deterministic_false_reaches_the_kernels_and_the_plan(monkeypatc
     real = ops.make_config
     monkeypatch.setattr(ops, "make_config", lambda pattern, **over: made.append(over) or real(pattern, **over))
     pattern = dataclasses.replace(VIDEONSA_SMALL, hybrid=None)
-    attn = nsaflex.compile(pattern, backend="triton", device="cpu", deterministic=False)
+    attn = nsaflex.compile(pattern, backend="triton", device=DEVICE, deterministic=False)
     assert made[-1] == {"atomic": True}
     assert attn.plan.deterministic is False and attn.plan.to_dict()["deterministic"] is False
     q, k, v, gates, types, pooler = make_inputs(pattern, (1, 1, 3, 30, 16), 5, None, grad=True)
@@ -479,10 +478,10 @@ def test_compile_deterministic_false_reaches_the_kernels_and_the_plan(monkeypatc
     expected = torch.autograd.grad(reference.sum(), (q, k, v))
     for got, want in zip(grads, expected):
         assert (got - want).norm() <= TOL * want.norm()
-    assert nsaflex.compile(pattern, backend="triton", device="cpu").plan.deterministic is True
+    assert nsaflex.compile(pattern, backend="triton", device=DEVICE).plan.deterministic is True
     assert made[-1] == {"atomic": False}
     with pytest.raises(InputError, match="deterministic"):
-        nsaflex.compile(pattern, backend="triton", device="cpu", deterministic="no")
+        nsaflex.compile(pattern, backend="triton", device=DEVICE, deterministic="no")
 
 
 # one query chunk, or several (chunks of 32 or 48 tokens)
