@@ -19,3 +19,12 @@ if DEVICE == "cpu":
 # Triton decorates kernels interpreted or compiled once, at import: the whole session is one or the other.
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 NOT_INTERPRETED = "Triton on the CPU runs only interpreted: the CPU suite (NSAFLEX_TEST_DEVICE=cpu, the default) runs this"
+
+
+def skip_module_without_device() -> None:
+    """Skip the calling test module when ``NSAFLEX_TEST_DEVICE=cuda`` finds no CUDA device."""
+    import pytest
+    import torch
+
+    if DEVICE == "cuda" and not torch.cuda.is_available():
+        pytest.skip("NSAFLEX_TEST_DEVICE=cuda but no CUDA device", allow_module_level=True)

@@ -13,10 +13,9 @@ import dataclasses
 import pytest
 import torch
 
-from tests.device import DEVICE
+from tests.device import DEVICE, skip_module_without_device
 
-if DEVICE == "cuda" and not torch.cuda.is_available():
-    pytest.skip("NSAFLEX_TEST_DEVICE=cuda but no CUDA device", allow_module_level=True)
+skip_module_without_device()
 
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
