@@ -118,7 +118,7 @@ from nsaflex.errors import InputError
 from nsaflex.inputs import FLOAT_DTYPES
 from nsaflex.pooling import MLPPooling, compress, softmax_scale
 from nsaflex.reference_release import TEXT_GATE, padded_slots, selected_count
-from nsaflex.scoring import default_score_dtype, eq9_block_scores
+from nsaflex.scoring import default_score_dtype, eq9_block_scores, ranked_blocks, ranking_keys
 from nsaflex.spec import Compression, Pattern, Selection
 
 
@@ -753,16 +753,13 @@ def _top_blocks(state: DecodeState, key: torch.Tensor, take: int,
     """The ``take`` largest of ``key [..., J]`` (non-negative scores; ``inf``
     forced, ``-1`` not eligible), ties to the lower index: their indices
     ``[..., take]`` and, with ``missing``, where no eligible block was left
-    (else None). float32:
-    ``torch.topk`` on a unique int64 key, (score bits, reversed index), as
-    :func:`nsaflex.scoring._top_candidates` (non-negative float32 values order
-    like their bits, and a softmax's sums never give -0.0); else a stable
-    sort."""
+    (else None). float32: ``torch.topk`` on :func:`nsaflex.scoring.ranking_keys`
+    (a softmax's sums never give -0.0); else a stable sort."""
     num_blocks = key.shape[-1]
     if key.dtype == torch.float32:
         reverse = state.constant(("reverse", num_blocks), lambda: (num_blocks - 1) - torch.arange(num_blocks, device=key.device))
-        top = torch.topk((key.view(torch.int32).to(torch.int64) << 32) | reverse, take, dim=-1).values
-        return (num_blocks - 1) - (top & 0xFFFFFFFF), top < 0 if missing else None
+        top = torch.topk(ranking_keys(key, reverse), take, dim=-1).values
+        return ranked_blocks(top, num_blocks), top < 0 if missing else None
     ranked = torch.sort(key, dim=-1, descending=True, stable=True)
     return ranked.indices[..., :take], ranked.values[..., :take] < 0 if missing else None
 

@@ -166,6 +166,20 @@ def choose_blocks(scores: torch.Tensor, first_query: torch.Tensor, selection: Se
     return torch.cat([forced, ranked], dim=-1).to(torch.int32)
 
 
+def ranking_keys(scores: torch.Tensor, reverse: torch.Tensor) -> torch.Tensor:
+    """A unique int64 key per block of float32 ``scores [..., J]``, ``(score bits
+    << 32) | reverse`` (``reverse [J] = J - 1 - j``): ``torch.topk`` on it ranks
+    non-negative scores (``inf`` included) by value, ties to the lower index,
+    since non-negative float32 values order like their bit patterns; a negative
+    score ranks below every non-negative one. Exact, and faster than a stable sort."""
+    return (scores.view(torch.int32).to(torch.int64) << 32) | reverse
+
+
+def ranked_blocks(top: torch.Tensor, num_blocks: int) -> torch.Tensor:
+    """The block indices of keys :func:`ranking_keys` made (of ``num_blocks`` blocks)."""
+    return (num_blocks - 1) - (top & 0xFFFFFFFF)
+
+
 def _top_candidates(scores: torch.Tensor, candidate: torch.Tensor, take: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``take`` best candidates (index ``[..., take]`` and validity), ties to the lower index."""
     num_blocks = scores.shape[-1]
@@ -173,13 +187,10 @@ def _top_candidates(scores: torch.Tensor, candidate: torch.Tensor, take: int) ->
         empty = scores.new_zeros(*scores.shape[:-1], 0, dtype=torch.long)
         return empty, empty.bool()
     if scores.dtype == torch.float32:
-        # Exact and fast: a unique int64 key per block, (score bits, reversed
-        # index); non-negative float32 values order like their bit patterns.
-        bits = (scores + 0.0).contiguous().view(torch.int32).to(torch.int64)  # + 0.0: -0.0 -> 0.0
         reverse = (num_blocks - 1) - torch.arange(num_blocks, device=scores.device)
-        key = torch.where(candidate, (bits << 32) | reverse, torch.full_like(bits, -1))
+        key = torch.where(candidate, ranking_keys(scores + 0.0, reverse), -1)  # + 0.0: -0.0 -> 0.0
         top = torch.topk(key, take, dim=-1, sorted=True).values
-        return (num_blocks - 1) - (top & 0xFFFFFFFF), top >= 0
+        return ranked_blocks(top, num_blocks), top >= 0
     masked = torch.where(candidate, scores, torch.full_like(scores, float("-inf")))
     order = torch.sort(masked, dim=-1, descending=True, stable=True).indices[..., :take]
     return order, torch.gather(candidate, -1, order)

@@ -32,8 +32,8 @@ from strategies import gqa_shapes, lengths_for, patterns, token_types
 import nsaflex
 from nsaflex.backends import flex
 from nsaflex.reference import reference_attention
+from tests.device import DEVICE, skip_module_without_device
 
-DEVICE = os.environ.get("NSAFLEX_TEST_DEVICE", "cpu")
 DTYPE = getattr(torch, os.environ.get("NSAFLEX_TEST_DTYPE", "bfloat16" if DEVICE == "cuda" else "float32"))
 # Every new shape compiles the kernels on a GPU: fewer draws there.
 EXAMPLES = int(os.environ.get("NSAFLEX_TEST_EXAMPLES", "6" if DEVICE == "cuda" else "40"))
@@ -48,8 +48,7 @@ COMPILED_EXAMPLES = int(os.environ.get("NSAFLEX_TEST_COMPILED_EXAMPLES", "4"))
 TILE_SIZES = ((8, 8), (16, 8), (8, 16), (16, 16), (32, 16), (128, 128))
 PROPERTY = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
 
-if DEVICE == "cuda" and not torch.cuda.is_available():
-    pytest.skip("NSAFLEX_TEST_DEVICE=cuda but no CUDA device", allow_module_level=True)
+skip_module_without_device()
 
 
 def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:

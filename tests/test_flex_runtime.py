@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
 import nsaflex
 from nsaflex.backends import flex
 from nsaflex.errors import BackendUnavailable, InputError
+from tests.device import DEVICE, skip_module_without_device
 
-DEVICE = os.environ.get("NSAFLEX_TEST_DEVICE", "cpu")
-if DEVICE == "cuda" and not torch.cuda.is_available():
-    pytest.skip("NSAFLEX_TEST_DEVICE=cuda but no CUDA device", allow_module_level=True)
+skip_module_without_device()
 
 PATTERN = {
     "name": "runtime",
