@@ -18,7 +18,7 @@ from typing import Any
 
 from nsaflex.backends.base import REGISTRY, BranchPlan, get_backend
 from nsaflex.errors import BackendUnavailable, InputError, did_you_mean, one_of
-from nsaflex.release_lowering import RELEASE, ReleaseLowering, check_mode, release_backend
+from nsaflex.release_lowering import RELEASE, RELEASE_BACKENDS, ReleaseLowering, check_mode, release_backend
 from nsaflex.reference_release import check_release_pattern
 from nsaflex.release_lowering import describe as describe_release
 from nsaflex.spec import Pattern
@@ -163,18 +163,25 @@ def choose_backend(pattern: Pattern, backend: str, device: str) -> tuple[str, tu
     raise BackendUnavailable(f"no backend serves pattern {pattern.name!r} on {device}: {dict(reasons)}")
 
 
-def choose_release_backend(pattern: Pattern, backend: str, device: str) -> str:
-    """The backend of ``videonsa_release`` mode: ``auto`` is FlexAttention on CUDA and
-    the float64 reference on CPU (FlexAttention there only when named, as tests do)."""
+def choose_release_backend(pattern: Pattern, backend: str, device: str) -> tuple[str, tuple[tuple[str, str], ...]]:
+    """The backend of ``videonsa_release`` mode and the refusals before it: ``auto``
+    is the Triton kernels on CUDA (FlexAttention where they cannot serve the
+    pattern) and the float64 reference on CPU (the others there only when named,
+    as tests do)."""
     name = release_backend(backend, device)
-    if name not in ("flex", "reference"):
+    if name not in RELEASE_BACKENDS:
         raise BackendUnavailable(
-            f"backend {name!r} cannot run mode {RELEASE!r}: its quirks are lowered for 'flex' and 'reference' only"
+            f"backend {name!r} cannot run mode {RELEASE!r}: its quirks are lowered for {', '.join(RELEASE_BACKENDS)} only"
         )
     reason = get_backend(name).unsupported(pattern, device)
+    if reason is not None and backend == "auto" and name == "triton":
+        refused = ((name, reason),)
+        name, reason = "flex", get_backend("flex").unsupported(pattern, device)
+        if reason is None:
+            return name, refused
     if reason is not None:
         raise BackendUnavailable(f"backend {name!r} cannot serve pattern {pattern.name!r} on {device}: {reason}")
-    return name
+    return name, ()
 
 
 def make_plan(pattern: Pattern, backend: str = "auto", device: str | None = None, *, layer: int | None = None,
@@ -194,10 +201,10 @@ def make_plan(pattern: Pattern, backend: str = "auto", device: str | None = None
     release = None
     if mode == RELEASE:
         check_release_pattern(pattern, layer)
-        name, reasons, release = choose_release_backend(resolved, backend, device), (), ReleaseLowering()
+        (name, reasons), release = choose_release_backend(resolved, backend, device), ReleaseLowering()
         branches = describe_release(resolved, name, device, release)
-        chosen = (f"videonsa_release runs on {name}: FlexAttention on CUDA, the float64 reference on CPU"
-                  if backend == "auto" else "")
+        chosen = (f"videonsa_release runs on {name}: the Triton kernels on CUDA (FlexAttention where they cannot "
+                  "serve the pattern), the float64 reference on CPU" if backend == "auto" else "")
     else:
         name, reasons = choose_backend(resolved, backend, device)
         chosen = auto_choice_reason(resolved, name, device) if backend == "auto" else ""

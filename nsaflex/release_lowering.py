@@ -41,6 +41,7 @@ queries output zeros.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -171,6 +172,49 @@ def from_slots(y: torch.Tensor, layout: SlotLayout, query_heads: int) -> torch.T
     for copy in range(1, layout.copies):
         total = total + y[:, copy * query_heads : (copy + 1) * query_heads]
     return total / layout.copies if layout.copies > 1 else total
+
+
+def release_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, vision: torch.Tensor, lengths: torch.Tensor,
+                   block: int, lowering: ReleaseLowering) -> tuple[SlotLayout, torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                    torch.Tensor, torch.Tensor]:
+    """What the sparse branches of every release kernel read: ``(layout, ks, vs,
+    qp, kc, vc)``. ``ks, vs [B, Hkv', L, D]``: the keys and values of the kv heads
+    some run slot reads, text tokens zeroed (Q2); ``qp [B, P', L, D]``: the slot
+    queries, text queries zeroed (Q3, Q4); ``kc, vc [B, Hkv', ceil(L / l), D]``:
+    fla's mean pooling of ``ks, vs`` per row (Q1). ``vision [B, L]`` bool (real
+    vision tokens), ``lengths [B]``."""
+    layout = slot_layout(q.shape[1], k.shape[1], lowering)
+    vis = vision.to(q.dtype)[:, None, :, None]
+    ks, vs = k[:, : layout.run_kv_heads], v[:, : layout.run_kv_heads]
+    if lowering.text_keys == "zeroed":
+        ks, vs = ks * vis, vs * vis
+    qp = to_slots(q * vis, layout)
+    return layout, ks, vs, qp, release_pooling(ks, block, lengths), release_pooling(vs, block, lengths)
+
+
+def slot_gates(pattern: Pattern, gates: torch.Tensor | None, vision: torch.Tensor, layout: SlotLayout,
+               q: torch.Tensor, work: torch.dtype) -> torch.Tensor:
+    """The run slots' gates ``[B, P', L, 3]`` in ``work``: each head's (``gates [B, Hq,
+    L, 3]``, None: the pattern's constants), ``sigmoid(0)`` on text rows (Q3), 0 on
+    zero slots (Q4)."""
+    batch, query_heads, length, _ = q.shape
+    if gates is None:
+        values = torch.tensor(pattern.gate.values, dtype=work, device=q.device)
+        gates = values.expand(batch, query_heads, length, 3)
+    text = torch.full((), TEXT_GATE, dtype=work, device=q.device)
+    return to_slots(torch.where(vision[:, None, :, None], gates.to(work), text), layout)
+
+
+def release_mix(sparse: torch.Tensor, dense: torch.Tensor, vision: torch.Tensor, layout: SlotLayout,
+                query_heads: int, lowering: ReleaseLowering, work: torch.dtype) -> torch.Tensor:
+    """``[B, Hq, L, D]`` in ``work``: the gated slot mix ``sparse [B, P', L, D]``
+    averaged over each head's copies (Q4) plus the dense pass ``dense [B, Hq, L,
+    D]`` (Q3: added to every row, or text rows dense and vision rows sparse)."""
+    sparse, dense = from_slots(sparse.to(work), layout, query_heads), dense.to(work)
+    if lowering.dense_pass == "text_rows_only":
+        vis = vision.to(work)[:, None, :, None]
+        sparse, dense = sparse * vis, dense * (1 - vis)
+    return sparse + dense
 
 
 # --- pooling (Q1) -----------------------------------------------------------------------------------
@@ -442,16 +486,7 @@ class ReleaseFlexKernel:
         batch, query_heads, length, _ = q.shape
         device = q.device
         block = pattern.compression.block
-        layout = slot_layout(query_heads, k.shape[1], lowering)
-        kv_run = layout.run_kv_heads
-        vis = vision.to(q.dtype)[:, None, :, None]
-        # Q2: text keys and values zeroed (or kept), only the kv heads some slot reads.
-        ks, vs = k[:, :kv_run], v[:, :kv_run]
-        if lowering.text_keys == "zeroed":
-            ks, vs = ks * vis, vs * vis
-        qp = to_slots(q * vis, layout)  # Q3: text queries zeroed; Q4: slots
-        # Q1: per-row mean pooling, own-and-later visibility within the row's blocks.
-        kc, vc = release_pooling(ks, block, lengths), release_pooling(vs, block, lengths)
+        layout, ks, vs, qp, kc, vc = release_inputs(q, k, v, vision, lengths, block, lowering)
         num_blocks = kc.shape[2]
         blocks_of_row = row_blocks(lengths, block)
         outputs = []
@@ -495,20 +530,133 @@ class ReleaseFlexKernel:
                                                     fm.window_mask_mod(size)))
         outputs.append(_run_flex("window", qp, ks, vs, mask, compiled, tiling, self.flex.dynamic))
 
-        # Q3: text rows' gates sigmoid(0); Q4: zero slots' gates 0.
         work = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
-        if gates is None:
-            values = torch.tensor(pattern.gate.values, dtype=work, device=device)
-            gates = values.expand(batch, query_heads, length, 3)
-        gates = torch.where(vision[:, None, :, None], gates.to(work), torch.full((), TEXT_GATE, dtype=work, device=device))
         # The flex backend's fused mix on compiled calls (no float32 copy of each branch).
         mix = _compiled_mix() if compiled and not torch.compiler.is_compiling() else gated_sum
-        sparse = from_slots(mix(to_slots(gates, layout), tuple(outputs), work).to(work), layout, query_heads)
+        sparse = mix(slot_gates(pattern, gates, vision, layout, q, work), tuple(outputs), work)
         # Q3: the dense pass over every key, vision queries zeroed.
-        dense = self._dense(q * (1 - vis), k, v, compiled, needs_grad).to(work)
-        if lowering.dense_pass == "text_rows_only":
-            sparse, dense = sparse * vis.to(work), dense * (1 - vis).to(work)
-        return (sparse + dense).to(q.dtype)
+        dense = self._dense(q * (1 - vision.to(q.dtype)[:, None, :, None]), k, v, compiled, needs_grad)
+        return release_mix(sparse, dense, vision, layout, query_heads, lowering, work).to(q.dtype)
+
+
+# --- the Triton kernels -----------------------------------------------------------------------------
+
+
+def release_top_blocks(qp: torch.Tensor, kc: torch.Tensor, lse: torch.Tensor, layout: SlotLayout,
+                       lengths: torch.Tensor, pattern: Pattern, lowering: ReleaseLowering, width: int) -> torch.Tensor:
+    """The release's selection (Q5-Q7) on the Triton scoring kernels: block lists
+    ``[B, Hkv', L, width]`` int32 (``-1`` empty; rows past ``lengths`` unwritten).
+
+    ``qp [B, P', L, D]`` slot queries and ``kc [B, Hkv', N, D]`` pooled keys, as
+    the kernels take them (contiguous, a kernel head dim); ``lse [B, P', L]`` the
+    compression branch's natural log-sum-exp (real rows). The zero slots' values
+    (:func:`release_lse`) complete the ``[B, P, L]`` buffer that Q6 misreads; the
+    read values (base 2) feed ``cmp_score_kernel``, whose causal pass scores the
+    complete blocks ``j < (t + 1) // l`` as ``sum_g exp(qp_g . Kc_j / sqrt(D) -
+    lse_read[t, g])``; the own block ``t // l`` scores the slot count (Q5); and
+    ``topn_select_kernel`` keeps the top ``S`` (Q7) of ``j <= t // l``, ties to the
+    lower index, as :func:`release_selection` does (float32 scores)."""
+    from nsaflex.kernels import ops
+
+    assert pattern.compression is not None and pattern.selection is not None
+    if lowering.current_block_score != "slot_count" or lowering.compression_visibility != "own_and_later":
+        raise InputError("lowering", "current_block_score 'slot_count' and compression_visibility 'own_and_later' "
+                         "for the triton backend (other lowerings run on flex and the reference)",
+                         (lowering.current_block_score, lowering.compression_visibility))
+    batch, run_slots, length, dim = qp.shape
+    block, group = pattern.compression.block, layout.slot_group
+    count = pattern.selection.count
+    take = selected_count(count) if lowering.count_rounding == "power_of_two" else count
+    # float32 like the branch's values (release_lse takes the buffer's dtype from kc).
+    full = release_lse(qp, kc.float(), layout, lengths, block, lowering,
+                       max(1, DEFAULT_CHUNK_ELEMENTS // max(1, batch * kc.shape[2])), run_lse=lse.float())
+    queries = torch.arange(length, device=qp.device)
+    read = lse_as_read(full, queries, run_slots, lengths, lowering) * 1.4426950408889634
+    compression = dataclasses.replace(pattern.compression, visibility="causal")
+    selection = dataclasses.replace(pattern.selection, forced=(), granularity="token")
+    cfg = dataclasses.replace(ops.scoring_config(compression, selection), count=take, nt=width - 4,
+                              current_candidate=True)
+    launch = ops.launch_choices(kc.shape[-1], group)
+    tiles = ops._Tiles(cfg, launch, group)
+    zeros = torch.zeros_like(lengths, dtype=torch.int32)
+    lens = lengths.to(torch.int32)
+    lay = ops.SeqLayout(zeros, lens, zeros, row_blocks(lengths, block).to(torch.int32), length, kc.shape[2], False,
+                        kc.shape[2] if batch == 1 else int(row_blocks(lengths, block).min()))
+    sel = torch.full((batch, run_slots // group, length, width), -1, dtype=torch.int32, device=qp.device)
+    read = read.contiguous()
+
+    def score(t_off: int, t_end: int, buf: torch.Tensor) -> None:
+        ops.block_scores(qp, kc, read, buf, lay, cfg, launch, tiles, t_off, t_end)
+        rows = torch.arange(t_end - t_off, device=buf.device)
+        buf[:, :, rows, torch.div(rows + t_off, block, rounding_mode="floor")] = float(group)  # Q5
+
+    with torch.no_grad():
+        ops._chunked_topn(score, sel, lay, cfg, launch, tiles, run_slots // group, {})
+    return sel
+
+
+class ReleaseTritonKernel:
+    """``kernel(q, k, v, gates, token_types, pooler, *, lengths=None) -> out``: the
+    release (:class:`ReleaseLowering`) on the Triton kernels, arguments as
+    :class:`ReleaseFlexKernel`.
+
+    The sparse branches are one ``nsa_attention`` call over the run slots
+    (``[B, P', L, D]``, ``P' / Hkv'`` slots a kv head: the kernels' GQA group)
+    with the per-row pooled keys and own-and-later visibility (``legacy``
+    compression, ``ceil(L_b / l)`` blocks a row), their block lists from
+    :func:`release_top_blocks` (given to the kernels in place of their own
+    top-n); the dense pass is torch SDPA (causal, vision queries zeroed).
+    """
+
+    def __init__(self, pattern: Pattern, lowering: ReleaseLowering | None = None) -> None:
+        self.pattern = pattern
+        self.lowering = lowering or ReleaseLowering()
+
+    def __call__(self, q, k, v, gates, token_types, pooler=None, *, lengths: torch.Tensor | None = None):
+        from nsaflex.backends.triton import _check_tensors, _dense
+        from nsaflex.kernels import ops
+
+        _check_tensors(q, k, v)
+        if q.device.type == "cpu" and q.dtype != torch.float32:
+            # The interpreter's half-precision dots are wrong; float32 holds every bf16/fp16 value.
+            up = [None if t is None else t.float() for t in (q, k, v, gates)]
+            return self(*up, token_types, pooler, lengths=lengths).to(q.dtype)
+        batch, query_heads, length, _ = q.shape
+        device = q.device
+        if lengths is None:
+            lengths = torch.full((batch,), length, dtype=torch.long, device=device)
+        lengths = lengths.to(device=device, dtype=torch.long)
+        real = torch.arange(length, device=device)[None, :] < lengths[:, None]  # [B, L]
+        if self.pattern.dense:
+            return torch.where(real[:, None, :, None], _dense(q, k, v), 0.0)
+        pattern, lowering = self.pattern, self.lowering
+        assert pattern.compression is not None and pattern.selection is not None
+        vision = (token_types.to(device) != 0) & real
+        block = pattern.compression.block
+        layout, ks, vs, qp, kc, vc = release_inputs(q, k, v, vision, lengths, block, lowering)
+        count = pattern.selection.count
+        take = selected_count(count) if lowering.count_rounding == "power_of_two" else count
+        cfg = ops.make_config(dataclasses.replace(pattern, compression=dataclasses.replace(
+            pattern.compression, visibility="videonsa_legacy" if lowering.compression_visibility == "own_and_later"
+            else "causal")))
+        cfg = dataclasses.replace(cfg, nt=max(cfg.nt, ops.next_pow2(take)))
+        width = cfg.nt + 4
+        zeros = torch.zeros(batch, dtype=torch.int32, device=device)
+        clens = row_blocks(lengths, block).to(torch.int32)
+        lay = ops.SeqLayout(zeros, lengths.to(torch.int32), zeros, clens, length, kc.shape[2], False,
+                            kc.shape[2] if batch == 1 else int(clens.min()))
+        qp, ks, vs, kc, vc = (x.contiguous() for x in (qp, ks, vs, kc, vc))
+        work = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
+        gs = slot_gates(pattern, gates, vision, layout, q, work).contiguous()  # the kernels read gates as float32
+
+        def select(lse_c: torch.Tensor) -> torch.Tensor:
+            return release_top_blocks(qp.detach(), kc.detach(), lse_c * math.log(2.0), layout, lengths, pattern,
+                                      lowering, width)
+
+        sparse = ops.nsa_attention(qp, ks, vs, kc, vc, gs, lay, cfg, select=select)
+        dense = _dense(q * (1 - vision.to(q.dtype)[:, None, :, None]), k, v)
+        out = release_mix(sparse, dense, vision, layout, query_heads, lowering, work).to(q.dtype)
+        return torch.where(real[:, None, :, None], out, 0.0)
 
 
 # --- the reference, with padding ---------------------------------------------------------------------
@@ -535,9 +683,11 @@ def reference_kernel(pattern: Pattern):
 
 
 def build_kernel(pattern: Pattern, plan: Any, lowering: ReleaseLowering | None = None):
-    """The release kernel of ``plan`` (its backend: ``flex`` or ``reference``)."""
+    """The release kernel of ``plan`` (its backend: ``triton``, ``flex`` or ``reference``)."""
     if plan.backend == "reference":
         return reference_kernel(pattern)
+    if plan.backend == "triton":
+        return ReleaseTritonKernel(pattern, lowering)
     options = plan.options
     return ReleaseFlexKernel(pattern, lowering, mode=options.flex_mode, score_dtype=options.ranking_dtype(),
                              dynamic=options.flex_dynamic)
@@ -546,17 +696,22 @@ def build_kernel(pattern: Pattern, plan: Any, lowering: ReleaseLowering | None =
 # --- the plan -------------------------------------------------------------------------------------------
 
 
+RELEASE_BACKENDS = ("triton", "flex", "reference")
+
+
 def release_backend(backend: str, device: str) -> str:
-    """``auto`` in release mode: FlexAttention on CUDA, the float64 reference on CPU
-    (where ``flex`` is taken only when named). Triton runs faithful mode only."""
+    """``auto`` in release mode: the Triton kernels on CUDA, the float64 reference
+    on CPU (where ``triton`` and ``flex`` are taken only when named, as tests do)."""
     if backend == "auto":
-        return "flex" if device == "cuda" else "reference"
+        return "triton" if device == "cuda" else "reference"
     return backend
 
 
 def describe(pattern: Pattern, backend: str, device: str, lowering: ReleaseLowering | None = None) -> tuple[BranchPlan, ...]:
     """The branches of the release lowering, each quirk named where it is lowered."""
     lowering = lowering or ReleaseLowering()
+    if backend == "triton":
+        return _describe_triton(pattern, lowering)
     flex = backend != "reference"
     if flex:
         kernel = "flex_attention (the flex backend's compiled branches and cached BlockMasks)"
@@ -564,11 +719,7 @@ def describe(pattern: Pattern, backend: str, device: str, lowering: ReleaseLower
         kernel = "nsaflex.reference_release.release_attention (float64, dense [L, L] masks per row)"
     if pattern.dense:
         return (BranchPlan("dense", backend, kernel, "causal"),)
-    heads, kv_heads = pattern.model.query_heads, pattern.model.kv_heads
-    slots: dict[str, Any] = {"head_layout": lowering.head_layout}
-    if heads is not None and kv_heads is not None:
-        layout = slot_layout(heads, kv_heads, lowering)
-        slots.update(slots=layout.slots, slots_per_kv_head=layout.slot_group, slots_run=layout.run_slots)
+    slots = _slot_notes(pattern, lowering)
     c, s, w = pattern.compression, pattern.selection, pattern.window
     assert c is not None and s is not None and w is not None
     count = selected_count(s.count) if lowering.count_rounding == "power_of_two" else s.count
@@ -604,11 +755,58 @@ def describe(pattern: Pattern, backend: str, device: str, lowering: ReleaseLower
     )
 
 
+def _slot_notes(pattern: Pattern, lowering: ReleaseLowering) -> dict[str, Any]:
+    """The head-slot fields of a release plan (where the pattern names its heads)."""
+    heads, kv_heads = pattern.model.query_heads, pattern.model.kv_heads
+    slots: dict[str, Any] = {"head_layout": lowering.head_layout}
+    if heads is not None and kv_heads is not None:
+        layout = slot_layout(heads, kv_heads, lowering)
+        slots.update(slots=layout.slots, slots_per_kv_head=layout.slot_group, slots_run=layout.run_slots)
+    return slots
+
+
+def _describe_triton(pattern: Pattern, lowering: ReleaseLowering) -> tuple[BranchPlan, ...]:
+    """The branches of the release lowering on the Triton kernels."""
+    if pattern.dense:
+        return (BranchPlan("dense", "triton", "torch SDPA (causal)", "is_causal"),)
+    c, s, w = pattern.compression, pattern.selection, pattern.window
+    assert c is not None and s is not None and w is not None
+    count = selected_count(s.count) if lowering.count_rounding == "power_of_two" else s.count
+    kernels = "nsa_attention over the run slots (slot group = the kernels' GQA group)"
+    return (
+        BranchPlan("compression", "triton", f"cmp_lse_kernel + output ({kernels})",
+                   f"Q1 own-and-later: legacy visibility (i+1)*{c.block} - 1 >= t, i < ceil(L_b / l) per row",
+                   {"block": c.block, "pooling": "fla mean_pooling in torch (partial last block over its tokens)",
+                    **_slot_notes(pattern, lowering)},
+                   (f"Q2 text keys/values {lowering.text_keys} (pre-pass k, v * vision); Q3 text queries zeroed, "
+                    f"text gates sigmoid(0) = {TEXT_GATE}",
+                    "Q4 query heads as slots [q, q, 0...] over the kv heads; all-zero kv groups not run; "
+                    "head h = mean of slots h and Hq + h")),
+        BranchPlan("selection", "triton",
+                   "cmp_score_kernel (causal pass over the misread log-sum-exp) + topn_select_kernel with the own "
+                   "block a candidate; slc_win_kernel over the given block lists",
+                   f"top-{count} of j <= t // l, ties to the lower index",
+                   {"block": s.block, "count": s.count, "selected": count, "count_rounding": lowering.count_rounding,
+                    "current_block_score": lowering.current_block_score, "lse_layout": lowering.lse_layout},
+                   ("Q6 the compression log-sum-exp [P, L_b] read as [L_b, P] (a gather in torch, zero slots "
+                    "log(blocks seen)); Q5 the own block scores the slot count; Q7 count " + lowering.count_rounding
+                    + "; float32 scores",)),
+        BranchPlan("window", "triton", "slc_win_kernel (fused with selection and gating)",
+                   f"causal band of {w.size} over the zeroed keys", {"size": w.size}),
+        BranchPlan("dense", "triton", "torch SDPA (causal)", "causal over every key (not zeroed), vision queries zeroed",
+                   {"dense_pass": lowering.dense_pass},
+                   ("Q3 added to every row's sparse mix" if lowering.dense_pass == "added"
+                    else "Q3 off: text rows only",)),
+    )
+
+
 __all__ = [
     "MODES",
     "QUIRK_CHOICES",
     "RELEASE",
+    "RELEASE_BACKENDS",
     "ReleaseFlexKernel",
+    "ReleaseTritonKernel",
     "ReleaseLowering",
     "SlotLayout",
     "build_kernel",
@@ -620,5 +818,6 @@ __all__ = [
     "release_lse",
     "release_pooling",
     "release_selection",
+    "release_top_blocks",
     "slot_layout",
 ]

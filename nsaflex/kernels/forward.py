@@ -901,7 +901,7 @@ def topn_select_kernel(
     T_OFF, T_END,
     ROWS: tl.constexpr, JP: tl.constexpr, CHAIN: tl.constexpr, SPREAD: tl.constexpr,
     LS: tl.constexpr, COUNT: tl.constexpr, FIRST: tl.constexpr, PREV: tl.constexpr, CUR: tl.constexpr,
-    NT: tl.constexpr, JT: tl.constexpr, TAIL: tl.constexpr, UNIT: tl.constexpr,
+    NT: tl.constexpr, JT: tl.constexpr, TAIL: tl.constexpr, UNIT: tl.constexpr, CURRENT: tl.constexpr,
 ):
     """Exact top-(n - |forced|) of ``ROWS x CHAIN`` tokens' block scores (a
     query chunk's ``[B, Hsel, C, >= JW]`` fp32 buffer written by
@@ -929,6 +929,10 @@ def topn_select_kernel(
     candidates; one power-of-two width of 2,048 would spend every count and
     scan on up to half a row of padding.
 
+    ``CURRENT``: the token's own block ``t // LS`` is a candidate as well
+    (``j < t // LS + 1``), scored by the caller where the score pass leaves it
+    (a partial block): the released VideoNSA's selection.
+
     ``UNIT`` = m > 1 (query-block granularity): the buffer's rows are tiles of
     m queries (row ``u - T_OFF / m`` holds tile ``u``, scored by
     :func:`cmp_score_kernel` with the same ``UNIT``); each is ranked once, for
@@ -954,7 +958,10 @@ def topn_select_kernel(
                 ts = t0 + (tl.arange(0, ROWS) * CHAIN + step) * UNIT  # each row's tile's first query
             valid = ts < length
             f0, f1, f2 = _forced(ts, LS, FIRST, PREV, CUR)
-            n_cand = (ts + 1) // LS
+            if CURRENT:
+                n_cand = ts // LS + 1
+            else:
+                n_cand = (ts + 1) // LS
             # Candidates: scores >= +0 of blocks j < n_cand; forced blocks read -1
             # (written so by the score pass), blocks past n_cand load as -1: every
             # non-candidate has negative bits, so no mask is built per score.

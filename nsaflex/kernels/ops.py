@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -59,6 +59,7 @@ class KernelConfig:
     eq9_b: int = 1
     window: int = 1
     unit: int = 1  # queries per selection unit: m for query-block granularity, else 1
+    current_candidate: bool = False  # the top-n ranks the own (partial) block too, scored by the caller (release)
     atomic: bool = False  # backward: fp32 atomics for the selection's dk, dv (the plan's deterministic=False)
 
     @property
@@ -417,7 +418,8 @@ def record_forward() -> Iterator[dict]:
         _RECORDERS.remove(seen)
 
 
-def _forward(q, k, v, kc, vc, gates, lay: SeqLayout, cfg: KernelConfig, launch: Launch, save: bool):
+def _forward(q, k, v, kc, vc, gates, lay: SeqLayout, cfg: KernelConfig, launch: Launch, save: bool,
+             select: Callable[[torch.Tensor], torch.Tensor] | None = None):
     Bv, Hq, Tv, D = q.shape
     Hkv = k.shape[1]
     tiles = _Tiles(cfg, launch, Hq // Hkv)
@@ -456,12 +458,15 @@ def _forward(q, k, v, kc, vc, gates, lay: SeqLayout, cfg: KernelConfig, launch: 
             oc.zero_()
         if cfg.has_slc:
             hs = Hq if cfg.head_scoring else Hkv
-            sel = torch.empty((Bv, hs, Tv, tiles.width), dtype=torch.int32, device=dev)
+            if select is not None:
+                sel = _given_selection(select(lse_c), (Bv, hs, Tv), tiles.width)
+            else:
+                sel = torch.empty((Bv, hs, Tv, tiles.width), dtype=torch.int32, device=dev)
 
-            def score(t_off: int, t_end: int, buf: torch.Tensor) -> None:
-                block_scores(q, kc, lse_c, buf, lay, cfg, launch, tiles, t_off, t_end)
+                def score(t_off: int, t_end: int, buf: torch.Tensor) -> None:
+                    block_scores(q, kc, lse_c, buf, lay, cfg, launch, tiles, t_off, t_end)
 
-            _chunked_topn(score, sel, lay, cfg, launch, tiles, hs, res)
+                _chunked_topn(score, sel, lay, cfg, launch, tiles, hs, res)
     n_t3 = triton.cdiv(lay.max_len, tiles.bt_sel)
     grid3 = (n_t3, B, Hkv)
     if cfg.has_slc:
@@ -582,7 +587,7 @@ def topn_chunk_tokens(cfg: KernelConfig, launch: Launch, batch: int, n_sel_heads
     multiple of ``score_tokens`` (a score-pass program's tokens) holding up to
     ``launch.topn_chunk`` buffer rows (selection units: queries, or tiles of
     ``cfg.unit`` queries) within the buffer's byte bound."""
-    width = max(1, max_len // cfg.slc_block)
+    width = max(1, triton.cdiv(max_len, cfg.slc_block) if cfg.current_candidate else max_len // cfg.slc_block)
     rows = min(launch.topn_chunk, launch.topn_buffer_bytes // max(1, batch * n_sel_heads * width * 4))
     chunk = rows * cfg.unit
     chunk = max(score_tokens, chunk // score_tokens * score_tokens)
@@ -621,16 +626,19 @@ def _chunked_topn(score, sel, lay: SeqLayout, cfg: KernelConfig, launch: Launch,
         t_end = min(lay.max_len, t_off + chunk)
         units = triton.cdiv(t_end - t_off, unit)
         jw = max(1, t_end // cfg.slc_block)  # candidates of tokens < t_end
+        least = (t_off + 1) // cfg.slc_block
+        if cfg.current_candidate:  # and each token's own block
+            jw, least = triton.cdiv(t_end, cfg.slc_block), t_off // cfg.slc_block + 1
         buf = flat[: B * n_sel_heads * units * jw].view(B, n_sel_heads, units, jw)
         score(t_off, t_end, buf)
         jp = next_pow2(jw)
         rows = max(1, min(8, 1024 // jp))
-        head, tail = topn_row_parts((t_off + 1) // cfg.slc_block, jw)
+        head, tail = topn_row_parts(least, jw)
         fwd.topn_select_kernel[(triton.cdiv(units, rows * launch.topn_chain), n_sel_heads, B)](
             buf, sel, lay.starts, lay.lens, *buf.stride()[:3], *ss, t_off, t_end,
             ROWS=rows, JP=head, CHAIN=launch.topn_chain, SPREAD=launch.topn_spread, LS=cfg.slc_block,
             COUNT=cfg.count, FIRST=cfg.first, PREV=cfg.prev, CUR=cfg.cur, NT=cfg.nt, JT=max(1, tail), TAIL=tail > 0,
-            UNIT=unit, num_warps=max(1, min(8, jp // (32 * launch.topn_lane_scores))),
+            UNIT=unit, CURRENT=cfg.current_candidate, num_warps=max(1, min(8, jp // (32 * launch.topn_lane_scores))),
         )
 
 
@@ -808,10 +816,20 @@ def _backward(do, q, k, v, kc, vc, gates, lay: SeqLayout, cfg: KernelConfig, res
     return dq, dk, dv, dkc, dvc, dgates
 
 
+def _given_selection(sel: torch.Tensor, rows: tuple[int, int, int], width: int) -> torch.Tensor:
+    """A caller's block lists ``[B, Hsel, T, n]`` (int32, ``-1`` empty) in the
+    kernels' layout ``[B, Hsel, T, width]``."""
+    if sel.shape[:3] != rows or sel.shape[3] > width or sel.dtype != torch.int32:
+        raise AssertionError(f"select() gave {tuple(sel.shape)} {sel.dtype}, expected int32 {rows} x at most {width}")
+    if sel.shape[3] < width:
+        sel = torch.nn.functional.pad(sel, (0, width - sel.shape[3]), value=-1)
+    return sel.contiguous()
+
+
 class _NSAFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, kc, vc, gates, lay, cfg, launch):
-        out, res = _forward(q, k, v, kc, vc, gates, lay, cfg, launch, save=True)
+    def forward(ctx, q, k, v, kc, vc, gates, lay, cfg, launch, select):
+        out, res = _forward(q, k, v, kc, vc, gates, lay, cfg, launch, save=True, select=select)
         ctx.lay, ctx.cfg, ctx.res = lay, cfg, res
         ctx.save_for_backward(q, k, v, kc, vc, gates)
         return out
@@ -821,12 +839,20 @@ class _NSAFunction(torch.autograd.Function):
         q, k, v, kc, vc, gates = ctx.saved_tensors
         need_gates = ctx.needs_input_grad[5]
         dq, dk, dv, dkc, dvc, dg = _backward(do, q, k, v, kc, vc, gates, ctx.lay, ctx.cfg, ctx.res, need_gates)
-        return dq, dk, dv, dkc, dvc, dg, None, None, None
+        return dq, dk, dv, dkc, dvc, dg, None, None, None, None
 
 
-def nsa_attention(q, k, v, kc, vc, gates, lay: SeqLayout, cfg: KernelConfig, launch: Launch | None = None) -> torch.Tensor:
+def nsa_attention(q, k, v, kc, vc, gates, lay: SeqLayout, cfg: KernelConfig, launch: Launch | None = None,
+                  select: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """Gated NSA output over the sparse sequences in ``lay`` (autograd-aware);
-    ``launch`` None: :func:`launch_choices` for q's head dim and group."""
+    ``launch`` None: :func:`launch_choices` for q's head dim and group.
+
+    ``select``: the selection's block lists from elsewhere than the kernels'
+    own top-n (the released VideoNSA's ranking): called once per forward with
+    the compression branch's base-2 log-sum-exp ``[B, Hq, T]`` (float32), it
+    returns ``[B, Hsel, T, n]`` int32 block indices (``-1`` empty, each block at
+    most once, ``n <= nt + 4``), which the selection kernel and the backward
+    read as they read the kernels' own lists. Needs a compression branch."""
     # Batch, group and first-row bases are 64-bit in the kernels; what is added to
     # them per row or per step stays 32-bit (registers in the hot loops): a row's
     # place within its group's heads and its sequence (keys: within the sequence;
@@ -845,7 +871,9 @@ def nsa_attention(q, k, v, kc, vc, gates, lay: SeqLayout, cfg: KernelConfig, lau
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (q, k, v, kc, vc, gates)
     )
+    if select is not None and not (cfg.has_cmp and cfg.has_slc):
+        raise AssertionError("select needs the compression branch's log-sum-exp and a selection branch")
     if needs_grad:
-        return _NSAFunction.apply(q, k, v, kc, vc, gates, lay, cfg, launch)
-    out, _ = _forward(q, k, v, kc, vc, gates, lay, cfg, launch, save=False)
+        return _NSAFunction.apply(q, k, v, kc, vc, gates, lay, cfg, launch, select)
+    out, _ = _forward(q, k, v, kc, vc, gates, lay, cfg, launch, save=False, select=select)
     return out
