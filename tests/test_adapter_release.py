@@ -22,6 +22,7 @@ from nsaflex.reference_release import (
     selected_count,
 )
 from nsaflex.spec import Compression, Gate, Hybrid, LayerOverride, Pattern, Selection, Window
+from tests.device import INTERPRETED, NOT_INTERPRETED
 from tests.adapter_support import (
     IMAGE,
     make_batch,
@@ -243,14 +244,17 @@ def randomise(adapter, seed=0):
             parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.5)
 
 
-@pytest.mark.parametrize("backend", ["auto", "flex"])
+@pytest.mark.parametrize("backend", ["auto", "flex", "triton"])
 def test_adapter_release_prefill_videonsa_heads(backend):
     """28 query heads over 4 kv heads (VideoNSA's layout: 64 slots, 8 of them zero),
-    left padding; ``auto`` is the reference on CPU, ``flex`` the release lowering."""
-    model = tiny_model(heads=28, kv_heads=4, hidden=224, layers=1)
+    left padding; ``auto`` is the reference on CPU, ``flex`` and ``triton`` (the
+    interpreter; head dim 16) the release lowering."""
+    if backend == "triton" and not INTERPRETED:
+        pytest.skip(NOT_INTERPRETED)
+    model = tiny_model(heads=28, kv_heads=4, hidden=448 if backend == "triton" else 224, layers=1)
     pattern = release(block=4, count=2, window=4)
     adapter = apply(model, pattern, backend, mode="videonsa_release")
-    assert adapter.backend == ("reference" if backend == "auto" else "flex")
+    assert adapter.backend == ("reference" if backend == "auto" else backend)
     assert adapter.layers[0].compiled.plan.mode == "videonsa_release"
     randomise(adapter, seed=1)
     ids, mask, mm = make_batch([[(2, 14)], [(1, 6)]], [18, 9], 18, left_pad=True)

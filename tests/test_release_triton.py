@@ -1,0 +1,148 @@
+"""``videonsa_release`` on the Triton kernels (nsaflex.release_lowering's
+ReleaseTritonKernel) against the float64 specification (nsaflex.reference_release).
+
+On the CPU the kernels run under Triton's interpreter (``tests/device.py``);
+``NSAFLEX_TEST_DEVICE=cuda`` runs the compiled kernels, bf16 included.
+
+Tolerances: float32 against float64, relative 1e-5 with an absolute floor of
+1e-5 (as tests/test_release_lowering.py: float32 rounding of softmaxes and sums
+of a few hundred O(1) terms); bf16 relative 1e-2 (an 8-bit mantissa, a few
+roundings). The Triton kernels rank blocks in float32 where the reference ranks
+in float64: exact ties (zeroed text queries, zeroed text keys) stay exact in
+both and go to the lower index; a near-tie within float32's reach could order
+otherwise, which continuous random inputs make vanishingly rare (the cases
+below draw O(1) queries over at most a few hundred blocks per query).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tests.device import DEVICE, skip_module_without_device
+
+skip_module_without_device()
+
+import nsaflex  # noqa: E402
+from nsaflex.kernels import ops  # noqa: E402
+from nsaflex.release_lowering import ReleaseLowering, ReleaseTritonKernel, release_selection, slot_layout, to_slots  # noqa: E402
+from tests.test_release_lowering import HEAD_LAYOUTS, RTOL, ATOL, expected_rows, quirk_case, release  # noqa: E402
+
+EXAMPLES = 12 if DEVICE == "cpu" else 25
+
+
+@st.composite
+def triton_release_cases(draw):
+    heads, kv_heads = draw(st.sampled_from(HEAD_LAYOUTS))
+    block = draw(st.sampled_from((4, 8, 16)))
+    pattern = release(block, draw(st.integers(1, 6)), draw(st.integers(1, 12)))
+    batch = draw(st.integers(1, 3))
+    length = draw(st.integers(1, 48))
+    # Rows shorter than the batch (padding), including rows shorter than a block, and empty ones.
+    lengths = torch.tensor([length] + [draw(st.integers(0, length)) for _ in range(batch - 1)])
+    seed = draw(st.integers(0, 2**16))
+    generator = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(batch):
+        kind = draw(st.sampled_from(("mixed", "text", "vision")))
+        if kind == "mixed":
+            rows.append((torch.rand(length, generator=generator) < 0.6).long() * draw(st.sampled_from((1, 2))))
+        else:
+            rows.append(torch.full((length,), 0 if kind == "text" else 1, dtype=torch.long))
+    types = torch.stack(rows)
+    q = torch.randn(batch, heads, length, 16, generator=generator)
+    k, v = (torch.randn(batch, kv_heads, length, 16, generator=generator) for _ in range(2))
+    gates = torch.rand(batch, heads, length, 3, generator=generator)
+    return pattern, q, k, v, gates, types, lengths
+
+
+def run(pattern, *tensors, lengths, dtype=torch.float32):
+    attn = nsaflex.compile(pattern, "triton", device=DEVICE, mode="videonsa_release")
+    q, k, v, gates, types = tensors
+    moved = [x.to(DEVICE, dtype) for x in (q, k, v)] + [gates.to(DEVICE), types.to(DEVICE)]
+    return attn(*moved, lengths=lengths.to(DEVICE)).cpu()
+
+
+@settings(max_examples=EXAMPLES)
+@given(triton_release_cases())
+def test_triton_release_equals_reference(case):
+    """Head layouts that pad to 64 or 32 slots (some zero, or a whole zero kv group
+    not run), rows of every class mix, padding, rows shorter than a block."""
+    pattern, q, k, v, gates, types, lengths = case
+    got = run(pattern, q, k, v, gates, types, lengths=lengths)
+    expected = expected_rows(q.double(), k.double(), v.double(), pattern, gates.double(), types, lengths)
+    torch.testing.assert_close(got.double(), expected, rtol=RTOL, atol=ATOL)
+    for b, n in enumerate(lengths.tolist()):
+        assert torch.equal(got[b, :, n:], torch.zeros_like(got[b, :, n:]))
+
+
+def test_block_lists_are_the_release_ranking():
+    """The lists the kernels ran (recorded) hold the blocks the torch ranking of the
+    release chooses in float64, per kv head of the run slots and query: the own block
+    with its slot count (Q5), the power-of-two count (3 -> 4, Q7), the misread
+    log-sum-exp (Q6)."""
+    pattern, q, k, v, gates, types = quirk_case(seed=3)
+    q, k, v = (torch.nn.functional.pad(x, (0, 8)) for x in (q, k, v))  # head dim 16
+    lengths = torch.tensor([48, 33])
+    with ops.record_forward() as seen:
+        ReleaseTritonKernel(pattern)(*(x.to(DEVICE) for x in (q, k, v, gates, types)), lengths=lengths.to(DEVICE))
+    lists = seen["sel"].cpu()
+    layout = slot_layout(q.shape[1], k.shape[1], ReleaseLowering())
+    real = torch.arange(48)[None] < lengths[:, None]
+    vision = ((types != 0) & real).to(q.dtype)[:, None, :, None]
+    qp, keys = to_slots(q * vision, layout), (k * vision)[:, : layout.run_kv_heads]
+    wanted = release_selection(qp.double(), keys.double(), layout, lengths, pattern, ReleaseLowering(),
+                               score_dtype=torch.float64).indices
+    for b, n in enumerate(lengths.tolist()):
+        for h in range(wanted.shape[1]):
+            for t in range(n):
+                got = sorted(x for x in lists[b, h, t].tolist() if x >= 0)
+                assert got == sorted(x for x in wanted[b, h, t].tolist() if x >= 0), (b, h, t)
+
+
+def test_gradients_equal_the_reference():
+    """Backward through the kernels (the release's block lists kept by the forward)
+    against autograd through the float64 reference; the selection is a constant of
+    both."""
+    pattern, q, k, v, gates, types = quirk_case(seed=9)
+    q, k, v = (torch.nn.functional.pad(x, (0, 8)) for x in (q, k, v))
+    lengths = torch.tensor([48, 21])
+    weights = torch.randn(q.shape, generator=torch.Generator().manual_seed(10))
+    inputs = [x.to(DEVICE).clone().requires_grad_() for x in (q, k, v, gates)]
+    attn = nsaflex.compile(pattern, "triton", device=DEVICE, mode="videonsa_release")
+    out = attn(*inputs, types.to(DEVICE), lengths=lengths.to(DEVICE))
+    got = torch.autograd.grad((out * weights.to(DEVICE)).sum(), inputs)
+    wide = [x.double().requires_grad_() for x in (q, k, v, gates)]
+    expected = expected_rows(*wide[:3], pattern, wide[3], types, lengths)
+    want = torch.autograd.grad((expected * weights.double()).sum(), wide)
+    for name, g, w in zip(("q", "k", "v", "gates"), got, want):
+        # A gradient entry sums up to L x P slot terms of O(1): the floor of the outputs' test.
+        torch.testing.assert_close(g.cpu().double(), w, rtol=RTOL, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("length, dim", [(90, 16)] if DEVICE == "cpu" else [(90, 16), (1000, 128), (4133, 128)])
+def test_bf16_release_equals_reference(length, dim):
+    """bf16 inputs (on the CPU the interpreter runs them as float32, every bf16 value
+    exact there), 28 query heads over 4 kv heads, against the reference on the same
+    bf16 values: relative 1e-2."""
+    pattern = release(block=16, count=5, window=32)
+    gen = torch.Generator().manual_seed(11)
+    q, k, v = (torch.randn(2, h, length, dim, generator=gen).to(torch.bfloat16) for h in (28, 4, 4))
+    gates = torch.rand(2, 28, length, 3, generator=gen)
+    types = (torch.rand(2, length, generator=gen) < 0.8).long()
+    lengths = torch.tensor([length, length * 2 // 3])
+    got = run(pattern, q, k, v, gates, types, lengths=lengths, dtype=torch.bfloat16)
+    expected = expected_rows(q.double(), k.double(), v.double(), pattern, gates.double(), types, lengths)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-2, atol=1e-2)
+
+
+def test_lowerings_the_kernels_do_not_take_are_refused():
+    """Quirk-off lowerings (analysis only) whose selection the Triton score pass
+    cannot express name the field; flex and the reference run them."""
+    pattern, q, k, v, gates, types = quirk_case()
+    q, k, v = (torch.nn.functional.pad(x, (0, 8)) for x in (q, k, v))
+    with pytest.raises(nsaflex.InputError, match="current_block_score"):
+        ReleaseTritonKernel(pattern, ReleaseLowering(current_block_score="scored"))(
+            *(x.to(DEVICE) for x in (q, k, v, gates, types)))
