@@ -68,15 +68,18 @@ def expected_rows(q, k, v, pattern, gates, types, lengths) -> torch.Tensor:
 
 
 @st.composite
-def release_cases(draw):
+def release_cases(draw, blocks=(2, 4, 8), dims=(4, 8), scales=(1.0, 3.0)):
+    """(pattern, q, k, v, gates, token_types, lengths) of a release case: a head
+    layout of HEAD_LAYOUTS, a block of ``blocks``, a head dim of ``dims``, queries
+    scaled by one of ``scales``."""
     heads, kv_heads = draw(st.sampled_from(HEAD_LAYOUTS))
-    block = draw(st.sampled_from((2, 4, 8)))
+    block = draw(st.sampled_from(blocks))
     pattern = release(block, draw(st.integers(1, 6)), draw(st.integers(1, 10)))
     batch = draw(st.integers(1, 3))
     length = draw(st.integers(1, 40))
     # Rows shorter than the batch (padding), including rows shorter than a block.
     lengths = torch.tensor([length] + [draw(st.integers(0, length)) for _ in range(batch - 1)])
-    dim = draw(st.sampled_from((4, 8)))
+    dim = draw(st.sampled_from(dims))
     seed = draw(st.integers(0, 2**16))
     generator = torch.Generator().manual_seed(seed)
     rows = []
@@ -87,7 +90,7 @@ def release_cases(draw):
         else:
             rows.append(torch.full((length,), 0 if kind == "text" else 1, dtype=torch.long))
     types = torch.stack(rows)
-    q = torch.randn(batch, heads, length, dim, generator=generator) * draw(st.sampled_from((1.0, 3.0)))
+    q = torch.randn(batch, heads, length, dim, generator=generator) * draw(st.sampled_from(scales))
     k, v = (torch.randn(batch, kv_heads, length, dim, generator=generator) for _ in range(2))
     gates = torch.rand(batch, heads, length, 3, generator=generator)
     return pattern, q, k, v, gates, types, lengths

@@ -19,7 +19,6 @@ from __future__ import annotations
 import pytest
 import torch
 from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from tests.device import DEVICE, skip_module_without_device
 
@@ -28,34 +27,9 @@ skip_module_without_device()
 import nsaflex  # noqa: E402
 from nsaflex.kernels import ops  # noqa: E402
 from nsaflex.release_lowering import ReleaseLowering, ReleaseTritonKernel, release_selection, slot_layout, to_slots  # noqa: E402
-from tests.test_release_lowering import HEAD_LAYOUTS, RTOL, ATOL, expected_rows, quirk_case, release  # noqa: E402
+from tests.test_release_lowering import ATOL, RTOL, expected_rows, quirk_case, release, release_cases  # noqa: E402
 
 EXAMPLES = 12 if DEVICE == "cpu" else 25
-
-
-@st.composite
-def triton_release_cases(draw):
-    heads, kv_heads = draw(st.sampled_from(HEAD_LAYOUTS))
-    block = draw(st.sampled_from((4, 8, 16)))
-    pattern = release(block, draw(st.integers(1, 6)), draw(st.integers(1, 12)))
-    batch = draw(st.integers(1, 3))
-    length = draw(st.integers(1, 48))
-    # Rows shorter than the batch (padding), including rows shorter than a block, and empty ones.
-    lengths = torch.tensor([length] + [draw(st.integers(0, length)) for _ in range(batch - 1)])
-    seed = draw(st.integers(0, 2**16))
-    generator = torch.Generator().manual_seed(seed)
-    rows = []
-    for _ in range(batch):
-        kind = draw(st.sampled_from(("mixed", "text", "vision")))
-        if kind == "mixed":
-            rows.append((torch.rand(length, generator=generator) < 0.6).long() * draw(st.sampled_from((1, 2))))
-        else:
-            rows.append(torch.full((length,), 0 if kind == "text" else 1, dtype=torch.long))
-    types = torch.stack(rows)
-    q = torch.randn(batch, heads, length, 16, generator=generator)
-    k, v = (torch.randn(batch, kv_heads, length, 16, generator=generator) for _ in range(2))
-    gates = torch.rand(batch, heads, length, 3, generator=generator)
-    return pattern, q, k, v, gates, types, lengths
 
 
 def run(pattern, *tensors, lengths, dtype=torch.float32):
@@ -66,7 +40,7 @@ def run(pattern, *tensors, lengths, dtype=torch.float32):
 
 
 @settings(max_examples=EXAMPLES)
-@given(triton_release_cases())
+@given(release_cases(blocks=(4, 8, 16), dims=(16,), scales=(1.0,)))
 def test_triton_release_equals_reference(case):
     """Head layouts that pad to 64 or 32 slots (some zero, or a whole zero kv group
     not run), rows of every class mix, padding, rows shorter than a block."""
