@@ -584,7 +584,7 @@ def test_top_n_search_picks_the_best_with_ties_to_the_lower_index(tokens, count,
         scores, sel, zero, zero + tokens, *scores.stride()[:3], *sel.stride()[:3], 0, tokens,
         ROWS=rows, JP=head, CHAIN=chain, SPREAD=spread, LS=1, COUNT=count,
         FIRST="first" in forced, PREV="previous" in forced, CUR="current" in forced, NT=nt,
-        JT=max(1, tail), TAIL=tail > 0, UNIT=1, num_warps=1,
+        JT=max(1, tail), TAIL=tail > 0, UNIT=1, CURRENT=False, num_warps=1,
     )
     for t in range(tokens):
         row = scores[0, 0, t, : t + 1].cpu()
@@ -596,6 +596,33 @@ def test_top_n_search_picks_the_best_with_ties_to_the_lower_index(tokens, count,
         assert got[:nt] == want + [-1] * (nt - len(want)), (t, got, want)
         assert sorted(b for b in got[nt:] if b >= 0) == sorted(forced_of[t]), (t, got, forced_of[t])
         assert got[nt + 3] == -1
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=list(HealthCheck))
+@given(st.integers(1, 70), st.sampled_from((2, 4, 8)), st.integers(1, 12), st.integers(0, 2**16), st.sampled_from((3, 999)))
+def test_top_n_with_the_own_block_a_candidate(tokens, block, count, seed, levels):
+    """``CURRENT``: token t ranks blocks ``j <= t // l`` (its own, partial, block
+    too, as the released VideoNSA does), ties to the lower index, against a sort."""
+    from nsaflex.kernels import forward as fwd
+    from nsaflex.kernels.ops import next_pow2, topn_row_parts
+
+    gen = torch.Generator().manual_seed(seed)
+    blocks = -(-tokens // block)
+    scores = (torch.randint(0, levels, (1, 1, tokens, blocks), generator=gen) * (2 / (levels - 1))).to(DEVICE)
+    nt = max(16, next_pow2(count))
+    sel = torch.full((1, 1, tokens, nt + 4), -7, dtype=torch.int32, device=DEVICE)
+    zero = torch.zeros(1, dtype=torch.int32, device=DEVICE)
+    head, tail = topn_row_parts(1, blocks)
+    fwd.topn_select_kernel[(-(-tokens // 8), 1, 1)](
+        scores, sel, zero, zero + tokens, *scores.stride()[:3], *sel.stride()[:3], 0, tokens,
+        ROWS=4, JP=head, CHAIN=2, SPREAD=1 << 22, LS=block, COUNT=count, FIRST=False, PREV=False, CUR=False, NT=nt,
+        JT=max(1, tail), TAIL=tail > 0, UNIT=1, CURRENT=True, num_warps=1,
+    )
+    for t in range(tokens):
+        row = scores[0, 0, t].cpu()
+        order = sorted(range(t // block + 1), key=lambda j: (-float(row[j]), j))
+        got = sorted(b for b in sel[0, 0, t].cpu().tolist() if b >= 0)
+        assert got == sorted(order[:count]), (t, got)
 
 
 def test_topn_row_parts():
