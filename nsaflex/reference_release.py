@@ -228,13 +228,7 @@ def release_row(
     raw = torch.where((blocks[None, :] == current[:, None])[None], torch.ones_like(raw), raw)
     scores = group_sum(raw.view(kv_heads, slot_group, length, num_blocks))  # [Hkv, T, N]
     eligible = blocks[None, :] <= current[:, None]  # [T, N]
-    take = selected_count(pattern.selection.count)  # Q7
-    chosen = torch.zeros(kv_heads, length, num_blocks, dtype=torch.bool)
-    for h in range(kv_heads):
-        for t in range(length):
-            candidates = [j for j in range(num_blocks) if eligible[t, j]]
-            ranked = sorted(candidates, key=lambda j: -float(scores[h, t, j]))  # stable: ties to the lower index
-            chosen[h, t, ranked[:take]] = True
+    chosen = top_blocks(scores, eligible, selected_count(pattern.selection.count))  # Q7
     key_block = torch.arange(length) // block
     slot_chosen = chosen.repeat_interleave(slot_group, dim=0)  # [P, T, N]
     selection_mask = slot_chosen[:, :, key_block] & causal_mask(length)
@@ -248,6 +242,19 @@ def release_row(
     dense, _ = masked_attention(qd, k, v, causal_mask(length))
     assert group * kv_heads == heads
     return sparse + dense
+
+
+def top_blocks(scores: torch.Tensor, eligible: torch.Tensor, take: int) -> torch.Tensor:
+    """``[Hkv, T, N]`` bool: per kv head and query the ``take`` best eligible
+    blocks of ``scores [Hkv, T, N]`` (``eligible [T, N]``), ties to the lower index."""
+    kv_heads, length, num_blocks = scores.shape
+    chosen = torch.zeros(kv_heads, length, num_blocks, dtype=torch.bool)
+    for h in range(kv_heads):
+        for t in range(length):
+            candidates = [j for j in range(num_blocks) if eligible[t, j]]
+            ranked = sorted(candidates, key=lambda j: -float(scores[h, t, j]))  # stable: ties to the lower index
+            chosen[h, t, ranked[:take]] = True
+    return chosen
 
 
 def release_attention(
@@ -294,5 +301,6 @@ __all__ = [
     "release_pattern",
     "release_row",
     "selected_count",
+    "top_blocks",
 ]
 

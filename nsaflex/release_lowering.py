@@ -643,8 +643,9 @@ class ReleaseTritonKernel:
         width = cfg.nt + 4
         zeros = torch.zeros(batch, dtype=torch.int32, device=device)
         clens = row_blocks(lengths, block).to(torch.int32)
+        # Rows padded in place: a shorter row's gradients past its end are zeros.
         lay = ops.SeqLayout(zeros, lengths.to(torch.int32), zeros, clens, length, kc.shape[2], False,
-                            kc.shape[2] if batch == 1 else int(clens.min()))
+                            kc.shape[2] if batch == 1 else int(clens.min()), full_rows=False)
         qp, ks, vs, kc, vc = (x.contiguous() for x in (qp, ks, vs, kc, vc))
         work = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
         gs = slot_gates(pattern, gates, vision, layout, q, work).contiguous()  # the kernels read gates as float32

@@ -9,12 +9,15 @@ Tolerances: float32 against float64, relative 1e-5 with an absolute floor of
 of a few hundred O(1) terms); bf16 relative 1e-2 (an 8-bit mantissa, a few
 roundings). The Triton kernels rank blocks in float32 where the reference ranks
 in float64: exact ties (zeroed text queries, zeroed text keys) stay exact in
-both and go to the lower index; a near-tie within float32's reach could order
-otherwise, which continuous random inputs make vanishingly rare (the cases
-below draw O(1) queries over at most a few hundred blocks per query).
+both and go to the lower index (``test_block_lists_are_the_release_ranking``
+checks the lists exactly); elsewhere the two may order a near-tie otherwise, so
+the reference takes the kernels' choice where they differ, after checking that
+the blocks concerned are near-tied (:func:`expected_with_kernel_blocks`).
 """
 
 from __future__ import annotations
+
+from unittest import mock
 
 import pytest
 import torch
@@ -25,18 +28,62 @@ from tests.device import DEVICE, skip_module_without_device
 skip_module_without_device()
 
 import nsaflex  # noqa: E402
+from nsaflex import reference_release  # noqa: E402
+from nsaflex.reference_release import release_attention  # noqa: E402
 from nsaflex.kernels import ops  # noqa: E402
 from nsaflex.release_lowering import ReleaseLowering, ReleaseTritonKernel, release_selection, slot_layout, to_slots  # noqa: E402
-from tests.test_release_lowering import ATOL, RTOL, expected_rows, quirk_case, release, release_cases  # noqa: E402
+from tests.test_release_lowering import ATOL, RTOL, quirk_case, release, release_cases  # noqa: E402
 
-EXAMPLES = 12 if DEVICE == "cpu" else 25
+EXAMPLES = 12 if DEVICE == "cpu" else 10
+# Near-ties: float32 scores (the GPU's exp2 is approximate to a few ulps) may order blocks
+# whose float64 scores lie within 1e-5 of each other otherwise; bf16 pooled keys move a
+# score by about q . dKc ~ 2^-9 |q| |Kc| / sqrt(D), a few tenths of a percent, summed over
+# the slots: 5 %.
+NEAR_FP32, NEAR_BF16 = 1e-5, 5e-2
 
 
 def run(pattern, *tensors, lengths, dtype=torch.float32):
+    """The Triton release on ``DEVICE`` and the block lists it ran ``[B, Hkv', L, W]``."""
     attn = nsaflex.compile(pattern, "triton", device=DEVICE, mode="videonsa_release")
     q, k, v, gates, types = tensors
     moved = [x.to(DEVICE, dtype) for x in (q, k, v)] + [gates.to(DEVICE), types.to(DEVICE)]
-    return attn(*moved, lengths=lengths.to(DEVICE)).cpu()
+    with ops.record_forward() as seen:
+        out = attn(*moved, lengths=lengths.to(DEVICE))
+    return out.cpu(), seen["sel"].cpu()
+
+
+def expected_with_kernel_blocks(q, k, v, pattern, gates, types, lengths, lists, near: float):
+    """The float64 reference on each row's real tokens (zeros at padding), where its
+    top-n and the kernels' block lists ``[B, Hkv', L, W]`` differ taking the
+    kernels' choice, after checking that every block in which they differ scores
+    within relative ``near`` of the reference's last chosen score (a near-tie that
+    float32 scores, or bf16 pooled keys, may order otherwise)."""
+    out = torch.zeros(q.shape, dtype=torch.float64)
+    top_blocks = reference_release.top_blocks
+
+    for b, n in enumerate(lengths.tolist()):
+        if n == 0:
+            continue
+
+        def kernels_choice(scores, eligible, take, b=b, n=n):
+            chosen = top_blocks(scores, eligible, take)
+            for h in range(lists.shape[1]):
+                for t in range(n):
+                    got = torch.zeros(scores.shape[2], dtype=torch.bool)
+                    got[[x for x in lists[b, h, t].tolist() if x >= 0]] = True
+                    if torch.equal(got, chosen[h, t]):
+                        continue
+                    row = scores[h, t].detach()
+                    last = row[chosen[h, t]].min()
+                    differ = (got ^ chosen[h, t]).nonzero().flatten()
+                    assert ((row[differ] - last).abs() <= near * last.abs()).all(), (b, h, t, row[differ], last)
+                    chosen[h, t] = got
+            return chosen
+
+        with mock.patch.object(reference_release, "top_blocks", kernels_choice):
+            out[b, :, :n] = release_attention(q[b : b + 1, :, :n], k[b : b + 1, :, :n], v[b : b + 1, :, :n],
+                                              pattern, gates[b : b + 1, :, :n], types[b : b + 1, :n])[0]
+    return out
 
 
 @settings(max_examples=EXAMPLES)
@@ -45,8 +92,9 @@ def test_triton_release_equals_reference(case):
     """Head layouts that pad to 64 or 32 slots (some zero, or a whole zero kv group
     not run), rows of every class mix, padding, rows shorter than a block."""
     pattern, q, k, v, gates, types, lengths = case
-    got = run(pattern, q, k, v, gates, types, lengths=lengths)
-    expected = expected_rows(q.double(), k.double(), v.double(), pattern, gates.double(), types, lengths)
+    got, lists = run(pattern, q, k, v, gates, types, lengths=lengths)
+    expected = expected_with_kernel_blocks(q.double(), k.double(), v.double(), pattern, gates.double(), types, lengths,
+                                           lists, NEAR_FP32)
     torch.testing.assert_close(got.double(), expected, rtol=RTOL, atol=ATOL)
     for b, n in enumerate(lengths.tolist()):
         assert torch.equal(got[b, :, n:], torch.zeros_like(got[b, :, n:]))
@@ -86,17 +134,18 @@ def test_gradients_equal_the_reference():
     weights = torch.randn(q.shape, generator=torch.Generator().manual_seed(10))
     inputs = [x.to(DEVICE).clone().requires_grad_() for x in (q, k, v, gates)]
     attn = nsaflex.compile(pattern, "triton", device=DEVICE, mode="videonsa_release")
-    out = attn(*inputs, types.to(DEVICE), lengths=lengths.to(DEVICE))
+    with ops.record_forward() as seen:
+        out = attn(*inputs, types.to(DEVICE), lengths=lengths.to(DEVICE))
     got = torch.autograd.grad((out * weights.to(DEVICE)).sum(), inputs)
     wide = [x.double().requires_grad_() for x in (q, k, v, gates)]
-    expected = expected_rows(*wide[:3], pattern, wide[3], types, lengths)
+    expected = expected_with_kernel_blocks(*wide[:3], pattern, wide[3], types, lengths, seen["sel"].cpu(), NEAR_FP32)
     want = torch.autograd.grad((expected * weights.double()).sum(), wide)
     for name, g, w in zip(("q", "k", "v", "gates"), got, want):
         # A gradient entry sums up to L x P slot terms of O(1): the floor of the outputs' test.
         torch.testing.assert_close(g.cpu().double(), w, rtol=RTOL, atol=1e-5, msg=name)
 
 
-@pytest.mark.parametrize("length, dim", [(90, 16)] if DEVICE == "cpu" else [(90, 16), (1000, 128), (4133, 128)])
+@pytest.mark.parametrize("length, dim", [(90, 16)] if DEVICE == "cpu" else [(90, 16), (1000, 128)])
 def test_bf16_release_equals_reference(length, dim):
     """bf16 inputs (on the CPU the interpreter runs them as float32, every bf16 value
     exact there), 28 query heads over 4 kv heads, against the reference on the same
@@ -107,8 +156,9 @@ def test_bf16_release_equals_reference(length, dim):
     gates = torch.rand(2, 28, length, 3, generator=gen)
     types = (torch.rand(2, length, generator=gen) < 0.8).long()
     lengths = torch.tensor([length, length * 2 // 3])
-    got = run(pattern, q, k, v, gates, types, lengths=lengths, dtype=torch.bfloat16)
-    expected = expected_rows(q.double(), k.double(), v.double(), pattern, gates.double(), types, lengths)
+    got, lists = run(pattern, q, k, v, gates, types, lengths=lengths, dtype=torch.bfloat16)
+    expected = expected_with_kernel_blocks(q.double(), k.double(), v.double(), pattern, gates.double(), types, lengths,
+                                           lists, NEAR_BF16)
     torch.testing.assert_close(got.double(), expected, rtol=1e-2, atol=1e-2)
 
 

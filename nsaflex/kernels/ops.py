@@ -208,6 +208,9 @@ class SeqLayout:
     max_cmp: int
     packed: bool
     min_cmp: int = 0  # the fewest compressed tokens of any sequence (host int)
+    # False where a sequence may end before its rows do (rows padded in place, not packed): the
+    # kernels write no gradient there, so the backward's buffers start as zeros.
+    full_rows: bool = True
 
     @functools.cached_property
     def table(self) -> torch.Tensor:
@@ -727,8 +730,9 @@ def _backward(do, q, k, v, kc, vc, gates, lay: SeqLayout, cfg: KernelConfig, res
     ieee = _ieee(q)
     do = do.contiguous()
     nb = gates.shape[-1]
-    dq = torch.empty_like(q)
-    dg = torch.empty((Bv, Hq, Tv, nb), dtype=torch.float32, device=dev)
+    empty = torch.empty if lay.full_rows else torch.zeros
+    dq = empty(q.shape, dtype=q.dtype, device=dev)
+    dg = empty((Bv, Hq, Tv, nb), dtype=torch.float32, device=dev)
     delta = torch.empty((3, Bv, Hq, Tv), dtype=torch.float32, device=dev)
     dummy_i = torch.zeros(1, dtype=torch.int32, device=dev)
     n_tq = triton.cdiv(lay.max_len, tiles.bt_sel)
@@ -757,8 +761,8 @@ def _backward(do, q, k, v, kc, vc, gates, lay: SeqLayout, cfg: KernelConfig, res
     if cfg.has_cmp and kc is not None and lay.max_cmp > 0:
         BNC = 64
         nsplit = _cmp_dkv_splits(lay.max_len, triton.cdiv(lay.max_cmp, BNC) * B * Hkv, dev)
-        dkp = torch.empty((nsplit,) + tuple(kc.shape), dtype=torch.float32, device=dev)
-        dvp = torch.empty_like(dkp)
+        dkp = empty((nsplit,) + tuple(kc.shape), dtype=torch.float32, device=dev)
+        dvp = empty(dkp.shape, dtype=torch.float32, device=dev)
         _launch(bwd.bwd_cmp_dkv_kernel, (triton.cdiv(lay.max_cmp, BNC), nsplit, B * Hkv),
             q, kc, vc_, do, gates, lse_c, delta[0], dkp, dvp, lay.starts, lay.lens, lay.cstarts, lay.clens,
             lay.strides(q), lay.strides(kc), lay.strides(gates, 4), lay.strides(any_lse), dkp.stride(0),
@@ -773,7 +777,7 @@ def _backward(do, q, k, v, kc, vc, gates, lay: SeqLayout, cfg: KernelConfig, res
         dkc, dvc = torch.zeros_like(kc), torch.zeros_like(vc)
     dk = dv = None
     if cfg.has_win or cfg.has_slc:
-        alloc = torch.empty if cfg.has_win else torch.zeros
+        alloc = empty if cfg.has_win else torch.zeros
         dk = alloc(k.shape, dtype=torch.float32, device=dev)
         dv = alloc(k.shape, dtype=torch.float32, device=dev)
     if cfg.has_win:
