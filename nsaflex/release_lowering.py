@@ -542,8 +542,19 @@ class ReleaseFlexKernel:
 # --- the Triton kernels -----------------------------------------------------------------------------
 
 
+def check_triton_lowering(lowering: ReleaseLowering) -> None:
+    """InputError unless the Triton score pass can express ``lowering``'s selection:
+    the own block scored by the slot count, over own-and-later visibility (the
+    quirk-off lowerings of these two run on flex and the reference)."""
+    if lowering.current_block_score != "slot_count" or lowering.compression_visibility != "own_and_later":
+        raise InputError("lowering", "current_block_score 'slot_count' and compression_visibility 'own_and_later' "
+                         "for the triton backend (other lowerings run on flex and the reference)",
+                         (lowering.current_block_score, lowering.compression_visibility))
+
+
 def release_top_blocks(qp: torch.Tensor, kc: torch.Tensor, lse: torch.Tensor, layout: SlotLayout,
-                       lengths: torch.Tensor, pattern: Pattern, lowering: ReleaseLowering, width: int) -> torch.Tensor:
+                       lengths: torch.Tensor, pattern: Pattern, lowering: ReleaseLowering, width: int,
+                       lay: Any) -> torch.Tensor:
     """The release's selection (Q5-Q7) on the Triton scoring kernels: block lists
     ``[B, Hkv', L, width]`` int32 (``-1`` empty; rows past ``lengths`` unwritten).
 
@@ -555,14 +566,12 @@ def release_top_blocks(qp: torch.Tensor, kc: torch.Tensor, lse: torch.Tensor, la
     complete blocks ``j < (t + 1) // l`` as ``sum_g exp(qp_g . Kc_j / sqrt(D) -
     lse_read[t, g])``; the own block ``t // l`` scores the slot count (Q5); and
     ``topn_select_kernel`` keeps the top ``S`` (Q7) of ``j <= t // l``, ties to the
-    lower index, as :func:`release_selection` does (float32 scores)."""
+    lower index, as :func:`release_selection` does (float32 scores). ``lay``: the
+    rows' :class:`nsaflex.kernels.ops.SeqLayout` (``ceil(L_b / l)`` blocks a row)."""
     from nsaflex.kernels import ops
 
     assert pattern.compression is not None and pattern.selection is not None
-    if lowering.current_block_score != "slot_count" or lowering.compression_visibility != "own_and_later":
-        raise InputError("lowering", "current_block_score 'slot_count' and compression_visibility 'own_and_later' "
-                         "for the triton backend (other lowerings run on flex and the reference)",
-                         (lowering.current_block_score, lowering.compression_visibility))
+    check_triton_lowering(lowering)
     batch, run_slots, length, dim = qp.shape
     block, group = pattern.compression.block, layout.slot_group
     count = pattern.selection.count
@@ -578,10 +587,6 @@ def release_top_blocks(qp: torch.Tensor, kc: torch.Tensor, lse: torch.Tensor, la
                               current_candidate=True)
     launch = ops.launch_choices(kc.shape[-1], group)
     tiles = ops._Tiles(cfg, launch, group)
-    zeros = torch.zeros_like(lengths, dtype=torch.int32)
-    lens = lengths.to(torch.int32)
-    lay = ops.SeqLayout(zeros, lens, zeros, row_blocks(lengths, block).to(torch.int32), length, kc.shape[2], False,
-                        kc.shape[2] if batch == 1 else int(row_blocks(lengths, block).min()))
     sel = torch.full((batch, run_slots // group, length, width), -1, dtype=torch.int32, device=qp.device)
     read = read.contiguous()
 
@@ -611,6 +616,7 @@ class ReleaseTritonKernel:
     def __init__(self, pattern: Pattern, lowering: ReleaseLowering | None = None) -> None:
         self.pattern = pattern
         self.lowering = lowering or ReleaseLowering()
+        check_triton_lowering(self.lowering)
 
     def __call__(self, q, k, v, gates, token_types, pooler=None, *, lengths: torch.Tensor | None = None):
         from nsaflex.backends.triton import _check_tensors, _dense
@@ -645,14 +651,14 @@ class ReleaseTritonKernel:
         clens = row_blocks(lengths, block).to(torch.int32)
         # Rows padded in place: a shorter row's gradients past its end are zeros.
         lay = ops.SeqLayout(zeros, lengths.to(torch.int32), zeros, clens, length, kc.shape[2], False,
-                            kc.shape[2] if batch == 1 else int(clens.min()), full_rows=False)
+                            int(clens.min()), full_rows=False)
         qp, ks, vs, kc, vc = (x.contiguous() for x in (qp, ks, vs, kc, vc))
         work = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
         gs = slot_gates(pattern, gates, vision, layout, q, work).contiguous()  # the kernels read gates as float32
 
         def select(lse_c: torch.Tensor) -> torch.Tensor:
             return release_top_blocks(qp.detach(), kc.detach(), lse_c * math.log(2.0), layout, lengths, pattern,
-                                      lowering, width)
+                                      lowering, width, lay)
 
         sparse = ops.nsa_attention(qp, ks, vs, kc, vc, gs, lay, cfg, select=select)
         dense = _dense(q * (1 - vision.to(q.dtype)[:, None, :, None]), k, v)

@@ -31,7 +31,15 @@ import nsaflex  # noqa: E402
 from nsaflex import reference_release  # noqa: E402
 from nsaflex.reference_release import release_attention  # noqa: E402
 from nsaflex.kernels import ops  # noqa: E402
-from nsaflex.release_lowering import ReleaseLowering, ReleaseTritonKernel, release_selection, slot_layout, to_slots  # noqa: E402
+from nsaflex.release_lowering import (  # noqa: E402
+    QUIRK_CHOICES,
+    ReleaseFlexKernel,
+    ReleaseLowering,
+    ReleaseTritonKernel,
+    release_selection,
+    slot_layout,
+    to_slots,
+)
 from tests.test_release_lowering import ATOL, RTOL, quirk_case, release, release_cases  # noqa: E402
 
 EXAMPLES = 12 if DEVICE == "cpu" else 10
@@ -165,8 +173,21 @@ def test_bf16_release_equals_reference(length, dim):
 def test_lowerings_the_kernels_do_not_take_are_refused():
     """Quirk-off lowerings (analysis only) whose selection the Triton score pass
     cannot express name the field; flex and the reference run them."""
-    pattern, q, k, v, gates, types = quirk_case()
+    pattern = quirk_case()[0]
+    for off in (dict(current_block_score="scored"), dict(compression_visibility="causal")):
+        with pytest.raises(nsaflex.InputError, match="current_block_score"):
+            ReleaseTritonKernel(pattern, ReleaseLowering(**off))
+
+
+@pytest.mark.parametrize("quirk", ["text_keys", "dense_pass", "head_layout", "lse_layout", "count_rounding"])
+def test_quirk_off_lowerings_equal_flex(quirk):
+    """The lowerings with one quirk off that the Triton kernels take (analysis only)
+    give what the flex lowering gives with the same quirk off (eager, its float64
+    ranking on the CPU; float32 on CUDA)."""
+    pattern, q, k, v, gates, types = quirk_case(seed=4)
     q, k, v = (torch.nn.functional.pad(x, (0, 8)) for x in (q, k, v))
-    with pytest.raises(nsaflex.InputError, match="current_block_score"):
-        ReleaseTritonKernel(pattern, ReleaseLowering(current_block_score="scored"))(
-            *(x.to(DEVICE) for x in (q, k, v, gates, types)))
+    off = ReleaseLowering(**{quirk: QUIRK_CHOICES[quirk][1]})
+    inputs = [x.to(DEVICE) for x in (q, k, v, gates, types)]
+    got = ReleaseTritonKernel(pattern, off)(*inputs)
+    want = ReleaseFlexKernel(pattern, off, mode="eager")(*inputs)
+    torch.testing.assert_close(got, want, rtol=RTOL, atol=ATOL)
