@@ -264,14 +264,16 @@ def test_adapter_release_prefill_videonsa_heads(backend):
     torch.testing.assert_close(got[mask.bool()], expected[mask.bool()], rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("backend", ["reference", "flex"])
+@pytest.mark.parametrize("backend", ["reference", "flex", "triton"])
 def test_adapter_release_generate_matches_step_by_step(backend):
+    if backend == "triton" and not INTERPRETED:
+        pytest.skip(NOT_INTERPRETED)
     model = tiny_model()
     pattern = release(block=4, count=2, window=4)
     adapter = apply(model, pattern, backend, mode="videonsa_release")
     paths = {row["decode"] for row in adapter.describe()}
     assert paths == {"exact per-row (videonsa_release numerics, float64, nsaflex.adapters.decode)"
-                     if backend == "reference" else "batched release decode (flex, nsaflex.decoding)"}
+                     if backend == "reference" else f"batched release decode ({backend}, nsaflex.decoding)"}
     randomise(adapter, seed=2)
     ids, mask, mm = make_batch([[(3, 15)], [(2, 7)]], [19, 11], 19, left_pad=True, seed=4)
     if not takes_mm_token_type_ids(model):
