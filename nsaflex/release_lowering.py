@@ -1,6 +1,9 @@
 """``videonsa_release`` on the fast backends: the quirks of
 :mod:`nsaflex.reference_release` (Q1-Q7) as lowering choices around the
-ordinary FlexAttention branches.
+ordinary branches, on FlexAttention (:class:`ReleaseFlexKernel`, described
+below) and on the Triton kernels (:class:`ReleaseTritonKernel`: the same
+pre-pass, slots and mix around one ``nsa_attention`` call whose block lists
+come from :func:`release_top_blocks`).
 
 No kernel is forked. Each quirk is a choice about what the branches are fed:
 
@@ -818,6 +821,7 @@ __all__ = [
     "SlotLayout",
     "build_kernel",
     "check_mode",
+    "check_triton_lowering",
     "describe",
     "lse_as_read",
     "reference_kernel",
