@@ -422,7 +422,7 @@ def test_apply_twice_remove_unpatched_and_bad_mode():
     assert not any(".g_proj" in k for k in model.state_dict())
 
 
-def test_release_mode_refuses_faithful_pattern_and_fast_backends():
+def test_release_mode_refuses_faithful_patterns_and_unservable_shapes():
     model = tiny_model()
     before = model_fingerprint(model)
     with pytest.raises(PatternError, match="compression.visibility.*videonsa_release"):
