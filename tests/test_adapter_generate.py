@@ -391,3 +391,60 @@ def test_batched_decode_after_the_cache_is_cut_back():
     scratch = ScratchModel(model, pattern, poolers=poolers_of(adapter))
     expected = scratch.step(sequence, torch.zeros_like(sequence))[15:]
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-9)
+
+
+def test_the_cache_goes_with_its_last_user():
+    """Neither the adapter nor the wrappers it puts on a cache keep it alive: once the
+    caller drops a prefill's output, or generate() returns, the KV cache (on a GPU,
+    gigabytes at long contexts) is freed by reference counting alone, without
+    waiting for Python's cycle collector."""
+    import gc
+    import weakref
+
+    model = tiny_model()
+    randomise(apply(model, sparse_patterns()["overlap"], backend="reference"), seed=1)
+    ids, mask, _ = make_batch([[(2, 10)]], [14], 14, seed=2)
+    caches = []
+    original = type(model).forward
+
+    def keep(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        cache = getattr(out, "past_key_values", None) or getattr(out, "cache", None)
+        if cache is not None:
+            caches.append(weakref.ref(cache))
+        return out
+
+    gc.disable()
+    try:
+        with torch.no_grad(), pytest.MonkeyPatch.context() as patch:
+            patch.setattr(type(model), "forward", keep)
+            out = model(input_ids=ids, attention_mask=mask, use_cache=True)
+            assert len(caches) == 1 and caches[0]() is not None
+            del out
+            assert caches[0]() is None, "the prefill's cache outlived its output"
+            model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, do_sample=False)
+            assert len(caches) > 1 and all(ref() is None for ref in caches), "generate()'s cache outlived the call"
+    finally:
+        gc.enable()
+
+
+def test_a_copied_cache_follows_its_own_rows():
+    """A prefilled cache copied (a prompt reused) or pickled carries the decode
+    states and row wrappers of its own: reordering the copy moves the copy's rows
+    and states, not the original's."""
+    import copy
+    import pickle
+
+    pattern = sparse_patterns()["overlap"]
+    model = tiny_model()
+    randomise(apply(model, pattern, backend="flex"), seed=3)
+    ids, mask, _ = make_batch([[(2, 10)], [(1, 6)]], [14, 9], 14, left_pad=True, seed=4)
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, use_cache=True)
+    cache = getattr(out, "past_key_values", None) or getattr(out, "cache", None)
+    for twin in (copy.deepcopy(cache), pickle.loads(pickle.dumps(cache))):
+        follower = vars(twin)["reorder_cache"]
+        assert follower.cache() is twin and vars(cache)["reorder_cache"].cache() is cache
+        before = cache.layers[0].keys.clone()
+        twin.reorder_cache(torch.tensor([1, 0]))
+        assert torch.equal(twin.layers[0].keys, before[[1, 0]]) and torch.equal(cache.layers[0].keys, before)

@@ -94,6 +94,7 @@ import os
 import re
 import sys
 import warnings
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
@@ -602,15 +603,16 @@ class Qwen25VLAdapter:
         self._call = _CallState(types=types, past=past, batch=batch, q_len=q_len, decode=decode, cache=cache)
 
     def _after_text_call(self, output: Any) -> None:
+        call = self._call
         cache = _find_cache(output)
         if cache is None:
-            cache = self._call.cache
-        if cache is None:
+            cache = call.cache
+        # The call is over: its caller decides how long the cache lives, and the decode
+        # states live with the cache.
+        decode, call.cache, call.decode = call.decode, None, {}
+        if cache is None or _cache_length(cache) != call.past + call.q_len:
             return
-        call = self._call
-        if _cache_length(cache) != call.past + call.q_len:
-            return
-        object.__setattr__(cache, "_nsaflex_state", _CacheState(call.types, call.decode))
+        object.__setattr__(cache, "_nsaflex_state", _CacheState(call.types, decode))
         _follow_cache_rows(cache)
 
     # -- attention --------------------------------------------------------------------
@@ -932,13 +934,31 @@ class _RowFollower:
     the cache at every step, and rebuilding the states would re-read it all."""
 
     def __init__(self, cache: Any, name: str) -> None:
-        self.cache = cache
-        self.method = getattr(cache, name)
+        # The cache holds this wrapper, so the wrapper holds the cache weakly and its method
+        # unbound: a reference cycle would keep the cache (gigabytes of keys and values on a
+        # GPU) until Python's cycle collector ran, long after its last user dropped it.
+        self.cache = weakref.ref(cache)
+        own = vars(cache).get(name)
+        self.method = own if own is not None else getattr(type(cache), name)
+        self.bound = own is not None
         self.name = name
 
+    def __deepcopy__(self, memo: dict) -> "_RowFollower":
+        # A copied cache (a prompt's prefill reused) gets a wrapper of its own, on the copy.
+        cache = self.cache()
+        twin = object.__new__(_RowFollower)
+        twin.cache = weakref.ref(memo.get(id(cache), cache))
+        twin.method = copy.deepcopy(self.method, memo) if self.bound else self.method
+        twin.bound, twin.name = self.bound, self.name
+        return twin
+
+    def __reduce__(self) -> tuple:
+        return _restore_follower, (self.cache(), self.name, self.method if self.bound else None)
+
     def __call__(self, argument: Any) -> Any:
-        result = self.method(argument)
-        stored = getattr(self.cache, "_nsaflex_state", None)
+        cache = self.cache()
+        result = self.method(argument) if self.bound else self.method(cache, argument)
+        stored = getattr(cache, "_nsaflex_state", None)
         if isinstance(stored, _CacheState):
             for layer_cache in stored.decode.values():
                 if layer_cache.state is None:
@@ -949,6 +969,14 @@ class _RowFollower:
                     index = argument
                 layer_cache.reorder(index)
         return result
+
+
+def _restore_follower(cache: Any, name: str, method: Any) -> _RowFollower:
+    """A :class:`_RowFollower` unpickled with its cache."""
+    follower = object.__new__(_RowFollower)
+    follower.cache, follower.name = weakref.ref(cache), name
+    follower.method, follower.bound = (method, True) if method is not None else (getattr(type(cache), name), False)
+    return follower
 
 
 def _follow_cache_rows(cache: Any) -> None:
