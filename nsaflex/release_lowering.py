@@ -106,6 +106,10 @@ class ReleaseLowering:
             if getattr(self, name) not in allowed:
                 raise InputError(name, one_of(allowed), getattr(self, name))
 
+    def selected(self, count: int) -> int:
+        """The number of blocks the selection keeps for a pattern's ``count`` (Q7)."""
+        return selected_count(count) if self.count_rounding == "power_of_two" else count
+
     @property
     def is_release(self) -> bool:
         """Every quirk on: what ``mode="videonsa_release"`` runs."""
@@ -175,6 +179,16 @@ def from_slots(y: torch.Tensor, layout: SlotLayout, query_heads: int) -> torch.T
     for copy in range(1, layout.copies):
         total = total + y[:, copy * query_heads : (copy + 1) * query_heads]
     return total / layout.copies if layout.copies > 1 else total
+
+
+def real_rows(q: torch.Tensor, lengths: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(lengths [B] long, real [B, L] bool)`` on q's device: each row's real tokens
+    at the front (``lengths`` None: whole rows)."""
+    batch, _, length, _ = q.shape
+    if lengths is None:
+        lengths = torch.full((batch,), length, dtype=torch.long, device=q.device)
+    lengths = lengths.to(device=q.device, dtype=torch.long)
+    return lengths, torch.arange(length, device=q.device)[None, :] < lengths[:, None]
 
 
 def release_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, vision: torch.Tensor, lengths: torch.Tensor,
@@ -271,15 +285,14 @@ def release_lse(qp: torch.Tensor, kc: torch.Tensor, layout: SlotLayout, lengths:
     ``-inf`` where a query sees no block), in ``kc``'s dtype (``qp`` is cast chunk by
     chunk). Slots past ``P'`` are zero queries: ``log`` of the number of blocks they
     see. ``run_lse [B, P', L]``: the run slots' values as the branch computed them
-    (then only the zero slots are filled in here)."""
+    (then only the zero slots are filled in here, in ``run_lse``'s dtype)."""
+    if run_lse is not None and layout.run_slots == layout.slots:
+        return run_lse  # no zero slots to fill (VideoNSA's 28 / 4 heads: 56 of 64 slots, all kv groups run)
     batch, _, length, _ = qp.shape
     num_blocks = kc.shape[2]
     blocks_of_row = row_blocks(lengths, block)
     scale = softmax_scale(qp.shape[-1])
-    out = kc.new_empty(batch, layout.slots, length)
-    if run_lse is not None and layout.run_slots == layout.slots:
-        out.copy_(run_lse)  # no zero slots to fill (VideoNSA's 28 / 4 heads: 56 of 64 slots, all kv groups run)
-        return out
+    out = (kc if run_lse is None else run_lse).new_empty(batch, layout.slots, length)
     for start in range(0, length, chunk):
         stop = min(length, start + chunk)
         queries = torch.arange(start, stop, device=qp.device)
@@ -343,7 +356,7 @@ def release_selection(qp: torch.Tensor, keys: torch.Tensor, layout: SlotLayout, 
     if score_dtype is None:
         score_dtype = default_score_dtype(qp.device, qp.dtype)
     count = pattern.selection.count
-    take = min(num_blocks, selected_count(count) if lowering.count_rounding == "power_of_two" else count)
+    take = min(num_blocks, lowering.selected(count))
     if chunk is None:
         chunk = max(1, DEFAULT_CHUNK_ELEMENTS // max(1, batch * run_slots * max(num_blocks, 1)))
     scale = softmax_scale(dim)
@@ -459,10 +472,7 @@ class ReleaseFlexKernel:
         device = q.device
         if device.type == "cuda" and dim < MIN_CUDA_HEAD_DIM:
             raise InputError("q", f"head dim >= {MIN_CUDA_HEAD_DIM} (FlexAttention on CUDA)", dim)
-        if lengths is None:
-            lengths = torch.full((batch,), length, dtype=torch.long, device=device)
-        lengths = lengths.to(device=device, dtype=torch.long)
-        real = torch.arange(length, device=device)[None, :] < lengths[:, None]  # [B, L]
+        lengths, real = real_rows(q, lengths)
         needs_grad = self.flex._needs_grad((q, k, v, gates), None)
         compiled = self.flex._compiled_for(q, needs_grad)
         if self.pattern.dense:
@@ -559,10 +569,11 @@ def check_triton_lowering(lowering: ReleaseLowering) -> None:
 
 
 def release_top_blocks(qp: torch.Tensor, kc: torch.Tensor, lse: torch.Tensor, layout: SlotLayout,
-                       lengths: torch.Tensor, pattern: Pattern, lowering: ReleaseLowering, width: int,
+                       lengths: torch.Tensor, pattern: Pattern, lowering: ReleaseLowering, nt: int,
                        lay: Any) -> torch.Tensor:
     """The release's selection (Q5-Q7) on the Triton scoring kernels: block lists
-    ``[B, Hkv', L, width]`` int32 (``-1`` empty; rows past ``lengths`` unwritten).
+    ``[B, Hkv', L, nt + 4]`` int32 (``nt``: the kernels' free list slots, at least the
+    kept count; ``-1`` empty; rows past ``lengths`` unwritten).
 
     ``qp [B, P', L, D]`` slot queries and ``kc [B, Hkv', N, D]`` pooled keys, as
     the kernels take them (contiguous, a kernel head dim); ``lse [B, P', L]`` the
@@ -580,20 +591,17 @@ def release_top_blocks(qp: torch.Tensor, kc: torch.Tensor, lse: torch.Tensor, la
     check_triton_lowering(lowering)
     batch, run_slots, length, dim = qp.shape
     block, group = pattern.compression.block, layout.slot_group
-    count = pattern.selection.count
-    take = selected_count(count) if lowering.count_rounding == "power_of_two" else count
-    # float32 like the branch's values (release_lse takes the buffer's dtype from kc).
-    full = release_lse(qp, kc.float(), layout, lengths, block, lowering,
+    take = lowering.selected(pattern.selection.count)
+    full = release_lse(qp, kc, layout, lengths, block, lowering,
                        max(1, DEFAULT_CHUNK_ELEMENTS // max(1, batch * kc.shape[2])), run_lse=lse.float())
     queries = torch.arange(length, device=qp.device)
     read = lse_as_read(full, queries, run_slots, lengths, lowering) * 1.4426950408889634
     compression = dataclasses.replace(pattern.compression, visibility="causal")
     selection = dataclasses.replace(pattern.selection, forced=(), granularity="token")
-    cfg = dataclasses.replace(ops.scoring_config(compression, selection), count=take, nt=width - 4,
-                              current_candidate=True)
+    cfg = dataclasses.replace(ops.scoring_config(compression, selection), count=take, nt=nt, current_candidate=True)
     launch = ops.launch_choices(kc.shape[-1], group)
     tiles = ops._Tiles(cfg, launch, group)
-    sel = torch.full((batch, run_slots // group, length, width), -1, dtype=torch.int32, device=qp.device)
+    sel = torch.full((batch, run_slots // group, length, cfg.list_width), -1, dtype=torch.int32, device=qp.device)
     read = read.contiguous()
 
     def score(t_off: int, t_end: int, buf: torch.Tensor) -> None:
@@ -620,39 +628,37 @@ class ReleaseTritonKernel:
     """
 
     def __init__(self, pattern: Pattern, lowering: ReleaseLowering | None = None) -> None:
+        from nsaflex.kernels import ops
+
         self.pattern = pattern
         self.lowering = lowering or ReleaseLowering()
         check_triton_lowering(self.lowering)
+        self.cfg = None
+        if not pattern.dense:
+            assert pattern.selection is not None
+            # The pattern's own compression visibility is the release's (videonsa_legacy,
+            # check_release_pattern); the block lists hold the rounded count (Q7).
+            cfg = ops.make_config(pattern)
+            self.cfg = dataclasses.replace(cfg, nt=max(cfg.nt, ops.next_pow2(self.lowering.selected(
+                pattern.selection.count))))
 
     def __call__(self, q, k, v, gates, token_types, pooler=None, *, lengths: torch.Tensor | None = None):
-        from nsaflex.backends.triton import _check_tensors, _dense
+        from nsaflex.backends.triton import _check_tensors, _dense, interpreter_inputs
         from nsaflex.kernels import ops
 
         _check_tensors(q, k, v)
-        if q.device.type == "cpu" and q.dtype != torch.float32:
-            # The interpreter's half-precision dots are wrong; float32 holds every bf16/fp16 value.
-            up = [None if t is None else t.float() for t in (q, k, v, gates)]
-            return self(*up, token_types, pooler, lengths=lengths).to(q.dtype)
+        if q.device.type == "cpu" and q.dtype == torch.bfloat16:
+            return self(*interpreter_inputs(q, k, v, gates), token_types, pooler, lengths=lengths).to(q.dtype)
         batch, query_heads, length, _ = q.shape
         device = q.device
-        if lengths is None:
-            lengths = torch.full((batch,), length, dtype=torch.long, device=device)
-        lengths = lengths.to(device=device, dtype=torch.long)
-        real = torch.arange(length, device=device)[None, :] < lengths[:, None]  # [B, L]
+        lengths, real = real_rows(q, lengths)
         if self.pattern.dense:
             return torch.where(real[:, None, :, None], _dense(q, k, v), 0.0)
-        pattern, lowering = self.pattern, self.lowering
-        assert pattern.compression is not None and pattern.selection is not None
+        pattern, lowering, cfg = self.pattern, self.lowering, self.cfg
+        assert pattern.compression is not None and cfg is not None
         vision = (token_types.to(device) != 0) & real
         block = pattern.compression.block
         layout, ks, vs, qp, kc, vc = release_inputs(q, k, v, vision, lengths, block, lowering)
-        count = pattern.selection.count
-        take = selected_count(count) if lowering.count_rounding == "power_of_two" else count
-        cfg = ops.make_config(dataclasses.replace(pattern, compression=dataclasses.replace(
-            pattern.compression, visibility="videonsa_legacy" if lowering.compression_visibility == "own_and_later"
-            else "causal")))
-        cfg = dataclasses.replace(cfg, nt=max(cfg.nt, ops.next_pow2(take)))
-        width = cfg.nt + 4
         zeros = torch.zeros(batch, dtype=torch.int32, device=device)
         clens = row_blocks(lengths, block).to(torch.int32)
         # Rows padded in place: a shorter row's gradients past its end are zeros.
@@ -664,7 +670,7 @@ class ReleaseTritonKernel:
 
         def select(lse_c: torch.Tensor) -> torch.Tensor:
             return release_top_blocks(qp.detach(), kc.detach(), lse_c * math.log(2.0), layout, lengths, pattern,
-                                      lowering, width, lay)
+                                      lowering, cfg.nt, lay)
 
         sparse = ops.nsa_attention(qp, ks, vs, kc, vc, gs, lay, cfg, select=select)
         dense = _dense(q * (1 - vision.to(q.dtype)[:, None, :, None]), k, v)
@@ -735,7 +741,7 @@ def describe(pattern: Pattern, backend: str, device: str, lowering: ReleaseLower
     slots = _slot_notes(pattern, lowering)
     c, s, w = pattern.compression, pattern.selection, pattern.window
     assert c is not None and s is not None and w is not None
-    count = selected_count(s.count) if lowering.count_rounding == "power_of_two" else s.count
+    count = lowering.selected(s.count)
     prepass = (f"Q2 text keys/values {lowering.text_keys} (pre-pass k, v * vision); "
                f"Q3 text queries zeroed, text gates sigmoid(0) = {TEXT_GATE}")
     layout_note = ("Q4 query heads as slots [q, q, 0...] over the kv heads (slot s reads kv head s // (P / Hkv)"
@@ -784,7 +790,7 @@ def _describe_triton(pattern: Pattern, lowering: ReleaseLowering) -> tuple[Branc
         return (BranchPlan("dense", "triton", "torch SDPA (causal)", "is_causal"),)
     c, s, w = pattern.compression, pattern.selection, pattern.window
     assert c is not None and s is not None and w is not None
-    count = selected_count(s.count) if lowering.count_rounding == "power_of_two" else s.count
+    count = lowering.selected(s.count)
     kernels = "nsa_attention over the run slots (slot group = the kernels' GQA group)"
     return (
         BranchPlan("compression", "triton", f"cmp_lse_kernel + output ({kernels})",
@@ -832,6 +838,7 @@ __all__ = [
     "release_lse",
     "release_pooling",
     "release_selection",
+    "real_rows",
     "release_top_blocks",
     "slot_layout",
 ]

@@ -933,12 +933,12 @@ class _RowFollower:
     batched decode states kept with the cache follow: beam search reorders
     the cache at every step, and rebuilding the states would re-read it all."""
 
-    def __init__(self, cache: Any, name: str) -> None:
+    def __init__(self, cache: Any, name: str, own: Any = None) -> None:
         # The cache holds this wrapper, so the wrapper holds the cache weakly and its method
         # unbound: a reference cycle would keep the cache (gigabytes of keys and values on a
         # GPU) until Python's cycle collector ran, long after its last user dropped it.
+        # ``own``: a callable the cache itself held under ``name`` (None: its class's method).
         self.cache = weakref.ref(cache)
-        own = vars(cache).get(name)
         self.method = own if own is not None else getattr(type(cache), name)
         self.bound = own is not None
         self.name = name
@@ -946,14 +946,11 @@ class _RowFollower:
     def __deepcopy__(self, memo: dict) -> "_RowFollower":
         # A copied cache (a prompt's prefill reused) gets a wrapper of its own, on the copy.
         cache = self.cache()
-        twin = object.__new__(_RowFollower)
-        twin.cache = weakref.ref(memo.get(id(cache), cache))
-        twin.method = copy.deepcopy(self.method, memo) if self.bound else self.method
-        twin.bound, twin.name = self.bound, self.name
-        return twin
+        return _RowFollower(memo.get(id(cache), cache), self.name,
+                            copy.deepcopy(self.method, memo) if self.bound else None)
 
     def __reduce__(self) -> tuple:
-        return _restore_follower, (self.cache(), self.name, self.method if self.bound else None)
+        return _RowFollower, (self.cache(), self.name, self.method if self.bound else None)
 
     def __call__(self, argument: Any) -> Any:
         cache = self.cache()
@@ -971,21 +968,13 @@ class _RowFollower:
         return result
 
 
-def _restore_follower(cache: Any, name: str, method: Any) -> _RowFollower:
-    """A :class:`_RowFollower` unpickled with its cache."""
-    follower = object.__new__(_RowFollower)
-    follower.cache, follower.name = weakref.ref(cache), name
-    follower.method, follower.bound = (method, True) if method is not None else (getattr(type(cache), name), False)
-    return follower
-
-
 def _follow_cache_rows(cache: Any) -> None:
     """Wrap the cache's row-changing methods once (see :class:`_RowFollower`)."""
     if vars(cache).get("_nsaflex_follows_rows"):
         return
     for name in ("reorder_cache", "batch_select_indices", "batch_repeat_interleave"):
         if callable(getattr(cache, name, None)):
-            object.__setattr__(cache, name, _RowFollower(cache, name))
+            object.__setattr__(cache, name, _RowFollower(cache, name, vars(cache).get(name)))
     object.__setattr__(cache, "_nsaflex_follows_rows", True)
 
 

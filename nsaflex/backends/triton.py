@@ -125,11 +125,7 @@ class TritonBackend:
             :func:`nsaflex.kernels.ops.record_forward`."""
             _check_tensors(q, k, v, cfg)
             if q.device.type == "cpu" and q.dtype == torch.bfloat16:
-                # The interpreter keeps bf16 as uint16 bit patterns, and its tl.dot multiplies
-                # those integers (inf rows). float32 holds every bf16 value exactly and the
-                # GPU's bf16 dots accumulate in float32: within bf16 rounding of the GPU.
-                up = [None if t is None else t.float() if t.dtype == torch.bfloat16 else t for t in (q, k, v, gates)]
-                return kernel(*up, token_types, pooler, info=info).to(torch.bfloat16)
+                return kernel(*interpreter_inputs(q, k, v, gates), token_types, pooler, info=info).to(torch.bfloat16)
             if pattern.dense:
                 out = _dense(q, k, v)
                 if info is not None:
@@ -139,6 +135,14 @@ class TritonBackend:
             return _sparse_forward(pattern, cfg, q, k, v, gates, token_types, pooler, info=info)
 
         return kernel
+
+
+def interpreter_inputs(*tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
+    """``tensors`` with bf16 ones as float32, for the CPU interpreter: it keeps bf16 as
+    uint16 bit patterns, and its tl.dot multiplies those integers (inf rows).
+    float32 holds every bf16 value exactly and the GPU's bf16 dots accumulate in
+    float32: within bf16 rounding of the GPU."""
+    return [None if t is None else t.float() if t.dtype == torch.bfloat16 else t for t in tensors]
 
 
 def _tile_spans(pattern: Pattern, cfg: Any) -> str:

@@ -63,6 +63,11 @@ class KernelConfig:
     atomic: bool = False  # backward: fp32 atomics for the selection's dk, dv (the plan's deterministic=False)
 
     @property
+    def list_width(self) -> int:
+        """Slots of a token's block list: ``nt`` free ones, then the forced blocks'."""
+        return self.nt + 4
+
+    @property
     def slc_tile(self) -> int:
         """Key columns per selection step (:func:`forward.key_tile`; the row-tile kernels derive it likewise)."""
         return fwd.key_tile(self.slc_block)
@@ -379,7 +384,7 @@ class _Tiles:
         # The dk, dv kernels keep GP rows per token: packed densely they ran 7-12 %
         # slower (H200, 128K video) although they take 11 % fewer steps.
         self.bt_kv = max(64 // self.GP, -(-16 // self.GP))
-        self.width = cfg.nt + 4
+        self.width = cfg.list_width
         self.sel_rows = self.bt_sel * group if cfg.head_scoring else self.bt_sel
 
     def union_log(self, sel_rows: int) -> int:
