@@ -160,12 +160,15 @@ def _kinds(out: torch.Tensor) -> tuple[torch.Tensor, ...]:
 
 @pytest.mark.parametrize("backend", ["flex", "flex-eager", "triton"])
 @pytest.mark.parametrize("pattern_name", ["window", "hybrid-all"])
-def test_value_kinds_match_the_reference(backend, pattern_name):
-    """+inf at key 5 and -inf at key 6 of channel 3: each output entry is +inf,
-    -inf, NaN (both seen) or finite exactly as in the reference."""
+@pytest.mark.parametrize("plus,minus", [(5, 6), (16, 15)], ids=["plus-first", "minus-first-other-chunk"])
+def test_value_kinds_match_the_reference(backend, pattern_name, plus, minus):
+    """+inf at key ``plus`` and -inf at key ``minus`` of channel 3 (keys 15 and
+    16: the Triton kernels add them in different chunks of 16 keys, the -inf
+    first): each output entry is +inf, -inf, NaN (both seen) or finite exactly
+    as in the reference."""
     q, k, v = (_normal(1, 1, 32, HEAD_DIM, seed=s) for s in range(3))
-    v[0, 0, 5, 3] = float("inf")
-    v[0, 0, 6, 3] = float("-inf")
+    v[0, 0, plus, 3] = float("inf")
+    v[0, 0, minus, 3] = float("-inf")
     types = torch.ones(1, 32, dtype=torch.long, device=DEVICE) if "hybrid" in pattern_name else None
     expected = _kinds(_attention(pattern_name, "reference")(q, k, v, token_types=types))
     got = _kinds(_attention(pattern_name, backend)(q, k, v, token_types=types))

@@ -160,25 +160,32 @@ def _add_nonfinite(acc, kept, VRAW, rows, rmask, stride, d):
     loops read these values as 0 (their ``V`` holds the finite part), so
     ``acc`` holds the finite part.
 
-    Two products add into ``acc`` itself (no second accumulator): kept pairs
-    weigh ``H = 2^100`` (the others 0) against codes ``H`` where a value is
-    +inf or NaN and, negated, where it is -inf or NaN, else 0. ``H * H``
-    overflows fp32 to inf, so a kept +inf adds +inf, a kept -inf -inf, and
-    both +inf - inf = NaN; finite codes meet the weights 0 as 0 (where
-    ``p @ v`` would add ``0 * inf = NaN`` over the masked pairs). bf16
-    operands (H and 0 are exact there) take the matrix units."""
+    Kept pairs weigh ``H = 2^100`` (the others 0) against codes ``H`` where a
+    value is +inf or NaN (``up``) and where it is -inf or NaN (``down``), else
+    0. ``H * H`` passes fp32's range, so ``weight @ up`` is +inf where a kept
+    value is +inf or NaN and ``weight @ down`` where one is -inf or NaN;
+    ``acc`` gains their difference: a kept +inf gives +inf, a kept -inf
+    -inf, both (here or in an earlier call) inf - inf = NaN; finite codes
+    meet the weights 0 as 0 (where ``p @ v`` would add ``0 * inf = NaN``
+    over the masked pairs). Each product starts from zero, never from
+    ``acc`` or the other: a fused multiply-add rounds ``inf - 2^200`` once,
+    to inf (the GPU's matrix units and FMA dots do; the interpreter's
+    products overflow first, which hid it). bf16 operands (H and 0 are exact
+    there) take the matrix units."""
     vv = tl.load(VRAW + rows[:, None] * stride + d[None, :], mask=rmask[:, None], other=0.0)
     finite = tl.abs(vv) < float("inf")
     weight = tl.where(kept, 1.2676506002282294e30, 0.0)
     up = tl.where(finite | (vv < 0), 0.0, 1.2676506002282294e30)
     down = tl.where(finite | (vv > 0), 0.0, 1.2676506002282294e30)
     if vv.dtype == tl.float32:
-        acc = tl.dot(weight, up, acc, input_precision="ieee")
-        acc = tl.dot(-weight, down, acc, input_precision="ieee")
+        plus = tl.dot(weight, up, input_precision="ieee")
+        minus = tl.dot(weight, down, input_precision="ieee")
     else:
-        acc = tl.dot(weight.to(tl.bfloat16), up.to(tl.bfloat16), acc)
-        acc = tl.dot((-weight).to(tl.bfloat16), down.to(tl.bfloat16), acc)
-    return acc
+        plus = tl.dot(weight.to(tl.bfloat16), up.to(tl.bfloat16))
+        minus = tl.dot(weight.to(tl.bfloat16), down.to(tl.bfloat16))
+    # One sum of the two, then onto acc: Triton folds `acc + dot(a, b)` into the
+    # dot's own accumulator, where -inf + 2^200 rounds to -inf.
+    return acc + (plus - minus)
 
 
 @triton.jit
