@@ -695,15 +695,20 @@ def _inverted_index(sel: torch.Tensor, lay: SeqLayout, cfg: KernelConfig, group:
         seq = torch.repeat_interleave(torch.arange(lay.batch, device=dev), lay.lens.long(), output_size=Tv)
         t = p - lay.starts.long()[seq].view(1, 1, Tv, 1)
         seq = seq.view(1, 1, Tv, 1)
+        listed = sel >= 0
     else:
-        seq, t = torch.arange(Bv, device=dev).view(Bv, 1, 1, 1), p
+        # Rows outside a sequence (before its start or past its end, rows as the model
+        # laid them out) hold no list: the top-n never wrote them.
+        seq = torch.arange(Bv, device=dev).view(Bv, 1, 1, 1)
+        t = p - lay.starts.long().view(Bv, 1, 1, 1)
+        listed = (sel >= 0) & (t >= 0) & (t < lay.lens.long().view(Bv, 1, 1, 1))
     if cfg.head_scoring:
         hk, ent = hs // group, t * group + hs % group
     else:
         hk, ent = hs, t
     # Empty slots get key nkeys, past every block: they sort last and belong to no segment.
     key_dtype = torch.int32 if nkeys < 2**31 - 1 else torch.int64
-    key = torch.where(sel >= 0, (seq * n_kv + hk) * n_blocks + sel.long(), nkeys).to(key_dtype).flatten()
+    key = torch.where(listed, (seq * n_kv + hk) * n_blocks + sel.long(), nkeys).to(key_dtype).flatten()
     key, order = torch.sort(key, stable=True)
     ent = ent.expand(Bv, HS, Tv, W).flatten()[order].to(torch.int32).contiguous()
     # Key j's run is [bounds[j], bounds[j + 1]); bounds[nkeys] counts the filled slots.
@@ -733,11 +738,14 @@ def _backward(do, q, k, v, kc, vc, gates, lay: SeqLayout, cfg: KernelConfig, res
     scale = 1.0 / math.sqrt(D)
     scale_log2 = scale * 1.4426950408889634
     ieee = _ieee(q)
-    do = do.contiguous()
+    # dO, dq and the outputs take q's strides in the kernels, dk and dv k's (nsa_attention).
+    if not _same_strides(do, q):
+        do = torch.empty_like(q).copy_(do)
     nb = gates.shape[-1]
-    empty = torch.empty if lay.full_rows else torch.zeros
-    dq = empty(q.shape, dtype=q.dtype, device=dev)
-    dg = empty((Bv, Hq, Tv, nb), dtype=torch.float32, device=dev)
+    fresh = torch.empty if lay.full_rows else torch.zeros
+    fresh_like = torch.empty_like if lay.full_rows else torch.zeros_like
+    dq = fresh_like(q)
+    dg = fresh((Bv, Hq, Tv, nb), dtype=torch.float32, device=dev)
     delta = torch.empty((3, Bv, Hq, Tv), dtype=torch.float32, device=dev)
     dummy_i = torch.zeros(1, dtype=torch.int32, device=dev)
     n_tq = triton.cdiv(lay.max_len, tiles.bt_sel)
@@ -766,8 +774,8 @@ def _backward(do, q, k, v, kc, vc, gates, lay: SeqLayout, cfg: KernelConfig, res
     if cfg.has_cmp and kc is not None and lay.max_cmp > 0:
         BNC = 64
         nsplit = _cmp_dkv_splits(lay.max_len, triton.cdiv(lay.max_cmp, BNC) * B * Hkv, dev)
-        dkp = empty((nsplit,) + tuple(kc.shape), dtype=torch.float32, device=dev)
-        dvp = empty(dkp.shape, dtype=torch.float32, device=dev)
+        dkp = fresh((nsplit,) + tuple(kc.shape), dtype=torch.float32, device=dev)
+        dvp = fresh(dkp.shape, dtype=torch.float32, device=dev)
         _launch(bwd.bwd_cmp_dkv_kernel, (triton.cdiv(lay.max_cmp, BNC), nsplit, B * Hkv),
             q, kc, vc_, do, gates, lse_c, delta[0], dkp, dvp, lay.starts, lay.lens, lay.cstarts, lay.clens,
             lay.strides(q), lay.strides(kc), lay.strides(gates, 4), lay.strides(any_lse), dkp.stride(0),
@@ -782,9 +790,9 @@ def _backward(do, q, k, v, kc, vc, gates, lay: SeqLayout, cfg: KernelConfig, res
         dkc, dvc = torch.zeros_like(kc), torch.zeros_like(vc)
     dk = dv = None
     if cfg.has_win or cfg.has_slc:
-        alloc = empty if cfg.has_win else torch.zeros
-        dk = alloc(k.shape, dtype=torch.float32, device=dev)
-        dv = alloc(k.shape, dtype=torch.float32, device=dev)
+        alloc = fresh_like if cfg.has_win else torch.zeros_like
+        dk = alloc(k, dtype=torch.float32)
+        dv = alloc(k, dtype=torch.float32)
     if cfg.has_win:
         BK = 64
         _launch(bwd.bwd_win_dkv_kernel, (triton.cdiv(lay.max_len, BK), B, Hkv),
@@ -851,6 +859,59 @@ class _NSAFunction(torch.autograd.Function):
         return dq, dk, dv, dkc, dvc, dg, None, None, None, None
 
 
+def _dense(x: torch.Tensor) -> bool:
+    """Whether ``x`` is a permutation of a contiguous tensor with its last dim
+    contiguous: ``empty_like`` then gives a tensor of its strides."""
+    if x.stride(-1) != 1:
+        return False
+    expected = 1
+    for size, stride in sorted(zip(x.shape, x.stride()), key=lambda pair: pair[1]):
+        if size != 1:
+            if stride != expected:
+                return False
+            expected *= size
+    return True
+
+
+def kernel_strides_ok(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether :func:`nsa_attention` takes ``q, k, v`` as they are: each dense
+    with a contiguous head dim (the output, dO and dq are made in q's strides,
+    dk and dv in k's), and ``v`` in ``k``'s strides (the kernels address both by
+    one stride tuple). The model's own layout ``[B, L, H, D]`` read as
+    ``[B, H, L, D]`` qualifies, so the adapter's tensors need no copy."""
+    return all(_dense(x) for x in (q, k, v)) and k.shape == v.shape and _same_strides(k, v)
+
+
+def _same_strides(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether ``a`` and ``b`` (one shape) are addressed alike: equal strides on
+    every dim longer than 1 (a dim of size 1 is only ever read at index 0)."""
+    return all(x == y for size, x, y in zip(a.shape, a.stride(), b.stride()) if size > 1)
+
+
+def kernel_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                  max_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``q, k, v`` as :func:`nsa_attention` takes them (:func:`kernel_strides_ok`),
+    copying only what must be: q where it is not dense or its strides would pass
+    the 32-bit offsets over sequences of ``max_len`` tokens (the contiguous
+    layout packs a group's heads tighter), k where it is not dense, v where it
+    is not dense or not in k's strides. The model's layout passes as it is."""
+    if not _dense(q) or within_group_offset(q, k, max_len) >= 2**31:
+        q = q.contiguous()
+    if not _dense(k):
+        k = k.contiguous()
+    if not (_dense(v) and _same_strides(k, v)):
+        v = torch.empty_like(k).copy_(v)
+    return q, k, v
+
+
+def within_group_offset(q: torch.Tensor, k: torch.Tensor, max_len: int) -> int:
+    """The span of the 32-bit offsets the kernels add inside one GQA group of
+    ``q`` (``[B, Hq, T, D]``, kv heads ``k.shape[1]``) over sequences of up to
+    ``max_len`` tokens: the group's heads times the head stride plus the tokens
+    times the token stride. It must stay below 2^31 (:func:`nsa_attention`)."""
+    return q.shape[1] // k.shape[1] * q.stride(1) + max_len * q.stride(2)
+
+
 def nsa_attention(q, k, v, kc, vc, gates, lay: SeqLayout, cfg: KernelConfig, launch: Launch | None = None,
                   select: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """Gated NSA output over the sparse sequences in ``lay`` (autograd-aware);
@@ -867,14 +928,14 @@ def nsa_attention(q, k, v, kc, vc, gates, lay: SeqLayout, cfg: KernelConfig, lau
     # place within its group's heads and its sequence (keys: within the sequence;
     # k's rows are as wide as q's). q [1, 28, L, 128]: up to 2,097,151 tokens.
     group = q.shape[1] // k.shape[1]
-    within_group = group * q.stride(1) + lay.max_len * q.stride(2)
+    within_group = within_group_offset(q, k, lay.max_len)
     if within_group >= 2**31:
         raise InputError("q", "fewer than 2^31 elements from a group's first head to its last row (query heads per "
                          "kv head x head stride + tokens x token stride) for the triton backend (32-bit offsets "
                          "inside a group)", f"{group} x {q.stride(1)} + {lay.max_len} x {q.stride(2)} = {within_group}")
-    if not (q.is_contiguous() and k.is_contiguous() and v.is_contiguous()):
-        # the outputs, dq and dO take q's strides inside the kernels (and dk, dv k's)
-        raise AssertionError("q, k and v must be contiguous")
+    if not kernel_strides_ok(q, k, v):
+        # the outputs, dq and dO take q's strides inside the kernels (and v, dk, dv k's)
+        raise AssertionError("q, k and v must be dense with a contiguous last dim, v in k's strides")
     if launch is None:
         launch = launch_choices(q.shape[-1], group)
     needs_grad = torch.is_grad_enabled() and any(
