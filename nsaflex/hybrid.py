@@ -70,6 +70,24 @@ class SparseLayout:
         return rows, slots, self.positions[rows, slots]
 
 
+    @functools.cached_property
+    def span_starts(self) -> tuple[int, ...] | None:
+        """Each row's first sparse position where every row's sparse sequence is
+        one run of consecutive tokens (a video or an image between text, the
+        usual prompt), else None. Then the kernels can run on the rows as they
+        are, each run from its first token, with no packing. One host read, once
+        per layout (the layers of a model call share it)."""
+        if self.identity:
+            return (0,) * len(self.host_lengths)
+        if not self.host_lengths:
+            return None
+        first = self.positions[:, 0]
+        last = self.positions.gather(1, (self.lengths - 1).clamp(min=0)[:, None])[:, 0]
+        runs = (last - first == self.lengths - 1) | (self.lengths == 0)
+        values = torch.cat([runs.all().long()[None], first.long()]).tolist()
+        return tuple(values[1:]) if values[0] else None
+
+
 def sparse_layout(pattern: Pattern, token_types: torch.Tensor | None, batch: int, length: int, device) -> SparseLayout:
     """The layout of ``pattern`` for inputs of ``[B, L]`` with ``token_types``.
 
@@ -298,19 +316,95 @@ class _ReproducibleAttention(torch.autograd.Function):
 def _masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
                       repeat: int = 1) -> torch.Tensor:
     """SDPA with the boolean mask ``mask.repeat(1, 1, repeat, 1)``, through
-    :class:`_ReproducibleAttention` when a gradient may be asked for."""
+    :class:`_ReproducibleAttention` when a gradient may be asked for, and with
+    the keys split (:func:`split_key_attention`) where few queries face a long
+    row on CUDA."""
     if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
         return _ReproducibleAttention.apply(q, k, v, mask, repeat)
+    chunks = _key_chunks(q, k.shape[2])
+    if chunks > 1:
+        return split_key_attention(q, k, v, mask, repeat, chunks)
     with _sdpa_backend(q):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.repeat(1, 1, repeat, 1))
 
 
+# Keys per chunk of the split text attention, at least: shorter chunks cost more
+# in the merge than they win in parallel programs.
+MIN_KEY_CHUNK = 2048
+
+
+def _key_chunks(q: torch.Tensor, length: int) -> int:
+    """Key chunks for the text attention of ``q [B, H, N, D]`` over ``length``
+    keys: enough for about two programs per multiprocessor. SDPA runs one
+    program per 64 queries of a head, each through every key, so a question of
+    100 tokens after a 128K-token video (28/4 heads, GQA folded: 4 x 11
+    programs) leaves most of an H100's 132 multiprocessors idle. 1 (no split)
+    off CUDA or where SDPA's memory-efficient kernel does not serve ``q``."""
+    if not _efficient_kernel(q) or length < 2 * MIN_KEY_CHUNK:
+        return 1
+    programs = q.shape[0] * q.shape[1] * -(-q.shape[2] // 64)
+    wanted = -(-2 * torch.cuda.get_device_properties(q.device).multi_processor_count // programs)
+    return max(1, min(wanted, length // MIN_KEY_CHUNK))
+
+
+def _chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(softmax(q k^T / sqrt(D) + bias) v, logsumexp(q k^T / sqrt(D) + bias))``:
+    ``[B, H, N, D]`` and ``[B, H, N]`` float32 (natural log; ``-inf`` where the
+    bias hides every key, whose output rows are then not read). SDPA's
+    memory-efficient kernel on CUDA (the one operator of torch that returns the
+    log-sum-exp beside an additive mask), explicit float32 ops elsewhere."""
+    if _efficient_kernel(q):
+        out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, bias, True)[:2]
+        return out, lse[..., : q.shape[2]]
+    scores = (q.float() @ k.float().transpose(-1, -2)) * softmax_scale(q.shape[-1]) + bias.float()
+    lse = torch.logsumexp(scores, dim=-1)
+    weights = torch.exp(scores - torch.where(torch.isfinite(lse), lse, 0.0)[..., None])
+    return (weights @ v.float()).to(q.dtype), lse
+
+
+def split_key_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, repeat: int,
+                        chunks: int) -> torch.Tensor:
+    """``softmax(q k^T / sqrt(D) + mask) v`` with the keys cut into ``chunks``
+    runs attended at once (the runs as a batch: ``chunks`` times the programs)
+    and merged by their log-sum-exps: ``o = sum_j exp(lse_j - lse) o_j`` with
+    ``lse = log sum_j exp(lse_j)``. q ``[B, H, N, D]``, k, v ``[B, H, L, D]``,
+    the boolean ``mask [B, 1, N / repeat, L]`` repeated ``repeat`` times along
+    the queries (every query sees at least one key). Forward only (no gradient)."""
+    batch, heads, rows, dim = q.shape
+    length = k.shape[2]
+    per_chunk = -(-length // chunks)
+    size = -(-per_chunk // 16) * 16  # a multiple of 16 keys: the kernel's alignment rule for the bias rows
+    padded = size * chunks
+    bias = q.new_full((batch, 1, rows, padded), float("-inf"))
+    bias[..., :length].masked_fill_(mask.repeat(1, 1, repeat, 1), 0.0)
+    if padded != length:
+        k, v = (F.pad(x, (0, 0, 0, padded - length)) for x in (k, v))
+
+    def runs(x: torch.Tensor) -> torch.Tensor:  # [B, H, S * C, D] -> [B * S, H, C, D]
+        return x.unflatten(2, (chunks, size)).transpose(1, 2).flatten(0, 1)
+
+    queries = q.unsqueeze(1).expand(batch, chunks, heads, rows, dim).flatten(0, 1)
+    biases = bias.unflatten(3, (chunks, size)).permute(0, 3, 1, 2, 4).flatten(0, 1).expand(-1, heads, -1, -1)
+    out, lse = _chunk_attention(queries, runs(k), runs(v), biases)
+    out, lse = out.unflatten(0, (batch, chunks)), lse.unflatten(0, (batch, chunks))  # [B, S, H, N, ...]
+    # A chunk a query cannot see weighs 0 (the memory-efficient kernel's log-sum-exp of
+    # such a row is not -inf).
+    seen = F.pad(mask, (0, padded - length)).unflatten(3, (chunks, size)).any(dim=-1)  # [B, 1, N / repeat, S]
+    lse = torch.where(seen.repeat(1, 1, repeat, 1).permute(0, 3, 1, 2), lse, float("-inf"))
+    weights = torch.exp(lse - lse.amax(dim=1, keepdim=True))  # every row sees a key: the max is finite
+    merged = torch.where(weights[..., None] > 0, out.float() * weights[..., None], 0.0).sum(dim=1)
+    return (merged / weights.sum(dim=1)[..., None]).to(q.dtype)
+
+
 def text_dense_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text_queries: torch.Tensor
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text_queries: torch.Tensor, into: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Dense causal attention for the text queries only: ``[B, Hq, L, D]`` with
     zeros on the other rows (a view of a ``[B, L, Hq, D]`` tensor, the layout
-    :func:`unpack_varlen` gives).
+    :func:`unpack_varlen` gives); with ``into`` (``[B, Hq, L, D]``, e.g. the
+    sparse kernels' output over the rows as they are), the text rows of
+    ``into`` replaced in place and ``into`` returned, its other rows kept.
 
     Text queries are few in video inputs, so they are gathered and attend to
     all keys through SDPA with an explicit causal mask, the heads of a GQA
@@ -336,9 +430,8 @@ def text_dense_attention(
     # One host read for both (the text path reads the count anyway).
     most, all_finite = (int(x) for x in torch.stack([counts.max() if batch else counts.new_zeros(()),
                                                      finite.to(counts.dtype)]).tolist())
-    out = q.new_zeros(batch, length, query_heads, dim)
     if most == 0:
-        return out.transpose(1, 2)
+        return q.new_zeros(batch, length, query_heads, dim).transpose(1, 2) if into is None else into
     order = torch.sort((~text_queries).to(torch.int8), dim=1, stable=True).indices[:, :most]
     valid = torch.arange(most, device=q.device)[None, :] < counts[:, None]
     rows = torch.arange(batch, device=q.device)[:, None]
@@ -358,9 +451,19 @@ def text_dense_attention(
     else:
         text_out = _exact_masked_attention(text_q, k, v, mask.repeat(1, group, 1)[:, None])
     text_out = text_out.reshape(batch, query_heads, most, dim).transpose(1, 2)  # [B, Nt, Hq, D]
-    # Padding rows point at positions of sparse queries: they write their zeros there.
-    out[rows, order] = torch.where(valid[:, :, None, None], text_out, 0.0)
-    return out.transpose(1, 2)
+    if into is None:
+        out = q.new_zeros(batch, length, query_heads, dim)
+        # Padding rows point at positions of sparse queries: they write their zeros there.
+        out[rows, order] = torch.where(valid[:, :, None, None], text_out, 0.0)
+        return out.transpose(1, 2)
+    # Indexing into's batch and token dims directly (not through a transposed view,
+    # whose in-place write autograd would replay on a copy of the whole gradient).
+    text_out = text_out.to(into.dtype)
+    if batch > 1:
+        # Padding rows (rows with fewer text queries) point at sparse queries: they write back what is there.
+        text_out = torch.where(valid[:, :, None, None], text_out, into[rows, :, order])
+    into[rows, :, order] = text_out
+    return into
 
 
 # Scores held at once by the explicit (non-finite input) text attention.

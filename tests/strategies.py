@@ -407,11 +407,15 @@ def _token_types(draw: Any, batch: int, length: int, dtype: Any) -> Any:
     whole = draw(st.sampled_from(("rows", "rows", "rows", "text", "vision")))
     rows = []
     for _ in range(batch):
-        kind = whole if whole != "rows" else draw(st.sampled_from(("text", "vision", "random", "runs")))
+        kind = whole if whole != "rows" else draw(st.sampled_from(("text", "vision", "random", "runs", "prompt")))
         if kind == "text":
             row = [0] * length
         elif kind == "vision":
             row = [1] * length
+        elif kind == "prompt":  # text, one run of vision tokens, text: a video between a prompt and a question
+            before = draw(st.integers(0, length))
+            vision = draw(st.integers(0, length - before))
+            row = [0] * before + [1] * vision + [0] * (length - before - vision)
         elif kind == "random":
             row = draw(st.lists(st.integers(0, 1), min_size=length, max_size=length))
         else:  # runs: e.g. a text prompt, frames of vision tokens, text again
@@ -426,7 +430,8 @@ def _token_types(draw: Any, batch: int, length: int, dtype: Any) -> Any:
 
 def token_types(batch: int, length: int, *, dtype: Any = None) -> st.SearchStrategy[Any]:
     """``[batch, length]`` tensors of 0 (text) / 1 (vision): all-text and
-    all-vision rows and batches, random rows and rows made of runs.
+    all-vision rows and batches, random rows, rows made of runs and prompts
+    (text, one run of vision tokens, text).
     ``dtype`` defaults to ``torch.int64`` (``torch.bool`` also works)."""
     if dtype is None:
         import torch

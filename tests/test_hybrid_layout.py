@@ -16,6 +16,7 @@ from nsaflex import hybrid, tensor_memo
 from nsaflex.errors import InputError
 from nsaflex.inputs import check_inputs
 from nsaflex.spec import Compression, Gate, Hybrid, Pattern
+from tests.device import DEVICE
 
 
 def pattern(vision_keys: str) -> Pattern:
@@ -156,3 +157,27 @@ def test_deterministic_mode_is_scoped(caller, raises):
                 torch.is_deterministic_algorithms_warn_only_enabled()) == setting
     finally:
         torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.integers(1, 2), st.integers(1, 2), st.integers(1, 3), st.integers(1, 6), st.integers(1, 70),
+       st.integers(1, 5), st.integers(0, 2**31 - 1))
+def test_split_keys_merge_to_the_whole_attention(batch, heads, repeat, queries, keys, chunks, seed):
+    """Text queries over keys cut into chunks (SDPA's memory-efficient kernel on
+    CUDA, explicit ops elsewhere), merged by their log-sum-exps, equal the
+    attention over all keys (float32 against float64, relative 1e-5), chunks
+    that a query cannot see included; the no-gradient text path takes the split
+    where it is asked for."""
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(batch, heads, n, 16, generator=gen).to(DEVICE) for n in (repeat * queries, keys, keys))
+    mask = torch.rand(batch, 1, queries, keys, generator=gen) < 0.3
+    mask[..., torch.randint(keys, (1,), generator=gen)] = True  # no row fully masked
+    mask = mask.to(DEVICE)
+    whole = torch.nn.functional.scaled_dot_product_attention(
+        q.double(), k.double(), v.double(), attn_mask=mask.repeat(1, 1, repeat, 1))
+    got = hybrid.split_key_attention(q, k, v, mask, repeat, chunks)
+    assert float((got.double() - whole).norm() / whole.norm()) < 1e-5
+    with torch.no_grad(), pytest.MonkeyPatch.context() as patch:
+        patch.setattr(hybrid, "_key_chunks", lambda *args: chunks)
+        plain = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask.repeat(1, 1, repeat, 1))
+        assert torch.equal(hybrid._masked_attention(q, k, v, mask, repeat), got if chunks > 1 else plain)

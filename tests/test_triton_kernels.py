@@ -53,10 +53,13 @@ def cases(draw, *, max_len=40, granularities=("token",)):
     length = draw(st.one_of(st.integers(1, max_len), st.sampled_from((1, 3, 15, 16, 17, 33))))
     seed = draw(st.integers(0, 2**31 - 1))
     types = draw(token_types(batch, length)) if pattern.hybrid is not None else None
-    return pattern, (batch, kv_heads, group, length, 16), seed, types
+    # Half the draws in the model's layout: [B, L, H, D] tensors read as [B, H, L, D].
+    return pattern, (batch, kv_heads, group, length, 16), seed, types, draw(st.booleans())
 
 
-def make_inputs(pattern, shape, seed, types, *, dtype=torch.float32, device=DEVICE, grad=False):
+def make_inputs(pattern, shape, seed, types, *, dtype=torch.float32, device=DEVICE, grad=False, model_layout=False):
+    """Inputs of ``shape`` (batch, kv heads, group, length, head dim); ``model_layout``:
+    q, k and v as the model makes them, ``[B, L, H, D]`` tensors viewed as ``[B, H, L, D]``."""
     batch, kv_heads, group, length, dim = shape
     gen = torch.Generator().manual_seed(seed)
     heads = kv_heads * group
@@ -64,7 +67,12 @@ def make_inputs(pattern, shape, seed, types, *, dtype=torch.float32, device=DEVI
     def randn(*s):
         return torch.randn(*s, generator=gen).to(device=device, dtype=dtype).requires_grad_(grad)
 
-    q, k, v = randn(batch, heads, length, dim), randn(batch, kv_heads, length, dim), randn(batch, kv_heads, length, dim)
+    def heads_first(h):
+        if model_layout:
+            return torch.randn(batch, length, h, dim, generator=gen).to(device=device, dtype=dtype).transpose(1, 2).requires_grad_(grad)
+        return randn(batch, h, length, dim)
+
+    q, k, v = heads_first(heads), heads_first(kv_heads), heads_first(kv_heads)
     gates = None
     if pattern.gate.kind != "constant" and pattern.branches:
         gates = torch.rand(batch, heads, length, len(pattern.branches), generator=gen).to(device=device, dtype=dtype)
@@ -87,9 +95,10 @@ def rel(a, b):
     return float((a - b).norm() / b.norm().clamp_min(floor))
 
 
-def check(pattern, shape, seed, types, *, backward, dtype=torch.float32, tol=TOL, **config):
+def check(pattern, shape, seed, types, model_layout=False, *, backward, dtype=torch.float32, tol=TOL, **config):
     kernel = BACKEND.build(pattern, None) if not config else _build_with(pattern, config)
-    q, k, v, gates, types, pooler = make_inputs(pattern, shape, seed, types, dtype=dtype, grad=backward)
+    q, k, v, gates, types, pooler = make_inputs(pattern, shape, seed, types, dtype=dtype, grad=backward,
+                                                model_layout=model_layout)
     out = kernel(q, k, v, gates, types, pooler)
     assert out.shape == q.shape and out.dtype == q.dtype
     assert torch.isfinite(out).all()
@@ -313,6 +322,32 @@ VIDEONSA_SMALL = Pattern(
 def test_videonsa_class_group7_hybrid_varlen():
     types = torch.tensor([[0] * 3 + [1] * 30 + [0] * 2 + [1] * 6, [1] * 17 + [0] * 24])
     check(VIDEONSA_SMALL, (2, 1, 7, 41, 16), 3, types, backward=True)
+
+
+@pytest.mark.parametrize("model_layout", [False, True], ids=["contiguous", "model-layout"])
+def test_prompt_rows_run_in_place(monkeypatch, model_layout):
+    """Rows whose vision tokens are one run between text (a video between a prompt
+    and a question; a row with no vision; a row all vision) run on the rows as
+    they are: nothing packed, q, k and v handed to the kernels without a copy
+    where their strides serve, outputs and gradients equal to the reference."""
+    from nsaflex.backends import triton as backend
+    from nsaflex.kernels import ops
+
+    def refuse(*args):
+        raise AssertionError("packed a layout of one run per row")
+
+    original, handed = ops.nsa_attention, []
+
+    def spy(q, *args, **kwargs):
+        handed.append(q)
+        return original(q, *args, **kwargs)
+
+    monkeypatch.setattr(backend, "pack_varlen", refuse)
+    monkeypatch.setattr(ops, "nsa_attention", spy)
+    types = torch.tensor([[0] * 5 + [1] * 30 + [0] * 6, [0] * 41, [1] * 41])
+    check(VIDEONSA_SMALL, (3, 1, 7, 41, 16), 3, types, model_layout, backward=True)
+    (q,) = handed
+    assert (q.stride(1) == 16) == model_layout  # the model's layout is read as it is, not copied
 
 
 @pytest.mark.parametrize(

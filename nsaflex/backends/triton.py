@@ -192,13 +192,15 @@ def _sparse_forward(pattern, cfg, q, k, v, gates, token_types, pooler, launch=No
     q ``[B, Hq, L, D]``, k, v ``[B, Hkv, L, D]``, with the text queries of a
     hybrid pattern on the dense path. ``info``: see the kernel built by
     :meth:`TritonBackend.build`."""
-    from nsaflex.kernels.ops import SeqLayout, nsa_attention
+    from nsaflex.kernels.ops import SeqLayout, kernel_inputs, nsa_attention
 
     batch, _, length, _ = q.shape
     device = q.device
     layout = sparse_layout(pattern, token_types, batch, length, device)
     gates = resolve_gates(pattern, gates, q)
     c = pattern.compression
+    if info is None and not layout.identity and layout.max_length > 0 and layout.span_starts is not None:
+        return _spans_in_place(pattern, cfg, q, k, v, gates, layout, pooler, launch)
     # Every token vision (vision_keys: vision) gives an identity layout: the compacted
     # rows are the rows.
     text = text_dense_attention(q, k, v, ~layout.sparse_queries) if layout.has_text else None
@@ -207,7 +209,8 @@ def _sparse_forward(pattern, cfg, q, k, v, gates, token_types, pooler, launch=No
         if text is not None:
             info.update(dense_output=text.float(), dense_lse=causal_logsumexp(q, k))
     if layout.identity:
-        qs, ks, vs, gs = q.contiguous(), k.contiguous(), v.contiguous(), gates
+        qs, ks, vs = kernel_inputs(q, k, v, length)
+        gs = gates
         starts = torch.zeros(batch, dtype=torch.int32, device=device)
         lens = torch.full((batch,), length, dtype=torch.int32, device=device)
         max_len = length
@@ -263,6 +266,41 @@ def _sparse_forward(pattern, cfg, q, k, v, gates, token_types, pooler, launch=No
         # squeeze, not [0]: its backward is a view, select's a zero-filled copy of the packed rows.
         out = unpack_varlen(out.squeeze(0), layout, length)
     return combine(out, text, layout)
+
+
+def _spans_in_place(pattern, cfg, q, k, v, gates, layout, pooler, launch):
+    """The sparse branches where each row's sparse queries are one run of
+    consecutive tokens (``layout.span_starts``): the kernels read the rows as they
+    are, each run from its first token (``starts``), and write its outputs in
+    place; the text path then writes the other rows of the same tensor. Nothing
+    is packed or scattered. The kernels leave rows outside the runs unwritten
+    (every one is a text query) and their gradients zero (``full_rows=False``)."""
+    from nsaflex.kernels.ops import SeqLayout, kernel_inputs, nsa_attention
+
+    c = pattern.compression
+    lens_list = list(layout.host_lengths)
+    max_len = max(lens_list)
+    qs, ks, vs = kernel_inputs(q, k, v, max_len)
+    starts = layout.positions[:, 0].to(torch.int32)
+    lens = layout.lengths.to(torch.int32)
+    counts = [c.num_tokens(n) if c is not None else 0 for n in lens_list]
+    max_cmp = max(counts)
+    kc = vc = None
+    if max_cmp > 0:
+        # Pooled per run, each row's compressed tokens from its row's first (cstarts 0).
+        pieces = []
+        for b, (a, n, nc) in enumerate(zip(layout.span_starts, lens_list, counts)):
+            if nc == 0:
+                pieces.append((ks.new_zeros(1, ks.shape[1], max_cmp, ks.shape[3]),) * 2)
+                continue
+            pooled = compress(ks[b : b + 1, :, a : a + n], vs[b : b + 1, :, a : a + n], c, pooler)
+            pieces.append(tuple(F.pad(x, (0, 0, 0, max_cmp - nc)) for x in pooled))
+        kc = torch.cat([p[0] for p in pieces]).contiguous()
+        vc = torch.cat([p[1] for p in pieces]).contiguous()
+    clens = (compressed_counts(c, lens) if c is not None else torch.zeros_like(lens)).to(torch.int32)
+    lay = SeqLayout(starts, lens, torch.zeros_like(clens), clens, max_len, max_cmp, False, min(counts), full_rows=False)
+    out = nsa_attention(qs, ks, vs, kc, vc, gates, lay, cfg, launch)
+    return text_dense_attention(q, k, v, ~layout.sparse_queries, into=out)
 
 
 def _recorded_attention(qs, ks, vs, kc, vc, gs, lay, cfg, launch):
