@@ -32,7 +32,7 @@ FlexAttention if ``auto`` picked another one.
 ``--attention-modes faithful videonsa_release`` measures the adapter in each
 mode: ``videonsa_release`` runs the released VideoNSA numerics
 (:mod:`nsaflex.reference_release`; the pattern through ``release_pattern``) on
-the backend ``auto`` picks there (FlexAttention on CUDA, the release lowering of
+the backend ``auto`` picks there (Triton on CUDA, through
 :mod:`nsaflex.release_lowering`); rows and the Markdown table name the mode.
 
 ``--impls ... release-stack`` adds the released VideoNSA code's own kernel
@@ -212,7 +212,8 @@ def pattern_for(pattern, mode: str):
 
 
 RELEASE_STACK = "release-stack"
-RELEASE_STACK_NOTE = ("released VideoNSA stack: FlexAttention compression (BlockMask built every call), "
+RELEASE_STACK_NOTE = ("released VideoNSA stack: FlexAttention compression (BlockMask built every call, by compiled "
+                      "mask creation: the release's eager one needs 128 GiB at 128K), "
                       "fla-core parallel_nsa_topk + parallel_nsa_fwd on the padded slots; window on FlexAttention "
                       "(the release's flash-attn is not installed), dense pass on SDPA")
 
@@ -259,7 +260,9 @@ class ReleaseStackAttention:
     * fla's ``mean_pooling`` of the zeroed keys and values (last block partial);
     * compression: ``flex_attention`` with ``return_lse`` over a BlockMask that
       ``create_block_mask`` builds on every call from ``q_idx <= (kv_idx + 1) * l
-      - 1`` (Q1) for ``B`` rows and ``P`` heads, as the release;
+      - 1`` (Q1) for ``B`` rows and ``P`` heads, as the release (compiled mask
+      creation on CUDA, where the release's eager one would need ``B P L N``
+      entries: 128 GiB at 128K);
     * top-n: fla's ``parallel_nsa_topk`` reading the ``[B, P, L]`` log-sum-exp as
       ``[B, L, P]`` (Q6), ``S`` rounded to a power of two by the kernel (Q7);
     * selection: fla's ``parallel_nsa_fwd`` on those indices;
@@ -342,7 +345,10 @@ class ReleaseStackAttention:
         def own_and_later(b, h, q_idx, kv_idx):  # Q1
             return q_idx <= (kv_idx + 1) * block - 1
 
-        mask = create_block_mask(own_and_later, batch, slots, length, k_cmp.shape[1], device=q.device)
+        # Compiled mask creation on CUDA, as for the window: the release's eager one materialises
+        # B x P x L x N entries (128 GiB at 128K, more than the card holds). The baseline is faster for it.
+        mask = create_block_mask(own_and_later, batch, slots, length, k_cmp.shape[1], device=q.device,
+                                 _compile=q.device.type == "cuda")
         o_cmp, lse = flex(slot_q, k_cmp.transpose(1, 2), v_cmp.transpose(1, 2), block_mask=mask, scale=scale,
                           enable_gqa=True, return_lse=True)
         misread = lse.contiguous().view(batch, length, slots)  # Q6: [B, P, L] read as [B, L, P]
