@@ -69,7 +69,6 @@ class SparseLayout:
         slots = torch.arange(total, device=device) - self.cu_seqlens[:-1].long()[rows]
         return rows, slots, self.positions[rows, slots]
 
-
     @functools.cached_property
     def span_starts(self) -> tuple[int, ...] | None:
         """Each row's first sparse position where every row's sparse sequence is

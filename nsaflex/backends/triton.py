@@ -287,7 +287,7 @@ def _spans_in_place(pattern, cfg, q, k, v, gates, layout, pooler, launch):
     max_cmp = max(counts)
     kc = vc = None
     if max_cmp > 0:
-        # Pooled per run, each row's compressed tokens from its row's first (cstarts 0).
+        # Each run pooled on its own into its row of kc (cstarts 0), padded to the longest.
         pieces = []
         for b, (a, n, nc) in enumerate(zip(layout.span_starts, lens_list, counts)):
             if nc == 0:
