@@ -69,7 +69,8 @@ def make_inputs(pattern, shape, seed, types, *, dtype=torch.float32, device=DEVI
 
     def heads_first(h):
         if model_layout:
-            return torch.randn(batch, length, h, dim, generator=gen).to(device=device, dtype=dtype).transpose(1, 2).requires_grad_(grad)
+            tokens_first = torch.randn(batch, length, h, dim, generator=gen).to(device=device, dtype=dtype)
+            return tokens_first.transpose(1, 2).requires_grad_(grad)
         return randn(batch, h, length, dim)
 
     q, k, v = heads_first(heads), heads_first(kv_heads), heads_first(kv_heads)
