@@ -738,7 +738,9 @@ class FlexBackend:
                 "text", self.name, "scaled_dot_product_attention over the gathered text queries (nsaflex.hybrid)",
                 "causal [B, 1, Nt, L] mask of the text queries only",
                 {"vision_keys": pattern.hybrid.vision_keys},
-                ("vision queries: sparse branches over " + (compacted if pattern.hybrid.vision_keys == "vision" else "all tokens"),),
+                ("vision queries: sparse branches over " + (compacted if pattern.hybrid.vision_keys == "vision" else "all tokens"),
+                 "without a gradient on CUDA, where few text queries face a long row, the keys split into chunks "
+                 "merged by their log-sum-exps (nsaflex.hybrid.split_key_attention)"),
             ))
         return tuple(plans)
 

@@ -10,9 +10,11 @@ chunk's block scores (no ``[L, L/d]`` tensor is written); the
 selection branch attends the union of a tile's selected blocks with per-row
 masks, fused with the window branch and the gated combination. Pooling (mean
 or the MLP) runs in torch ahead of the kernels, so the MLP's parameters get
-their gradients through autograd. Hybrid ``vision_keys: vision`` packs the
-vision tokens of each row with ``cu_seqlens`` (:mod:`nsaflex.hybrid`); text
-queries take the dense path.
+their gradients through autograd. Hybrid ``vision_keys: vision`` runs each
+row's vision tokens in place where they are one run (a video between a prompt
+and a question), else packs them with ``cu_seqlens`` (:mod:`nsaflex.hybrid`);
+text queries take the dense path. q, k and v are read in the layout they come
+in (the model's ``[B, L, H, D]`` needs no copy: ``ops.kernel_inputs``).
 
 On CPU the kernels run only under ``TRITON_INTERPRET=1`` (tests).
 """
@@ -110,7 +112,14 @@ class TritonBackend:
             plans.append(BranchPlan("window", self.name, "slc_win_kernel (fused with selection and gating)",
                                     "analytic t - w < s <= t", {"size": cfg.window}))
         if pattern.hybrid is not None:
-            plans.append(BranchPlan("text", self.name, "torch SDPA over gathered text queries", "causal [B, 1, Nt, L]"))
+            plans.append(BranchPlan(
+                "text", self.name, "torch SDPA over gathered text queries", "causal [B, 1, Nt, L]", {},
+                ("without a gradient on CUDA, where few text queries face a long row, the keys split into chunks "
+                 "(about two programs per multiprocessor, at least 2048 keys each) merged by their log-sum-exps "
+                 "(nsaflex.hybrid.split_key_attention)",
+                 "rows whose vision tokens are one run: the kernels run on the rows in place and the text rows are "
+                 "written into their output; other layouts are packed (cu_seqlens) and scattered back"),
+            ))
         return tuple(plans)
 
     def build(self, pattern: Pattern, plan: Any):
