@@ -416,6 +416,10 @@ def text_dense_attention(
     and :func:`~nsaflex.reference.masked_product`, chunks of text queries): each
     non-finite value reaches only the queries that see it.
 
+    In a single row, the text before the widest gap between text positions (a
+    prompt before a video, where the gap passes :data:`MIN_KEY_CHUNK`) attends
+    apart, over the keys up to its last position only (:func:`_text_rows`).
+
     Memory: the text queries are read by indexing (whose backward keeps the
     indices, where a gather would keep all of ``q``), the outputs written into
     zeros in place, and the backward keeps the ``[B, 1, Nt, L]`` mask, not its
@@ -426,30 +430,31 @@ def text_dense_attention(
     # Any inf or NaN makes the sum non-finite (a float32 overflow of finite values
     # only sends the call down the exact path); no [B, H, L, D] bool tensor is made.
     finite = torch.isfinite(sum(x.sum(dtype=torch.float32 if x.dtype != torch.float64 else x.dtype) for x in (q, k, v)))
-    # One host read for both (the text path reads the count anyway).
-    most, all_finite = (int(x) for x in torch.stack([counts.max() if batch else counts.new_zeros(()),
-                                                     finite.to(counts.dtype)]).tolist())
+    # Each row's text positions first, in order.
+    sorted_positions = torch.sort((~text_queries).to(torch.int8), dim=1, stable=True).indices
+    facts = [counts.max() if batch else counts.new_zeros(()), finite.to(counts.dtype)]
+    if batch == 1 and length > 1:
+        # The widest gap between consecutive text positions: the video between a prompt and
+        # a question. The text before it sees only the keys up to its last position.
+        positions = sorted_positions[0]
+        gaps = torch.where(torch.arange(length - 1, device=q.device) < counts[0] - 1, positions[1:] - positions[:-1], 0)
+        last_before = gaps.argmax()
+        facts += [last_before, gaps[last_before], positions[last_before]]
+    # One host read for all (the text path reads the count anyway).
+    facts = [int(x) for x in torch.stack(facts).tolist()]
+    most, all_finite = facts[:2]
     if most == 0:
         return q.new_zeros(batch, length, query_heads, dim).transpose(1, 2) if into is None else into
-    order = torch.sort((~text_queries).to(torch.int8), dim=1, stable=True).indices[:, :most]
+    order = sorted_positions[:, :most]
     valid = torch.arange(most, device=q.device)[None, :] < counts[:, None]
     rows = torch.arange(batch, device=q.device)[:, None]
-    kv_heads = k.shape[1]
-    group = query_heads // kv_heads
-    # The G query heads of a kv head become G * Nt query rows of it (row g * Nt + t),
-    # so k and v are read as they are rather than repeated G times (at 128K and
-    # 28/4 heads a repeat writes 1.8 GB and keeps it for the backward).
-    text_q = _Tokens.apply(q, rows.expand(batch, most).flatten(), order.flatten())  # [Hq, B * Nt, D]
-    text_q = text_q.view(query_heads, batch, most, dim).transpose(0, 1).reshape(batch, kv_heads, group * most, dim)
-    keys = torch.arange(length, device=q.device)
-    mask = (keys[None, None, :] <= order[:, :, None]) & valid[:, :, None]  # [B, Nt, L]
-    if all_finite:
-        # Padding rows see key 0 only (their output is dropped below) so no row is fully masked.
-        mask = mask | (~valid[:, :, None] & (keys == 0)[None, None, :])
-        text_out = _masked_attention(text_q, k, v, mask[:, None], group)
-    else:
-        text_out = _exact_masked_attention(text_q, k, v, mask.repeat(1, group, 1)[:, None])
-    text_out = text_out.reshape(batch, query_heads, most, dim).transpose(1, 2)  # [B, Nt, Hq, D]
+    # (first text row, end, keys seen): one group, or the text before the widest gap apart
+    # where skipping the keys after it saves at least a chunk of them.
+    groups = [(0, most, length)]
+    if len(facts) > 2 and facts[3] > MIN_KEY_CHUNK:
+        groups = [(0, facts[2] + 1, facts[4] + 1), (facts[2] + 1, most, length)]
+    text_out = torch.cat([_text_rows(q, k, v, rows, order[:, a:b], valid[:, a:b], keys, bool(all_finite))
+                          for a, b, keys in groups], dim=1)  # [B, Nt, Hq, D]
     if into is None:
         out = q.new_zeros(batch, length, query_heads, dim)
         # Padding rows point at positions of sparse queries: they write their zeros there.
@@ -463,6 +468,33 @@ def text_dense_attention(
         text_out = torch.where(valid[:, :, None, None], text_out, into[rows, :, order])
     into[rows, :, order] = text_out
     return into
+
+
+def _text_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: torch.Tensor, order: torch.Tensor,
+               valid: torch.Tensor, keys: int, all_finite: bool) -> torch.Tensor:
+    """The causal attention of the text queries at positions ``order [B, Nt]``
+    (``valid``: real entries; the others are padding of rows with fewer) over
+    the first ``keys`` keys, which hold every key they see: ``[B, Nt, Hq, D]``
+    (see :func:`text_dense_attention`)."""
+    batch, query_heads, _, dim = q.shape
+    count = order.shape[1]
+    kv_heads = k.shape[1]
+    group = query_heads // kv_heads
+    k, v = k[:, :, :keys], v[:, :, :keys]
+    # The G query heads of a kv head become G * Nt query rows of it (row g * Nt + t),
+    # so k and v are read as they are rather than repeated G times (at 128K and
+    # 28/4 heads a repeat writes 1.8 GB and keeps it for the backward).
+    text_q = _Tokens.apply(q, rows.expand(batch, count).flatten(), order.flatten())  # [Hq, B * Nt, D]
+    text_q = text_q.view(query_heads, batch, count, dim).transpose(0, 1).reshape(batch, kv_heads, group * count, dim)
+    positions = torch.arange(keys, device=q.device)
+    mask = (positions[None, None, :] <= order[:, :, None]) & valid[:, :, None]  # [B, Nt, keys]
+    if all_finite:
+        # Padding rows see key 0 only (their output is dropped) so no row is fully masked.
+        mask = mask | (~valid[:, :, None] & (positions == 0)[None, None, :])
+        text_out = _masked_attention(text_q, k, v, mask[:, None], group)
+    else:
+        text_out = _exact_masked_attention(text_q, k, v, mask.repeat(1, group, 1)[:, None])
+    return text_out.reshape(batch, query_heads, count, dim).transpose(1, 2)
 
 
 # Scores held at once by the explicit (non-finite input) text attention.

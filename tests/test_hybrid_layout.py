@@ -181,3 +181,35 @@ def test_split_keys_merge_to_the_whole_attention(batch, heads, repeat, queries, 
         patch.setattr(hybrid, "_key_chunks", lambda *args: chunks)
         plain = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask.repeat(1, 1, repeat, 1))
         assert torch.equal(hybrid._masked_attention(q, k, v, mask, repeat), got if chunks > 1 else plain)
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_text_before_a_long_video_attends_only_its_keys(monkeypatch, grad):
+    """One row of text, a vision run longer than MIN_KEY_CHUNK, text: the text
+    before the run attends apart over its own keys, the text after it over
+    every key; the text rows equal causal attention over all keys (float32
+    against float64), gradients included."""
+    length, before, after = hybrid.MIN_KEY_CHUNK + 150, 40, 60
+    text = torch.zeros(1, length, dtype=torch.bool)
+    text[:, :before] = True
+    text[:, length - after:] = True
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, h, length, 16, generator=gen).requires_grad_(grad) for h in (4, 2, 2))
+    seen = []
+    original = hybrid._text_rows
+    monkeypatch.setattr(hybrid, "_text_rows", lambda *args: seen.append(args[6]) or original(*args))
+    with torch.set_grad_enabled(grad):
+        out = hybrid.text_dense_attention(q, k, v, text)
+    assert seen == [before, length]
+    causal = torch.ones(length, length, dtype=torch.bool).tril()
+    whole = torch.nn.functional.scaled_dot_product_attention(
+        q.double(), k.double().repeat_interleave(2, 1), v.double().repeat_interleave(2, 1), attn_mask=causal)
+    rows = text[0]
+    assert float((out[:, :, rows].double() - whole[:, :, rows]).norm() / whole[:, :, rows].norm()) < 1e-5
+    assert torch.equal(out[:, :, ~rows], torch.zeros_like(out[:, :, ~rows]))
+    if grad:
+        grad_out = torch.randn(out.shape, generator=gen) * rows[None, None, :, None]
+        got = torch.autograd.grad(out, (q, k, v), grad_out)
+        want = torch.autograd.grad(whole, (q, k, v), grad_out.double())
+        for a, b in zip(got, want):
+            assert float((a.double() - b).norm() / b.norm()) < 1e-5

@@ -740,7 +740,8 @@ class FlexBackend:
                 {"vision_keys": pattern.hybrid.vision_keys},
                 ("vision queries: sparse branches over " + (compacted if pattern.hybrid.vision_keys == "vision" else "all tokens"),
                  "without a gradient on CUDA, where few text queries face a long row, the keys split into chunks "
-                 "merged by their log-sum-exps (nsaflex.hybrid.split_key_attention)"),
+                 "merged by their log-sum-exps (nsaflex.hybrid.split_key_attention)",
+                 "in a single row, text before a video longer than 2048 tokens attends only the keys up to it"),
             ))
         return tuple(plans)
 

@@ -117,6 +117,7 @@ class TritonBackend:
                 ("without a gradient on CUDA, where few text queries face a long row, the keys split into chunks "
                  "(about two programs per multiprocessor, at least 2048 keys each) merged by their log-sum-exps "
                  "(nsaflex.hybrid.split_key_attention)",
+                 "in a single row, text before a video longer than 2048 tokens attends only the keys up to it",
                  "rows whose vision tokens are one run: the kernels run on the rows in place and the text rows are "
                  "written into their output; other layouts are packed (cu_seqlens) and scattered back"),
             ))
