@@ -453,7 +453,9 @@ def text_dense_attention(
     groups = [(0, most, length)]
     if len(facts) > 2 and facts[3] > MIN_KEY_CHUNK:
         groups = [(0, facts[2] + 1, facts[4] + 1), (facts[2] + 1, most, length)]
-    text_out = torch.cat([_text_rows(q, k, v, rows, order[:, a:b], valid[:, a:b], keys, bool(all_finite))
+    # One gather of the text queries (its backward writes one q-sized gradient): [Hq, B, Nt, D].
+    text_q = _Tokens.apply(q, rows.expand(batch, most).flatten(), order.flatten()).view(query_heads, batch, most, dim)
+    text_out = torch.cat([_text_rows(text_q[:, :, a:b], k, v, order[:, a:b], valid[:, a:b], keys, bool(all_finite))
                           for a, b, keys in groups], dim=1)  # [B, Nt, Hq, D]
     if into is None:
         out = q.new_zeros(batch, length, query_heads, dim)
@@ -470,23 +472,21 @@ def text_dense_attention(
     return into
 
 
-def _text_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: torch.Tensor, order: torch.Tensor,
-               valid: torch.Tensor, keys: int, all_finite: bool) -> torch.Tensor:
-    """The causal attention of the text queries at positions ``order [B, Nt]``
-    (``valid``: real entries; the others are padding of rows with fewer) over
-    the first ``keys`` keys, which hold every key they see: ``[B, Nt, Hq, D]``
-    (see :func:`text_dense_attention`)."""
-    batch, query_heads, _, dim = q.shape
-    count = order.shape[1]
+def _text_rows(text_q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, order: torch.Tensor, valid: torch.Tensor,
+               keys: int, all_finite: bool) -> torch.Tensor:
+    """The causal attention of the text queries ``text_q [Hq, B, Nt, D]`` at
+    positions ``order [B, Nt]`` (``valid``: real entries; the others are padding
+    of rows with fewer) over the first ``keys`` keys, which hold every key they
+    see: ``[B, Nt, Hq, D]`` (see :func:`text_dense_attention`)."""
+    query_heads, batch, count, dim = text_q.shape
     kv_heads = k.shape[1]
     group = query_heads // kv_heads
     k, v = k[:, :, :keys], v[:, :, :keys]
     # The G query heads of a kv head become G * Nt query rows of it (row g * Nt + t),
     # so k and v are read as they are rather than repeated G times (at 128K and
     # 28/4 heads a repeat writes 1.8 GB and keeps it for the backward).
-    text_q = _Tokens.apply(q, rows.expand(batch, count).flatten(), order.flatten())  # [Hq, B * Nt, D]
-    text_q = text_q.view(query_heads, batch, count, dim).transpose(0, 1).reshape(batch, kv_heads, group * count, dim)
-    positions = torch.arange(keys, device=q.device)
+    text_q = text_q.transpose(0, 1).reshape(batch, kv_heads, group * count, dim)
+    positions = torch.arange(keys, device=text_q.device)
     mask = (positions[None, None, :] <= order[:, :, None]) & valid[:, :, None]  # [B, Nt, keys]
     if all_finite:
         # Padding rows see key 0 only (their output is dropped) so no row is fully masked.
