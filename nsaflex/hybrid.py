@@ -331,6 +331,14 @@ def _masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
 # in the merge than they win in parallel programs.
 MIN_KEY_CHUNK = 2048
 
+# What the text path does beyond SDPA over the gathered text queries, for the backends' plans.
+TEXT_PATH_NOTES = (
+    "without a gradient on CUDA, where few text queries face a long row, the keys split into chunks (about two "
+    f"programs per multiprocessor, at least {MIN_KEY_CHUNK} keys each) merged by their log-sum-exps "
+    "(nsaflex.hybrid.split_key_attention)",
+    f"in a single row, text before a video longer than {MIN_KEY_CHUNK} tokens attends only the keys up to it",
+)
+
 
 def _key_chunks(q: torch.Tensor, length: int) -> int:
     """Key chunks for the text attention of ``q [B, H, N, D]`` over ``length``
@@ -376,7 +384,8 @@ def split_key_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask:
     size = -(-per_chunk // 16) * 16  # a multiple of 16 keys: the kernel's alignment rule for the bias rows
     padded = size * chunks
     bias = q.new_full((batch, 1, rows, padded), float("-inf"))
-    bias[..., :length].masked_fill_(mask.repeat(1, 1, repeat, 1), 0.0)
+    # Row r * (N / repeat) + t of the bias is row t of the mask: filled through a view, no repeated copy.
+    bias.view(batch, 1, repeat, rows // repeat, padded)[..., :length].masked_fill_(mask[:, :, None], 0.0)
     if padded != length:
         k, v = (F.pad(x, (0, 0, 0, padded - length)) for x in (k, v))
 

@@ -42,7 +42,7 @@ import torch
 from nsaflex.backends.base import BranchPlan
 from nsaflex.errors import InputError, one_of
 from nsaflex.inspect import causal_logsumexp, empty_branch_info, scatter_lse
-from nsaflex.hybrid import combine, gather_padded, scatter_padded, sparse_layout, text_dense_attention
+from nsaflex.hybrid import TEXT_PATH_NOTES, combine, gather_padded, scatter_padded, sparse_layout, text_dense_attention
 from nsaflex.pooling import MLPPooling, compress, softmax_scale
 from nsaflex.spec import Pattern
 
@@ -739,9 +739,7 @@ class FlexBackend:
                 "causal [B, 1, Nt, L] mask of the text queries only",
                 {"vision_keys": pattern.hybrid.vision_keys},
                 ("vision queries: sparse branches over " + (compacted if pattern.hybrid.vision_keys == "vision" else "all tokens"),
-                 "without a gradient on CUDA, where few text queries face a long row, the keys split into chunks "
-                 "merged by their log-sum-exps (nsaflex.hybrid.split_key_attention)",
-                 "in a single row, text before a video longer than 2048 tokens attends only the keys up to it"),
+                 *TEXT_PATH_NOTES),
             ))
         return tuple(plans)
 

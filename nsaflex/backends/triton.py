@@ -30,7 +30,8 @@ from torch.nn import functional as F
 
 from nsaflex.backends.base import BranchPlan
 from nsaflex.errors import InputError
-from nsaflex.hybrid import combine, pack_varlen, sparse_layout, text_dense_attention, unpack_varlen
+from nsaflex.hybrid import (TEXT_PATH_NOTES, combine, pack_varlen, sparse_layout, text_dense_attention,
+                            unpack_varlen)
 from nsaflex.inputs import resolve_gates
 from nsaflex.inspect import causal_logsumexp, empty_branch_info
 from nsaflex.pooling import MLPPooling, compress, compressed_counts
@@ -114,10 +115,7 @@ class TritonBackend:
         if pattern.hybrid is not None:
             plans.append(BranchPlan(
                 "text", self.name, "torch SDPA over gathered text queries", "causal [B, 1, Nt, L]", {},
-                ("without a gradient on CUDA, where few text queries face a long row, the keys split into chunks "
-                 "(about two programs per multiprocessor, at least 2048 keys each) merged by their log-sum-exps "
-                 "(nsaflex.hybrid.split_key_attention)",
-                 "in a single row, text before a video longer than 2048 tokens attends only the keys up to it",
+                (*TEXT_PATH_NOTES,
                  "rows whose vision tokens are one run: the kernels run on the rows in place and the text rows are "
                  "written into their output; other layouts are packed (cu_seqlens) and scattered back"),
             ))
@@ -304,9 +302,9 @@ def _spans_in_place(pattern, cfg, q, k, v, gates, layout, pooler, launch):
                 pieces.append((ks.new_zeros(1, ks.shape[1], max_cmp, ks.shape[3]),) * 2)
                 continue
             pooled = compress(ks[b : b + 1, :, a : a + n], vs[b : b + 1, :, a : a + n], c, pooler)
-            pieces.append(tuple(F.pad(x, (0, 0, 0, max_cmp - nc)) for x in pooled))
-        kc = torch.cat([p[0] for p in pieces]).contiguous()
-        vc = torch.cat([p[1] for p in pieces]).contiguous()
+            pieces.append(tuple(F.pad(x, (0, 0, 0, max_cmp - nc)) if nc < max_cmp else x for x in pooled))
+        # One row (the usual prefill): its pooled keys as they are, no concatenated copy.
+        kc, vc = (torch.cat(part).contiguous() if len(part) > 1 else part[0].contiguous() for part in zip(*pieces))
     clens = (compressed_counts(c, lens) if c is not None else torch.zeros_like(lens)).to(torch.int32)
     lay = SeqLayout(starts, lens, torch.zeros_like(clens), clens, max_len, max_cmp, False, min(counts), full_rows=False)
     out = nsa_attention(qs, ks, vs, kc, vc, gates, lay, cfg, launch)

@@ -859,7 +859,7 @@ class _NSAFunction(torch.autograd.Function):
         return dq, dk, dv, dkc, dvc, dg, None, None, None, None
 
 
-def _dense(x: torch.Tensor) -> bool:
+def _permuted_contiguous(x: torch.Tensor) -> bool:
     """Whether ``x`` is a permutation of a contiguous tensor with its last dim
     contiguous: ``empty_like`` then gives a tensor of its strides."""
     if x.stride(-1) != 1:
@@ -879,7 +879,7 @@ def kernel_strides_ok(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool
     dk and dv in k's), and ``v`` in ``k``'s strides (the kernels address both by
     one stride tuple). The model's own layout ``[B, L, H, D]`` read as
     ``[B, H, L, D]`` qualifies, so the adapter's tensors need no copy."""
-    return all(_dense(x) for x in (q, k, v)) and k.shape == v.shape and _same_strides(k, v)
+    return all(_permuted_contiguous(x) for x in (q, k, v)) and k.shape == v.shape and _same_strides(k, v)
 
 
 def _same_strides(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -895,11 +895,11 @@ def kernel_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     the 32-bit offsets over sequences of ``max_len`` tokens (the contiguous
     layout packs a group's heads tighter), k where it is not dense, v where it
     is not dense or not in k's strides. The model's layout passes as it is."""
-    if not _dense(q) or within_group_offset(q, k, max_len) >= 2**31:
+    if not _permuted_contiguous(q) or within_group_offset(q, k, max_len) >= 2**31:
         q = q.contiguous()
-    if not _dense(k):
+    if not _permuted_contiguous(k):
         k = k.contiguous()
-    if not (_dense(v) and _same_strides(k, v)):
+    if not (_permuted_contiguous(v) and _same_strides(k, v)):
         v = torch.empty_like(k).copy_(v)
     return q, k, v
 
