@@ -281,11 +281,14 @@ class _ReproducibleAttention(torch.autograd.Function):
 
     SDPA's memory-efficient backward on CUDA splits the keys over programs that
     add into dq with atomics (the last bits vary between runs) unless torch's
-    deterministic mode is on. Where that kernel serves (:func:`_efficient_kernel`),
-    the backward here recomputes the attention with that mode on for its own
-    duration only, so nsaflex's "deterministic by
-    default" holds for the text queries of hybrid patterns without changing the
-    caller's global setting outside it. The forward's output is SDPA's own.
+    deterministic mode is on, and in that mode it runs one program per row and
+    head: 4 programs for the text queries of a 28/4-head model, whose GQA fold
+    makes 4 heads of many rows. Where that kernel serves (:func:`_efficient_kernel`)
+    the forward keeps its log-sum-exp (:func:`_split_key_lse`) and the backward
+    (:func:`_split_key_backward`) cuts the keys into runs attended as a batch, so
+    the deterministic kernel runs one program per run and head, and sums the runs'
+    dq in a fixed order. Elsewhere (CPU, float64, other head dims, where SDPA's
+    backward has no atomics) the backward recomputes SDPA's.
 
     ``mask`` may hold ``Nq / repeat`` rows, repeated ``repeat`` times along the
     queries (``mask.repeat(1, 1, repeat, 1)``) where SDPA reads it: only the
@@ -294,19 +297,21 @@ class _ReproducibleAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, mask, repeat):  # noqa: D102
-        ctx.save_for_backward(q, k, v, mask)
         ctx.repeat = repeat
-        with _sdpa_backend(q):
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.repeat(1, 1, repeat, 1))
+        if _efficient_kernel(q):
+            out, lse = _split_key_lse(q, k, v, mask, repeat, _key_chunks(q, k.shape[2]))
+            ctx.save_for_backward(q, k, v, mask, out, lse)
+            return out
+        ctx.save_for_backward(q, k, v, mask)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.repeat(1, 1, repeat, 1))
 
     @staticmethod
     def backward(ctx, grad_out):  # noqa: D102
+        if len(ctx.saved_tensors) == 6:
+            return (*_split_key_backward(grad_out, *ctx.saved_tensors, ctx.repeat), None, None)
         q, k, v, mask = ctx.saved_tensors
         leaves = [x.detach().requires_grad_(True) for x in (q, k, v)]
-        # Elsewhere (CPU, float64, other head dims) SDPA's backward has no atomics,
-        # and deterministic mode would refuse cuBLAS without CUBLAS_WORKSPACE_CONFIG.
-        determinism = _deterministic_algorithms() if _efficient_kernel(q) else contextlib.nullcontext()
-        with torch.enable_grad(), determinism, _sdpa_backend(q):
+        with torch.enable_grad():
             out = F.scaled_dot_product_attention(*leaves, attn_mask=mask.repeat(1, 1, ctx.repeat, 1))
             grads = torch.autograd.grad(out, leaves, grad_out)
         return (*grads, None, None)
@@ -331,13 +336,25 @@ def _masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
 # in the merge than they win in parallel programs.
 MIN_KEY_CHUNK = 2048
 
+# Keys per run of the text attention's backward: a multiple of its kernel's key
+# block (no run ends inside one), and of 16 (the alignment rule for bias rows).
+BACKWARD_KEY_BLOCK = 128
+
 # What the text path does beyond SDPA over the gathered text queries, for the backends' plans.
 TEXT_PATH_NOTES = (
-    "without a gradient on CUDA, where few text queries face a long row, the keys split into chunks (about two "
-    f"programs per multiprocessor, at least {MIN_KEY_CHUNK} keys each) merged by their log-sum-exps "
+    "on CUDA, where few text queries face a long row, the keys split into chunks (about two programs per "
+    f"multiprocessor, at least {MIN_KEY_CHUNK} keys each) merged by their log-sum-exps "
     "(nsaflex.hybrid.split_key_attention)",
+    "the backward on CUDA runs the keys as a batch of runs (about two programs per multiprocessor, "
+    f"{BACKWARD_KEY_BLOCK}-key multiples) under torch's deterministic mode and sums their dq in a fixed order: "
+    "reproducible gradients (nsaflex.hybrid._split_key_backward)",
     f"in a single row, text before a video longer than {MIN_KEY_CHUNK} tokens attends only the keys up to it",
 )
+
+
+def _programs_wanted(q: torch.Tensor) -> int:
+    """About two programs per multiprocessor of ``q``'s GPU."""
+    return 2 * torch.cuda.get_device_properties(q.device).multi_processor_count
 
 
 def _key_chunks(q: torch.Tensor, length: int) -> int:
@@ -350,8 +367,20 @@ def _key_chunks(q: torch.Tensor, length: int) -> int:
     if not _efficient_kernel(q) or length < 2 * MIN_KEY_CHUNK:
         return 1
     programs = q.shape[0] * q.shape[1] * -(-q.shape[2] // 64)
-    wanted = -(-2 * torch.cuda.get_device_properties(q.device).multi_processor_count // programs)
+    wanted = -(-_programs_wanted(q) // programs)
     return max(1, min(wanted, length // MIN_KEY_CHUNK))
+
+
+def _backward_runs(q: torch.Tensor, length: int) -> tuple[int, int]:
+    """``(runs, keys per run)`` for the text attention's backward of ``q
+    [B, H, N, D]`` over ``length`` keys: the deterministic kernel runs one
+    program per row, head and run, so about two programs per multiprocessor,
+    each run a multiple of :data:`BACKWARD_KEY_BLOCK` keys; off CUDA, one run."""
+    if not q.is_cuda:
+        return 1, length
+    wanted = -(-_programs_wanted(q) // (q.shape[0] * q.shape[1]))
+    size = -(-length // (wanted * BACKWARD_KEY_BLOCK)) * BACKWARD_KEY_BLOCK
+    return -(-length // size), size
 
 
 def _chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -370,6 +399,84 @@ def _chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return (weights @ v.float()).to(q.dtype), lse
 
 
+def _chunk_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                              bias: torch.Tensor, out: torch.Tensor,
+                              lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dq, dk, dv)`` of ``softmax(q k^T / sqrt(D) + bias) v`` over the keys of
+    one run, given the output ``out`` and log-sum-exp ``lse`` of the attention
+    over *all* runs (``[B, H, N, D]``, ``[B, H, N]`` float32): with
+    ``P = exp(s + bias - lse)`` and ``delta = rowsum(dO * out)``,
+    ``dv = P^T dO``, ``dS = P (dO v^T - delta)``, ``dq = dS k / sqrt(D)`` (this
+    run's share of dq), ``dk = dS^T q / sqrt(D)``. SDPA's memory-efficient
+    backward on CUDA, which must run under torch's deterministic mode (one
+    program per row and head: no atomics); explicit float32 ops elsewhere."""
+    if _efficient_kernel(q):
+        rows = q.shape[2]
+        # The kernel reads the log-sum-exp as its forward lays it out: rows padded to 32.
+        lse = F.pad(lse, (0, -(-rows // 32) * 32 - rows))
+        no_dropout = torch.empty((), dtype=torch.long)
+        dq, dk, dv, _ = torch.ops.aten._scaled_dot_product_efficient_attention_backward(
+            grad_out, q, k, v, bias, out, lse, no_dropout, no_dropout, 0.0, [True, True, True, False])
+        return dq, dk, dv
+    scale = softmax_scale(q.shape[-1])
+    qf, kf, vf, go = q.float(), k.float(), v.float(), grad_out.float()
+    weights = torch.exp(qf @ kf.transpose(-1, -2) * scale + bias.float() - lse[..., None])
+    delta = (go * out.float()).sum(-1, keepdim=True)
+    grad_scores = weights * (go @ vf.transpose(-1, -2) - delta)
+    return ((grad_scores @ kf * scale).to(q.dtype), (grad_scores.transpose(-1, -2) @ qf * scale).to(k.dtype),
+            (weights.transpose(-1, -2) @ go).to(v.dtype))
+
+
+def _run_bias(mask: torch.Tensor, repeat: int, rows: int, width: int, dtype: torch.dtype) -> torch.Tensor:
+    """The additive bias ``[B, 1, rows, width]`` of the boolean ``mask
+    [B, 1, rows / repeat, L]`` repeated ``repeat`` times along the queries:
+    0 where seen, ``-inf`` elsewhere and on the ``width - L`` keys past the end.
+    Its rows start at multiples of 16 elements (the memory-efficient kernel's
+    alignment rule), as a view into wider rows where ``width`` is not one."""
+    batch, length = mask.shape[0], mask.shape[3]
+    stride = -(-width // 16) * 16
+    bias = torch.full((batch, 1, rows, stride), float("-inf"), dtype=dtype, device=mask.device)[..., :width]
+    # Row r * (N / repeat) + t of the bias is row t of the mask: filled through a view, no repeated copy.
+    bias.view(batch, 1, repeat, rows // repeat, width)[..., :length].masked_fill_(mask[:, :, None], 0.0)
+    return bias
+
+
+def _as_runs(x: torch.Tensor, runs: int, size: int) -> torch.Tensor:
+    """``[B, H, L, D]`` -> ``[B * runs, H, size, D]``: the keys in runs of
+    ``size``, zero-padded past ``L`` (a view where ``L = runs * size`` and the
+    rows allow it: the model's ``[B, L, H, D]`` layout for one row does)."""
+    if runs * size != x.shape[2]:
+        x = F.pad(x, (0, 0, 0, runs * size - x.shape[2]))
+    return x.unflatten(2, (runs, size)).transpose(1, 2).flatten(0, 1)
+
+
+def _split_key_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, repeat: int,
+                   chunks: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`split_key_attention`'s output and its log-sum-exp over all keys
+    (``[B, H, N]`` float32)."""
+    batch, heads, rows, dim = q.shape
+    length = k.shape[2]
+    # Runs after the first start a multiple of 16 keys into the bias rows (the kernel's alignment rule).
+    size = length if chunks == 1 else -(-(-(-length // chunks)) // 16) * 16
+    padded = size * chunks
+    bias = _run_bias(mask, repeat, rows, padded, q.dtype)
+    queries = q.unsqueeze(1).expand(batch, chunks, heads, rows, dim).flatten(0, 1)
+    biases = bias.unflatten(3, (chunks, size)).permute(0, 3, 1, 2, 4).flatten(0, 1).expand(-1, heads, -1, -1)
+    out, lse = _chunk_attention(queries, _as_runs(k, chunks, size), _as_runs(v, chunks, size), biases)
+    if chunks == 1:
+        return out, lse
+    out, lse = out.unflatten(0, (batch, chunks)), lse.unflatten(0, (batch, chunks))  # [B, S, H, N, ...]
+    # A chunk a query cannot see weighs 0 (the memory-efficient kernel's log-sum-exp of
+    # such a row is not -inf).
+    seen = F.pad(mask, (0, padded - length)).unflatten(3, (chunks, size)).any(dim=-1)  # [B, 1, N / repeat, S]
+    lse = torch.where(seen.repeat(1, 1, repeat, 1).permute(0, 3, 1, 2), lse, float("-inf"))
+    most = lse.amax(dim=1)  # every row sees a key: finite
+    weights = torch.exp(lse - most[:, None])
+    merged = torch.where(weights[..., None] > 0, out.float() * weights[..., None], 0.0).sum(dim=1)
+    total = weights.sum(dim=1)
+    return (merged / total[..., None]).to(q.dtype), most + torch.log(total)
+
+
 def split_key_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, repeat: int,
                         chunks: int) -> torch.Tensor:
     """``softmax(q k^T / sqrt(D) + mask) v`` with the keys cut into ``chunks``
@@ -377,32 +484,43 @@ def split_key_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask:
     and merged by their log-sum-exps: ``o = sum_j exp(lse_j - lse) o_j`` with
     ``lse = log sum_j exp(lse_j)``. q ``[B, H, N, D]``, k, v ``[B, H, L, D]``,
     the boolean ``mask [B, 1, N / repeat, L]`` repeated ``repeat`` times along
-    the queries (every query sees at least one key). Forward only (no gradient)."""
+    the queries (every query sees at least one key). Forward only: the
+    gradient goes through :class:`_ReproducibleAttention`."""
+    return _split_key_lse(q, k, v, mask, repeat, chunks)[0]
+
+
+def _split_key_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        mask: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                        repeat: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dq, dk, dv)`` of :func:`split_key_attention` (output ``out``, log-sum-exp
+    ``lse``): the keys cut into runs (:func:`_backward_runs`) that form a batch of
+    one kernel call against the same queries, each run's dk and dv its own, dq
+    the sum of the runs' shares in run order (float32). Bit-reproducible: the
+    kernel runs under torch's deterministic mode, the sum in a fixed order."""
     batch, heads, rows, dim = q.shape
     length = k.shape[2]
-    per_chunk = -(-length // chunks)
-    size = -(-per_chunk // 16) * 16  # a multiple of 16 keys: the kernel's alignment rule for the bias rows
-    padded = size * chunks
-    bias = q.new_full((batch, 1, rows, padded), float("-inf"))
-    # Row r * (N / repeat) + t of the bias is row t of the mask: filled through a view, no repeated copy.
-    bias.view(batch, 1, repeat, rows // repeat, padded)[..., :length].masked_fill_(mask[:, :, None], 0.0)
-    if padded != length:
-        k, v = (F.pad(x, (0, 0, 0, padded - length)) for x in (k, v))
+    runs, size = _backward_runs(q, length)
+    bias = _run_bias(mask, repeat, rows, runs * size, q.dtype)
+    biases = bias.unflatten(3, (runs, size)).permute(0, 3, 1, 2, 4).flatten(0, 1).expand(-1, heads, -1, -1)
 
-    def runs(x: torch.Tensor) -> torch.Tensor:  # [B, H, S * C, D] -> [B * S, H, C, D]
-        return x.unflatten(2, (chunks, size)).transpose(1, 2).flatten(0, 1)
+    def per_run(x: torch.Tensor) -> torch.Tensor:  # [B, ...] -> [B * runs, ...], read in place where B = 1
+        return x.unsqueeze(1).expand(batch, runs, *x.shape[1:]).flatten(0, 1)
 
-    queries = q.unsqueeze(1).expand(batch, chunks, heads, rows, dim).flatten(0, 1)
-    biases = bias.unflatten(3, (chunks, size)).permute(0, 3, 1, 2, 4).flatten(0, 1).expand(-1, heads, -1, -1)
-    out, lse = _chunk_attention(queries, runs(k), runs(v), biases)
-    out, lse = out.unflatten(0, (batch, chunks)), lse.unflatten(0, (batch, chunks))  # [B, S, H, N, ...]
-    # A chunk a query cannot see weighs 0 (the memory-efficient kernel's log-sum-exp of
-    # such a row is not -inf).
-    seen = F.pad(mask, (0, padded - length)).unflatten(3, (chunks, size)).any(dim=-1)  # [B, 1, N / repeat, S]
-    lse = torch.where(seen.repeat(1, 1, repeat, 1).permute(0, 3, 1, 2), lse, float("-inf"))
-    weights = torch.exp(lse - lse.amax(dim=1, keepdim=True))  # every row sees a key: the max is finite
-    merged = torch.where(weights[..., None] > 0, out.float() * weights[..., None], 0.0).sum(dim=1)
-    return (merged / weights.sum(dim=1)[..., None]).to(q.dtype)
+    # The kernel reads the output with rows H * D apart (its [B, N, H, D] layout), whatever its strides say.
+    rows_first = per_run(out.transpose(1, 2))
+    if rows_first.stride(1) != heads * dim or rows_first.stride(2) != dim:
+        rows_first = rows_first.contiguous()
+    determinism = _deterministic_algorithms() if _efficient_kernel(q) else contextlib.nullcontext()
+    with determinism:
+        dq, dk, dv = _chunk_attention_backward(per_run(grad_out), per_run(q), _as_runs(k, runs, size),
+                                               _as_runs(v, runs, size), biases, rows_first.transpose(1, 2),
+                                               per_run(lse))
+    dq = dq.unflatten(0, (batch, runs)).sum(dim=1, dtype=torch.float32).to(q.dtype)
+
+    def keys(x: torch.Tensor) -> torch.Tensor:  # [B * runs, H, size, D] -> [B, H, L, D]
+        return x.unflatten(0, (batch, runs)).transpose(1, 2).flatten(2, 3)[:, :, :length]
+
+    return dq, keys(dk), keys(dv)
 
 
 def text_dense_attention(
