@@ -122,8 +122,9 @@ def test_an_entry_goes_with_its_tensor():
 @given(st.integers(1, 2), st.integers(1, 3), st.integers(1, 6), st.integers(1, 12), st.integers(0, 2**31 - 1))
 def test_text_attention_gradients(batch, heads, queries, keys, seed):
     """The text queries' attention (SDPA with a boolean mask) goes through a
-    function whose backward recomputes it (on CUDA under torch's deterministic
-    mode): its gradients are SDPA's (float64 gradcheck), and with no gradient
+    function whose backward recomputes it where SDPA's memory-efficient kernel
+    does not serve (here float64; on CUDA that kernel's split backward, tested
+    below): its gradients are SDPA's (float64 gradcheck), and with no gradient
     asked its output is plain SDPA's."""
     gen = torch.Generator().manual_seed(seed)
     q = torch.randn(batch, heads, queries, 8, generator=gen, dtype=torch.float64, requires_grad=True)
