@@ -456,8 +456,9 @@ def _split_key_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torc
     (``[B, H, N]`` float32)."""
     batch, heads, rows, dim = q.shape
     length = k.shape[2]
+    per_chunk = -(-length // chunks)
     # Runs after the first start a multiple of 16 keys into the bias rows (the kernel's alignment rule).
-    size = length if chunks == 1 else -(-(-(-length // chunks)) // 16) * 16
+    size = length if chunks == 1 else -(-per_chunk // 16) * 16
     padded = size * chunks
     bias = _run_bias(mask, repeat, rows, padded, q.dtype)
     queries = q.unsqueeze(1).expand(batch, chunks, heads, rows, dim).flatten(0, 1)

@@ -21,6 +21,7 @@ On CPU the kernels run only under ``TRITON_INTERPRET=1`` (tests).
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 from typing import Any
@@ -246,16 +247,8 @@ def _sparse_forward(pattern, cfg, q, k, v, gates, token_types, pooler, launch=No
         counts = [c.num_tokens(n) if c is not None else 0 for n in lens_list]
         kc = vc = None
         if c is not None and sum(counts) > 0:
-            pieces_k, pieces_v = [], []
-            offset = 0
-            for n, nc in zip(lens_list, counts):
-                if nc > 0:
-                    a, b = compress(ks[:, :, offset:offset + n], vs[:, :, offset:offset + n], c, pooler)
-                    pieces_k.append(a)
-                    pieces_v.append(b)
-                offset += n
-            kc = torch.cat(pieces_k, dim=2).contiguous()
-            vc = torch.cat(pieces_v, dim=2).contiguous()
+            firsts = itertools.accumulate(lens_list[:-1], initial=0)
+            kc, vc = _pooled_runs(ks, vs, [(0, a, n, nc) for a, n, nc in zip(firsts, lens_list, counts)], c, pooler)
         # From the device lengths, not a host list: copying one to the device waits for the queue.
         clens = (compressed_counts(c, lens) if c is not None else torch.zeros_like(lens)).to(torch.int32)
         cstarts = torch.cumsum(clens, 0, dtype=torch.int32) - clens
@@ -296,19 +289,36 @@ def _spans_in_place(pattern, cfg, q, k, v, gates, layout, pooler, launch):
     kc = vc = None
     if max_cmp > 0:
         # Each run pooled on its own into its row of kc (cstarts 0), padded to the longest.
-        pieces = []
-        for b, (a, n, nc) in enumerate(zip(layout.span_starts, lens_list, counts)):
-            if nc == 0:
-                pieces.append((ks.new_zeros(1, ks.shape[1], max_cmp, ks.shape[3]),) * 2)
-                continue
-            pooled = compress(ks[b : b + 1, :, a : a + n], vs[b : b + 1, :, a : a + n], c, pooler)
-            pieces.append(tuple(F.pad(x, (0, 0, 0, max_cmp - nc)) if nc < max_cmp else x for x in pooled))
-        # One row (the usual prefill): its pooled keys as they are, no concatenated copy.
-        kc, vc = (torch.cat(part).contiguous() if len(part) > 1 else part[0].contiguous() for part in zip(*pieces))
+        runs = [(b, a, n, nc) for b, (a, n, nc) in enumerate(zip(layout.span_starts, lens_list, counts))]
+        kc, vc = _pooled_runs(ks, vs, runs, c, pooler, pad_to=max_cmp)
     clens = (compressed_counts(c, lens) if c is not None else torch.zeros_like(lens)).to(torch.int32)
     lay = SeqLayout(starts, lens, torch.zeros_like(clens), clens, max_len, max_cmp, False, min(counts), full_rows=False)
     out = nsa_attention(qs, ks, vs, kc, vc, gates, lay, cfg, launch)
     return text_dense_attention(q, k, v, ~layout.sparse_queries, into=out)
+
+
+def _pooled_runs(ks: torch.Tensor, vs: torch.Tensor, runs: list[tuple[int, int, int, int]], compression,
+                 pooler, pad_to: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pooled keys and values of each run ``(row, first token, tokens,
+    pooled tokens)`` of ``ks, vs [B, Hkv, L, D]``, each run pooled on its own:
+    with ``pad_to`` None, one row of the runs' pooled tokens in order (packed
+    sequences; runs that pool nothing give nothing); else a row per run,
+    zero-padded to ``pad_to`` tokens. A single piece is used as it is (no
+    concatenated copy: one prompt row, the usual prefill)."""
+    pieces = []
+    for row, first, tokens, pooled_tokens in runs:
+        if pooled_tokens == 0:
+            if pad_to is not None:
+                pieces.append((ks.new_zeros(1, ks.shape[1], pad_to, ks.shape[3]),) * 2)
+            continue
+        pooled = compress(ks[row : row + 1, :, first : first + tokens], vs[row : row + 1, :, first : first + tokens],
+                          compression, pooler)
+        if pad_to is not None and pooled_tokens < pad_to:
+            pooled = tuple(F.pad(x, (0, 0, 0, pad_to - pooled_tokens)) for x in pooled)
+        pieces.append(pooled)
+    dim = 2 if pad_to is None else 0
+    return tuple(torch.cat(part, dim=dim).contiguous() if len(part) > 1 else part[0].contiguous()
+                 for part in zip(*pieces))
 
 
 def _recorded_attention(qs, ks, vs, kc, vc, gs, lay, cfg, launch):
