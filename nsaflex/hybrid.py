@@ -340,14 +340,17 @@ MIN_KEY_CHUNK = 2048
 # block (no run ends inside one), and of 16 (the alignment rule for bias rows).
 BACKWARD_KEY_BLOCK = 128
 
+# Elements of the query side that the text backward's runs may copy in all (about 1 GiB).
+BACKWARD_COPY_ELEMENTS = 1 << 27
+
 # What the text path does beyond SDPA over the gathered text queries, for the backends' plans.
 TEXT_PATH_NOTES = (
     "on CUDA, where few text queries face a long row, the keys split into chunks (about two programs per "
     f"multiprocessor, at least {MIN_KEY_CHUNK} keys each) merged by their log-sum-exps "
     "(nsaflex.hybrid.split_key_attention)",
     "the backward on CUDA runs the keys as a batch of runs (about two programs per multiprocessor, "
-    f"{BACKWARD_KEY_BLOCK}-key multiples) under torch's deterministic mode and sums their dq in a fixed order: "
-    "reproducible gradients (nsaflex.hybrid._split_key_backward)",
+    f"{BACKWARD_KEY_BLOCK}-key multiples, their copies of the query side bounded) under torch's deterministic "
+    "mode and sums their dq in a fixed order: reproducible gradients (nsaflex.hybrid.key_runs)",
     f"in a single row, text before a video longer than {MIN_KEY_CHUNK} tokens attends only the keys up to it",
 )
 
@@ -373,12 +376,24 @@ def _key_chunks(q: torch.Tensor, length: int) -> int:
 
 def _backward_runs(q: torch.Tensor, length: int) -> tuple[int, int]:
     """``(runs, keys per run)`` for the text attention's backward of ``q
-    [B, H, N, D]`` over ``length`` keys: the deterministic kernel runs one
-    program per row, head and run, so about two programs per multiprocessor,
-    each run a multiple of :data:`BACKWARD_KEY_BLOCK` keys; off CUDA, one run."""
+    [B, H, N, D]`` over ``length`` keys (:func:`key_runs`); off CUDA, one run."""
     if not q.is_cuda:
         return 1, length
-    wanted = -(-_programs_wanted(q) // (q.shape[0] * q.shape[1]))
+    return key_runs(q.shape[0] * q.shape[1], q.shape[2] * q.shape[3], length, _programs_wanted(q))
+
+
+def key_runs(row_heads: int, head_elements: int, length: int, programs: int) -> tuple[int, int]:
+    """``(runs, keys per run)`` of the text attention's backward, for
+    ``row_heads`` (batch rows x heads) of ``head_elements`` (queries x head
+    dim) each: the deterministic kernel runs one program per row, head and
+    run, so ``programs / row_heads`` runs (``programs``: about two per
+    multiprocessor), but each run holds its own copy of the output's gradient
+    and its own dq (with the kernel's float32 accumulator, about 8 bytes an
+    element), so the runs' copies stay within :data:`BACKWARD_COPY_ELEMENTS`
+    (a long text prompt keeps one run). Each run a multiple of
+    :data:`BACKWARD_KEY_BLOCK` keys; ``runs * size >= length``."""
+    copies = BACKWARD_COPY_ELEMENTS // max(row_heads * head_elements, 1)
+    wanted = max(1, min(-(-programs // row_heads), copies, -(-length // BACKWARD_KEY_BLOCK)))
     size = -(-length // (wanted * BACKWARD_KEY_BLOCK)) * BACKWARD_KEY_BLOCK
     return -(-length // size), size
 

@@ -220,6 +220,30 @@ def test_split_keys_backward_equals_the_whole_gradient(batch, heads, repeat, que
         torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5, msg=f"d{name}")
 
 
+def test_backward_key_runs_for_the_benchmark_shapes():
+    """The text backward's runs for a 28/4-head layer on a 132-multiprocessor
+    GPU (264 programs wanted, GQA fold: 4 heads, D = 128): 200 text tokens
+    (1,400 rows) at 32K and 128K keys give 64 runs of 128-key multiples; a
+    32K-token text prompt (229,376 rows) keeps one run (its copies would pass
+    the bound)."""
+    assert hybrid.key_runs(4, 1400 * 128, 32768, 264) == (64, 512)
+    assert hybrid.key_runs(4, 1400 * 128, 131072, 264) == (64, 2048)
+    assert hybrid.key_runs(4, 7 * 32768 * 128, 32768, 264) == (1, 32768)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 64), st.integers(1, 10**8), st.integers(1, 10**6), st.integers(1, 1000))
+def test_backward_key_runs_cover_the_keys_and_bound_the_copies(row_heads, head_elements, length, programs):
+    """Runs cover every key in 128-key multiples with less than one run of
+    padding, number at most the programs wanted per row-head, and copy the
+    query side within the bound (or are a single run)."""
+    runs, size = hybrid.key_runs(row_heads, head_elements, length, programs)
+    assert size % hybrid.BACKWARD_KEY_BLOCK == 0 and runs >= 1
+    assert (runs - 1) * size < length <= runs * size
+    assert runs <= max(1, -(-programs // row_heads))
+    assert runs == 1 or runs * row_heads * head_elements <= hybrid.BACKWARD_COPY_ELEMENTS
+
+
 @pytest.mark.parametrize("grad", [False, True])
 def test_text_before_a_long_video_attends_only_its_keys(monkeypatch, grad):
     """One row of text, a vision run longer than MIN_KEY_CHUNK, text: the text
