@@ -163,7 +163,9 @@ def test_the_adapter_keeps_the_text_paths_inputs_for_the_backward(measured):
     """Outside the kernels (which keep their packed q, k, v and gates) and the
     gates, the backward keeps the text path's inputs: the kv heads' k and v
     ``[B, Hkv, L, D]``, the gathered text queries ``[B, Hq, Nt, D]`` and one
-    boolean mask ``[B, Nt, L]`` (not its G repeats), plus index tensors.
+    boolean mask ``[B, Nt, L]`` (not its G repeats), plus index tensors (on
+    CUDA, where SDPA's memory-efficient kernel serves, also the text
+    attention's output and log-sum-exp, ``[B, Hq, Nt, D]`` and ``[B, Hq, Nt]``).
     Packing by gather would keep all of q ``[B, Hq, L, D]`` as well."""
     ledger, s = measured
     indices = 8 * 8 * s["B"] * s["L"]  # index tensors (int64) and small masks
