@@ -193,10 +193,9 @@ def test_split_keys_backward_equals_the_whole_gradient(batch, heads, repeat, que
     """The text attention's backward over keys cut into runs (a batch of runs
     against the same queries, dq summed over the runs), from the split forward's
     output and log-sum-exp, equals the gradient of the attention over all keys:
-    runs a query cannot see,
-    a last run padded past the keys, repeated mask rows, and an output laid out
-    heads-outer or rows-outer (the CUDA kernel reads rows H * D apart, and in
-    bf16 computes rowsum(dO * O) itself) included.
+    runs a query cannot see, a last run padded past the keys, repeated mask
+    rows, and an output laid out heads-outer or rows-outer (the CUDA kernel
+    reads its rows H * D apart whatever its strides) included.
 
     Against float64 autograd of the same (rounded) inputs, per entry: float32
     relative and absolute 1e-5; bf16 2e-2 (the output, the runs' dq shares and
