@@ -46,6 +46,10 @@ where it departs from the release in the class docstring). It needs fla-core
 (``pip install fla-core einops``); without it, or on a CPU without
 ``TRITON_INTERPRET=1``, its rows say why and the rest runs.
 
+``--profile N`` adds, per measurement, the N operators and kernels with the
+most self time in one more call (torch's profiler; device time on CUDA) to the
+JSON: where a change moved the time, e.g. the text queries' backward.
+
 ``--tiny`` runs a small configuration on the CPU (reference backend) to check
 the script itself.
 """
@@ -188,7 +192,10 @@ def timed(run, device: str, warmup: int, reps: int) -> dict:
     return result
 
 
-def measure(model, inputs, device: str, backward: bool, warmup: int, reps: int) -> dict:
+def measure(model, inputs, device: str, backward: bool, warmup: int, reps: int, profile: int = 0) -> dict:
+    """:func:`timed` of the layer's forward (``backward``: forward+backward);
+    with ``profile`` > 0, also one more call's ``profile`` operators with the
+    most self time (:func:`top_operators`) under ``"top_ops"``."""
     base = model.model
 
     def run():
@@ -202,8 +209,25 @@ def measure(model, inputs, device: str, backward: bool, warmup: int, reps: int) 
 
     model.train(backward)
     result = timed(run, device, warmup, reps)
+    if profile > 0:
+        result["top_ops"] = top_operators(run, device, profile)
     model.zero_grad(set_to_none=True)
     return result
+
+
+def top_operators(run, device: str, count: int) -> list[dict]:
+    """The ``count`` operators and kernels with the most self time in one
+    ``run()`` (device time on CUDA, CPU time elsewhere), from torch's profiler:
+    ``{"name", "ms", "calls"}``, most first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=activities) as prof:
+        run()
+        sync(device)
+    key = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
+    events = sorted(prof.key_averages(), key=lambda event: getattr(event, key), reverse=True)[:count]
+    return [{"name": event.key, "ms": getattr(event, key) / 1e3, "calls": event.count} for event in events]
 
 
 def pattern_for(pattern, mode: str):
@@ -526,6 +550,9 @@ def main() -> None:
     parser.add_argument("--md", default="benchmarks/adapter-layer.md")
     parser.add_argument("--tiny", action="store_true", help="small CPU configuration (checks the script)")
     parser.add_argument("--check", action="store_true", help="first compare each backend with the reference on a tiny model")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="after each measurement, profile one more call and keep its N operators with the most "
+                             "self time (device time on CUDA) in the JSON (top_ops)")
     args = parser.parse_args()
 
     started = time.perf_counter()
@@ -628,7 +655,7 @@ def main() -> None:
                                     "are called forward-only, as the release's inference path)").strip()
                     continue
                 try:
-                    row[mode] = measure(model, inputs, device, mode == "fwdbwd", args.warmup, args.reps)
+                    row[mode] = measure(model, inputs, device, mode == "fwdbwd", args.warmup, args.reps, args.profile)
                     print(f"{impl:8s} {backend:9s} {row['mode']:16s} L={length:7d} {mode:7s} {row[mode]['ms']:9.1f} ms  "
                           f"peak+{row[mode].get('peak_above_resident_gib', float('nan')):.2f} GiB  "
                           f"(warmup {row[mode]['warmup_s']:.1f} s)", flush=True)

@@ -1,6 +1,7 @@
-"""benchmarks/adapter_layer.py's ``release-stack`` baseline: the released VideoNSA
-kernel stack (FlexAttention compression, fla-core's top-n and selection kernels)
-against :mod:`nsaflex.reference_release`, on the CPU under ``TRITON_INTERPRET=1``."""
+"""benchmarks/adapter_layer.py: its ``release-stack`` baseline (the released
+VideoNSA kernel stack: FlexAttention compression, fla-core's top-n and selection
+kernels) against :mod:`nsaflex.reference_release`, on the CPU under
+``TRITON_INTERPRET=1``, and its ``--profile`` operator summary."""
 
 from __future__ import annotations
 
@@ -111,3 +112,17 @@ def test_release_stack_ranks_the_misread_lse(script):
             free = scores[h, t, 1 : current - 1].argmax().item() + 1
             picked = set(attention.last_indices[0, t, h].tolist()) - {-1}
             assert picked == {0, current - 1, current, free}, (t, h)
+
+
+def test_profile_keeps_the_operators_with_the_most_self_time():
+    """``--profile N``: a measurement of the tiny layer (CPU, reference backend)
+    carries the N operators with the most self time in one more call, most
+    first, each with its name, milliseconds and call count."""
+    module = load_script()
+    model = module.build_model(True, "cpu", torch.float32)
+    inputs = module.make_inputs(64, 8, "cpu")
+    result = module.measure(model, inputs, "cpu", True, 0, 1, profile=5)
+    ops = result["top_ops"]
+    assert len(ops) == 5 and all(set(op) == {"name", "ms", "calls"} for op in ops)
+    assert [op["ms"] for op in ops] == sorted((op["ms"] for op in ops), reverse=True) and ops[0]["ms"] > 0
+    assert "top_ops" not in module.measure(model, inputs, "cpu", False, 0, 1)
