@@ -298,7 +298,8 @@ class _ReproducibleAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, mask, repeat):  # noqa: D102
         ctx.repeat = repeat
-        if _efficient_kernel(q):
+        ctx.split_keys = _efficient_kernel(q)
+        if ctx.split_keys:
             out, lse = _split_key_lse(q, k, v, mask, repeat, _key_chunks(q, k.shape[2]))
             ctx.save_for_backward(q, k, v, mask, out, lse)
             return out
@@ -307,7 +308,7 @@ class _ReproducibleAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):  # noqa: D102
-        if len(ctx.saved_tensors) == 6:
+        if ctx.split_keys:
             return (*_split_key_backward(grad_out, *ctx.saved_tensors, ctx.repeat), None, None)
         q, k, v, mask = ctx.saved_tensors
         leaves = [x.detach().requires_grad_(True) for x in (q, k, v)]
@@ -423,15 +424,16 @@ def _chunk_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.
     ``P = exp(s + bias - lse)`` and ``delta = rowsum(dO * out)``,
     ``dv = P^T dO``, ``dS = P (dO v^T - delta)``, ``dq = dS k / sqrt(D)`` (this
     run's share of dq), ``dk = dS^T q / sqrt(D)``. SDPA's memory-efficient
-    backward on CUDA, which must run under torch's deterministic mode (one
-    program per row and head: no atomics); explicit float32 ops elsewhere."""
+    backward on CUDA, under torch's deterministic mode (one program per row and
+    head: no atomics); explicit float32 ops elsewhere."""
     if _efficient_kernel(q):
         rows = q.shape[2]
         # The kernel reads the log-sum-exp as its forward lays it out: rows padded to 32.
         lse = F.pad(lse, (0, -(-rows // 32) * 32 - rows))
         no_dropout = torch.empty((), dtype=torch.long)
-        dq, dk, dv, _ = torch.ops.aten._scaled_dot_product_efficient_attention_backward(
-            grad_out, q, k, v, bias, out, lse, no_dropout, no_dropout, 0.0, [True, True, True, False])
+        with _deterministic_algorithms():
+            dq, dk, dv, _ = torch.ops.aten._scaled_dot_product_efficient_attention_backward(
+                grad_out, q, k, v, bias, out, lse, no_dropout, no_dropout, 0.0, [True, True, True, False])
         return dq, dk, dv
     scale = softmax_scale(q.shape[-1])
     qf, kf, vf, go = q.float(), k.float(), v.float(), grad_out.float()
@@ -442,18 +444,27 @@ def _chunk_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.
             (weights.transpose(-1, -2) @ go).to(v.dtype))
 
 
-def _run_bias(mask: torch.Tensor, repeat: int, rows: int, width: int, dtype: torch.dtype) -> torch.Tensor:
-    """The additive bias ``[B, 1, rows, width]`` of the boolean ``mask
-    [B, 1, rows / repeat, L]`` repeated ``repeat`` times along the queries:
-    0 where seen, ``-inf`` elsewhere and on the ``width - L`` keys past the end.
-    Its rows start at multiples of 16 elements (the memory-efficient kernel's
-    alignment rule), as a view into wider rows where ``width`` is not one."""
+def _run_biases(mask: torch.Tensor, repeat: int, rows: int, heads: int, runs: int, size: int,
+                dtype: torch.dtype) -> torch.Tensor:
+    """The additive bias of the boolean ``mask [B, 1, rows / repeat, L]``
+    repeated ``repeat`` times along the queries, cut into ``runs`` runs of
+    ``size`` keys: ``[B * runs, heads, rows, size]`` (heads and, for one row,
+    runs as views), 0 where seen, ``-inf`` elsewhere and on the keys past
+    ``L``. Its rows start at multiples of 16 elements (the memory-efficient
+    kernel's alignment rule), as a view into wider rows where the width is not one."""
     batch, length = mask.shape[0], mask.shape[3]
+    width = runs * size
     stride = -(-width // 16) * 16
     bias = torch.full((batch, 1, rows, stride), float("-inf"), dtype=dtype, device=mask.device)[..., :width]
     # Row r * (N / repeat) + t of the bias is row t of the mask: filled through a view, no repeated copy.
     bias.view(batch, 1, repeat, rows // repeat, width)[..., :length].masked_fill_(mask[:, :, None], 0.0)
-    return bias
+    return bias.unflatten(3, (runs, size)).permute(0, 3, 1, 2, 4).flatten(0, 1).expand(-1, heads, -1, -1)
+
+
+def _per_run(x: torch.Tensor, runs: int) -> torch.Tensor:
+    """``[B, ...]`` -> ``[B * runs, ...]``, each row repeated for each run (a
+    view for one row: the runs read it in place)."""
+    return x.unsqueeze(1).expand(x.shape[0], runs, *x.shape[1:]).flatten(0, 1)
 
 
 def _as_runs(x: torch.Tensor, runs: int, size: int) -> torch.Tensor:
@@ -469,16 +480,14 @@ def _split_key_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torc
                    chunks: int) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`split_key_attention`'s output and its log-sum-exp over all keys
     (``[B, H, N]`` float32)."""
-    batch, heads, rows, dim = q.shape
+    batch, heads, rows, _ = q.shape
     length = k.shape[2]
     per_chunk = -(-length // chunks)
     # Runs after the first start a multiple of 16 keys into the bias rows (the kernel's alignment rule).
     size = length if chunks == 1 else -(-per_chunk // 16) * 16
     padded = size * chunks
-    bias = _run_bias(mask, repeat, rows, padded, q.dtype)
-    queries = q.unsqueeze(1).expand(batch, chunks, heads, rows, dim).flatten(0, 1)
-    biases = bias.unflatten(3, (chunks, size)).permute(0, 3, 1, 2, 4).flatten(0, 1).expand(-1, heads, -1, -1)
-    out, lse = _chunk_attention(queries, _as_runs(k, chunks, size), _as_runs(v, chunks, size), biases)
+    biases = _run_biases(mask, repeat, rows, heads, chunks, size, q.dtype)
+    out, lse = _chunk_attention(_per_run(q, chunks), _as_runs(k, chunks, size), _as_runs(v, chunks, size), biases)
     if chunks == 1:
         return out, lse
     out, lse = out.unflatten(0, (batch, chunks)), lse.unflatten(0, (batch, chunks))  # [B, S, H, N, ...]
@@ -516,21 +525,14 @@ def _split_key_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     batch, heads, rows, dim = q.shape
     length = k.shape[2]
     runs, size = _backward_runs(q, length)
-    bias = _run_bias(mask, repeat, rows, runs * size, q.dtype)
-    biases = bias.unflatten(3, (runs, size)).permute(0, 3, 1, 2, 4).flatten(0, 1).expand(-1, heads, -1, -1)
-
-    def per_run(x: torch.Tensor) -> torch.Tensor:  # [B, ...] -> [B * runs, ...], read in place where B = 1
-        return x.unsqueeze(1).expand(batch, runs, *x.shape[1:]).flatten(0, 1)
-
+    biases = _run_biases(mask, repeat, rows, heads, runs, size, q.dtype)
     # The kernel reads the output with rows H * D apart (its [B, N, H, D] layout), whatever its strides say.
-    rows_first = per_run(out.transpose(1, 2))
+    rows_first = _per_run(out.transpose(1, 2), runs)
     if rows_first.stride(1) != heads * dim or rows_first.stride(2) != dim:
         rows_first = rows_first.contiguous()
-    determinism = _deterministic_algorithms() if _efficient_kernel(q) else contextlib.nullcontext()
-    with determinism:
-        dq, dk, dv = _chunk_attention_backward(per_run(grad_out), per_run(q), _as_runs(k, runs, size),
-                                               _as_runs(v, runs, size), biases, rows_first.transpose(1, 2),
-                                               per_run(lse))
+    dq, dk, dv = _chunk_attention_backward(_per_run(grad_out, runs), _per_run(q, runs), _as_runs(k, runs, size),
+                                           _as_runs(v, runs, size), biases, rows_first.transpose(1, 2),
+                                           _per_run(lse, runs))
     dq = dq.unflatten(0, (batch, runs)).sum(dim=1, dtype=torch.float32).to(q.dtype)
 
     def keys(x: torch.Tensor) -> torch.Tensor:  # [B * runs, H, size, D] -> [B, H, L, D]
