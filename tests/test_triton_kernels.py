@@ -162,6 +162,42 @@ def test_forward_and_backward_many_draws(case):
     check(*case, backward=True)
 
 
+@settings(max_examples=6, deadline=None, suppress_health_check=list(HealthCheck))
+@given(cases(max_len=24))
+def test_saved_branch_outputs_serve_only_as_an_estimate(case):
+    """The backward reads the forward's branch outputs (kept in q's dtype) only
+    as an estimate of ``rowsum(dO * o_b)``: with every saved output off by a
+    factor ``1 + 2^-8`` (more than bf16 rounding), the gate, key and value
+    gradients still equal the reference (the loop corrects the estimate), and
+    with keys that share a part 50 times their spread (scores and outputs do
+    not change: a shift of every key adds one constant to a row's scores), dq's
+    error stays at the estimate's ``2^-8``, not 50 times it (the mean key is
+    taken out of the product)."""
+    from nsaflex.kernels import ops
+
+    pattern, shape, seed, types, model_layout = case
+    if pattern.compression is not None:  # MLP-pooled keys would not keep the scores under a shift
+        mean_pooled = dataclasses.replace(pattern.compression, pooling="mean", mlp_hidden=None)
+        pattern = dataclasses.replace(pattern, compression=mean_pooled)
+    kernel = BACKEND.build(pattern, None)
+    q, k, v, gates, types, pooler = make_inputs(pattern, shape, seed, types, grad=True, model_layout=model_layout)
+    k = (k.detach() + 50.0).requires_grad_()
+    with ops.record_forward() as seen:
+        out = kernel(q, k, v, gates, types, pooler)
+    for name in ("oc", "o_s", "o_w"):
+        if seen.get(name) is not None:
+            seen[name].mul_(1 + 2**-8)
+    inputs = [q, k, v] + ([gates] if gates is not None else [])
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed + 1)).to(out)
+    got = torch.autograd.grad(out, inputs, grad_out, allow_unused=True)
+    ref = reference_attention(q, k, v, pattern, gates, types, pooler)
+    want = torch.autograd.grad(ref, inputs, grad_out.double().cpu(), allow_unused=True)
+    for name, a, b in zip(("q", "k", "v", "gates"), got, want):
+        if a is None or b is None:
+            continue
+        assert rel(a, b) < (1e-2 if name == "q" else TOL * 3), (name, rel(a, b))
+
+
 # -- query-block granularity: one selection per tile of m queries -----------------------------
 
 

@@ -29,27 +29,41 @@ from nsaflex.kernels.forward import (
 
 
 @triton.jit
-def _branch_delta(O, GATES, LSE, DG, DELTA, dof, q_base, row_off, d, gate_off, dg_off, lse_off, valid,
-                  GI: tl.constexpr, sgc):
-    """The start of one branch of :func:`bwd_dq_kernel`: the gate gradient
-    ``rowsum(dO * o_b)`` (into ``DG``'s column ``GI``), ``delta = g_b *
-    rowsum(dO * o_b)`` (into ``DELTA``, for the dk, dv kernels) and the
-    branch's saved log-sum-exp. Returns (gate, delta, lse), each [R]."""
+def _branch_start(O, GATES, LSE, dof, q_base, row_off, d, gate_off, lse_off, valid, GI: tl.constexpr, sgc):
+    """The start of one branch of :func:`bwd_dq_kernel`: the rows' gate
+    ``g_b``, the estimate ``rowsum(dO * o_b)`` from the saved branch output
+    (q's dtype) and the branch's saved log-sum-exp, each [R]."""
     o_b = tl.load(O + q_base + row_off[:, None] + d[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
     gb = tl.load(GATES + gate_off + GI * sgc, mask=valid, other=0.0).to(tl.float32)
-    dgb = tl.sum(dof * o_b, axis=1)
-    tl.store(DG + dg_off + GI, dgb, mask=valid)
-    delta = gb * dgb
-    tl.store(DELTA + lse_off, delta, mask=valid)
-    return gb, delta, tl.load(LSE + lse_off, mask=valid, other=0.0)
+    return gb, tl.sum(dof * o_b, axis=1), tl.load(LSE + lse_off, mask=valid, other=0.0)
 
 
 @triton.jit
-def _dq_step(dq, p, do, kk, vv, gb, delta, IEEE: tl.constexpr):
-    """``dq += ds @ kk`` for one key block, ``ds = p * (g_b * dO @ vv^T - delta)``."""
-    dp = _dot(do, tl.trans(vv), IEEE) * gb[:, None]
-    ds = p * (dp - delta[:, None])
-    return dq + _dot(ds.to(kk.dtype), kk, IEEE)
+def _dq_step(dq, drift, rounded, p, do, kk, vv, gb, dg_saved, IEEE: tl.constexpr):
+    """One key block of a branch: ``dq += ds @ kk`` with ``ds = g_b * p *
+    (dO @ vv^T - dg_saved)``, rounded to the keys' dtype for the product;
+    ``drift += rowsum(p * (dO @ vv^T - dg_saved))`` (fp32, before rounding)
+    and ``rounded += rowsum(ds)`` of the rounded ``ds`` (:func:`_branch_end`)."""
+    dp = _dot(do, tl.trans(vv), IEEE)
+    dsg = p * (dp - dg_saved[:, None])
+    ds = (dsg * gb[:, None]).to(kk.dtype)
+    return dq + _dot(ds, kk, IEEE), drift + tl.sum(dsg, axis=1), rounded + tl.sum(ds.to(tl.float32), axis=1)
+
+
+@triton.jit
+def _branch_end(dq, drift, rounded, gb, dg_saved, MEAN, DG, DELTA, dg_off, lse_off, d, valid, GI: tl.constexpr):
+    """The end of one branch: its gate gradient ``dg_b = rowsum(dO * o_b)``
+    (into ``DG``'s column ``GI``) and ``delta = g_b * dg_b`` (into ``DELTA``,
+    for the dk, dv kernels), exact to fp32 from the saved estimate plus the
+    loop's ``drift`` (``sum_j p_j = 1``, so ``rowsum(p * (dp - e)) = dg_b -
+    e``); and ``dq`` less ``rounded * mean`` (``MEAN`` [D]: the branch's mean
+    key), which is ``sum_j ds_j (k_j - mean)``: the product's error from a
+    wrong estimate or from rounding ``ds`` then scales with the keys' spread,
+    not with a part all keys share (pooled tokens of a fresh MLP)."""
+    dg = dg_saved + drift
+    tl.store(DG + dg_off + GI, dg, mask=valid)
+    tl.store(DELTA + lse_off, gb * dg, mask=valid)
+    return dq - rounded[:, None] * tl.load(MEAN + d)[None, :]
 
 
 @triton.jit
@@ -63,9 +77,9 @@ def _sees_nonfinite(sees, kept, bad, rows, rmask):
 
 @triton.jit
 def bwd_dq_kernel(
-    Q, K, V, KC, VC, DO, GATES, BRANCH_OUT, BRANCH_LSE, SEL, UNION, DQ, DG, DELTA,
+    Q, K, V, KC, VC, DO, GATES, BRANCH_OUT, BRANCH_LSE, KEY_MEANS, SEL, UNION, DQ, DG, DELTA,
     SEQ,
-    sq, sk, sc, sg, sdg, ss, slse, sdn,
+    sq, sk, sc, sg, sdg, ss, slse, sdn, sm,
     scales, NONFINITE,
     G: tl.constexpr, R: tl.constexpr, BT: tl.constexpr, D: tl.constexpr,
     GI_CMP: tl.constexpr, GI_SLC: tl.constexpr, GI_WIN: tl.constexpr,
@@ -77,8 +91,10 @@ def bwd_dq_kernel(
     ``TMA`` as there (key, value and compressed blocks through tensor
     descriptors); ``GI_*`` as there. ``SEQ``: the sequence table
     (:func:`_seq_field`). ``BRANCH_OUT``, ``BRANCH_LSE``: the forward's saved
-    branch outputs (q's layout) and log-sum-exp, (compression, selection,
-    window). Stride tuples as ``slc_win_kernel``'s (batch, head, token), ``sc``
+    branch outputs (q's layout and dtype) and log-sum-exp, (compression,
+    selection, window). ``KEY_MEANS``: (the mean compressed key, the mean key),
+    each ``[B, Hkv, D]`` fp32 with (batch, head) strides ``sm``
+    (:func:`_branch_end`). Stride tuples as ``slc_win_kernel``'s (batch, head, token), ``sc``
     of the compressed keys and values, ``sdg`` of DG; ``sdn``: DELTA's branch
     stride (DELTA [3, B, H, T], the lse layout). ``scales``: (scale_log2, scale).
     ``V``, ``VC``: the values with inf and NaN read as 0 (as the forward's
@@ -94,6 +110,7 @@ def bwd_dq_kernel(
     BN: tl.constexpr = 64  # compressed keys per step
     BKW: tl.constexpr = 64  # window keys per step
     OC, OS, OW = BRANCH_OUT
+    KCMEAN, KMEAN = KEY_MEANS
     LSEC, LSES, LSEW = BRANCH_LSE
     scale_log2, scale = scales
     BADV, BADC, sbv, sbc = NONFINITE
@@ -107,14 +124,17 @@ def bwd_dq_kernel(
         gate_off = bb * sg[0] + h * sg[1] + (start + t) * sg[2]
         dg_off = bb * sdg[0] + h * sdg[1] + (start + t) * sdg[2]
         lse_off = bb * slse[0] + h * slse[1] + (start + t) * slse[2]
+        mean_off = bb * sm[0] + hk.to(tl.int64) * sm[1]
         t_last = tl.minimum(t0 + BT, length) - 1
         dq = tl.zeros([R, D], tl.float32)
         sees = t < 0  # rows that keep a non-finite value
         if GI_CMP >= 0:
             cstart = _seq_field(SEQ, b, 2).to(tl.int64)
             n_cmp = _seq_field(SEQ, b, 3)
-            gb, delta, lse = _branch_delta(OC, GATES, LSEC, DG, DELTA + 0 * sdn, dof, q_base, row_off, d, gate_off,
-                                           dg_off, lse_off, valid, GI_CMP, sg[3])
+            gb, dg_saved, lse = _branch_start(OC, GATES, LSEC, dof, q_base, row_off, d, gate_off, lse_off, valid,
+                                              GI_CMP, sg[3])
+            drift = tl.zeros([R], tl.float32)
+            rounded = tl.zeros([R], tl.float32)
             lo, hi = _visible_span(t0, t_last, n_cmp, CBLOCK, CSTRIDE, LEGACY)
             kbase = KC + bb * sc[0] + hk.to(tl.int64) * sc[1] + cstart * sc[2]
             vbase = VC + bb * sc[0] + hk.to(tl.int64) * sc[1] + cstart * sc[2]
@@ -129,7 +149,9 @@ def bwd_dq_kernel(
                 s = _dot(q, tl.trans(kc), IEEE) * scale_log2
                 vis = _visible(i, t, n_cmp, CBLOCK, CSTRIDE, LEGACY) & valid[:, None]
                 p = tl.where(vis, tl.exp2(s - lse[:, None]), 0.0)
-                dq = _dq_step(dq, p, do, kc, vc, gb, delta, IEEE)
+                dq, drift, rounded = _dq_step(dq, drift, rounded, p, do, kc, vc, gb, dg_saved, IEEE)
+            dq = _branch_end(dq, drift, rounded, gb, dg_saved, KCMEAN + mean_off, DG, DELTA + 0 * sdn, dg_off, lse_off,
+                             d, valid, GI_CMP)
             bad = BADC + bb * sbc[0] + hk.to(tl.int64) * sbc[1] + cstart
             if _nonfinite_rows(bad, lo, hi):
                 for i0 in range(lo, hi, BN):
@@ -140,8 +162,10 @@ def bwd_dq_kernel(
         vbase = V + bb * sk[0] + hk.to(tl.int64) * sk[1] + start * sk[2]
         bad = BADV + bb * sbv[0] + hk.to(tl.int64) * sbv[1] + start
         if GI_SLC >= 0:
-            gb, delta, lse = _branch_delta(OS, GATES, LSES, DG, DELTA + 1 * sdn, dof, q_base, row_off, d, gate_off,
-                                           dg_off, lse_off, valid, GI_SLC, sg[3])
+            gb, dg_saved, lse = _branch_start(OS, GATES, LSES, dof, q_base, row_off, d, gate_off, lse_off, valid,
+                                              GI_SLC, sg[3])
+            drift = tl.zeros([R], tl.float32)
+            rounded = tl.zeros([R], tl.float32)
             count, ubase, umbase, hit_row, kdesc, vdesc, n_whole = _union_setup(
                 SEL, UNION, b, hk, pid_t, tl.num_programs(0), start, ss, t0, length, r, kbase, vbase, sk[2],
                 G, G, BT, D, W, LS, BS, HEAD_SCORING, TMA, False)
@@ -160,7 +184,9 @@ def bwd_dq_kernel(
                         p = tl.where(mask, tl.exp2(s - lse[:, None]), 0.0)
                     else:
                         p = tl.exp2(s - tl.where(mask, lse, float("inf"))[:, None])
-                    dq = _dq_step(dq, p, do, kk, vv, gb, delta, IEEE)
+                    dq, drift, rounded = _dq_step(dq, drift, rounded, p, do, kk, vv, gb, dg_saved, IEEE)
+            dq = _branch_end(dq, drift, rounded, gb, dg_saved, KMEAN + mean_off, DG, DELTA + 1 * sdn, dg_off, lse_off,
+                             d, valid, GI_SLC)
             if _nonfinite_rows(bad, 0, t_last + 1):
                 for it in range(0, count):
                     j, bits = _union_entry(ubase, umbase, it, count)
@@ -168,8 +194,10 @@ def bwd_dq_kernel(
                     kept = (s_pos[None, :] <= limit[:, None]) & kmask[None, :]
                     sees = _sees_nonfinite(sees, kept, bad, s_pos, kmask)
         if GI_WIN >= 0:
-            gb, delta, lse = _branch_delta(OW, GATES, LSEW, DG, DELTA + 2 * sdn, dof, q_base, row_off, d, gate_off,
-                                           dg_off, lse_off, valid, GI_WIN, sg[3])
+            gb, dg_saved, lse = _branch_start(OW, GATES, LSEW, dof, q_base, row_off, d, gate_off, lse_off, valid,
+                                              GI_WIN, sg[3])
+            drift = tl.zeros([R], tl.float32)
+            rounded = tl.zeros([R], tl.float32)
             lo = tl.maximum(t0 - WIN + 1, 0)
             kdesc_w = _sequence_desc(kbase, length, sk[2], BKW, D, TMA)
             vdesc_w = _sequence_desc(vbase, length, sk[2], BKW, D, TMA)
@@ -181,7 +209,9 @@ def bwd_dq_kernel(
                 s = _dot(q, tl.trans(kk), IEEE) * scale_log2
                 mask = valid[:, None] & (s_pos[None, :] <= t[:, None]) & (s_pos[None, :] > t[:, None] - WIN)
                 p = tl.where(mask, tl.exp2(s - lse[:, None]), 0.0)
-                dq = _dq_step(dq, p, do, kk, vv, gb, delta, IEEE)
+                dq, drift, rounded = _dq_step(dq, drift, rounded, p, do, kk, vv, gb, dg_saved, IEEE)
+            dq = _branch_end(dq, drift, rounded, gb, dg_saved, KMEAN + mean_off, DG, DELTA + 2 * sdn, dg_off, lse_off,
+                             d, valid, GI_WIN)
             if _nonfinite_rows(bad, lo, t_last + 1):
                 for s0 in range(lo, t_last + 1, BKW):
                     s_pos = s0 + tl.arange(0, BKW)

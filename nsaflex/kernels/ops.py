@@ -452,13 +452,9 @@ def _forward(q, k, v, kc, vc, gates, lay: SeqLayout, cfg: KernelConfig, launch: 
         vc_finite, bad_vc = finite_values(vc), nonfinite_prefix(vc)
     if cfg.has_cmp:
         lse_c = torch.empty(lse_shape, dtype=torch.float32, device=dev)
-        # Branch outputs are kept in fp32: the backward's delta = rowsum(dO * O_b) of a
-        # bf16-rounded O_b is off by ~2^-9 |O_b|, which dq then carries as delta * (the
-        # attention-weighted mean key); where keys or values share a large common part
-        # (pooled tokens from a fresh MLP) that was 1e-2 of dq on an H200.
-        # Without a backward the output is rounded to q's dtype anyway: the branch
-        # output is kept in that dtype (half the bytes written and read back).
-        oc = torch.empty_like(q, dtype=torch.float32 if save else q.dtype)
+        # Branch outputs are kept in q's dtype: the backward corrects the estimate
+        # rowsum(dO * O_b) they give to fp32 as it goes (bwd.bwd_dq_kernel).
+        oc = torch.empty_like(q)
         if lay.max_cmp > 0:
             compression_lse(q, kc, vc, lse_c, oc, lay, cfg, launch, tiles, vc_finite=vc_finite, bad_vc=bad_vc)
         else:
@@ -481,8 +477,8 @@ def _forward(q, k, v, kc, vc, gates, lay: SeqLayout, cfg: KernelConfig, launch: 
         U, UM, UC = tiles.union_buffers(B * Hkv * n_t3, tiles.sel_rows, lay.max_len, cfg.slc_block, dev)
     else:
         U = UM = UC = dummy_i
-    o_s = torch.empty_like(q, dtype=torch.float32) if (save and cfg.has_slc) else None
-    o_w = torch.empty_like(q, dtype=torch.float32) if (save and cfg.has_win) else None
+    o_s = torch.empty_like(q) if (save and cfg.has_slc) else None
+    o_w = torch.empty_like(q) if (save and cfg.has_win) else None
     lse_s = torch.empty(lse_shape, dtype=torch.float32, device=dev) if (save and cfg.has_slc) else None
     lse_w = torch.empty(lse_shape, dtype=torch.float32, device=dev) if (save and cfg.has_win) else None
     lse_like = lse_c if lse_c is not None else (lse_s if lse_s is not None else (lse_w if lse_w is not None else torch.empty(lse_shape, dtype=torch.float32, device=dev)))
@@ -758,12 +754,13 @@ def _backward(do, q, k, v, kc, vc, gates, lay: SeqLayout, cfg: KernelConfig, res
     bad_vc = res["bad_vc"] if (vc is not None and lay.max_cmp > 0) else bad_v
     branch_out = tuple(x if x is not None else q for x in (oc, res["o_s"], res["o_w"]))
     branch_lse = tuple(x if x is not None else any_lse for x in (lse_c, res["lse_s"], res["lse_w"]))
+    key_means = torch.stack((_mean_key(kc_, lay.max_cmp > 0), _mean_key(k, cfg.has_win or cfg.has_slc)))
     _launch(bwd.bwd_dq_kernel, (n_tq, B, Hkv),
-        q, k, v_finite, kc_, vc_, do, gates, branch_out, branch_lse,
+        q, k, v_finite, kc_, vc_, do, gates, branch_out, branch_lse, (key_means[0], key_means[1]),
         sel if sel is not None else dummy_i, (res["U"], res["UM"], res["UC"]), dq, dg, delta,
         lay.table,
         lay.strides(q), lay.strides(k), lay.strides(kc_), lay.strides(gates, 4), lay.strides(dg), lay.strides(sel),
-        lay.strides(any_lse), delta.stride(0),
+        lay.strides(any_lse), delta.stride(0), _layout_strides(key_means[0], lay.packed, 2),
         (scale_log2, scale), (bad_v, bad_vc, lay.strides(bad_v, 2), lay.strides(bad_vc, 2)),
         G=G, R=tiles.rows_sel, BT=tiles.bt_sel, D=D, **_gate_columns(cfg),
         CBLOCK=cfg.cblock, CSTRIDE=cfg.cstride, LEGACY=cfg.legacy,
@@ -831,6 +828,18 @@ def _backward(do, q, k, v, kc, vc, gates, lay: SeqLayout, cfg: KernelConfig, res
     dv = dv.to(v.dtype) if dv is not None else torch.zeros_like(v)
     dgates = dg.to(gates.dtype) if need_gates else None
     return dq, dk, dv, dkc, dvc, dgates
+
+
+def _mean_key(keys: torch.Tensor, used: bool) -> torch.Tensor:
+    """``[B, Hkv, D]`` fp32: the mean of ``keys [B, Hkv, T, D]`` over its
+    tokens (a batch row's sequences together), non-finite parts as 0; zeros
+    where the branch does not run (``used`` False). The backward's dq takes
+    any per-head constant here (``bwd._branch_end``); the mean keeps the
+    product's error to the keys' spread."""
+    shape = (keys.shape[0], keys.shape[1], keys.shape[3])
+    if not used or keys.shape[2] == 0:
+        return torch.zeros(shape, dtype=torch.float32, device=keys.device)
+    return torch.nan_to_num(keys.mean(dim=2).float(), nan=0.0, posinf=0.0, neginf=0.0)
 
 
 def _given_selection(sel: torch.Tensor, rows: tuple[int, int, int], width: int) -> torch.Tensor:
