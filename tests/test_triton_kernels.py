@@ -193,7 +193,8 @@ def test_saved_branch_outputs_serve_only_as_an_estimate(case):
     ref = reference_attention(q, k, v, pattern, gates, types, pooler)
     want = torch.autograd.grad(ref, inputs, grad_out.double().cpu(), allow_unused=True)
     for name, a, b in zip(("q", "k", "v", "gates"), got, want):
-        if a is None or b is None:
+        if a is None:  # not used on this path (no sparse query): the reference's gradient is zero
+            assert float(b.abs().max()) == 0, name
             continue
         assert rel(a, b) < (1e-2 if name == "q" else TOL * 3), (name, rel(a, b))
 
