@@ -574,7 +574,8 @@ def text_dense_attention(
     counts = text_queries.sum(dim=1)
     # Any inf or NaN makes the sum non-finite (a float32 overflow of finite values
     # only sends the call down the exact path); no [B, H, L, D] bool tensor is made.
-    finite = torch.isfinite(sum(x.sum(dtype=torch.float32 if x.dtype != torch.float64 else x.dtype) for x in (q, k, v)))
+    total = sum(x.sum(dtype=torch.float32 if x.dtype != torch.float64 else x.dtype) for x in (q, k, v))
+    finite = total - total == 0  # NaN exactly where the sum is inf or NaN (torch.isfinite: five kernels)
     # Each row's text positions first, in order.
     sorted_positions = torch.sort((~text_queries).to(torch.int8), dim=1, stable=True).indices
     facts = [counts.max() if batch else counts.new_zeros(()), finite.to(counts.dtype)]

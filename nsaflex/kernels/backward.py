@@ -77,9 +77,9 @@ def _sees_nonfinite(sees, kept, bad, rows, rmask):
 
 @triton.jit
 def bwd_dq_kernel(
-    Q, K, V, KC, VC, DO, GATES, BRANCH_OUT, BRANCH_LSE, KEY_MEANS, SEL, UNION, DQ, DG, DELTA,
+    Q, K, V, KC, VC, DO, GATES, BRANCH_OUT, BRANCH_LSE, KEY_MEANS, SEL, UNION, DQ, DG, DELTAS,
     SEQ,
-    sq, sk, sc, sg, sdg, ss, slse, sdn, sm,
+    sq, sk, sc, sg, sdg, ss, slse,
     scales, NONFINITE,
     G: tl.constexpr, R: tl.constexpr, BT: tl.constexpr, D: tl.constexpr,
     GI_CMP: tl.constexpr, GI_SLC: tl.constexpr, GI_WIN: tl.constexpr,
@@ -92,11 +92,12 @@ def bwd_dq_kernel(
     descriptors); ``GI_*`` as there. ``SEQ``: the sequence table
     (:func:`_seq_field`). ``BRANCH_OUT``, ``BRANCH_LSE``: the forward's saved
     branch outputs (q's layout and dtype) and log-sum-exp, (compression,
-    selection, window). ``KEY_MEANS``: (the mean compressed key, the mean key),
-    each ``[B, Hkv, D]`` fp32 with (batch, head) strides ``sm``
-    (:func:`_branch_end`). Stride tuples as ``slc_win_kernel``'s (batch, head, token), ``sc``
-    of the compressed keys and values, ``sdg`` of DG; ``sdn``: DELTA's branch
-    stride (DELTA [3, B, H, T], the lse layout). ``scales``: (scale_log2, scale).
+    selection, window). ``KEY_MEANS``: (the mean compressed key, the mean key,
+    both ``[B, Hkv, D]`` fp32, their (batch, head) strides)
+    (:func:`_branch_end`). Stride tuples as ``slc_win_kernel``'s (batch, head,
+    token), ``sc`` of the compressed keys and values, ``sdg`` of DG.
+    ``DELTAS``: (DELTA [3, B, H, T] in the lse layout, its branch stride).
+    ``scales``: (scale_log2, scale).
     ``V``, ``VC``: the values with inf and NaN read as 0 (as the forward's
     loops read them), so that ``dp = dO . v`` is finite where a masked pair
     meets such a value; ``NONFINITE``: (the prefix counts of the value rows
@@ -110,7 +111,8 @@ def bwd_dq_kernel(
     BN: tl.constexpr = 64  # compressed keys per step
     BKW: tl.constexpr = 64  # window keys per step
     OC, OS, OW = BRANCH_OUT
-    KCMEAN, KMEAN = KEY_MEANS
+    KCMEAN, KMEAN, sm = KEY_MEANS
+    DELTA, sdn = DELTAS
     LSEC, LSES, LSEW = BRANCH_LSE
     scale_log2, scale = scales
     BADV, BADC, sbv, sbc = NONFINITE

@@ -297,7 +297,9 @@ def nonfinite_prefix(values: torch.Tensor) -> torch.Tensor:
     (``forward._nonfinite_rows``), with no host read. A row is tested by its
     float32 sum (no bool tensor of ``values``' size): a finite row whose sum
     overflows only takes that step, which adds nothing."""
-    bad = ~torch.isfinite(values.sum(dim=-1, dtype=torch.float32))
+    row_sums = values.sum(dim=-1, dtype=torch.float32)
+    # x - x is NaN exactly where x is inf or NaN: two kernels where torch.isfinite launches five.
+    bad = torch.isnan(row_sums - row_sums)
     return torch.nn.functional.pad(bad.cumsum(dim=-1, dtype=torch.int32), (1, 0))
 
 
@@ -756,11 +758,12 @@ def _backward(do, q, k, v, kc, vc, gates, lay: SeqLayout, cfg: KernelConfig, res
     branch_lse = tuple(x if x is not None else any_lse for x in (lse_c, res["lse_s"], res["lse_w"]))
     key_means = torch.stack((_mean_key(kc_, lay.max_cmp > 0), _mean_key(k, cfg.has_win or cfg.has_slc)))
     _launch(bwd.bwd_dq_kernel, (n_tq, B, Hkv),
-        q, k, v_finite, kc_, vc_, do, gates, branch_out, branch_lse, (key_means[0], key_means[1]),
-        sel if sel is not None else dummy_i, (res["U"], res["UM"], res["UC"]), dq, dg, delta,
+        q, k, v_finite, kc_, vc_, do, gates, branch_out, branch_lse,
+        (key_means[0], key_means[1], _layout_strides(key_means[0], lay.packed, 2)),
+        sel if sel is not None else dummy_i, (res["U"], res["UM"], res["UC"]), dq, dg, (delta, delta.stride(0)),
         lay.table,
         lay.strides(q), lay.strides(k), lay.strides(kc_), lay.strides(gates, 4), lay.strides(dg), lay.strides(sel),
-        lay.strides(any_lse), delta.stride(0), _layout_strides(key_means[0], lay.packed, 2),
+        lay.strides(any_lse),
         (scale_log2, scale), (bad_v, bad_vc, lay.strides(bad_v, 2), lay.strides(bad_vc, 2)),
         G=G, R=tiles.rows_sel, BT=tiles.bt_sel, D=D, **_gate_columns(cfg),
         CBLOCK=cfg.cblock, CSTRIDE=cfg.cstride, LEGACY=cfg.legacy,
