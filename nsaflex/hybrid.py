@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch.nn import functional as F
 
+from nsaflex.inputs import nonfinite
 from nsaflex.pooling import softmax_scale
 from nsaflex.spec import Pattern
 from nsaflex.tensor_memo import remembered
@@ -265,8 +266,9 @@ def _efficient_kernel(q: torch.Tensor) -> bool:
 
 def _sdpa_backend(q: torch.Tensor) -> contextlib.AbstractContextManager:
     """SDPA pinned to its memory-efficient kernel where that serves ``q``
-    (:func:`_efficient_kernel`), so that a backward's recomputation runs the
-    forward's kernel; elsewhere the dispatcher's choice."""
+    (:func:`_efficient_kernel`): the kernel the gradient path runs
+    (:func:`_chunk_attention`), so a call gives the same output with and
+    without a gradient; elsewhere the dispatcher's choice."""
     if not _efficient_kernel(q):
         return contextlib.nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -575,7 +577,7 @@ def text_dense_attention(
     # Any inf or NaN makes the sum non-finite (a float32 overflow of finite values
     # only sends the call down the exact path); no [B, H, L, D] bool tensor is made.
     total = sum(x.sum(dtype=torch.float32 if x.dtype != torch.float64 else x.dtype) for x in (q, k, v))
-    finite = total - total == 0  # NaN exactly where the sum is inf or NaN (torch.isfinite: five kernels)
+    finite = ~nonfinite(total)
     # Each row's text positions first, in order.
     sorted_positions = torch.sort((~text_queries).to(torch.int8), dim=1, stable=True).indices
     facts = [counts.max() if batch else counts.new_zeros(()), finite.to(counts.dtype)]

@@ -35,6 +35,12 @@ class Shapes:
         return self.query_heads // self.kv_heads
 
 
+def nonfinite(x: torch.Tensor) -> torch.Tensor:
+    """Elementwise whether ``x`` is inf or NaN, as ``isnan(x - x)``: two kernels
+    where ``~torch.isfinite(x)`` launches five (the checks run on every call)."""
+    return torch.isnan(x - x)
+
+
 def _shape(t: torch.Tensor) -> str:
     return "[" + ", ".join(str(s) for s in t.shape) + "]"
 

@@ -41,6 +41,7 @@ import torch
 
 from nsaflex.backends.base import BranchPlan
 from nsaflex.errors import InputError, one_of
+from nsaflex.inputs import nonfinite
 from nsaflex.inspect import causal_logsumexp, empty_branch_info, scatter_lse
 from nsaflex.hybrid import TEXT_PATH_NOTES, combine, gather_padded, scatter_padded, sparse_layout, text_dense_attention
 from nsaflex.pooling import MLPPooling, compress, softmax_scale
@@ -265,8 +266,7 @@ def all_finite(*tensors: torch.Tensor) -> list[bool]:
     overflow of finite values only reports False, which sends the caller down
     its exact path."""
     sums = [x.sum(dtype=torch.float64 if x.dtype == torch.float64 else torch.float32) for x in tensors]
-    stacked = torch.stack(sums)
-    return [bool(flag) for flag in (stacked - stacked == 0).tolist()]  # x - x: NaN where x is inf or NaN
+    return [not flag for flag in nonfinite(torch.stack(sums)).tolist()]
 
 
 def dense_block_mask_attention(q, k, v, tiles, mask_mod, scale: float, return_lse: bool = False):

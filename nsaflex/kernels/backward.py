@@ -29,13 +29,16 @@ from nsaflex.kernels.forward import (
 
 
 @triton.jit
-def _branch_start(O, GATES, LSE, dof, q_base, row_off, d, gate_off, lse_off, valid, GI: tl.constexpr, sgc):
+def _branch_start(O, GATES, LSE, dof, q_base, row_off, d, gate_off, lse_off, valid, GI: tl.constexpr, sgc,
+                  R: tl.constexpr):
     """The start of one branch of :func:`bwd_dq_kernel`: the rows' gate
     ``g_b``, the estimate ``rowsum(dO * o_b)`` from the saved branch output
-    (q's dtype) and the branch's saved log-sum-exp, each [R]."""
+    (q's dtype), the branch's saved log-sum-exp, and the zero ``drift`` and
+    ``rounded`` sums its steps add to (:func:`_dq_step`), each [R]."""
     o_b = tl.load(O + q_base + row_off[:, None] + d[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
     gb = tl.load(GATES + gate_off + GI * sgc, mask=valid, other=0.0).to(tl.float32)
-    return gb, tl.sum(dof * o_b, axis=1), tl.load(LSE + lse_off, mask=valid, other=0.0)
+    zeros = tl.zeros([R], tl.float32)
+    return gb, tl.sum(dof * o_b, axis=1), tl.load(LSE + lse_off, mask=valid, other=0.0), zeros, zeros
 
 
 @triton.jit
@@ -133,10 +136,8 @@ def bwd_dq_kernel(
         if GI_CMP >= 0:
             cstart = _seq_field(SEQ, b, 2).to(tl.int64)
             n_cmp = _seq_field(SEQ, b, 3)
-            gb, dg_saved, lse = _branch_start(OC, GATES, LSEC, dof, q_base, row_off, d, gate_off, lse_off, valid,
-                                              GI_CMP, sg[3])
-            drift = tl.zeros([R], tl.float32)
-            rounded = tl.zeros([R], tl.float32)
+            gb, dg_saved, lse, drift, rounded = _branch_start(OC, GATES, LSEC, dof, q_base, row_off, d, gate_off,
+                                                              lse_off, valid, GI_CMP, sg[3], R)
             lo, hi = _visible_span(t0, t_last, n_cmp, CBLOCK, CSTRIDE, LEGACY)
             kbase = KC + bb * sc[0] + hk.to(tl.int64) * sc[1] + cstart * sc[2]
             vbase = VC + bb * sc[0] + hk.to(tl.int64) * sc[1] + cstart * sc[2]
@@ -164,10 +165,8 @@ def bwd_dq_kernel(
         vbase = V + bb * sk[0] + hk.to(tl.int64) * sk[1] + start * sk[2]
         bad = BADV + bb * sbv[0] + hk.to(tl.int64) * sbv[1] + start
         if GI_SLC >= 0:
-            gb, dg_saved, lse = _branch_start(OS, GATES, LSES, dof, q_base, row_off, d, gate_off, lse_off, valid,
-                                              GI_SLC, sg[3])
-            drift = tl.zeros([R], tl.float32)
-            rounded = tl.zeros([R], tl.float32)
+            gb, dg_saved, lse, drift, rounded = _branch_start(OS, GATES, LSES, dof, q_base, row_off, d, gate_off,
+                                                              lse_off, valid, GI_SLC, sg[3], R)
             count, ubase, umbase, hit_row, kdesc, vdesc, n_whole = _union_setup(
                 SEL, UNION, b, hk, pid_t, tl.num_programs(0), start, ss, t0, length, r, kbase, vbase, sk[2],
                 G, G, BT, D, W, LS, BS, HEAD_SCORING, TMA, False)
@@ -196,10 +195,8 @@ def bwd_dq_kernel(
                     kept = (s_pos[None, :] <= limit[:, None]) & kmask[None, :]
                     sees = _sees_nonfinite(sees, kept, bad, s_pos, kmask)
         if GI_WIN >= 0:
-            gb, dg_saved, lse = _branch_start(OW, GATES, LSEW, dof, q_base, row_off, d, gate_off, lse_off, valid,
-                                              GI_WIN, sg[3])
-            drift = tl.zeros([R], tl.float32)
-            rounded = tl.zeros([R], tl.float32)
+            gb, dg_saved, lse, drift, rounded = _branch_start(OW, GATES, LSEW, dof, q_base, row_off, d, gate_off,
+                                                              lse_off, valid, GI_WIN, sg[3], R)
             lo = tl.maximum(t0 - WIN + 1, 0)
             kdesc_w = _sequence_desc(kbase, length, sk[2], BKW, D, TMA)
             vdesc_w = _sequence_desc(vbase, length, sk[2], BKW, D, TMA)

@@ -24,6 +24,7 @@ from triton.runtime.errors import OutOfResources, PTXASError
 from nsaflex.kernels import backward as bwd
 from nsaflex.kernels import forward as fwd
 from nsaflex.errors import InputError
+from nsaflex.inputs import nonfinite
 from nsaflex.spec import Compression, Pattern, Selection
 
 
@@ -297,9 +298,7 @@ def nonfinite_prefix(values: torch.Tensor) -> torch.Tensor:
     (``forward._nonfinite_rows``), with no host read. A row is tested by its
     float32 sum (no bool tensor of ``values``' size): a finite row whose sum
     overflows only takes that step, which adds nothing."""
-    row_sums = values.sum(dim=-1, dtype=torch.float32)
-    # x - x is NaN exactly where x is inf or NaN: two kernels where torch.isfinite launches five.
-    bad = torch.isnan(row_sums - row_sums)
+    bad = nonfinite(values.sum(dim=-1, dtype=torch.float32))
     return torch.nn.functional.pad(bad.cumsum(dim=-1, dtype=torch.int32), (1, 0))
 
 
@@ -756,10 +755,10 @@ def _backward(do, q, k, v, kc, vc, gates, lay: SeqLayout, cfg: KernelConfig, res
     bad_vc = res["bad_vc"] if (vc is not None and lay.max_cmp > 0) else bad_v
     branch_out = tuple(x if x is not None else q for x in (oc, res["o_s"], res["o_w"]))
     branch_lse = tuple(x if x is not None else any_lse for x in (lse_c, res["lse_s"], res["lse_w"]))
-    key_means = torch.stack((_mean_key(kc_, lay.max_cmp > 0), _mean_key(k, cfg.has_win or cfg.has_slc)))
+    kc_mean, k_mean = _mean_key(kc_, lay.max_cmp > 0), _mean_key(k, cfg.has_win or cfg.has_slc)
     _launch(bwd.bwd_dq_kernel, (n_tq, B, Hkv),
         q, k, v_finite, kc_, vc_, do, gates, branch_out, branch_lse,
-        (key_means[0], key_means[1], _layout_strides(key_means[0], lay.packed, 2)),
+        (kc_mean, k_mean, _layout_strides(k_mean, lay.packed, 2)),
         sel if sel is not None else dummy_i, (res["U"], res["UM"], res["UC"]), dq, dg, (delta, delta.stride(0)),
         lay.table,
         lay.strides(q), lay.strides(k), lay.strides(kc_), lay.strides(gates, 4), lay.strides(dg), lay.strides(sel),
@@ -834,15 +833,16 @@ def _backward(do, q, k, v, kc, vc, gates, lay: SeqLayout, cfg: KernelConfig, res
 
 
 def _mean_key(keys: torch.Tensor, used: bool) -> torch.Tensor:
-    """``[B, Hkv, D]`` fp32: the mean of ``keys [B, Hkv, T, D]`` over its
-    tokens (a batch row's sequences together), non-finite parts as 0; zeros
-    where the branch does not run (``used`` False). The backward's dq takes
+    """``[B, Hkv, D]`` fp32, contiguous (a backward's two share one stride
+    tuple): the mean of ``keys [B, Hkv, T, D]`` over its tokens (a batch row's
+    sequences together), non-finite parts as 0; zeros where the branch does not
+    run (``used`` False). The backward's dq takes
     any per-head constant here (``bwd._branch_end``); the mean keeps the
     product's error to the keys' spread."""
     shape = (keys.shape[0], keys.shape[1], keys.shape[3])
     if not used or keys.shape[2] == 0:
         return torch.zeros(shape, dtype=torch.float32, device=keys.device)
-    return torch.nan_to_num(keys.mean(dim=2).float(), nan=0.0, posinf=0.0, neginf=0.0)
+    return torch.nan_to_num(keys.mean(dim=2).float(), nan=0.0, posinf=0.0, neginf=0.0).contiguous()
 
 
 def _given_selection(sel: torch.Tensor, rows: tuple[int, int, int], width: int) -> torch.Tensor:
