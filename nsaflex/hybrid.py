@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -86,6 +86,12 @@ class SparseLayout:
         runs = (last - first == self.lengths - 1) | (self.lengths == 0)
         values = torch.cat([runs.all().long()[None], first.long()]).tolist()
         return tuple(values[1:]) if values[0] else None
+
+    @functools.cached_property
+    def text_rows(self) -> "TextRows":
+        """Where the text queries are (:func:`text_rows`): one host read, once per
+        layout (the layers of a model call share it)."""
+        return text_rows(~self.sparse_queries)
 
 
 def sparse_layout(pattern: Pattern, token_types: torch.Tensor | None, batch: int, length: int, device) -> SparseLayout:
@@ -543,14 +549,95 @@ def _split_key_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     return dq, keys(dk), keys(dv)
 
 
+@dataclass(frozen=True)
+class TextRows:
+    """Where the text queries of ``[B, L]`` rows are (:func:`text_rows`).
+
+    Attributes:
+        order: ``[B, Nt]`` long: each row's text positions in order (``Nt``: the
+            most text queries of a row), padded with positions of sparse queries.
+        valid: ``[B, Nt]`` bool: real entries of ``order``.
+        groups: ``(first, end, keys)`` slices of ``order``'s columns that attend
+            apart, each over its first ``keys`` keys (see :func:`text_dense_attention`).
+    """
+
+    order: torch.Tensor
+    valid: torch.Tensor
+    groups: tuple[tuple[int, int, int], ...]
+
+    @property
+    def most(self) -> int:
+        return self.order.shape[1]
+
+
+def text_rows(text_queries: torch.Tensor) -> TextRows:
+    """The :class:`TextRows` of ``text_queries [B, L]`` (bool): one host read.
+
+    In a single row, the text before the widest gap between text positions (a
+    prompt before a video, where the gap passes :data:`MIN_KEY_CHUNK`) forms a
+    group of its own over the keys up to its last position."""
+    batch, length = text_queries.shape
+    device = text_queries.device
+    counts = text_queries.sum(dim=1)
+    # Each row's text positions first, in order.
+    sorted_positions = torch.sort((~text_queries).to(torch.int8), dim=1, stable=True).indices
+    facts = [counts.max() if batch else counts.new_zeros(())]
+    if batch == 1 and length > 1:
+        # The widest gap between consecutive text positions: the video between a prompt and
+        # a question. The text before it sees only the keys up to its last position.
+        positions = sorted_positions[0]
+        gaps = torch.where(torch.arange(length - 1, device=device) < counts[0] - 1, positions[1:] - positions[:-1], 0)
+        last_before = gaps.argmax()
+        facts += [last_before, gaps[last_before], positions[last_before]]
+    facts = [int(x) for x in torch.stack(facts).tolist()]
+    most = facts[0]
+    order = sorted_positions[:, :most]
+    valid = torch.arange(most, device=device)[None, :] < counts[:, None]
+    # Skipping the keys after the first group pays where it skips at least a chunk of them.
+    groups = ((0, most, length),)
+    if len(facts) > 1 and facts[2] > MIN_KEY_CHUNK:
+        groups = ((0, facts[1] + 1, facts[3] + 1), (facts[1] + 1, most, length))
+    return TextRows(order, valid, groups)
+
+
+def finite_later(*tensors: torch.Tensor) -> Callable[[], bool]:
+    """Whether every value of ``tensors`` is finite: the reduction is queued now,
+    the answer read when the returned function is called. On CUDA the flag goes
+    to pinned host memory behind an event, so the read waits for the reduction
+    only, not for the kernels queued after it (a plain ``bool()`` there would
+    wait for them and leave the GPU idle while the host queues the next ones).
+
+    Any inf or NaN makes the float32 sum non-finite (a float32 overflow of finite
+    values only sends the caller down its exact path); no elementwise bool
+    tensor of the inputs' size is made."""
+    total = sum(x.sum(dtype=torch.float32 if x.dtype != torch.float64 else x.dtype) for x in tensors)
+    finite = ~nonfinite(total)
+    if finite.device.type != "cuda":
+        return functools.partial(bool, finite)
+    host = torch.empty((), dtype=torch.bool, pin_memory=True)
+    host.copy_(finite, non_blocking=True)
+    done = torch.cuda.Event()
+    done.record()
+
+    def read() -> bool:
+        done.synchronize()
+        return bool(host)
+
+    return read
+
+
 def text_dense_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text_queries: torch.Tensor, into: torch.Tensor | None = None
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text_queries: torch.Tensor | TextRows,
+    into: torch.Tensor | None = None, finite: Callable[[], bool] | None = None,
 ) -> torch.Tensor:
     """Dense causal attention for the text queries only: ``[B, Hq, L, D]`` with
     zeros on the other rows (a view of a ``[B, L, Hq, D]`` tensor, the layout
     :func:`unpack_varlen` gives); with ``into`` (``[B, Hq, L, D]``, e.g. the
     sparse kernels' output over the rows as they are), the text rows of
     ``into`` replaced in place and ``into`` returned, its other rows kept.
+    ``text_queries``: ``[B, L]`` bool, or its :class:`TextRows` (e.g. a
+    layout's, read once per token-class tensor); ``finite``: whether q, k and
+    v are all finite, from :func:`finite_later` (else computed here).
 
     Text queries are few in video inputs, so they are gathered and attend to
     all keys through SDPA with an explicit causal mask, the heads of a GQA
@@ -564,8 +651,8 @@ def text_dense_attention(
     non-finite value reaches only the queries that see it.
 
     In a single row, the text before the widest gap between text positions (a
-    prompt before a video, where the gap passes :data:`MIN_KEY_CHUNK`) attends
-    apart, over the keys up to its last position only (:func:`_text_rows`).
+    prompt before a video) attends apart, over the keys up to its last position
+    only (:func:`text_rows`, :func:`_text_rows`).
 
     Memory: the text queries are read by indexing (whose backward keeps the
     indices, where a gather would keep all of ``q``), the outputs written into
@@ -573,38 +660,16 @@ def text_dense_attention(
     ``G`` repeats.
     """
     batch, query_heads, length, dim = q.shape
-    counts = text_queries.sum(dim=1)
-    # Any inf or NaN makes the sum non-finite (a float32 overflow of finite values
-    # only sends the call down the exact path); no [B, H, L, D] bool tensor is made.
-    total = sum(x.sum(dtype=torch.float32 if x.dtype != torch.float64 else x.dtype) for x in (q, k, v))
-    finite = ~nonfinite(total)
-    # Each row's text positions first, in order.
-    sorted_positions = torch.sort((~text_queries).to(torch.int8), dim=1, stable=True).indices
-    facts = [counts.max() if batch else counts.new_zeros(()), finite.to(counts.dtype)]
-    if batch == 1 and length > 1:
-        # The widest gap between consecutive text positions: the video between a prompt and
-        # a question. The text before it sees only the keys up to its last position.
-        positions = sorted_positions[0]
-        gaps = torch.where(torch.arange(length - 1, device=q.device) < counts[0] - 1, positions[1:] - positions[:-1], 0)
-        last_before = gaps.argmax()
-        facts += [last_before, gaps[last_before], positions[last_before]]
-    # One host read for all (the text path reads the count anyway).
-    facts = [int(x) for x in torch.stack(facts).tolist()]
-    most, all_finite = facts[:2]
+    rows_of_text = text_rows(text_queries) if isinstance(text_queries, torch.Tensor) else text_queries
+    most, order, valid = rows_of_text.most, rows_of_text.order, rows_of_text.valid
     if most == 0:
         return q.new_zeros(batch, length, query_heads, dim).transpose(1, 2) if into is None else into
-    order = sorted_positions[:, :most]
-    valid = torch.arange(most, device=q.device)[None, :] < counts[:, None]
+    all_finite = (finite or finite_later(q, k, v))()
     rows = torch.arange(batch, device=q.device)[:, None]
-    # (first text row, end, keys seen): one group, or the text before the widest gap apart
-    # where skipping the keys after it saves at least a chunk of them.
-    groups = [(0, most, length)]
-    if len(facts) > 2 and facts[3] > MIN_KEY_CHUNK:
-        groups = [(0, facts[2] + 1, facts[4] + 1), (facts[2] + 1, most, length)]
     # One gather of the text queries (its backward writes one q-sized gradient): [Hq, B, Nt, D].
     text_q = _Tokens.apply(q, rows.expand(batch, most).flatten(), order.flatten()).view(query_heads, batch, most, dim)
-    text_out = torch.cat([_text_rows(text_q[:, :, a:b], k, v, order[:, a:b], valid[:, a:b], keys, bool(all_finite))
-                          for a, b, keys in groups], dim=1)  # [B, Nt, Hq, D]
+    text_out = torch.cat([_text_rows(text_q[:, :, a:b], k, v, order[:, a:b], valid[:, a:b], keys, all_finite)
+                          for a, b, keys in rows_of_text.groups], dim=1)  # [B, Nt, Hq, D]
     if into is None:
         out = q.new_zeros(batch, length, query_heads, dim)
         # Padding rows point at positions of sparse queries: they write their zeros there.

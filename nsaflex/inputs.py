@@ -135,8 +135,14 @@ def check_inputs(
             raise InputError("token_types", "an integer or bool tensor", str(token_types.dtype))
         if token_types.device != q.device:
             raise InputError("token_types", f"device {q.device} (as q)", str(token_types.device))
-        remembered(token_types, "token classes are 0, 1 or 2", lambda: _check_token_values(token_types))
+        check_token_values(token_types)
     return Shapes(batch, query_heads, kv_heads, length, head_dim)
+
+
+def check_token_values(token_types: torch.Tensor) -> None:
+    """Refuse token classes other than 0, 1 and 2: one host read, once per
+    unchanged GPU tensor (:mod:`nsaflex.tensor_memo`)."""
+    remembered(token_types, "token classes are 0, 1 or 2", lambda: _check_token_values(token_types))
 
 
 def _check_token_values(token_types: torch.Tensor) -> bool:

@@ -133,6 +133,35 @@ def test_text_only_inputs_give_exactly_the_unpatched_logits():
         assert torch.equal(logits(model, ids[:1]), expected_unpadded)
 
 
+def test_token_class_facts_are_read_before_the_first_layer(monkeypatch):
+    """An unpadded prefill reads what its layers need off the token classes
+    (their layout, the text rows) when the text model is called, before any
+    layer's work is queued; the layers read nothing more, and the logits are
+    those of layers that read for themselves. (GPU tensors are remembered;
+    CPU ones are declared so here.)"""
+    from nsaflex import hybrid, tensor_memo
+
+    model = tiny_model(layers=3)
+    ids, _, mm = make_batch([[(3, 20)]], [30], 30)
+    events = []
+    for name in ("_token_layout", "text_rows"):
+        original = getattr(hybrid, name)
+        monkeypatch.setattr(hybrid, name, lambda *a, _f=original, _n=name: events.append(_n) or _f(*a))
+    attend = adapter_module.Qwen25VLAdapter._attend
+    monkeypatch.setattr(adapter_module.Qwen25VLAdapter, "_attend",
+                        lambda self, *a: events.append("layer") or attend(self, *a))
+    monkeypatch.setattr(tensor_memo, "cacheable", lambda tensor: True)
+    with applied(model, small_pattern(), backend="flex") as adapter:
+        randomise_gates(adapter)
+        got = logits(model, ids, None, mm)
+        assert events == ["_token_layout", "text_rows"] + ["layer"] * 3
+        monkeypatch.setattr(adapter_module.Qwen25VLAdapter, "_read_token_facts", lambda *a: None)
+        events.clear()
+        expected = logits(model, ids, None, mm)
+        assert events == ["layer", "_token_layout", "text_rows", "layer", "layer"]
+    assert torch.equal(got, expected)
+
+
 def test_dense_layers_are_the_original_attention():
     model = tiny_model()
     ids, mask, mm = make_batch(SPANS, LENGTHS, 36)

@@ -116,12 +116,15 @@ from nsaflex.decoding import unsupported as batched_decode_unsupported
 from nsaflex.distributed import SequenceParallelAttention
 from nsaflex.errors import InputError, PatternError
 from nsaflex.gates import GateNetwork, gate_for_pattern
+from nsaflex.hybrid import sparse_layout
+from nsaflex.inputs import check_token_values
 from nsaflex.loader import load_pattern
 from nsaflex.recorder import Recording
 from nsaflex.reference_release import check_release_pattern, padded_slots
 from nsaflex.release_lowering import release_backend
 from nsaflex.runtime import CompiledAttention, compile as compile_pattern
 from nsaflex.spec import Model, Pattern
+from nsaflex import tensor_memo
 from nsaflex.tensor_memo import remembered
 
 ATTN_NAME = "nsaflex"
@@ -601,6 +604,33 @@ class Qwen25VLAdapter:
                 )
         decode = stored.decode if (stored is not None and past > 0) else {}
         self._call = _CallState(types=types, past=past, batch=batch, q_len=q_len, decode=decode, cache=cache)
+        if past == 0 and types is not None:
+            self._read_token_facts(types, kwargs.get("attention_mask"))
+
+    def _read_token_facts(self, types: torch.Tensor, attention_mask: Any) -> None:
+        """Read now what the layers of an unpadded faithful-mode prefill read off
+        its token classes (that they are valid, whether any query is vision, each
+        sparse layout with its runs and text rows), before the first layer's work
+        is queued: each read waits for the GPU's queue, and here that queue holds
+        next to nothing, where inside a layer it holds the layer's projections
+        (and the GPU idles while the host queues the rest). The layers then find
+        these facts remembered (:mod:`nsaflex.tensor_memo`). GPU tensors only
+        (reading a CPU tensor costs no wait)."""
+        if self.mode != "faithful" or self.process_group is not None or not tensor_memo.cacheable(types):
+            return
+        if isinstance(attention_mask, torch.Tensor) and not bool(attention_mask.to(torch.bool).all()):
+            return  # padded rows run on reordered token classes of their own
+        patterns = {layer.pattern for layer in self.layers if layer.compiled is not None and layer.pattern.hybrid}
+        batch, length = types.shape
+        if not patterns or not _any_vision(types, 0, length):
+            return
+        check_token_values(types)
+        for pattern in patterns:
+            layout = sparse_layout(pattern, types, batch, length, types.device)
+            if layout.has_text:
+                layout.text_rows
+            if not layout.identity and layout.max_length > 0:
+                layout.span_starts
 
     def _after_text_call(self, output: Any) -> None:
         call = self._call
@@ -676,9 +706,7 @@ class Qwen25VLAdapter:
         # text, the original implementation computes exactly that.
         if self.mode == "faithful" and layer.pattern.hybrid is not None:
             if valid is None:
-                # Read once per call, not once per layer: every layer gets the same tensor.
-                any_vision = remembered(types, ("vision queries in", past, total),
-                                        lambda: bool((types[:, past:total] == 1).any()))
+                any_vision = _any_vision(types, past, total)
             else:
                 any_vision = bool(((types[:, past:total] == 1) & valid[:, past:total]).any())
             if not any_vision:
@@ -976,6 +1004,12 @@ def _follow_cache_rows(cache: Any) -> None:
         if callable(getattr(cache, name, None)):
             object.__setattr__(cache, name, _RowFollower(cache, name, vars(cache).get(name)))
     object.__setattr__(cache, "_nsaflex_follows_rows", True)
+
+
+def _any_vision(types: torch.Tensor, past: int, total: int) -> bool:
+    """Whether any of the queries ``past:total`` of ``types [B, S]`` is vision:
+    read once per call, not once per layer (every layer gets the same tensor)."""
+    return remembered(types, ("vision queries in", past, total), lambda: bool((types[:, past:total] == 1).any()))
 
 
 def _trailing_padding_safe(pattern: Pattern) -> bool:

@@ -501,7 +501,7 @@ class FlexKernel:
         layout = sparse_layout(pattern, token_types, batch, length, device)
         text = None
         if pattern.hybrid is not None and layout.has_text:
-            text = text_dense_attention(q, k, v, ~layout.sparse_queries)
+            text = text_dense_attention(q, k, v, layout.text_rows)
             self._mark("text", device)
         if info is not None:
             info.update(empty_branch_info(pattern, q, layout))

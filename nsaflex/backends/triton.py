@@ -31,7 +31,7 @@ from torch.nn import functional as F
 
 from nsaflex.backends.base import BranchPlan
 from nsaflex.errors import InputError
-from nsaflex.hybrid import (TEXT_PATH_NOTES, combine, pack_varlen, sparse_layout, text_dense_attention,
+from nsaflex.hybrid import (TEXT_PATH_NOTES, combine, finite_later, pack_varlen, sparse_layout, text_dense_attention,
                             unpack_varlen)
 from nsaflex.inputs import resolve_gates
 from nsaflex.inspect import causal_logsumexp, empty_branch_info
@@ -208,15 +208,24 @@ def _sparse_forward(pattern, cfg, q, k, v, gates, token_types, pooler, launch=No
     layout = sparse_layout(pattern, token_types, batch, length, device)
     gates = resolve_gates(pattern, gates, q)
     c = pattern.compression
+    # Read off the token classes (once per layout) before the kernels are queued; the
+    # finiteness reduction queued before them and read after them, so the host waits
+    # on neither while the GPU holds the kernels' work.
+    text_rows = layout.text_rows if layout.has_text else None
+    finite = finite_later(q, k, v) if layout.has_text else None
     if info is None and not layout.identity and layout.max_length > 0 and layout.span_starts is not None:
-        return _spans_in_place(pattern, cfg, q, k, v, gates, layout, pooler, launch)
-    # Every token vision (vision_keys: vision) gives an identity layout: the compacted
-    # rows are the rows.
-    text = text_dense_attention(q, k, v, ~layout.sparse_queries) if layout.has_text else None
+        return _spans_in_place(pattern, cfg, q, k, v, gates, layout, pooler, launch, finite)
+
+    def text_path() -> torch.Tensor | None:
+        text = text_dense_attention(q, k, v, text_rows, finite=finite) if text_rows is not None else None
+        if info is not None and text is not None:
+            info.update(dense_output=text.float(), dense_lse=causal_logsumexp(q, k))
+        return text
+
     if info is not None:
         info.update(empty_branch_info(pattern, q, layout))
-        if text is not None:
-            info.update(dense_output=text.float(), dense_lse=causal_logsumexp(q, k))
+    # Every token vision (vision_keys: vision) gives an identity layout: the compacted
+    # rows are the rows.
     if layout.identity:
         qs, ks, vs = kernel_inputs(q, k, v, length)
         gs = gates
@@ -235,7 +244,7 @@ def _sparse_forward(pattern, cfg, q, k, v, gates, token_types, pooler, launch=No
     else:
         if layout.max_length == 0:
             sparse = torch.zeros_like(q)
-            return combine(sparse, text, layout)
+            return combine(sparse, text_path(), layout)
         qs = pack_varlen(q, layout)[None].contiguous()
         ks = pack_varlen(k, layout)[None].contiguous()
         vs = pack_varlen(v, layout)[None].contiguous()
@@ -261,6 +270,7 @@ def _sparse_forward(pattern, cfg, q, k, v, gates, token_types, pooler, launch=No
     else:
         out, seen = _recorded_attention(qs, ks, vs, kc, vc, gs, lay, cfg, launch)
         _branch_info(info, seen, pattern, layout, packed, length, q.shape[1] // k.shape[1])
+    text = text_path()
     if layout.identity and not layout.has_text:
         return out
     if packed:
@@ -269,16 +279,18 @@ def _sparse_forward(pattern, cfg, q, k, v, gates, token_types, pooler, launch=No
     return combine(out, text, layout)
 
 
-def _spans_in_place(pattern, cfg, q, k, v, gates, layout, pooler, launch):
+def _spans_in_place(pattern, cfg, q, k, v, gates, layout, pooler, launch, finite):
     """The sparse branches where each row's sparse queries are one run of
     consecutive tokens (``layout.span_starts``): the kernels read the rows as they
     are, each run from its first token (``starts``), and write its outputs in
     place; the text path then writes the other rows of the same tensor. Nothing
     is packed or scattered. The kernels leave rows outside the runs unwritten
-    (every one is a text query) and their gradients zero (``full_rows=False``)."""
+    (every one is a text query) and their gradients zero (``full_rows=False``).
+    ``finite``: whether q, k and v are finite (:func:`nsaflex.hybrid.finite_later`)."""
     from nsaflex.kernels.ops import SeqLayout, kernel_inputs, nsa_attention
 
     c = pattern.compression
+    text = layout.text_rows
     lens_list = list(layout.host_lengths)
     max_len = max(lens_list)
     qs, ks, vs = kernel_inputs(q, k, v, max_len)
@@ -294,7 +306,7 @@ def _spans_in_place(pattern, cfg, q, k, v, gates, layout, pooler, launch):
     clens = (compressed_counts(c, lens) if c is not None else torch.zeros_like(lens)).to(torch.int32)
     lay = SeqLayout(starts, lens, torch.zeros_like(clens), clens, max_len, max_cmp, False, min(counts), full_rows=False)
     out = nsa_attention(qs, ks, vs, kc, vc, gates, lay, cfg, launch)
-    return text_dense_attention(q, k, v, ~layout.sparse_queries, into=out)
+    return text_dense_attention(q, k, v, text, into=out, finite=finite)
 
 
 def _pooled_runs(ks: torch.Tensor, vs: torch.Tensor, runs: list[tuple[int, int, int, int]], compression,
