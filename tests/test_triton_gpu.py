@@ -288,6 +288,26 @@ def test_forward_and_backward_queue_without_host_synchronisation():
     torch.cuda.synchronize()
 
 
+def test_finiteness_is_read_without_waiting_for_later_work():
+    """The text path's one per-call fact (whether q, k and v are finite) is
+    queued before the kernels and read after them: the read waits for its own
+    reduction only. Here a second of GPU spinning queued after the reduction is
+    still running when the answer comes back, and the answer is right with and
+    without an inf in k."""
+    from nsaflex.hybrid import finite_later
+
+    gen = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(1, h, 300, 64, generator=gen).to("cuda", torch.bfloat16) for h in (4, 2, 2))
+    for value, expected in ((1.0, True), (float("inf"), False)):
+        k[0, 1, 123, 7] = value
+        torch.cuda.synchronize()
+        read = finite_later(q, k, v)
+        torch.cuda._sleep(2_000_000_000)  # about a second at 2 GHz: work queued after the reduction
+        assert read() is expected
+        assert not torch.cuda.current_stream().query()  # the spin is still running
+        torch.cuda.synchronize()
+
+
 @pytest.mark.parametrize("dtype,dim", [(torch.float32, 64), (torch.bfloat16, 256), (torch.bfloat16, 16)])
 def test_descriptor_and_pointer_loads_agree(dtype, dim):
     """Key and value blocks through tensor descriptors (where ``tma_ready``

@@ -611,16 +611,18 @@ class Qwen25VLAdapter:
         """Read now what the layers of an unpadded faithful-mode prefill read off
         its token classes (that they are valid, whether any query is vision, each
         sparse layout with its runs and text rows), before the first layer's work
-        is queued: each read waits for the GPU's queue, and here that queue holds
-        next to nothing, where inside a layer it holds the layer's projections
-        (and the GPU idles while the host queues the rest). The layers then find
-        these facts remembered (:mod:`nsaflex.tensor_memo`). GPU tensors only
-        (reading a CPU tensor costs no wait)."""
+        is queued: each read waits for the GPU's queue, which here holds no more
+        than the model call's own first read of its token classes waits for
+        already, where inside a layer it holds the layer's projections (and the
+        GPU then idles while the host queues the rest). The layers find these
+        facts remembered (:mod:`nsaflex.tensor_memo`). GPU tensors only (reading
+        a CPU tensor costs no wait)."""
         if self.mode != "faithful" or self.process_group is not None or not tensor_memo.cacheable(types):
             return
         if isinstance(attention_mask, torch.Tensor) and not bool(attention_mask.to(torch.bool).all()):
             return  # padded rows run on reordered token classes of their own
-        patterns = {layer.pattern for layer in self.layers if layer.compiled is not None and layer.pattern.hybrid}
+        patterns = {layer.pattern for layer in self.layers
+                    if layer.compiled is not None and layer.pattern.hybrid is not None}
         batch, length = types.shape
         if not patterns or not _any_vision(types, 0, length):
             return
