@@ -48,7 +48,9 @@ where it departs from the release in the class docstring). It needs fla-core
 
 ``--profile N`` adds, per measurement, the N operators and kernels with the
 most self time in one more call (torch's profiler; device time on CUDA) to the
-JSON: where a change moved the time, e.g. the text queries' backward.
+JSON: where a change moved the time, e.g. the text queries' backward; and the
+patched attention's host time, device span and kernel-busy time in that call
+(``attention``): a span well above its busy time is the GPU waiting for the host.
 
 ``--tiny`` runs a small configuration on the CPU (reference backend) to check
 the script itself.
@@ -194,8 +196,9 @@ def timed(run, device: str, warmup: int, reps: int) -> dict:
 
 def measure(model, inputs, device: str, backward: bool, warmup: int, reps: int, profile: int = 0) -> dict:
     """:func:`timed` of the layer's forward (``backward``: forward+backward);
-    with ``profile`` > 0, also one more call's ``profile`` operators with the
-    most self time (:func:`top_operators`) under ``"top_ops"``."""
+    with ``profile`` > 0, also one more profiled call (:func:`profiled`): its
+    ``profile`` operators with the most self time under ``"top_ops"`` and the
+    patched attention's host and device time under ``"attention"``."""
     base = model.model
 
     def run():
@@ -210,15 +213,16 @@ def measure(model, inputs, device: str, backward: bool, warmup: int, reps: int, 
     model.train(backward)
     result = timed(run, device, warmup, reps)
     if profile > 0:
-        result["top_ops"] = top_operators(run, device, profile)
+        result.update(profiled(run, device, profile))
     model.zero_grad(set_to_none=True)
     return result
 
 
-def top_operators(run, device: str, count: int) -> list[dict]:
-    """The ``count`` operators and kernels with the most self time in one
-    ``run()`` (device time on CUDA, CPU time elsewhere), from torch's profiler:
-    ``{"name", "ms", "calls"}``, most first."""
+def profiled(run, device: str, count: int) -> dict:
+    """One ``run()`` under torch's profiler: ``top_ops``, its ``count``
+    operators and kernels with the most self time (device time on CUDA, CPU
+    time elsewhere), ``{"name", "ms", "calls"}``, most first; and
+    ``attention`` (:func:`attention_ranges`)."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
@@ -227,7 +231,36 @@ def top_operators(run, device: str, count: int) -> list[dict]:
         sync(device)
     key = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
     events = sorted(prof.key_averages(), key=lambda event: getattr(event, key), reverse=True)[:count]
-    return [{"name": event.key, "ms": getattr(event, key) / 1e3, "calls": event.count} for event in events]
+    top = [{"name": event.key, "ms": getattr(event, key) / 1e3, "calls": event.count} for event in events]
+    return {"top_ops": top, "attention": attention_ranges(prof.events())}
+
+
+def attention_ranges(events) -> dict:
+    """Where the patched attention's time goes, summed over the adapter's
+    ``nsaflex.attention`` ranges of one profiled call (the compiled pattern: its
+    packing, kernels and text path): ``calls``, ``host_ms`` (the ranges' host
+    time) and, on CUDA, ``device_span_ms`` (first to last kernel launched in
+    them) and ``kernels_busy_ms`` (the union of the kernels running inside that
+    span). A span well above its busy time is the GPU waiting for the host."""
+    from nsaflex.adapters.qwen2_5_vl import STAGE_ATTENTION
+
+    host = [e for e in events if e.name == STAGE_ATTENTION and e.device_type == torch.autograd.DeviceType.CPU]
+    spans = [e for e in events if e.name == STAGE_ATTENTION and e.device_type == torch.autograd.DeviceType.CUDA]
+    result = {"calls": len(host), "host_ms": sum(e.time_range.elapsed_us() for e in host) / 1e3}
+    if spans:
+        kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA and e.name != STAGE_ATTENTION]
+        busy = 0.0
+        for span in spans:
+            start, end = span.time_range.start, span.time_range.end
+            inside = sorted((max(start, k.time_range.start), min(end, k.time_range.end)) for k in kernels
+                            if k.time_range.end > start and k.time_range.start < end)
+            covered = start
+            for a, b in inside:  # union of the intervals, in order
+                busy += max(0, b - max(a, covered))
+                covered = max(covered, b)
+        result["device_span_ms"] = sum(e.time_range.elapsed_us() for e in spans) / 1e3
+        result["kernels_busy_ms"] = busy / 1e3
+    return result
 
 
 def pattern_for(pattern, mode: str):

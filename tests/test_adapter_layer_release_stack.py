@@ -1,10 +1,11 @@
 """benchmarks/adapter_layer.py: its ``release-stack`` baseline (the released
 VideoNSA kernel stack: FlexAttention compression, fla-core's top-n and selection
 kernels) against :mod:`nsaflex.reference_release`, on the CPU under
-``TRITON_INTERPRET=1``, and its ``--profile`` operator summary."""
+``TRITON_INTERPRET=1``, and its ``--profile`` summary (operators, the patched attention's times)."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import os
 from pathlib import Path
@@ -12,8 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from nsaflex.loader import load_pattern
 from nsaflex.reference_release import release_attention, release_pattern
-from nsaflex.spec import Compression, Gate, Hybrid, Pattern, Selection, Window
+from nsaflex.spec import Compression, Gate, Hybrid, Model, Pattern, Selection, Window
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -125,4 +127,19 @@ def test_profile_keeps_the_operators_with_the_most_self_time():
     ops = result["top_ops"]
     assert len(ops) == 5 and all(set(op) == {"name", "ms", "calls"} for op in ops)
     assert [op["ms"] for op in ops] == sorted((op["ms"] for op in ops), reverse=True) and ops[0]["ms"] > 0
+    assert result["attention"] == {"calls": 0, "host_ms": 0.0}  # unpatched: no nsaflex range
     assert "top_ops" not in module.measure(model, inputs, "cpu", False, 0, 1)
+
+
+def test_profile_times_the_patched_attention():
+    """``--profile``'s ``attention``: the adapter's attention ranges of the
+    profiled call, one per patched layer and call (a forward+backward's
+    backward adds none), with their host time (CPU: no device span)."""
+    module = load_script()
+    model = module.build_model(True, "cpu", torch.float32, layers=2)
+    module.adapter_module.apply(model, dataclasses.replace(load_pattern("videonsa"), model=Model(), layers=()),
+                                backend="reference")
+    inputs = module.make_inputs(64, 8, "cpu")
+    for backward in (False, True):
+        attention = module.measure(model, inputs, "cpu", backward, 0, 1, profile=3)["attention"]
+        assert set(attention) == {"calls", "host_ms"} and attention["calls"] == 2 and attention["host_ms"] > 0
