@@ -102,6 +102,7 @@ import torch
 from torch import nn
 from torch.profiler import record_function
 
+from nsaflex import tensor_memo
 from nsaflex.adapters.decode import (
     DecodeError,
     LayerDecodeCache,
@@ -124,7 +125,6 @@ from nsaflex.reference_release import check_release_pattern, padded_slots
 from nsaflex.release_lowering import release_backend
 from nsaflex.runtime import CompiledAttention, compile as compile_pattern
 from nsaflex.spec import Model, Pattern
-from nsaflex import tensor_memo
 from nsaflex.tensor_memo import remembered
 
 ATTN_NAME = "nsaflex"
