@@ -280,3 +280,58 @@ def test_text_before_a_long_video_attends_only_its_keys(monkeypatch, grad):
         want = torch.autograd.grad(whole, (q, k, v), grad_out.double())
         for a, b in zip(got, want):
             assert float((a.double() - b).norm() / b.norm()) < 1e-5
+
+
+def test_a_hybrid_forward_reads_the_host_only_before_its_kernels(monkeypatch):
+    """Once a token-class tensor's layout is remembered, the Triton backend's
+    hybrid forward (a prompt, a video, a question: the in-place run) reads
+    nothing on the host once its first kernel is queued but the finiteness of
+    q, k and v, whose reduction was queued before that kernel
+    (:func:`nsaflex.hybrid.finite_later`): on a GPU a read there would wait for
+    the kernels and leave the GPU idle while the host queues the text path."""
+    import nsaflex
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from nsaflex.backends import triton as backend
+    from nsaflex.kernels import ops
+    from nsaflex.spec import Selection, Window
+
+    events = []
+
+    class Reads(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket.__name__ in ("_local_scalar_dense", "item"):
+                events.append("read")
+            return func(*args, **(kwargs or {}))
+
+    tolist = torch.Tensor.tolist  # a CPU tensor's tolist reads without a dispatched op
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda self: events.append("read") or tolist(self))
+    launch = ops._launch
+    monkeypatch.setattr(ops, "_launch", lambda *a, **k: events.append("kernel") or launch(*a, **k))
+    finite_later = backend.finite_later
+
+    def traced_finite_later(*tensors):
+        events.append("reduction")
+        read = finite_later(*tensors)
+        return lambda: events.append("finite read") or read()
+
+    monkeypatch.setattr(backend, "finite_later", traced_finite_later)
+    p = Pattern(name="p", compression=Compression(block=8, stride=8), selection=Selection(block=8, count=2),
+                window=Window(size=8), gate=Gate(kind="constant", values=(0.3, 0.3, 0.4)),
+                hybrid=Hybrid(vision_keys="vision"))
+    attn = nsaflex.compile(p, backend="triton", device=DEVICE)
+    gen = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(1, h, 96, 16, generator=gen).to(DEVICE) for h in (2, 1, 1))
+    types = torch.zeros(1, 96, dtype=torch.long, device=DEVICE)
+    types[:, 10:80] = 1
+    with cpu_tensors_remembered():
+        attn(q, k, v, None, types)  # reads and remembers the layout
+        events.clear()
+        with Reads():
+            attn(q, k, v, None, types)
+    first = events.index("kernel")
+    assert events.index("reduction") < first
+    after = events[first:]
+    reads = [i for i, event in enumerate(after) if event == "read"]
+    # Each read after the first kernel is the deferred finiteness read (CPU: bool(flag); CUDA: an event's wait).
+    assert reads and all(after[i - 1] == "finite read" for i in reads), events
