@@ -621,13 +621,14 @@ class Qwen25VLAdapter:
             return
         if isinstance(attention_mask, torch.Tensor) and not bool(attention_mask.to(torch.bool).all()):
             return  # padded rows run on reordered token classes of their own
-        patterns = {layer.pattern for layer in self.layers
+        # A layout depends on the pattern's hybrid section only (sparse_layout's key).
+        patterns = {layer.pattern.hybrid: layer.pattern for layer in self.layers
                     if layer.compiled is not None and layer.pattern.hybrid is not None}
         batch, length = types.shape
         if not patterns or not _any_vision(types, 0, length):
             return
         check_token_values(types)
-        for pattern in patterns:
+        for pattern in patterns.values():
             layout = sparse_layout(pattern, types, batch, length, types.device)
             if layout.has_text:
                 layout.text_rows
