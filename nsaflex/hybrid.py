@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch.nn import functional as F
 
-from nsaflex.inputs import nonfinite
+from nsaflex.inputs import nonfinite, value_sum
 from nsaflex.pooling import softmax_scale
 from nsaflex.spec import Pattern
 from nsaflex.tensor_memo import remembered
@@ -92,6 +92,15 @@ class SparseLayout:
         """Where the text queries are (:func:`text_rows`): one host read, once per
         layout (the layers of a model call share it)."""
         return text_rows(~self.sparse_queries)
+
+    def read_host_facts(self) -> None:
+        """Read now what the backends read off this layout on the host (its
+        single runs, its text rows), e.g. before a model's first layer queues
+        its work: each read waits for the GPU's queue."""
+        if self.has_text:
+            self.text_rows
+        if not self.identity and self.max_length > 0:
+            self.span_starts
 
 
 def sparse_layout(pattern: Pattern, token_types: torch.Tensor | None, batch: int, length: int, device) -> SparseLayout:
@@ -606,11 +615,8 @@ def finite_later(*tensors: torch.Tensor) -> Callable[[], bool]:
     to pinned host memory behind an event, so the read waits for the reduction
     only, not for the kernels queued after it (a plain ``bool()`` there would
     wait for them and leave the GPU idle while the host queues the next ones).
-
-    Any inf or NaN makes the float32 sum non-finite (a float32 overflow of finite
-    values only sends the caller down its exact path); no elementwise bool
-    tensor of the inputs' size is made."""
-    total = sum(x.sum(dtype=torch.float32 if x.dtype != torch.float64 else x.dtype) for x in tensors)
+    The test is on the tensors' sums (:func:`nsaflex.inputs.value_sum`)."""
+    total = sum(value_sum(x) for x in tensors)
     finite = ~nonfinite(total)
     if finite.device.type != "cuda":
         return functools.partial(bool, finite)
@@ -652,7 +658,7 @@ def text_dense_attention(
 
     In a single row, the text before the widest gap between text positions (a
     prompt before a video) attends apart, over the keys up to its last position
-    only (:func:`text_rows`, :func:`_text_rows`).
+    only (:func:`text_rows`, :func:`_text_group_attention`).
 
     Memory: the text queries are read by indexing (whose backward keeps the
     indices, where a gather would keep all of ``q``), the outputs written into
@@ -668,7 +674,7 @@ def text_dense_attention(
     rows = torch.arange(batch, device=q.device)[:, None]
     # One gather of the text queries (its backward writes one q-sized gradient): [Hq, B, Nt, D].
     text_q = _Tokens.apply(q, rows.expand(batch, most).flatten(), order.flatten()).view(query_heads, batch, most, dim)
-    text_out = torch.cat([_text_rows(text_q[:, :, a:b], k, v, order[:, a:b], valid[:, a:b], keys, all_finite)
+    text_out = torch.cat([_text_group_attention(text_q[:, :, a:b], k, v, order[:, a:b], valid[:, a:b], keys, all_finite)
                           for a, b, keys in rows_of_text.groups], dim=1)  # [B, Nt, Hq, D]
     if into is None:
         out = q.new_zeros(batch, length, query_heads, dim)
@@ -685,7 +691,7 @@ def text_dense_attention(
     return into
 
 
-def _text_rows(text_q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, order: torch.Tensor, valid: torch.Tensor,
+def _text_group_attention(text_q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, order: torch.Tensor, valid: torch.Tensor,
                keys: int, all_finite: bool) -> torch.Tensor:
     """The causal attention of the text queries ``text_q [Hq, B, Nt, D]`` at
     positions ``order [B, Nt]`` (``valid``: real entries; the others are padding

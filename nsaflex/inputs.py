@@ -41,6 +41,14 @@ def nonfinite(x: torch.Tensor) -> torch.Tensor:
     return torch.isnan(x - x)
 
 
+def value_sum(x: torch.Tensor) -> torch.Tensor:
+    """The sum of ``x``'s values in float32 (float64 for float64 inputs): one
+    number that is inf or NaN wherever ``x`` holds one, with no bool tensor of
+    ``x``'s size (a float32 overflow of finite values also reads as
+    non-finite, which only sends a caller down its exact path)."""
+    return x.sum(dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
+
+
 def _shape(t: torch.Tensor) -> str:
     return "[" + ", ".join(str(s) for s in t.shape) + "]"
 

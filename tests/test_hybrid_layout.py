@@ -263,8 +263,8 @@ def test_text_before_a_long_video_attends_only_its_keys(monkeypatch, grad):
     gen = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(1, h, length, 16, generator=gen).requires_grad_(grad) for h in (4, 2, 2))
     seen = []
-    original = hybrid._text_rows
-    monkeypatch.setattr(hybrid, "_text_rows", lambda *args: seen.append(args[5]) or original(*args))
+    original = hybrid._text_group_attention
+    monkeypatch.setattr(hybrid, "_text_group_attention", lambda *args: seen.append(args[5]) or original(*args))
     with torch.set_grad_enabled(grad):
         out = hybrid.text_dense_attention(q, k, v, text)
     assert seen == [before, length]

@@ -225,11 +225,16 @@ def _mask_entry(*args: Any, **kwargs: Any) -> NsaflexMask:
         )
     attention_mask = kwargs.get("attention_mask")
     valid = None
-    if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
+    if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2 and not _all_real(attention_mask):
         valid = attention_mask.to(torch.bool)
-        if bool(valid.all()):
-            valid = None
     return NsaflexMask(valid, arguments=(args, kwargs))
+
+
+def _all_real(attention_mask: torch.Tensor) -> bool:
+    """Whether a padding mask marks every token real: read once per mask
+    tensor (the adapter asks when the text model is called, the mask function
+    again inside it)."""
+    return remembered(attention_mask, "every token real", lambda: bool(attention_mask.to(torch.bool).all()))
 
 
 def _attention_entry(
@@ -619,7 +624,7 @@ class Qwen25VLAdapter:
         a CPU tensor costs no wait)."""
         if self.mode != "faithful" or self.process_group is not None or not tensor_memo.cacheable(types):
             return
-        if isinstance(attention_mask, torch.Tensor) and not bool(attention_mask.to(torch.bool).all()):
+        if isinstance(attention_mask, torch.Tensor) and not _all_real(attention_mask):
             return  # padded rows run on reordered token classes of their own
         # A layout depends on the pattern's hybrid section only (sparse_layout's key).
         patterns = {layer.pattern.hybrid: layer.pattern for layer in self.layers
@@ -629,11 +634,7 @@ class Qwen25VLAdapter:
             return
         check_token_values(types)
         for pattern in patterns.values():
-            layout = sparse_layout(pattern, types, batch, length, types.device)
-            if layout.has_text:
-                layout.text_rows
-            if not layout.identity and layout.max_length > 0:
-                layout.span_starts
+            sparse_layout(pattern, types, batch, length, types.device).read_host_facts()
 
     def _after_text_call(self, output: Any) -> None:
         call = self._call

@@ -41,7 +41,7 @@ import torch
 
 from nsaflex.backends.base import BranchPlan
 from nsaflex.errors import InputError, one_of
-from nsaflex.inputs import nonfinite
+from nsaflex.inputs import nonfinite, value_sum
 from nsaflex.inspect import causal_logsumexp, empty_branch_info, scatter_lse
 from nsaflex.hybrid import TEXT_PATH_NOTES, combine, gather_padded, scatter_padded, sparse_layout, text_dense_attention
 from nsaflex.pooling import MLPPooling, compress, softmax_scale
@@ -265,7 +265,7 @@ def all_finite(*tensors: torch.Tensor) -> list[bool]:
     The test is on each tensor's sum (no bool tensor of its size): a float32
     overflow of finite values only reports False, which sends the caller down
     its exact path."""
-    sums = [x.sum(dtype=torch.float64 if x.dtype == torch.float64 else torch.float32) for x in tensors]
+    sums = [value_sum(x) for x in tensors]
     return [not flag for flag in nonfinite(torch.stack(sums)).tolist()]
 
 

@@ -214,7 +214,7 @@ def _sparse_forward(pattern, cfg, q, k, v, gates, token_types, pooler, launch=No
     text_rows = layout.text_rows if layout.has_text else None
     finite = finite_later(q, k, v) if layout.has_text else None
     if info is None and not layout.identity and layout.max_length > 0 and layout.span_starts is not None:
-        return _spans_in_place(pattern, cfg, q, k, v, gates, layout, pooler, launch, finite)
+        return _spans_in_place(pattern, cfg, q, k, v, gates, layout, pooler, launch, text_rows, finite)
 
     def text_path() -> torch.Tensor | None:
         text = text_dense_attention(q, k, v, text_rows, finite=finite) if text_rows is not None else None
@@ -279,18 +279,18 @@ def _sparse_forward(pattern, cfg, q, k, v, gates, token_types, pooler, launch=No
     return combine(out, text, layout)
 
 
-def _spans_in_place(pattern, cfg, q, k, v, gates, layout, pooler, launch, finite):
+def _spans_in_place(pattern, cfg, q, k, v, gates, layout, pooler, launch, text_rows, finite):
     """The sparse branches where each row's sparse queries are one run of
     consecutive tokens (``layout.span_starts``): the kernels read the rows as they
     are, each run from its first token (``starts``), and write its outputs in
     place; the text path then writes the other rows of the same tensor. Nothing
     is packed or scattered. The kernels leave rows outside the runs unwritten
     (every one is a text query) and their gradients zero (``full_rows=False``).
-    ``finite``: whether q, k and v are finite (:func:`nsaflex.hybrid.finite_later`)."""
+    ``text_rows``: the layout's text rows; ``finite``: whether q, k and v
+    are finite (:func:`nsaflex.hybrid.finite_later`)."""
     from nsaflex.kernels.ops import SeqLayout, kernel_inputs, nsa_attention
 
     c = pattern.compression
-    text = layout.text_rows
     lens_list = list(layout.host_lengths)
     max_len = max(lens_list)
     qs, ks, vs = kernel_inputs(q, k, v, max_len)
@@ -306,7 +306,7 @@ def _spans_in_place(pattern, cfg, q, k, v, gates, layout, pooler, launch, finite
     clens = (compressed_counts(c, lens) if c is not None else torch.zeros_like(lens)).to(torch.int32)
     lay = SeqLayout(starts, lens, torch.zeros_like(clens), clens, max_len, max_cmp, False, min(counts), full_rows=False)
     out = nsa_attention(qs, ks, vs, kc, vc, gates, lay, cfg, launch)
-    return text_dense_attention(q, k, v, text, into=out, finite=finite)
+    return text_dense_attention(q, k, v, text_rows, into=out, finite=finite)
 
 
 def _pooled_runs(ks: torch.Tensor, vs: torch.Tensor, runs: list[tuple[int, int, int, int]], compression,
